@@ -1,0 +1,12 @@
+"""hypercompress: make Hugging Face causal LMs smaller and prove what it cost.
+
+    model, tokenizer = hypercompress.load("artifact_dir")
+"""
+
+from .api import compress
+from .artifact import load, save
+from .eval import evaluate_windows as evaluate
+from .registry import list_methods
+
+__all__ = ["compress", "evaluate", "save", "load", "list_methods"]
+__version__ = "0.1.0"

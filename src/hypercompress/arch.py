@@ -1,0 +1,63 @@
+"""The per-architecture table: where the blocks are and which linears each block holds.
+
+Architectures differ only here; every other file is architecture-agnostic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    blocks: str                 # dotted path of the nn.ModuleList of transformer blocks
+    linears: tuple[str, ...]    # linear layers inside one block, relative names
+    conv1d: bool = False        # GPT-2's Conv1D keeps weights as (in_features, out_features)
+
+
+_LLAMA_LIKE = ArchSpec(
+    blocks="model.layers",
+    linears=(
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    ),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gpt2": ArchSpec(
+        blocks="transformer.h",
+        linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        conv1d=True,
+    ),
+}
+
+
+def arch_of(model_type: str) -> ArchSpec:
+    """The table entry for a config's `model_type`, or a UserError listing the supported ones."""
+    if model_type not in ARCHITECTURES:
+        raise UserError(
+            f"unsupported architecture '{model_type}'; supported: {', '.join(sorted(ARCHITECTURES))}"
+            " (add a row to hypercompress.arch.ARCHITECTURES)"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def blocks_of(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(arch_of(model.config.model_type).blocks)
+
+
+def block_linear_names(model: nn.Module) -> list[str]:
+    """Full names of every block linear, in block order: e.g. model.layers.3.mlp.up_proj."""
+    spec = arch_of(model.config.model_type)
+    return [
+        f"{spec.blocks}.{i}.{leaf}"
+        for i in range(len(model.get_submodule(spec.blocks)))
+        for leaf in spec.linears
+    ]

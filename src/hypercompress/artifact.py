@@ -1,0 +1,213 @@
+"""Artifacts: a directory of HF config + tokenizer, model.safetensors and hypercompress.json.
+
+The format is specified in docs/FORMAT.md. Saving writes to a temporary directory beside the target
+and renames it; loading rebuilds the model skeleton without allocating dense weights, swaps in the
+recorded compressed modules, checks version, sha256 of every file and every tensor's shape, and
+reads tensors with safetensors only (nothing is ever unpickled).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .arch import arch_of
+from .errors import UserError
+from .layers import MODULE_KINDS
+from .modules import CompressedModule, replace_module
+
+FORMAT_VERSION = 1
+MANIFEST = "hypercompress.json"
+WEIGHTS = "model.safetensors"
+STORAGE_DTYPE = torch.float16  # dtype of every tensor no method compressed
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}
+
+
+def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors an artifact stores, and the aliases (tied names -> stored name).
+
+    Compressed modules' tensors are kept as they are; other floating tensors are stored as float16;
+    a tensor reachable under two names (tied embeddings) is stored once.
+    """
+    prefixes = tuple(f"{n}." for n in compressed_modules(model))
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = id(tensor)
+        if key in first_name:
+            aliases[name] = first_name[key]
+            continue
+        first_name[key] = name
+        tensor = tensor.detach()
+        if tensor.is_floating_point() and not name.startswith(prefixes):
+            tensor = tensor.to(STORAGE_DTYPE)
+        tensors[name] = tensor.contiguous().cpu()
+    return tensors, aliases
+
+
+def storage_bits(model: nn.Module) -> int:
+    """Bits of every tensor the artifact would store: the model's size, counted from tensors."""
+    tensors, _ = tensors_to_save(model)
+    return sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+
+
+def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[dict[str, Any]],
+         original_params: int, extra: dict[str, Any] | None = None) -> Path:
+    """Write the artifact atomically; refuses an existing non-empty `out_dir`."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        tensors, aliases = tensors_to_save(model)
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+        manifest = {
+            "format": "hypercompress",
+            "format_version": FORMAT_VERSION,
+            "architecture": model.config.model_type,
+            "storage_dtype": str(STORAGE_DTYPE).removeprefix("torch."),
+            "original_params": original_params,
+            "recipe": recipe,
+            "modules": {n: {"kind": m.kind, "layout": m.layout()}
+                        for n, m in compressed_modules(model).items()},
+            "aliases": aliases,
+            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+            "totals": {
+                "tensor_bits": bits,
+                "safetensors_bytes": (tmp / WEIGHTS).stat().st_size,
+                "bits_per_weight": (tmp / WEIGHTS).stat().st_size * 8 / original_params,
+            },
+            **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _make_readable(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Parse and check an artifact's manifest and file hashes (without loading any tensor)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"artifact not found: {path}; pass a directory written by 'hypercompress compress'")
+    if not (path / MANIFEST).is_file():
+        raise UserError(f"{path} has no {MANIFEST}: not a hypercompress artifact")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        version = manifest["format_version"]
+        files = manifest["files"]
+        manifest["modules"], manifest["aliases"], manifest["original_params"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path / MANIFEST} is corrupt (not the expected JSON); re-create the artifact") from None
+    if version != FORMAT_VERSION:
+        raise UserError(f"artifact format version {version} is not supported (this hypercompress reads "
+                        f"{FORMAT_VERSION}); re-create the artifact or upgrade hypercompress")
+    if WEIGHTS not in files:
+        raise UserError(f"{path / MANIFEST} lists no {WEIGHTS}; re-create the artifact")
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"artifact file {file} is missing; re-create the artifact")
+        if _sha256(file) != digest:
+            raise UserError(f"artifact file {file} fails its sha256 check (corrupt or tampered); "
+                            "re-create the artifact")
+    return manifest
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """Load an artifact: (model on CPU in eval mode, tokenizer). Compressed modules stay compressed."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path).expanduser()
+    manifest = read_manifest(path)
+    config = AutoConfig.from_pretrained(path)
+    arch_of(config.model_type)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    for name, entry in manifest["modules"].items():
+        if entry.get("kind") not in MODULE_KINDS:
+            raise UserError(f"artifact module {name} has unknown kind {entry.get('kind')!r}; "
+                            "upgrade hypercompress or re-create the artifact")
+        replace_module(model, name, MODULE_KINDS[entry["kind"]].from_layout(entry["layout"]))
+    tensors = _read_tensors(path / WEIGHTS)
+    _check_tensors(model, tensors, manifest["aliases"], path)
+    prefixes = tuple(f"{n}." for n in manifest["modules"])
+    for name, tensor in tensors.items():  # dense tensors to the compute dtype; codes stay as stored
+        if tensor.is_floating_point() and not name.startswith(prefixes):
+            tensors[name] = tensor.to(dtype)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for alias, source in manifest["aliases"].items():
+        owner, _, leaf = alias.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, _get_tensor(model, source))
+    model.eval().requires_grad_(False)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{file} is not a readable safetensors file ({exc}); re-create the artifact") from None
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+                   path: Path) -> None:
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in aliases}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {extra[0]}"
+        raise UserError(f"artifact {path} does not match its manifest ({what}); re-create the artifact")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"artifact tensor {name} has shape {tuple(tensor.shape)}, expected "
+                            f"{tuple(expected[name].shape)}; re-create the artifact")
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(model.get_submodule(owner), leaf)
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp and safetensors create owner-only modes; give the usual umask-based ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for file in directory.iterdir():
+        os.chmod(file, 0o666 & ~umask)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,46 @@
+"""hypercompress evaluate MODEL_OR_ARTIFACT --data PATH [--teacher MODEL] [--json FILE]"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..data import read_text, tokenize, windows
+from ..eval import evaluate_windows, protocol_text
+from ..models import load_model
+from .common import console, one_line_errors, parse_dtype, progress_bar, write_json
+
+
+@one_line_errors
+def evaluate(
+    model: str = typer.Argument(..., help="an artifact directory or any model source"),
+    data: str = typer.Option(..., "--data", help="evaluation text file (or NAME:CONFIG:SPLIT)"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per window"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="use the first N windows"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="reference model for KL / top-1"),
+    batch_size: int = typer.Option(4, "--batch-size", help="windows per forward pass"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+) -> None:
+    """Perplexity (and KL / top-1 vs a teacher) on non-overlapping windows of a text."""
+    compute = parse_dtype(dtype)
+    text = read_text(data)
+    student = load_model(model, dtype=compute)
+    reference = load_model(teacher, dtype=compute).model if teacher else None
+    ids = tokenize(student.tokenizer, text)
+    chunks = windows(ids, seq_len, max_windows)
+    with progress_bar("evaluating") as update:
+        result = evaluate_windows(student.model, chunks, batch_size, reference, update)
+    available = ids.numel() // seq_len
+    result.update({
+        "model": model, "data": data, "teacher": teacher, "dtype": dtype,
+        "protocol": protocol_text(data, seq_len, result["windows"], available, compute, teacher),
+    })
+    line = f"ppl {result['ppl']:.4f}"
+    if teacher:
+        line += f" | KL {result['kl']:.4f} nats/token | top-1 {result['top1']:.4f}"
+    console.print(f"{line} | {result['tokens_per_s']:.0f} tokens/s")
+    console.print(f"protocol: {result['protocol']}")
+    write_json(json_path, result)

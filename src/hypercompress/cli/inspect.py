@@ -1,0 +1,92 @@
+"""hypercompress inspect ARTIFACT [--json FILE]: per-module kind, params, bits; totals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+from safetensors import safe_open
+
+from .. import artifact
+from .common import console, one_line_errors, write_json
+
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16,
+               "I8": 8, "U8": 8, "BOOL": 8}
+
+
+def artifact_summary(path: Path) -> dict[str, Any]:
+    """Per-module and total storage of an artifact, read from the safetensors header alone."""
+    manifest = artifact.read_manifest(path)
+    tensor_bits: dict[str, int] = {}
+    with safe_open(str(path / artifact.WEIGHTS), framework="pt") as handle:
+        for key in handle.keys():
+            piece = handle.get_slice(key)
+            count = 1
+            for size in piece.get_shape():
+                count *= size
+            tensor_bits[key] = count * _DTYPE_BITS[piece.get_dtype()]
+    modules = []
+    owned: set[str] = set()
+    for name, entry in manifest["modules"].items():
+        keys = [k for k in tensor_bits if k.startswith(f"{name}.")]
+        owned.update(keys)
+        layout = entry["layout"]
+        params = layout["in_features"] * layout["out_features"] + (layout["out_features"] if layout.get("bias") else 0)
+        bits = sum(tensor_bits[k] for k in keys)
+        modules.append({"name": name, "kind": entry["kind"], "params": params, "bits": bits,
+                        "bits_per_weight": bits / params, "layout": layout})
+    for key, bits in tensor_bits.items():
+        if key not in owned:
+            with safe_open(str(path / artifact.WEIGHTS), framework="pt") as handle:
+                shape = handle.get_slice(key).get_shape()
+            params = 1
+            for size in shape:
+                params *= size
+            modules.append({"name": key, "kind": "dense", "params": params, "bits": bits,
+                            "bits_per_weight": bits / params if params else 0.0, "layout": {"shape": shape}})
+    weights_bytes = (path / artifact.WEIGHTS).stat().st_size
+    params = manifest["original_params"]
+    return {
+        "artifact": str(path),
+        "architecture": manifest["architecture"],
+        "params": params,
+        "safetensors_bytes": weights_bytes,
+        "bits_per_weight": weights_bytes * 8 / params,
+        "ratio_vs_16bit": 16 / (weights_bytes * 8 / params),
+        "artifact_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
+        "tensor_bits": sum(tensor_bits.values()),
+        "aliases": manifest["aliases"],
+        "recipe": manifest["recipe"],
+        "modules": modules,
+    }
+
+
+@one_line_errors
+def inspect(
+    path: Path = typer.Argument(..., help="artifact directory"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the summary as JSON"),
+    all_tensors: bool = typer.Option(False, "--all", help="list every dense tensor too"),
+) -> None:
+    """Show what an artifact stores: per-module kind, params, bits; whole-model bits per weight."""
+    summary = artifact_summary(path)
+    table = Table(title=f"{summary['artifact']} ({summary['architecture']})")
+    for column in ("module", "kind", "params", "bits", "bpw"):
+        table.add_column(column, justify="right" if column != "module" else "left")
+    dense = [m for m in summary["modules"] if m["kind"] == "dense"]
+    for row in summary["modules"]:
+        if row["kind"] != "dense" or all_tensors:
+            table.add_row(row["name"], row["kind"], f"{row['params']:,}", f"{row['bits']:,}",
+                          f"{row['bits_per_weight']:.3f}")
+    if dense and not all_tensors:
+        params, bits = sum(m["params"] for m in dense), sum(m["bits"] for m in dense)
+        table.add_row(f"{len(dense)} dense tensors (--all lists them)", "dense", f"{params:,}",
+                      f"{bits:,}", f"{bits / params:.3f}")
+    console.print(table)
+    console.print(
+        f"original params {summary['params']:,} | model.safetensors {summary['safetensors_bytes']:,} B"
+        f" | {summary['bits_per_weight']:.4f} bits per weight | {summary['ratio_vs_16bit']:.2f}x vs 16-bit"
+        f" | artifact {summary['artifact_bytes']:,} B with tokenizer and JSON"
+    )
+    write_json(json_path, summary)

@@ -1,0 +1,76 @@
+"""Text sources, evaluation windows and the seeded calibration sampler.
+
+The whole text is tokenized once (no special tokens); evaluation cuts it into non-overlapping
+windows of `seq_len` tokens (the tail shorter than a window is dropped); calibration draws N windows
+of L tokens at seeded random offsets.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+
+def read_text(spec: str) -> str:
+    """A local text file, or (online) a `datasets` spec NAME:CONFIG:SPLIT, e.g.
+    wikitext:wikitext-2-raw-v1:test (rows of its 'text' column joined by blank lines)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8", errors="replace")
+    elif spec.count(":") == 2 and "/" not in spec and "\\" not in spec:
+        text = _dataset_text(spec)
+    else:
+        raise UserError(f"data file not found: {spec}; pass a text file or a datasets spec "
+                        "NAME:CONFIG:SPLIT (e.g. wikitext:wikitext-2-raw-v1:test)")
+    if not text.strip():
+        raise UserError(f"{spec} holds no text; pass a non-empty text file")
+    return text
+
+
+def _dataset_text(spec: str) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data spec {spec} needs the 'datasets' package: "
+                        "pip install 'hypercompress[hub]'") from None
+    name, config, split = spec.split(":")
+    try:
+        rows = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many types for a bad name or no network
+        raise UserError(f"could not load data set {spec}: {str(exc).splitlines()[0]}") from None
+    return "\n\n".join(rows["text"])
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one 1-D LongTensor of token ids, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows: (N, seq_len), the first `max_windows` of them if given."""
+    if seq_len < 2:
+        raise UserError(f"seq_len {seq_len} is too short; use --seq-len 2 or more")
+    count = ids.numel() // seq_len
+    if count == 0:
+        raise UserError(f"the text has {ids.numel()} tokens, fewer than seq_len {seq_len}; "
+                        "use a smaller --seq-len or a longer text")
+    if max_windows is not None:
+        if max_windows < 1:
+            raise UserError(f"max_windows {max_windows} must be at least 1")
+        count = min(count, max_windows)
+    return ids[: count * seq_len].view(count, seq_len)
+
+
+def calibration_samples(ids: torch.Tensor, count: int, length: int, seed: int) -> torch.Tensor:
+    """`count` windows of `length` tokens at offsets drawn with `seed`: (count, length)."""
+    if ids.numel() < length:
+        raise UserError(f"calibration text has {ids.numel()} tokens, fewer than the sample length "
+                        f"{length}; use a longer text")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - length + 1, (count,), generator=generator)
+    return torch.stack([ids[s: s + length] for s in starts.tolist()])

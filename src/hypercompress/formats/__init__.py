@@ -1,0 +1,1 @@
+"""On-disk encodings, kept apart from the algorithms that produce them."""

@@ -1,0 +1,8 @@
+"""Compressed replacements of linear layers, by the `kind` name the artifact manifest records."""
+
+from .low_rank import LowRankLinear
+from .quant_linear import QuantLinear
+
+MODULE_KINDS = {cls.kind: cls for cls in (QuantLinear, LowRankLinear)}
+
+__all__ = ["MODULE_KINDS", "LowRankLinear", "QuantLinear"]

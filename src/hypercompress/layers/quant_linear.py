@@ -1,0 +1,140 @@
+"""QuantLinear: a linear layer stored as packed b-bit integer codes with per-group scales.
+
+Weight W (out_features, in_features) is cut into groups of `group_size` consecutive input columns.
+Each group g of each row has a float16 scale s and a zero point:
+  - symmetric:            W ~ (q - 2^(b-1)) * s                 (no zero point stored)
+  - asymmetric, int zero: W ~ (q - z) * s,  z in [0, 2^b) packed with b bits (GPTQ / llm-compressor)
+  - asymmetric, float:    W ~ q * s + m,    m a float16 minimum (GGUF Q4_1 / HQQ style)
+with codes q in [0, 2^b). Stored: the packed codes, scales and zero points, nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.packing import pack_codes, packed_nbytes, unpack_codes
+from ..modules import CompressedModule
+
+SCALE_DTYPE = torch.float16
+
+
+def fit_grid(groups: torch.Tensor, bits: int, symmetric: bool, zero_point: str):
+    """Min-max grid per group. groups: (..., g) float32 -> (scale, zero), each (..., 1) float32.
+
+    Scales (and float zeros) are rounded to float16 here, so that codes are chosen against the
+    values that will be stored. Integer zeros are whole numbers in [0, 2^b - 1].
+    """
+    maxq = (1 << bits) - 1
+    if symmetric:
+        absmax = groups.abs().amax(-1, keepdim=True)
+        scale = 2 * absmax / maxq
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+    elif zero_point == "float":
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low) / maxq
+        zero = low.to(SCALE_DTYPE).float()
+    else:
+        low = groups.amin(-1, keepdim=True).clamp(max=0)
+        high = groups.amax(-1, keepdim=True).clamp(min=0)
+        scale = (high - low) / maxq
+    scale = scale.to(SCALE_DTYPE).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not symmetric and zero_point == "int":
+        zero = torch.round(-low / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_to_grid(w: torch.Tensor, scale, zero, bits: int, zero_point: str) -> torch.Tensor:
+    """Nearest codes on a fitted grid (float tensor of whole numbers in [0, 2^b - 1])."""
+    maxq = (1 << bits) - 1
+    if zero_point == "float":
+        return torch.round((w - zero) / scale).clamp(0, maxq)
+    return torch.round(w / scale + zero).clamp(0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale, zero, zero_point: str) -> torch.Tensor:
+    if zero_point == "float":
+        return codes * scale + zero
+    return (codes - zero) * scale
+
+
+class QuantLinear(CompressedModule):
+    """y = x W^T + b with W rebuilt from packed codes at each forward (memory holds only codes)."""
+
+    kind = "quant"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 symmetric: bool, zero_point: str = "int", bias: bool = False):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.symmetric, self.zero_point = symmetric, zero_point
+        groups = in_features // group_size
+        count = out_features * in_features
+        self.register_buffer("qweight", torch.zeros(packed_nbytes(count, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=SCALE_DTYPE))
+        if not symmetric and zero_point == "int":
+            nbytes = packed_nbytes(out_features * groups, bits)
+            self.register_buffer("qzeros", torch.zeros(nbytes, dtype=torch.uint8))
+        elif not symmetric:
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=SCALE_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=SCALE_DTYPE) if bias else None)
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero, bias, bits, symmetric, zero_point) -> "QuantLinear":
+        """codes: (out, groups, g) whole-number floats; scale/zero: (out, groups, 1)."""
+        out_features, groups, group_size = codes.shape
+        layer = cls(groups * group_size, out_features, bits, group_size, symmetric, zero_point,
+                    bias is not None)
+        layer.qweight.copy_(pack_codes(codes.to(torch.uint8), bits))
+        layer.scales.copy_(scale[..., 0].to(SCALE_DTYPE))
+        if hasattr(layer, "qzeros"):
+            layer.qzeros.copy_(pack_codes(zero[..., 0].to(torch.uint8), bits))
+        elif hasattr(layer, "zeros"):
+            layer.zeros.copy_(zero[..., 0].to(SCALE_DTYPE))
+        if bias is not None:
+            layer.bias.copy_(bias.to(SCALE_DTYPE))
+        return layer
+
+    def _zero(self, dtype: torch.dtype) -> torch.Tensor:
+        groups = self.scales.shape[1]
+        if self.symmetric:
+            return torch.tensor(float(1 << (self.bits - 1)), dtype=dtype, device=self.scales.device)
+        if self.zero_point == "int":
+            z = unpack_codes(self.qzeros, self.bits, self.out_features * groups)
+            return z.view(self.out_features, groups, 1).to(dtype)
+        return self.zeros.to(dtype)[..., None]
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        groups = self.scales.shape[1]
+        codes = unpack_codes(self.qweight, self.bits, self.out_features * self.in_features)
+        codes = codes.view(self.out_features, groups, self.group_size).to(dtype)
+        scale = self.scales.to(dtype)[..., None]
+        zero_point = "float" if (not self.symmetric and self.zero_point == "float") else "int"
+        weight = dequantize(codes, scale, self._zero(dtype), zero_point)
+        return weight.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype), bias)
+
+    def layout(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features, "out_features": self.out_features,
+            "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+            "zero_point": self.zero_point, "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> "QuantLinear":
+        return cls(**layout)
+
+    def extra_repr(self) -> str:
+        sym = "sym" if self.symmetric else f"asym-{self.zero_point}"
+        return (f"in={self.in_features}, out={self.out_features}, w{self.bits} "
+                f"g{self.group_size} {sym}")

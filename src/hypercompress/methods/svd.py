@@ -1,0 +1,51 @@
+"""Truncated SVD: W (out, in) ~ U_r diag(s_r) V_r^T, stored as two float16 factors.
+
+Eckart-Young: the rank-r truncation minimises ||W - W_r||_F. The singular values are split evenly
+(U sqrt(s), sqrt(s) V^T) so that both factors stay in float16 range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, check
+from ..layers.low_rank import LowRankLinear
+from ..modules import linear_bias, linear_weight
+from ..registry import register
+from .base import LayerwiseMethod
+
+
+@dataclass
+class SvdConfig(MethodConfig):
+    keep: float = 0.5           # fraction of each layer's parameters the two factors may hold
+    rank: int | None = None     # fixed rank for every layer; when set, `keep` is not used
+
+    def validate(self) -> None:
+        check(0 < self.keep < 1, f"keep={self.keep}: must be in (0, 1)")
+        check(self.rank is None or self.rank >= 1, f"rank={self.rank}: must be >= 1")
+
+
+def rank_for(out_features: int, in_features: int, config: SvdConfig) -> int:
+    """Rank r with r * (out + in) <= keep * out * in, at least 1, at most min(out, in)."""
+    if config.rank is not None:
+        return min(config.rank, out_features, in_features)
+    budget = config.keep * out_features * in_features / (out_features + in_features)
+    return max(1, min(int(budget), out_features, in_features))
+
+
+def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (out, in) float32 -> U (out, rank), V (rank, in) with U @ V the best rank-r fit."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
+
+
+@register("svd", SvdConfig)
+class SVD(LayerwiseMethod):
+    def compress(self, name: str, layer: nn.Module) -> LowRankLinear:
+        weight = linear_weight(layer)
+        U, V = truncated_svd(weight, rank_for(*weight.shape, self.config))
+        return LowRankLinear.from_factors(U, V, linear_bias(layer))

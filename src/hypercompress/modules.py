@@ -1,0 +1,113 @@
+"""Finding, reading and replacing linear layers; the base class of compressed modules.
+
+A compressed module stores only the tensors it needs to rebuild its weight (packed codes, factors...)
+as buffers, and `storage_bits()` counts exactly those tensors, so the count equals the bytes saved.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .arch import arch_of, block_linear_names
+from .errors import UserError
+
+try:  # GPT-2's Conv1D: y = x @ W + b with W of shape (in_features, out_features)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment]
+
+LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+class CompressedModule(nn.Module, abc.ABC):
+    """Base of every compressed replacement of a linear layer.
+
+    Subclasses hold their saved tensors as persistent buffers, implement `forward`, `dense_weight`,
+    `layout()` (the JSON-able construction arguments) and `from_layout()` (an empty module of the
+    right shapes, filled later from the artifact's safetensors).
+    """
+
+    kind: ClassVar[str] = ""
+
+    def storage_bits(self) -> int:
+        """Bits of every tensor this module saves (its persistent buffers and parameters)."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.state_dict().values())
+
+    @abc.abstractmethod
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out_features, in_features) weight this module represents."""
+
+    @abc.abstractmethod
+    def layout(self) -> dict[str, Any]:
+        """JSON-able construction arguments (shapes and format options), saved in the manifest."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_layout(cls, layout: dict[str, Any]) -> "CompressedModule":
+        """An empty module of the right buffer shapes, to be filled from the artifact."""
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or Conv1D as (out_features, in_features), float32, detached."""
+    weight = module.weight.detach()
+    if not isinstance(module, nn.Linear):  # Conv1D stores the transpose
+        weight = weight.t()
+    return weight.float()
+
+
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    bias = getattr(module, "bias", None)
+    return None if bias is None else bias.detach().float()
+
+
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that alias an earlier one (e.g. lm_head.weight tied to the embedding)."""
+    seen: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(name)
+        else:
+            seen[id(param)] = name
+    return aliases
+
+
+def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str]) -> list[str]:
+    """Names of the linear layers a stage compresses.
+
+    targets None means the architecture's block linears; otherwise every Linear/Conv1D whose name
+    matches one of the regexes (re.search). Names matching an `ignore` regex are dropped. Linears
+    whose weight is tied to another parameter are refused: compressing one side would untie them.
+    """
+    arch_of(model.config.model_type)
+    if targets is None:
+        names = block_linear_names(model)
+    else:
+        names = [
+            n for n, m in model.named_modules()
+            if isinstance(m, LINEAR_TYPES) and any(re.search(p, n) for p in targets)
+        ]
+    names = [n for n in names if not any(re.search(p, n) for p in ignore)]
+    tied = {n.rsplit(".", 1)[0] for n in tied_parameter_names(model)}
+    clash = [n for n in names if n in tied]
+    if clash:
+        raise UserError(
+            f"'{clash[0]}' shares its weight with the embedding; add it to 'ignore' in the recipe"
+        )
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of a (dense) model, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters())

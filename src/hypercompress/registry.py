@@ -1,0 +1,51 @@
+"""The extension point: `@register("name", ConfigCls)` on a method class.
+
+No package walking: `hypercompress.methods` imports every method module explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import MethodConfig
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    config_cls: type[MethodConfig]
+    method_cls: type
+
+
+_METHODS: dict[str, MethodEntry] = {}
+
+
+def register(name: str, config_cls: type[MethodConfig]) -> Callable[[type], type]:
+    """Class decorator registering a compression method under `name`."""
+
+    def decorate(method_cls: type) -> type:
+        if name in _METHODS:
+            raise ValueError(f"method '{name}' is registered twice")
+        _METHODS[name] = MethodEntry(name, config_cls, method_cls)
+        method_cls.name = name
+        return method_cls
+
+    return decorate
+
+
+def get_method(name: str) -> MethodEntry:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise UserError(f"unknown method '{name}'; available methods: {', '.join(list_methods())}")
+    return _METHODS[name]
+
+
+def list_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def _load_builtin_methods() -> None:
+    from . import methods  # noqa: F401  (imports register every built-in method)

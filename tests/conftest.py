@@ -1,0 +1,68 @@
+"""Tiny random models (hidden 64, 2 layers) and a word-level tokenizer, built in-test: no downloads."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast)
+
+WORDS = [f"w{i}" for i in range(120)]
+ARCHS = ["llama", "gpt2"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="[UNK]")
+
+
+def make_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch == "llama":  # untied lm_head, grouped-query attention
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=256, tie_word_embeddings=False)
+        return LlamaForCausalLM(config).eval()
+    config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
+
+
+def write_text(path: Path, words: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(words // 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Each tiny architecture saved as a local Hugging Face model directory."""
+    dirs = {}
+    for arch in ARCHS:
+        path = tmp_path_factory.mktemp(f"tiny-{arch}")
+        make_model(arch).save_pretrained(path)
+        make_tokenizer().save_pretrained(path)
+        dirs[arch] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("data") / "eval.txt", words=3000, seed=1)
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    return write_text(tmp_path_factory.mktemp("calib") / "calib.txt", words=3000, seed=2)
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(1, 121, (2, 32), generator=generator)
