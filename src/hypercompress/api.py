@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .artifact import round_to_storage
 from .errors import UserError
 from .modules import LINEAR_TYPES, CompressedModule, select_linears, replace_module
 from .recipe import Recipe
@@ -19,6 +20,9 @@ Progress = Callable[[int, str, int, int], None]
 def compress(model: nn.Module, recipe: Recipe, calib: Any = None,
              progress: Progress | None = None) -> dict[str, Any]:
     """Compress `model` in place with every stage of `recipe`; returns a report per stage.
+
+    Tensors no stage compresses are rounded to the artifact's 16-bit storage precision, so the
+    returned model and its saved artifact give identical logits.
 
     calib: calibration token windows (N, L) for methods that need them; refused for now by methods
     with `needs_calibration` when absent.
@@ -43,4 +47,5 @@ def compress(model: nn.Module, recipe: Recipe, calib: Any = None,
                 progress(index, stage.method, done + 1, len(names))
         report.append({"stage": index, "method": stage.method, "modules": len(names),
                        "seconds": round(time.perf_counter() - start, 3)})
+    round_to_storage(model)  # the model in memory is the model the artifact stores
     return {"stages": report}

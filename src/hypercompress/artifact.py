@@ -60,6 +60,16 @@ def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, aliases
 
 
+@torch.no_grad()
+def round_to_storage(model: nn.Module) -> None:
+    """Round every tensor outside compressed modules to STORAGE_DTYPE precision, in place, so that
+    the model in memory computes exactly what its artifact will (its compute dtype is kept)."""
+    prefixes = tuple(f"{n}." for n in compressed_modules(model))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point() and not name.startswith(prefixes):
+            tensor.data.copy_(tensor.data.to(STORAGE_DTYPE).to(tensor.dtype))
+
+
 def storage_bits(model: nn.Module) -> int:
     """Bits of every tensor the artifact would store: the model's size, counted from tensors."""
     tensors, _ = tensors_to_save(model)

@@ -8,6 +8,17 @@ from . import compress, env, evaluate, inspect
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make Hugging Face causal LMs smaller; measure what it cost.")
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Our own progress bars and one-line errors replace transformers' bars and warnings."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 app.command("compress")(compress.compress)
 app.command("evaluate")(evaluate.evaluate)
 app.command("inspect")(inspect.inspect)

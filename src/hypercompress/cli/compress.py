@@ -18,7 +18,7 @@ from ..models import load_model
 from ..modules import count_params
 from ..recipe import Recipe
 from ..registry import get_method
-from .common import console, one_line_errors, progress_bar, write_json
+from .common import console, err_console, one_line_errors, progress_bar, write_json
 
 
 @one_line_errors
@@ -41,7 +41,8 @@ def compress(
     calib_text = read_text(calib) if calib else None
     torch.manual_seed(seed)
     start = time.perf_counter()
-    loaded = load_model(model)
+    with err_console.status(f"loading {model}"):
+        loaded = load_model(model)
     load_seconds = time.perf_counter() - start
     original_params = count_params(loaded.model)
     samples = None

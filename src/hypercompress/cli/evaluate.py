@@ -10,7 +10,7 @@ import typer
 from ..data import read_text, tokenize, windows
 from ..eval import evaluate_windows, protocol_text
 from ..models import load_model
-from .common import console, one_line_errors, parse_dtype, progress_bar, write_json
+from .common import console, err_console, one_line_errors, parse_dtype, progress_bar, write_json
 
 
 @one_line_errors
@@ -27,9 +27,12 @@ def evaluate(
     """Perplexity (and KL / top-1 vs a teacher) on non-overlapping windows of a text."""
     compute = parse_dtype(dtype)
     text = read_text(data)
-    student = load_model(model, dtype=compute)
-    reference = load_model(teacher, dtype=compute).model if teacher else None
-    ids = tokenize(student.tokenizer, text)
+    with err_console.status(f"loading {model}"):
+        student = load_model(model, dtype=compute)
+    with err_console.status(f"loading teacher {teacher}"):
+        reference = load_model(teacher, dtype=compute).model if teacher else None
+    with err_console.status("tokenizing"):
+        ids = tokenize(student.tokenizer, text)
     chunks = windows(ids, seq_len, max_windows)
     with progress_bar("evaluating") as update:
         result = evaluate_windows(student.model, chunks, batch_size, reference, update)

