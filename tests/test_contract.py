@@ -20,18 +20,22 @@ from conftest import ARCHS
 METHODS = hypercompress.list_methods()
 
 
+def calibration(seed=0):
+    return torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(seed))
+
+
 def compressed_artifact(model_dir, method, out, seed=0):
     torch.manual_seed(seed)
     loaded = load_model(str(model_dir))
     params = count_params(loaded.model)
     recipe = Recipe.single(method)
-    compress(loaded.model, recipe)
+    compress(loaded.model, recipe, calibration(seed), batch_size=4)
     artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(), original_params=params)
     return loaded.model
 
 
 def test_registry_lists_the_built_in_methods():
-    assert {"rtn", "svd"} <= set(METHODS)
+    assert {"rtn", "svd", "gptq"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -102,6 +102,15 @@ def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str
     return names
 
 
+def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
+    """The linear layer `name`, refusing one an earlier stage already compressed."""
+    layer = model.get_submodule(name)
+    if isinstance(layer, CompressedModule) or not isinstance(layer, LINEAR_TYPES):
+        raise UserError(f"stage {stage}: '{name}' is already compressed by an earlier stage; "
+                        "narrow this stage's targets or add it to ignore")
+    return layer
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

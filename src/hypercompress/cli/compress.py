@@ -32,12 +32,27 @@ def compress(
     calib_samples: int = typer.Option(32, "--calib-samples", help="calibration windows"),
     calib_len: int = typer.Option(512, "--calib-len", help="tokens per calibration window"),
     seed: int = typer.Option(0, "--seed", help="seed for sampling and any randomness"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda: where each block is calibrated"),
+    calib_batch: int = typer.Option(8, "--calib-batch", help="calibration windows per forward pass"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ) -> None:
     """Compress MODEL with a recipe and write an artifact directory."""
     plan = _recipe(recipe, method).with_overrides(overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
+    checkpoint_dir = out.with_name(out.name + ".checkpoint")
+    if checkpoint_dir.exists() and not resume:
+        raise UserError(f"{checkpoint_dir} holds an unfinished run; pass --resume to continue it "
+                        "or remove the directory")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device {device}: must be cpu or cuda")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
+    calibrated = any(get_method(s.method).method_cls.needs_calibration for s in plan.stages)
+    if calibrated and calib is None:
+        raise UserError("this recipe calibrates (gptq, ...): pass --calib FILE "
+                        "(e.g. ../shared/data/wikitext2_valid_tokenized.txt; never the test text)")
     calib_text = read_text(calib) if calib else None
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -46,14 +61,15 @@ def compress(
     load_seconds = time.perf_counter() - start
     original_params = count_params(loaded.model)
     samples = None
-    if calib_text is not None and any(get_method(s.method).method_cls.needs_calibration
-                                      for s in plan.stages):
+    if calibrated:
         samples = calibration_samples(tokenize(loaded.tokenizer, calib_text), calib_samples,
                                       calib_len, seed)
     tick = time.perf_counter()
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
-                                progress=lambda i, m, done, total: update(done, total))
+                                progress=lambda i, m, done, total: update(done, total),
+                                device=device, batch_size=calib_batch,
+                                checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume)
     compress_seconds = time.perf_counter() - tick
     path = artifact.save(loaded.model, loaded.tokenizer, out, recipe=plan.to_list(),
                          original_params=original_params,
@@ -63,6 +79,8 @@ def compress(
         "model": model, "out": str(path), "recipe": plan.to_list(), "stages": report["stages"],
         "original_params": original_params, **manifest["totals"],
         "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
+        "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
+        "device": device,
     }
     _print(summary)
     write_json(report_json, summary)
@@ -85,4 +103,5 @@ def _print(summary: dict) -> None:
         f"original params {summary['original_params']:,} | safetensors {summary['safetensors_bytes']:,} B"
         f" | {summary['bits_per_weight']:.3f} bits per weight (whole model, all tensors)"
         f" | {16 / summary['bits_per_weight']:.2f}x vs 16-bit | compress {summary['compress_seconds']} s"
+        f" | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['device']})"
     )

@@ -20,7 +20,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: integer tensor of any shape with values in [0, 2**bits) -> flat uint8 tensor."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1).to(torch.int64).cpu()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
     values = flat.numpy().astype(np.uint8)

@@ -1,0 +1,71 @@
+"""GPTQ weight quantization (Frantar et al. 2022) behind the layer-wise calibration runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, check
+from ..layers.quant_linear import QuantLinear
+from ..modules import linear_bias, linear_weight
+from ..registry import register
+from .base import LayerwiseMethod
+from .gptq_solver import gptq_solve
+from .rtn import resolve_group_size
+
+
+@dataclass
+class GptqConfig(MethodConfig):
+    bits: int = 4               # bits per weight code, 2..8
+    group_size: int = 64        # input columns sharing one scale; -1: one group per row
+    symmetric: bool = False     # symmetric grid (no zero point stored)
+    zero_point: str = "int"     # asymmetric zero: 'int' (b-bit) or 'float' (float16 minimum)
+    act_order: bool = False     # quantize columns by descending Hessian diagonal (static groups)
+    damp: float = 0.01          # dampening: this fraction of mean(diag H) is added to the diagonal
+    block_size: int = 128       # columns per lazy-update block (rounded to whole groups)
+
+    def validate(self) -> None:
+        check(2 <= self.bits <= 8, f"bits={self.bits}: must be between 2 and 8")
+        check(self.group_size == -1 or self.group_size > 0,
+              f"group_size={self.group_size}: must be positive, or -1 for one group per row")
+        check(self.zero_point in ("int", "float"),
+              f"zero_point={self.zero_point!r}: must be 'int' or 'float'")
+        check(0 <= self.damp < 1, f"damp={self.damp}: must be in [0, 1)")
+        check(self.block_size > 0, f"block_size={self.block_size}: must be positive")
+
+
+class HessianMethod(LayerwiseMethod):
+    """Accumulates H = 2/n sum_x x x^T per layer from its calibration inputs (GPTQ's add_batch)."""
+
+    needs_calibration = True
+
+    def __init__(self, config: MethodConfig):
+        super().__init__(config)
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        if name not in self._sums:
+            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self._counts[name] = 0
+        self._sums[name] += x.T @ x
+        self._counts[name] += x.shape[0]
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """(in, in) float64; frees the accumulator."""
+        return 2 * self._sums.pop(name) / self._counts.pop(name)
+
+
+@register("gptq", GptqConfig)
+class GPTQ(HessianMethod):
+    def compress(self, name: str, layer: nn.Module) -> QuantLinear:
+        c = self.config
+        weight = linear_weight(layer)
+        group = resolve_group_size(name, weight.shape[1], c.group_size)
+        codes, scale, zero = gptq_solve(weight, self.hessian(name), c.bits, group, c.symmetric,
+                                        c.zero_point, c.act_order, c.damp, c.block_size)
+        return QuantLinear.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), linear_bias(layer),
+                                      c.bits, c.symmetric, c.zero_point)

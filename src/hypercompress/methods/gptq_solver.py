@@ -1,0 +1,111 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers"), the Cholesky-based blocked solver, and a slow reference.
+
+Notation (the paper's): W (d_row, d_col) a layer's weight, X (d_col, n) its calibration inputs,
+H = 2 X X^T (d_col, d_col) the Hessian of the layer-wise objective ||W X - Q X||^2.
+Columns are quantized one at a time; the error of column q is spread over the not-yet-quantized
+columns F with the optimal update  delta_F = -(w_q - quant(w_q)) / [H_F^-1]_qq * (H_F^-1)_{:,q}.
+The fast solver reads every [H_F^-1] row it needs from the upper Cholesky factor of H^-1
+(Lemma / eq. 4 of the paper) and applies updates lazily per block of columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layers.quant_linear import dequantize, fit_grid, quantize_to_grid
+
+
+def _prepare(W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool):
+    """Dead columns zeroed, optional descending-diag(H) permutation, dampening; float64 H."""
+    W, H = W.clone().float(), H.clone().double()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return W, H, perm
+
+
+def _grids(W: torch.Tensor, group: int, bits: int, symmetric: bool, zero_point: str):
+    rows, cols = W.shape
+    return fit_grid(W.reshape(rows, cols // group, group), bits, symmetric, zero_point)
+
+
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool = False,
+               zero_point: str = "int", act_order: bool = False, damp: float = 0.01,
+               block_size: int = 128):
+    """Blocked GPTQ. W: (rows, cols), H: (cols, cols); group divides cols.
+
+    Returns codes (rows, cols // group, group) as whole-number floats, scale and zero
+    (rows, cols // group, 1), in the original column order. Grids: min-max per group, fitted on the
+    updated weights when the solver reaches the group's first column; with act_order, fitted on W
+    before any update ("static groups"), so that no column-to-group index needs storing.
+    """
+    rows, cols = W.shape
+    zp = "float" if (not symmetric and zero_point == "float") else "int"
+    static = act_order
+    if static:
+        scale, zero = _grids(W.float(), group, bits, symmetric, zero_point)
+    else:
+        scale = torch.zeros(rows, cols // group, 1, device=W.device)
+        zero = torch.zeros_like(scale)
+    W, H, perm = _prepare(W, H, damp, act_order)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    codes = torch.zeros(rows, cols, device=W.device)
+    block = group * max(1, block_size // group)  # whole groups per block: grids see updated weights
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            orig = int(perm[col]) if perm is not None else col
+            g = orig // group
+            if not static and orig % group == 0:
+                s, z = fit_grid(W1[:, i: i + group].unsqueeze(1), bits, symmetric, zero_point)
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+            w = W1[:, i: i + 1]
+            q = quantize_to_grid(w, scale[:, g], zero[:, g], bits, zp)
+            codes[:, col] = q[:, 0]
+            err = (w - dequantize(q, scale[:, g], zero[:, g], zp)) / U1[i, i]
+            W1[:, i:] -= err * U1[i: i + 1, i:]
+            Err1[:, i: i + 1] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.reshape(rows, cols // group, group), scale, zero
+
+
+def gptq_reference(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool = False,
+                   zero_point: str = "int", act_order: bool = False, damp: float = 0.01):
+    """The slow, obvious OBQ-order version: explicit H_F^-1, updated by removing one column at a
+    time (paper eq. 2-3). Same outputs as `gptq_solve` up to float rounding."""
+    rows, cols = W.shape
+    zp = "float" if (not symmetric and zero_point == "float") else "int"
+    if act_order:
+        scale, zero = _grids(W.float(), group, bits, symmetric, zero_point)
+    else:
+        scale = torch.zeros(rows, cols // group, 1, dtype=torch.float64)
+        zero = torch.zeros_like(scale)
+    W, H, perm = _prepare(W, H, damp, act_order)
+    W = W.double()
+    Hinv = torch.linalg.inv(H)
+    codes = torch.zeros(rows, cols, dtype=torch.float64)
+    for col in range(cols):
+        orig = int(perm[col]) if perm is not None else col
+        g = orig // group
+        if not act_order and orig % group == 0:
+            s, z = fit_grid(W[:, col: col + group].float().unsqueeze(1), bits, symmetric, zero_point)
+            scale[:, g], zero[:, g] = s[:, 0].double(), z[:, 0].double()
+        w = W[:, col: col + 1]
+        q = quantize_to_grid(w, scale[:, g], zero[:, g], bits, zp)
+        codes[:, col] = q[:, 0]
+        err = (w - dequantize(q, scale[:, g], zero[:, g], zp)) / Hinv[col, col]
+        W -= err * Hinv[col: col + 1, :]
+        Hinv -= Hinv[:, col: col + 1] @ Hinv[col: col + 1, :] / Hinv[col, col]
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    return codes.reshape(rows, cols // group, group).float(), scale.float(), zero.float()
