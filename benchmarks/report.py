@@ -12,6 +12,19 @@ COLUMNS = [("label", "method", "{}"), ("bits_per_weight", "bpw (whole model)", "
            ("command", "command", "`{}`")]
 
 
+# What a reader needs to read a section right (written with the scripts, not results)
+NOTES = {
+    "baseline": [
+        "Whole-model bpw includes the 16-bit token embedding (28.3M of 134.5M parameters, tied with "
+        "lm_head), so RTN w4 g64 is 4.31 bpw on the block linears but 6.78 bpw for the model; "
+        "embedding quantization is the next lever.",
+        "This SmolLM2 is the dequantized Q4_1 GGUF (see ../shared/DESIGN.md): its block linears already "
+        "lie on a 4-bit g32 grid, so RTN w4 g64 with an integer zero point loses 32%; plain SVD destroys "
+        "it even at 80% of the parameters (its MLP weights have no low-rank structure).",
+    ],
+}
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     return "n/a" if value is None else fmt.format(value)
@@ -29,7 +42,8 @@ def render() -> Path:
                   "- bpw: model.safetensors bytes x 8 / original parameters (embeddings, norms, "
                   "lm_head included; tied weights once); each row is reloaded from its artifact before evaluation",
                   f"- machine: {data['machine']}",
-                  f"- command: `{data['script']}` -> `benchmarks/results/{path.name}`", "",
+                  f"- command: `{data['script']}` -> `benchmarks/results/{path.name}`",
+                  *[f"- note: {n}" for n in NOTES.get(path.stem, [])], "",
                   "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
                   "|" + "---|" * len(COLUMNS)]
         parts += ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in data["rows"]]

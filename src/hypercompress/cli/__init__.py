@@ -13,8 +13,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.callback()
 def _quiet_libraries() -> None:
     """Our own progress bars and one-line errors replace transformers' bars and warnings."""
+    import os
+
     from transformers.utils import logging
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws a plain tqdm bar
     logging.set_verbosity_error()
     logging.disable_progress_bar()
 
