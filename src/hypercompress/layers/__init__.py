@@ -2,7 +2,8 @@
 
 from .low_rank import LowRankLinear
 from .quant_linear import QuantLinear
+from .sparse_linear import SparseLinear
 
-MODULE_KINDS = {cls.kind: cls for cls in (QuantLinear, LowRankLinear)}
+MODULE_KINDS = {cls.kind: cls for cls in (QuantLinear, LowRankLinear, SparseLinear)}
 
-__all__ = ["MODULE_KINDS", "LowRankLinear", "QuantLinear"]
+__all__ = ["MODULE_KINDS", "LowRankLinear", "QuantLinear", "SparseLinear"]
