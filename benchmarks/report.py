@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parent
 COLUMNS = [("label", "method", "{}"), ("bits_per_weight", "bpw (whole model)", "{:.3f}"),
            ("ppl", "perplexity", "{:.3f}"), ("kl", "KL (nats/token)", "{:.4f}"),
            ("top1", "top-1", "{:.4f}"), ("compress_seconds", "compress s", "{:.2f}"),
+           ("peak_memory_gib", "peak memory GiB", "{:.2f}"), ("error", "error", "{}"),
            ("command", "command", "`{}`")]
 
 
@@ -27,6 +28,8 @@ NOTES = {
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
+    if key == "peak_memory_gib" and row.get("peak_memory_bytes") is not None:
+        value = row["peak_memory_bytes"] / 2**30
     return "n/a" if value is None else fmt.format(value)
 
 
@@ -44,9 +47,10 @@ def render() -> Path:
                   f"- machine: {data['machine']}",
                   f"- command: `{data['script']}` -> `benchmarks/results/{path.name}`",
                   *[f"- note: {n}" for n in NOTES.get(path.stem, [])], "",
-                  "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
-                  "|" + "---|" * len(COLUMNS)]
-        parts += ["| " + " | ".join(_cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in data["rows"]]
+                  ]
+        columns = [c for c in COLUMNS if any(_cell(r, c[0], c[2]) != "n/a" for r in data["rows"])]
+        parts += ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+        parts += ["| " + " | ".join(_cell(r, k, f) for k, _, f in columns) + " |" for r in data["rows"]]
         parts.append("")
     out = ROOT / "RESULTS.md"
     out.write_text("\n".join(parts))

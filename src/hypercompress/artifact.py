@@ -177,6 +177,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Modul
     for alias, source in manifest["aliases"].items():
         owner, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(owner), leaf, _get_tensor(model, source))
+    for module in model.modules():
+        if hasattr(module, "bind"):
+            module.bind(model)
+        if hasattr(module, "compute_dtype"):
+            module.compute_dtype = dtype
     model.eval().requires_grad_(False)
     return model, AutoTokenizer.from_pretrained(path)
 

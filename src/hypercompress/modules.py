@@ -53,9 +53,10 @@ class CompressedModule(nn.Module, abc.ABC):
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a Linear or Conv1D as (out_features, in_features), float32, detached."""
+    """The weight of a Linear or Conv1D as (out_features, in_features), float32, detached; an
+    Embedding's table as (vocab, dim)."""
     weight = module.weight.detach()
-    if not isinstance(module, nn.Linear):  # Conv1D stores the transpose
+    if Conv1D and isinstance(module, Conv1D):  # Conv1D stores the transpose
         weight = weight.t()
     return weight.float()
 
@@ -80,9 +81,9 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
 def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str]) -> list[str]:
     """Names of the linear layers a stage compresses.
 
-    targets None means the architecture's block linears; otherwise every Linear/Conv1D whose name
-    matches one of the regexes (re.search). Names matching an `ignore` regex are dropped. Linears
-    whose weight is tied to another parameter are refused: compressing one side would untie them.
+    targets None means the architecture's block linears; otherwise every Linear/Conv1D/Embedding
+    whose name matches one of the regexes (re.search). Names matching an `ignore` regex are dropped.
+    An lm_head tied to the embedding is refused: target the embedding, and the head follows it.
     """
     arch_of(model.config.model_type)
     if targets is None:
@@ -90,14 +91,15 @@ def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str
     else:
         names = [
             n for n, m in model.named_modules()
-            if isinstance(m, LINEAR_TYPES) and any(re.search(p, n) for p in targets)
+            if isinstance(m, (*LINEAR_TYPES, nn.Embedding)) and any(re.search(p, n) for p in targets)
         ]
     names = [n for n in names if not any(re.search(p, n) for p in ignore)]
     tied = {n.rsplit(".", 1)[0] for n in tied_parameter_names(model)}
     clash = [n for n in names if n in tied]
     if clash:
         raise UserError(
-            f"'{clash[0]}' shares its weight with the embedding; add it to 'ignore' in the recipe"
+            f"'{clash[0]}' shares its weight with the embedding; target the embedding instead "
+            "(the tied head follows it) or add it to 'ignore'"
         )
     return names
 
@@ -105,16 +107,27 @@ def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str
 def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
     """The linear layer `name`, refusing one an earlier stage already compressed."""
     layer = model.get_submodule(name)
-    if isinstance(layer, CompressedModule) or not isinstance(layer, LINEAR_TYPES):
+    if isinstance(layer, CompressedModule) or not isinstance(layer, (*LINEAR_TYPES, nn.Embedding)):
         raise UserError(f"stage {stage}: '{name}' is already compressed by an earlier stage; "
                         "narrow this stage's targets or add it to ignore")
     return layer
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at `name`. Replacing an embedding that the lm_head shares replaces the head too,
+    with a TiedHead reading the new module, so the tie (and single storage) is kept."""
+    old = model.get_submodule(name)
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(old, nn.Embedding) and head is not None and getattr(head, "weight", None) is old.weight:
+        from .layers.quant_embedding import TiedHead
+
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        tied = TiedHead(name)
+        replace_module(model, head_name, tied)
+        tied.bind(model)
 
 
 def count_params(model: nn.Module) -> int:

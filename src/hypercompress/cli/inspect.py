@@ -33,10 +33,11 @@ def artifact_summary(path: Path) -> dict[str, Any]:
         keys = [k for k in tensor_bits if k.startswith(f"{name}.")]
         owned.update(keys)
         layout = entry["layout"]
-        params = layout["in_features"] * layout["out_features"] + (layout["out_features"] if layout.get("bias") else 0)
+        out_features = layout.get("out_features", 0)  # a tied head owns no tensor
+        params = layout.get("in_features", 0) * out_features + (out_features if layout.get("bias") else 0)
         bits = sum(tensor_bits[k] for k in keys)
         modules.append({"name": name, "kind": entry["kind"], "params": params, "bits": bits,
-                        "bits_per_weight": bits / params, "layout": layout})
+                        "bits_per_weight": bits / params if params else 0.0, "layout": layout})
     for key, bits in tensor_bits.items():
         if key not in owned:
             with safe_open(str(path / artifact.WEIGHTS), framework="pt") as handle:

@@ -1,3 +1,3 @@
 """Built-in methods. Importing this package registers each of them (explicitly, no package walk)."""
 
-from . import gptq, rtn, sparsegpt, svd, wanda  # noqa: F401
+from . import asvd, gptq, rtn, sparsegpt, svd, wanda  # noqa: F401

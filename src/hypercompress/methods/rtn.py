@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import MethodConfig, check
 from ..errors import UserError
+from ..layers.quant_embedding import QuantEmbedding
 from ..layers.quant_linear import QuantLinear, fit_grid, quantize_to_grid
 from ..modules import linear_bias, linear_weight
 from ..registry import register
@@ -45,6 +46,9 @@ def resolve_group_size(name: str, in_features: int, group_size: int) -> int:
 
 @register("rtn", RtnConfig)
 class RTN(LayerwiseMethod):
+    """Linear layers become QuantLinear; an Embedding (vocab, dim) becomes QuantEmbedding, grouped
+    along dim (and a tied lm_head then reads it: see modules.replace_module)."""
+
     def compress(self, name: str, layer: nn.Module) -> QuantLinear:
         c = self.config
         weight = linear_weight(layer)
@@ -54,5 +58,10 @@ class RTN(LayerwiseMethod):
         scale, zero = fit_grid(groups, c.bits, c.symmetric, c.zero_point)
         zero_point = "float" if (not c.symmetric and c.zero_point == "float") else "int"
         codes = quantize_to_grid(groups, scale, zero, c.bits, zero_point)
-        return QuantLinear.from_codes(codes, scale, zero, linear_bias(layer), c.bits,
-                                      c.symmetric, c.zero_point)
+        if isinstance(layer, nn.Embedding):
+            table = QuantEmbedding.from_codes(codes, scale, zero, None, c.bits, c.symmetric,
+                                              c.zero_point)
+            table.compute_dtype = layer.weight.dtype
+            return table
+        return QuantLinear.from_codes(codes, scale, zero, linear_bias(layer), c.bits, c.symmetric,
+                                      c.zero_point)
