@@ -56,8 +56,15 @@ def run_ours(model, tokenizer, spec, calib, work):
     from hypercompress.recipe import Recipe
 
     params = count_params(model)
-    recipe = Recipe.from_list(spec["ours"])
     tick = time.perf_counter()
+    if isinstance(spec["ours"], dict):  # a size target: plan per-module bits first (timed too)
+        from hypercompress.planner import plan_bits, plan_recipe
+
+        embedding = "model.embed_tokens"
+        plan = plan_bits(model, spec["ours"]["target_bpw"], calib[:1, :256], 64, embedding)
+        recipe = Recipe.from_list(plan_recipe(plan, embedding))
+    else:
+        recipe = Recipe.from_list(spec["ours"])
     compress(model, recipe, calib, batch_size=8)
     seconds = time.perf_counter() - tick
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -73,6 +80,10 @@ def run_llmcompressor(model, tokenizer, spec, calib, work):
     from datasets import Dataset
     from llmcompressor import oneshot
 
+    config_dir = work / "llmcompressor-config"  # oneshot re-reads the config from name_or_path
+    model.config.save_pretrained(config_dir)
+    tokenizer.save_pretrained(config_dir)
+    model.config._name_or_path = str(config_dir)
     modifier = spec["llmcompressor"]()
     data = Dataset.from_dict({"input_ids": calib.tolist(),
                               "attention_mask": torch.ones_like(calib).tolist()})
@@ -82,7 +93,9 @@ def run_llmcompressor(model, tokenizer, spec, calib, work):
     seconds = time.perf_counter() - tick
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        model.save_pretrained(tmp, save_compressed=True)
+        # saved as their users would: 16-bit dense tensors (our artifacts store those as float16)
+        model.to(torch.bfloat16).save_pretrained(tmp, save_compressed=True)
+        model.to(torch.float32)
         size = safetensors_bytes(Path(tmp))
     return model, seconds, peak, size, repr(modifier)
 

@@ -41,4 +41,10 @@ ROWS = {
                  "llmcompressor": _prune("wanda", 0.5, "0:0")},
     "wanda-2:4": {"ours": [{"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}],
                   "llmcompressor": _prune("wanda", 0.5, "2:4")},
+    # uniform 3-bit everywhere (embedding included): the yardstick for the planner rows below
+    "uniform-w3g64-all": {"ours": [{"method": "rtn", "bits": 3, "group_size": 64,
+                                    "targets": ["^model\\.embed_tokens$"]},
+                                   {"method": "gptq", "bits": 3, "group_size": 64, "act_order": True}],
+                          "llmcompressor": None},
+    **{f"planner-{t}bpw": {"ours": {"target_bpw": t}, "llmcompressor": None} for t in (4.0, 3.0, 2.5, 2.0)},
 }

@@ -79,6 +79,8 @@ def main() -> None:
     script = Path(__file__).resolve().parent / "anchor_row.py"
     for row in args.rows.split(","):
         for library in args.libraries.split(","):
+            if library == "llmcompressor" and ROWS[row]["llmcompressor"] is None:
+                continue
             tick = time.perf_counter()
             done = subprocess.run([pythons[library], str(script), "--library", library, "--row", row,
                                    "--work", str(args.work)], capture_output=True, text=True)

@@ -16,6 +16,7 @@ from .calibration import Checkpoint, peak_memory_bytes, run_layerwise
 from .errors import UserError
 from .modules import replace_module, select_linears, uncompressed
 from .recipe import Recipe
+from .methods.base import LayerwiseMethod
 from .registry import get_method
 
 # progress(stage_index, stage_method, done, total) -- the CLI draws a progress bar from it
@@ -39,35 +40,79 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         checkpoint = Checkpoint(Path(checkpoint_dir), _fingerprint(model, recipe, calib))
         restored = checkpoint.load(model) if resume else None
     report = []
-    for index, stage in enumerate(recipe.stages):
-        if restored is not None and index < restored[0]:
-            continue  # this stage's modules came back with the checkpoint
-        method = get_method(stage.method).method_cls(stage.config)
-        names = select_linears(model, stage.targets, stage.ignore)
-        if not names:
-            raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
+    for group in _passes(recipe):
+        first = group[0]
+        if restored is not None and first < restored[0]:
+            continue  # these stages' modules came back with the checkpoint
+        stages = [recipe.stages[i] for i in group]
+        methods = [get_method(s.method).method_cls(s.config) for s in stages]
+        label = "+".join(s.method for s in stages)
+        routes = _routes(model, group, stages, methods)
         start = time.perf_counter()
-        if method.needs_calibration:
+        if methods[0].needs_calibration:
             if calib is None:
-                raise UserError(f"method '{stage.method}' needs calibration data; pass --calib FILE")
-            resume_from = restored[1:] if restored is not None and index == restored[0] else None
+                raise UserError(f"method '{stages[0].method}' needs calibration data; pass --calib FILE")
+            resume_from = restored[1:] if restored is not None and first == restored[0] else None
             run = run_layerwise(
-                model, method, names, calib, stage=index, device=device, batch_size=batch_size,
-                checkpoint=checkpoint, resume_from=resume_from,
-                progress=(lambda done, total: progress(index, stage.method, done, total)) if progress else None)
+                model, StageRouter(routes, label), list(routes), calib, stage=first, device=device,
+                batch_size=batch_size, checkpoint=checkpoint, resume_from=resume_from,
+                progress=(lambda done, total: progress(first, label, done, total)) if progress else None)
             peak = run["peak_memory_bytes"]
         else:
-            for done, name in enumerate(names):
-                replace_module(model, name, method.compress(name, uncompressed(model, name, index)))
+            for done, name in enumerate(routes):
+                replace_module(model, name, routes[name].compress(name, uncompressed(model, name, first)))
                 if progress:
-                    progress(index, stage.method, done + 1, len(names))
+                    progress(first, label, done + 1, len(routes))
             peak = peak_memory_bytes("cpu")
-        report.append({"stage": index, "method": stage.method, "modules": len(names),
+        report.append({"stage": first, "stages": group, "method": label, "modules": len(routes),
                        "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak})
     round_to_storage(model)  # the model in memory is the model the artifact stores
     if checkpoint is not None:
         checkpoint.remove()
     return {"stages": report}
+
+
+class StageRouter(LayerwiseMethod):
+    """Several calibrated stages in one layer-wise pass: each module goes to its stage's method."""
+
+    needs_calibration = True
+
+    def __init__(self, routes: dict[str, LayerwiseMethod], name: str):
+        super().__init__(None)
+        self.routes, self.name = routes, name
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        self.routes[name].observe(name, x)
+
+    def compress(self, name: str, layer: nn.Module):
+        return self.routes[name].compress(name, layer)
+
+
+def _passes(recipe: Recipe) -> list[list[int]]:
+    """Stage indices grouped into passes: consecutive calibrated stages share one layer-wise pass
+    (all their modules compressed block by block, errors propagated); others run alone."""
+    groups: list[list[int]] = []
+    for index, stage in enumerate(recipe.stages):
+        calibrated = get_method(stage.method).method_cls.needs_calibration
+        if calibrated and groups and get_method(recipe.stages[groups[-1][-1]].method).method_cls.needs_calibration:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def _routes(model: nn.Module, group: list[int], stages, methods) -> dict[str, LayerwiseMethod]:
+    routes: dict[str, LayerwiseMethod] = {}
+    for index, stage, method in zip(group, stages, methods):
+        names = select_linears(model, stage.targets, stage.ignore)
+        if not names:
+            raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
+        for name in names:
+            if name in routes:
+                raise UserError(f"stage {index} ({stage.method}): '{name}' is already selected by an "
+                                "earlier stage; narrow this stage's targets or add it to ignore")
+            routes[name] = method
+    return routes
 
 
 def _fingerprint(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None) -> str:

@@ -16,6 +16,7 @@ from .errors import UserError
 class ArchSpec:
     blocks: str                 # dotted path of the nn.ModuleList of transformer blocks
     linears: tuple[str, ...]    # linear layers inside one block, relative names
+    final_norm: str             # dotted path of the norm between the last block and lm_head
     conv1d: bool = False        # GPT-2's Conv1D keeps weights as (in_features, out_features)
 
 
@@ -25,6 +26,7 @@ _LLAMA_LIKE = ArchSpec(
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
     ),
+    final_norm="model.norm",
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -34,6 +36,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         blocks="transformer.h",
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+        final_norm="transformer.ln_f",
         conv1d=True,
     ),
 }

@@ -96,5 +96,7 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
         raise UserError(f"could not load model '{spec}': {first}") from None
     if hasattr(model.config, "quantization_config"):  # GGUF tensors are dequantized: plain weights
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:  # (and may be saved like any model)
+        model.hf_quantizer = None
     model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, kind)

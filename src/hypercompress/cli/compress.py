@@ -27,6 +27,10 @@ def compress(
     out: Path = typer.Option(..., "--out", help="artifact directory to create (must not exist)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe file"),
     method: Optional[str] = typer.Option(None, "--method", help="one method with its defaults"),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw",
+                                               help="plan mixed bit-widths for this whole-model bpw"),
+    target_ratio: Optional[float] = typer.Option(None, "--target-ratio",
+                                                 help="plan for this size ratio vs 16-bit (bpw = 16 / R)"),
     overrides: list[str] = typer.Option([], "--set", help="override: key=value or STAGE.key=value"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text (never the test text)"),
     calib_samples: int = typer.Option(32, "--calib-samples", help="calibration windows"),
@@ -37,8 +41,9 @@ def compress(
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ) -> None:
-    """Compress MODEL with a recipe and write an artifact directory."""
-    plan = _recipe(recipe, method).with_overrides(overrides)
+    """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
+    target = _target(target_bpw, target_ratio, recipe, method)
+    plan = _recipe(recipe, method).with_overrides(overrides) if target is None else None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
     checkpoint_dir = out.with_name(out.name + ".checkpoint")
@@ -49,7 +54,8 @@ def compress(
         raise UserError(f"--device {device}: must be cpu or cuda")
     if device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
-    calibrated = any(get_method(s.method).method_cls.needs_calibration for s in plan.stages)
+    calibrated = target is not None or any(get_method(s.method).method_cls.needs_calibration
+                                           for s in plan.stages)
     if calibrated and calib is None:
         raise UserError("this recipe calibrates (gptq, ...): pass --calib FILE "
                         "(e.g. ../shared/data/wikitext2_valid_tokenized.txt; never the test text)")
@@ -65,6 +71,9 @@ def compress(
         samples = calibration_samples(tokenize(loaded.tokenizer, calib_text), calib_samples,
                                       calib_len, seed)
     tick = time.perf_counter()
+    allocation = None
+    if target is not None:
+        plan, allocation = _planned_recipe(loaded.model, target, samples, overrides)
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
                                 progress=lambda i, m, done, total: update(done, total),
@@ -80,10 +89,49 @@ def compress(
         "original_params": original_params, **manifest["totals"],
         "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
         "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
-        "device": device,
+        "device": device, "target_bpw": target, "allocation": allocation,
     }
     _print(summary)
     write_json(report_json, summary)
+
+
+def _target(bpw: Optional[float], ratio: Optional[float], recipe, method) -> Optional[float]:
+    if bpw is not None and ratio is not None:
+        raise UserError("pass one of --target-bpw or --target-ratio, not both")
+    if (bpw is not None or ratio is not None) and (recipe is not None or method is not None):
+        raise UserError("--target-bpw/--target-ratio plan their own recipe; drop --recipe/--method")
+    if ratio is not None:
+        if ratio <= 1:
+            raise UserError(f"--target-ratio {ratio}: must be above 1 (the size ratio vs 16-bit)")
+        bpw = 16 / ratio
+    if bpw is not None and not 0 < bpw < 16:
+        raise UserError(f"--target-bpw {bpw}: must be between 0 and 16")
+    return bpw
+
+
+def _planned_recipe(model, target: float, samples, overrides: list[str]):
+    """Measure sensitivities on the first 256 tokens of one calibration window; plan per-module bits."""
+    from ..planner import plan_bits, plan_recipe
+
+    group = 64
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key != "group_size":
+            raise UserError(f"--set {item}: with a target only group_size can be set")
+        group = int(value)
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    with progress_bar("measuring sensitivity") as update:
+        plan = plan_bits(model, target, samples[:1, :256], group, embedding, progress=update)
+    counts: dict[int, int] = {}
+    for name, bits in plan.allocation.items():
+        if name != embedding:
+            counts[bits] = counts.get(bits, 0) + 1
+    console.print(f"plan for {target:.3f} bpw: {plan.bits_per_weight:.3f} bpw planned | embedding "
+                  f"{plan.allocation[embedding]}-bit | linears by bits: "
+                  + ", ".join(f"{b}-bit x{c}" for b, c in sorted(counts.items())))
+    allocation = {"planned_bits_per_weight": plan.bits_per_weight, "bits": plan.allocation,
+                  "sensitivity_kl": {n: {str(b): v for b, v in s.items()} for n, s in plan.sensitivity.items()}}
+    return Recipe.from_list(plan_recipe(plan, embedding, group), where="planned recipe"), allocation
 
 
 def _recipe(recipe: Optional[Path], method: Optional[str]) -> Recipe:

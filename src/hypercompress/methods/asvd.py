@@ -49,6 +49,8 @@ def whitened_factors(W: torch.Tensor, S: torch.Tensor, S_inv: torch.Tensor, rank
 
 @register("asvd", AsvdConfig)
 class ActivationAwareSVD(HessianMethod):
+    gram_dtype = torch.float64  # the whitening's Cholesky factor needs the small eigenvalues right
+
     def __init__(self, config: AsvdConfig):
         super().__init__(config)
         self.abs_sum: dict[str, torch.Tensor] = {}

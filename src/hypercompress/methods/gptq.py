@@ -40,22 +40,31 @@ class HessianMethod(LayerwiseMethod):
     """Accumulates H = 2/n sum_x x x^T per layer from its calibration inputs (GPTQ's add_batch)."""
 
     needs_calibration = True
+    gram_dtype = torch.float32  # dtype of the X^T X product per batch (sums are float64)
 
     def __init__(self, config: MethodConfig):
         super().__init__(config)
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def observe(self, name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        """x (..., in). Linears fed the same tensor (q/k/v, gate/up) share one X^T X product."""
+        if self._last is not None and self._last[0] is x:
+            product = self._last[1]
+        else:
+            flat = x.reshape(-1, x.shape[-1]).to(self.gram_dtype)
+            product = (flat.T @ flat).double()  # float32 GEMM, float64 accumulation across batches
+            self._last = (x, product)
         if name not in self._sums:
-            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self._sums[name] = torch.zeros_like(product)
             self._counts[name] = 0
-        self._sums[name] += x.T @ x
-        self._counts[name] += x.shape[0]
+        self._sums[name] += product
+        self._counts[name] += x.numel() // x.shape[-1]
 
     def hessian(self, name: str) -> torch.Tensor:
         """(in, in) float64; frees the accumulator."""
+        self._last = None
         return 2 * self._sums.pop(name) / self._counts.pop(name)
 
 

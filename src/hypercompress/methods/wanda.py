@@ -23,7 +23,7 @@ class Wanda(LayerwiseMethod):
         self.sq_norm: dict[str, torch.Tensor] = {}
 
     def observe(self, name: str, x: torch.Tensor) -> None:
-        sq = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+        sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
         self.sq_norm[name] = self.sq_norm.get(name, 0) + sq
 
     def compress(self, name: str, layer: nn.Module) -> SparseLinear:
