@@ -41,6 +41,11 @@ ROWS = {
                  "llmcompressor": _prune("wanda", 0.5, "0:0")},
     "wanda-2:4": {"ours": [{"method": "wanda", "sparsity": 0.5, "pattern": "2:4"}],
                   "llmcompressor": _prune("wanda", 0.5, "2:4")},
+    # activation-aware low-rank against plain SVD (baseline.py) at the same 50% of parameters
+    "asvd-50-cholesky": {"ours": [{"method": "asvd", "keep": 0.5, "whitening": "cholesky"}],
+                         "llmcompressor": None},
+    "asvd-50-scale": {"ours": [{"method": "asvd", "keep": 0.5, "whitening": "scale"}],
+                      "llmcompressor": None},
     # uniform 3-bit everywhere (embedding included): the yardstick for the planner rows below
     "uniform-w3g64-all": {"ours": [{"method": "rtn", "bits": 3, "group_size": 64,
                                     "targets": ["^model\\.embed_tokens$"]},

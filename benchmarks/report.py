@@ -23,6 +23,25 @@ NOTES = {
         "lie on a 4-bit g32 grid, so RTN w4 g64 with an integer zero point loses 32%; plain SVD destroys "
         "it even at 80% of the parameters (its MLP weights have no low-rank structure).",
     ],
+    "anchors": [
+        "Both libraries get the same 32 x 512 calibration tokens and are evaluated by the same code on "
+        "the same windows against the same cached teacher log-probs; each row runs in a fresh process, "
+        "one at a time; compress seconds time the library call only (ours: compress(); llm-compressor: "
+        "oneshot()); peak memory is the process's max RSS right after it (model load included).",
+        "Our rows are evaluated after saving the artifact and loading it back; llm-compressor's model is "
+        "evaluated in memory after oneshot(), and its size is the safetensors bytes of "
+        "save_pretrained(save_compressed=True) after casting to bfloat16 (as its users save). For the "
+        "pruned models it wrote dense 16-bit tensors (16.0 bpw): no sparse format was chosen. Ours store "
+        "a 1-bit mask plus float16 kept values (10.48 bpw with the 16-bit embedding).",
+        "GPTQ settings: ours act_order=true (static groups), damp 0.01, block 128; llm-compressor's "
+        "defaults (actorder static, dampening 0.01, block 128). Wanda uses the same score on both sides "
+        "(|W| x ||X||_2, per output row); the gap comes from the calibration pipelines (ours re-runs each "
+        "pruned block to feed the next), not investigated further.",
+        "Planner rows: the whole model (embedding included) at the target; sensitivities measured in "
+        "bfloat16 on the first 256 tokens of one calibration window, planning time included in compress "
+        "seconds. uniform-w3g64-all is every linear and the embedding at 3 bits (3.30 bpw), the uniform "
+        "point just above the 3.0 bpw plan.",
+    ],
 }
 
 

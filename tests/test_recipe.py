@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from hypercompress.errors import UserError
@@ -23,6 +25,8 @@ def test_yaml_round_trip(tmp_path):
 def test_shipped_recipes_load():
     assert Recipe.from_yaml("recipes/rtn-w4g64.yaml").stages[0].config.group_size == 64
     assert Recipe.from_yaml("recipes/svd-50.yaml").stages[0].config.keep == 0.5
+    for path in Path("recipes").glob("*.yaml"):
+        assert Recipe.from_yaml(path).stages, path
 
 
 def test_mapping_with_stages_is_accepted():

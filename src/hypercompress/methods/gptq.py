@@ -13,25 +13,19 @@ from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
 from .gptq_solver import gptq_solve
-from .rtn import resolve_group_size
+from .rtn import RtnConfig, resolve_group_size
 
 
 @dataclass
-class GptqConfig(MethodConfig):
-    bits: int = 4               # bits per weight code, 2..8
-    group_size: int = 64        # input columns sharing one scale; -1: one group per row
-    symmetric: bool = False     # symmetric grid (no zero point stored)
-    zero_point: str = "int"     # asymmetric zero: 'int' (b-bit) or 'float' (float16 minimum)
+class GptqConfig(RtnConfig):
+    """RTN's grid options (bits, group_size, symmetric, zero_point) plus the solver's."""
+
     act_order: bool = False     # quantize columns by descending Hessian diagonal (static groups)
     damp: float = 0.01          # dampening: this fraction of mean(diag H) is added to the diagonal
     block_size: int = 128       # columns per lazy-update block (rounded to whole groups)
 
     def validate(self) -> None:
-        check(2 <= self.bits <= 8, f"bits={self.bits}: must be between 2 and 8")
-        check(self.group_size == -1 or self.group_size > 0,
-              f"group_size={self.group_size}: must be positive, or -1 for one group per row")
-        check(self.zero_point in ("int", "float"),
-              f"zero_point={self.zero_point!r}: must be 'int' or 'float'")
+        super().validate()
         check(0 <= self.damp < 1, f"damp={self.damp}: must be in [0, 1)")
         check(self.block_size > 0, f"block_size={self.block_size}: must be positive")
 
