@@ -156,11 +156,11 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
     first = 0
     if resume_from is not None:
         first, hiddens = resume_from[0] + 1, resume_from[1]
+    kwargs_dev = [_to(kw, device) for kw in kwargs_list]  # the same for every block
     for index in range(first, len(blocks)):
         block = blocks[index].to(device)
         prefix = f"{spec.blocks}.{index}."
         targets = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
-        kwargs_dev = [_to(kw, device) for kw in kwargs_list]
         if targets:
             handles = [layer.register_forward_hook(
                 lambda _m, args, _out, name=name: method.observe(name, args[0]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,13 +21,12 @@ def artifact_summary(path: Path) -> dict[str, Any]:
     """Per-module and total storage of an artifact, read from the safetensors header alone."""
     manifest = artifact.read_manifest(path)
     tensor_bits: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
     with safe_open(str(path / artifact.WEIGHTS), framework="pt") as handle:
         for key in handle.keys():
             piece = handle.get_slice(key)
-            count = 1
-            for size in piece.get_shape():
-                count *= size
-            tensor_bits[key] = count * _DTYPE_BITS[piece.get_dtype()]
+            shapes[key] = piece.get_shape()
+            tensor_bits[key] = math.prod(shapes[key]) * _DTYPE_BITS[piece.get_dtype()]
     modules = []
     owned: set[str] = set()
     for name, entry in manifest["modules"].items():
@@ -40,13 +40,10 @@ def artifact_summary(path: Path) -> dict[str, Any]:
                         "bits_per_weight": bits / params if params else 0.0, "layout": layout})
     for key, bits in tensor_bits.items():
         if key not in owned:
-            with safe_open(str(path / artifact.WEIGHTS), framework="pt") as handle:
-                shape = handle.get_slice(key).get_shape()
-            params = 1
-            for size in shape:
-                params *= size
+            params = math.prod(shapes[key])
             modules.append({"name": key, "kind": "dense", "params": params, "bits": bits,
-                            "bits_per_weight": bits / params if params else 0.0, "layout": {"shape": shape}})
+                            "bits_per_weight": bits / params if params else 0.0,
+                            "layout": {"shape": shapes[key]}})
     weights_bytes = (path / artifact.WEIGHTS).stat().st_size
     params = manifest["original_params"]
     return {

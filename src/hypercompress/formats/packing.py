@@ -33,7 +33,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if packed.numel() != packed_nbytes(count, bits):
         raise ValueError(f"expected {packed_nbytes(count, bits)} packed bytes, got {packed.numel()}")
     if 8 % bits == 0:
-        per_byte = 8 // bits
         shifts = torch.arange(8 - bits, -1, -bits, device=packed.device, dtype=torch.uint8)
         mask = (1 << bits) - 1
         codes = (packed[:, None] >> shifts) & mask  # (bytes, per_byte)
