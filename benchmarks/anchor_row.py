@@ -50,6 +50,19 @@ def safetensors_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
+PLAN_INFO: dict = {}  # filled by a planner row: what was chosen and the measured joint KLs
+
+
+def _option_counts(allocation, embedding) -> str:
+    from collections import Counter
+
+    from hypercompress.planner import option_label
+
+    counts = Counter(option_label(o) for n, o in allocation.items() if n != embedding)
+    return (f"embedding {option_label(allocation[embedding])}; linears "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+
+
 def run_ours(model, tokenizer, spec, calib, work):
     from hypercompress import artifact
     from hypercompress.api import compress
@@ -63,6 +76,8 @@ def run_ours(model, tokenizer, spec, calib, work):
         embedding = "model.embed_tokens"
         plan = plan_bits(model, spec["ours"]["target_bpw"], calib[:1, :256], 64, embedding)
         recipe = Recipe.from_list(plan_recipe(plan, embedding))
+        PLAN_INFO.update({"plan_joint_kl": plan.joint_kl, "plan_candidates": plan.candidates,
+                          "plan_options": _option_counts(plan.allocation, embedding)})
     else:
         recipe = Recipe.from_list(spec["ours"])
     compress(model, recipe, calib, batch_size=8)
@@ -118,7 +133,7 @@ def main() -> None:
     result = evaluate_windows(model.eval(), windows, BATCH, teacher)
     result.update({"row": args.row, "library": args.library, "compress_seconds": round(seconds, 2),
                    "peak_memory_bytes": peak, "safetensors_bytes": size,
-                   "bits_per_weight": size * 8 / params, "recipe": recipe})
+                   "bits_per_weight": size * 8 / params, "recipe": recipe, **PLAN_INFO})
     (args.work / f"{args.row}.{args.library}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("row", "library", "ppl", "bits_per_weight",
                                              "compress_seconds")}), flush=True)

@@ -51,5 +51,10 @@ ROWS = {
                                     "targets": ["^model\\.embed_tokens$"]},
                                    {"method": "gptq", "bits": 3, "group_size": 64, "act_order": True}],
                           "llmcompressor": None},
+    # the uniform point nearest 3.0 bpw: one scale per row instead of per 64 columns (3.03 bpw)
+    "uniform-w3row-all": {"ours": [{"method": "rtn", "bits": 3, "group_size": -1,
+                                    "targets": ["^model\\.embed_tokens$"]},
+                                   {"method": "gptq", "bits": 3, "group_size": -1, "act_order": True}],
+                          "llmcompressor": None},
     **{f"planner-{t}bpw": {"ours": {"target_bpw": t}, "llmcompressor": None} for t in (4.0, 3.0, 2.5, 2.0)},
 }

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anchor_rows import ROWS  # noqa: E402
-from common import CALIB_TEXT, ROOT, eval_windows, machine, write_json  # noqa: E402
+from common import CALIB_TEXT, RESULTS, ROOT, eval_windows, machine, write_json  # noqa: E402
 from report import render  # noqa: E402
 
 from hypercompress.data import calibration_samples, read_text, tokenize  # noqa: E402
@@ -91,14 +91,25 @@ def main() -> None:
             print(f"{row} {library}: rc {done.returncode} in {time.perf_counter() - tick:.0f} s "
                   f"{done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]}",
                   flush=True)
+    # rows not run now keep their earlier result (and the CPU it ran on); rows run now replace theirs
+    previous = RESULTS / "anchors.json"
+    kept = json.loads(previous.read_text()) if previous.exists() else {"rows": [], "machine": ""}
+    ran = {(row, library) for row in args.rows.split(",") for library in args.libraries.split(",")}
+    cpu = machine().split(",")[0]
     rows = []
     for row in ROWS:
         for library in ("ours", "llmcompressor"):
             path = args.work / f"{row}.{library}.json"
-            if path.exists():
-                data = json.loads(path.read_text())
-                data["label"] = f"{row} ({'hypercompress' if library == 'ours' else 'llm-compressor'})"
-                rows.append(data)
+            old = next((r for r in kept["rows"] if (r["row"], r["library"]) == (row, library)), None)
+            if (row, library) in ran and path.exists():
+                data = {**json.loads(path.read_text()), "cpu": cpu, "machine": machine()}
+            elif old is not None:
+                data = {"cpu": kept["machine"].split(",")[0], "machine": kept["machine"], **old}
+            else:
+                continue
+            data["label"] = f"{row} ({'hypercompress' if library == 'ours' else 'llm-compressor'})"
+            rows.append(data)
+    machines = sorted({r["machine"] for r in rows})
     write_json("anchors", {
         "title": "Side by side with llm-compressor (same calibration, same evaluation)",
         "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)",
@@ -106,7 +117,9 @@ def main() -> None:
         "protocol": protocol_text("WikiText-2 raw test", 512, args.windows, available, torch.float32,
                                   "the uncompressed model")
         + "; calibration: 32 x 512 tokens of wikitext2_valid_tokenized.txt, seed 0",
-        "machine": machine(),
+        "machine": "; ".join(machines) + ("" if len(machines) < 2 else
+                                           " (the cpu column says where each row ran; compare "
+                                           "compress seconds only between rows of one cpu)"),
         "script": "python benchmarks/anchors.py",
         "rows": rows,
     })

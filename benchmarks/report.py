@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent
 COLUMNS = [("label", "method", "{}"), ("bits_per_weight", "bpw (whole model)", "{:.3f}"),
            ("ppl", "perplexity", "{:.3f}"), ("kl", "KL (nats/token)", "{:.4f}"),
            ("top1", "top-1", "{:.4f}"), ("compress_seconds", "compress s", "{:.2f}"),
-           ("peak_memory_gib", "peak memory GiB", "{:.2f}"), ("error", "error", "{}"),
+           ("peak_memory_gib", "peak memory GiB", "{:.2f}"), ("cpu", "cpu", "{}"), ("error", "error", "{}"),
            ("command", "command", "`{}`")]
 
 

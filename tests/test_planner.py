@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +12,8 @@ from typer.testing import CliRunner
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.models import load_model
-from hypercompress.planner import allocate, measure_sensitivity, plan_bits, plan_recipe
-from hypercompress.recipe import Recipe
+from hypercompress.planner import allocate, linear_options, measure_sensitivity, plan_bits, plan_recipe
+from hypercompress.recipe import PlanTarget, Recipe, load_recipe_file
 
 
 def test_allocation_fits_the_budget_and_favours_robust_modules():
@@ -24,13 +25,41 @@ def test_allocation_fits_the_budget_and_favours_robust_modules():
     assert sum(costs[n][b] for n, b in allocate(costs, loss, 100).items()) <= 100
 
 
+def test_allocation_walks_the_convex_hull_of_options():
+    # option labels are free-form; "bad" is dominated (costs more than "g64" and loses more)
+    costs = {"a": {"row": 30, "g64": 50, "bad": 60, "w8": 80}, "b": {"row": 30, "g64": 50, "w8": 80}}
+    loss = {"a": {"row": 2.0, "g64": 0.5, "bad": 1.9, "w8": 0.0}, "b": {"row": 0.2, "g64": 0.1, "w8": 0.0}}
+    assert allocate(costs, loss, 100) == {"a": "g64", "b": "g64"}
+    assert allocate(costs, loss, 110) == {"a": "w8", "b": "row"}  # 0.2 lost, not 0.6 or "bad"
+    assert allocate(costs, loss, 80) == {"a": "g64", "b": "row"}  # b loses least per bit saved
+    assert allocate(costs, loss, 10) == {"a": "row", "b": "row"}  # cannot fit: the cheapest there is
+
+
+def test_planner_recipe_files(tmp_path):
+    good = tmp_path / "plan.yaml"
+    good.write_text("target_ratio: 4\ngroup_size: 32\n")
+    assert load_recipe_file(good) == PlanTarget(4.0, 32)
+    for text, needle in [("target_bpw: 3\nbits: 4\n", "unknown planner key"),
+                         ("target_bpw: 3\ntarget_ratio: 4\n", "exactly one"),
+                         ("target_bpw: 17\n", "between 0 and 16"),
+                         ("target_bpw: three\n", "must be numbers")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=needle):
+            load_recipe_file(bad)
+    shipped = sorted((Path(__file__).parents[1] / "recipes").glob("planner-*.yaml"))
+    assert [load_recipe_file(p).bits_per_weight for p in shipped] == [2.0, 2.5, 3.0, 4.0]
+
+
 def test_sensitivity_grows_as_bits_shrink(model_dirs):
     model = load_model(str(model_dirs["llama"])).model
     samples = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))
     name = "model.layers.0.mlp.down_proj"
     before = model.get_submodule(name).weight.clone()
-    result = measure_sensitivity(model, {name: (2, 4, 8)}, samples, group=32)
-    assert result[name][2] > result[name][4] > result[name][8] >= 0  # KL clamped at 0
+    result = measure_sensitivity(model, {name: ((2, 32), (4, 32), (4, -1), (8, 32))}, samples)
+    kl = {bits: result[name][(bits, 32)] for bits in (2, 4, 8)}
+    assert kl[2] > kl[4] > kl[8] >= 0  # KL clamped at 0
+    assert result[name][(4, -1)] > kl[4]  # one scale per row is coarser than groups of 32
     assert torch.equal(model.get_submodule(name).weight, before)  # restored
 
 
@@ -39,9 +68,12 @@ def test_plan_hits_the_target_and_becomes_a_recipe(model_dirs):
     samples = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))
     plan = plan_bits(model, 6.0, samples, group=32)
     assert 0.95 * 6.0 <= plan.bits_per_weight <= 6.0
-    stages = plan_recipe(plan, "model.embed_tokens", group=32)
+    stages = plan_recipe(plan, "model.embed_tokens")
     recipe = Recipe.from_list(stages)
     assert recipe.stages[0].method == "rtn" and all(s.method == "gptq" for s in recipe.stages[1:])
+    assert {(s["bits"], s["group_size"]) for s in stages[1:]} <= set(linear_options(32))
+    named = [t for s in stages[1:] for t in s["targets"]]
+    assert len(named) == len(set(named)) == len(plan.allocation) - 1  # every linear exactly once
     with pytest.raises(UserError, match="smallest plan"):
         plan_bits(model, 1.0, samples, group=32)
 
@@ -55,6 +87,13 @@ def test_cli_target_bpw_writes_an_artifact_near_the_target(model_dirs, calib_fil
     manifest = json.loads((out / "hypercompress.json").read_text())
     assert manifest["totals"]["tensor_bits"] / manifest["original_params"] <= 6.0
     assert manifest["recipe"][0]["method"] == "rtn"
+    planfile = tmp_path / "plan.yaml"
+    planfile.write_text("target_bpw: 6\ngroup_size: 32\n")
+    viafile = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--recipe", str(planfile),
+                                       "--calib", str(calib_file), "--calib-samples", "4",
+                                       "--calib-len", "64", "--out", str(tmp_path / "viafile")])
+    assert viafile.exit_code == 0, viafile.output
+    assert json.loads((tmp_path / "viafile" / "hypercompress.json").read_text())["recipe"] == manifest["recipe"]
     bad = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--target-bpw", "6",
                                    "--method", "rtn", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "drop --recipe/--method" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -16,7 +17,7 @@ from .calibration import Checkpoint, peak_memory_bytes, run_layerwise
 from .errors import UserError
 from .modules import replace_module, select_linears, uncompressed
 from .recipe import Recipe
-from .methods.base import LayerwiseMethod
+from .methods.base import LayerwiseMethod, WholeModelMethod
 from .registry import get_method
 
 # progress(stage_index, stage_method, done, total) -- the CLI draws a progress bar from it
@@ -34,6 +35,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     Tensors no stage compresses are rounded to the artifact's 16-bit storage precision, so the
     returned model and its saved artifact give identical logits.
     """
+    teacher = None  # whole-model methods distil against the model as it was before the first stage
+    if any(getattr(get_method(s.method).method_cls, "whole_model", False) for s in recipe.stages):
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     checkpoint = None
     restored = None
     if checkpoint_dir is not None:
@@ -49,7 +53,15 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         label = "+".join(s.method for s in stages)
         routes = _routes(model, group, stages, methods)
         start = time.perf_counter()
-        if methods[0].needs_calibration:
+        if isinstance(methods[0], WholeModelMethod):
+            if calib is None:
+                raise UserError(f"method '{stages[0].method}' trains on calibration text; pass --calib FILE")
+            methods[0].apply(model, list(routes), teacher, calib, device=device,
+                             progress=(lambda done, total, note: progress(first, f"{label} | {note}", done, total))
+                             if progress else None,
+                             checkpoint_dir=checkpoint_dir, resume=resume)
+            peak = peak_memory_bytes(device)
+        elif methods[0].needs_calibration:
             if calib is None:
                 raise UserError(f"method '{stages[0].method}' needs calibration data; pass --calib FILE")
             resume_from = restored[1:] if restored is not None and first == restored[0] else None
@@ -93,12 +105,17 @@ def _passes(recipe: Recipe) -> list[list[int]]:
     (all their modules compressed block by block, errors propagated); others run alone."""
     groups: list[list[int]] = []
     for index, stage in enumerate(recipe.stages):
-        calibrated = get_method(stage.method).method_cls.needs_calibration
-        if calibrated and groups and get_method(recipe.stages[groups[-1][-1]].method).method_cls.needs_calibration:
+        calibrated = _layerwise_calibrated(stage.method)
+        if calibrated and groups and _layerwise_calibrated(recipe.stages[groups[-1][-1]].method):
             groups[-1].append(index)
         else:
             groups.append([index])
     return groups
+
+
+def _layerwise_calibrated(method: str) -> bool:
+    cls = get_method(method).method_cls
+    return cls.needs_calibration and not getattr(cls, "whole_model", False)
 
 
 def _routes(model: nn.Module, group: list[int], stages, methods) -> dict[str, LayerwiseMethod]:

@@ -24,8 +24,8 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError
-from .layers import MODULE_KINDS
-from .modules import CompressedModule, replace_module
+from .layers import module_kinds
+from .modules import StoredModule, replace_module
 
 FORMAT_VERSION = 1
 MANIFEST = "hypercompress.json"
@@ -33,8 +33,9 @@ WEIGHTS = "model.safetensors"
 STORAGE_DTYPE = torch.float16  # dtype of every tensor no method compressed
 
 
-def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}
+def compressed_modules(model: nn.Module) -> dict[str, StoredModule]:
+    """Modules saved by kind (compressed linears, embeddings, generators), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, StoredModule)}
 
 
 def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -163,10 +164,10 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Modul
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     for name, entry in manifest["modules"].items():
-        if entry.get("kind") not in MODULE_KINDS:
+        if entry.get("kind") not in module_kinds():
             raise UserError(f"artifact module {name} has unknown kind {entry.get('kind')!r}; "
                             "upgrade hypercompress or re-create the artifact")
-        replace_module(model, name, MODULE_KINDS[entry["kind"]].from_layout(entry["layout"]))
+        replace_module(model, name, module_kinds()[entry["kind"]].from_layout(entry["layout"]))
     tensors = _read_tensors(path / WEIGHTS)
     _check_tensors(model, tensors, manifest["aliases"], path)
     prefixes = tuple(f"{n}." for n in manifest["modules"])

@@ -24,7 +24,7 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError
-from .layers import MODULE_KINDS
+from .layers import module_kinds
 from .methods.base import LayerwiseMethod
 from .modules import CompressedModule, replace_module, uncompressed
 
@@ -121,7 +121,7 @@ class Checkpoint:
                             "remove it or run without --resume")
         tensors = load_file(str(self.dir / "tensors.safetensors"))
         for name, entry in state["modules"].items():
-            module = MODULE_KINDS[entry["kind"]].from_layout(entry["layout"])
+            module = module_kinds()[entry["kind"]].from_layout(entry["layout"])
             prefix = f"module.{name}."
             module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             replace_module(model, name, module)

@@ -24,12 +24,13 @@ except ImportError:  # pragma: no cover - very old transformers
 LINEAR_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
 
 
-class CompressedModule(nn.Module, abc.ABC):
-    """Base of every compressed replacement of a linear layer.
+class StoredModule(nn.Module, abc.ABC):
+    """A module the artifact rebuilds by its `kind`: its tensors are saved exactly as they are.
 
-    Subclasses hold their saved tensors as persistent buffers, implement `forward`, `dense_weight`,
-    `layout()` (the JSON-able construction arguments) and `from_layout()` (an empty module of the
-    right shapes, filled later from the artifact's safetensors).
+    Subclasses hold their saved tensors as persistent buffers or parameters, implement `layout()`
+    (the JSON-able construction arguments) and `from_layout()` (an empty module of the right shapes,
+    filled later from the artifact's safetensors). A `bind(model)` method, if present, is called
+    once every module of a loaded artifact is in place.
     """
 
     kind: ClassVar[str] = ""
@@ -39,17 +40,22 @@ class CompressedModule(nn.Module, abc.ABC):
         return sum(t.numel() * t.element_size() * 8 for t in self.state_dict().values())
 
     @abc.abstractmethod
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out_features, in_features) weight this module represents."""
-
-    @abc.abstractmethod
     def layout(self) -> dict[str, Any]:
         """JSON-able construction arguments (shapes and format options), saved in the manifest."""
 
     @classmethod
     @abc.abstractmethod
-    def from_layout(cls, layout: dict[str, Any]) -> "CompressedModule":
+    def from_layout(cls, layout: dict[str, Any]) -> "StoredModule":
         """An empty module of the right buffer shapes, to be filled from the artifact."""
+
+
+class CompressedModule(StoredModule):
+    """Base of every compressed replacement of a linear layer (or embedding): also implements
+    `forward` and `dense_weight`."""
+
+    @abc.abstractmethod
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out_features, in_features) weight this module represents."""
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -114,11 +120,12 @@ def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` at `name`. Replacing an embedding that the lm_head shares replaces the head too,
-    with a TiedHead reading the new module, so the tie (and single storage) is kept."""
-    old = model.get_submodule(name)
+    """Put `new` at `name` (adding it if the parent has no such child, e.g. a generator at the root).
+    Replacing an embedding that the lm_head shares replaces the head too, with a TiedHead reading
+    the new module, so the tie (and single storage) is kept."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, leaf, None)
     setattr(parent, leaf, new)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(old, nn.Embedding) and head is not None and getattr(head, "weight", None) is old.weight:

@@ -10,6 +10,9 @@ YAML form (a list of stages, or a mapping with `stages:`)::
 
 `--set key=value` overrides a key in every stage that has it; `--set 1.key=value` (stage index) or
 `--set rtn.key=value` (method name) narrows it to some stages.
+
+A planner recipe is a mapping instead: `target_bpw: 3.0` (or `target_ratio: 5.33`) and optionally
+`group_size: 64`; the budget planner (planner.py) turns it into stages for the model at hand.
 """
 
 from __future__ import annotations
@@ -58,6 +61,58 @@ class Stage:
 
 
 @dataclass
+class PlanTarget:
+    """A size target for the budget planner: whole-model bits per weight and the grouped options' size."""
+    bits_per_weight: float
+    group_size: int = 64
+
+    @classmethod
+    def from_values(cls, bpw: float | None, ratio: float | None, group_size: Any = 64,
+                    where: str = "target") -> "PlanTarget":
+        if (bpw is None) == (ratio is None):
+            raise UserError(f"{where}: give exactly one of target_bpw (--target-bpw) or "
+                            "target_ratio (--target-ratio)")
+        try:
+            value, group = float(ratio if bpw is None else bpw), int(group_size)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: target and group_size must be numbers, e.g. target_bpw: 3.0") from None
+        if ratio is not None:
+            if value <= 1:
+                raise UserError(f"{where}: target ratio {value} must be above 1 (the size ratio vs 16-bit)")
+            value = 16 / value
+        if not 0 < value < 16:
+            raise UserError(f"{where}: target {value} bpw must be between 0 and 16")
+        if group <= 0:
+            raise UserError(f"{where}: group_size={group} must be positive")
+        return cls(value, group)
+
+
+def load_recipe_file(path: str | Path) -> "Recipe | PlanTarget":
+    """A YAML recipe: a list of stages (Recipe) or a planner mapping with target_bpw/target_ratio."""
+    path = Path(path)
+    data = _read_yaml(path)
+    if isinstance(data, dict) and ({"target_bpw", "target_ratio"} & set(data)):
+        unknown = set(data) - {"target_bpw", "target_ratio", "group_size", "name"}
+        if unknown:
+            raise UserError(f"{path.name}: unknown planner key(s) {', '.join(sorted(unknown))}; "
+                            "valid: target_bpw, target_ratio, group_size, name")
+        return PlanTarget.from_values(data.get("target_bpw"), data.get("target_ratio"),
+                                      data.get("group_size", 64), where=path.name)
+    return Recipe.from_list(data, where=path.name)
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}; pass an existing YAML file to --recipe")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise UserError(f"recipe {path} is not valid YAML{at}; fix the syntax") from None
+
+
+@dataclass
 class Recipe:
     stages: list[Stage]
 
@@ -78,15 +133,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"recipe file not found: {path}; pass an existing YAML file to --recipe")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            at = f" at line {line + 1}" if line is not None else ""
-            raise UserError(f"recipe {path} is not valid YAML{at}; fix the syntax") from None
-        return cls.from_list(data, where=path.name)
+        return cls.from_list(_read_yaml(path), where=path.name)
 
     @classmethod
     def single(cls, method: str) -> "Recipe":

@@ -41,14 +41,16 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """Yields update(done, total); draws a rich bar on stderr (hidden when not a terminal)."""
+def progress_bar(description: str) -> Iterator[Callable[..., None]]:
+    """Yields update(done, total, note=""); draws a rich bar on stderr (hidden when not a terminal);
+    the note (e.g. "hypernet | loss 1.2 | kl 0.9 | 5,000 tok/s") is shown after the bar."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(description, total=None)
+                  TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task(description, total=None, note="")
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(done: int, total: int, note: str = "") -> None:
+            bar.update(task, completed=done, total=total, note=note)
 
         yield update
 

@@ -16,7 +16,7 @@ from ..data import calibration_samples, read_text, tokenize
 from ..errors import UserError
 from ..models import load_model
 from ..modules import count_params
-from ..recipe import Recipe
+from ..recipe import PlanTarget, Recipe, load_recipe_file
 from ..registry import get_method
 from .common import console, err_console, one_line_errors, progress_bar, write_json
 
@@ -42,8 +42,15 @@ def compress(
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
-    target = _target(target_bpw, target_ratio, recipe, method)
-    plan = _recipe(recipe, method).with_overrides(overrides) if target is None else None
+    target = _target(target_bpw, target_ratio, recipe, method, overrides)
+    plan = None
+    if target is None:
+        plan = _recipe(recipe, method)
+        if isinstance(plan, PlanTarget):
+            target = _with_group(plan, overrides)
+            plan = None
+        else:
+            plan = plan.with_overrides(overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
     checkpoint_dir = out.with_name(out.name + ".checkpoint")
@@ -73,10 +80,10 @@ def compress(
     tick = time.perf_counter()
     allocation = None
     if target is not None:
-        plan, allocation = _planned_recipe(loaded.model, target, samples, overrides)
+        plan, allocation = _planned_recipe(loaded.model, target, samples)
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
-                                progress=lambda i, m, done, total: update(done, total),
+                                progress=lambda i, m, done, total: update(done, total, m),
                                 device=device, batch_size=calib_batch,
                                 checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume)
     compress_seconds = time.perf_counter() - tick
@@ -89,55 +96,60 @@ def compress(
         "original_params": original_params, **manifest["totals"],
         "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
         "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
-        "device": device, "target_bpw": target, "allocation": allocation,
+        "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
     }
     _print(summary)
     write_json(report_json, summary)
 
 
-def _target(bpw: Optional[float], ratio: Optional[float], recipe, method) -> Optional[float]:
+def _target(bpw: Optional[float], ratio: Optional[float], recipe, method,
+            overrides: list[str]) -> Optional[PlanTarget]:
+    if bpw is None and ratio is None:
+        return None
     if bpw is not None and ratio is not None:
         raise UserError("pass one of --target-bpw or --target-ratio, not both")
-    if (bpw is not None or ratio is not None) and (recipe is not None or method is not None):
+    if recipe is not None or method is not None:
         raise UserError("--target-bpw/--target-ratio plan their own recipe; drop --recipe/--method")
-    if ratio is not None:
-        if ratio <= 1:
-            raise UserError(f"--target-ratio {ratio}: must be above 1 (the size ratio vs 16-bit)")
-        bpw = 16 / ratio
-    if bpw is not None and not 0 < bpw < 16:
-        raise UserError(f"--target-bpw {bpw}: must be between 0 and 16")
-    return bpw
+    return _with_group(PlanTarget.from_values(bpw, ratio, where="--target-bpw/--target-ratio"), overrides)
 
 
-def _planned_recipe(model, target: float, samples, overrides: list[str]):
-    """Measure sensitivities on the first 256 tokens of one calibration window; plan per-module bits."""
-    from ..planner import plan_bits, plan_recipe
-
-    group = 64
+def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
+    """A target accepts one override: --set group_size=G (the size of the grouped options)."""
+    group = target.group_size
     for item in overrides:
         key, _, value = item.partition("=")
         if key != "group_size":
-            raise UserError(f"--set {item}: with a target only group_size can be set")
-        group = int(value)
+            raise UserError(f"--set {item}: with a size target only group_size can be set")
+        group = value
+    return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
+
+
+def _planned_recipe(model, target: PlanTarget, samples):
+    """Measure sensitivities on the first 256 tokens of one calibration window; plan per-module options."""
+    from ..planner import option_label, plan_bits, plan_recipe
+
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     with progress_bar("measuring sensitivity") as update:
-        plan = plan_bits(model, target, samples[:1, :256], group, embedding, progress=update)
-    counts: dict[int, int] = {}
-    for name, bits in plan.allocation.items():
+        plan = plan_bits(model, target.bits_per_weight, samples[:1, :256], target.group_size,
+                         embedding, progress=update)
+    counts: dict[tuple[int, int], int] = {}
+    for name, option in plan.allocation.items():
         if name != embedding:
-            counts[bits] = counts.get(bits, 0) + 1
-    console.print(f"plan for {target:.3f} bpw: {plan.bits_per_weight:.3f} bpw planned | embedding "
-                  f"{plan.allocation[embedding]}-bit | linears by bits: "
-                  + ", ".join(f"{b}-bit x{c}" for b, c in sorted(counts.items())))
-    allocation = {"planned_bits_per_weight": plan.bits_per_weight, "bits": plan.allocation,
-                  "sensitivity_kl": {n: {str(b): v for b, v in s.items()} for n, s in plan.sensitivity.items()}}
-    return Recipe.from_list(plan_recipe(plan, embedding, group), where="planned recipe"), allocation
+            counts[option] = counts.get(option, 0) + 1
+    console.print(f"plan for {target.bits_per_weight:.3f} bpw: {plan.bits_per_weight:.3f} bpw planned | "
+                  f"embedding {option_label(plan.allocation[embedding])} | linears: "
+                  + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
+    allocation = {"planned_bits_per_weight": plan.bits_per_weight,
+                  "options": {n: option_label(o) for n, o in plan.allocation.items()},
+                  "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
+                                     for n, s in plan.sensitivity.items()}}
+    return Recipe.from_list(plan_recipe(plan, embedding), where="planned recipe"), allocation
 
 
-def _recipe(recipe: Optional[Path], method: Optional[str]) -> Recipe:
+def _recipe(recipe: Optional[Path], method: Optional[str]) -> "Recipe | PlanTarget":
     if (recipe is None) == (method is None):
         raise UserError("pass exactly one of --recipe FILE or --method NAME")
-    return Recipe.from_yaml(recipe) if recipe is not None else Recipe.single(method)
+    return load_recipe_file(recipe) if recipe is not None else Recipe.single(method)
 
 
 def _print(summary: dict) -> None:

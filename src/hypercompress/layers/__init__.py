@@ -1,12 +1,21 @@
-"""Compressed replacements of linear layers, by the `kind` name the artifact manifest records."""
+"""Stored modules by the `kind` name the artifact manifest records."""
+
+from __future__ import annotations
 
 from .low_rank import LowRankLinear
 from .quant_embedding import QuantEmbedding, TiedHead
 from .quant_linear import QuantLinear
 from .sparse_linear import SparseLinear
 
-MODULE_KINDS = {cls.kind: cls for cls in (QuantLinear, LowRankLinear, SparseLinear,
-                                          QuantEmbedding, TiedHead)}
 
-__all__ = ["MODULE_KINDS", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear",
-           "TiedHead"]
+def module_kinds() -> dict[str, type]:
+    """kind -> class of every module an artifact can hold (the hypernetwork's imported lazily: it
+    lives with its method, which imports this package)."""
+    from ..methods.hypernet.generator import HyperGenerator
+    from ..methods.hypernet.linear import GeneratedLinear
+
+    return {cls.kind: cls for cls in (QuantLinear, LowRankLinear, SparseLinear, QuantEmbedding, TiedHead,
+                                      HyperGenerator, GeneratedLinear)}
+
+
+__all__ = ["LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]

@@ -1,3 +1,4 @@
 """Built-in methods. Importing this package registers each of them (explicitly, no package walk)."""
 
 from . import asvd, gptq, rtn, sparsegpt, svd, wanda  # noqa: F401
+from .hypernet import method as _hypernet  # noqa: F401

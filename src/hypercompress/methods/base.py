@@ -32,3 +32,21 @@ class LayerwiseMethod(abc.ABC):
     @abc.abstractmethod
     def compress(self, name: str, layer: nn.Module) -> CompressedModule:
         """Return the compressed replacement of `layer` (an nn.Linear or GPT-2 Conv1D)."""
+
+
+class WholeModelMethod(abc.ABC):
+    """A method that trains against the whole model (distillation, hypernetworks): `apply` replaces
+    the selected block linears in place, using `teacher` (a frozen copy of the model as it was before
+    the recipe's first stage) and the calibration windows."""
+
+    name: str = ""
+    needs_calibration: bool = True
+    whole_model: bool = True
+
+    def __init__(self, config: MethodConfig):
+        self.config = config
+
+    @abc.abstractmethod
+    def apply(self, model: nn.Module, names: list[str], teacher: nn.Module, calib: torch.Tensor, *,
+              device: str = "cpu", progress=None, checkpoint_dir=None, resume: bool = False) -> None:
+        """Compress the modules `names` of `model` (in place); progress(done, total, note)."""

@@ -1,0 +1,156 @@
+"""Distillation against a frozen teacher: the training loop shared by every trained representation.
+
+Loss per step on a batch of calibration windows (B, T):
+    KL(teacher || student) of the next-token distributions, mean over B x T positions (the task loss)
+  + local_weight * mean_l ||h_s^l - h_t^l||^2 / mean((h_t^l)^2)       (per-block output matching)
+  + stability_weight * mean_l (log(rms(h_s^l) / rms(h_t^l)))^2         (generated blocks keep scale)
+h^l are the block outputs (hidden_states[1:]). The student's trainable tensors are produced by
+`refresh()` before every forward (a hypernetwork regenerating the weights, with autograd).
+AdamW with cosine decay to 10% of lr, gradient-norm clipping at 1.0; windows drawn by a generator
+seeded with (seed, step), so a resumed run sees the same batches. Checkpoints (safetensors + JSON,
+never pickles) hold the trainable tensors and AdamW's moments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError
+
+# progress(step, total_steps, note) -- note: "loss 1.23 | kl 0.98 | 4,100 tok/s"
+TrainProgress = Callable[[int, int, str], None]
+
+
+@dataclass
+class DistillSettings:
+    steps: int
+    batch: int
+    lr: float
+    local_weight: float = 0.1
+    stability_weight: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_dir: str | None = None
+
+
+def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p_teacher || p_student): logits (..., V) -> scalar."""
+    t = F.log_softmax(teacher_logits.float(), -1)
+    s = F.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def block_losses(teacher_hidden, student_hidden) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local matching, activation stability) over block outputs hidden_states[1:]."""
+    local, stability = [], []
+    for t, s in zip(teacher_hidden[1:], student_hidden[1:]):
+        t, s = t.float(), s.float()
+        power = t.pow(2).mean()
+        local.append((s - t).pow(2).mean() / power.clamp_min(1e-12))
+        stability.append(torch.log(s.pow(2).mean().clamp_min(1e-12).sqrt() / power.clamp_min(1e-12).sqrt()) ** 2)
+    return torch.stack(local).mean(), torch.stack(stability).mean()
+
+
+def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: dict[str, nn.Parameter],
+            refresh: Callable[[], None], settings: DistillSettings, device: str = "cpu",
+            checkpoint_dir: Path | None = None, resume: bool = False,
+            progress: TrainProgress | None = None) -> list[dict[str, float]]:
+    """Train `params` (by name) so that `student` matches `teacher` on `windows` (N, T) token ids.
+
+    Returns the history: one dict per step (loss, kl, local, stability, tokens_per_second).
+    """
+    optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(settings.steps, 1), 1))))
+    start = 0
+    if checkpoint_dir is not None and resume:
+        start = _restore(checkpoint_dir, params, optimizer, schedule)
+    writer = _tensorboard(settings.log_dir)
+    history: list[dict[str, float]] = []
+    teacher.eval()
+    for step in range(start, settings.steps):
+        tick = time.perf_counter()
+        picks = torch.randint(0, windows.shape[0], (settings.batch,),
+                              generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
+        batch = windows[picks].to(device)
+        with torch.no_grad():
+            target = teacher(input_ids=batch, output_hidden_states=True, use_cache=False)
+        refresh()
+        out = student(input_ids=batch, output_hidden_states=True, use_cache=False)
+        kl = kl_to_teacher(target.logits[:, :-1], out.logits[:, :-1])
+        local, stability = block_losses(target.hidden_states, out.hidden_states)
+        loss = kl + settings.local_weight * local + settings.stability_weight * stability
+        if not torch.isfinite(loss):
+            raise UserError(f"distillation diverged at step {step} (loss {loss.item()}); lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        schedule.step()
+        seconds = time.perf_counter() - tick
+        record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "local": local.item(),
+                  "stability": stability.item(), "tokens_per_second": batch.numel() / seconds}
+        history.append(record)
+        if writer is not None:
+            for key in ("loss", "kl", "local", "stability", "tokens_per_second"):
+                writer.add_scalar(f"distill/{key}", record[key], step + 1)
+        if progress:
+            progress(step + 1, settings.steps, f"loss {record['loss']:.3f} | kl {record['kl']:.3f} | "
+                                               f"{record['tokens_per_second']:,.0f} tok/s")
+        if checkpoint_dir is not None and ((step + 1) % settings.checkpoint_every == 0):
+            _save(checkpoint_dir, params, optimizer, step + 1)
+    if writer is not None:
+        writer.close()
+    return history
+
+
+def _tensorboard(log_dir: str | None):
+    if log_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("log_dir needs the tensorboard package: pip install tensorboard "
+                        "(or leave log_dir unset)") from None
+    return SummaryWriter(log_dir)
+
+
+def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    for name, p in params.items():
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}.{name}"] = state[key].detach().cpu().contiguous()
+    tmp = directory / "distill.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / "distill.safetensors")
+    (directory / "distill.json").write_text(json.dumps({"step": step}))
+
+
+def _restore(directory: Path, params, optimizer, schedule) -> int:
+    if not (directory / "distill.json").is_file():
+        return 0
+    step = json.loads((directory / "distill.json").read_text())["step"]
+    tensors = load_file(str(directory / "distill.safetensors"))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+            if f"exp_avg.{name}" in tensors:
+                optimizer.state[p] = {"step": torch.tensor(float(step)),
+                                      "exp_avg": tensors[f"exp_avg.{name}"].to(p.device),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device)}
+    for _ in range(step):
+        schedule.step()
+    return step

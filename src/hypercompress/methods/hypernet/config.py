@@ -1,0 +1,37 @@
+"""Configuration of the Solomonoff hypernetwork method (defaults: minutes on a tiny model, CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import MethodConfig, check
+from .backbone import BACKBONES
+
+
+@dataclass
+class HypernetConfig(MethodConfig):
+    mode: str = "generate"          # generate: W = G(l, t); residual: W = base + G(l, t) (base: an earlier stage)
+    rank: int = 8                   # rank r of the generated factors U (d_out, r), V (r, d_in)
+    d_z: int = 16                   # size of each layer-and-type embedding z[l, t]
+    d_hidden: int = 64              # backbone state and context size
+    block: int = 16                 # rows / columns generated per coordinate (patch) step
+    backbone: str = "gru"           # gru | ssm (selective state space, plain PyTorch) | mamba (mamba-ssm, CUDA)
+    encoder_init: bool = True       # initialise z with the Set Transformer encoder of each weight's patches
+    warm_steps: int = 100           # weight-reconstruction warm start steps (0: none)
+    steps: int = 100                # distillation steps (KL on logits + local + stability losses)
+    batch: int = 4                  # calibration windows per distillation step
+    lr: float = 2e-3                # AdamW learning rate (cosine decay to 10%)
+    local_weight: float = 0.1       # per-layer output matching (normalised MSE of block outputs)
+    stability_weight: float = 0.01  # activation stability: (log of student/teacher output RMS)^2
+    grad_checkpointing: bool = False  # recompute blocks in backward (memory for compute)
+    log_dir: str | None = None      # TensorBoard logs here (needs the tensorboard package)
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(self.mode in ("generate", "residual"), f"mode={self.mode!r}: must be generate or residual")
+        check(self.backbone in BACKBONES, f"backbone={self.backbone!r}: must be one of {', '.join(BACKBONES)}")
+        for key in ("rank", "d_z", "d_hidden", "block", "batch"):
+            check(getattr(self, key) > 0, f"{key}={getattr(self, key)}: must be positive")
+        for key in ("warm_steps", "steps"):
+            check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0")
+        check(self.lr > 0, f"lr={self.lr}: must be positive")

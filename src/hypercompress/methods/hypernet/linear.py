@@ -1,0 +1,65 @@
+"""GeneratedLinear: a linear layer whose weight comes from the hypernetwork (nothing of W is stored).
+
+generate mode: W = G(l, t);  residual mode: W = base.dense_weight() + G(l, t), where `base` is the
+module an earlier recipe stage made (e.g. a 2-bit GPTQ QuantLinear), kept and stored as it is.
+The layer stores only its bias (generate mode) or its base (whose bias it uses); the generator lives
+once at the model root.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...modules import CompressedModule
+
+BIAS_DTYPE = torch.float16
+
+
+class GeneratedLinear(CompressedModule):
+    kind = "generated_linear"
+
+    def __init__(self, in_features: int, out_features: int, layer: int, type: int, bias: bool = False,
+                 base: dict[str, Any] | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.layer, self.type = in_features, out_features, layer, type
+        self.register_buffer("bias", torch.zeros(out_features, dtype=BIAS_DTYPE) if bias else None)
+        self.base_layout = base
+        if base is not None:
+            from ...layers import module_kinds
+
+            self.base = module_kinds()[base["kind"]].from_layout(base["layout"])
+        self.generated: torch.Tensor | None = None  # (out, in): set by the generator (live or cached)
+
+    def set_generated(self, weight: torch.Tensor) -> None:
+        """The generator's output for this layer: a tensor with autograd while training, else cached."""
+        self.generated = weight
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.generated is None:
+            raise RuntimeError("GeneratedLinear used before its generator ran (load the artifact with "
+                               "hypercompress.artifact.load, which regenerates the weights)")
+        weight = self.generated.to(dtype)
+        if self.base_layout is not None:
+            weight = weight + self.base.dense_weight(dtype)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.base_layout is None else getattr(self.base, "bias", None)
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype), bias)
+
+    def layout(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "layer": self.layer,
+                "type": self.type, "bias": self.bias is not None, "base": self.base_layout}
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> "GeneratedLinear":
+        return cls(**layout)
+
+    def extra_repr(self) -> str:
+        mode = "generate" if self.base_layout is None else f"residual on {self.base_layout['kind']}"
+        return f"in={self.in_features}, out={self.out_features}, layer={self.layer}, type={self.type}, {mode}"

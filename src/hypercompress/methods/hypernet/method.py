@@ -1,0 +1,166 @@
+"""The registered `hypernet` method: build the generator, warm-start it, distil it, install it.
+
+1. Targets: every block linear (L layers x T types); each type has one shape across layers.
+2. Warm start (optional): z[l, t] = SetEncoder(patches of W[l, t] / rms) and the generator are fitted
+   jointly to the weights (generate mode) or to the residual W - base (residual mode) by normalised
+   MSE; the encoder's z become the stored embeddings and the encoder is dropped (not stored).
+3. Distillation (distill.py): KL on logits + per-block output matching + activation stability,
+   with the weights regenerated (with autograd) before every forward.
+4. The generator is rounded to float16 (its storage) and every target becomes a GeneratedLinear that
+   reads its weight from the generator at the model root ("hypernet"): decompress on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...arch import arch_of
+from ...distill import DistillSettings, distill
+from ...errors import UserError
+from ...modules import CompressedModule, linear_bias, linear_weight, replace_module
+from ...registry import register
+from ..base import WholeModelMethod
+from .config import HypernetConfig
+from .generator import HyperGenerator
+from .linear import GeneratedLinear
+from .patches import to_patches
+from .set_encoder import SetEncoder
+
+ROOT_NAME = "hypernet"
+ENCODER_PATCHES = 128  # patches per matrix the encoder reads per step (a random subset: it is a set)
+
+
+@register("hypernet", HypernetConfig)
+class Hypernet(WholeModelMethod):
+    def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
+              resume=False) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        grid = _grid(model, names)
+        types = len(grid[0])
+        shapes = [_shape(model.get_submodule(grid[0][t])) for t in range(types)]
+        for row in grid:
+            for t, name in enumerate(row):
+                if _shape(model.get_submodule(name)) != shapes[t]:
+                    raise UserError(f"{name}: shape differs from layer 0's; hypernet needs one shape per type")
+        bases = {}
+        if c.mode == "residual":
+            for name in names:
+                module = model.get_submodule(name)
+                if not isinstance(module, CompressedModule):
+                    raise UserError(f"hypernet mode=residual: {name} is not compressed by an earlier stage; "
+                                    "put e.g. a gptq stage (bits=2) before it in the recipe")
+                bases[name] = module
+        targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
+        generator = HyperGenerator(len(grid), shapes, c.rank, c.d_z, c.d_hidden, c.block, c.backbone).to(device)
+        if c.warm_steps:
+            _warm_start(generator, targets, c, device, progress)
+        for l, row in enumerate(grid):
+            for t, name in enumerate(row):
+                old = model.get_submodule(name)
+                base = bases.get(name)
+                layer = GeneratedLinear(shapes[t][1], shapes[t][0], l, t,
+                                        base is None and linear_bias(old) is not None,
+                                        None if base is None else {"kind": base.kind, "layout": base.layout()})
+                if base is not None:
+                    layer.base = base  # its bias, if any, stays in it
+                if layer.bias is not None:
+                    layer.bias.copy_(linear_bias(old))
+                replace_module(model, name, layer)
+        replace_module(model, ROOT_NAME, generator)
+        generator.bind(model)
+        model.to(device)
+        teacher.to(device)
+        if c.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            for module in model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+
+        def refresh() -> None:
+            weights = generator()
+            for module, l, t in generator._targets:
+                module.set_generated(weights[t][l])
+
+        params = {n: p for n, p in generator.named_parameters()}
+        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
+                                   log_dir=c.log_dir)
+        distill(model, teacher, calib, params, refresh, settings, device,
+                None if checkpoint_dir is None else Path(checkpoint_dir) / "hypernet", resume,
+                progress=progress)
+        model.eval()
+        if c.grad_checkpointing:
+            model.gradient_checkpointing_disable()
+        generator.requires_grad_(False)
+        generator.half()       # the stored precision; weights are regenerated from exactly these
+        model.to("cpu")
+        teacher.to("cpu")
+        generator.bind(model)  # regenerate from the stored float16 generator (what load will do)
+
+
+def _shape(module: nn.Module) -> list[int]:
+    weight = module.dense_weight() if isinstance(module, CompressedModule) else linear_weight(module)
+    return list(weight.shape)
+
+
+def _grid(model: nn.Module, names: list[str]) -> list[list[str]]:
+    """names -> [layer][type] full names; every block must hold every type."""
+    spec = arch_of(model.config.model_type)
+    layers = len(model.get_submodule(spec.blocks))
+    grid = [[f"{spec.blocks}.{l}.{leaf}" for leaf in spec.linears] for l in range(layers)]
+    if sorted(names) != sorted(n for row in grid for n in row):
+        raise UserError("hypernet generates every block linear of the model; leave targets/ignore unset")
+    return grid
+
+
+def _target(teacher: nn.Module, name: str, base) -> torch.Tensor:
+    weight = linear_weight(teacher.get_submodule(name))
+    return weight if base is None else weight - base.dense_weight()
+
+
+def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: str, progress) -> None:
+    """Fit the generated weights to `targets` [l][t] (normalised MSE); z from the Set Transformer."""
+    layers, types = len(targets), len(targets[0])
+    scale = [[targets[l][t].pow(2).mean().sqrt().clamp_min(1e-8) for t in range(types)] for l in range(layers)]
+    with torch.no_grad():
+        generator.gain.copy_(torch.tensor([[s.item() for s in row] for row in scale]) * 4.0)
+    encoder = patches = None
+    if c.encoder_init:
+        encoder = SetEncoder(c.block * c.block, c.d_z).to(device)
+        patches = [[to_patches(targets[l][t] / scale[l][t], c.block) for t in range(types)] for l in range(layers)]
+    params = list(generator.parameters()) + (list(encoder.parameters()) if encoder else [])
+    optimizer = torch.optim.AdamW(params, lr=c.lr)
+    wanted = [torch.stack([targets[l][t] for l in range(layers)]).to(device) for t in range(types)]
+    norms = [w.pow(2).mean((1, 2)) for w in wanted]
+    rng = torch.Generator().manual_seed(c.seed)
+    for step in range(c.warm_steps):
+        z = _encode(encoder, patches, rng, device) if encoder else None
+        made = generator(z)
+        loss = sum(((m - w).pow(2).mean((1, 2)) / n).mean() for m, w, n in zip(made, wanted, norms)) / types
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress:
+            progress(step + 1, c.warm_steps, f"warm start | weight error {loss.item():.4f}")
+    if encoder is not None:
+        with torch.no_grad():
+            generator.z.copy_(_encode(encoder, patches, rng, device))
+
+
+def _encode(encoder: SetEncoder, patches, rng: torch.Generator, device: str) -> torch.Tensor:
+    """(L, T, d_z) latents from a random subset of each matrix's patches (coords scaled to [0, 1])."""
+    tokens, coords = [], []
+    for row in patches:
+        for tok, coord, grid in row:
+            pick = torch.randperm(tok.shape[0], generator=rng)[:ENCODER_PATCHES]
+            tokens.append(tok[pick])
+            span = torch.tensor([max(grid.row_blocks - 1, 1), max(grid.col_blocks - 1, 1)])
+            coords.append(coord[pick] / span)
+    count = min(t.shape[0] for t in tokens)
+    tokens = torch.stack([t[:count] for t in tokens]).to(device)
+    coords = torch.stack([c[:count] for c in coords]).to(device)
+    return encoder(tokens, coords).reshape(len(patches), len(patches[0]), -1)

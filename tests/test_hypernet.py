@@ -1,0 +1,121 @@
+"""The Solomonoff hypernetwork: patches, Set Transformer, backbones, generator, method and artifact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypercompress import artifact
+from hypercompress.api import compress
+from hypercompress.errors import UserError
+from hypercompress.methods.hypernet.backbone import make_backbone
+from hypercompress.methods.hypernet.generator import HyperGenerator
+from hypercompress.methods.hypernet.linear import GeneratedLinear
+from hypercompress.methods.hypernet.patches import from_patches, to_patches
+from hypercompress.methods.hypernet.set_encoder import SetEncoder
+from hypercompress.models import load_model
+from hypercompress.modules import count_params
+from hypercompress.layers import QuantLinear
+from hypercompress.recipe import Recipe
+
+FAST = ["warm_steps=5", "steps=5"]
+
+
+@pytest.mark.parametrize("shape,patch", [((64, 64), 16), ((50, 37), 16), ((3, 200), 7), ((1, 1), 4)])
+def test_patch_round_trip_is_exact(shape, patch):
+    weight = torch.randn(*shape, dtype=torch.float64)
+    tokens, coords, grid = to_patches(weight, patch)
+    assert tokens.shape == (grid.row_blocks * grid.col_blocks, patch * patch)
+    assert grid.padding == (grid.row_blocks * patch - shape[0], grid.col_blocks * patch - shape[1])
+    back = from_patches(tokens, grid)
+    assert back.dtype == weight.dtype and torch.equal(back, weight)
+    r, c = coords[5 % len(coords)]
+    tile = tokens[5 % len(coords)].reshape(patch, patch)
+    rows, cols = min(patch, shape[0] - r * patch), min(patch, shape[1] - c * patch)
+    assert torch.equal(tile[:rows, :cols], weight[r * patch:r * patch + rows, c * patch:c * patch + cols])
+
+
+def test_set_encoder_is_permutation_invariant():
+    torch.manual_seed(0)
+    encoder = SetEncoder(patch_dim=16, out_dim=8).eval()
+    tokens, coords = torch.randn(2, 30, 16), torch.rand(2, 30, 2)
+    order = torch.randperm(30)
+    z = encoder(tokens, coords)
+    assert z.shape == (2, 8)
+    assert torch.allclose(encoder(tokens[:, order], coords[:, order]), z, atol=1e-5)
+    assert not torch.allclose(encoder(tokens.flip(0), coords), z, atol=1e-3)  # it does read the set
+
+
+@pytest.mark.parametrize("kind", ["gru", "ssm"])
+def test_backbones_carry_state_over_depth(kind):
+    torch.manual_seed(0)
+    backbone = make_backbone(kind, 6, 12)
+    x = torch.randn(5, 6)
+    out = backbone(x)
+    assert out.shape == (5, 12) and torch.isfinite(out).all()
+    changed = x.clone()
+    changed[0] += 1.0
+    later = backbone(changed)
+    assert not torch.allclose(later[3], out[3])  # layer 0's input reaches layer 3
+    changed = x.clone()
+    changed[4] += 1.0
+    assert torch.allclose(backbone(changed)[:4], out[:4])  # causal over depth
+
+
+def test_mamba_backbone_names_its_package():
+    pytest.importorskip("torch")
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="mamba-ssm"):
+            make_backbone("mamba", 4, 8)
+
+
+def test_generator_size_does_not_grow_with_the_matrices():
+    small = HyperGenerator(4, [[64, 64], [128, 64]], rank=4, d_z=8, d_hidden=16, block=16)
+    large = HyperGenerator(4, [[256, 256], [512, 256]], rank=4, d_z=8, d_hidden=16, block=16)
+    assert [w.shape for w in large()] == [(4, 256, 256), (4, 512, 256)]
+    grow = count_params(large) - count_params(small)
+    assert grow == 2 * (512 // 16 - 128 // 16) * 16  # only the block-coordinate embeddings grow
+
+
+def test_hypernet_learns_and_reloads_exactly(model_dirs, tokens, tmp_path):
+    loaded = load_model(str(model_dirs["llama"]))
+    model, params = loaded.model, count_params(loaded.model)
+    calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe.single("hypernet").with_overrides(["warm_steps=30", "steps=30", "backbone=ssm"])
+    events = []
+    compress(model, recipe, calib, progress=lambda i, label, done, total: events.append(label))
+    assert any("kl" in e for e in events) and any("warm start" in e for e in events)
+    assert all(isinstance(model.get_submodule(f"model.layers.{l}.mlp.up_proj"), GeneratedLinear) for l in (0, 1))
+    logits = model(tokens).logits
+    path = artifact.save(model, loaded.tokenizer, tmp_path / "a", recipe=recipe.to_list(), original_params=params)
+    manifest = artifact.read_manifest(path)
+    assert manifest["modules"]["hypernet"]["kind"] == "hypernet"
+    reloaded, _ = artifact.load(path)
+    assert torch.equal(reloaded(tokens).logits, logits)
+    assert reloaded.hypernet.decompress_seconds is not None
+
+
+def test_residual_mode_keeps_the_base_and_needs_one(model_dirs, tokens, tmp_path):
+    loaded = load_model(str(model_dirs["llama"]))
+    model, params = loaded.model, count_params(loaded.model)
+    calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="earlier stage"):
+        compress(load_model(str(model_dirs["llama"])).model,
+                 Recipe.single("hypernet").with_overrides(["mode=residual", *FAST]), calib)
+    recipe = Recipe.from_list([{"method": "rtn", "bits": 2, "group_size": 32},
+                               {"method": "hypernet", "mode": "residual", "warm_steps": 5, "steps": 5}])
+    compress(model, recipe, calib)
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(layer, GeneratedLinear) and isinstance(layer.base, QuantLinear)
+    logits = model(tokens).logits
+    path = artifact.save(model, loaded.tokenizer, tmp_path / "r", recipe=recipe.to_list(), original_params=params)
+    reloaded, _ = artifact.load(path)
+    assert torch.equal(reloaded(tokens).logits, logits)
+
+
+def test_bad_hypernet_settings_are_one_line_errors():
+    for bad, needle in [("mode=both", "generate or residual"), ("backbone=lstm", "gru"), ("rank=0", "positive")]:
+        with pytest.raises(UserError, match=needle):
+            Recipe.single("hypernet").with_overrides([bad])
