@@ -9,7 +9,9 @@ ROOT = Path(__file__).resolve().parent
 COLUMNS = [("label", "method", "{}"), ("bits_per_weight", "bpw (whole model)", "{:.3f}"),
            ("ppl", "perplexity", "{:.3f}"), ("kl", "KL (nats/token)", "{:.4f}"),
            ("top1", "top-1", "{:.4f}"), ("compress_seconds", "compress s", "{:.2f}"),
-           ("peak_memory_gib", "peak memory GiB", "{:.2f}"), ("cpu", "cpu", "{}"), ("error", "error", "{}"),
+           ("peak_memory_gib", "peak memory GiB", "{:.2f}"), ("train_gpu_minutes", "GPU min", "{:.2f}"),
+           ("decompress_seconds", "decompress s", "{:.3f}"), ("cpu", "cpu", "{}"), ("notes", "notes", "{}"),
+           ("error", "error", "{}"),
            ("command", "command", "`{}`")]
 
 
@@ -37,10 +39,45 @@ NOTES = {
         "defaults (actorder static, dampening 0.01, block 128). Wanda uses the same score on both sides "
         "(|W| x ||X||_2, per output row); the gap comes from the calibration pipelines (ours re-runs each "
         "pruned block to feed the next), not investigated further.",
-        "Planner rows: the whole model (embedding included) at the target; sensitivities measured in "
-        "bfloat16 on the first 256 tokens of one calibration window, planning time included in compress "
-        "seconds. uniform-w3g64-all is every linear and the embedding at 3 bits (3.30 bpw), the uniform "
-        "point just above the 3.0 bpw plan.",
+        "Planner rows: the whole model (embedding included) at the target; sensitivities measured on the "
+        "first 256 tokens of one calibration window (one forward per module at 3-bit rows, other options "
+        "scaled by output error), candidate plans compared by their measured joint KL; planning time is "
+        "included in compress seconds. Uniform yardsticks: uniform-w3row-all is every linear (GPTQ) and "
+        "the embedding (RTN) at 3 bits with one scale per row (3.04 bpw, the uniform point nearest 3.0), "
+        "uniform-w3g64-all the same with groups of 64 (3.30 bpw). planner-2.0bpw is refused: 2-bit rows "
+        "everywhere are already 2.03 bpw.",
+        "The cpu column says where each row ran: the llm-compressor pairs ran together on the AMD EPYC "
+        "machine; the planner and uniform rows were re-run on an Intel Xeon without native bf16 (a "
+        "planner revision); compare compress seconds only within one cpu. GPTQ on the two CPUs differs "
+        "in float rounding (uniform-w3g64-all: 116.99 on AMD, 113.12 on Intel). The Intel rows ran "
+        "beside other work (planner-3.0bpw's 855 s most of all) and all show the same 7.89 GiB max "
+        "RSS, a peak common to every process there (not investigated).",
+        "The previous planner (exact KL of 4 bit-widths per module, measured in bf16 on AMD) gave "
+        "276.85 at 3.0 bpw and 5599 at 2.5; this one (7 options, output-error-scaled, 5x fewer "
+        "forwards) gives 43.29 at 4.0 (was 44.57) but 344.35 at 3.0 and 11598 at 2.5: its scaled "
+        "sensitivities are RTN's, while GPTQ applies them; GPTQ-aware errors are the next step.",
+    ],
+    "neural": [
+        "Every row at a budget shares one frame: the tied embedding by RTN with one scale per row "
+        "(4-bit at 2 bpw, 3-bit at 1, 2-bit at 0.5), norms float16; the block linears get the rest. "
+        "svd: one rank for all 210 matrices, the largest that fits; + distill: the same factors trained "
+        "by distillation (KL + per-block output matching + activation stability, 600 steps of 8 x 512 "
+        "calibration tokens, AdamW lr 1e-4): the ablation without a hypernetwork; hypernet: the "
+        "generator (GRU backbone over depth, coordinate-embedded heads, rank and width from a ladder to "
+        "fit), Set Transformer warm start (300 steps) then the same distillation (lr 1e-3); kan: 2 "
+        "levels of row/column codes into a B-spline KAN, weight reconstruction only (15 Adam steps per "
+        "level: the 100-step run did not finish inside the 10-minute call); residual: GPTQ 2-bit rows "
+        "plus a 0.05 bpw generator trained on what GPTQ leaves.",
+        "GPU min is compress time on the H100 (training included); decompress s is the time the "
+        "artifact's generator takes to regenerate every weight on load (CPU). The interpolation and "
+        "noise rows use the first 64 windows only; z_B = z_A + E(W_B) - E(W_A) with E the warm "
+        "start's Set Transformer and B a 60-step fine-tune of the teacher on the calibration text.",
+        "Reading: at 1 and 0.5 bpw the hypernetwork beats plain SVD (by 15 and 27 orders of "
+        "magnitude of perplexity) and also the same storage of SVD factors trained by the same "
+        "distillation (2067 vs 3132, 4537 vs 9046). At 2 bpw the wide generator (d_hidden 512, "
+        "rank 96, lr 1e-3) did not train (KL 17.8): same lr as the smaller ones, not tuned. The "
+        "interpolation path is flat: the encoder maps the fine-tuned checkpoint to nearly the same "
+        "latents, so the generated model does not follow B. 0.25 bpw needs the embedding factorized.",
     ],
 }
 

@@ -119,3 +119,21 @@ def test_bad_hypernet_settings_are_one_line_errors():
     for bad, needle in [("mode=both", "generate or residual"), ("backbone=lstm", "gru"), ("rank=0", "positive")]:
         with pytest.raises(UserError, match=needle):
             Recipe.single("hypernet").with_overrides([bad])
+
+
+def test_distilling_svd_factors_lowers_kl_and_keeps_the_size(model_dirs, tokens, tmp_path):
+    from hypercompress.distill import kl_to_teacher
+
+    calib = torch.randint(1, 121, (8, 32), generator=torch.Generator().manual_seed(0))
+    teacher = load_model(str(model_dirs["llama"])).model
+    plain = load_model(str(model_dirs["llama"])).model
+    compress(plain, Recipe.from_list([{"method": "svd", "rank": 4}]), calib)
+    trained = load_model(str(model_dirs["llama"])).model
+    compress(trained, Recipe.from_list([{"method": "svd", "rank": 4},
+                                        {"method": "distill", "steps": 40, "lr": 3e-3}]), calib)
+    assert artifact.storage_bits(trained) == artifact.storage_bits(plain)
+    with torch.no_grad():
+        reference = teacher(calib).logits
+        assert kl_to_teacher(reference, trained(calib).logits) < 0.8 * kl_to_teacher(reference, plain(calib).logits)
+    with pytest.raises(UserError, match="svd or asvd"):
+        compress(load_model(str(model_dirs["llama"])).model, Recipe.single("distill"), calib)

@@ -20,8 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()))
+    return tensor.device
+
+
 def _log_probs(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+    logits = model(input_ids=batch.to(_device(model)), use_cache=False).logits[:, :-1]
     return F.log_softmax(logits.float(), dim=-1)
 
 
@@ -47,12 +54,13 @@ def evaluate_windows(model: nn.Module, windows: torch.Tensor, batch_size: int = 
         tick = time.perf_counter()
         log_p = _log_probs(model, batch)
         seconds += time.perf_counter() - tick
-        targets = batch[:, 1:]
+        targets = batch[:, 1:].to(log_p.device)
         nll_sum += -log_p.gather(-1, targets[..., None]).double().sum().item()
         predicted += targets.numel()
         if teacher is not None:
             log_t = (teacher[start // batch_size] if isinstance(teacher, Sequence)
                      else _log_probs(teacher, batch))
+            log_t = log_t.to(log_p.device)
             kl_sum += (log_t.exp() * (log_t - log_p)).sum(-1).double().sum().item()
             agree += (log_t.argmax(-1) == log_p.argmax(-1)).sum().item()
         if progress:

@@ -10,12 +10,13 @@ from .sparse_linear import SparseLinear
 
 def module_kinds() -> dict[str, type]:
     """kind -> class of every module an artifact can hold (the hypernetwork's imported lazily: it
-    lives with its method, which imports this package)."""
+    and KAN layers live with their methods, which import this package)."""
     from ..methods.hypernet.generator import HyperGenerator
     from ..methods.hypernet.linear import GeneratedLinear
+    from ..methods.kan.method import KanLinear
 
     return {cls.kind: cls for cls in (QuantLinear, LowRankLinear, SparseLinear, QuantEmbedding, TiedHead,
-                                      HyperGenerator, GeneratedLinear)}
+                                      HyperGenerator, GeneratedLinear, KanLinear)}
 
 
 __all__ = ["LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]

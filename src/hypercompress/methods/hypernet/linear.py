@@ -32,7 +32,9 @@ class GeneratedLinear(CompressedModule):
             from ...layers import module_kinds
 
             self.base = module_kinds()[base["kind"]].from_layout(base["layout"])
-        self.generated: torch.Tensor | None = None  # (out, in): set by the generator (live or cached)
+        # (out, in), set by the generator: a tensor with autograd while training, else the cached
+        # regenerated weight; a non-persistent buffer, so .to(device) moves it and it is never saved
+        self.register_buffer("generated", None, persistent=False)
 
     def set_generated(self, weight: torch.Tensor) -> None:
         """The generator's output for this layer: a tensor with autograd while training, else cached."""

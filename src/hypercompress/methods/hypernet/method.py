@@ -35,6 +35,8 @@ ENCODER_PATCHES = 128  # patches per matrix the encoder reads per step (a random
 
 @register("hypernet", HypernetConfig)
 class Hypernet(WholeModelMethod):
+    encoder: SetEncoder | None = None  # after apply: the warm start's encoder (kept in memory only)
+
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
         c = self.config
@@ -57,7 +59,7 @@ class Hypernet(WholeModelMethod):
         targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
         generator = HyperGenerator(len(grid), shapes, c.rank, c.d_z, c.d_hidden, c.block, c.backbone).to(device)
         if c.warm_steps:
-            _warm_start(generator, targets, c, device, progress)
+            self.encoder = _warm_start(generator, targets, c, device, progress)
         for l, row in enumerate(grid):
             for t, name in enumerate(row):
                 old = model.get_submodule(name)
@@ -122,8 +124,9 @@ def _target(teacher: nn.Module, name: str, base) -> torch.Tensor:
     return weight if base is None else weight - base.dense_weight()
 
 
-def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: str, progress) -> None:
-    """Fit the generated weights to `targets` [l][t] (normalised MSE); z from the Set Transformer."""
+def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: str, progress):
+    """Fit the generated weights to `targets` [l][t] (normalised MSE); z from the Set Transformer.
+    Returns the trained encoder (or None): not stored, but it maps other checkpoints to latents."""
     layers, types = len(targets), len(targets[0])
     scale = [[targets[l][t].pow(2).mean().sqrt().clamp_min(1e-8) for t in range(types)] for l in range(layers)]
     with torch.no_grad():
@@ -149,6 +152,17 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
     if encoder is not None:
         with torch.no_grad():
             generator.z.copy_(_encode(encoder, patches, rng, device))
+        encoder.requires_grad_(False)
+    return encoder
+
+
+@torch.no_grad()
+def encode_weights(encoder: SetEncoder, weights: list[list[torch.Tensor]], block: int, seed: int = 0) -> torch.Tensor:
+    """Latents (L, T, d_z) of a checkpoint's block weights [l][t] (each scaled by its RMS, as in
+    training), from the same random patch subsets for a given seed (so two checkpoints compare)."""
+    device = next(encoder.parameters()).device
+    patches = [[to_patches(w / w.pow(2).mean().sqrt().clamp_min(1e-8), block) for w in row] for row in weights]
+    return _encode(encoder, patches, torch.Generator().manual_seed(seed), device)
 
 
 def _encode(encoder: SetEncoder, patches, rng: torch.Generator, device: str) -> torch.Tensor:

@@ -1,0 +1,311 @@
+"""Neural weight representations against low-rank at equal storage on SmolLM2 (GPU).
+
+    python benchmarks/neural.py run --model M.gguf --device cuda --budgets 2,1 --parts svd,distill,hypernet,kan \
+        --calib-text valid.txt --test-text test.txt --out DIR       # rows -> DIR/neural-*.json
+    python benchmarks/neural.py merge FILE...                      # -> results/neural.json + RESULTS.md
+
+At a whole-model budget B bpw (all safetensors bytes x 8 / original parameters), every row shares the
+same frame: the tied embedding quantized by RTN (4-bit rows at 2 bpw, 3-bit at 1, 2-bit at 0.5),
+norms in float16; the block linears get what is left, represented by
+  svd:       truncated SVD factors (float16) of one rank for every matrix, the largest that fits;
+  distill:   the same SVD factors trained by distillation (the ablation: no hypernetwork);
+  hypernet:  the Solomonoff generator (generate mode), sized to fit, distilled the same way;
+  kan:       the KAN hierarchical compressor (2 levels), sized to fit (weight reconstruction only);
+  residual:  2-bit GPTQ rows + a small generator trained on what GPTQ leaves (about 2 bpw only).
+The path rows: latent interpolation between the hypernetwork and a short fine-tune of the teacher
+(its latents mapped by the Set Transformer encoder), and a model generated from noise latents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hypercompress import artifact  # noqa: E402
+from hypercompress.api import compress  # noqa: E402
+from hypercompress.arch import arch_of  # noqa: E402
+from hypercompress.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
+from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
+from hypercompress.methods.hypernet.config import HypernetConfig  # noqa: E402
+from hypercompress.methods.hypernet.generator import HyperGenerator  # noqa: E402
+from hypercompress.models import load_model  # noqa: E402
+from hypercompress.modules import count_params, linear_weight  # noqa: E402
+from hypercompress.recipe import Recipe  # noqa: E402
+
+EMBEDDING = {2.0: 4, 1.0: 3, 0.5: 2}  # RTN bits (one scale per row) of the tied embedding per budget
+
+
+def embedding_stage(bits: int) -> dict:
+    return {"method": "rtn", "bits": bits, "group_size": -1, "targets": ["^model\\.embed_tokens$"]}
+
+
+def linear_budget_bits(teacher, budget: float) -> tuple[int, int]:
+    """Bits left for the block linears at `budget` after the frame, and sum(out + in) over them."""
+    frame = copy.deepcopy(teacher).cpu()
+    compress(frame, Recipe.from_list([embedding_stage(EMBEDDING[budget])]))
+    spec = arch_of(frame.config.model_type)
+    names = [f"{spec.blocks}.{l}.{leaf}" for l in range(len(frame.get_submodule(spec.blocks)))
+             for leaf in spec.linears]
+    shapes = [linear_weight(frame.get_submodule(n)).shape for n in names]
+    dense_linear_bits = sum(o * i for o, i in shapes) * 16
+    left = int(budget * count_params(teacher)) - (artifact.storage_bits(frame) - dense_linear_bits)
+    return left, sum(o + i for o, i in shapes)
+
+
+def hypernet_size(teacher, bits: int) -> dict:
+    """The largest generator (rank on a ladder, width by budget) whose float16 storage fits `bits`."""
+    spec = arch_of(teacher.config.model_type)
+    layers = len(teacher.get_submodule(spec.blocks))
+    shapes = [list(linear_weight(teacher.get_submodule(f"{spec.blocks}.0.{leaf}")).shape) for leaf in spec.linears]
+    d_hidden = 512 if bits > 64e6 else 256 if bits > 16e6 else 128
+    for rank in (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
+        size = dict(rank=rank, d_z=64, d_hidden=d_hidden, block=64)
+        generator = HyperGenerator(layers, shapes, **size)
+        if sum(p.numel() for p in generator.parameters()) * 16 <= bits:
+            return size
+    raise SystemExit(f"no generator fits {bits} bits")
+
+
+def kan_size(sum_dims: int, matrices: int, bits: int, levels: int = 2, hidden: int = 8, grid: int = 4) -> dict:
+    """Code size c with levels x (sum(out + in) x c + KAN params x matrices) float16 values <= bits."""
+    for code in range(64, 0, -1):
+        kan = 2 * code * hidden * (grid * 2 + 3 + 1) + hidden * (grid * 2 + 3 + 1) + 1  # finest level bound
+        if levels * (sum_dims * code + matrices * kan) * 16 <= bits:
+            return dict(num_levels=levels, hidden=hidden, code_dim=code, grid=grid)
+    raise SystemExit(f"no KAN fits {bits} bits")
+
+
+def measure(label: str, budget: float | None, stages: list[dict], teacher, tokenizer, calib, test, device,
+            params: int, notes: str = "") -> dict:
+    """Compress a copy of the teacher, save, reload (timing decompression), evaluate on `device`."""
+    student = copy.deepcopy(teacher).cpu()
+    recipe = Recipe.from_list(stages)
+    tick = time.perf_counter()
+    compress(student, recipe, calib, device=device)
+    seconds = time.perf_counter() - tick
+    with tempfile.TemporaryDirectory() as tmp:
+        path = artifact.save(student, tokenizer, Path(tmp) / "a", recipe=recipe.to_list(), original_params=params)
+        size = (path / artifact.WEIGHTS).stat().st_size
+        tick = time.perf_counter()
+        loaded, _ = artifact.load(path)
+        load_seconds = time.perf_counter() - tick
+    decompress = getattr(getattr(loaded, "hypernet", None), "decompress_seconds", None)
+    result = evaluate_windows(loaded.to(device), test, 16, teacher.to(device))
+    row = {"label": label, "budget_bpw": budget, "bits_per_weight": size * 8 / params,
+           "safetensors_bytes": size, "compress_seconds": round(seconds, 1),
+           "train_gpu_minutes": round(seconds / 60, 2) if device != "cpu" else None,
+           "load_seconds": round(load_seconds, 2),
+           "decompress_seconds": None if decompress is None else round(decompress, 3),
+           "recipe": json.dumps(recipe.to_list()), "notes": notes, **result}
+    print(json.dumps({k: row[k] for k in ("label", "bits_per_weight", "ppl", "kl", "compress_seconds")}), flush=True)
+    return row
+
+
+def run(args) -> None:
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    teacher, tokenizer = loaded.model.eval(), loaded.tokenizer
+    params = count_params(teacher)
+    calib = calibration_samples(tokenize(tokenizer, read_text(args.calib_text)), args.calib_samples, 512, 0)
+    ids = tokenize(tokenizer, read_text(args.test_text))
+    test = windows(ids, 512, args.windows or None)
+    parts = args.parts.split(",")
+    train = {"steps": args.steps, "batch": 8, "seed": 0}
+    protocol = protocol_text("WikiText-2 raw test", 512, test.shape[0], ids.numel() // 512, torch.float32,
+                             "the uncompressed model", args.device)
+    rows = Rows(Path(args.out) / f"neural-{args.tag}.json", protocol)
+    for budget in [float(b) for b in args.budgets.split(",") if b]:
+        if budget not in EMBEDDING:
+            rows.append({"label": f"all @ {budget} bpw", "budget_bpw": budget, "error":
+                         "the frame (2-bit embedding rows alone are 0.43 bpw) leaves nothing: needs "
+                         "embedding factorization (issue 5)"})
+            continue
+        bits, sum_dims = linear_budget_bits(teacher, budget)
+        frame = [embedding_stage(EMBEDDING[budget])]
+        rank = max(bits // (16 * sum_dims), 1)
+        if "svd" in parts:
+            rows.append(measure(f"svd r{rank} @ {budget}", budget, frame + [{"method": "svd", "rank": rank}],
+                                teacher, tokenizer, calib, test, args.device, params))
+        if "distill" in parts:
+            rows.append(measure(f"svd r{rank} + distill @ {budget}", budget,
+                                frame + [{"method": "svd", "rank": rank},
+                                         {"method": "distill", "lr": 1e-4, **train}],
+                                teacher, tokenizer, calib, test, args.device, params))
+        if "hypernet" in parts:
+            size = hypernet_size(teacher, bits)
+            rows.append(measure(f"hypernet r{size['rank']} h{size['d_hidden']} @ {budget}", budget,
+                                frame + [{"method": "hypernet", **size, "warm_steps": args.warm_steps,
+                                          "lr": 1e-3, **train}],
+                                teacher, tokenizer, calib, test, args.device, params))
+        if "kan" in parts:
+            size = kan_size(sum_dims, 7 * 30, bits)
+            rows.append(measure(f"kan c{size['code_dim']} @ {budget}", budget,
+                                frame + [{"method": "kan", **size, "steps": args.kan_steps, "batch": 65536,
+                                          "lr": 1e-2, "device": args.device}],
+                                teacher, tokenizer, calib, test, args.device, params))
+    if "residual" in parts:
+        base = [embedding_stage(2), {"method": "gptq", "bits": 2, "group_size": -1, "act_order": True}]
+        rows.append(measure("gptq w2row (residual base)", None, base, teacher, tokenizer, calib, test,
+                            args.device, params))
+        rows.append(measure("gptq w2row + hypernet residual", None,
+                            base + [{"method": "hypernet", "mode": "residual", "rank": 16, "d_z": 32,
+                                     "d_hidden": 128, "block": 64, "warm_steps": args.warm_steps,
+                                     "lr": 1e-3, **train}],
+                            teacher, tokenizer, calib, test, args.device, params))
+    if "path" in parts:
+        rows += latent_paths(teacher, tokenizer, calib, test[: args.path_windows], args, params)
+
+
+class Rows(list):
+    """Rows written to `path` after every append, so a run cut short keeps what it measured."""
+
+    def __init__(self, path: Path, protocol: str):
+        super().__init__()
+        self.path, self.protocol = path, protocol
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self._write()
+
+    def __iadd__(self, rows):
+        super().__iadd__(rows)
+        self._write()
+        return self
+
+    def _write(self) -> None:
+        self.path.write_text(json.dumps({"rows": list(self), "protocol": self.protocol,
+                                         "machine": machine_text(), "command": " ".join(sys.argv)}, indent=2))
+
+
+def latent_paths(teacher, tokenizer, calib, test, args, params) -> list[dict]:
+    """Interpolate latents between the hypernetwork (z_A) and a fine-tuned teacher (z_B = z_A +
+    E(W_B) - E(W_A), E the warm start's Set Transformer), and generate from noise latents."""
+    from hypercompress.methods.hypernet.method import Hypernet, encode_weights
+    from hypercompress.modules import select_linears
+
+    device = args.device
+    budget = 1.0
+    bits, _ = linear_budget_bits(teacher, budget)
+    size = hypernet_size(teacher, bits)
+    config = HypernetConfig(**size, warm_steps=args.warm_steps, steps=args.steps, batch=8, lr=1e-3)
+    student = copy.deepcopy(teacher).cpu()
+    compress(student, Recipe.from_list([embedding_stage(EMBEDDING[budget])]))
+    method = Hypernet(config)
+    names = select_linears(student, None, [])
+    method.apply(student, names, copy.deepcopy(teacher).cpu(), calib, device=device)
+    other = finetune(copy.deepcopy(teacher), calib, device, args.finetune_steps)
+    spec = arch_of(teacher.config.model_type)
+    grid = [[f"{spec.blocks}.{l}.{leaf}" for leaf in spec.linears] for l in range(config_layers(teacher))]
+    weights = lambda m: [[linear_weight(m.get_submodule(n)).to(device) for n in row] for row in grid]  # noqa: E731
+    generator = student.hypernet.float().to(device)
+    z_a = generator.z.detach().clone()
+    z_b = z_a + encode_weights(method.encoder, weights(other), config.block) \
+        - encode_weights(method.encoder, weights(teacher), config.block)
+    student.to(device)
+    rows = []
+    other_eval = evaluate_windows(other.to(device).eval(), test, 16, teacher.to(device))
+    rows.append({"label": "fine-tuned teacher (checkpoint B)", "notes": "path end point, dense", **other_eval})
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+        set_latents(generator, (1 - alpha) * z_a + alpha * z_b)
+        result = evaluate_windows(student, test, 16, teacher)
+        rows.append({"label": f"interpolation alpha={alpha}", "notes": "z = (1-a) z_A + a z_B", **result})
+    torch.manual_seed(0)
+    noise = z_a.mean() + z_a.std() * torch.randn_like(z_a)
+    set_latents(generator, noise)
+    rows.append({"label": "generated from noise latents", "notes": "z ~ N(mean z_A, std z_A)",
+                 **evaluate_windows(student, test, 16, teacher)})
+    for row in rows:
+        print(json.dumps({k: row.get(k) for k in ("label", "ppl", "kl")}), flush=True)
+    return rows
+
+
+def config_layers(model) -> int:
+    return len(model.get_submodule(arch_of(model.config.model_type).blocks))
+
+
+@torch.no_grad()
+def set_latents(generator, z) -> None:
+    weights = generator(z)
+    for module, layer, t in generator._targets:
+        module.set_generated(weights[t][layer])
+
+
+def finetune(model, calib, device, steps: int = 60, lr: float = 2e-5):
+    """Checkpoint B: a short causal-LM fine-tune of the teacher on the calibration windows."""
+    model.to(device).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        batch = calib[(torch.arange(4) + 4 * step) % calib.shape[0]].to(device)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+def machine_text() -> str:
+    from common import machine
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{gpu}; {machine()}"
+
+
+def merge(files: list[str]) -> None:
+    from common import write_json
+    from report import render
+
+    rows, protocol, machines, commands = [], None, set(), []
+    for file in files:
+        data = json.loads(Path(file).read_text())
+        rows += data["rows"]
+        protocol = protocol or data["protocol"]
+        machines.add(data["machine"])
+        command = re.sub(r"--model \S+", "--model SmolLM2-135M-Instruct.Q4_1.gguf", data["command"])
+        command = re.sub(r"--out \S+", "--out OUT", command)
+        commands.append("python " + command.replace(".data/", "../shared/data/").replace('--budgets  ', '--budgets "" '))
+    write_json("neural", {
+        "title": "Neural weight representations vs low-rank at equal storage (SmolLM2-135M, GPU)",
+        "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)", "params": 134515008,
+        "protocol": protocol, "machine": "; ".join(sorted(machines)),
+        "script": " && ".join(commands), "rows": rows})
+    render()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--device", default="cuda")
+    r.add_argument("--budgets", default="2,1,0.5,0.25")
+    r.add_argument("--parts", default="svd,distill,hypernet,kan,residual,path")
+    r.add_argument("--steps", type=int, default=600)
+    r.add_argument("--warm-steps", type=int, default=300)
+    r.add_argument("--kan-steps", type=int, default=100)
+    r.add_argument("--calib-samples", type=int, default=128)
+    r.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the whole test)")
+    r.add_argument("--path-windows", type=int, default=64)
+    r.add_argument("--finetune-steps", type=int, default=60, help="steps of the checkpoint-B fine-tune")
+    r.add_argument("--calib-text", required=True)
+    r.add_argument("--test-text", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--tag", default="rows")
+    m = sub.add_parser("merge")
+    m.add_argument("files", nargs="+")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else merge(args.files)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The registered `kan` method: every selected linear becomes a KanLinear (levels of KanFields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import MethodConfig, check
+from ...errors import UserError
+from ...modules import CompressedModule, linear_bias, linear_weight
+from ...registry import register
+from ..base import LayerwiseMethod
+from .compressor import evaluate, field_from_layout, fit_levels, layout_of
+
+
+@dataclass
+class KanConfig(MethodConfig):
+    num_levels: int = 2     # coarse-to-fine levels (each fits what the previous leave)
+    hidden: int = 8         # hidden width of every level's KAN [2c -> hidden -> 1]
+    code_dim: int = 4       # c: size of each row / column code
+    grid: int = 4           # spline intervals of level 1 (doubled per level)
+    steps: int = 200        # Adam steps per level
+    lr: float = 1e-2
+    batch: int = 4096       # matrix entries per Adam step
+    device: str = "cpu"     # where each matrix is fitted (cuda for real models)
+    seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("num_levels", "hidden", "code_dim", "grid"):
+            check(getattr(self, key) >= 1, f"{key}={getattr(self, key)}: must be >= 1")
+        check(self.steps >= 0, f"steps={self.steps}: must be >= 0")
+        check(self.lr > 0, f"lr={self.lr}: must be positive")
+        check(self.batch >= 1, f"batch={self.batch}: must be >= 1")
+        check(self.device == "cpu" or self.device.startswith("cuda"), f"device={self.device!r}: cpu or cuda")
+
+
+class KanLinear(CompressedModule):
+    """W = sum of the levels' KanField matrices (float16 parameters, computed in float32, cached)."""
+
+    kind = "kan"
+
+    def __init__(self, levels: list[dict[str, int]], bias: bool = False):
+        super().__init__()
+        self.levels_layout = levels
+        self.levels = nn.ModuleList(field_from_layout(layout) for layout in levels)
+        self.out_features, self.in_features = levels[0]["d_out"], levels[0]["d_in"]
+        self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float16) if bias else None)
+        self._cache: torch.Tensor | None = None
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self._cache is None:
+            self._cache = evaluate(self.levels)
+        return self._cache.to(dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache = None  # new parameters: evaluate again
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dense_weight(x.dtype), bias)
+
+    def layout(self) -> dict[str, Any]:
+        return {"levels": self.levels_layout, "bias": self.bias is not None}
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> "KanLinear":
+        return cls(**layout)
+
+
+@register("kan", KanConfig)
+class Kan(LayerwiseMethod):
+    def compress(self, name: str, layer: nn.Module) -> KanLinear:
+        c = self.config
+        if c.device != "cpu" and not torch.cuda.is_available():
+            raise UserError(f"kan device={c.device}: no CUDA device is available; use device=cpu")
+        levels = fit_levels(linear_weight(layer), c.num_levels, (c.hidden,), c.code_dim, c.grid, c.steps,
+                            c.lr, c.seed, c.device, c.batch)
+        module = KanLinear([layout_of(f) for f in levels], linear_bias(layer) is not None)
+        module.levels.load_state_dict(levels.state_dict())
+        if module.bias is not None:
+            module.bias.copy_(linear_bias(layer))
+        return module

@@ -1,0 +1,48 @@
+"""The KAN hierarchical compressor: splines, levels, the state-dict API and the registered method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypercompress.methods.kan import HierarchicalCompressor, decompress_weights
+from hypercompress.methods.kan.compressor import evaluate, fit_levels
+from hypercompress.methods.kan.spline import KANLayer, bspline_basis
+from hypercompress.models import load_model
+
+
+def test_bspline_bases_partition_unity_inside_the_grid():
+    layer = KANLayer(1, 1, grid=5, order=3)
+    x = torch.linspace(-0.99, 0.99, 50)[:, None]
+    bases = bspline_basis(x, layer.knots, 3)
+    assert bases.shape == (50, 1, 8)
+    assert torch.allclose(bases.sum(-1), torch.ones(50, 1), atol=1e-5)
+    assert (bases >= 0).all()
+
+
+def test_levels_refine_coarse_to_fine():
+    torch.manual_seed(0)
+    weight = torch.randn(48, 8) @ torch.randn(8, 40) / 8 + 0.05 * torch.randn(48, 40)
+    levels = fit_levels(weight, 3, (8,), 4, 3, 60, 2e-2, 0, batch=1024)
+    errors = [(evaluate(levels[: n + 1]) - weight).pow(2).mean().item() for n in range(3)]
+    assert errors[0] < weight.pow(2).mean().item()  # level 1 explains part of the matrix
+    assert errors[2] < errors[1] < errors[0]        # each next level fits what is left
+    assert [f.kan.layers[0].grid for f in levels] == [3, 6, 12]
+    assert all(p.dtype == torch.float16 for p in levels.parameters())  # stored precision
+
+
+def test_state_dict_api_round_trips_into_load_state_dict(model_dirs, tokens):
+    model = load_model(str(model_dirs["llama"])).model
+    state = model.state_dict()
+    compressor = HierarchicalCompressor(num_levels=2, hidden_dims=(4, 4), steps=5, min_size=4096)
+    compressed = compressor.compress(state)
+    kinds = {n: e["kind"] for n, e in compressed["tensors"].items()}
+    assert kinds["model.layers.0.mlp.up_proj.weight"] == "kan" and kinds["model.norm.weight"] == "dense"
+    restored = decompress_weights(compressed)
+    assert set(restored) == set(state) and all(restored[n].shape == state[n].shape for n in state)
+    model.load_state_dict(restored)
+    assert torch.isfinite(model(tokens).logits).all()
+    assert torch.equal(decompress_weights(compressed)["model.layers.0.mlp.up_proj.weight"],
+                       restored["model.layers.0.mlp.up_proj.weight"])  # deterministic decompression
+    with pytest.raises(ValueError, match="KAN-compressed"):
+        decompress_weights({"tensors": {}})
