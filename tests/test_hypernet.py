@@ -137,3 +137,28 @@ def test_distilling_svd_factors_lowers_kl_and_keeps_the_size(model_dirs, tokens,
         assert kl_to_teacher(reference, trained(calib).logits) < 0.8 * kl_to_teacher(reference, plain(calib).logits)
     with pytest.raises(UserError, match="svd or asvd"):
         compress(load_model(str(model_dirs["llama"])).model, Recipe.single("distill"), calib)
+
+
+def test_cli_hypernet_compress_inspect_evaluate(model_dirs, calib_file, text_file, tmp_path):
+    from typer.testing import CliRunner
+
+    from hypercompress.cli import app
+
+    out = tmp_path / "hn"
+    run = CliRunner().invoke(app, ["compress", str(model_dirs["gpt2"]), "--method", "hypernet",
+                                   "--set", "steps=3", "--set", "warm_steps=3", "--calib", str(calib_file),
+                                   "--calib-samples", "4", "--calib-len", "32", "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    shown = CliRunner().invoke(app, ["inspect", str(out), "--json", str(tmp_path / "i.json")])
+    assert shown.exit_code == 0 and "generated_linear" in shown.output
+    scored = CliRunner().invoke(app, ["evaluate", str(out), "--data", str(text_file), "--seq-len", "32",
+                                      "--max-windows", "2"])
+    assert scored.exit_code == 0, scored.output
+    missing = CliRunner().invoke(app, ["compress", str(model_dirs["gpt2"]), "--method", "hypernet",
+                                       "--set", "backbone=mamba", "--calib", str(calib_file), "--calib-samples",
+                                       "4", "--calib-len", "32", "--out", str(tmp_path / "m")])
+    try:
+        import mamba_ssm  # noqa: F401
+    except ImportError:
+        assert missing.exit_code == 2 and "mamba-ssm" in missing.stderr
+        assert not (tmp_path / "m").exists()
