@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
 from hypercompress.api import compress  # noqa: E402
-from hypercompress.arch import arch_of  # noqa: E402
+from hypercompress.arch import block_linear_names  # noqa: E402
 from hypercompress.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.methods.hypernet.config import HypernetConfig  # noqa: E402
 from hypercompress.methods.hypernet.generator import HyperGenerator  # noqa: E402
+from hypercompress.methods.hypernet.method import block_linear_grid  # noqa: E402
 from hypercompress.models import load_model  # noqa: E402
 from hypercompress.modules import count_params, linear_weight  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402
@@ -53,10 +54,7 @@ def linear_budget_bits(teacher, budget: float) -> tuple[int, int]:
     """Bits left for the block linears at `budget` after the frame, and sum(out + in) over them."""
     frame = copy.deepcopy(teacher).cpu()
     compress(frame, Recipe.from_list([embedding_stage(EMBEDDING[budget])]))
-    spec = arch_of(frame.config.model_type)
-    names = [f"{spec.blocks}.{l}.{leaf}" for l in range(len(frame.get_submodule(spec.blocks)))
-             for leaf in spec.linears]
-    shapes = [linear_weight(frame.get_submodule(n)).shape for n in names]
+    shapes = [linear_weight(frame.get_submodule(n)).shape for n in block_linear_names(frame)]
     dense_linear_bits = sum(o * i for o, i in shapes) * 16
     left = int(budget * count_params(teacher)) - (artifact.storage_bits(frame) - dense_linear_bits)
     return left, sum(o + i for o, i in shapes)
@@ -64,9 +62,8 @@ def linear_budget_bits(teacher, budget: float) -> tuple[int, int]:
 
 def hypernet_size(teacher, bits: int) -> dict:
     """The largest generator (rank on a ladder, width by budget) whose float16 storage fits `bits`."""
-    spec = arch_of(teacher.config.model_type)
-    layers = len(teacher.get_submodule(spec.blocks))
-    shapes = [list(linear_weight(teacher.get_submodule(f"{spec.blocks}.0.{leaf}")).shape) for leaf in spec.linears]
+    grid = block_linear_grid(teacher)
+    layers, shapes = len(grid), [list(linear_weight(teacher.get_submodule(n)).shape) for n in grid[0]]
     d_hidden = 512 if bits > 64e6 else 256 if bits > 16e6 else 128
     for rank in (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
         size = dict(rank=rank, d_z=64, d_hidden=d_hidden, block=64)
@@ -205,8 +202,7 @@ def latent_paths(teacher, tokenizer, calib, test, args, params) -> list[dict]:
     names = select_linears(student, None, [])
     method.apply(student, names, copy.deepcopy(teacher).cpu(), calib, device=device)
     other = finetune(copy.deepcopy(teacher), calib, device, args.finetune_steps)
-    spec = arch_of(teacher.config.model_type)
-    grid = [[f"{spec.blocks}.{l}.{leaf}" for leaf in spec.linears] for l in range(config_layers(teacher))]
+    grid = block_linear_grid(teacher)
     weights = lambda m: [[linear_weight(m.get_submodule(n)).to(device) for n in row] for row in grid]  # noqa: E731
     generator = student.hypernet.float().to(device)
     z_a = generator.z.detach().clone()
@@ -230,15 +226,9 @@ def latent_paths(teacher, tokenizer, calib, test, args, params) -> list[dict]:
     return rows
 
 
-def config_layers(model) -> int:
-    return len(model.get_submodule(arch_of(model.config.model_type).blocks))
-
-
 @torch.no_grad()
 def set_latents(generator, z) -> None:
-    weights = generator(z)
-    for module, layer, t in generator._targets:
-        module.set_generated(weights[t][layer])
+    generator.install(generator(z))
 
 
 def finetune(model, calib, device, steps: int = 60, lr: float = 2e-5):

@@ -15,6 +15,7 @@ per-matrix gain. Every parameter here is stored in the artifact (counted in bpw)
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ class HyperGenerator(StoredModule):
         self.head_u = nn.Linear(d_hidden, block * rank)
         self.head_v = nn.Linear(d_hidden, rank * block)
         self.gain = nn.Parameter(torch.ones(num_layers, types))
-        self._targets: list[tuple[nn.Module, int, int]] = []  # bound GeneratedLinears
+        self._targets: list[nn.Module] = []  # the bound GeneratedLinears
         self.decompress_seconds: float | None = None
 
     def contexts(self, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,14 +79,17 @@ class HyperGenerator(StoredModule):
 
     def bind(self, model: nn.Module) -> None:
         """Called by artifact.load after every module is in place: regenerate all weights once."""
-        import time
-
         from .linear import GeneratedLinear
 
-        self._targets = [(m, m.layer, m.type) for m in model.modules() if isinstance(m, GeneratedLinear)]
+        self._targets = [m for m in model.modules() if isinstance(m, GeneratedLinear)]
         tick = time.perf_counter()
         self.materialize()
         self.decompress_seconds = time.perf_counter() - tick
+
+    def install(self, weights: list[torch.Tensor]) -> None:
+        """Give every bound GeneratedLinear its weight from `weights` (this module's output)."""
+        for module in self._targets:
+            module.set_generated(weights[module.type][module.layer])
 
     @torch.no_grad()
     def materialize(self) -> None:
@@ -93,8 +97,7 @@ class HyperGenerator(StoredModule):
         stored = self.z.dtype  # float16 in an artifact; computed in float32 (fp16 -> fp32 -> fp16 is exact)
         weights = self.float()()
         self.to(stored)
-        for module, layer, t in self._targets:
-            module.set_generated(weights[t][layer])
+        self.install(weights)
 
     def layout(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "shapes": self.shapes, "rank": self.rank, "d_z": self.d_z,

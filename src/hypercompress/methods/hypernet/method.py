@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...arch import arch_of
+from ...arch import arch_of, block_linear_names
 from ...distill import DistillSettings, distill
 from ...errors import UserError
 from ...modules import CompressedModule, linear_bias, linear_weight, replace_module
@@ -83,15 +83,10 @@ class Hypernet(WholeModelMethod):
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
 
-        def refresh() -> None:
-            weights = generator()
-            for module, l, t in generator._targets:
-                module.set_generated(weights[t][l])
-
         params = {n: p for n, p in generator.named_parameters()}
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
                                    log_dir=c.log_dir)
-        distill(model, teacher, calib, params, refresh, settings, device,
+        distill(model, teacher, calib, params, lambda: generator.install(generator()), settings, device,
                 None if checkpoint_dir is None else Path(checkpoint_dir) / "hypernet", resume,
                 progress=progress)
         model.eval()
@@ -109,11 +104,15 @@ def _shape(module: nn.Module) -> list[int]:
     return list(weight.shape)
 
 
+def block_linear_grid(model: nn.Module) -> list[list[str]]:
+    """The block linears' full names as [layer][type] (block_linear_names, one row per block)."""
+    names, types = block_linear_names(model), len(arch_of(model.config.model_type).linears)
+    return [names[i:i + types] for i in range(0, len(names), types)]
+
+
 def _grid(model: nn.Module, names: list[str]) -> list[list[str]]:
     """names -> [layer][type] full names; every block must hold every type."""
-    spec = arch_of(model.config.model_type)
-    layers = len(model.get_submodule(spec.blocks))
-    grid = [[f"{spec.blocks}.{l}.{leaf}" for leaf in spec.linears] for l in range(layers)]
+    grid = block_linear_grid(model)
     if sorted(names) != sorted(n for row in grid for n in row):
         raise UserError("hypernet generates every block linear of the model; leave targets/ignore unset")
     return grid
