@@ -97,6 +97,33 @@ def test_hypernet_learns_and_reloads_exactly(model_dirs, tokens, tmp_path):
     assert reloaded.hypernet.decompress_seconds is not None
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_generator_is_smaller_and_reloads_exactly(model_dirs, tokens, tmp_path, bits):
+    loaded = load_model(str(model_dirs["llama"]))
+    calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
+    sizes = {}
+    for value_bits in (16, bits):
+        model = load_model(str(model_dirs["llama"])).model
+        recipe = Recipe.single("hypernet").with_overrides(FAST + [f"value_bits={value_bits}"])
+        compress(model, recipe, calib)
+        sizes[value_bits] = model.hypernet.storage_bits()
+    coded = model.hypernet.coded_parameters()
+    assert coded and all(p.dtype == torch.float16 for p in coded.values())
+    coded_values = sum(p.numel() for p in coded.values())
+    # the coded matrices shrink from 16 bits per value to about `bits` (+ a scale and offset per row)
+    assert sizes[16] - sizes[bits] > 0.8 * (16 - bits) * coded_values
+    head = coded["head_u.weight"].float()
+    assert head.unique(dim=None).numel() <= head.shape[0] * (1 << bits)  # codes, not free values
+    logits = model(tokens).logits
+    path = artifact.save(model, loaded.tokenizer, tmp_path / "q", recipe=recipe.to_list(),
+                         original_params=count_params(loaded.model))
+    reloaded, _ = artifact.load(path)
+    assert torch.equal(reloaded(tokens).logits, logits)
+    again = artifact.save(reloaded, loaded.tokenizer, tmp_path / "q2", recipe=recipe.to_list(),
+                          original_params=count_params(loaded.model))
+    assert (again / artifact.WEIGHTS).read_bytes() == (path / artifact.WEIGHTS).read_bytes()
+
+
 def test_residual_mode_keeps_the_base_and_needs_one(model_dirs, tokens, tmp_path):
     loaded = load_model(str(model_dirs["llama"]))
     model, params = loaded.model, count_params(loaded.model)

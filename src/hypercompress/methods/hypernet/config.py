@@ -16,6 +16,7 @@ class HypernetConfig(MethodConfig):
     d_hidden: int = 64              # backbone state and context size
     block: int = 16                 # rows / columns generated per coordinate (patch) step
     backbone: str = "gru"           # gru | ssm (selective state space, plain PyTorch) | mamba (mamba-ssm, CUDA)
+    value_bits: int = 16            # storage of the generator's matrices: 16 (float16), 8 or 4 (per-row codes)
     encoder_init: bool = True       # initialise z with the Set Transformer encoder of each weight's patches
     warm_steps: int = 100           # weight-reconstruction warm start steps (0: none)
     steps: int = 100                # distillation steps (KL on logits + local + stability losses)
@@ -35,3 +36,4 @@ class HypernetConfig(MethodConfig):
         for key in ("warm_steps", "steps"):
             check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0")
         check(self.lr > 0, f"lr={self.lr}: must be positive")
+        check(self.value_bits in (4, 8, 16), f"value_bits={self.value_bits}: must be 4, 8 or 16")

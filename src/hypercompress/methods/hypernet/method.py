@@ -6,7 +6,8 @@
    MSE; the encoder's z become the stored embeddings and the encoder is dropped (not stored).
 3. Distillation (distill.py): KL on logits + per-block output matching + activation stability,
    with the weights regenerated (with autograd) before every forward.
-4. The generator is rounded to float16 (its storage) and every target becomes a GeneratedLinear that
+4. The generator is rounded to float16 (its storage; with value_bits 8 / 4 its matrices to per-row
+   codes) and every target becomes a GeneratedLinear that
    reads its weight from the generator at the model root ("hypernet"): decompress on load.
 """
 
@@ -57,7 +58,8 @@ class Hypernet(WholeModelMethod):
                                     "put e.g. a gptq stage (bits=2) before it in the recipe")
                 bases[name] = module
         targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
-        generator = HyperGenerator(len(grid), shapes, c.rank, c.d_z, c.d_hidden, c.block, c.backbone).to(device)
+        generator = HyperGenerator(len(grid), shapes, c.rank, c.d_z, c.d_hidden, c.block, c.backbone,
+                                   c.value_bits).to(device)
         if c.warm_steps:
             self.encoder = _warm_start(generator, targets, c, device, progress)
         for l, row in enumerate(grid):
@@ -94,6 +96,7 @@ class Hypernet(WholeModelMethod):
             model.gradient_checkpointing_disable()
         generator.requires_grad_(False)
         generator.half()       # the stored precision; weights are regenerated from exactly these
+        generator.quantize_values()
         model.to("cpu")
         teacher.to("cpu")
         generator.bind(model)  # regenerate from the stored float16 generator (what load will do)
