@@ -31,6 +31,20 @@ def test_levels_refine_coarse_to_fine():
     assert all(p.dtype == torch.float16 for p in levels.parameters())  # stored precision
 
 
+def test_matrices_fitted_together_are_each_their_own_fit():
+    torch.manual_seed(0)
+    weights = torch.randn(3, 32, 4) @ torch.randn(3, 4, 24) / 4
+    weights[1] *= 10  # a different scale per matrix: each copy has its own codes and scale
+    levels = fit_levels(weights, 2, (8,), 4, 3, 80, 2e-2, 0, batch=512)
+    assert levels[0].copies == 3
+    made = evaluate(levels)
+    for m in range(3):
+        error = (made[m] - weights[m]).pow(2).mean() / weights[m].pow(2).mean()
+        assert error < 0.2
+        alone = evaluate([field.select(m) for field in levels])[0]
+        assert torch.allclose(alone, made[m], atol=1e-5)  # a selected copy computes its slice
+
+
 def test_state_dict_api_round_trips_into_load_state_dict(model_dirs, tokens):
     model = load_model(str(model_dirs["llama"])).model
     state = model.state_dict()

@@ -71,8 +71,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
                 progress=(lambda done, total: progress(first, label, done, total)) if progress else None)
             peak = run["peak_memory_bytes"]
         else:
-            for done, name in enumerate(routes):
-                replace_module(model, name, routes[name].compress(name, uncompressed(model, name, first)))
+            made = methods[0].compress_many(list(routes), lambda name: uncompressed(model, name, first))
+            for done, (name, module) in enumerate(made):
+                replace_module(model, name, module)
                 if progress:
                     progress(first, label, done + 1, len(routes))
             peak = peak_memory_bytes("cpu")

@@ -8,6 +8,7 @@ CompressedModule that replaces it.
 from __future__ import annotations
 
 import abc
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -32,6 +33,13 @@ class LayerwiseMethod(abc.ABC):
     @abc.abstractmethod
     def compress(self, name: str, layer: nn.Module) -> CompressedModule:
         """Return the compressed replacement of `layer` (an nn.Linear or GPT-2 Conv1D)."""
+
+    def compress_many(self, names: list[str], layer_of: Callable[[str], nn.Module]
+                      ) -> Iterator[tuple[str, CompressedModule]]:
+        """(name, replacement) for every name (data-free methods); layer_of(name) gives the layer.
+        A method that fits many layers at once (kan) overrides this; the order may differ."""
+        for name in names:
+            yield name, self.compress(name, layer_of(name))
 
 
 class WholeModelMethod(abc.ABC):

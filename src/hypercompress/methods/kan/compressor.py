@@ -24,21 +24,26 @@ from .field import KanField
 def fit_levels(weight: torch.Tensor, num_levels: int, hidden_dims: tuple[int, ...], code_dim: int,
                grid: int, steps: int, lr: float, seed: int, device: str = "cpu",
                batch: int = 4096) -> nn.ModuleList:
-    """Fit the hierarchy to weight (d_out, d_in); returns the levels as float16 KanFields."""
+    """Fit the hierarchy to weight (d_out, d_in), or to M matrices of one shape (M, d_out, d_in) at
+    once (each its own fields; one Adam step updates all). Returns the levels as float16 KanFields
+    with M copies (M = 1 for one matrix)."""
     generator = torch.Generator().manual_seed(seed)
     target = weight.float().to(device)
+    target = target[None] if target.dim() == 2 else target
     residual = target.clone()
+    d_out, d_in = target.shape[1:]
     levels = nn.ModuleList()
     for level in range(num_levels):
         torch.manual_seed(seed + level)
-        field = KanField(*target.shape, code_dim, hidden_dims[min(level, len(hidden_dims) - 1)],
-                         grid * 2 ** level).to(device)
+        field = KanField(d_out, d_in, code_dim, hidden_dims[min(level, len(hidden_dims) - 1)],
+                         grid * 2 ** level, copies=target.shape[0]).to(device)
         field.init_codes(residual)
         optimizer = torch.optim.Adam(field.parameters(), lr=lr)
         for _ in range(steps):
-            flat = torch.randint(0, residual.numel(), (min(batch, residual.numel()),), generator=generator)
-            i, j = (flat // residual.shape[1]).to(device), (flat % residual.shape[1]).to(device)
-            loss = (field.values(i, j) - residual[i, j]).pow(2).mean()
+            flat = torch.randint(0, d_out * d_in, (min(batch, d_out * d_in),), generator=generator).to(device)
+            i, j = flat // d_in, flat % d_in
+            # the sum over copies of each copy's mean: every copy gets its own fit's gradient
+            loss = (field.values(i, j) - residual[:, i, j]).pow(2).mean(1).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -51,7 +56,8 @@ def fit_levels(weight: torch.Tensor, num_levels: int, hidden_dims: tuple[int, ..
 
 @torch.no_grad()
 def evaluate(fields) -> torch.Tensor:
-    """Sum of the levels' matrices, computed in float32 from the stored (float16) fields."""
+    """Sum of the levels' matrices (M, d_out, d_in), computed in float32 from the stored (float16)
+    fields on the fields' device."""
     fields = [fields] if isinstance(fields, KanField) else list(fields)
     return sum(copy.deepcopy(f).float()() for f in fields)
 
@@ -91,9 +97,8 @@ class HierarchicalCompressor:
 
 
 def layout_of(field: KanField) -> dict[str, int]:
-    first = field.kan.layers[0]
-    return {"d_out": field.d_out, "d_in": field.d_in, "code_dim": field.rows.shape[1],
-            "hidden": first.d_out, "grid": first.grid}
+    return {"d_out": field.d_out, "d_in": field.d_in, "code_dim": field.code_dim, "hidden": field.hidden,
+            "grid": field.grid}
 
 
 def field_from_layout(layout: dict[str, int]) -> KanField:
@@ -116,5 +121,5 @@ def decompress_weights(compressed: dict[str, Any]) -> dict[str, torch.Tensor]:
             field.load_state_dict({k.split(".", 1)[1]: v for k, v in entry["state"].items()
                                    if k.split(".", 1)[0] == str(level)})
             fields.append(field)
-        state[name] = evaluate(fields).to(dtype)
+        state[name] = evaluate(fields)[0].to(dtype)
     return state

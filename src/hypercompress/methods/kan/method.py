@@ -25,7 +25,8 @@ class KanConfig(MethodConfig):
     grid: int = 4           # spline intervals of level 1 (doubled per level)
     steps: int = 200        # Adam steps per level
     lr: float = 1e-2
-    batch: int = 4096       # matrix entries per Adam step
+    batch: int = 4096       # matrix entries per Adam step (the same positions in every matrix fitted together)
+    together: int = 32      # matrices of one shape fitted at once (memory: together x batch x 2c x grid)
     device: str = "cpu"     # where each matrix is fitted (cuda for real models)
     seed: int = 0
 
@@ -35,6 +36,7 @@ class KanConfig(MethodConfig):
         check(self.steps >= 0, f"steps={self.steps}: must be >= 0")
         check(self.lr > 0, f"lr={self.lr}: must be positive")
         check(self.batch >= 1, f"batch={self.batch}: must be >= 1")
+        check(self.together >= 1, f"together={self.together}: must be >= 1")
         check(self.device == "cpu" or self.device.startswith("cuda"), f"device={self.device!r}: cpu or cuda")
 
 
@@ -53,7 +55,7 @@ class KanLinear(CompressedModule):
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self._cache is None:
-            self._cache = evaluate(self.levels)
+            self._cache = evaluate(self.levels)[0]
         return self._cache.to(dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -75,13 +77,29 @@ class KanLinear(CompressedModule):
 @register("kan", KanConfig)
 class Kan(LayerwiseMethod):
     def compress(self, name: str, layer: nn.Module) -> KanLinear:
+        return dict(self.compress_many([name], lambda _: layer))[name]
+
+    def compress_many(self, names, layer_of):
+        """Matrices of one shape (a type across layers) are fitted together, `together` at a time."""
         c = self.config
         if c.device != "cpu" and not torch.cuda.is_available():
             raise UserError(f"kan device={c.device}: no CUDA device is available; use device=cpu")
-        levels = fit_levels(linear_weight(layer), c.num_levels, (c.hidden,), c.code_dim, c.grid, c.steps,
-                            c.lr, c.seed, c.device, c.batch)
-        module = KanLinear([layout_of(f) for f in levels], linear_bias(layer) is not None)
-        module.levels.load_state_dict(levels.state_dict())
-        if module.bias is not None:
-            module.bias.copy_(linear_bias(layer))
-        return module
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for name in names:
+            by_shape.setdefault(tuple(linear_weight(layer_of(name)).shape), []).append(name)
+        for group in by_shape.values():
+            for start in range(0, len(group), c.together):
+                chunk = group[start:start + c.together]
+                layers = [layer_of(name) for name in chunk]
+                levels = fit_levels(torch.stack([linear_weight(layer) for layer in layers]), c.num_levels,
+                                    (c.hidden,), c.code_dim, c.grid, c.steps, c.lr, c.seed, c.device, c.batch)
+                for m, (name, layer) in enumerate(zip(chunk, layers)):
+                    yield name, _kan_linear([field.select(m) for field in levels], layer)
+
+
+def _kan_linear(fields: list, layer: nn.Module) -> KanLinear:
+    module = KanLinear([layout_of(f) for f in fields], linear_bias(layer) is not None)
+    module.levels.load_state_dict(nn.ModuleList(fields).state_dict())
+    if module.bias is not None:
+        module.bias.copy_(linear_bias(layer))
+    return module
