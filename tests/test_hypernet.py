@@ -124,6 +124,33 @@ def test_quantized_generator_is_smaller_and_reloads_exactly(model_dirs, tokens, 
     assert (again / artifact.WEIGHTS).read_bytes() == (path / artifact.WEIGHTS).read_bytes()
 
 
+def test_diffusion_head_samples_weights_and_reloads_exactly(model_dirs, tokens, tmp_path):
+    loaded = load_model(str(model_dirs["llama"]))
+    teacher = load_model(str(model_dirs["llama"])).model
+    calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
+    model = loaded.model
+    recipe = Recipe.single("hypernet").with_overrides(["head=dit", "warm_steps=120", "steps=0", "dit_steps=3"])
+    notes = []
+    compress(model, recipe, calib, progress=lambda i, label, done, total: notes.append(label))
+    assert any("denoising" in n for n in notes)
+    generator = model.hypernet
+    assert generator.head == "dit" and not hasattr(generator, "head_u")
+    name = "model.layers.0.self_attn.q_proj"
+    weight = teacher.get_submodule(name).weight
+    made = model.get_submodule(name).dense_weight()
+    assert (made - weight).pow(2).mean() < 0.85 * weight.pow(2).mean()  # sampled from noise, yet near W
+    logits = model(tokens).logits
+    path = artifact.save(model, loaded.tokenizer, tmp_path / "dit", recipe=recipe.to_list(),
+                         original_params=count_params(teacher))
+    reloaded, _ = artifact.load(path)
+    assert torch.equal(reloaded(tokens).logits, logits)  # the seeded sampler is deterministic
+    notes.clear()
+    distilled = load_model(str(model_dirs["llama"])).model  # distillation differentiates the sampler
+    compress(distilled, Recipe.single("hypernet").with_overrides(["head=dit", "warm_steps=2", "steps=3"]), calib,
+             progress=lambda i, label, done, total: notes.append(label))
+    assert any("kl" in n for n in notes)
+
+
 def test_residual_mode_keeps_the_base_and_needs_one(model_dirs, tokens, tmp_path):
     loaded = load_model(str(model_dirs["llama"]))
     model, params = loaded.model, count_params(loaded.model)

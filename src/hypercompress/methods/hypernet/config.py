@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ...config import MethodConfig, check
 from .backbone import BACKBONES
+from .generator import HEADS
 
 
 @dataclass
@@ -16,6 +17,10 @@ class HypernetConfig(MethodConfig):
     d_hidden: int = 64              # backbone state and context size
     block: int = 16                 # rows / columns generated per coordinate (patch) step
     backbone: str = "gru"           # gru | ssm (selective state space, plain PyTorch) | mamba (mamba-ssm, CUDA)
+    head: str = "mlp"               # mlp (coordinate MLP heads) | dit (diffusion transformer over factor patches)
+    dit_depth: int = 2              # DiT blocks (head=dit)
+    dit_heads: int = 4              # attention heads per DiT block (must divide d_hidden)
+    dit_steps: int = 4              # deterministic DDIM steps, in training and on load
     value_bits: int = 16            # storage of the generator's matrices: 16 (float16), 8 or 4 (per-row codes)
     encoder_init: bool = True       # initialise z with the Set Transformer encoder of each weight's patches
     warm_steps: int = 100           # weight-reconstruction warm start steps (0: none)
@@ -36,4 +41,9 @@ class HypernetConfig(MethodConfig):
         for key in ("warm_steps", "steps"):
             check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0")
         check(self.lr > 0, f"lr={self.lr}: must be positive")
+        check(self.head in HEADS, f"head={self.head!r}: must be one of {', '.join(HEADS)}")
+        for key in ("dit_depth", "dit_heads", "dit_steps"):
+            check(getattr(self, key) > 0, f"{key}={getattr(self, key)}: must be positive")
+        check(self.head != "dit" or self.d_hidden % self.dit_heads == 0,
+              f"d_hidden={self.d_hidden} must be a multiple of dit_heads={self.dit_heads}")
         check(self.value_bits in (4, 8, 16), f"value_bits={self.value_bits}: must be 4, 8 or 16")

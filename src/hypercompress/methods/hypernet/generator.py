@@ -7,6 +7,8 @@ For L layers and T matrix types (q, k, v, o, gate, up, down for Llama):
     U[l, t]   (d_out, r)       row block i (rows iB..iB+B-1): head_U(gelu(c + P_row[i])) -> (B, r)
     V[l, t]   (r, d_in)        column block j:                 head_V(gelu(c + P_col[j])) -> (r, B)
     W[l, t] = g[l, t] * U V / sqrt(r)   (+ base[l, t] in residual mode)
+With head=dit the U row blocks and V column blocks are instead sampled, as patch tokens, by a
+diffusion transformer conditioned on c[l, t] (diffusion_head.py) from noise fixed by a seed.
 P_row / P_col are coordinate embeddings of block positions, so the generator's size grows with
 max(d) / B, not with d_out x d_in: large matrices are produced patch by patch. g is a learned
 per-matrix gain. Every parameter here is stored in the artifact (counted in bpw): in float16, or with
@@ -27,6 +29,9 @@ from torch import nn
 from ...modules import StoredModule
 from . import value_codes
 from .backbone import make_backbone
+from .diffusion_head import DiffusionHead
+
+HEADS = ("mlp", "dit")
 
 
 class HyperGenerator(StoredModule):
@@ -35,9 +40,12 @@ class HyperGenerator(StoredModule):
     kind = "hypernet"
 
     def __init__(self, num_layers: int, shapes: list[list[int]], rank: int = 32, d_z: int = 32,
-                 d_hidden: int = 256, block: int = 32, backbone: str = "gru", value_bits: int = 16):
+                 d_hidden: int = 256, block: int = 32, backbone: str = "gru", value_bits: int = 16,
+                 head: str = "mlp", dit_depth: int = 2, dit_heads: int = 4, dit_steps: int = 4,
+                 noise_seed: int = 0):
         super().__init__()
-        self.value_bits = value_bits
+        self.value_bits, self.head = value_bits, head
+        self.dit_depth, self.dit_heads, self.dit_steps, self.noise_seed = dit_depth, dit_heads, dit_steps, noise_seed
         self.num_layers, self.shapes, self.rank = num_layers, [list(s) for s in shapes], rank
         self.d_z, self.d_hidden, self.block, self.backbone_kind = d_z, d_hidden, block, backbone
         types = len(shapes)
@@ -48,8 +56,12 @@ class HyperGenerator(StoredModule):
         max_blocks = max(-(-d // block) for s in shapes for d in s)
         self.row_position = nn.Parameter(torch.randn(max_blocks, d_hidden) * 0.1)
         self.col_position = nn.Parameter(torch.randn(max_blocks, d_hidden) * 0.1)
-        self.head_u = nn.Linear(d_hidden, block * rank)
-        self.head_v = nn.Linear(d_hidden, rank * block)
+        if head == "dit":
+            self.dit = DiffusionHead(d_hidden, block * rank, dit_depth, dit_heads, dit_steps)
+        else:
+            self.head_u = nn.Linear(d_hidden, block * rank)
+            self.head_v = nn.Linear(d_hidden, rank * block)
+        self._noise: dict[tuple[int, str], torch.Tensor] = {}  # (type, device) -> the DiT's x_1
         self.gain = nn.Parameter(torch.ones(num_layers, types))
         self._targets: list[nn.Module] = []  # the bound GeneratedLinears
         self.decompress_seconds: float | None = None
@@ -79,24 +91,65 @@ class HyperGenerator(StoredModule):
         return torch.tanh(self.context(pair)) + self.type_embedding
 
     def factors(self, context: torch.Tensor, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """context (..., d_h) -> U (..., d_out, r), V (..., r, d_in)."""
+        """MLP head: context (..., d_h) -> U (..., d_out, r), V (..., r, d_in)."""
         d_out, d_in = shape
         rows, cols = -(-d_out // self.block), -(-d_in // self.block)
         u = self.head_u(F.gelu(context[..., None, :] + self.row_position[:rows]))   # (..., rows, B r)
-        u = u.reshape(*context.shape[:-1], rows * self.block, self.rank)[..., :d_out, :]
         v = self.head_v(F.gelu(context[..., None, :] + self.col_position[:cols]))   # (..., cols, r B)
-        v = v.reshape(*context.shape[:-1], cols, self.rank, self.block).transpose(-2, -3)
-        v = v.reshape(*context.shape[:-1], self.rank, cols * self.block)[..., :d_in]
+        return self.from_tokens(torch.cat([u, v], -2), shape)
+
+    def from_tokens(self, tokens: torch.Tensor, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens (..., rows + cols, B r) -> U (..., d_out, r), V (..., r, d_in)."""
+        d_out, d_in = shape
+        rows, cols = -(-d_out // self.block), -(-d_in // self.block)
+        lead = tokens.shape[:-2]
+        u = tokens[..., :rows, :].reshape(*lead, rows * self.block, self.rank)[..., :d_out, :]
+        v = tokens[..., rows:, :].reshape(*lead, cols, self.rank, self.block).transpose(-2, -3)
+        v = v.reshape(*lead, self.rank, cols * self.block)[..., :d_in]
         return u, v
+
+    def to_tokens(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Inverse of from_tokens (zero padding): U (..., d_out, r), V (..., r, d_in) -> tokens."""
+        d_out, d_in = u.shape[-2], v.shape[-1]
+        rows, cols = -(-d_out // self.block), -(-d_in // self.block)
+        lead = u.shape[:-2]
+        u = F.pad(u, (0, 0, 0, rows * self.block - d_out)).reshape(*lead, rows, self.block * self.rank)
+        v = F.pad(v, (0, cols * self.block - d_in)).reshape(*lead, self.rank, cols, self.block)
+        return torch.cat([u, v.transpose(-2, -3).reshape(*lead, cols, self.rank * self.block)], -2)
+
+    def coordinates(self, shape: list[int]) -> torch.Tensor:
+        """DiT token coordinates (rows + cols, d_h): block position + which factor the token is."""
+        rows, cols = -(-shape[0] // self.block), -(-shape[1] // self.block)
+        return torch.cat([self.row_position[:rows] + self.dit.side[0], self.col_position[:cols] + self.dit.side[1]])
+
+    def noise(self, t: int, like: torch.Tensor) -> torch.Tensor:
+        """The DiT's fixed starting noise for type t: (L, rows + cols, B r), from noise_seed."""
+        key = (t, str(like.device))
+        if key not in self._noise:
+            shape = self.shapes[t]
+            tokens = -(-shape[0] // self.block) - (-shape[1] // self.block)
+            rng = torch.Generator().manual_seed(self.noise_seed * 1000 + t)
+            self._noise[key] = torch.randn(self.num_layers, tokens, self.block * self.rank, generator=rng).to(like.device)
+        return self._noise[key].to(like.dtype)
 
     def forward(self, z: torch.Tensor | None = None) -> list[torch.Tensor]:
         """All weights: a list over types t of (L, d_out_t, d_in_t) tensors."""
         context = self.contexts(z)
         out = []
         for t, shape in enumerate(self.shapes):
-            u, v = self.factors(context[:, t], shape)
+            if self.head == "dit":
+                tokens = self.dit.sample(self.noise(t, context), context[:, t], self.coordinates(shape))
+                u, v = self.from_tokens(tokens, shape)
+            else:
+                u, v = self.factors(context[:, t], shape)
             out.append(self.gain[:, t, None, None] * (u @ v) / math.sqrt(self.rank))
         return out
+
+    def denoising_loss(self, targets: list[torch.Tensor], rng: torch.Generator, z: torch.Tensor | None = None):
+        """DiT warm start: the x0 denoising loss on target tokens [t] (L, rows + cols, B r)."""
+        context = self.contexts(z)
+        return sum(self.dit.loss(target, context[:, t], self.coordinates(self.shapes[t]), rng)
+                   for t, target in enumerate(targets)) / len(targets)
 
     def bind(self, model: nn.Module) -> None:
         """Called by artifact.load after every module is in place: regenerate all weights once."""
@@ -123,7 +176,8 @@ class HyperGenerator(StoredModule):
     def layout(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "shapes": self.shapes, "rank": self.rank, "d_z": self.d_z,
                 "d_hidden": self.d_hidden, "block": self.block, "backbone": self.backbone_kind,
-                "value_bits": self.value_bits}
+                "value_bits": self.value_bits, "head": self.head, "dit_depth": self.dit_depth,
+                "dit_heads": self.dit_heads, "dit_steps": self.dit_steps, "noise_seed": self.noise_seed}
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "HyperGenerator":

@@ -3,7 +3,8 @@
 1. Targets: every block linear (L layers x T types); each type has one shape across layers.
 2. Warm start (optional): z[l, t] = SetEncoder(patches of W[l, t] / rms) and the generator are fitted
    jointly to the weights (generate mode) or to the residual W - base (residual mode) by normalised
-   MSE; the encoder's z become the stored embeddings and the encoder is dropped (not stored).
+   MSE (head=dit: plus the denoising loss on the patches of the target's rank-r SVD factors); the
+   encoder's z become the stored embeddings and the encoder is dropped (not stored).
 3. Distillation (distill.py): KL on logits + per-block output matching + activation stability,
    with the weights regenerated (with autograd) before every forward.
 4. The generator is rounded to float16 (its storage; with value_bits 8 / 4 its matrices to per-row
@@ -16,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...arch import arch_of, block_linear_names
@@ -59,7 +61,7 @@ class Hypernet(WholeModelMethod):
                 bases[name] = module
         targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
         generator = HyperGenerator(len(grid), shapes, c.rank, c.d_z, c.d_hidden, c.block, c.backbone,
-                                   c.value_bits).to(device)
+                                   c.value_bits, c.head, c.dit_depth, c.dit_heads, c.dit_steps).to(device)
         if c.warm_steps:
             self.encoder = _warm_start(generator, targets, c, device, progress)
         for l, row in enumerate(grid):
@@ -133,6 +135,7 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
     scale = [[targets[l][t].pow(2).mean().sqrt().clamp_min(1e-8) for t in range(types)] for l in range(layers)]
     with torch.no_grad():
         generator.gain.copy_(torch.tensor([[s.item() for s in row] for row in scale]) * 4.0)
+    tokens = _factor_tokens(generator, targets, device) if generator.head == "dit" else None
     encoder = patches = None
     if c.encoder_init:
         encoder = SetEncoder(c.block * c.block, c.d_z).to(device)
@@ -145,17 +148,38 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
     for step in range(c.warm_steps):
         z = _encode(encoder, patches, rng, device) if encoder else None
         made = generator(z)
-        loss = sum(((m - w).pow(2).mean((1, 2)) / n).mean() for m, w, n in zip(made, wanted, norms)) / types
+        error = sum(((m - w).pow(2).mean((1, 2)) / n).mean() for m, w, n in zip(made, wanted, norms)) / types
+        loss = error
+        if tokens is not None:  # the DiT learns to denoise, and its K-step samples to match the weights
+            denoising = generator.denoising_loss(tokens, rng, z)
+            loss = error + denoising
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if progress:
-            progress(step + 1, c.warm_steps, f"warm start | weight error {loss.item():.4f}")
+            what = f" + denoising {denoising.item():.4f}" if tokens is not None else ""
+            progress(step + 1, c.warm_steps, f"warm start | weight error {error.item():.4f}{what}")
     if encoder is not None:
         with torch.no_grad():
             generator.z.copy_(_encode(encoder, patches, rng, device))
         encoder.requires_grad_(False)
     return encoder
+
+
+@torch.no_grad()
+def _factor_tokens(generator: HyperGenerator, targets, device: str) -> list[torch.Tensor]:
+    """DiT targets: per type, the (L, rows + cols, B r) patch tokens of the rank-r SVD factors of
+    every target, each factor scaled to unit RMS (the scales go into the gains: W_r = gain U V / sqrt(r))."""
+    r, out = generator.rank, []
+    for t in range(len(targets[0])):
+        stacked = torch.stack([row[t] for row in targets]).to(device)             # (L, d_out, d_in)
+        u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+        u, vh = u[..., :r] * s[:, None, :r].sqrt(), s[:, :r, None].sqrt() * vh[:, :r]
+        u, vh = F.pad(u, (0, r - u.shape[-1])), F.pad(vh, (0, 0, 0, r - vh.shape[-2]))
+        a, b = u.pow(2).mean((1, 2)).sqrt().clamp_min(1e-8), vh.pow(2).mean((1, 2)).sqrt().clamp_min(1e-8)
+        generator.gain[:, t] = (a * b * r ** 0.5).to(generator.gain)
+        out.append(generator.to_tokens(u / a[:, None, None], vh / b[:, None, None]))
+    return out
 
 
 @torch.no_grad()
