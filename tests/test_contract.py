@@ -18,8 +18,9 @@ from hypercompress.registry import get_method
 from conftest import ARCHS
 
 METHODS = hypercompress.list_methods()
-# trained methods run a few steps (a fast suite); distill trains what an earlier svd stage made
-QUICK = {"hypernet": {"warm_steps": 5, "steps": 5}, "kan": {"steps": 3}, "distill": {"steps": 3}}
+# trained methods run a few steps, embedding methods target the embeddings; (a fast suite); distill trains what an earlier svd stage made
+QUICK = {"hypernet": {"warm_steps": 5, "steps": 5}, "kan": {"steps": 3}, "distill": {"steps": 3},
+         "factor_embedding": {"rank": 8, "targets": ["embed_tokens$", "wte$"]}}
 BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
 
 

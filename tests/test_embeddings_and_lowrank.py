@@ -10,7 +10,8 @@ from torch import nn
 
 from hypercompress import artifact
 from hypercompress.api import compress
-from hypercompress.layers import QuantEmbedding, TiedHead
+from hypercompress.errors import UserError
+from hypercompress.layers import LowRankEmbedding, QuantEmbedding, TiedHead
 from hypercompress.methods.asvd import ActivationAwareSVD, AsvdConfig
 from hypercompress.methods.svd import SVD, SvdConfig
 from hypercompress.models import load_model
@@ -98,3 +99,37 @@ def test_svd_llm_whitening_is_truncation_aware():
     with torch.no_grad():
         error = ((aware.dense_weight().double() - layer.weight.double()) @ X.double().T).norm()
     assert error.item() == pytest.approx(s[10:].norm().item(), rel=0.02)
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_factorized_embedding_keeps_the_tie_and_reloads_exactly(model_dirs, tokens, tmp_path, bits):
+    loaded = load_model(str(model_dirs["gpt2"]))
+    model, params = loaded.model, count_params(loaded.model)
+    table = model.transformer.wte.weight.detach().clone()
+    recipe = [{"method": "factor_embedding", "rank": 16, "bits": bits, "targets": [r"wte$"]}]
+    before = artifact.storage_bits(model)
+    compress(model, Recipe.from_list(recipe))
+    embedding = model.transformer.wte
+    assert isinstance(embedding, LowRankEmbedding) and isinstance(model.lm_head, TiedHead)
+    vocab, dim = table.shape
+    a_bits = vocab * 16 * bits + (0 if bits == 16 else 32 * vocab)
+    assert embedding.storage_bits() == a_bits + 16 * 16 * dim
+    assert before - artifact.storage_bits(model) == 16 * vocab * dim - embedding.storage_bits()
+    made = embedding.dense_weight()
+    best = torch.linalg.svdvals(table)[16:].pow(2).sum()  # the rank-16 optimum (Eckart-Young)
+    assert (made - table).pow(2).sum() < (1.0001 if bits == 16 else 1.5) * best
+    hidden = torch.randn(3, dim)
+    assert torch.allclose(model.lm_head(hidden), hidden @ made.T, atol=1e-4)  # logits through A, B
+    assert torch.allclose(embedding(tokens), made[tokens], atol=1e-5)
+    logits = model(tokens).logits
+    path = artifact.save(model, loaded.tokenizer, tmp_path / "f", recipe=recipe, original_params=params)
+    reloaded, _ = artifact.load(path)
+    assert isinstance(reloaded.lm_head, TiedHead)
+    assert torch.equal(reloaded(tokens).logits, logits)
+
+
+def test_factor_embedding_refuses_a_linear(model_dirs):
+    model = load_model(str(model_dirs["llama"])).model
+    recipe = [{"method": "factor_embedding", "rank": 8, "targets": [r"layers\.0\.mlp\.up_proj$"]}]
+    with pytest.raises(UserError, match="not an embedding"):
+        compress(model, Recipe.from_list(recipe))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .low_rank import LowRankLinear
+from .low_rank_embedding import LowRankEmbedding
 from .quant_embedding import QuantEmbedding, TiedHead
 from .quant_linear import QuantLinear
 from .sparse_linear import SparseLinear
@@ -16,7 +17,7 @@ def module_kinds() -> dict[str, type]:
     from ..methods.kan.method import KanLinear
 
     return {cls.kind: cls for cls in (QuantLinear, LowRankLinear, SparseLinear, QuantEmbedding, TiedHead,
-                                      HyperGenerator, GeneratedLinear, KanLinear)}
+                                      LowRankEmbedding, HyperGenerator, GeneratedLinear, KanLinear)}
 
 
-__all__ = ["LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]
+__all__ = ["LowRankEmbedding", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]

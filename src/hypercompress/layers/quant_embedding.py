@@ -68,6 +68,9 @@ class TiedHead(CompressedModule):
         return self._embedding[0].dense_weight(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self._embedding[0]
+        if hasattr(source, "logits"):  # a factorized embedding: never build the (V, D) table
+            return source.logits(x)
         return F.linear(x, self.dense_weight(x.dtype))
 
     def layout(self) -> dict[str, Any]:

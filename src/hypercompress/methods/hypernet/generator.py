@@ -12,7 +12,7 @@ diffusion transformer conditioned on c[l, t] (diffusion_head.py) from noise fixe
 P_row / P_col are coordinate embeddings of block positions, so the generator's size grows with
 max(d) / B, not with d_out x d_in: large matrices are produced patch by patch. g is a learned
 per-matrix gain. Every parameter here is stored in the artifact (counted in bpw): in float16, or with
-value_bits 8 / 4 its matrices as per-row codes (value_codes.py) and the weights are generated from
+value_bits 8 / 4 its matrices as per-row codes (row_codes.py) and the weights are generated from
 exactly those decoded values.
 """
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...modules import StoredModule
-from . import value_codes
+from ...formats import row_codes
 from .backbone import make_backbone
 from .diffusion_head import DiffusionHead
 
@@ -65,7 +65,7 @@ class HyperGenerator(StoredModule):
         self.gain = nn.Parameter(torch.ones(num_layers, types))
         self._targets: list[nn.Module] = []  # the bound GeneratedLinears
         self.decompress_seconds: float | None = None
-        self._codes: dict[str, dict[str, torch.Tensor]] = {}  # name -> value_codes.encode(...)
+        self._codes: dict[str, dict[str, torch.Tensor]] = {}  # name -> row_codes.encode(...)
         if value_bits < 16:
             self.register_state_dict_post_hook(_save_codes)
             self.register_load_state_dict_pre_hook(_load_codes)
@@ -74,14 +74,14 @@ class HyperGenerator(StoredModule):
         """The parameters stored as codes (none at value_bits 16)."""
         if self.value_bits >= 16:
             return {}
-        return {n: p for n, p in self.named_parameters() if value_codes.is_coded(p)}
+        return {n: p for n, p in self.named_parameters() if row_codes.is_coded(p)}
 
     @torch.no_grad()
     def quantize_values(self) -> None:
         """Round the coded parameters to their value_bits codes, in place (the stored values)."""
         for name, param in self.coded_parameters().items():
-            self._codes[name] = value_codes.encode(param, self.value_bits)
-            param.copy_(value_codes.decode(self._codes[name], self.value_bits, param.shape).to(param.dtype))
+            self._codes[name] = row_codes.encode(param, self.value_bits)
+            param.copy_(row_codes.decode(self._codes[name], self.value_bits, param.shape).to(param.dtype))
 
     def contexts(self, z: torch.Tensor | None = None) -> torch.Tensor:
         """(L, T, d_h) contexts; `z` (L, T, d_z) replaces the stored embeddings (interpolation, noise)."""
@@ -188,17 +188,17 @@ def _save_codes(module: HyperGenerator, state: dict, prefix: str, local_metadata
     """state_dict hook: coded parameters leave as codes + scale + offset (encoded now if the
     generator was never quantized, e.g. an empty one built to check an artifact's shapes)."""
     for name, param in module.coded_parameters().items():
-        entry = module._codes.get(name) or value_codes.encode(param, module.value_bits)
+        entry = module._codes.get(name) or row_codes.encode(param, module.value_bits)
         del state[prefix + name]
-        for suffix, key in zip(value_codes.SUFFIXES, ("codes", "scale", "offset")):
+        for suffix, key in zip(row_codes.SUFFIXES, ("codes", "scale", "offset")):
             state[prefix + name + suffix] = entry[key]
 
 
 def _load_codes(module: HyperGenerator, state: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: codes -> the float16 parameter values (codes kept for saving)."""
     for name, param in module.coded_parameters().items():
-        keys = [prefix + name + suffix for suffix in value_codes.SUFFIXES]
+        keys = [prefix + name + suffix for suffix in row_codes.SUFFIXES]
         if all(k in state for k in keys):
             entry = dict(zip(("codes", "scale", "offset"), (state.pop(k) for k in keys)))
             module._codes[name] = entry
-            state[prefix + name] = value_codes.decode(entry, module.value_bits, param.shape)
+            state[prefix + name] = row_codes.decode(entry, module.value_bits, param.shape)

@@ -1,4 +1,5 @@
-"""Storing a generator's parameters in 8 or 4 bits (round to nearest, per row, asymmetric).
+"""Tensors stored as b-bit codes per row (round to nearest, asymmetric): generator parameters,
+low-rank embedding tables.
 
 A parameter P of 2 or more dimensions and at least MIN_VALUES entries is viewed as rows
 R = P.reshape(-1, P.shape[-1]) (n, m); each row gets a float16 scale s and offset o:
@@ -12,10 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from ...formats.packing import pack_codes, unpack_codes
+from .packing import pack_codes, packed_nbytes, unpack_codes
 
 MIN_VALUES = 256
 SUFFIXES = ("__codes", "__scale", "__offset")
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes of `count` codes of `bits` bits."""
+    return packed_nbytes(count, bits)
 
 
 def is_coded(param: torch.Tensor) -> bool:

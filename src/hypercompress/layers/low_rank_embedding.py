@@ -1,0 +1,79 @@
+"""A factorized token embedding: E (V, D) ~ A (V, r) B (r, D), and a tied lm_head that uses it.
+
+Lookup: rows(ids) = A[ids] B; logits (tied head) = (x B^T) A^T, so neither path builds the (V, D)
+table. A is stored in float16 or as `bits`-bit per-row codes (formats.row_codes: a float16 scale
+and offset per row), B in float16. Storage: V r bits + 32 V (codes) or 16 V r, plus 16 r D.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import row_codes
+from ..modules import CompressedModule
+
+
+class LowRankEmbedding(CompressedModule):
+    kind = "low_rank_embedding"
+    compute_dtype = torch.float32  # dtype of the looked-up rows; artifact.load sets it
+
+    def __init__(self, vocab: int, dim: int, rank: int, bits: int = 16):
+        super().__init__()
+        self.vocab, self.dim, self.rank, self.bits = vocab, dim, rank, bits
+        self.out_features, self.in_features = vocab, dim  # as an lm_head: (V, D)
+        if bits >= 16:
+            self.register_buffer("table", torch.zeros(vocab, rank, dtype=torch.float16))
+        else:
+            self.register_buffer("codes", torch.zeros(row_codes.packed_size(vocab * rank, bits), dtype=torch.uint8))
+            self.register_buffer("scale", torch.zeros(vocab, dtype=torch.float16))
+            self.register_buffer("offset", torch.zeros(vocab, dtype=torch.float16))
+        self.register_buffer("up", torch.zeros(rank, dim, dtype=torch.float16))
+        self._table: torch.Tensor | None = None  # A decoded (float32), rebuilt after a load
+
+    @torch.no_grad()
+    def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """a (V, r), b (r, D): stored (A rounded to its codes)."""
+        if self.bits >= 16:
+            self.table.copy_(a.half())
+        else:
+            entry = row_codes.encode(a, self.bits)
+            self.codes.copy_(entry["codes"]), self.scale.copy_(entry["scale"]), self.offset.copy_(entry["offset"])
+        self.up.copy_(b.half())
+        self._table = None
+
+    def factor_a(self) -> torch.Tensor:
+        """A (V, r) in float32, as stored."""
+        if self._table is None or self._table.device != self.up.device:
+            if self.bits >= 16:
+                self._table = self.table.float()
+            else:
+                entry = {"codes": self.codes, "scale": self.scale, "offset": self.offset}
+                self._table = row_codes.decode(entry, self.bits, torch.Size((self.vocab, self.rank))).float()
+        return self._table
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._table = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.factor_a() @ self.up.float()).to(dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (F.embedding(ids, self.factor_a()) @ self.up.float()).to(self.compute_dtype)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., V) = x E^T, through the rank-r bottleneck."""
+        return (x @ self.up.to(x.dtype).t()) @ self.factor_a().to(x.dtype).t()
+
+    def layout(self) -> dict[str, Any]:
+        return {"vocab": self.vocab, "dim": self.dim, "rank": self.rank, "bits": self.bits}
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> "LowRankEmbedding":
+        return cls(**layout)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.vocab}, dim={self.dim}, rank={self.rank}, bits={self.bits}"

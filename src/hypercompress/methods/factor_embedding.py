@@ -1,0 +1,47 @@
+"""Embedding factorization: Embedding(V, D) -> Embedding(V, r) + Linear(r, D), the tied lm_head with it.
+
+E (V, D) = U S V^T (SVD); A = U_r S_r (V, r) is rounded to its storage (float16 or b-bit per-row
+codes), then B (r, D) = argmin_B ||E - A_hat B||_F = lstsq(A_hat, E) absorbs A's rounding error.
+A tied lm_head becomes a TiedHead computing logits = (x B^T) A_hat^T (never the (V, D) table), so the
+factors are stored and counted once. Data-free; target the embedding (e.g. '^model\\.embed_tokens$').
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, check
+from ..errors import UserError
+from ..layers.low_rank_embedding import LowRankEmbedding
+from ..registry import register
+from .base import LayerwiseMethod
+
+
+@dataclass
+class FactorEmbeddingConfig(MethodConfig):
+    rank: int = 64      # r: inner size of the factorization
+    bits: int = 8       # storage of A (V, r): 16 (float16), 8 or 4 (per-row codes)
+
+    def validate(self) -> None:
+        check(self.rank >= 1, f"rank={self.rank}: must be >= 1")
+        check(self.bits in (4, 8, 16), f"bits={self.bits}: must be 4, 8 or 16")
+
+
+@register("factor_embedding", FactorEmbeddingConfig)
+class FactorEmbedding(LayerwiseMethod):
+    def compress(self, name: str, layer: nn.Module) -> LowRankEmbedding:
+        if not isinstance(layer, nn.Embedding):
+            raise UserError(f"factor_embedding: '{name}' is not an embedding; set targets to the token "
+                            "embedding (e.g. targets=['^model\\\\.embed_tokens$']), use svd/asvd for linears")
+        table = layer.weight.detach().float()
+        vocab, dim = table.shape
+        rank = min(self.config.rank, vocab, dim)
+        u, s, vh = torch.linalg.svd(table, full_matrices=False)
+        module = LowRankEmbedding(vocab, dim, rank, self.config.bits)
+        module.set_factors(u[:, :rank] * s[:rank], vh[:rank])
+        with torch.no_grad():  # B refitted to the stored A
+            module.up.copy_(torch.linalg.lstsq(module.factor_a(), table).solution.half())
+        return module
