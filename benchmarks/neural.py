@@ -5,11 +5,13 @@
     python benchmarks/neural.py merge FILE...                      # -> results/neural.json + RESULTS.md
 
 At a whole-model budget B bpw (all safetensors bytes x 8 / original parameters), every row shares the
-same frame: the tied embedding quantized by RTN (4-bit rows at 2 bpw, 3-bit at 1, 2-bit at 0.5),
-norms in float16; the block linears get what is left, represented by
+same frame: the tied embedding quantized by RTN (4-bit rows at 2 bpw, 3-bit at 1, 2-bit at 0.5) or
+factorized (rank 32, 4-bit codes, at 0.25), norms in float16; the block linears get what is left:
   svd:       truncated SVD factors (float16) of one rank for every matrix, the largest that fits;
   distill:   the same SVD factors trained by distillation (the ablation: no hypernetwork);
   hypernet:  the Solomonoff generator (generate mode), sized to fit, distilled the same way;
+  hypernet8: the same with the generator stored as 8-bit codes (so about twice the parameters);
+  dit:       the generator with the diffusion transformer head instead of the MLP head;
   kan:       the KAN hierarchical compressor (2 levels), sized to fit (weight reconstruction only);
   residual:  2-bit GPTQ rows + a small generator trained on what GPTQ leaves (about 2 bpw only).
 The path rows: latent interpolation between the hypernetwork and a short fine-tune of the teacher
@@ -43,11 +45,14 @@ from hypercompress.models import load_model  # noqa: E402
 from hypercompress.modules import count_params, linear_weight  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402
 
-EMBEDDING = {2.0: 4, 1.0: 3, 0.5: 2}  # RTN bits (one scale per row) of the tied embedding per budget
+EMBEDDING = {2.0: 4, 1.0: 3, 0.5: 2, 0.25: "r32"}  # tied embedding per budget: RTN bits (rows) or a factorization
 
 
-def embedding_stage(bits: int) -> dict:
-    return {"method": "rtn", "bits": bits, "group_size": -1, "targets": ["^model\\.embed_tokens$"]}
+def embedding_stage(bits) -> dict:
+    targets = ["^model\\.embed_tokens$"]
+    if bits == "r32":
+        return {"method": "factor_embedding", "rank": 32, "bits": 4, "targets": targets}
+    return {"method": "rtn", "bits": bits, "group_size": -1, "targets": targets}
 
 
 def linear_budget_bits(teacher, budget: float) -> tuple[int, int]:
@@ -60,16 +65,18 @@ def linear_budget_bits(teacher, budget: float) -> tuple[int, int]:
     return left, sum(o + i for o, i in shapes)
 
 
-def hypernet_size(teacher, bits: int) -> dict:
-    """The largest generator (rank on a ladder, width by budget) whose float16 storage fits `bits`."""
+def hypernet_size(teacher, bits: int, **options) -> dict:
+    """The largest generator (rank on a ladder, width by budget) whose stored size fits `bits`
+    (options: value_bits, head: counted as stored)."""
     grid = block_linear_grid(teacher)
     layers, shapes = len(grid), [list(linear_weight(teacher.get_submodule(n)).shape) for n in grid[0]]
-    d_hidden = 512 if bits > 64e6 else 256 if bits > 16e6 else 128
-    for rank in (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
-        size = dict(rank=rank, d_z=64, d_hidden=d_hidden, block=64)
-        generator = HyperGenerator(layers, shapes, **size)
-        if sum(p.numel() for p in generator.parameters()) * 16 <= bits:
-            return size
+    values = bits * 16 // options.get("value_bits", 16)  # the width ladder follows the value count
+    widest = 512 if values > 64e6 else 256 if values > 16e6 else 128
+    for d_hidden in [w for w in (512, 256, 128, 64) if w <= widest]:  # narrower only if nothing fits
+        for rank in (256, 192, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4, 2, 1):
+            size = dict(rank=rank, d_z=64, d_hidden=d_hidden, block=64, **options)
+            if HyperGenerator(layers, shapes, **size).storage_bits() <= bits:
+                return size
     raise SystemExit(f"no generator fits {bits} bits")
 
 
@@ -123,10 +130,7 @@ def run(args) -> None:
     rows = Rows(Path(args.out) / f"neural-{args.tag}.json", protocol)
     for budget in [float(b) for b in args.budgets.split(",") if b]:
         if budget not in EMBEDDING:
-            rows.append({"label": f"all @ {budget} bpw", "budget_bpw": budget, "error":
-                         "the frame (2-bit embedding rows alone are 0.43 bpw) leaves nothing: needs "
-                         "embedding factorization (issue 5)"})
-            continue
+            raise SystemExit(f"budget {budget}: choose from {', '.join(map(str, EMBEDDING))}")
         bits, sum_dims = linear_budget_bits(teacher, budget)
         frame = [embedding_stage(EMBEDDING[budget])]
         rank = max(bits // (16 * sum_dims), 1)
@@ -140,15 +144,23 @@ def run(args) -> None:
                                 teacher, tokenizer, calib, test, args.device, params))
         if "hypernet" in parts:
             size = hypernet_size(teacher, bits)
-            rows.append(measure(f"hypernet r{size['rank']} h{size['d_hidden']} @ {budget}", budget,
+            lr = "" if args.hypernet_lr == 1e-3 else f" lr {args.hypernet_lr:g}"
+            rows.append(measure(f"hypernet r{size['rank']} h{size['d_hidden']}{lr} @ {budget}", budget,
                                 frame + [{"method": "hypernet", **size, "warm_steps": args.warm_steps,
-                                          "lr": 1e-3, **train}],
+                                          "lr": args.hypernet_lr, **train}],
                                 teacher, tokenizer, calib, test, args.device, params))
+        for part, options in (("hypernet8", {"value_bits": 8}), ("dit", {"head": "dit"})):
+            if part in parts:
+                size = hypernet_size(teacher, bits, **options)
+                rows.append(measure(f"{part} r{size['rank']} h{size['d_hidden']} @ {budget}", budget,
+                                    frame + [{"method": "hypernet", **size, "warm_steps": args.warm_steps,
+                                              "lr": args.hypernet_lr, **train}],
+                                    teacher, tokenizer, calib, test, args.device, params))
         if "kan" in parts:
             size = kan_size(sum_dims, 7 * 30, bits)
             rows.append(measure(f"kan c{size['code_dim']} @ {budget}", budget,
-                                frame + [{"method": "kan", **size, "steps": args.kan_steps, "batch": 65536,
-                                          "lr": 1e-2, "device": args.device}],
+                                frame + [{"method": "kan", **size, "steps": args.kan_steps, "batch": 16384,
+                                          "together": 30, "lr": 1e-2, "device": args.device}],
                                 teacher, tokenizer, calib, test, args.device, params))
     if "residual" in parts:
         base = [embedding_stage(2), {"method": "gptq", "bits": 2, "group_size": -1, "act_order": True}]
@@ -252,10 +264,16 @@ def machine_text() -> str:
 
 
 def merge(files: list[str]) -> None:
-    from common import write_json
+    """Rows of the run files into results/neural.json; rows already there that no file re-measured
+    (by label) are kept, with their command and machine."""
+    from common import RESULTS, write_json
     from report import render
 
-    rows, protocol, machines, commands = [], None, set(), []
+    old_path = RESULTS / "neural.json"
+    old = json.loads(old_path.read_text()) if old_path.exists() else {"rows": []}
+    rows, protocol, machines, commands = [], old.get("protocol"), set(), []
+    if old.get("machine"):
+        machines.update(old["machine"].split(" | "))
     for file in files:
         data = json.loads(Path(file).read_text())
         rows += data["rows"]
@@ -264,11 +282,14 @@ def merge(files: list[str]) -> None:
         command = re.sub(r"--model \S+", "--model SmolLM2-135M-Instruct.Q4_1.gguf", data["command"])
         command = re.sub(r"--out \S+", "--out OUT", command)
         commands.append("python " + command.replace(".data/", "../shared/data/").replace('--budgets  ', '--budgets "" '))
+    labels, budgets = {r["label"] for r in rows}, {r.get("budget_bpw") for r in rows}
+    kept = [r for r in old["rows"] if r["label"] not in labels
+            and not ("error" in r and r.get("budget_bpw") in budgets)]
     write_json("neural", {
         "title": "Neural weight representations vs low-rank at equal storage (SmolLM2-135M, GPU)",
         "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)", "params": 134515008,
-        "protocol": protocol, "machine": "; ".join(sorted(machines)),
-        "script": " && ".join(commands), "rows": rows})
+        "protocol": protocol, "machine": " | ".join(sorted(machines)),
+        "script": " && ".join(([old["script"]] if old.get("script") else []) + commands), "rows": kept + rows})
     render()
 
 
@@ -282,7 +303,8 @@ def main() -> None:
     r.add_argument("--parts", default="svd,distill,hypernet,kan,residual,path")
     r.add_argument("--steps", type=int, default=600)
     r.add_argument("--warm-steps", type=int, default=300)
-    r.add_argument("--kan-steps", type=int, default=100)
+    r.add_argument("--kan-steps", type=int, default=500)
+    r.add_argument("--hypernet-lr", type=float, default=1e-3)
     r.add_argument("--calib-samples", type=int, default=128)
     r.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the whole test)")
     r.add_argument("--path-windows", type=int, default=64)
