@@ -126,7 +126,8 @@ def measure(label: str, budget: float | None, stages: list[dict], teacher, token
 def tuned(args) -> str:
     """Label suffix for hypernetwork training settings other than the defaults."""
     return ("" if args.hypernet_lr == 1e-3 else f" lr {args.hypernet_lr:g}") + \
-        ("" if args.steps == 600 else f" {args.steps} steps")
+        ("" if args.steps == 600 else f" {args.steps} steps") + \
+        ("" if args.warm_steps == 300 else f" warm {args.warm_steps}")
 
 
 def run(args) -> None:
@@ -276,6 +277,14 @@ def machine_text() -> str:
     return f"{gpu}; {machine()}"
 
 
+def table_order(row: dict) -> float:
+    """Budgets from the largest down; the GPTQ residual rows (about 2 bpw) after the 2 bpw rows and
+    the path rows (no budget) last."""
+    if row.get("budget_bpw") is not None:
+        return -row["budget_bpw"]
+    return -1.99 if row["label"].startswith("gptq") else 1.0
+
+
 def merge(files: list[str]) -> None:
     """Rows of the run files into results/neural.json; rows already there that no file re-measured
     (by label) are kept, with their command and machine."""
@@ -298,11 +307,12 @@ def merge(files: list[str]) -> None:
     labels, budgets = {r["label"] for r in rows}, {r.get("budget_bpw") for r in rows}
     kept = [r for r in old["rows"] if r["label"] not in labels
             and not ("error" in r and r.get("budget_bpw") in budgets)]
+    rows = sorted(kept + rows, key=table_order)
     write_json("neural", {
         "title": "Neural weight representations vs low-rank at equal storage (SmolLM2-135M, GPU)",
         "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)", "params": 134515008,
         "protocol": protocol, "machine": " | ".join(sorted(machines)),
-        "script": " && ".join(([old["script"]] if old.get("script") else []) + commands), "rows": kept + rows})
+        "script": " && ".join(([old["script"]] if old.get("script") else []) + commands), "rows": rows})
     render()
 
 

@@ -59,25 +59,35 @@ NOTES = {
     ],
     "neural": [
         "Every row at a budget shares one frame: the tied embedding by RTN with one scale per row "
-        "(4-bit at 2 bpw, 3-bit at 1, 2-bit at 0.5), norms float16; the block linears get the rest. "
+        "(4-bit at 2 bpw, 3-bit at 1, 2-bit at 0.5) or factorized at 0.25 (factor_embedding: rank 32, "
+        "4-bit codes, about 0.06 bpw), norms float16; the block linears get the rest. "
         "svd: one rank for all 210 matrices, the largest that fits; + distill: the same factors trained "
         "by distillation (KL + per-block output matching + activation stability, 600 steps of 8 x 512 "
         "calibration tokens, AdamW lr 1e-4): the ablation without a hypernetwork; hypernet: the "
-        "generator (GRU backbone over depth, coordinate-embedded heads, rank and width from a ladder to "
-        "fit), Set Transformer warm start (300 steps) then the same distillation (lr 1e-3); kan: 2 "
-        "levels of row/column codes into a B-spline KAN, weight reconstruction only (15 Adam steps per "
-        "level: the 100-step run did not finish inside the 10-minute call); residual: GPTQ 2-bit rows "
-        "plus a 0.05 bpw generator trained on what GPTQ leaves.",
+        "generator (GRU backbone over depth, coordinate-embedded heads; the widest of 256/128/64 that "
+        "fits rank 16 or more, at the largest rank that fits), Set Transformer warm start (300 steps) "
+        "then the same distillation (lr 1e-3); hypernet8: the same with its matrices stored as 8-bit "
+        "codes (twice the parameters); dit: the diffusion transformer head (2 adaLN-Zero blocks, 4 "
+        "DDIM steps from a seeded x_1) instead of the MLP head, 100 + 200 steps to fit one 10-minute "
+        "call; kan: 2 levels of row/column codes into a B-spline KAN, weight reconstruction only (15 "
+        "Adam steps per level); residual: GPTQ 2-bit rows plus a 0.05 bpw generator trained on what "
+        "GPTQ leaves.",
         "GPU min is compress time on the H100 (training included); decompress s is the time the "
         "artifact's generator takes to regenerate every weight on load (CPU). The interpolation and "
         "noise rows use the first 64 windows only; z_B = z_A + E(W_B) - E(W_A) with E the warm "
         "start's Set Transformer and B a 60-step fine-tune of the teacher on the calibration text.",
         "Reading: at 1 and 0.5 bpw the hypernetwork beats plain SVD (by 15 and 27 orders of "
         "magnitude of perplexity) and also the same storage of SVD factors trained by the same "
-        "distillation (2067 vs 3132, 4537 vs 9046). At 2 bpw the wide generator (d_hidden 512, "
-        "rank 96, lr 1e-3) did not train (KL 17.8): same lr as the smaller ones, not tuned. The "
-        "interpolation path is flat: the encoder maps the fine-tuned checkpoint to nearly the same "
-        "latents, so the generated model does not follow B. 0.25 bpw needs the embedding factorized.",
+        "distillation (2067 vs 3132, 4537 vs 9046). At 0.25 bpw (0.237, rank 24) it trains but loses "
+        "to the distilled SVD factors (2858 vs 2377). Larger generators do worse at the same 600 "
+        "steps: rank 256 at 2 bpw gives 6536 (rank 64 at 1 bpw: 2067), 8-bit values with rank 128 "
+        "at 1 bpw 9734, and width 512 at lr 1e-3 diverged (KL 17.8); training length, not storage, "
+        "limits the hypernetwork here. The DiT head at 1 bpw with a third of the steps reaches 8570. "
+        "KAN weight fitting does not give a working model at 1 bpw (a 500-step batched run in an "
+        "earlier session measured 2.6e12, worse than 15 steps: lower weight error is not lower KL); "
+        "at 0.5 bpw no KAN of 2 levels fits beside the frame. The interpolation path is flat: the "
+        "encoder maps the fine-tuned checkpoint to nearly the same latents, so the generated model "
+        "does not follow B.",
     ],
 }
 
