@@ -24,6 +24,7 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError
+from .formats import lossless as lossless_codec
 from .layers import module_kinds
 from .modules import StoredModule, replace_module
 
@@ -77,9 +78,38 @@ def storage_bits(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() * 8 for t in tensors.values())
 
 
+def tensor_kind(model_modules: dict[str, StoredModule], name: str) -> str:
+    """'KIND.LEAF' of a stored tensor (e.g. quant.qweight, lowrank.U), 'dense.DTYPE' outside modules."""
+    owner = max((n for n in model_modules if name.startswith(f"{n}.")), key=len, default=None)
+    if owner is None:
+        return "dense"
+    return f"{model_modules[owner].kind}.{name[len(owner) + 1:].split('.')[-1]}"
+
+
+def lossless_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], level: int
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every tensor byte-grouped and zstd-coded (formats/lossless.py): (blobs, the manifest entry with
+    each tensor's dtype/shape/planes and the lossless ratio per tensor kind)."""
+    modules = compressed_modules(model)
+    blobs, entries, report = {}, {}, {}
+    for name, tensor in tensors.items():
+        blobs[name], entries[name] = lossless_codec.encode(tensor, level)
+        kind = tensor_kind(modules, name)
+        kind = f"dense.{entries[name]['dtype']}" if kind == "dense" else kind
+        row = report.setdefault(kind, {"tensors": 0, "raw_bytes": 0, "coded_bytes": 0})
+        row["tensors"] += 1
+        row["raw_bytes"] += tensor.numel() * tensor.element_size()
+        row["coded_bytes"] += blobs[name].numel()
+    for row in report.values():
+        row["ratio"] = row["raw_bytes"] / max(row["coded_bytes"], 1)
+    return blobs, {"codec": lossless_codec.CODEC, "level": level, "tensors": entries,
+                   "report": dict(sorted(report.items()))}
+
+
 def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[dict[str, Any]],
-         original_params: int, extra: dict[str, Any] | None = None) -> Path:
-    """Write the artifact atomically; refuses an existing non-empty `out_dir`."""
+         original_params: int, extra: dict[str, Any] | None = None, lossless: int | None = None) -> Path:
+    """Write the artifact atomically; refuses an existing non-empty `out_dir`. `lossless` (a zstd
+    level, 1..22) stores every tensor byte-grouped and zstd-coded; the bytes counted are the coded ones."""
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
@@ -87,7 +117,12 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         tensors, aliases = tensors_to_save(model)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        stored, coding = tensors, None
+        if lossless is not None:
+            if not 1 <= lossless <= 22:
+                raise UserError(f"lossless level {lossless}: zstd levels are 1..22")
+            stored, coding = lossless_tensors(model, tensors, lossless)
+        save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -110,6 +145,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
                 "safetensors_bytes": (tmp / WEIGHTS).stat().st_size,
                 "bits_per_weight": (tmp / WEIGHTS).stat().st_size * 8 / original_params,
             },
+            **({"lossless": coding} if coding else {}),
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -169,6 +205,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Modul
                             "upgrade hypercompress or re-create the artifact")
         replace_module(model, name, module_kinds()[entry["kind"]].from_layout(entry["layout"]))
     tensors = _read_tensors(path / WEIGHTS)
+    if "lossless" in manifest:
+        tensors = _decode_lossless(tensors, manifest["lossless"], path)
     _check_tensors(model, tensors, manifest["aliases"], path)
     prefixes = tuple(f"{n}." for n in manifest["modules"])
     for name, tensor in tensors.items():  # dense tensors to the compute dtype; codes stay as stored
@@ -192,6 +230,19 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{file} is not a readable safetensors file ({exc}); re-create the artifact") from None
+
+
+def _decode_lossless(blobs: dict[str, torch.Tensor], coding: Any, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        codec, entries = coding["codec"], coding["tensors"]
+    except (TypeError, KeyError):
+        raise UserError(f"{path / MANIFEST} has a corrupt 'lossless' entry; re-create the artifact") from None
+    if codec != lossless_codec.CODEC:
+        raise UserError(f"artifact {path} is coded with {codec!r}, which this hypercompress does not read; "
+                        "upgrade hypercompress or re-create the artifact")
+    if set(entries) != set(blobs):
+        raise UserError(f"artifact {path}: coded tensors do not match the manifest; re-create the artifact")
+    return {name: lossless_codec.decode(blob, entries[name], name) for name, blob in blobs.items()}
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],

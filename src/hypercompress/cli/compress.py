@@ -40,6 +40,8 @@ def compress(
     calib_batch: int = typer.Option(8, "--calib-batch", help="calibration windows per forward pass"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
+    lossless: Optional[int] = typer.Option(None, "--lossless", help="zstd level (1..22, e.g. 10): store "
+                                           "every tensor byte-grouped and zstd-coded (exact)"),
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     target = _target(target_bpw, target_ratio, recipe, method, overrides)
@@ -53,6 +55,8 @@ def compress(
             plan = plan.with_overrides(overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
+    if lossless is not None and not 1 <= lossless <= 22:
+        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default)")
     checkpoint_dir = out.with_name(out.name + ".checkpoint")
     if checkpoint_dir.exists() and not resume:
         raise UserError(f"{checkpoint_dir} holds an unfinished run; pass --resume to continue it "
@@ -89,7 +93,7 @@ def compress(
     compress_seconds = time.perf_counter() - tick
     path = artifact.save(loaded.model, loaded.tokenizer, out, recipe=plan.to_list(),
                          original_params=original_params,
-                         extra={"source_model": model, "seed": seed})
+                         extra={"source_model": model, "seed": seed}, lossless=lossless)
     manifest = artifact.read_manifest(path)
     summary = {
         "model": model, "out": str(path), "recipe": plan.to_list(), "stages": report["stages"],

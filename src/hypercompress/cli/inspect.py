@@ -27,6 +27,9 @@ def artifact_summary(path: Path) -> dict[str, Any]:
             piece = handle.get_slice(key)
             shapes[key] = piece.get_shape()
             tensor_bits[key] = math.prod(shapes[key]) * _DTYPE_BITS[piece.get_dtype()]
+    coding = manifest.get("lossless")
+    if coding:  # blobs: the stored bits are the coded bytes; shapes are the decoded ones
+        shapes = {k: coding["tensors"][k]["shape"] for k in shapes}
     modules = []
     owned: set[str] = set()
     for name, entry in manifest["modules"].items():
@@ -58,6 +61,7 @@ def artifact_summary(path: Path) -> dict[str, Any]:
         "aliases": manifest["aliases"],
         "recipe": manifest["recipe"],
         "modules": modules,
+        "lossless": coding and {"codec": coding["codec"], "level": coding["level"], "report": coding["report"]},
     }
 
 
@@ -82,9 +86,21 @@ def inspect(
         table.add_row(f"{len(dense)} dense tensors (--all lists them)", "dense", f"{params:,}",
                       f"{bits:,}", f"{bits / params:.3f}")
     console.print(table)
+    if summary["lossless"]:
+        _print_lossless(summary["lossless"])
     console.print(
         f"original params {summary['params']:,} | model.safetensors {summary['safetensors_bytes']:,} B"
         f" | {summary['bits_per_weight']:.4f} bits per weight | {summary['ratio_vs_16bit']:.2f}x vs 16-bit"
         f" | artifact {summary['artifact_bytes']:,} B with tokenizer and JSON"
     )
     write_json(json_path, summary)
+
+
+def _print_lossless(coding: dict[str, Any]) -> None:
+    table = Table(title=f"lossless stage: {coding['codec']} (zstd level {coding['level']}), per tensor kind")
+    for column in ("kind", "tensors", "raw bytes", "coded bytes", "ratio"):
+        table.add_column(column, justify="right" if column != "kind" else "left")
+    for kind, row in coding["report"].items():
+        table.add_row(kind, str(row["tensors"]), f"{row['raw_bytes']:,}", f"{row['coded_bytes']:,}",
+                      f"{row['ratio']:.3f}")
+    console.print(table)

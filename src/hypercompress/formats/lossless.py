@@ -1,0 +1,83 @@
+"""Lossless coding of stored tensors: byte grouping + zstd (as in ZipNN, Hershcovitch et al. 2024).
+
+A tensor of element size s bytes is viewed as (n, s) bytes and split into s byte planes (plane j holds
+byte j of every element: for float16 the low mantissa bytes in one plane, sign + exponent + high
+mantissa in the other, whose skewed distribution zstd codes well); each plane is compressed on its
+own, or kept raw where zstd would not shrink it. The coded tensor is one uint8 blob (the planes back
+to back) plus a small JSON entry {dtype, shape, planes: [[codec, bytes], ...]}; zstd frames carry a
+checksum, so a damaged coded plane is an error, not silent garbage. Decoding is exact:
+the same bytes, dtype and shape. Compression is single-threaded, so the same input and level give
+the same blob.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+CODEC = "bytegroup-zstd"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32,
+                                                      torch.float64, torch.uint8, torch.int8,
+                                                      torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError("the lossless stage needs the 'zstandard' package; pip install zstandard") from None
+    return zstandard
+
+
+def byte_planes(tensor: torch.Tensor) -> list[bytes]:
+    """(n elements) -> element_size planes of n bytes; plane j is byte j of every element."""
+    raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+    grouped = raw.reshape(-1, tensor.element_size()).T.contiguous()
+    return [bytes(plane.numpy().tobytes()) for plane in grouped]
+
+
+def encode(tensor: torch.Tensor, level: int = 10) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A tensor -> (uint8 blob, entry). Each plane is zstd-coded unless that would not shrink it."""
+    compressor = _zstd().ZstdCompressor(level=level, threads=0, write_checksum=True)
+    chunks, planes = [], []
+    for plane in byte_planes(tensor):
+        coded = compressor.compress(plane)
+        codec, data = ("zstd", coded) if len(coded) < len(plane) else ("raw", plane)
+        chunks.append(data)
+        planes.append([codec, len(data)])
+    blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if chunks else \
+        torch.zeros(0, dtype=torch.uint8)
+    entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
+             "planes": planes}
+    return blob, entry
+
+
+def decode(blob: torch.Tensor, entry: dict[str, Any], name: str = "tensor") -> torch.Tensor:
+    """The exact tensor `encode` was given. A blob that does not decode is a one-line error."""
+    try:
+        dtype, shape, planes = _DTYPES[entry["dtype"]], list(entry["shape"]), entry["planes"]
+        data = bytes(blob.numpy().tobytes())
+        count = 1
+        for dim in shape:
+            count *= int(dim)
+        decompressor, out, offset = _zstd().ZstdDecompressor(), [], 0
+        for codec, length in planes:
+            chunk = data[offset: offset + length]
+            offset += length
+            plane = decompressor.decompress(chunk, max_output_size=count) if codec == "zstd" else chunk
+            if len(plane) != count:
+                raise ValueError("plane length")
+            out.append(torch.frombuffer(bytearray(plane), dtype=torch.uint8))
+        if offset != len(data) or len(out) != torch.empty(0, dtype=dtype).element_size():
+            raise ValueError("blob length")
+    except UserError:
+        raise
+    except Exception:
+        raise UserError(f"lossless-coded tensor {name} does not decode (corrupt artifact); "
+                        "re-create the artifact") from None
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.stack(out, 1).reshape(-1).view(dtype).reshape(shape).clone()
