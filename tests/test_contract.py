@@ -22,6 +22,7 @@ METHODS = hypercompress.list_methods()
 QUICK = {"hypernet": {"warm_steps": 5, "steps": 5}, "kan": {"steps": 3}, "distill": {"steps": 3},
          "factor_embedding": {"rank": 8, "targets": ["embed_tokens$", "wte$"]}}
 BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
+STRUCTURAL = {"structured"}  # shrink the model itself: no compressed module, fewer dense tensors
 
 
 def calibration(seed=0):
@@ -48,7 +49,8 @@ def test_method_contract(method, arch, model_dirs, tokens, tmp_path):
     dense = load_model(str(model_dirs[arch])).model
     dense_bits = artifact.storage_bits(dense)
     model = compressed_artifact(model_dirs[arch], method, tmp_path / "a")
-    assert any(isinstance(m, CompressedModule) for m in model.modules())
+    if method not in STRUCTURAL:
+        assert any(isinstance(m, CompressedModule) for m in model.modules())
 
     logits = model(tokens).logits
     assert torch.isfinite(logits).all()

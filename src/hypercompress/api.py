@@ -36,7 +36,8 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     returned model and its saved artifact give identical logits.
     """
     teacher = None  # whole-model methods distil against the model as it was before the first stage
-    if any(getattr(get_method(s.method).method_cls, "whole_model", False) for s in recipe.stages):
+    if any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)
+           and getattr(cls, "needs_teacher", True) for s in recipe.stages):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     checkpoint = None
     restored = None

@@ -18,6 +18,12 @@ class ArchSpec:
     linears: tuple[str, ...]    # linear layers inside one block, relative names
     final_norm: str             # dotted path of the norm between the last block and lm_head
     conv1d: bool = False        # GPT-2's Conv1D keeps weights as (in_features, out_features)
+    # structured pruning (methods/structured): which linears carry MLP channels and attention heads
+    mlp_up: tuple[str, ...] = ()        # their output rows are the MLP channels
+    mlp_down: str = ""                  # its input columns are the MLP channels
+    attention: tuple[str, str, str, str] | None = None  # separate q, k, v, o projections (GQA-aware)
+    layers_key: str = "num_hidden_layers"      # config keys rewritten when blocks / channels go
+    intermediate_key: str = "intermediate_size"
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -27,6 +33,9 @@ _LLAMA_LIKE = ArchSpec(
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
     ),
     final_norm="model.norm",
+    mlp_up=("mlp.gate_proj", "mlp.up_proj"),
+    mlp_down="mlp.down_proj",
+    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -38,6 +47,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
         final_norm="transformer.ln_f",
         conv1d=True,
+        mlp_up=("mlp.c_fc",),
+        mlp_down="mlp.c_proj",
+        layers_key="n_layer",
+        intermediate_key="n_inner",
     ),
 }
 

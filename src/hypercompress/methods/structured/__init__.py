@@ -1,0 +1,1 @@
+"""Structured pruning: blocks, MLP channels and attention head groups (importance, surgery, method)."""

@@ -1,0 +1,122 @@
+"""Structured pruning: removing blocks, MLP channels and head groups equals zeroing them in the dense
+model; importance finds a block that does nothing; the smaller model reloads from its artifact."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hypercompress import artifact
+from hypercompress.api import compress
+from hypercompress.errors import UserError
+from hypercompress.methods.structured.importance import measure
+from hypercompress.methods.structured.surgery import (drop_blocks, flops_per_token, keep_channels,
+                                                      keep_groups)
+from hypercompress.modules import count_params
+from hypercompress.recipe import Recipe
+
+from conftest import make_model, make_tokenizer
+
+CALIB = torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def blocks(model):
+    return model.model.layers if model.config.model_type == "llama" else model.transformer.h
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_removing_channels_equals_zeroing_their_down_columns(arch):
+    model = make_model(arch)
+    reference = copy.deepcopy(model)
+    inner = 128 if arch == "llama" else 256  # gpt2: n_inner = 4 x n_embd
+    keep = [torch.arange(0, inner, 3) for _ in range(2)]
+    with torch.no_grad():
+        for block in blocks(reference):
+            down = block.mlp.down_proj.weight if arch == "llama" else block.mlp.c_proj.weight
+            gone = torch.ones(inner, dtype=torch.bool)
+            gone[keep[0]] = False
+            if arch == "llama":
+                down[:, gone] = 0
+            else:
+                down[gone] = 0
+    keep_channels(model, keep)
+    assert model.config.to_dict()["intermediate_size" if arch == "llama" else "n_inner"] == keep[0].numel()
+    torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_removing_a_head_group_equals_zeroing_its_query_heads_output():
+    model = make_model("llama")  # 4 query heads, 2 key/value heads, head_dim 16
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in blocks(reference):
+            block.self_attn.o_proj.weight[:, :32] = 0  # group 0 = query heads 0, 1
+    keep_groups(model, [torch.tensor([1]), torch.tensor([1])])
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, 16)
+    torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dropping_a_block_equals_skipping_it(arch):
+    model = make_model(arch)
+    reference = copy.deepcopy(model)
+    skip = blocks(reference)[0].register_forward_hook(
+        lambda module, args, kwargs, out: (args[0] if args else kwargs["hidden_states"]) if torch.is_tensor(out)
+        else ((args[0] if args else kwargs["hidden_states"]),) + tuple(out[1:]), with_kwargs=True)
+    expected = reference(IDS).logits
+    skip.remove()
+    drop_blocks(model, [0])
+    assert len(blocks(model)) == 1 and model.config.num_hidden_layers == 1
+    torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    assert model.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)  # cache works
+
+
+def test_block_influence_finds_a_block_that_does_nothing():
+    model = make_model("llama")
+    with torch.no_grad():
+        blocks(model)[1].self_attn.o_proj.weight.zero_()
+        blocks(model)[1].mlp.down_proj.weight.zero_()
+    scores = measure(model, CALIB)
+    assert scores.blocks[1] == pytest.approx(0, abs=1e-6) and scores.blocks[0] > 1e-3
+    assert [s.shape for s in scores.channels] == [(128,), (128,)]
+    assert [s.shape for s in scores.groups] == [(2,), (2,)]
+    compress(model, Recipe.from_list([{"method": "structured", "drop_layers": 1, "mlp_keep": 1.0}]), CALIB)
+    assert len(blocks(model)) == 1 and blocks(model)[0].mlp.down_proj.weight.abs().sum() > 0
+
+
+def test_pruned_model_is_smaller_and_reloads(tmp_path):
+    model = make_model("llama")
+    params, flops = count_params(model), flops_per_token(model)
+    recipe = Recipe.from_list([{"method": "structured", "drop_layers": 1, "mlp_keep": 0.5,
+                                "head_groups_keep": 0.5}])
+    compress(model, recipe, CALIB)
+    assert count_params(model) < params and flops_per_token(model) < flops
+    path = artifact.save(model, make_tokenizer(), tmp_path / "a", recipe=recipe.to_list(), original_params=params)
+    reloaded, _ = artifact.load(path)
+    assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+    assert (path / artifact.WEIGHTS).stat().st_size < 2 * count_params(model) + 4096  # float16 + header
+
+
+def test_structured_then_quantization_composes():
+    model = make_model("llama")
+    compress(model, Recipe.from_list([{"method": "structured", "mlp_keep": 0.5},
+                                      {"method": "rtn", "bits": 4, "group_size": 32}]), CALIB)
+    assert torch.isfinite(model(IDS).logits).all()
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"method": "rtn", "bits": 4}, {"method": "structured"}], "put it first"),
+    ([{"method": "structured", "drop_layers": 2}], "keep at least one"),
+])
+def test_impossible_requests_are_one_line_errors(stages, message):
+    with pytest.raises(UserError, match=message):
+        compress(make_model("llama"), Recipe.from_list(stages), CALIB)
+
+
+def test_fused_gpt2_heads_and_empty_configs_are_refused():
+    with pytest.raises(UserError, match="fused"):
+        compress(make_model("gpt2"), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
+    with pytest.raises(UserError, match="removes nothing"):
+        Recipe.from_list([{"method": "structured", "mlp_keep": 1.0}])
