@@ -12,10 +12,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .artifact import round_to_storage
+from .artifact import round_to_storage, storage_bits
 from .calibration import Checkpoint, peak_memory_bytes, run_layerwise
 from .errors import UserError
-from .modules import replace_module, select_linears, uncompressed
+from .modules import effective_weights, replace_module, select_linears, uncompressed
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
 from .registry import get_method
@@ -26,14 +26,17 @@ Progress = Callable[[int, str, int, int], None]
 
 def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None,
              progress: Progress | None = None, *, device: str = "cpu", batch_size: int = 8,
-             checkpoint_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
+             checkpoint_dir: str | Path | None = None, resume: bool = False,
+             after_stage: Callable[[nn.Module], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Compress `model` in place with every stage of `recipe`; returns a report per stage.
 
     calib: calibration token windows (N, L), needed by methods with `needs_calibration`; those run
     block by block through `calibration.run_layerwise` on `device`, checkpointing after each block
     into `checkpoint_dir` when given; `resume` restores the last checkpoint and goes on from there.
     Tensors no stage compresses are rounded to the artifact's 16-bit storage precision, so the
-    returned model and its saved artifact give identical logits.
+    returned model and its saved artifact give identical logits. Each stage's report holds the
+    model's size after it (stored bits, weights computed with); `after_stage(model)` may add more
+    (the CLI measures perplexity and KL there).
     """
     teacher = None  # whole-model methods distil against the model as it was before the first stage
     if any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)
@@ -79,7 +82,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
                     progress(first, label, done + 1, len(routes))
             peak = peak_memory_bytes("cpu")
         report.append({"stage": first, "stages": group, "method": label, "modules": len(routes),
-                       "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak})
+                       "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
+                       "storage_bits": storage_bits(model), "weights": effective_weights(model),
+                       **(after_stage(model) if after_stage else {})})
     round_to_storage(model)  # the model in memory is the model the artifact stores
     if checkpoint is not None:
         checkpoint.remove()

@@ -51,9 +51,12 @@ def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
 
 
 def block_losses(teacher_hidden, student_hidden) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local matching, activation stability) over block outputs hidden_states[1:]."""
+    """(local matching, activation stability) over block outputs hidden_states[1:]; a student with
+    fewer blocks (depth-pruned) is matched on the final hidden state only."""
     local, stability = [], []
-    for t, s in zip(teacher_hidden[1:], student_hidden[1:]):
+    pairs = zip(teacher_hidden[1:], student_hidden[1:]) if len(teacher_hidden) == len(student_hidden) \
+        else [(teacher_hidden[-1], student_hidden[-1])]
+    for t, s in pairs:
         t, s = t.float(), s.float()
         power = t.pow(2).mean()
         local.append((s - t).pow(2).mean() / power.clamp_min(1e-12))

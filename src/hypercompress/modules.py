@@ -137,6 +137,25 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
         tied.bind(model)
 
 
+def effective_weights(model: nn.Module) -> int:
+    """Weights the model computes with: dense parameters (tied once) plus, for every compressed
+    linear or embedding, the in x out (+ bias) it stands for. Structural pruning lowers it;
+    quantization and factorization do not (they change how the weights are stored)."""
+    seen, total = set(), 0
+    stored = {id(t) for m in model.modules() if isinstance(m, CompressedModule) for t in m.parameters()}
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in stored:
+            seen.add(id(p))
+            total += p.numel()
+    for module in model.modules():
+        if isinstance(module, CompressedModule):
+            layout = module.layout()
+            out_features = layout.get("out_features", 0)
+            total += layout.get("in_features", 0) * out_features + (out_features if layout.get("bias") else 0)
+            total += layout.get("vocab", 0) * layout.get("dim", 0)  # a factorized embedding
+    return total
+
+
 def count_params(model: nn.Module) -> int:
     """Parameters of a (dense) model, tied weights counted once."""
     return sum(p.numel() for p in model.parameters())

@@ -278,6 +278,26 @@ def fastest_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     return min(seconds, key=seconds.get)
 
 
+def _candidates(model: nn.Module, group: int, embedding: str | None = None):
+    """(options per module, the embedding's name, exact storage bits per module and option, bits of
+    everything the planner does not touch)."""
+    from .artifact import storage_bits
+
+    candidates: dict[str, tuple[Option, ...]] = {n: linear_options(group) for n in block_linear_names(model)}
+    embed_name = embedding or next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    candidates[embed_name] = embedding_options(group)
+    modules = {n: model.get_submodule(n) for n in candidates}
+    dense = {n: sum(t.numel() * 16 for t in m.state_dict().values()) for n, m in modules.items()}
+    costs = {n: {o: _quant_bits(modules[n], o) for o in candidates[n]} for n in candidates}
+    return candidates, embed_name, costs, storage_bits(model) - sum(dense.values())
+
+
+def floor_bpw(model: nn.Module, group: int = 64) -> float:
+    """The smallest whole-model bpw a quantization plan reaches (every module at its fewest bits)."""
+    _, _, costs, fixed = _candidates(model, group)
+    return (fixed + sum(min(c.values()) for c in costs.values())) / count_params(model)
+
+
 def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group: int = 64,
               embedding: str | None = None,
               progress: Callable[[int, int], None] | None = None,
@@ -287,17 +307,8 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
     Sensitivities are measured on a copy of the model in `dtype` (default: fastest_dtype(); they
     rank modules, and bf16 rounding noise is far below the KL of any candidate but 8-bit).
     """
-    from .artifact import storage_bits
-
     params = count_params(model)
-    names = block_linear_names(model)
-    candidates: dict[str, tuple[Option, ...]] = {n: linear_options(group) for n in names}
-    embed_name = embedding or next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    candidates[embed_name] = embedding_options(group)
-    modules = {n: model.get_submodule(n) for n in candidates}
-    dense = {n: sum(t.numel() * 16 for t in m.state_dict().values()) for n, m in modules.items()}
-    fixed = storage_bits(model) - sum(dense.values())
-    costs = {n: {o: _quant_bits(modules[n], o) for o in candidates[n]} for n in candidates}
+    candidates, embed_name, costs, fixed = _candidates(model, group, embedding)
     budget = int(target_bpw * params) - fixed
     floor = sum(min(c.values()) for c in costs.values())
     if budget < floor:

@@ -41,7 +41,11 @@ def compress(
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
     lossless: Optional[int] = typer.Option(None, "--lossless", help="zstd level (1..22, e.g. 10): store "
-                                           "every tensor byte-grouped and zstd-coded (exact)"),
+                                           "every tensor byte-grouped and zstd-coded (exact); 0: off. "
+                                           "Size targets use 10 unless given"),
+    distill: bool = typer.Option(False, "--distill", help="with a size target below the quantization "
+                                 "floor: train the low-rank factors against the original (recovery)"),
+    distill_steps: int = typer.Option(600, "--distill-steps", help="distillation steps (8 x calib-len tokens each)"),
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     target = _target(target_bpw, target_ratio, recipe, method, overrides)
@@ -55,8 +59,13 @@ def compress(
             plan = plan.with_overrides(overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
-    if lossless is not None and not 1 <= lossless <= 22:
-        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default)")
+    if lossless is not None and not 0 <= lossless <= 22:
+        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off")
+    if distill and target is None:
+        raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
+    if target is not None and lossless is None:
+        lossless = 10
+    lossless = lossless or None
     checkpoint_dir = out.with_name(out.name + ".checkpoint")
     if checkpoint_dir.exists() and not resume:
         raise UserError(f"{checkpoint_dir} holds an unfinished run; pass --resume to continue it "
@@ -84,7 +93,7 @@ def compress(
     tick = time.perf_counter()
     allocation = None
     if target is not None:
-        plan, allocation = _planned_recipe(loaded.model, target, samples)
+        plan, allocation = _planned_recipe(loaded.model, target, samples, distill_steps if distill else 0)
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
                                 progress=lambda i, m, done, total: update(done, total, m),
@@ -128,9 +137,24 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
 
 
-def _planned_recipe(model, target: PlanTarget, samples):
-    """Measure sensitivities on the first 256 tokens of one calibration window; plan per-module options."""
-    from ..planner import option_label, plan_bits, plan_recipe
+def _planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0):
+    """Above the quantization floor: measure sensitivities on the first 256 tokens of one calibration
+    window and plan per-module options; below it: the hybrid pipeline (pipeline.py)."""
+    from ..pipeline import plan_pipeline
+    from ..planner import floor_bpw, option_label, plan_bits, plan_recipe
+
+    floor = floor_bpw(model, target.group_size)
+    if target.bits_per_weight < floor:
+        pipeline = plan_pipeline(model, target.bits_per_weight, distill_steps)
+        console.print(f"pipeline for {target.bits_per_weight:.4f} bpw (below the quantization floor "
+                      f"{floor:.3f}): {pipeline.planned_bpw:.4f} bpw planned | " + " | ".join(pipeline.notes))
+        return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
+                {"route": "pipeline", "planned_bits_per_weight": pipeline.planned_bpw,
+                 "quantization_floor_bpw": floor, "notes": pipeline.notes})
+    if distill_steps:
+        raise UserError(f"--distill trains low-rank factors, used below the quantization floor "
+                        f"({floor:.3f} bpw, {16 / floor:.2f}x); distillation of quantized modules is not "
+                        "implemented: drop --distill or ask for a higher ratio")
 
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     with progress_bar("measuring sensitivity") as update:
@@ -143,7 +167,7 @@ def _planned_recipe(model, target: PlanTarget, samples):
     console.print(f"plan for {target.bits_per_weight:.3f} bpw: {plan.bits_per_weight:.3f} bpw planned | "
                   f"embedding {option_label(plan.allocation[embedding])} | linears: "
                   + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
-    allocation = {"planned_bits_per_weight": plan.bits_per_weight,
+    allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
                                      for n, s in plan.sensitivity.items()}}

@@ -1,0 +1,150 @@
+"""The hybrid pipeline: a recipe for a whole-model size target beyond what quantization alone reaches.
+
+Branches run in a sound order: structural (whole blocks removed) first, then weight-level (the
+embedding factorized or quantized, the block linears as low-rank factors), then distillation
+recovery (optional: it trains the factors and norms against the original model), then the lossless
+stage (byte-grouped zstd, applied when the artifact is written). Sizes are exact storage bits of the
+modules each stage creates (counted from empty modules of the planned layout), so the plan fits
+before anything is compressed:
+
+1. Above the quantization floor (every module at 2-bit codes, one scale per row) the budget planner
+   (planner.py) allocates bits; this module handles targets below it.
+2. Embedding: the best option whose storage stays within `EMBEDDING_SHARE` of the budget, from
+   2-bit rows down to rank-1 float16 factors (the tied lm_head follows it).
+3. Block linears: truncated SVD factors of one rank r for every matrix; the first blocks get rank
+   r + 1 while bits are left (so the plan lands within one block's rank step of the target).
+4. If even rank 1 everywhere does not fit, the lowest-influence blocks are removed (ShortGPT block
+   influence, methods/structured) until rank-1 factors of the remaining blocks fit; at least one
+   block stays, else the target is refused with the smallest size the pipeline reaches.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .arch import arch_of, block_linear_names
+from .errors import UserError
+from .layers.low_rank_embedding import LowRankEmbedding
+from .modules import count_params, linear_weight
+
+EMBEDDING_SHARE = 0.5   # the embedding may take at most this fraction of the whole budget
+# embedding options, best first: ("rtn", bits) rows with one scale each, ("factor", rank, bits)
+EMBEDDING_LADDER = (("rtn", 2), ("factor", 64, 4), ("factor", 32, 4), ("factor", 16, 4),
+                    ("factor", 8, 4), ("factor", 4, 16), ("factor", 2, 16), ("factor", 1, 16))
+
+
+@dataclass
+class PipelinePlan:
+    target_bpw: float
+    stages: list[dict[str, Any]]
+    planned_bits: int
+    params: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def planned_bpw(self) -> float:
+        return self.planned_bits / self.params
+
+
+def embedding_bits(embedding: nn.Embedding, option: tuple) -> int:
+    """Exact storage of the embedding under an EMBEDDING_LADDER option."""
+    from .planner import _quant_bits
+
+    if option[0] == "rtn":
+        return _quant_bits(embedding, (option[1], -1))
+    vocab, dim = embedding.weight.shape
+    return LowRankEmbedding(vocab, dim, option[1], option[2]).storage_bits()
+
+
+def embedding_stage(name: str, option: tuple) -> dict[str, Any]:
+    targets = [f"^{re.escape(name)}$"]
+    if option[0] == "rtn":
+        return {"method": "rtn", "bits": option[1], "group_size": -1, "targets": targets}
+    return {"method": "factor_embedding", "rank": option[1], "bits": option[2], "targets": targets}
+
+
+def low_rank_bits(module: nn.Module, rank: int) -> int:
+    """Storage of a LowRankLinear of `rank` replacing `module`: U, V (and any bias) in float16."""
+    out_features, in_features = linear_weight(module).shape
+    bias = getattr(module, "bias", None) is not None
+    return 16 * (rank * (out_features + in_features) + (out_features if bias else 0))
+
+
+def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0) -> PipelinePlan:
+    """Stages reaching `target_bpw` (whole-model, all stored bits / original params) by embedding
+    compression, low-rank factors and, when needed, block removal; `distill_steps` > 0 appends a
+    distillation stage. Raises UserError when the target is below the smallest plan."""
+    from .artifact import storage_bits
+
+    spec = arch_of(model.config.model_type)
+    params, budget = count_params(model), int(target_bpw * count_params(model))
+    embedding = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embedding)
+    linears = block_linear_names(model)
+    dense = sum(t.numel() * 16 for n in linears + [embed_name]
+                for t in model.get_submodule(n).state_dict().values())
+    fixed = storage_bits(model) - dense  # norms, position embeddings, an untied head...
+    blocks = len(model.get_submodule(spec.blocks))
+    in_block = [[n for n in linears if n.startswith(f"{spec.blocks}.{b}.")] for b in range(blocks)]
+    # a block's factors cost bias + rank x slope bits
+    bias = [sum(low_rank_bits(model.get_submodule(n), 0) for n in names) for names in in_block]
+    slope = [sum(low_rank_bits(model.get_submodule(n), 1) for n in names) - b for names, b in zip(in_block, bias)]
+    share = [o for o in EMBEDDING_LADDER if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
+    rest = sorted((o for o in EMBEDDING_LADDER if o not in share), key=lambda o: embedding_bits(embedding, o))
+    for option in share + rest:  # a larger share for the embedding only if no block fits beside it
+        left = budget - fixed - embedding_bits(embedding, option)
+        stages = [embedding_stage(embed_name, option)]
+        notes = [f"embedding {stages[0]['method']} " + ", ".join(
+            f"{k}={v}" for k, v in stages[0].items() if k in ("bits", "rank"))]
+        planned = _fit_blocks(spec, blocks, bias, slope, left, stages, notes)
+        if planned is not None:
+            break
+    else:
+        cost = min(b + s for b, s in zip(bias, slope))
+        smallest = (fixed + min(embedding_bits(embedding, o) for o in EMBEDDING_LADDER) + cost) / params
+        raise UserError(f"target {target_bpw:.4f} bpw ({16 / target_bpw:.0f}x) is beyond reach: the "
+                        f"smallest pipeline (one block of rank-1 factors, a rank-1 embedding) is "
+                        f"{smallest:.4f} bpw ({16 / smallest:.1f}x); ask for at most that ratio")
+    planned = budget - left + planned
+    if distill_steps:
+        stages.append({"method": "distill", "steps": distill_steps, "batch": 8, "lr": 1e-4})
+        notes.append(f"distillation {distill_steps} steps")
+    return PipelinePlan(target_bpw, stages, planned, params, notes)
+
+
+def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int, stages: list, notes: list
+                ) -> int | None:
+    """Append the block stages that fit `left` bits (low-rank factors; blocks removed if rank 1 does
+    not fit); returns the bits they use, or None if not even one block of rank 1 fits."""
+    if left >= sum(bias) + sum(slope):
+        rank = int((left - sum(bias)) // sum(slope))
+        spare = left - sum(bias) - rank * sum(slope)
+        upgraded = 0
+        while upgraded < blocks and slope[upgraded] <= spare:
+            spare -= slope[upgraded]
+            upgraded += 1
+        if upgraded:
+            stages.append({"method": "svd", "rank": rank + 1, "targets": _block_targets(spec, range(upgraded))})
+        stages.append({"method": "svd", "rank": rank, **({"ignore": _block_targets(spec, range(upgraded))}
+                                                         if upgraded else {})})
+        notes.append(f"svd rank {rank} ({upgraded} of {blocks} blocks at rank {rank + 1})")
+        return left - spare
+    # the kept blocks are chosen by measured influence at compress time: plan for the costliest
+    cost = sorted((b + s for b, s in zip(bias, slope)), reverse=True)
+    keep = blocks
+    while keep > 0 and sum(cost[:keep]) > left:
+        keep -= 1
+    if keep == 0:
+        return None
+    stages.insert(0, {"method": "structured", "drop_layers": blocks - keep, "mlp_keep": 1.0})
+    stages.append({"method": "svd", "rank": 1})
+    notes.append(f"{blocks - keep} of {blocks} blocks removed (lowest block influence); svd rank 1")
+    return sum(cost[:keep])
+
+
+def _block_targets(spec, indices) -> list[str]:
+    return [rf"^{re.escape(spec.blocks)}\.{i}\." for i in indices]
