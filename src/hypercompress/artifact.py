@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -106,10 +106,23 @@ def lossless_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], level: 
                    "report": dict(sorted(report.items()))}
 
 
+def stored_bytes(model: nn.Module, lossless: int | None = None) -> int:
+    """Exact size of the model.safetensors `save` would write (header included), without writing."""
+    from safetensors.torch import save as serialize
+
+    tensors, _ = tensors_to_save(model)
+    if lossless is not None:
+        tensors, _ = lossless_tensors(model, tensors, lossless)
+    return len(serialize(tensors, metadata={"format": "pt"}))
+
+
 def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[dict[str, Any]],
-         original_params: int, extra: dict[str, Any] | None = None, lossless: int | None = None) -> Path:
+         original_params: int, extra: dict[str, Any] | None = None, lossless: int | None = None,
+         documents: Callable[[int], dict[str, str]] | None = None) -> Path:
     """Write the artifact atomically; refuses an existing non-empty `out_dir`. `lossless` (a zstd
-    level, 1..22) stores every tensor byte-grouped and zstd-coded; the bytes counted are the coded ones."""
+    level, 1..22) stores every tensor byte-grouped and zstd-coded; the bytes counted are the coded ones.
+    `documents(safetensors_bytes)` returns text files (name -> content, e.g. the summary) written
+    into the artifact and hashed with it."""
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
@@ -128,6 +141,8 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
             del config.quantization_config
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (documents((tmp / WEIGHTS).stat().st_size) if documents else {}).items():
+            (tmp / name).write_text(text)
         bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
         manifest = {
             "format": "hypercompress",

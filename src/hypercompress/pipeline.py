@@ -20,10 +20,12 @@ before anything is compressed:
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .arch import arch_of, block_linear_names
@@ -44,6 +46,7 @@ class PipelinePlan:
     planned_bits: int
     params: int
     notes: list[str] = field(default_factory=list)
+    reached_bpw: float | None = None  # measured by fit_pipeline: the file's bytes x 8 / params
 
     @property
     def planned_bpw(self) -> float:
@@ -148,3 +151,31 @@ def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int,
 
 def _block_targets(spec, indices) -> list[str]:
     return [rf"^{re.escape(spec.blocks)}\.{i}\." for i in indices]
+
+
+def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None, distill_steps: int = 0,
+                 lossless: int | None = None, tolerance: float = 0.02, attempts: int = 4) -> PipelinePlan:
+    """plan_pipeline, then measured: each attempt compresses a copy (without the distillation, which
+    does not change the size) and counts the bytes the artifact file would have (safetensors
+    header and the lossless stage included); the planning budget is rescaled by target / reached
+    until the file is within `tolerance` of the target. Returns the last plan, `reached_bpw` set."""
+    from .api import compress
+    from .artifact import stored_bytes
+    from .recipe import Recipe
+
+    scale, best = 1.0, None
+    params = count_params(model)
+    for _ in range(attempts):
+        plan = plan_pipeline(model, target_bpw * scale, distill_steps)
+        trial = copy.deepcopy(model)
+        compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]), calib)
+        plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
+        del trial
+        if plan.reached_bpw <= target_bpw * (1 + tolerance) and (
+                best is None or best.reached_bpw > target_bpw * (1 + tolerance)
+                or plan.reached_bpw > best.reached_bpw):
+            best = plan
+        if abs(plan.reached_bpw / target_bpw - 1) <= tolerance:
+            return plan
+        scale *= target_bpw / plan.reached_bpw
+    return best or plan

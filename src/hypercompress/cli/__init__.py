@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import compress, env, evaluate, inspect
+from . import compress, env, evaluate, inspect, plot
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make Hugging Face causal LMs smaller; measure what it cost.")
@@ -26,6 +26,7 @@ app.command("compress")(compress.compress)
 app.command("evaluate")(evaluate.evaluate)
 app.command("inspect")(inspect.inspect)
 app.command("env")(env.env)
+app.command("plot")(plot.plot)
 
 
 def main() -> None:

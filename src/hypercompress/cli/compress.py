@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,12 +13,14 @@ from rich.table import Table
 
 from .. import artifact
 from ..api import compress as compress_model
-from ..data import calibration_samples, read_text, tokenize
+from ..data import calibration_samples, read_text, tokenize, windows
+from ..eval import protocol_text
 from ..errors import UserError
 from ..models import load_model
 from ..modules import count_params
 from ..recipe import PlanTarget, Recipe, load_recipe_file
 from ..registry import get_method
+from ..summary import SUMMARY_JSON, BranchMeter, branch_rows, documents
 from .common import console, err_console, one_line_errors, progress_bar, write_json
 
 
@@ -46,6 +49,9 @@ def compress(
     distill: bool = typer.Option(False, "--distill", help="with a size target below the quantization "
                                  "floor: train the low-rank factors against the original (recovery)"),
     distill_steps: int = typer.Option(600, "--distill-steps", help="distillation steps (8 x calib-len tokens each)"),
+    eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
+                                            "every branch in the summary (e.g. ../shared/data/wikitext2_test.txt)"),
+    eval_windows: int = typer.Option(16, "--eval-windows", help="512-token windows of --eval measured per branch"),
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     target = _target(target_bpw, target_ratio, recipe, method, overrides)
@@ -80,6 +86,7 @@ def compress(
         raise UserError("this recipe calibrates (gptq, ...): pass --calib FILE "
                         "(e.g. ../shared/data/wikitext2_valid_tokenized.txt; never the test text)")
     calib_text = read_text(calib) if calib else None
+    evaluation = read_text(eval_text) if eval_text else None
     torch.manual_seed(seed)
     start = time.perf_counter()
     with err_console.status(f"loading {model}"):
@@ -90,19 +97,36 @@ def compress(
     if calibrated:
         samples = calibration_samples(tokenize(loaded.tokenizer, calib_text), calib_samples,
                                       calib_len, seed)
+    meter, baseline, protocol = None, None, None
+    if evaluation is not None:
+        ids = tokenize(loaded.tokenizer, evaluation)
+        chunks = windows(ids, 512, eval_windows)
+        protocol = protocol_text(eval_text, 512, chunks.shape[0], ids.numel() // 512, torch.float32,
+                                 "the uncompressed model")
+        meter = BranchMeter(loaded.model, chunks, protocol)
+        with err_console.status("measuring the original"):
+            baseline = meter(loaded.model)
     tick = time.perf_counter()
     allocation = None
     if target is not None:
-        plan, allocation = _planned_recipe(loaded.model, target, samples, distill_steps if distill else 0)
+        plan, allocation = _planned_recipe(loaded.model, target, samples, distill_steps if distill else 0,
+                                           lossless)
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
                                 progress=lambda i, m, done, total: update(done, total, m),
                                 device=device, batch_size=calib_batch,
-                                checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume)
+                                checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
+                                after_stage=meter)
     compress_seconds = time.perf_counter() - tick
+    if target is not None:
+        _check_target(artifact.stored_bytes(loaded.model, lossless) * 8 / original_params, target)
+    del meter
+    summary_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
+        "model": model, "recipe": plan.to_list(), "protocol": protocol,
+        "branches": branch_rows(report["stages"], original_params, baseline, size, lossless)})
     path = artifact.save(loaded.model, loaded.tokenizer, out, recipe=plan.to_list(),
                          original_params=original_params,
-                         extra={"source_model": model, "seed": seed}, lossless=lossless)
+                         extra={"source_model": model, "seed": seed}, lossless=lossless, documents=summary_of)
     manifest = artifact.read_manifest(path)
     summary = {
         "model": model, "out": str(path), "recipe": plan.to_list(), "stages": report["stages"],
@@ -110,9 +134,18 @@ def compress(
         "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
         "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
         "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
+        "branches": json.loads((path / SUMMARY_JSON).read_text())["branches"], "protocol": protocol,
     }
     _print(summary)
     write_json(report_json, summary)
+
+
+def _check_target(bpw: float, target: PlanTarget) -> None:
+    """A size target is met within 2% (the file's bytes, lossless stage included) or refused."""
+    if bpw > target.bits_per_weight * 1.02:
+        raise UserError(f"the plan reached {bpw:.4f} bpw ({16 / bpw:.2f}x), not the target "
+                        f"{target.bits_per_weight:.4f} bpw ({16 / target.bits_per_weight:.2f}x) within 2%; "
+                        f"ask for at most {16 / bpw:.2f}x")
 
 
 def _target(bpw: Optional[float], ratio: Optional[float], recipe, method,
@@ -137,19 +170,20 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
 
 
-def _planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0):
+def _planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None):
     """Above the quantization floor: measure sensitivities on the first 256 tokens of one calibration
     window and plan per-module options; below it: the hybrid pipeline (pipeline.py)."""
-    from ..pipeline import plan_pipeline
+    from ..pipeline import fit_pipeline
     from ..planner import floor_bpw, option_label, plan_bits, plan_recipe
 
     floor = floor_bpw(model, target.group_size)
     if target.bits_per_weight < floor:
-        pipeline = plan_pipeline(model, target.bits_per_weight, distill_steps)
+        with err_console.status("fitting the pipeline to the target (trial compressions)"):
+            pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless)
         console.print(f"pipeline for {target.bits_per_weight:.4f} bpw (below the quantization floor "
-                      f"{floor:.3f}): {pipeline.planned_bpw:.4f} bpw planned | " + " | ".join(pipeline.notes))
+                      f"{floor:.3f}): {pipeline.reached_bpw:.4f} bpw as stored | " + " | ".join(pipeline.notes))
         return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
-                {"route": "pipeline", "planned_bits_per_weight": pipeline.planned_bpw,
+                {"route": "pipeline", "planned_bits_per_weight": pipeline.reached_bpw,
                  "quantization_floor_bpw": floor, "notes": pipeline.notes})
     if distill_steps:
         raise UserError(f"--distill trains low-rank factors, used below the quantization floor "
@@ -182,14 +216,19 @@ def _recipe(recipe: Optional[Path], method: Optional[str]) -> "Recipe | PlanTarg
 
 def _print(summary: dict) -> None:
     table = Table(title=f"compressed {summary['model']} -> {summary['out']}")
-    for column in ("stage", "method", "modules", "seconds"):
-        table.add_column(column)
-    for stage in summary["stages"]:
-        table.add_row(str(stage["stage"]), stage["method"], str(stage["modules"]), str(stage["seconds"]))
+    for column in ("branch", "weights", "bytes", "bpw", "ratio", "ppl", "KL", "seconds"):
+        table.add_column(column, justify="left" if column == "branch" else "right")
+    seconds = {f"{st['stage']}: {st['method']}": str(st["seconds"]) for st in summary["stages"]}
+    for r in summary["branches"]:
+        quality = [f"{r[k]:.4g}" if r.get(k) is not None else "-" for k in ("ppl", "kl")]
+        table.add_row(r["branch"], f"{r['weights']:,}", f"{r['bytes']:,}", f"{r['bits_per_weight']:.4f}",
+                      f"{r['ratio_vs_16bit']:.2f}x", *quality, seconds.get(r["branch"], "-"))
     console.print(table)
+    if summary["protocol"]:
+        console.print(f"quality: {summary['protocol']}")
     console.print(
         f"original params {summary['original_params']:,} | safetensors {summary['safetensors_bytes']:,} B"
-        f" | {summary['bits_per_weight']:.3f} bits per weight (whole model, all tensors)"
+        f" | {summary['bits_per_weight']:.4f} bits per weight (whole model, all tensors)"
         f" | {16 / summary['bits_per_weight']:.2f}x vs 16-bit | compress {summary['compress_seconds']} s"
         f" | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['device']})"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -11,6 +12,7 @@ from rich.table import Table
 from safetensors import safe_open
 
 from .. import artifact
+from ..summary import SUMMARY_JSON
 from .common import console, one_line_errors, write_json
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16,
@@ -61,6 +63,8 @@ def artifact_summary(path: Path) -> dict[str, Any]:
         "aliases": manifest["aliases"],
         "recipe": manifest["recipe"],
         "modules": modules,
+        "branches": _branches(path),
+        "protocol": _summary(path).get("protocol"),
         "lossless": coding and {"codec": coding["codec"], "level": coding["level"], "report": coding["report"]},
     }
 
@@ -88,6 +92,8 @@ def inspect(
     console.print(table)
     if summary["lossless"]:
         _print_lossless(summary["lossless"])
+    if summary["branches"]:
+        _print_branches(summary["branches"], summary["protocol"])
     console.print(
         f"original params {summary['params']:,} | model.safetensors {summary['safetensors_bytes']:,} B"
         f" | {summary['bits_per_weight']:.4f} bits per weight | {summary['ratio_vs_16bit']:.2f}x vs 16-bit"
@@ -104,3 +110,25 @@ def _print_lossless(coding: dict[str, Any]) -> None:
         table.add_row(kind, str(row["tensors"]), f"{row['raw_bytes']:,}", f"{row['coded_bytes']:,}",
                       f"{row['ratio']:.3f}")
     console.print(table)
+
+
+def _summary(path: Path) -> dict[str, Any]:
+    file = path / SUMMARY_JSON
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _branches(path: Path) -> list[dict[str, Any]]:
+    return _summary(path).get("branches", [])
+
+
+def _print_branches(branches: list[dict[str, Any]], protocol: str | None) -> None:
+    table = Table(title="per branch (summary.json)")
+    for column in ("branch", "weights", "bytes", "bpw", "ratio", "ppl", "KL", "top-1"):
+        table.add_column(column, justify="left" if column == "branch" else "right")
+    for r in branches:
+        quality = [f"{r[k]:.4g}" if r.get(k) is not None else "-" for k in ("ppl", "kl", "top1")]
+        table.add_row(r["branch"], f"{r['weights']:,}", f"{r['bytes']:,}", f"{r['bits_per_weight']:.4f}",
+                      f"{r['ratio_vs_16bit']:.2f}x", *quality)
+    console.print(table)
+    if protocol:
+        console.print(f"quality: {protocol}")

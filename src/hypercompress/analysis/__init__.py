@@ -1,0 +1,1 @@
+"""Analysis: rate-distortion curves of compression runs."""

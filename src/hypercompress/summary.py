@@ -1,0 +1,70 @@
+"""The compression summary: what each branch (recipe stage, then the lossless stage) did to the size
+and, when evaluation text is given, to the quality; written into the artifact as summary.json and
+summary.md, shown by `inspect`.
+
+Per branch: weights computed with (structural pruning lowers it), stored bytes, whole-model bits per
+weight (stored bits / original parameters), ratio vs 16-bit, and perplexity / KL(original || model) /
+top-1 on the evaluation windows, measured right after the branch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from .eval import evaluate_windows
+
+SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
+
+
+class BranchMeter:
+    """Measures a model after each branch against a frozen copy of the original."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, protocol: str, batch: int = 4):
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        self.windows, self.protocol, self.batch = windows, protocol, batch
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        result = evaluate_windows(model.eval(), self.windows, self.batch, self.teacher)
+        return {k: result[k] for k in ("ppl", "kl", "top1")}
+
+
+def branch_rows(stages: list[dict[str, Any]], params: int, baseline: dict[str, Any] | None,
+                safetensors_bytes: int, lossless: int | None) -> list[dict[str, Any]]:
+    """One row per branch: the original, each stage, and the lossless stage when it ran."""
+    def row(branch: str, weights: int, bits: int, quality: dict[str, Any] | None) -> dict[str, Any]:
+        return {"branch": branch, "weights": weights, "bytes": bits // 8, "bits_per_weight": bits / params,
+                "ratio_vs_16bit": 16 * params / bits, **{k: (quality or {}).get(k) for k in ("ppl", "kl", "top1")}}
+
+    rows = [row("original (16-bit)", params, 16 * params, baseline)]
+    for stage in stages:
+        quality = {k: stage.get(k) for k in ("ppl", "kl", "top1")} if "ppl" in stage else None
+        rows.append(row(f"{stage['stage']}: {stage['method']}", stage["weights"], stage["storage_bits"], quality))
+    if lossless:
+        last = rows[-1]
+        rows.append(row(f"lossless (zstd {lossless})", last["weights"], 8 * safetensors_bytes,
+                        {k: last[k] for k in ("ppl", "kl", "top1")}))
+    return rows
+
+
+def documents(summary: dict[str, Any]) -> dict[str, str]:
+    """summary.json and summary.md for the artifact directory."""
+    return {SUMMARY_JSON: json.dumps(summary, indent=2, sort_keys=True) + "\n", SUMMARY_MD: markdown(summary)}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# Compression summary: {summary['model']}", "",
+             f"- recipe: `{json.dumps(summary['recipe'])}`",
+             f"- quality protocol: {summary.get('protocol') or 'not measured (no --eval text)'}", "",
+             "| branch | weights | bytes | bpw | ratio vs 16-bit | ppl | KL | top-1 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary["branches"]:
+        quality = [f"{r[k]:.4g}" if r.get(k) is not None else "n/a" for k in ("ppl", "kl", "top1")]
+        lines.append(f"| {r['branch']} | {r['weights']:,} | {r['bytes']:,} | {r['bits_per_weight']:.4f} | "
+                     f"{r['ratio_vs_16bit']:.2f}x | " + " | ".join(quality) + " |")
+    return "\n".join(lines) + "\n"

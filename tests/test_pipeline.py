@@ -1,0 +1,112 @@
+"""The hybrid pipeline: plans fit their target exactly as stored, remove blocks when factors alone
+cannot fit, refuse what no pipeline reaches; the CLI writes a per-branch summary and a plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hypercompress import artifact
+from hypercompress.api import compress
+from hypercompress.errors import UserError
+from hypercompress.modules import count_params
+from hypercompress.pipeline import fit_pipeline, plan_pipeline
+from hypercompress.recipe import Recipe
+
+from conftest import make_model
+from test_cli import assert_one_line_error, run
+
+CALIB = torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch, target", [("llama", 6.0), ("llama", 3.0), ("gpt2", 4.0)])
+def test_low_rank_plan_is_exact_and_under_target(arch, target):
+    plan = plan_pipeline(make_model(arch), target)
+    assert [s["method"] for s in plan.stages][-1] == "svd" and plan.planned_bpw <= target
+    model = make_model(arch)
+    compress(model, Recipe.from_list(plan.stages), CALIB)
+    assert artifact.storage_bits(model) == plan.planned_bits
+
+
+def test_blocks_are_removed_when_rank_one_does_not_fit():
+    plan = plan_pipeline(make_model("llama"), 1.9)
+    assert plan.stages[0] == {"method": "structured", "drop_layers": 1, "mlp_keep": 1.0}
+    model = make_model("llama")
+    compress(model, Recipe.from_list(plan.stages), CALIB)
+    assert len(model.model.layers) == 1 and artifact.storage_bits(model) <= plan.planned_bits
+
+
+def test_unreachable_target_names_the_smallest_ratio():
+    with pytest.raises(UserError, match=r"beyond reach.*\(9\.3x\); ask for at most"):
+        plan_pipeline(make_model("llama"), 1.0)
+
+
+def test_fit_counts_the_file_with_its_lossless_stage():
+    model = make_model("llama")
+    plan = fit_pipeline(model, 3.0, CALIB, lossless=10)
+    trial = make_model("llama")
+    compress(trial, Recipe.from_list(plan.stages), CALIB)
+    assert plan.reached_bpw == artifact.stored_bytes(trial, 10) * 8 / count_params(model)
+    assert plan.reached_bpw <= 3.0 * 1.02
+
+
+def test_distill_after_block_removal_matches_the_final_hidden_state():
+    model = make_model("llama")
+    plan = plan_pipeline(make_model("llama"), 1.9, distill_steps=2)
+    assert plan.stages[-1]["method"] == "distill"
+    compress(model, Recipe.from_list(plan.stages), CALIB)
+    assert torch.isfinite(model(CALIB).logits).all()
+
+
+@pytest.fixture(scope="module")
+def pipeline_artifact(model_dirs, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipe") / "llama-x8"
+    result = run("compress", model_dirs["llama"], "--target-ratio", 8, "--calib", text_file,
+                 "--calib-samples", 4, "--calib-len", 32, "--eval", text_file, "--eval-windows", 2,
+                 "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cli_target_ratio_writes_summary_and_reaches_the_ratio(pipeline_artifact):
+    manifest = json.loads((pipeline_artifact / artifact.MANIFEST).read_text())
+    assert manifest["lossless"]["level"] == 10
+    assert 16 / manifest["totals"]["bits_per_weight"] >= 8 / 1.02
+    summary = json.loads((pipeline_artifact / "summary.json").read_text())
+    branches = summary["branches"]
+    assert branches[0]["branch"] == "original (16-bit)" and branches[0]["ratio_vs_16bit"] == 1
+    assert branches[-1]["branch"].startswith("lossless")
+    assert branches[-1]["bytes"] == (pipeline_artifact / artifact.WEIGHTS).stat().st_size
+    assert all(b["ppl"] > 1 and b["kl"] is not None for b in branches)
+    assert branches[0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert "| branch |" in (pipeline_artifact / "summary.md").read_text()
+    assert "summary.json" in manifest["files"]
+
+
+def test_inspect_shows_branches_and_plot_draws_them(pipeline_artifact, tmp_path):
+    result = run("inspect", pipeline_artifact, "--json", tmp_path / "i.json")
+    assert result.exit_code == 0, result.output
+    assert "per branch" in result.output and "lossless stage" in result.output
+    assert json.loads((tmp_path / "i.json").read_text())["branches"]
+    result = run("plot", pipeline_artifact.parent, "--out", tmp_path / "rd.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--target-ratio", 1000], ["beyond reach", "ask for at most"]),
+    (["--target-ratio", 2, "--distill"], ["--distill", "quantization floor"]),
+    (["--method", "rtn", "--distill"], ["--distill goes with"]),
+    (["--method", "rtn", "--lossless", 30], ["zstd levels"]),
+])
+def test_bad_pipeline_requests(args, needles, model_dirs, text_file, tmp_path):
+    result = run("compress", model_dirs["llama"], *args, "--calib", text_file, "--calib-samples", 2,
+                 "--calib-len", 32, "--out", tmp_path / "x")
+    assert_one_line_error(result, *needles)
+    assert not (tmp_path / "x").exists()
+
+
+def test_plot_of_a_folder_without_results_is_refused(tmp_path):
+    assert_one_line_error(run("plot", tmp_path, "--out", tmp_path / "rd.png"), "no results")
