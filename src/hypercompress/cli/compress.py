@@ -109,7 +109,7 @@ def compress(
     tick = time.perf_counter()
     allocation = None
     if target is not None:
-        plan, allocation = _planned_recipe(loaded.model, target, samples, distill_steps if distill else 0,
+        plan, allocation = planned_recipe(loaded.model, target, samples, distill_steps if distill else 0,
                                            lossless)
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
@@ -170,7 +170,7 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
 
 
-def _planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None):
+def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None):
     """Above the quantization floor: measure sensitivities on the first 256 tokens of one calibration
     window and plan per-module options; below it: the hybrid pipeline (pipeline.py)."""
     from ..pipeline import fit_pipeline

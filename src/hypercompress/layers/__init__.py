@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .latent_kv import LatentKV, LatentValue
 from .low_rank import LowRankLinear
 from .low_rank_embedding import LowRankEmbedding
 from .quant_embedding import QuantEmbedding, TiedHead
@@ -17,7 +18,8 @@ def module_kinds() -> dict[str, type]:
     from ..methods.kan.method import KanLinear
 
     return {cls.kind: cls for cls in (QuantLinear, LowRankLinear, SparseLinear, QuantEmbedding, TiedHead,
-                                      LowRankEmbedding, HyperGenerator, GeneratedLinear, KanLinear)}
+                                      LowRankEmbedding, HyperGenerator, GeneratedLinear, KanLinear,
+                                      LatentKV, LatentValue)}
 
 
-__all__ = ["LowRankEmbedding", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]
+__all__ = ["LatentKV", "LatentValue", "LowRankEmbedding", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]
