@@ -24,7 +24,7 @@ CALIB = torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0
 @pytest.mark.parametrize("arch, target", [("llama", 6.0), ("llama", 3.0), ("gpt2", 4.0)])
 def test_low_rank_plan_is_exact_and_under_target(arch, target):
     plan = plan_pipeline(make_model(arch), target)
-    assert [s["method"] for s in plan.stages][-1] == "svd" and plan.planned_bpw <= target
+    assert [s["method"] for s in plan.stages][-1] == "asvd" and plan.planned_bpw <= target
     model = make_model(arch)
     compress(model, Recipe.from_list(plan.stages), CALIB)
     assert artifact.storage_bits(model) == plan.planned_bits
@@ -36,6 +36,13 @@ def test_blocks_are_removed_when_rank_one_does_not_fit():
     model = make_model("llama")
     compress(model, Recipe.from_list(plan.stages), CALIB)
     assert len(model.model.layers) == 1 and artifact.storage_bits(model) <= plan.planned_bits
+
+
+def test_embedding_option_is_the_lowest_measured_kl_within_its_share():
+    measured = {}
+    stage = plan_pipeline(make_model("llama"), 6.0, calib=CALIB, measured=measured).stages[0]
+    chosen = ("rtn", stage["bits"]) if stage["method"] == "rtn" else ("factor", stage["rank"], stage["bits"])
+    assert len(measured) > 1 and measured[chosen] == min(measured.values())
 
 
 def test_unreachable_target_names_the_smallest_ratio():

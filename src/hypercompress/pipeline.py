@@ -9,10 +9,12 @@ before anything is compressed:
 
 1. Above the quantization floor (every module at 2-bit codes, one scale per row) the budget planner
    (planner.py) allocates bits; this module handles targets below it.
-2. Embedding: the best option whose storage stays within `EMBEDDING_SHARE` of the budget, from
-   2-bit rows down to rank-1 float16 factors (the tied lm_head follows it).
-3. Block linears: truncated SVD factors of one rank r for every matrix; the first blocks get rank
-   r + 1 while bits are left (so the plan lands within one block's rank step of the target).
+2. Embedding: of the options whose storage stays within `EMBEDDING_SHARE` of the budget (2-bit rows,
+   factors of rank 64 down to 1), the one of lowest measured KL to the original on a calibration
+   window (the tied lm_head follows it); without calibration, the largest.
+3. Block linears: activation-aware low-rank factors (asvd, SVD-LLM whitening) of one rank r for
+   every matrix; the first blocks get rank r + 1 while bits are left (so the plan lands within one
+   block's rank step of the target).
 4. If even rank 1 everywhere does not fit, the lowest-influence blocks are removed (ShortGPT block
    influence, methods/structured) until rank-1 factors of the remaining blocks fit; at least one
    block stays, else the target is refused with the smallest size the pipeline reaches.
@@ -63,6 +65,20 @@ def embedding_bits(embedding: nn.Embedding, option: tuple) -> int:
     return LowRankEmbedding(vocab, dim, option[1], option[2]).storage_bits()
 
 
+@torch.no_grad()
+def embedding_kl(model: nn.Module, name: str, option: tuple, calib: torch.Tensor) -> float:
+    """KL(original || model with only the embedding compressed by `option`) on the first 256 tokens
+    of the first calibration window."""
+    from .api import compress
+    from .distill import kl_to_teacher
+    from .recipe import Recipe
+
+    ids = calib[:1, :256]
+    trial = copy.deepcopy(model)
+    compress(trial, Recipe.from_list([embedding_stage(name, option)]))
+    return kl_to_teacher(model(input_ids=ids).logits, trial(input_ids=ids).logits).item()
+
+
 def embedding_stage(name: str, option: tuple) -> dict[str, Any]:
     targets = [f"^{re.escape(name)}$"]
     if option[0] == "rtn":
@@ -77,10 +93,12 @@ def low_rank_bits(module: nn.Module, rank: int) -> int:
     return 16 * (rank * (out_features + in_features) + (out_features if bias else 0))
 
 
-def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0) -> PipelinePlan:
+def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
+                  calib: torch.Tensor | None = None, measured: dict | None = None) -> PipelinePlan:
     """Stages reaching `target_bpw` (whole-model, all stored bits / original params) by embedding
     compression, low-rank factors and, when needed, block removal; `distill_steps` > 0 appends a
-    distillation stage. Raises UserError when the target is below the smallest plan."""
+    distillation stage; `measured` keeps the embedding options' KLs between calls. Raises UserError
+    when the target is below the smallest plan."""
     from .artifact import storage_bits
 
     spec = arch_of(model.config.model_type)
@@ -97,6 +115,12 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0) -
     bias = [sum(low_rank_bits(model.get_submodule(n), 0) for n in names) for names in in_block]
     slope = [sum(low_rank_bits(model.get_submodule(n), 1) for n in names) - b for names, b in zip(in_block, bias)]
     share = [o for o in EMBEDDING_LADDER if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
+    if calib is not None and len(share) > 1:
+        measured = {} if measured is None else measured
+        for option in share:
+            if option not in measured:
+                measured[option] = embedding_kl(model, embed_name, option, calib)
+        share.sort(key=measured.get)
     rest = sorted((o for o in EMBEDDING_LADDER if o not in share), key=lambda o: embedding_bits(embedding, o))
     for option in share + rest:  # a larger share for the embedding only if no block fits beside it
         left = budget - fixed - embedding_bits(embedding, option)
@@ -131,10 +155,10 @@ def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int,
             spare -= slope[upgraded]
             upgraded += 1
         if upgraded:
-            stages.append({"method": "svd", "rank": rank + 1, "targets": _block_targets(spec, range(upgraded))})
-        stages.append({"method": "svd", "rank": rank, **({"ignore": _block_targets(spec, range(upgraded))}
+            stages.append({"method": "asvd", "rank": rank + 1, "targets": _block_targets(spec, range(upgraded))})
+        stages.append({"method": "asvd", "rank": rank, **({"ignore": _block_targets(spec, range(upgraded))}
                                                          if upgraded else {})})
-        notes.append(f"svd rank {rank} ({upgraded} of {blocks} blocks at rank {rank + 1})")
+        notes.append(f"asvd rank {rank} ({upgraded} of {blocks} blocks at rank {rank + 1})")
         return left - spare
     # the kept blocks are chosen by measured influence at compress time: plan for the costliest
     cost = sorted((b + s for b, s in zip(bias, slope)), reverse=True)
@@ -144,8 +168,8 @@ def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int,
     if keep == 0:
         return None
     stages.insert(0, {"method": "structured", "drop_layers": blocks - keep, "mlp_keep": 1.0})
-    stages.append({"method": "svd", "rank": 1})
-    notes.append(f"{blocks - keep} of {blocks} blocks removed (lowest block influence); svd rank 1")
+    stages.append({"method": "asvd", "rank": 1})
+    notes.append(f"{blocks - keep} of {blocks} blocks removed (lowest block influence); asvd rank 1")
     return sum(cost[:keep])
 
 
@@ -156,19 +180,21 @@ def _block_targets(spec, indices) -> list[str]:
 def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None, distill_steps: int = 0,
                  lossless: int | None = None, tolerance: float = 0.02, attempts: int = 4) -> PipelinePlan:
     """plan_pipeline, then measured: each attempt compresses a copy (without the distillation, which
-    does not change the size) and counts the bytes the artifact file would have (safetensors
+    does not change the size; whitened on 4 calibration windows, for speed: the sizes are those of
+    the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have (safetensors
     header and the lossless stage included); the planning budget is rescaled by target / reached
     until the file is within `tolerance` of the target. Returns the last plan, `reached_bpw` set."""
     from .api import compress
     from .artifact import stored_bytes
     from .recipe import Recipe
 
-    scale, best = 1.0, None
+    scale, best, measured = 1.0, None, {}
     params = count_params(model)
     for _ in range(attempts):
-        plan = plan_pipeline(model, target_bpw * scale, distill_steps)
-        trial = copy.deepcopy(model)
-        compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]), calib)
+        plan = plan_pipeline(model, target_bpw * scale, distill_steps, calib, measured)
+        trial = copy.deepcopy(model)  # a few calibration windows: the factors' values, not their quality
+        compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]),
+                 None if calib is None else calib[:4])
         plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
         del trial
         if plan.reached_bpw <= target_bpw * (1 + tolerance) and (
