@@ -157,7 +157,7 @@ def main() -> None:
     r.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     r.add_argument("--ratios", default="8,16,32,100,1000")
     r.add_argument("--distill-steps", type=int, default=0, help="0: no recovery; else steps of 8 x 512 tokens")
-    r.add_argument("--calib-samples", type=int, default=128)
+    r.add_argument("--calib-samples", type=int, default=32, help="calibration windows (the CLI's default)")
     r.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the whole test)")
     r.add_argument("--calib-text", default="../shared/data/wikitext2_valid_tokenized.txt")
     r.add_argument("--test-text", default="../shared/data/wikitext2_test.txt")

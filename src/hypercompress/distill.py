@@ -41,6 +41,7 @@ class DistillSettings:
     seed: int = 0
     checkpoint_every: int = 50
     log_dir: str | None = None
+    optimizer: str = "adamw"   # or "adafactor" (factored second moments: low memory, Shazeer & Stern 2018)
 
 
 def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -67,12 +68,17 @@ def block_losses(teacher_hidden, student_hidden) -> tuple[torch.Tensor, torch.Te
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: dict[str, nn.Parameter],
             refresh: Callable[[], None], settings: DistillSettings, device: str = "cpu",
             checkpoint_dir: Path | None = None, resume: bool = False,
-            progress: TrainProgress | None = None) -> list[dict[str, float]]:
+            progress: TrainProgress | None = None,
+            after_step: Callable[[int, torch.optim.Optimizer], None] | None = None) -> list[dict[str, float]]:
     """Train `params` (by name) so that `student` matches `teacher` on `windows` (N, T) token ids.
 
     Returns the history: one dict per step (loss, kl, local, stability, tokens_per_second).
+    `after_step(step, optimizer)` runs after every update (ReLoRA merges).
     """
-    optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
+    if settings.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(params.values(), lr=settings.lr, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(settings.steps, 1), 1))))
     start = 0
@@ -100,6 +106,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         schedule.step()
+        if after_step is not None:
+            after_step(step + 1, optimizer)
         seconds = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "local": local.item(),
                   "stability": stability.item(), "tokens_per_second": batch.numel() / seconds}
@@ -129,13 +137,14 @@ def _tensorboard(log_dir: str | None):
 
 
 def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Trainable tensors and every tensor of the optimizer's state (AdamW moments, Adafactor's
+    factored ones), as safetensors; the step as JSON."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
     for name, p in params.items():
-        state = optimizer.state.get(p, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                tensors[f"{key}.{name}"] = state[key].detach().cpu().contiguous()
+        for key, value in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(value) and key != "step":
+                tensors[f"state.{key}.{name}"] = value.detach().cpu().contiguous()
     tmp = directory / "distill.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(directory / "distill.safetensors")
@@ -150,10 +159,25 @@ def _restore(directory: Path, params, optimizer, schedule) -> int:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
-            if f"exp_avg.{name}" in tensors:
-                optimizer.state[p] = {"step": torch.tensor(float(step)),
-                                      "exp_avg": tensors[f"exp_avg.{name}"].to(p.device),
-                                      "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device)}
+            state = {k.split(".", 2)[1]: v.to(p.device) for k, v in tensors.items()
+                     if k.startswith("state.") and k.split(".", 2)[2] == name}
+            if state:
+                optimizer.state[p] = {"step": torch.tensor(float(step)), **state}
     for _ in range(step):
         schedule.step()
     return step
+
+
+def teacher_samples(teacher: nn.Module, prompts: torch.Tensor, length: int, seed: int = 0,
+                    prompt_tokens: int = 8) -> torch.Tensor:
+    """Training windows written by the teacher: each row of `prompts` (N, T) gives its first
+    `prompt_tokens` tokens, the teacher samples the rest (temperature 1, no truncation) up to
+    `length`; seeded. (N, length) token ids. Data that is the teacher's own distribution, not the
+    calibration text's, guards against fitting one domain."""
+    torch.manual_seed(seed)
+    device = next(teacher.parameters()).device
+    with torch.no_grad():
+        out = teacher.generate(prompts[:, :prompt_tokens].to(device), do_sample=True, top_k=0, top_p=1.0,
+                               temperature=1.0, max_new_tokens=length - prompt_tokens,
+                               min_new_tokens=length - prompt_tokens, pad_token_id=0)
+    return out[:, :length].cpu()

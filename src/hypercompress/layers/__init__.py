@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .latent_kv import LatentKV, LatentValue
+from .lora import LoRALinear
 from .low_rank import LowRankLinear
 from .low_rank_embedding import LowRankEmbedding
 from .quant_embedding import QuantEmbedding, TiedHead
@@ -19,7 +20,7 @@ def module_kinds() -> dict[str, type]:
 
     return {cls.kind: cls for cls in (QuantLinear, LowRankLinear, SparseLinear, QuantEmbedding, TiedHead,
                                       LowRankEmbedding, HyperGenerator, GeneratedLinear, KanLinear,
-                                      LatentKV, LatentValue)}
+                                      LatentKV, LatentValue, LoRALinear)}
 
 
-__all__ = ["LatentKV", "LatentValue", "LowRankEmbedding", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]
+__all__ = ["LatentKV", "LatentValue", "LoRALinear", "LowRankEmbedding", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear", "TiedHead", "module_kinds"]

@@ -1,9 +1,17 @@
 """`distill`: train what earlier stages left trainable against the frozen teacher (KD recovery).
 
 Trains, by distill.py's loss (KL on logits + per-block output matching + activation stability):
-the factors U, V of every LowRankLinear (SVD / ASVD stages), and the norms' weights when
-`train_norms`. Factors are trained in float32 and stored back in float16 (their stored dtype), so
-the artifact's size does not change; only the numbers in it do.
+- the factors U, V of every LowRankLinear (SVD / ASVD stages);
+- the scales of every QuantLinear (`train_scales`; the codes stay: PEQA, Kim et al. 2023);
+- LoRA adapters (`lora_rank` > 0) put on the other compressed linears (layers/lora.py; they are
+  stored, and counted, with the artifact); `relora_every` > 0 folds them into their base every
+  that many steps and restarts them (ReLoRA, Lialin et al. 2023), so the stored adapter carries
+  only what the last cycle learned;
+- the norms' weights (`train_norms`).
+Data: the calibration windows, or windows the teacher writes itself from their first tokens
+(`data: teacher`). AdamW by default, Adafactor (`optimizer: adafactor`) to save memory. Everything
+is trained in float32 and stored back in its stored dtype (float16), so the artifact's size does
+not change unless adapters were added.
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..distill import DistillSettings, distill
+from ..distill import DistillSettings, distill, teacher_samples
 from ..errors import UserError
-from ..layers import LowRankLinear
+from ..layers import LowRankLinear, QuantLinear, SparseLinear
+from ..layers.lora import LoRALinear
+from ..modules import replace_module
 from ..registry import register
 from .base import WholeModelMethod
 
@@ -30,12 +40,29 @@ class DistillConfig(MethodConfig):
     local_weight: float = 0.1
     stability_weight: float = 0.01
     train_norms: bool = True
+    train_scales: bool = True       # QuantLinear scales (codes fixed)
+    lora_rank: int = 0              # adapters on compressed linears other than low-rank ones
+    relora_every: int = 0           # merge adapters into their base and restart them every N steps
+    optimizer: str = "adamw"        # or "adafactor"
+    data: str = "calib"             # or "teacher": windows sampled from the teacher
     log_dir: str | None = None
     seed: int = 0
 
     def validate(self) -> None:
         check(self.steps >= 1 and self.batch >= 1, "steps and batch must be >= 1")
         check(self.lr > 0, f"lr={self.lr}: must be positive")
+        check(self.lora_rank >= 0 and self.relora_every >= 0, "lora_rank and relora_every must be >= 0")
+        check(self.relora_every == 0 or self.lora_rank > 0, "relora_every needs lora_rank > 0")
+        check(self.optimizer in ("adamw", "adafactor"), f"optimizer={self.optimizer!r}: adamw or adafactor")
+        check(self.data in ("calib", "teacher"), f"data={self.data!r}: calib or teacher")
+
+
+def _train(module: nn.Module, key: str, params: dict[str, nn.Parameter], name: str) -> None:
+    """Turn buffer `key` of `module` into a float32 parameter registered in `params`."""
+    param = nn.Parameter(getattr(module, key).float())
+    del module._buffers[key]
+    module.register_parameter(key, param)
+    params[f"{name}.{key}"] = param
 
 
 @register("distill", DistillConfig)
@@ -43,35 +70,74 @@ class Distill(WholeModelMethod):
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
         c = self.config
+        if c.relora_every and resume:
+            raise UserError("relora_every changes the stored bases, which checkpoints do not hold: "
+                            "rerun without --resume, or set relora_every=0")
         torch.manual_seed(c.seed)
-        factors = [(n, m) for n in names if isinstance(m := model.get_submodule(n), LowRankLinear)]
-        if not factors:
-            raise UserError("distill trains low-rank factors: put an svd or asvd stage before it "
-                            "(no LowRankLinear among the selected modules)")
+        generator = torch.Generator().manual_seed(c.seed)
         params: dict[str, nn.Parameter] = {}
-        for name, module in factors:
-            for key in ("U", "V"):
-                param = nn.Parameter(getattr(module, key).float())
-                del module._buffers[key]
-                module.register_parameter(key, param)
-                params[f"{name}.{key}"] = param
+        stored: list[tuple[nn.Module, str]] = []  # (module, key) turned into parameters
+        adapters: list[LoRALinear] = []
+        for name in names:
+            module = model.get_submodule(name)
+            if isinstance(module, LowRankLinear):
+                keys = ["U", "V"]
+            elif c.lora_rank and isinstance(module, (QuantLinear, SparseLinear)):
+                if c.relora_every and not isinstance(module, QuantLinear):
+                    raise UserError(f"relora_every merges adapters into quantized layers; {name} is "
+                                    f"{module.kind}: set relora_every=0")
+                module = LoRALinear.wrap(module, min(c.lora_rank, module.in_features, module.out_features), generator)
+                replace_module(model, name, module)
+                adapters.append(module)
+                keys = ["A", "B"]
+            else:
+                keys = []
+            if isinstance(getattr(module, "base", module), QuantLinear) and c.train_scales:
+                target = getattr(module, "base", module)
+                _train(target, "scales", params, f"{name}.base" if target is not module else name)
+                stored.append((target, "scales"))
+            for key in keys:
+                _train(module, key, params, name)
+                stored.append((module, key))
         if c.train_norms:
             for name, module in model.named_modules():
                 if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
                     module.weight.requires_grad_(True)
                     params[f"{name}.weight"] = module.weight
+        if not stored:
+            raise UserError("distill finds nothing to train among the selected modules: put an svd/asvd "
+                            "or quantization stage before it (or set lora_rank for sparse layers)")
         model.to(device)
         teacher.to(device)
+        windows = calib if c.data == "calib" else teacher_samples(teacher, calib, calib.shape[1], c.seed)
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
-                                   log_dir=c.log_dir)
-        distill(model, teacher, calib, params, lambda: None, settings, device,
-                None if checkpoint_dir is None else Path(checkpoint_dir) / "distill", resume, progress)
+                                   log_dir=c.log_dir, optimizer=c.optimizer)
+        distill(model, teacher, windows, params, lambda: None, settings, device,
+                None if checkpoint_dir is None else Path(checkpoint_dir) / "distill", resume, progress,
+                after_step=self._relora(adapters, generator) if c.relora_every else None)
         model.to("cpu")
         teacher.to("cpu")
         with torch.no_grad():
-            for name, module in factors:
-                for key in ("U", "V"):
-                    value = getattr(module, key).detach().to(torch.float16)
-                    del module._parameters[key]
-                    module.register_buffer(key, value)
+            for module, key in stored:
+                value = getattr(module, key).detach().to(torch.float16)
+                del module._parameters[key]
+                module.register_buffer(key, value)
         model.requires_grad_(False)
+
+    def _relora(self, adapters: list[LoRALinear], generator: torch.Generator):
+        """Every relora_every steps: fold each adapter into its base, re-draw A, zero B, forget the
+        adapter's optimizer state (the parameters stay the same objects)."""
+        every = self.config.relora_every
+
+        @torch.no_grad()
+        def after_step(step: int, optimizer: torch.optim.Optimizer) -> None:
+            if step % every or step == self.config.steps:
+                return
+            for adapter in adapters:
+                adapter.merge_into_base()
+                bound = 1 / adapter.in_features ** 0.5
+                adapter.A.copy_((torch.rand(adapter.A.shape, generator=generator) * 2 - 1) * bound)
+                for param in (adapter.A, adapter.B):
+                    optimizer.state.pop(param, None)
+
+        return after_step

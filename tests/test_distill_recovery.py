@@ -1,0 +1,117 @@
+"""Distillation recovery beyond low-rank factors: quantization scales, LoRA adapters on compressed
+layers (stored and counted), ReLoRA merges into the quantized base, Adafactor, teacher-written data,
+optimizer state in checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypercompress import artifact
+from hypercompress.api import compress
+from hypercompress.distill import kl_to_teacher, teacher_samples
+from hypercompress.errors import UserError
+from hypercompress.layers import LoRALinear
+from hypercompress.modules import count_params
+from hypercompress.recipe import Recipe
+
+from conftest import make_model, make_tokenizer
+
+CALIB = torch.randint(1, 121, (8, 32), generator=torch.Generator().manual_seed(0))
+RTN = {"method": "rtn", "bits": 2, "group_size": 32}
+
+
+def kl(model) -> float:
+    with torch.no_grad():
+        return kl_to_teacher(make_model("llama")(CALIB).logits, model(CALIB).logits).item()
+
+
+def recovered(**config):
+    model = make_model("llama")
+    compress(model, Recipe.from_list([RTN, {"method": "distill", "steps": 30, "lr": 3e-3, **config}]), CALIB)
+    return model
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    model = make_model("llama")
+    compress(model, Recipe.from_list([RTN]), CALIB)
+    return model
+
+
+def test_training_scales_lowers_kl_and_keeps_codes_and_size(quantized):
+    model = recovered(train_norms=False)
+    assert kl(model) < 0.9 * kl(quantized)
+    assert artifact.storage_bits(model) == artifact.storage_bits(quantized)
+    layer, before = model.model.layers[0].mlp.up_proj, quantized.model.layers[0].mlp.up_proj
+    assert torch.equal(layer.qweight, before.qweight) and not torch.equal(layer.scales, before.scales)
+    assert layer.scales.dtype == torch.float16 and "scales" in layer._buffers
+
+
+def test_lora_adapters_are_stored_counted_and_reload(quantized, tmp_path):
+    model = recovered(lora_rank=4, train_scales=False)
+    assert isinstance(model.model.layers[0].mlp.up_proj, LoRALinear)
+    assert kl(model) < 0.9 * kl(quantized)
+    extra = sum(m.A.numel() + m.B.numel() for m in model.modules() if isinstance(m, LoRALinear)) * 16
+    assert artifact.storage_bits(model) == artifact.storage_bits(quantized) + extra
+    path = artifact.save(model, make_tokenizer(), tmp_path / "a", recipe=[], original_params=count_params(make_model("llama")))
+    reloaded, _ = artifact.load(path)
+    assert torch.equal(reloaded(CALIB).logits, model(CALIB).logits)
+
+
+def test_merge_folds_the_adapter_into_the_quantized_codes():
+    base = make_model("llama")
+    compress(base, Recipe.from_list([RTN]), CALIB)
+    layer = base.model.layers[0].mlp.up_proj
+    adapter = LoRALinear.wrap(layer, 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapter.B.copy_(torch.randn(adapter.B.shape) * 0.5)
+    codes, old = layer.qweight.clone(), layer.dense_weight()
+    target = adapter.dense_weight()
+    adapter.merge_into_base()
+    assert not torch.equal(layer.qweight, codes) and adapter.B.abs().sum() == 0
+    # each weight moves to the grid point nearest W + B A: never farther than it was
+    new_error, old_error = (layer.dense_weight() - target).abs(), (old - target).abs()
+    assert (new_error <= old_error + 1e-6).all() and new_error.mean() < 0.8 * old_error.mean()
+
+
+def test_relora_runs_and_adafactor_and_teacher_data_train(quantized):
+    assert kl(recovered(lora_rank=4, relora_every=10)) < kl(quantized)
+    assert kl(recovered(optimizer="adafactor")) < kl(quantized)
+    assert kl(recovered(data="teacher")) < kl(quantized)
+
+
+def test_teacher_samples_are_seeded_and_keep_the_prompts():
+    teacher = make_model("llama")
+    a, b = teacher_samples(teacher, CALIB, 32, seed=3), teacher_samples(teacher, CALIB, 32, seed=3)
+    assert a.shape == (8, 32) and torch.equal(a, b) and torch.equal(a[:, :8], CALIB[:, :8])
+    assert not torch.equal(a, CALIB)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"relora_every": 5}, "needs lora_rank"), ({"optimizer": "sgd"}, "adamw or adafactor"),
+    ({"data": "web"}, "calib or teacher"),
+])
+def test_bad_distill_settings_are_refused(config, message):
+    with pytest.raises(UserError, match=message):
+        Recipe.from_list([{"method": "distill", **config}])
+
+
+def test_nothing_to_train_is_refused():
+    with pytest.raises(UserError, match="nothing to train"):
+        compress(make_model("llama"), Recipe.single("distill"), CALIB)
+
+
+def test_adafactor_state_survives_a_checkpoint(tmp_path):
+    from hypercompress.distill import DistillSettings, distill
+
+    student, teacher = make_model("llama"), make_model("llama")
+    compress(student, Recipe.from_list([{"method": "svd", "rank": 4}]), CALIB)
+    layer = student.model.layers[0].mlp.up_proj
+    params = {"U": torch.nn.Parameter(layer.U.float())}
+    del layer._buffers["U"]
+    layer.register_parameter("U", params["U"])
+    settings = DistillSettings(4, 2, 1e-3, optimizer="adafactor", checkpoint_every=2)
+    distill(student, teacher, CALIB, params, lambda: None, settings, checkpoint_dir=tmp_path)
+    from safetensors.torch import load_file
+    assert any(k.startswith("state.") for k in load_file(str(tmp_path / "distill.safetensors")))
