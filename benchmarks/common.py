@@ -65,3 +65,32 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def merge_runs(name: str, title: str, files: list[str], arrange) -> None:
+    """Rows of run files (written on the GPU machine or elsewhere) into results/NAME.json, then
+    RESULTS.md. `arrange(old_rows, new_rows)` returns the table's rows (which old ones to keep,
+    the order); machines and commands accumulate, the commands with machine paths replaced."""
+    import re
+
+    from report import render
+
+    old_path = RESULTS / f"{name}.json"
+    old = json.loads(old_path.read_text()) if old_path.exists() else {"rows": []}
+    rows, protocol, machines, commands = [], old.get("protocol"), set(), []
+    if old.get("machine"):
+        machines.update(old["machine"].split(" | "))
+    for file in files:
+        data = json.loads(Path(file).read_text())
+        rows += data["rows"]
+        protocol = protocol or data["protocol"]
+        machines.add(data["machine"])
+        command = re.sub(r"--model \S+", "--model SmolLM2-135M-Instruct.Q4_1.gguf", data["command"])
+        command = re.sub(r"--out \S+", "--out OUT", command)
+        commands.append("python " + command.replace(".data/", "../shared/data/").replace("--budgets  ", '--budgets "" '))
+    write_json(name, {
+        "title": title, "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)",
+        "params": 134515008, "protocol": protocol, "machine": " | ".join(sorted(machines)),
+        "script": " && ".join(([old["script"]] if old.get("script") else []) + commands),
+        "rows": arrange(old["rows"], rows)})
+    render()

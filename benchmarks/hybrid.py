@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import tempfile
 import time
@@ -121,31 +120,16 @@ def anchors(rows: list[dict]) -> list[dict]:
 
 
 def merge(files: list[str]) -> None:
-    from common import RESULTS, write_json
-    from report import render
+    """Rows of the run files into results/hybrid.json (old rows not re-measured are kept), with
+    the anchors recomputed."""
+    from common import merge_runs
 
-    old_path = RESULTS / "hybrid.json"
-    old = json.loads(old_path.read_text()) if old_path.exists() else {"rows": []}
-    rows, protocol, machines, commands = [], old.get("protocol"), set(), []
-    if old.get("machine"):
-        machines.update(old["machine"].split(" | "))
-    for file in files:
-        data = json.loads(Path(file).read_text())
-        rows += data["rows"]
-        protocol = protocol or data["protocol"]
-        machines.add(data["machine"])
-        command = re.sub(r"--model \S+", "--model SmolLM2-135M-Instruct.Q4_1.gguf", data["command"])
-        commands.append("python " + re.sub(r"--out \S+", "--out OUT", command).replace(".data/", "../shared/data/"))
-    labels = {r["label"] for r in rows}
-    kept = [r for r in old["rows"] if r["label"] not in labels and "anchor" not in r["label"]]
-    measured = [r for r in kept + rows if "anchor" not in r["label"]]
-    ordered = sorted(measured + anchors(measured), key=lambda r: (r["ratio_target"], "anchor" in r["label"]))
-    write_json("hybrid", {
-        "title": "Hybrid pipeline at whole-model size ratios (SmolLM2-135M)",
-        "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)", "params": 134515008,
-        "protocol": protocol, "machine": " | ".join(sorted(machines)),
-        "script": " && ".join(([old["script"]] if old.get("script") else []) + commands), "rows": ordered})
-    render()
+    def arrange(old: list[dict], rows: list[dict]) -> list[dict]:
+        labels = {r["label"] for r in rows}
+        measured = [r for r in old if r["label"] not in labels and "anchor" not in r["label"]] + rows
+        return sorted(measured + anchors(measured), key=lambda r: (r["ratio_target"], "anchor" in r["label"]))
+
+    merge_runs("hybrid", "Hybrid pipeline at whole-model size ratios (SmolLM2-135M)", files, arrange)
 
 
 def main() -> None:

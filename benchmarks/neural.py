@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 import sys
 import tempfile
 import time
@@ -288,32 +287,16 @@ def table_order(row: dict) -> float:
 def merge(files: list[str]) -> None:
     """Rows of the run files into results/neural.json; rows already there that no file re-measured
     (by label) are kept, with their command and machine."""
-    from common import RESULTS, write_json
-    from report import render
+    from common import merge_runs
 
-    old_path = RESULTS / "neural.json"
-    old = json.loads(old_path.read_text()) if old_path.exists() else {"rows": []}
-    rows, protocol, machines, commands = [], old.get("protocol"), set(), []
-    if old.get("machine"):
-        machines.update(old["machine"].split(" | "))
-    for file in files:
-        data = json.loads(Path(file).read_text())
-        rows += data["rows"]
-        protocol = protocol or data["protocol"]
-        machines.add(data["machine"])
-        command = re.sub(r"--model \S+", "--model SmolLM2-135M-Instruct.Q4_1.gguf", data["command"])
-        command = re.sub(r"--out \S+", "--out OUT", command)
-        commands.append("python " + command.replace(".data/", "../shared/data/").replace('--budgets  ', '--budgets "" '))
-    labels, budgets = {r["label"] for r in rows}, {r.get("budget_bpw") for r in rows}
-    kept = [r for r in old["rows"] if r["label"] not in labels
-            and not ("error" in r and r.get("budget_bpw") in budgets)]
-    rows = sorted(kept + rows, key=table_order)
-    write_json("neural", {
-        "title": "Neural weight representations vs low-rank at equal storage (SmolLM2-135M, GPU)",
-        "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)", "params": 134515008,
-        "protocol": protocol, "machine": " | ".join(sorted(machines)),
-        "script": " && ".join(([old["script"]] if old.get("script") else []) + commands), "rows": rows})
-    render()
+    def arrange(old: list[dict], rows: list[dict]) -> list[dict]:
+        labels, budgets = {r["label"] for r in rows}, {r.get("budget_bpw") for r in rows}
+        kept = [r for r in old if r["label"] not in labels
+                and not ("error" in r and r.get("budget_bpw") in budgets)]
+        return sorted(kept + rows, key=table_order)
+
+    merge_runs("neural", "Neural weight representations vs low-rank at equal storage (SmolLM2-135M, GPU)",
+               files, arrange)
 
 
 def main() -> None:
