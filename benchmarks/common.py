@@ -94,3 +94,19 @@ def merge_runs(name: str, title: str, files: list[str], arrange) -> None:
         "script": " && ".join(([old["script"]] if old.get("script") else []) + commands),
         "rows": arrange(old["rows"], rows)})
     render()
+
+
+def gpu_run_setup(args):
+    """What every run of neural.py / hybrid.py starts from: (teacher in eval mode, tokenizer, its
+    parameter count, calibration windows (args.calib_samples x 512, seed 0), test token ids, the
+    first args.windows 512-token test windows (0: all))."""
+    from hypercompress.data import calibration_samples
+    from hypercompress.models import load_model
+    from hypercompress.modules import count_params
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    teacher, tokenizer = loaded.model.eval(), loaded.tokenizer
+    calib = calibration_samples(tokenize(tokenizer, read_text(args.calib_text)), args.calib_samples, 512, 0)
+    ids = tokenize(tokenizer, read_text(args.test_text))
+    return teacher, tokenizer, count_params(teacher), calib, ids, windows(ids, 512, args.windows or None)

@@ -29,11 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hypercompress import artifact  # noqa: E402
 from hypercompress.api import compress  # noqa: E402
 from hypercompress.cli.compress import planned_recipe  # noqa: E402
-from hypercompress.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
 from hypercompress.errors import UserError  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
-from hypercompress.modules import count_params, effective_weights  # noqa: E402
+from hypercompress.modules import effective_weights  # noqa: E402
 from hypercompress.recipe import PlanTarget  # noqa: E402
 
 
@@ -65,13 +63,9 @@ def measure(ratio: float, teacher, tokenizer, calib, test, args, params: int) ->
 
 
 def run(args) -> None:
-    torch.manual_seed(0)
-    loaded = load_model(args.model)
-    teacher, tokenizer = loaded.model.eval(), loaded.tokenizer
-    params = count_params(teacher)
-    calib = calibration_samples(tokenize(tokenizer, read_text(args.calib_text)), args.calib_samples, 512, 0)
-    ids = tokenize(tokenizer, read_text(args.test_text))
-    test = windows(ids, 512, args.windows or None)
+    from common import gpu_run_setup
+
+    teacher, tokenizer, params, calib, ids, test = gpu_run_setup(args)
     protocol = protocol_text("WikiText-2 raw test", 512, test.shape[0], ids.numel() // 512, args.dtype,
                              "the uncompressed model", args.device)
     out = Path(args.out) / f"hybrid-{args.tag}.json"

@@ -35,12 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hypercompress import artifact  # noqa: E402
 from hypercompress.api import compress  # noqa: E402
 from hypercompress.arch import block_linear_names  # noqa: E402
-from hypercompress.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.methods.hypernet.config import HypernetConfig  # noqa: E402
 from hypercompress.methods.hypernet.generator import HyperGenerator  # noqa: E402
 from hypercompress.methods.hypernet.method import block_linear_grid  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
 from hypercompress.modules import count_params, linear_weight  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402
 
@@ -130,13 +128,9 @@ def tuned(args) -> str:
 
 
 def run(args) -> None:
-    torch.manual_seed(0)
-    loaded = load_model(args.model)
-    teacher, tokenizer = loaded.model.eval(), loaded.tokenizer
-    params = count_params(teacher)
-    calib = calibration_samples(tokenize(tokenizer, read_text(args.calib_text)), args.calib_samples, 512, 0)
-    ids = tokenize(tokenizer, read_text(args.test_text))
-    test = windows(ids, 512, args.windows or None)
+    from common import gpu_run_setup
+
+    teacher, tokenizer, params, calib, ids, test = gpu_run_setup(args)
     parts = args.parts.split(",")
     train = {"steps": args.steps, "batch": 8, "seed": 0}
     protocol = protocol_text("WikiText-2 raw test", 512, test.shape[0], ids.numel() // 512, torch.float32,
