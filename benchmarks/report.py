@@ -57,6 +57,19 @@ NOTES = {
         "forwards) gives 43.29 at 4.0 (was 44.57) but 344.35 at 3.0 and 11598 at 2.5: its scaled "
         "sensitivities are RTN's, while GPTQ applies them; GPTQ-aware errors are the next step.",
     ],
+    "hybrid": [
+        "Each pipeline row is `hypercompress compress smollm2-135m --target-ratio R` (calibration: "
+        "32 windows of the validation text, seed 0): below the quantization floor (2.03 bpw) the "
+        "hybrid pipeline (embedding option of lowest measured KL within half the budget, whitened "
+        "low-rank factors filled block by block, blocks removed when rank 1 does not fit), then the "
+        "lossless stage (zstd 10); bpw is the stored file. These rows ran on the CPU without "
+        "distillation recovery and are evaluated on the first 16 windows in bfloat16 (the whole "
+        "test at this speed would take hours); the recovery rows (`--distill-steps 600 --device "
+        "cuda`, whole test) need the GPU, whose budget this session went to the neural table.",
+        "Anchor rows are the lowest-perplexity single-method rows of the other tables at no more "
+        "bytes, under their own protocols (named in the notes column); 'no single-method row' means "
+        "nothing else in RESULTS.md is that small.",
+    ],
     "neural": [
         "Every row at a budget shares one frame: the tied embedding by RTN with one scale per row "
         "(4-bit at 2 bpw, 3-bit at 1, 2-bit at 0.5) or factorized at 0.25 (factor_embedding: rank 32, "

@@ -12,7 +12,7 @@ from hypercompress.api import compress
 from hypercompress.distill import kl_to_teacher, teacher_samples
 from hypercompress.errors import UserError
 from hypercompress.layers import LoRALinear
-from hypercompress.modules import count_params
+from hypercompress.modules import count_params, effective_weights
 from hypercompress.recipe import Recipe
 
 from conftest import make_model, make_tokenizer
@@ -54,6 +54,7 @@ def test_lora_adapters_are_stored_counted_and_reload(quantized, tmp_path):
     assert kl(model) < 0.9 * kl(quantized)
     extra = sum(m.A.numel() + m.B.numel() for m in model.modules() if isinstance(m, LoRALinear)) * 16
     assert artifact.storage_bits(model) == artifact.storage_bits(quantized) + extra
+    assert effective_weights(model) == effective_weights(quantized) == count_params(make_model("llama"))
     path = artifact.save(model, make_tokenizer(), tmp_path / "a", recipe=[], original_params=count_params(make_model("llama")))
     reloaded, _ = artifact.load(path)
     assert torch.equal(reloaded(CALIB).logits, model(CALIB).logits)

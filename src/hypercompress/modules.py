@@ -147,12 +147,14 @@ def effective_weights(model: nn.Module) -> int:
         if id(p) not in seen and id(p) not in stored:
             seen.add(id(p))
             total += p.numel()
-    for module in model.modules():
-        if isinstance(module, CompressedModule):
-            layout = module.layout()
-            out_features = layout.get("out_features", 0)
-            total += layout.get("in_features", 0) * out_features + (out_features if layout.get("bias") else 0)
-            total += layout.get("vocab", 0) * layout.get("dim", 0)  # a factorized embedding
+    compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}
+    for name, module in compressed.items():
+        if any(name.startswith(f"{outer}.") for outer in compressed):
+            continue  # the base inside an adapter or a residual generator: counted by its owner
+        layout = module.layout()
+        out_features = layout.get("out_features", 0)
+        total += layout.get("in_features", 0) * out_features + (out_features if layout.get("bias") else 0)
+        total += layout.get("vocab", 0) * layout.get("dim", 0)  # a factorized embedding
     return total
 
 
