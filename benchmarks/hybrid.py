@@ -56,7 +56,7 @@ def measure(ratio: float, teacher, tokenizer, calib, test, args, params: int) ->
            "ratio_vs_16bit": 16 * params / (size * 8), "safetensors_bytes": size, "weights": weights,
            "compress_seconds": round(compress_seconds, 1), "wall_seconds": round(time.perf_counter() - tick, 1),
            "cpu_tokens_per_second": round(result["tokens_per_s"]) if args.device == "cpu" else None,
-           "route": allocation["route"], "notes": " | ".join(allocation.get("notes", [])),
+           "route": allocation["route"], "notes": "; ".join(allocation.get("notes", [])),
            "recipe": json.dumps(recipe.to_list()), **{k: result[k] for k in ("ppl", "kl", "top1")}}
     print(json.dumps({k: row[k] for k in ("label", "bits_per_weight", "ppl", "kl", "wall_seconds")}), flush=True)
     return row

@@ -7,10 +7,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 COLUMNS = [("label", "method", "{}"), ("bits_per_weight", "bpw (whole model)", "{:.3f}"),
+           ("ratio_vs_16bit", "ratio vs 16-bit", "{:.2f}x"), ("weights", "weights computed with", "{:,}"),
            ("ppl", "perplexity", "{:.3f}"), ("kl", "KL (nats/token)", "{:.4f}"),
            ("top1", "top-1", "{:.4f}"), ("compress_seconds", "compress s", "{:.2f}"),
            ("peak_memory_gib", "peak memory GiB", "{:.2f}"), ("train_gpu_minutes", "GPU min", "{:.2f}"),
-           ("decompress_seconds", "decompress s", "{:.3f}"), ("cpu", "cpu", "{}"), ("notes", "notes", "{}"),
+           ("decompress_seconds", "decompress s", "{:.3f}"), ("cpu_tokens_per_second", "CPU tok/s", "{}"),
+           ("wall_seconds", "wall s", "{:.1f}"), ("cpu", "cpu", "{}"), ("notes", "notes", "{}"),
            ("error", "error", "{}"),
            ("command", "command", "`{}`")]
 
