@@ -66,17 +66,16 @@ def embedding_bits(embedding: nn.Embedding, option: tuple) -> int:
 
 
 @torch.no_grad()
-def embedding_kl(model: nn.Module, name: str, option: tuple, calib: torch.Tensor) -> float:
-    """KL(original || model with only the embedding compressed by `option`) on the first 256 tokens
-    of the first calibration window."""
+def embedding_kl(model: nn.Module, name: str, option: tuple, ids: torch.Tensor, reference: torch.Tensor) -> float:
+    """KL(original || model with only the embedding compressed by `option`) on `ids`, the
+    original's logits there being `reference`."""
     from .api import compress
     from .distill import kl_to_teacher
     from .recipe import Recipe
 
-    ids = calib[:1, :256]
     trial = copy.deepcopy(model)
     compress(trial, Recipe.from_list([embedding_stage(name, option)]))
-    return kl_to_teacher(model(input_ids=ids).logits, trial(input_ids=ids).logits).item()
+    return kl_to_teacher(reference, trial(input_ids=ids).logits).item()
 
 
 def embedding_stage(name: str, option: tuple) -> dict[str, Any]:
@@ -117,9 +116,13 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
     share = [o for o in EMBEDDING_LADDER if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
     if calib is not None and len(share) > 1:
         measured = {} if measured is None else measured
+        ids = calib[:1, :256]  # the first 256 tokens of the first calibration window
+        if any(o not in measured for o in share):
+            with torch.no_grad():
+                reference = model(input_ids=ids).logits
         for option in share:
             if option not in measured:
-                measured[option] = embedding_kl(model, embed_name, option, calib)
+                measured[option] = embedding_kl(model, embed_name, option, ids, reference)
         share.sort(key=measured.get)
     rest = sorted((o for o in EMBEDDING_LADDER if o not in share), key=lambda o: embedding_bits(embedding, o))
     for option in share + rest:  # a larger share for the embedding only if no block fits beside it

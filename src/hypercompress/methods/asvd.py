@@ -39,6 +39,14 @@ class AsvdConfig(SvdConfig):
         check(0 <= self.damp < 1, f"damp={self.damp}: must be in [0, 1)")
 
 
+def cholesky_whitening(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """H (in, in) = X^T X / n -> (S, S^-1), S the lower Cholesky factor of H + damp * mean(diag H) I."""
+    H = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    S = torch.linalg.cholesky(H)
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    return S, torch.linalg.solve_triangular(S, eye, upper=False)
+
+
 def whitened_factors(W: torch.Tensor, S: torch.Tensor, S_inv: torch.Tensor, rank: int):
     """W (out, in), S and S^-1 (in, in) -> U (out, r), V (r, in) with U V = best rank-r W' in the
     metric ||(W - W') S||_F."""
@@ -67,10 +75,7 @@ class ActivationAwareSVD(HessianMethod):
         abs_mean = self.abs_sum.pop(name) / count
         W = linear_weight(layer)
         if c.whitening == "cholesky":
-            H = H + c.damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            S = torch.linalg.cholesky(H)
-            S_inv = torch.linalg.solve_triangular(S, torch.eye(S.shape[0], dtype=S.dtype,
-                                                                device=S.device), upper=False)
+            S, S_inv = cholesky_whitening(H, c.damp)
         else:
             scale = abs_mean.clamp(min=1e-6) ** c.alpha
             S, S_inv = torch.diag(scale), torch.diag(1 / scale)

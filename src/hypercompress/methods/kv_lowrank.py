@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..layers.latent_kv import LatentKV, LatentValue
 from ..modules import CompressedModule, linear_bias, linear_weight, replace_module
 from ..registry import register
-from .asvd import whitened_factors
+from .asvd import cholesky_whitening, whitened_factors
 from .base import WholeModelMethod
 from .svd import truncated_svd
 
@@ -61,11 +61,7 @@ class KvLowRank(WholeModelMethod):
             rank = c.rank or max(1, int(c.keep * W.shape[0]))
             rank = min(rank, *W.shape)
             if c.whiten:
-                H = grams[k_name]
-                H = H + c.damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
-                S = torch.linalg.cholesky(H)
-                S_inv = torch.linalg.solve_triangular(S, torch.eye(S.shape[0], dtype=S.dtype), upper=False)
-                B, A = whitened_factors(W, S, S_inv, rank)
+                B, A = whitened_factors(W, *cholesky_whitening(grams[k_name], c.damp), rank)
             else:
                 B, A = truncated_svd(W, rank)
             split = linear_weight(k_layer).shape[0]
