@@ -7,8 +7,10 @@ Each row is what `hypercompress compress smollm2-135m --target-ratio R [--distil
 planned for the target (the budget planner above the quantization floor, the pipeline of
 src/hypercompress/pipeline.py below it), compression, the lossless stage (zstd 10), the artifact
 saved, reloaded and evaluated (whole WikiText-2 test, seq_len 512, KL and top-1 vs the original).
-Also: weights the model computes with, CPU tokens/s (the evaluation's forward throughput when it
-runs on the CPU) and wall time. The anchor of a ratio is the lowest-perplexity single-method row of
+With --distill-steps N a ratio gives two rows from one compression: the artifact as stored just
+before the distillation stage (no recovery) and after it. Also: weights the model computes with,
+CPU tokens/s (float32 forward, batch 1, 512 tokens, CPU_THREADS threads, on the run's machine) and
+wall time (from the start of planning; a recovery row's includes its no-recovery row). The anchor of a ratio is the lowest-perplexity single-method row of
 the other results/*.json whose bpw is at most the target's (+2%), with its table named.
 """
 
@@ -27,39 +29,83 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
-from hypercompress.api import compress  # noqa: E402
+from hypercompress.api import _passes, compress  # noqa: E402
+from hypercompress.artifact import round_to_storage  # noqa: E402
 from hypercompress.cli.compress import planned_recipe  # noqa: E402
 from hypercompress.errors import UserError  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.modules import effective_weights  # noqa: E402
-from hypercompress.recipe import PlanTarget  # noqa: E402
+from hypercompress.recipe import PlanTarget, Recipe  # noqa: E402
+
+CPU_THREADS = 2  # CPU tokens/s measured with this many threads (the CI machine's cores)
 
 
-def measure(ratio: float, teacher, tokenizer, calib, test, args, params: int) -> dict:
+def measure(ratio: float, teacher, tokenizer, calib, test, args, params: int) -> list[dict]:
+    """One compression for the ratio; with --distill-steps, two rows from it: the artifact as it
+    stands before the distillation stage (no recovery) and after it (recovery)."""
     student = copy.deepcopy(teacher).cpu()
     tick = time.perf_counter()
-    recipe, allocation = planned_recipe(student, PlanTarget(16 / ratio), calib, args.distill_steps, 10)
-    compress(student, recipe, calib, device=args.device)
+    recipe, allocation = planned_recipe(student, PlanTarget(16 / ratio), calib, args.distill_steps, 10, args.device)
+    stages = recipe.to_list()
+    label = f"{ratio:g}x {allocation['route']}"
+    info = {"ratio_target": ratio, "route": allocation["route"], "notes": "; ".join(allocation.get("notes", []))}
+    rows = []
+    before_distill = len(_passes(Recipe.from_list(stages[:-1]))) if args.distill_steps else -1
+    passes = 0
+
+    def after_stage(model) -> dict:
+        nonlocal passes
+        passes += 1
+        if passes == before_distill:  # the same model, stored as it would be without the recovery
+            snapshot = copy.deepcopy(model)
+            round_to_storage(snapshot)
+            rows.append(artifact_row(snapshot, label, stages[:-1], tick, teacher, tokenizer, test, args, params, info))
+        return {}
+
+    compress(student, recipe, calib, device=args.device, after_stage=after_stage)
+    rows.append(artifact_row(student, label + (f" + distill {args.distill_steps}" if args.distill_steps else ""),
+                             stages, tick, teacher, tokenizer, test, args, params, info))
+    return rows
+
+
+def artifact_row(student, label: str, stages: list, tick: float, teacher, tokenizer, test, args, params: int,
+                 info: dict) -> dict:
+    """Save `student` (lossless stage zstd 10), reload it and evaluate the reloaded model."""
     compress_seconds = time.perf_counter() - tick
     weights = effective_weights(student)
     with tempfile.TemporaryDirectory() as tmp:
-        path = artifact.save(student, tokenizer, Path(tmp) / "a", recipe=recipe.to_list(),
-                             original_params=params, lossless=10)
+        path = artifact.save(student, tokenizer, Path(tmp) / "a", recipe=stages, original_params=params,
+                             lossless=10)
         size = (path / artifact.WEIGHTS).stat().st_size
         del student
         loaded, _ = artifact.load(path, dtype=args.dtype)
     reference = copy.deepcopy(teacher).to(args.device, args.dtype)  # the original, in the same dtype
     result = evaluate_windows(loaded.to(args.device), test, 8, reference)
     del reference
-    label = f"{ratio:g}x pipeline" + (f" + distill {args.distill_steps}" if args.distill_steps else "")
-    row = {"label": label, "ratio_target": ratio, "bits_per_weight": size * 8 / params,
-           "ratio_vs_16bit": 16 * params / (size * 8), "safetensors_bytes": size, "weights": weights,
-           "compress_seconds": round(compress_seconds, 1), "wall_seconds": round(time.perf_counter() - tick, 1),
-           "cpu_tokens_per_second": round(result["tokens_per_s"]) if args.device == "cpu" else None,
-           "route": allocation["route"], "notes": "; ".join(allocation.get("notes", [])),
-           "recipe": json.dumps(recipe.to_list()), **{k: result[k] for k in ("ppl", "kl", "top1")}}
+    row = {"label": label, **info, "bits_per_weight": size * 8 / params, "ratio_vs_16bit": 16 * params / (size * 8),
+           "safetensors_bytes": size, "weights": weights, "compress_seconds": round(compress_seconds, 1),
+           "cpu_tokens_per_second": cpu_tokens_per_second(loaded, test),
+           "wall_seconds": round(time.perf_counter() - tick, 1), "recipe": json.dumps(stages),
+           **{k: result[k] for k in ("ppl", "kl", "top1")}}
     print(json.dumps({k: row[k] for k in ("label", "bits_per_weight", "ppl", "kl", "wall_seconds")}), flush=True)
     return row
+
+
+@torch.no_grad()
+def cpu_tokens_per_second(model, test, threads: int = CPU_THREADS, windows: int = 2) -> int:
+    """Forward throughput on the CPU with `threads` threads (float32, batch 1, 512-token windows):
+    comparable across machines of one CPU kind, whichever device evaluated."""
+    model = model.to("cpu", torch.float32).eval()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model(input_ids=test[:1])  # warm-up
+        tick = time.perf_counter()
+        for i in range(windows):
+            model(input_ids=test[i: i + 1])
+        return round(windows * test.shape[1] / (time.perf_counter() - tick))
+    finally:
+        torch.set_num_threads(saved)
 
 
 def run(args) -> None:
@@ -70,10 +116,15 @@ def run(args) -> None:
                              "the uncompressed model", args.device)
     out = Path(args.out) / f"hybrid-{args.tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
+    started = time.perf_counter()
+    original = evaluate_windows(copy.deepcopy(teacher).to(args.device, args.dtype), test, 8)
+    rows = [{"label": "original (16-bit)", "ratio_target": 1.0, "bits_per_weight": 16.0, "ratio_vs_16bit": 1.0,
+             "weights": params, "ppl": original["ppl"], "kl": 0.0, "top1": 1.0,
+             "cpu_tokens_per_second": cpu_tokens_per_second(copy.deepcopy(teacher), test),
+             "wall_seconds": round(time.perf_counter() - started, 1)}]
     for ratio in [float(r) for r in args.ratios.split(",") if r]:
         try:
-            rows.append(measure(ratio, teacher, tokenizer, calib, test, args, params))
+            rows += measure(ratio, teacher, tokenizer, calib, test, args, params)
         except UserError as exc:  # a refused target is a row too (the error says what is reachable)
             rows.append({"label": f"{ratio:g}x pipeline", "ratio_target": ratio, "error": str(exc)})
             print(json.dumps(rows[-1]), flush=True)
@@ -100,7 +151,7 @@ def anchors(rows: list[dict]) -> list[dict]:
         pool += [(r, data["title"]) for r in data["rows"] if isinstance(r.get("ppl"), (int, float))
                  and isinstance(r.get("bits_per_weight"), (int, float)) and "+" not in r.get("label", "+")]
     out = []
-    for ratio in sorted({r["ratio_target"] for r in rows}):
+    for ratio in sorted({r["ratio_target"] for r in rows if r["ratio_target"] > 1}):
         fits = [(r, t) for r, t in pool if r["bits_per_weight"] <= 16 / ratio * 1.02]
         if fits:
             best, title = min(fits, key=lambda p: p[0]["ppl"])

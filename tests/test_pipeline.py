@@ -102,9 +102,16 @@ def test_inspect_shows_branches_and_plot_draws_them(pipeline_artifact, tmp_path)
     assert (tmp_path / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_distill_above_the_floor_trains_the_quantization_scales(model_dirs, text_file, tmp_path):
+    result = run("compress", model_dirs["llama"], "--target-ratio", 2, "--distill", "--distill-steps", 2,
+                 "--calib", text_file, "--calib-samples", 2, "--calib-len", 32, "--out", tmp_path / "x")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((tmp_path / "x" / artifact.MANIFEST).read_text())["recipe"]
+    assert recipe[0]["method"] != "asvd" and recipe[-1]["method"] == "distill"  # the planner's route
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--target-ratio", 1000], ["beyond reach", "ask for at most"]),
-    (["--target-ratio", 2, "--distill"], ["--distill", "quantization floor"]),
     (["--method", "rtn", "--distill"], ["--distill goes with"]),
     (["--method", "rtn", "--lossless", 30], ["zstd levels"]),
 ])

@@ -9,8 +9,8 @@ before anything is compressed:
 
 1. Above the quantization floor (every module at 2-bit codes, one scale per row) the budget planner
    (planner.py) allocates bits; this module handles targets below it.
-2. Embedding: of the options whose storage stays within `EMBEDDING_SHARE` of the budget (2-bit rows,
-   factors of rank 64 down to 1), the one of lowest measured KL to the original on a calibration
+2. Embedding: of the options whose storage stays within `EMBEDDING_SHARE` of the budget (4-, 3- or
+   2-bit rows, factors of rank 256 down to 1), the one of lowest measured KL to the original on a calibration
    window (the tied lm_head follows it); without calibration, the largest.
 3. Block linears: activation-aware low-rank factors (asvd, SVD-LLM whitening) of one rank r for
    every matrix; the first blocks get rank r + 1 while bits are left (so the plan lands within one
@@ -37,8 +37,9 @@ from .modules import count_params, linear_weight
 
 EMBEDDING_SHARE = 0.5   # the embedding may take at most this fraction of the whole budget
 # embedding options, best first: ("rtn", bits) rows with one scale each, ("factor", rank, bits)
-EMBEDDING_LADDER = (("rtn", 2), ("factor", 64, 4), ("factor", 32, 4), ("factor", 16, 4),
-                    ("factor", 8, 4), ("factor", 4, 16), ("factor", 2, 16), ("factor", 1, 16))
+EMBEDDING_LADDER = (("rtn", 4), ("rtn", 3), ("rtn", 2), ("factor", 256, 4), ("factor", 128, 4),
+                    ("factor", 64, 4), ("factor", 32, 4), ("factor", 16, 4), ("factor", 8, 4),
+                    ("factor", 4, 16), ("factor", 2, 16), ("factor", 1, 16))
 
 
 @dataclass
@@ -141,9 +142,14 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
                         f"{smallest:.4f} bpw ({16 / smallest:.1f}x); ask for at most that ratio")
     planned = budget - left + planned
     if distill_steps:
-        stages.append({"method": "distill", "steps": distill_steps, "batch": 8, "lr": 1e-4})
+        stages.append(distill_stage(distill_steps))
         notes.append(f"distillation {distill_steps} steps")
     return PipelinePlan(target_bpw, stages, planned, params, notes)
+
+
+def distill_stage(steps: int) -> dict[str, Any]:
+    """The recovery stage both routes append for --distill: `steps` of 8 calibration windows."""
+    return {"method": "distill", "steps": steps, "batch": 8, "lr": 1e-4}
 
 
 def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int, stages: list, notes: list
@@ -181,12 +187,13 @@ def _block_targets(spec, indices) -> list[str]:
 
 
 def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None, distill_steps: int = 0,
-                 lossless: int | None = None, tolerance: float = 0.02, attempts: int = 4) -> PipelinePlan:
+                 lossless: int | None = None, tolerance: float = 0.02, attempts: int = 4,
+                 device: str = "cpu") -> PipelinePlan:
     """plan_pipeline, then measured: each attempt compresses a copy (without the distillation, which
     does not change the size; whitened on 4 calibration windows, for speed: the sizes are those of
     the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have (safetensors
     header and the lossless stage included); the planning budget is rescaled by target / reached
-    until the file is within `tolerance` of the target. Returns the last plan, `reached_bpw` set."""
+    until the file is within `tolerance` of the target; the trials calibrate on `device`. Returns the last plan, `reached_bpw` set."""
     from .api import compress
     from .artifact import stored_bytes
     from .recipe import Recipe
@@ -197,7 +204,7 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
         plan = plan_pipeline(model, target_bpw * scale, distill_steps, calib, measured)
         trial = copy.deepcopy(model)  # a few calibration windows: the factors' values, not their quality
         compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]),
-                 None if calib is None else calib[:4])
+                 None if calib is None else calib[:4], device=device)
         plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
         del trial
         if plan.reached_bpw <= target_bpw * (1 + tolerance) and (

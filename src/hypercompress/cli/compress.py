@@ -46,8 +46,8 @@ def compress(
     lossless: Optional[int] = typer.Option(None, "--lossless", help="zstd level (1..22, e.g. 10): store "
                                            "every tensor byte-grouped and zstd-coded (exact); 0: off. "
                                            "Size targets use 10 unless given"),
-    distill: bool = typer.Option(False, "--distill", help="with a size target below the quantization "
-                                 "floor: train the low-rank factors against the original (recovery)"),
+    distill: bool = typer.Option(False, "--distill", help="with a size target: recovery against the original "
+                                 "(low-rank factors, quantization scales and norms trained)"),
     distill_steps: int = typer.Option(600, "--distill-steps", help="distillation steps (8 x calib-len tokens each)"),
     eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
                                             "every branch in the summary (e.g. ../shared/data/wikitext2_test.txt)"),
@@ -110,7 +110,7 @@ def compress(
     allocation = None
     if target is not None:
         plan, allocation = planned_recipe(loaded.model, target, samples, distill_steps if distill else 0,
-                                           lossless)
+                                           lossless, device)
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
                                 progress=lambda i, m, done, total: update(done, total, m),
@@ -170,26 +170,23 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
 
 
-def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None):
+def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None,
+                   device: str = "cpu"):
     """Above the quantization floor: measure sensitivities on the first 256 tokens of one calibration
     window and plan per-module options; below it: the hybrid pipeline (pipeline.py)."""
-    from ..pipeline import fit_pipeline
+    from ..pipeline import distill_stage, fit_pipeline
     from ..planner import floor_bpw, option_label, plan_bits, plan_recipe
 
     floor = floor_bpw(model, target.group_size)
     if target.bits_per_weight < floor:
         with err_console.status("fitting the pipeline to the target (trial compressions)"):
-            pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless)
+            pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless,
+                                    device=device)
         console.print(f"pipeline for {target.bits_per_weight:.4f} bpw (below the quantization floor "
                       f"{floor:.3f}): {pipeline.reached_bpw:.4f} bpw as stored | " + " | ".join(pipeline.notes))
         return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
                 {"route": "pipeline", "planned_bits_per_weight": pipeline.reached_bpw,
                  "quantization_floor_bpw": floor, "notes": pipeline.notes})
-    if distill_steps:
-        raise UserError(f"--distill trains low-rank factors, used below the quantization floor "
-                        f"({floor:.3f} bpw, {16 / floor:.2f}x); distillation of quantized modules is not "
-                        "implemented: drop --distill or ask for a higher ratio")
-
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     with progress_bar("measuring sensitivity") as update:
         plan = plan_bits(model, target.bits_per_weight, samples[:1, :256], target.group_size,
@@ -205,7 +202,10 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
                                      for n, s in plan.sensitivity.items()}}
-    return Recipe.from_list(plan_recipe(plan, embedding), where="planned recipe"), allocation
+    stages = plan_recipe(plan, embedding)
+    if distill_steps:  # quantization scales (PEQA) and norms trained against the original
+        stages.append(distill_stage(distill_steps))
+    return Recipe.from_list(stages, where="planned recipe"), allocation
 
 
 def _recipe(recipe: Optional[Path], method: Optional[str]) -> "Recipe | PlanTarget":

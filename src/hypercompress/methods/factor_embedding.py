@@ -1,7 +1,10 @@
 """Embedding factorization: Embedding(V, D) -> Embedding(V, r) + Linear(r, D), the tied lm_head with it.
 
-E (V, D) = U S V^T (SVD); A = U_r S_r (V, r) is rounded to its storage (float16 or b-bit per-row
-codes), then B (r, D) = argmin_B ||E - A_hat B||_F = lstsq(A_hat, E) absorbs A's rounding error.
+E (V, D) = U S V^T (SVD); A = U_r S_r^(1/2) (V, r) is rounded to its storage (float16 or b-bit
+per-row codes), then B (r, D) = argmin_B ||E - A_hat B||_F = lstsq(A_hat, E) absorbs A's rounding
+error. The square root balances A's columns: with A = U_r S_r a row's one scale follows the first
+column and the small components round to noise (measured on SmolLM2's embedding, 4-bit, rank 256:
+relative error 0.239 with S, 0.194 with S^(1/2), truncation alone 0.188).
 A tied lm_head becomes a TiedHead computing logits = (x B^T) A_hat^T (never the (V, D) table), so the
 factors are stored and counted once. Data-free; target the embedding (e.g. '^model\\.embed_tokens$').
 """
@@ -41,7 +44,7 @@ class FactorEmbedding(LayerwiseMethod):
         rank = min(self.config.rank, vocab, dim)
         u, s, vh = torch.linalg.svd(table, full_matrices=False)
         module = LowRankEmbedding(vocab, dim, rank, self.config.bits)
-        module.set_factors(u[:, :rank] * s[:rank], vh[:rank])
+        module.set_factors(u[:, :rank] * s[:rank].sqrt(), s[:rank].sqrt()[:, None] * vh[:rank])
         with torch.no_grad():  # B refitted to the stored A
             module.up.copy_(torch.linalg.lstsq(module.factor_a(), table).solution.half())
         return module
