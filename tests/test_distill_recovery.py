@@ -48,6 +48,28 @@ def test_training_scales_lowers_kl_and_keeps_codes_and_size(quantized):
     assert layer.scales.dtype == torch.float16 and "scales" in layer._buffers
 
 
+@pytest.mark.parametrize("stage, trained, gain", [
+    ({"method": "factor_embedding", "rank": 8, "bits": 4}, ["up", "scale", "offset"], 0.9),
+    ({"method": "factor_embedding", "rank": 8, "bits": 16}, ["up", "table"], 0.9),
+    ({"method": "rtn", "bits": 2, "group_size": -1}, ["scales"], 1.0),  # one scale per row: little to gain
+])
+def test_the_compressed_embedding_trains_and_its_artifact_reloads(stage, trained, gain, tmp_path):
+    stages = [{**stage, "targets": [r"^model\.embed_tokens$"]}]
+    before = make_model("llama")
+    compress(before, Recipe.from_list(stages), CALIB)
+    model = make_model("llama")
+    compress(model, Recipe.from_list(stages + [{"method": "distill", "steps": 30, "lr": 3e-3,
+                                                 "train_norms": False}]), CALIB)
+    assert kl(model) < gain * kl(before)
+    assert artifact.storage_bits(model) == artifact.storage_bits(before)
+    embedding, old = model.model.embed_tokens, before.model.embed_tokens
+    assert all(not torch.equal(getattr(embedding, k), getattr(old, k)) for k in trained)
+    assert all(torch.equal(getattr(embedding, k), getattr(old, k)) for k in ("codes", "qweight") if hasattr(old, k))
+    path = artifact.save(model, make_tokenizer(), tmp_path / "a", recipe=[], original_params=count_params(before))
+    reloaded, _ = artifact.load(path)
+    assert torch.equal(reloaded(CALIB).logits, model(CALIB).logits)
+
+
 def test_lora_adapters_are_stored_counted_and_reload(quantized, tmp_path):
     model = recovered(lora_rank=4, train_scales=False)
     assert isinstance(model.model.layers[0].mlp.up_proj, LoRALinear)

@@ -12,7 +12,7 @@ from hypercompress import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.modules import count_params
-from hypercompress.pipeline import fit_pipeline, plan_pipeline
+from hypercompress.pipeline import SATURATED_KL, embedding_rank_key, fit_pipeline, plan_pipeline
 from hypercompress.recipe import Recipe
 
 from conftest import make_model
@@ -42,7 +42,13 @@ def test_embedding_option_is_the_lowest_measured_kl_within_its_share():
     measured = {}
     stage = plan_pipeline(make_model("llama"), 6.0, calib=CALIB, measured=measured).stages[0]
     chosen = ("rtn", stage["bits"]) if stage["method"] == "rtn" else ("factor", stage["rank"], stage["bits"])
-    assert len(measured) > 1 and measured[chosen] == min(measured.values())
+    keys = {option: embedding_rank_key(score) for option, score in measured.items()}
+    assert len(keys) > 1 and keys[chosen] == min(keys.values())
+
+
+def test_saturated_embedding_options_are_ranked_by_table_error():
+    assert embedding_rank_key((0.3, 0.5)) < embedding_rank_key((SATURATED_KL + 5, 0.1)) \
+        < embedding_rank_key((SATURATED_KL + 1, 0.2))
 
 
 def test_unreachable_target_names_the_smallest_ratio():

@@ -10,8 +10,9 @@ before anything is compressed:
 1. Above the quantization floor (every module at 2-bit codes, one scale per row) the budget planner
    (planner.py) allocates bits; this module handles targets below it.
 2. Embedding: of the options whose storage stays within `EMBEDDING_SHARE` of the budget (4-, 3- or
-   2-bit rows, factors of rank 256 down to 1), the one of lowest measured KL to the original on a calibration
-   window (the tied lm_head follows it); without calibration, the largest.
+   2-bit rows, factors of rank 256 down to 1), the one of lowest measured KL to the original on a
+   calibration window (the tied lm_head follows it), or, when every option's KL is past
+   SATURATED_KL, of lowest table error; without calibration, the largest.
 3. Block linears: activation-aware low-rank factors (asvd, SVD-LLM whitening) of one rank r for
    every matrix; the first blocks get rank r + 1 while bits are left (so the plan lands within one
    block's rank step of the target).
@@ -36,6 +37,7 @@ from .layers.low_rank_embedding import LowRankEmbedding
 from .modules import count_params, linear_weight
 
 EMBEDDING_SHARE = 0.5   # the embedding may take at most this fraction of the whole budget
+SATURATED_KL = 2.0      # nats: an embedding option this bad is ranked by its table's error instead
 # embedding options, best first: ("rtn", bits) rows with one scale each, ("factor", rank, bits)
 EMBEDDING_LADDER = (("rtn", 4), ("rtn", 3), ("rtn", 2), ("factor", 256, 4), ("factor", 128, 4),
                     ("factor", 64, 4), ("factor", 32, 4), ("factor", 16, 4), ("factor", 8, 4),
@@ -67,16 +69,27 @@ def embedding_bits(embedding: nn.Embedding, option: tuple) -> int:
 
 
 @torch.no_grad()
-def embedding_kl(model: nn.Module, name: str, option: tuple, ids: torch.Tensor, reference: torch.Tensor) -> float:
-    """KL(original || model with only the embedding compressed by `option`) on `ids`, the
-    original's logits there being `reference`."""
+def embedding_score(model: nn.Module, name: str, option: tuple, ids: torch.Tensor, reference: torch.Tensor
+                    ) -> tuple[float, float]:
+    """(KL(original || model with only the embedding compressed by `option`) on `ids`, the original's
+    logits there being `reference`; the table's relative error ||E - E'||_F / ||E||_F)."""
     from .api import compress
     from .distill import kl_to_teacher
     from .recipe import Recipe
 
     trial = copy.deepcopy(model)
     compress(trial, Recipe.from_list([embedding_stage(name, option)]))
-    return kl_to_teacher(reference, trial(input_ids=ids).logits).item()
+    table = model.get_submodule(name).weight.float()
+    error = (trial.get_submodule(name).dense_weight() - table).norm() / table.norm()
+    return kl_to_teacher(reference, trial(input_ids=ids).logits).item(), error.item()
+
+
+def embedding_rank_key(score: tuple[float, float]) -> float:
+    """Options ranked by KL; past SATURATED_KL (the embedding alone breaks the model, whichever
+    option: SmolLM2's tied table factorized at rank 4 or 256 both measure KL 6-8) by the table's
+    relative error, the capacity distillation recovers from."""
+    kl, error = score
+    return kl if kl < SATURATED_KL else SATURATED_KL + error
 
 
 def embedding_stage(name: str, option: tuple) -> dict[str, Any]:
@@ -123,8 +136,8 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
                 reference = model(input_ids=ids).logits
         for option in share:
             if option not in measured:
-                measured[option] = embedding_kl(model, embed_name, option, ids, reference)
-        share.sort(key=measured.get)
+                measured[option] = embedding_score(model, embed_name, option, ids, reference)
+        share.sort(key=lambda o: embedding_rank_key(measured[o]))
     rest = sorted((o for o in EMBEDDING_LADDER if o not in share), key=lambda o: embedding_bits(embedding, o))
     for option in share + rest:  # a larger share for the embedding only if no block fits beside it
         left = budget - fixed - embedding_bits(embedding, option)

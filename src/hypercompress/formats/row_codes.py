@@ -40,6 +40,12 @@ def encode(param: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     return {"codes": pack_codes(codes.to(torch.uint8), bits), "scale": scale, "offset": offset}
 
 
+def levels(codes: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The packed codes of an (n, m) tensor as float32 levels (n, m) in [0, 2^b): the value is
+    offset + scale * level, row by row."""
+    return unpack_codes(codes, bits, shape[0] * shape[1]).reshape(shape).float()
+
+
 def decode(entry: dict[str, torch.Tensor], bits: int, shape: torch.Size) -> torch.Tensor:
     """Inverse of `encode` up to rounding: float16 tensor of `shape`."""
     n, m = int(torch.Size(shape).numel() // shape[-1]), shape[-1]

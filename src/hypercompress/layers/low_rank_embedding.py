@@ -32,6 +32,7 @@ class LowRankEmbedding(CompressedModule):
             self.register_buffer("offset", torch.zeros(vocab, dtype=torch.float16))
         self.register_buffer("up", torch.zeros(rank, dim, dtype=torch.float16))
         self._table: torch.Tensor | None = None  # A decoded (float32), rebuilt after a load
+        self._levels: torch.Tensor | None = None  # the codes as float32 levels (V, r)
 
     @torch.no_grad()
     def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -42,20 +43,25 @@ class LowRankEmbedding(CompressedModule):
             entry = row_codes.encode(a, self.bits)
             self.codes.copy_(entry["codes"]), self.scale.copy_(entry["scale"]), self.offset.copy_(entry["offset"])
         self.up.copy_(b.half())
-        self._table = None
+        self._table = self._levels = None
 
     def factor_a(self) -> torch.Tensor:
-        """A (V, r) in float32, as stored."""
-        if self._table is None or self._table.device != self.up.device:
-            if self.bits >= 16:
-                self._table = self.table.float()
-            else:
-                entry = {"codes": self.codes, "scale": self.scale, "offset": self.offset}
-                self._table = row_codes.decode(entry, self.bits, torch.Size((self.vocab, self.rank))).float()
-        return self._table
+        """A (V, r) in float32, as stored. While its stored tensors train (distillation: the table,
+        or the per-row scale and offset of the codes) it is rebuilt with autograd at every call."""
+        training = (self.table if self.bits >= 16 else self.scale).requires_grad
+        if self._table is not None and self._table.device == self.up.device and not training:
+            return self._table
+        if self.bits >= 16:
+            table = self.table.float()
+        else:
+            if self._levels is None or self._levels.device != self.up.device:
+                self._levels = row_codes.levels(self.codes, self.bits, (self.vocab, self.rank))
+            table = self.offset.float()[:, None] + self.scale.float()[:, None] * self._levels
+        self._table = None if training else table
+        return table
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._table = None
+        self._table = self._levels = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -7,6 +7,8 @@ Trains, by distill.py's loss (KL on logits + per-block output matching + activat
   stored, and counted, with the artifact); `relora_every` > 0 folds them into their base every
   that many steps and restarts them (ReLoRA, Lialin et al. 2023), so the stored adapter carries
   only what the last cycle learned;
+- a compressed input embedding (`train_embedding`; a tied lm_head computes with it): a factorized
+  one's B and its A's per-row scales and offsets (the codes stay), a quantized one's scales;
 - the norms' weights (`train_norms`).
 Data: the calibration windows, or windows the teacher writes itself from their first tokens
 (`data: teacher`). AdamW by default, Adafactor (`optimizer: adafactor`) to save memory. Everything
@@ -27,6 +29,7 @@ from ..distill import DistillSettings, distill, teacher_samples
 from ..errors import UserError
 from ..layers import LowRankLinear, QuantLinear, SparseLinear
 from ..layers.lora import LoRALinear
+from ..layers.low_rank_embedding import LowRankEmbedding
 from ..modules import replace_module
 from ..registry import register
 from .base import WholeModelMethod
@@ -41,6 +44,8 @@ class DistillConfig(MethodConfig):
     stability_weight: float = 0.01
     train_norms: bool = True
     train_scales: bool = True       # QuantLinear scales (codes fixed)
+    train_embedding: bool = True    # a compressed input embedding: factor B, A's row scales/offsets (or
+                                    # float16 A), a quantized table's scales (codes fixed)
     lora_rank: int = 0              # adapters on compressed linears other than low-rank ones
     relora_every: int = 0           # merge adapters into their base and restart them every N steps
     optimizer: str = "adamw"        # or "adafactor"
@@ -63,6 +68,22 @@ def _train(module: nn.Module, key: str, params: dict[str, nn.Parameter], name: s
     del module._buffers[key]
     module.register_parameter(key, param)
     params[f"{name}.{key}"] = param
+
+
+def _train_embedding(model: nn.Module, params: dict[str, nn.Parameter]) -> list[tuple[nn.Module, str]]:
+    """The input embedding's trainable stored tensors turned into parameters (a tied lm_head
+    computes with the same ones): (module, key) pairs."""
+    embedding = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    if isinstance(embedding, LowRankEmbedding):
+        keys = ["up"] + (["table"] if embedding.bits >= 16 else ["scale", "offset"])
+    elif isinstance(embedding, QuantLinear):
+        keys = ["scales"]
+    else:
+        return []
+    for key in keys:
+        _train(embedding, key, params, name)
+    return [(embedding, key) for key in keys]
 
 
 @register("distill", DistillConfig)
@@ -99,6 +120,8 @@ class Distill(WholeModelMethod):
             for key in keys:
                 _train(module, key, params, name)
                 stored.append((module, key))
+        if c.train_embedding:
+            stored += _train_embedding(model, params)
         if c.train_norms:
             for name, module in model.named_modules():
                 if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
@@ -122,6 +145,8 @@ class Distill(WholeModelMethod):
                 value = getattr(module, key).detach().to(torch.float16)
                 del module._parameters[key]
                 module.register_buffer(key, value)
+                if isinstance(module, LowRankEmbedding):
+                    module._table = None  # decoded again from the trained tensors
         model.requires_grad_(False)
 
     def _relora(self, adapters: list[LoRALinear], generator: torch.Generator):
