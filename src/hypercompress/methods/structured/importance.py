@@ -38,8 +38,8 @@ def _output(out) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(model: nn.Module, calib: torch.Tensor, batch: int = 4) -> Importance:
-    """Run `calib` (N, T) token windows through `model` once; the scores of every block, channel and
-    head group. The model is left unchanged."""
+    """Run `calib` (N, T) token windows through `model` once (on the device the model and `calib`
+    are on); the scores of every block, channel and head group, on the CPU. The model is left unchanged."""
     spec = arch_of(model.config.model_type)
     blocks = model.get_submodule(spec.blocks)
     n = len(blocks)
@@ -54,7 +54,7 @@ def measure(model: nn.Module, calib: torch.Tensor, batch: int = 4) -> Importance
 
         def post(module, args, kwargs, out, i=i):
             x, y = inputs.pop(i).float(), _output(out).float()
-            influence[i] += (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).double().sum()
+            influence[i] += (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).double().sum().item()
 
         def down(module, args, i=i):
             channel_sq[i] = channel_sq[i] + args[0].float().pow(2).reshape(-1, args[0].shape[-1]).sum(0)
@@ -75,9 +75,9 @@ def measure(model: nn.Module, calib: torch.Tensor, batch: int = 4) -> Importance
     finally:
         for hook in hooks:
             hook.remove()
-    channels = [channel_sq[i].sqrt() * linear_weight(blocks[i].get_submodule(spec.mlp_down)).norm(dim=0)
+    channels = [(channel_sq[i].sqrt() * linear_weight(blocks[i].get_submodule(spec.mlp_down)).norm(dim=0)).cpu()
                 for i in range(n)]
-    groups = [] if spec.attention is None else [_group_scores(model, spec, blocks[i], head_sq[i])
+    groups = [] if spec.attention is None else [_group_scores(model, spec, blocks[i], head_sq[i]).cpu()
                                                 for i in range(n)]
     return Importance(influence.float() / tokens, channels, groups)
 
