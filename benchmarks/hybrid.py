@@ -59,7 +59,9 @@ def measure(ratio: float, teacher, tokenizer, calib, test, args, params: int) ->
         if passes == before_distill:  # the same model, stored as it would be without the recovery
             snapshot = copy.deepcopy(model)
             round_to_storage(snapshot)
-            rows.append(artifact_row(snapshot, label, stages[:-1], tick, teacher, tokenizer, test, args, params, info))
+            notes = [n for n in allocation.get("notes", []) if not n.startswith("distillation")]
+            before = {**info, "notes": "; ".join(notes)}
+            rows.append(artifact_row(snapshot, label, stages[:-1], tick, teacher, tokenizer, test, args, params, before))
         return {}
 
     compress(student, recipe, calib, device=args.device, after_stage=after_stage)
@@ -170,6 +172,7 @@ def merge(files: list[str]) -> None:
     from common import merge_runs
 
     def arrange(old: list[dict], rows: list[dict]) -> list[dict]:
+        rows = list({r["label"]: r for r in rows}.values())  # a label measured twice: the later file's row
         labels = {r["label"] for r in rows}
         measured = [r for r in old if r["label"] not in labels and "anchor" not in r["label"]] + rows
         return sorted(measured + anchors(measured), key=lambda r: (r["ratio_target"], "anchor" in r["label"]))

@@ -60,14 +60,24 @@ NOTES = {
         "sensitivities are RTN's, while GPTQ applies them; GPTQ-aware errors are the next step.",
     ],
     "hybrid": [
-        "Each pipeline row is `hypercompress compress smollm2-135m --target-ratio R` (calibration: "
-        "32 windows of the validation text, seed 0): below the quantization floor (2.03 bpw) the "
-        "hybrid pipeline (embedding option of lowest measured KL within half the budget, whitened "
-        "low-rank factors filled block by block, blocks removed when rank 1 does not fit), then the "
-        "lossless stage (zstd 10); bpw is the stored file. These rows ran on the CPU without "
-        "distillation recovery and are evaluated on the first 16 windows in bfloat16 (the whole "
-        "test at this speed would take hours); the recovery rows (`--distill-steps 600 --device "
-        "cuda`, whole test) need the GPU, whose budget this session went to the neural table.",
+        "Each row is `hypercompress compress smollm2-135m --target-ratio R` (calibration: 32 windows "
+        "of the validation text, seed 0), saved with the lossless stage (zstd 10), reloaded and "
+        "evaluated; bpw is the stored file. At 4x the budget planner (GPTQ bits per module by measured "
+        "sensitivity; it plans 4.0 bpw before the lossless stage, which then brings the file to 3.67 "
+        "bpw); below the quantization floor (2.03 bpw) the hybrid pipeline: the embedding option of "
+        "lowest measured KL within half the budget (4-bit rows at 8x; at 16x and beyond every option "
+        "breaks the tied head alone, KL 6-8, so the one of lowest table error: 4-bit factors of rank "
+        "256, 128, 32, then 1), whitened low-rank factors filled block by block, blocks removed when "
+        "rank 1 does not fit (21 of 30 at 1000x). '+ distill 600': the same compression, then 600 "
+        "steps of distillation recovery (8 x 512 calibration tokens a step, AdamW lr 1e-4, KL + "
+        "per-block output matching) training the factors, the quantization scales, the embedding's "
+        "factor and row scales, and the norms; the row without it is the same model stored just "
+        "before that stage. CPU tokens/s: float32, batch 1, 512 tokens, 2 threads of the run's host "
+        "CPU (so comparable between rows, not with the CI machine). Wall time counts from planning; "
+        "a recovery row's includes its no-recovery row.",
+        "Below the floor nothing reaches a usable model on SmolLM2-135M: without recovery the "
+        "perplexity is 1e4-1e5; recovery brings every ratio to 1000-2200, and 600 steps limit it "
+        "(32x + distill beats 16x + distill: fewer factors to train in the same steps).",
         "Anchor rows are the lowest-perplexity single-method rows of the other tables at no more "
         "bytes, under their own protocols (named in the notes column); 'no single-method row' means "
         "nothing else in RESULTS.md is that small.",

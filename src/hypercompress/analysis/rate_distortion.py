@@ -20,7 +20,8 @@ Series = dict[str, list[tuple[float, float, str]]]  # name -> (bpw, ppl, label)
 
 
 def collect(folder: Path) -> Series:
-    """Every (bpw, ppl, label) point under `folder`, grouped into series."""
+    """Every (bpw, ppl, label) point under `folder`, grouped into series (anchor rows, copies of
+    another table's rows, once)."""
     if not folder.is_dir():
         raise UserError(f"results folder not found: {folder}; pass a directory of results/*.json or artifacts")
     series: Series = {}
@@ -33,7 +34,8 @@ def collect(folder: Path) -> Series:
             continue
         if isinstance(data.get("rows"), list):
             points = [(r["bits_per_weight"], r["ppl"], r.get("label", "")) for r in data["rows"]
-                      if isinstance(r, dict) and _number(r.get("bits_per_weight")) and _number(r.get("ppl"))]
+                      if isinstance(r, dict) and _number(r.get("bits_per_weight")) and _number(r.get("ppl"))
+                      and "anchor" not in r.get("label", "")]  # anchors repeat another table's row
             if points:
                 series[data.get("title") or file.stem] = points
         elif file.name == "summary.json" and isinstance(data.get("branches"), list) and data["branches"]:

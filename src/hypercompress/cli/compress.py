@@ -195,10 +195,11 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
     for name, option in plan.allocation.items():
         if name != embedding:
             counts[option] = counts.get(option, 0) + 1
-    console.print(f"plan for {target.bits_per_weight:.3f} bpw: {plan.bits_per_weight:.3f} bpw planned | "
-                  f"embedding {option_label(plan.allocation[embedding])} | linears: "
-                  + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
+    summary = (f"embedding {option_label(plan.allocation[embedding])} | linears: "
+               + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
+    console.print(f"plan for {target.bits_per_weight:.3f} bpw: {plan.bits_per_weight:.3f} bpw planned | {summary}")
     allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
+                  "notes": [summary.replace(" | ", "; ")] + ([f"distillation {distill_steps} steps"] if distill_steps else []),
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
                                      for n, s in plan.sensitivity.items()}}
