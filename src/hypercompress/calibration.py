@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import parallel
 from .arch import arch_of
 from .errors import UserError
 from .layers import module_kinds
@@ -95,6 +96,8 @@ class Checkpoint:
         self.dir, self.fingerprint = Path(directory), fingerprint
 
     def save(self, model: nn.Module, stage: int, block: int, hiddens: list[torch.Tensor]) -> None:
+        if not parallel.is_main():  # under a launcher, process 0 alone writes (all hold the same)
+            return
         tensors = {f"hidden.{i}": h.contiguous() for i, h in enumerate(hiddens)}
         modules = {}
         for name, module in model.named_modules():
@@ -129,7 +132,8 @@ class Checkpoint:
         return state["stage"], state["block"], [tensors[f"hidden.{i}"] for i in range(count)]
 
     def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if parallel.is_main():
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @torch.no_grad()

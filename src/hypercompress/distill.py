@@ -8,7 +8,8 @@ h^l are the block outputs (hidden_states[1:]). The student's trainable tensors a
 `refresh()` before every forward (a hypernetwork regenerating the weights, with autograd).
 AdamW with cosine decay to 10% of lr, gradient-norm clipping at 1.0; windows drawn by a generator
 seeded with (seed, step), so a resumed run sees the same batches. Checkpoints (safetensors + JSON,
-never pickles) hold the trainable tensors and AdamW's moments.
+never pickles) hold the trainable tensors and AdamW's moments. Under a launcher (parallel.py) each
+process takes its share of every batch and the gradients are averaged before the step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import parallel
 from .errors import UserError
 
 # progress(step, total_steps, note) -- note: "loss 1.23 | kl 0.98 | 4,100 tok/s"
@@ -81,17 +83,21 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
         optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(settings.steps, 1), 1))))
+    processes, rank = parallel.world(), parallel.rank()
+    if settings.batch % processes:
+        raise UserError(f"batch {settings.batch} does not split over {processes} processes; "
+                        f"use a multiple of {processes}")
     start = 0
     if checkpoint_dir is not None and resume:
         start = _restore(checkpoint_dir, params, optimizer, schedule)
-    writer = _tensorboard(settings.log_dir)
+    writer = _tensorboard(settings.log_dir) if parallel.is_main() else None
     history: list[dict[str, float]] = []
     teacher.eval()
     for step in range(start, settings.steps):
         tick = time.perf_counter()
         picks = torch.randint(0, windows.shape[0], (settings.batch,),
                               generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
-        batch = windows[picks].to(device)
+        batch = windows[picks[rank::processes]].to(device)  # this process's share
         with torch.no_grad():
             target = teacher(input_ids=batch, output_hidden_states=True, use_cache=False)
         refresh()
@@ -99,26 +105,29 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
         kl = kl_to_teacher(target.logits[:, :-1], out.logits[:, :-1])
         local, stability = block_losses(target.hidden_states, out.hidden_states)
         loss = kl + settings.local_weight * local + settings.stability_weight * stability
-        if not torch.isfinite(loss):
-            raise UserError(f"distillation diverged at step {step} (loss {loss.item()}); lower lr")
+        losses = parallel.mean(torch.stack([loss, kl, local, stability]).detach()).tolist()  # all processes'
+        if not math.isfinite(losses[0]):  # every process sees the same mean, so all stop together
+            raise UserError(f"distillation diverged at step {step} (loss {losses[0]}); lower lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if processes > 1:
+            parallel.average_gradients(params.values())
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         schedule.step()
         if after_step is not None:
             after_step(step + 1, optimizer)
         seconds = time.perf_counter() - tick
-        record = {"step": step + 1, "loss": loss.item(), "kl": kl.item(), "local": local.item(),
-                  "stability": stability.item(), "tokens_per_second": batch.numel() / seconds}
+        record = {"step": step + 1, **dict(zip(("loss", "kl", "local", "stability"), losses)),
+                  "tokens_per_second": batch.numel() * processes / seconds}
         history.append(record)
         if writer is not None:
             for key in ("loss", "kl", "local", "stability", "tokens_per_second"):
                 writer.add_scalar(f"distill/{key}", record[key], step + 1)
-        if progress:
+        if progress and parallel.is_main():
             progress(step + 1, settings.steps, f"loss {record['loss']:.3f} | kl {record['kl']:.3f} | "
                                                f"{record['tokens_per_second']:,.0f} tok/s")
-        if checkpoint_dir is not None and ((step + 1) % settings.checkpoint_every == 0):
+        if checkpoint_dir is not None and (step + 1) % settings.checkpoint_every == 0 and parallel.is_main():
             _save(checkpoint_dir, params, optimizer, step + 1)
     if writer is not None:
         writer.close()

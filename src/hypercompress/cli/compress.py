@@ -11,7 +11,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .. import artifact
+from .. import artifact, parallel
 from ..api import compress as compress_model
 from ..data import calibration_samples, read_text, tokenize, windows
 from ..eval import protocol_text
@@ -80,6 +80,7 @@ def compress(
         raise UserError(f"--device {device}: must be cpu or cuda")
     if device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
+    device = parallel.setup(device)  # several processes under torchrun / accelerate launch: this one's GPU
     calibrated = target is not None or any(get_method(s.method).method_cls.needs_calibration
                                            for s in plan.stages)
     if calibrated and calib is None:
@@ -121,6 +122,8 @@ def compress(
     if target is not None:
         _check_target(artifact.stored_bytes(loaded.model, lossless) * 8 / original_params, target)
     del meter
+    if not parallel.is_main():  # the other processes of a launched run hold the same model
+        return
     summary_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": model, "recipe": plan.to_list(), "protocol": protocol,
         "branches": branch_rows(report["stages"], original_params, baseline, size, lossless)})

@@ -1,0 +1,82 @@
+"""Data-parallel distillation across processes started by a launcher (torchrun, accelerate launch).
+
+    torchrun --nproc-per-node 4 -m hypercompress compress smollm2-135m --target-ratio 16 --distill \\
+        --calib FILE --device cuda --out DIR
+
+Every process runs the same command: it loads the model, calibrates the same way (the seed is
+shared, so every process holds the same compressed student) and joins the launcher's process group
+through accelerate's PartialState (NCCL on GPUs, gloo on CPUs), on the GPU numbered by its
+LOCAL_RANK. Distillation then splits each step's batch of windows between the processes, and after
+the backward pass the gradients of the trained tensors are averaged with one all-reduce (what
+torch DDP does for a module's parameters; here the trained tensors are stored buffers turned into
+parameters, or a generator's, so they are reduced directly), so every process takes the same
+optimizer step and the result is the single-process result with the same total batch (exactly
+for the KL term; the per-block matching is normalized by each process's share of the batch, so
+it equals the single-process term in expectation). Process 0 alone writes checkpoints and the
+artifact. Nothing here starts processes: that is the launcher's job.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def launched() -> bool:
+    """Whether a launcher started several processes of this command."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str) -> str:
+    """Join the launcher's process group when there is one; returns this process's device
+    (cuda -> cuda:LOCAL_RANK; cpu stays cpu, over gloo)."""
+    if not launched():
+        return device
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return "cpu" if device == "cpu" else str(state.device)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+@torch.no_grad()
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the processes (one flat all-reduce; a
+    parameter without a gradient counts as zeros, so every process reduces the same layout)."""
+    params = list(params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
+
+
+@torch.no_grad()
+def mean(values: torch.Tensor) -> torch.Tensor:
+    """values (k,) averaged over the processes (for the training log)."""
+    if not active():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world()
