@@ -24,13 +24,18 @@ SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 class BranchMeter:
     """Measures a model after each branch against a frozen copy of the original."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, protocol: str, batch: int = 4):
-        self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        self.windows, self.protocol, self.batch = windows, protocol, batch
+    def __init__(self, model: nn.Module, windows: torch.Tensor, protocol: str, batch: int = 4,
+                 device: str = "cpu"):
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False).to(device)
+        self.windows, self.protocol, self.batch, self.device = windows, protocol, batch, device
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, Any]:
-        result = evaluate_windows(model.eval(), self.windows, self.batch, self.teacher)
+        """Evaluates `model` on the meter's device; it goes back to the CPU, where stages run."""
+        try:
+            result = evaluate_windows(model.eval().to(self.device), self.windows, self.batch, self.teacher)
+        finally:
+            model.to("cpu")
         return {k: result[k] for k in ("ppl", "kl", "top1")}
 
 

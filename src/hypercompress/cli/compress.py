@@ -99,12 +99,12 @@ def compress(
         samples = calibration_samples(tokenize(loaded.tokenizer, calib_text), calib_samples,
                                       calib_len, seed)
     meter, baseline, protocol = None, None, None
-    if evaluation is not None:
+    if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
         ids = tokenize(loaded.tokenizer, evaluation)
         chunks = windows(ids, 512, eval_windows)
         protocol = protocol_text(eval_text, 512, chunks.shape[0], ids.numel() // 512, torch.float32,
-                                 "the uncompressed model")
-        meter = BranchMeter(loaded.model, chunks, protocol)
+                                 "the uncompressed model", device)
+        meter = BranchMeter(loaded.model, chunks, protocol, device=device)
         with err_console.status("measuring the original"):
             baseline = meter(loaded.model)
     tick = time.perf_counter()
