@@ -94,7 +94,13 @@ def test_cli_target_ratio_writes_summary_and_reaches_the_ratio(pipeline_artifact
     assert branches[-1]["bytes"] == (pipeline_artifact / artifact.WEIGHTS).stat().st_size
     assert all(b["ppl"] > 1 and b["kl"] is not None for b in branches)
     assert branches[0]["kl"] == pytest.approx(0, abs=1e-6)
+    modules = summary["modules"]  # per module: before / after; this plan removed a block
+    assert {m["module"] for m in modules} >= {"model.embed_tokens", "model.layers.0.mlp.up_proj"}
+    assert any(m["kind"].startswith("removed") and m["weights_after"] == m["bytes"] == 0 for m in modules)
+    stored = sum(m["bytes"] for m in modules)  # all but the norms
+    assert 0.9 * branches[-2]["bytes"] < stored <= branches[-2]["bytes"]
     assert "| branch |" in (pipeline_artifact / "summary.md").read_text()
+    assert "| module | kind | weights before |" in (pipeline_artifact / "summary.md").read_text()
     assert "summary.json" in manifest["files"]
 
 

@@ -5,6 +5,10 @@ summary.md, shown by `inspect`.
 Per branch: weights computed with (structural pruning lowers it), stored bytes, whole-model bits per
 weight (stored bits / original parameters), ratio vs 16-bit, and perplexity / KL(original || model) /
 top-1 on the evaluation windows, measured right after the branch.
+Per module (every linear and embedding of the original): weights before and after (0 when its
+block was removed), stored bytes, bits per original weight, ratio vs 16-bit. Blocks of one model
+share their shapes, so a module is matched by name even after removed blocks renumber the rest;
+the names left over at the end are the removed blocks' modules, listed as such.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 from .eval import evaluate_windows
+from .modules import CompressedModule
 
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 
@@ -37,6 +42,45 @@ class BranchMeter:
         finally:
             model.to("cpu")
         return {k: result[k] for k in ("ppl", "kl", "top1")}
+
+
+def dense_weights(model: nn.Module) -> dict[str, int]:
+    """name -> weights (weight + bias entries) of every nn.Linear / nn.Embedding, before compression."""
+    return {name: sum(t.numel() for t in m.parameters(recurse=False)) for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding))}
+
+
+def module_rows(before: dict[str, int], model: nn.Module) -> list[dict[str, Any]]:
+    """One row per module of `before` (dense_weights of the original) in the compressed `model`."""
+    embedding = model.get_input_embeddings()
+    shared = getattr(embedding, "weight", None)  # a dense embedding's table, which a tied head shares
+    rows, removed = [], []
+    for name, weights in before.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            removed.append(name)
+            continue
+        if isinstance(module, CompressedModule):
+            layout = module.layout()
+            out = layout.get("out_features", 0)
+            after = (layout.get("in_features", 0) * out + (out if layout.get("bias") else 0)
+                     or layout.get("vocab", 0) * layout.get("dim", 0))
+            kind, bits = module.kind, module.storage_bits()
+        else:
+            after = sum(t.numel() for t in module.parameters(recurse=False))
+            tied = module is not embedding and shared is not None and getattr(module, "weight", None) is shared
+            kind, bits = ("tied (stored with the embedding)" if tied else "dense"), (0 if tied else 16 * after)
+        rows.append(_module_row(name, kind, weights, after, bits))
+    for name in removed:
+        rows.append(_module_row(name, "removed (its block was dropped)", before[name], 0, 0))
+    return rows
+
+
+def _module_row(name: str, kind: str, before: int, after: int, bits: int) -> dict[str, Any]:
+    return {"module": name, "kind": kind, "weights_before": before, "weights_after": after, "bytes": bits // 8,
+            "bits_per_weight": bits / before if before else 0.0,
+            "ratio_vs_16bit": 16 * before / bits if bits else None}
 
 
 def branch_rows(stages: list[dict[str, Any]], params: int, baseline: dict[str, Any] | None,
@@ -72,4 +116,11 @@ def markdown(summary: dict[str, Any]) -> str:
         quality = [f"{r[k]:.4g}" if r.get(k) is not None else "n/a" for k in ("ppl", "kl", "top1")]
         lines.append(f"| {r['branch']} | {r['weights']:,} | {r['bytes']:,} | {r['bits_per_weight']:.4f} | "
                      f"{r['ratio_vs_16bit']:.2f}x | " + " | ".join(quality) + " |")
+    if summary.get("modules"):
+        lines += ["", "| module | kind | weights before | weights after | bytes | bpw | ratio vs 16-bit |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in summary["modules"]:
+            ratio = f"{r['ratio_vs_16bit']:.2f}x" if r["ratio_vs_16bit"] else "n/a"
+            lines.append(f"| {r['module']} | {r['kind']} | {r['weights_before']:,} | {r['weights_after']:,} | "
+                         f"{r['bytes']:,} | {r['bits_per_weight']:.4f} | {ratio} |")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from ..models import load_model
 from ..modules import count_params
 from ..recipe import PlanTarget, Recipe, load_recipe_file
 from ..registry import get_method
-from ..summary import SUMMARY_JSON, BranchMeter, branch_rows, documents
+from ..summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .common import console, err_console, one_line_errors, progress_bar, write_json
 
 
@@ -107,6 +107,7 @@ def compress(
         meter = BranchMeter(loaded.model, chunks, protocol, device=device)
         with err_console.status("measuring the original"):
             baseline = meter(loaded.model)
+    weights_before = dense_weights(loaded.model)
     tick = time.perf_counter()
     allocation = None
     if target is not None:
@@ -126,7 +127,8 @@ def compress(
         return
     summary_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": model, "recipe": plan.to_list(), "protocol": protocol,
-        "branches": branch_rows(report["stages"], original_params, baseline, size, lossless)})
+        "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
+        "modules": module_rows(weights_before, loaded.model)})
     path = artifact.save(loaded.model, loaded.tokenizer, out, recipe=plan.to_list(),
                          original_params=original_params,
                          extra={"source_model": model, "seed": seed}, lossless=lossless, documents=summary_of)
