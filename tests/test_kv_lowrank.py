@@ -85,3 +85,16 @@ def test_fused_or_compressed_projections_are_refused():
     with pytest.raises(UserError, match="before stages"):
         compress(make_model("llama"), Recipe.from_list([{"method": "rtn", "bits": 4},
                                                         {"method": "kv_lowrank"}]), CALIB)
+
+
+def test_compress_reports_the_kv_cache_per_token_before_and_after(model_dirs, calib_file, tmp_path):
+    import json
+
+    from test_cli import run
+
+    result = run("compress", model_dirs["llama"], "--method", "kv_lowrank", "--set", "keep=0.5", "--calib",
+                 calib_file, "--calib-samples", 2, "--calib-len", 32, "--out", tmp_path / "kv")
+    assert result.exit_code == 0, result.output
+    kv = json.loads((tmp_path / "kv" / "summary.json").read_text())["kv_cache_bytes_per_token"]
+    assert kv["before"] == 2 * 2 * 32 * 4 and kv["after"] < 0.6 * kv["before"]  # layers x (K, V) x 32 x fp32
+    assert "KV cache per token" in result.output

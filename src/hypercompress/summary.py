@@ -116,6 +116,10 @@ def markdown(summary: dict[str, Any]) -> str:
         quality = [f"{r[k]:.4g}" if r.get(k) is not None else "n/a" for k in ("ppl", "kl", "top1")]
         lines.append(f"| {r['branch']} | {r['weights']:,} | {r['bytes']:,} | {r['bits_per_weight']:.4f} | "
                      f"{r['ratio_vs_16bit']:.2f}x | " + " | ".join(quality) + " |")
+    if summary.get("kv_cache_bytes_per_token"):
+        kv = summary["kv_cache_bytes_per_token"]
+        lines += ["", f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> "
+                      f"{kv['after']:,.0f} bytes"]
     if summary.get("modules"):
         lines += ["", "| module | kind | weights before | weights after | bytes | bpw | ratio vs 16-bit |",
                   "|---|---|---|---|---|---|---|"]
