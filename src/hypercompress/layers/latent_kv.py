@@ -14,6 +14,8 @@ Without a cache the forward equals the dense one with the factored weights.
 
 from __future__ import annotations
 
+import itertools
+
 import types
 from typing import Any
 
@@ -146,7 +148,7 @@ def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 16) -> float:
     """Measured: bytes the model's (dynamic) cache holds per token after a forward of `tokens`."""
     from transformers import DynamicCache
 
-    device = next(model.parameters(), next(model.buffers())).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.ones(1, tokens, dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
     total = 0

@@ -39,12 +39,12 @@ class FactorEmbedding(LayerwiseMethod):
         if not isinstance(layer, nn.Embedding):
             raise UserError(f"factor_embedding: '{name}' is not an embedding; set targets to the token "
                             "embedding (e.g. targets=['^model\\\\.embed_tokens$']), use svd/asvd for linears")
-        table = layer.weight.detach().float()
+        table = layer.weight.detach().double()  # float64: rounding to codes must not see solver noise
         vocab, dim = table.shape
         rank = min(self.config.rank, vocab, dim)
         u, s, vh = torch.linalg.svd(table, full_matrices=False)
         module = LowRankEmbedding(vocab, dim, rank, self.config.bits)
         module.set_factors(u[:, :rank] * s[:rank].sqrt(), s[:rank].sqrt()[:, None] * vh[:rank])
         with torch.no_grad():  # B refitted to the stored A
-            module.up.copy_(torch.linalg.lstsq(module.factor_a(), table).solution.half())
+            module.up.copy_(torch.linalg.lstsq(module.factor_a().double(), table).solution.half())
         return module
