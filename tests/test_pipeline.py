@@ -99,6 +99,8 @@ def test_cli_target_ratio_writes_summary_and_reaches_the_ratio(pipeline_artifact
     assert any(m["kind"].startswith("removed") and m["weights_after"] == m["bytes"] == 0 for m in modules)
     stored = sum(m["bytes"] for m in modules)  # all but the norms
     assert 0.9 * branches[-2]["bytes"] < stored <= branches[-2]["bytes"]
+    flops = summary["flops_per_token"]  # low-rank factors of rank r cost r (in + out) per matmul
+    assert 0 < flops["after"] < flops["before"] / 2
     assert "| branch |" in (pipeline_artifact / "summary.md").read_text()
     assert "| module | kind | weights before |" in (pipeline_artifact / "summary.md").read_text()
     assert "summary.json" in manifest["files"]

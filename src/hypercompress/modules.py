@@ -57,6 +57,11 @@ class CompressedModule(StoredModule):
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight this module represents."""
 
+    def macs(self) -> int:
+        """Multiply-adds per token of its forward: in x out unless the format computes less
+        (quantized and sparse weights are dequantized to a dense matmul here)."""
+        return getattr(self, "in_features", 0) * getattr(self, "out_features", 0)
+
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a Linear or Conv1D as (out_features, in_features), float32, detached; an

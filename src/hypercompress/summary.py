@@ -120,6 +120,9 @@ def markdown(summary: dict[str, Any]) -> str:
         kv = summary["kv_cache_bytes_per_token"]
         lines += ["", f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> "
                       f"{kv['after']:,.0f} bytes"]
+    if summary.get("flops_per_token"):
+        flops = summary["flops_per_token"]
+        lines += ["", f"FLOPs per token (context {flops['context']}): {flops['before']:,} -> {flops['after']:,}"]
     if summary.get("modules"):
         lines += ["", "| module | kind | weights before | weights after | bytes | bpw | ratio vs 16-bit |",
                   "|---|---|---|---|---|---|---|"]

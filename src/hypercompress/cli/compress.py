@@ -17,6 +17,7 @@ from ..data import calibration_samples, read_text, tokenize, windows
 from ..eval import protocol_text
 from ..errors import UserError
 from ..layers.latent_kv import kv_cache_bytes_per_token
+from ..methods.structured.surgery import flops_per_token
 from ..models import load_model
 from ..modules import count_params
 from ..recipe import PlanTarget, Recipe, load_recipe_file
@@ -109,7 +110,7 @@ def compress(
         with err_console.status("measuring the original"):
             baseline = meter(loaded.model)
     weights_before = dense_weights(loaded.model)
-    kv_before = kv_cache_bytes_per_token(loaded.model)
+    kv_before, flops_before = kv_cache_bytes_per_token(loaded.model), flops_per_token(loaded.model)
     tick = time.perf_counter()
     allocation = None
     if target is not None:
@@ -128,10 +129,12 @@ def compress(
     if not parallel.is_main():  # the other processes of a launched run hold the same model
         return
     kv_cache = {"before": kv_before, "after": kv_cache_bytes_per_token(loaded.model), "dtype": "float32"}
+    flops = {"before": flops_before, "after": flops_per_token(loaded.model), "context": 512}
     summary_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": model, "recipe": plan.to_list(), "protocol": protocol,
         "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
-        "modules": module_rows(weights_before, loaded.model), "kv_cache_bytes_per_token": kv_cache})
+        "modules": module_rows(weights_before, loaded.model), "kv_cache_bytes_per_token": kv_cache,
+        "flops_per_token": flops})
     path = artifact.save(loaded.model, loaded.tokenizer, out, recipe=plan.to_list(),
                          original_params=original_params,
                          extra={"source_model": model, "seed": seed}, lossless=lossless, documents=summary_of)
@@ -143,7 +146,7 @@ def compress(
         "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
         "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
         "branches": json.loads((path / SUMMARY_JSON).read_text())["branches"], "protocol": protocol,
-        "kv_cache_bytes_per_token": kv_cache,
+        "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops,
     }
     _print(summary)
     write_json(report_json, summary)
@@ -237,7 +240,9 @@ def _print(summary: dict) -> None:
     if summary["protocol"]:
         console.print(f"quality: {summary['protocol']}")
     kv = summary["kv_cache_bytes_per_token"]
-    console.print(f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> {kv['after']:,.0f} bytes")
+    flops = summary["flops_per_token"]
+    console.print(f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> {kv['after']:,.0f} bytes"
+                  f" | FLOPs per token (context {flops['context']}): {flops['before']:,} -> {flops['after']:,}")
     console.print(
         f"original params {summary['original_params']:,} | safetensors {summary['safetensors_bytes']:,} B"
         f" | {summary['bits_per_weight']:.4f} bits per weight (whole model, all tensors)"

@@ -51,6 +51,9 @@ class LatentKV(CompressedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.latent(x))
 
+    def macs(self) -> int:  # the shared latent, then the keys from it
+        return self.rank * (self.in_features + self.out_features)
+
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.B.to(dtype) @ self.A.to(dtype)
 
@@ -88,6 +91,9 @@ class LatentValue(CompressedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self._source[0].latent(x))
+
+    def macs(self) -> int:  # the values from the latent the keys' module computed
+        return self.rank * self.out_features
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.B.to(dtype) @ self._source[0].A.to(dtype)

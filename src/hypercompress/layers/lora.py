@@ -74,6 +74,9 @@ class LoRALinear(CompressedModule):
             raise TypeError(f"cannot merge an adapter into a {self.base.kind} module")
         self.B.zero_()
 
+    def macs(self) -> int:
+        return self.base.macs() + self.rank * (self.in_features + self.out_features)
+
     def layout(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
                 "base": self.base_layout}

@@ -42,6 +42,9 @@ class LowRankLinear(CompressedModule):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(F.linear(x, self.V.to(x.dtype)), self.U.to(x.dtype), bias)
 
+    def macs(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
     def layout(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "rank": self.rank, "bias": self.bias is not None}

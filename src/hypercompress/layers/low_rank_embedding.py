@@ -74,6 +74,9 @@ class LowRankEmbedding(CompressedModule):
         """x (..., D) -> (..., V) = x E^T, through the rank-r bottleneck."""
         return (x @ self.up.to(x.dtype).t()) @ self.factor_a().to(x.dtype).t()
 
+    def macs(self) -> int:  # as an lm_head: through the rank-r bottleneck
+        return self.rank * (self.dim + self.vocab)
+
     def layout(self) -> dict[str, Any]:
         return {"vocab": self.vocab, "dim": self.dim, "rank": self.rank, "bits": self.bits}
 

@@ -67,6 +67,10 @@ class TiedHead(CompressedModule):
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._embedding[0].dense_weight(dtype)
 
+    def macs(self) -> int:
+        source = self._embedding[0]
+        return source.macs() if hasattr(source, "macs") else source.weight.numel()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         source = self._embedding[0]
         if hasattr(source, "logits"):  # a factorized embedding: never build the (V, D) table

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...arch import arch_of
-from ...modules import replace_module
+from ...modules import CompressedModule, replace_module
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -97,16 +97,34 @@ def keep_groups(model: nn.Module, keep: list[torch.Tensor]) -> None:
 
 
 def flops_per_token(model: nn.Module, context: int = 512) -> int:
-    """Multiply-adds x 2 per token at `context`: every matmul weight of the blocks and the lm_head,
+    """2 x multiply-adds per token at `context`: every matmul of the blocks and the lm_head (a
+    compressed module's own count, `CompressedModule.macs`: low-rank factors cost r (in + out)),
     plus attention scores and their weighted sum (2 x 2 x heads x head_dim x context / 2 on average
     over a causal window)."""
     spec = arch_of(model.config.model_type)
     blocks = model.get_submodule(spec.blocks)
-    linear = sum(m.weight.numel() for b in blocks for m in b.modules()
-                 if isinstance(m, nn.Linear) or (Conv1D is not None and isinstance(m, Conv1D)))
     head = model.get_output_embeddings()
-    linear += head.weight.numel() if head is not None and hasattr(head, "weight") else 0
+    linear = sum(_macs(m) for b in blocks for m in _matmuls(b)) + (_macs(head) if head is not None else 0)
     config = model.config
     heads = getattr(config, "num_attention_heads", None) or config.n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * linear + 2 * len(blocks) * heads * head_dim * context
+
+
+def _matmuls(block: nn.Module):
+    """The outermost compressed modules and dense linears of a block (an adapter's base is its own)."""
+    inside: list[str] = []
+    for name, module in block.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in inside):
+            continue
+        if isinstance(module, CompressedModule):
+            inside.append(name)
+            yield module
+        elif isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
+            yield module
+
+
+def _macs(module: nn.Module) -> int:
+    if isinstance(module, CompressedModule):
+        return module.macs()
+    return module.weight.numel() if hasattr(module, "weight") else 0
