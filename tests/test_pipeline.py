@@ -116,6 +116,15 @@ def test_inspect_shows_branches_and_plot_draws_them(pipeline_artifact, tmp_path)
     assert (tmp_path / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("ratio", [2, 3])
+def test_the_planner_route_is_fitted_to_the_stored_file(ratio, model_dirs, text_file, tmp_path):
+    result = run("compress", model_dirs["llama"], "--target-ratio", ratio, "--calib", text_file,
+                 "--calib-samples", 2, "--calib-len", 32, "--out", tmp_path / "x")
+    assert result.exit_code == 0, result.output
+    bpw = json.loads((tmp_path / "x" / artifact.MANIFEST).read_text())["totals"]["bits_per_weight"]
+    assert abs(bpw / (16 / ratio) - 1) <= 0.02  # header and zstd stage counted (tiny: the header is large)
+
+
 def test_distill_above_the_floor_trains_the_quantization_scales(model_dirs, text_file, tmp_path):
     result = run("compress", model_dirs["llama"], "--target-ratio", 2, "--distill", "--distill-steps", 2,
                  "--calib", text_file, "--calib-samples", 2, "--calib-len", 32, "--out", tmp_path / "x")

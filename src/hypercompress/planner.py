@@ -301,11 +301,13 @@ def floor_bpw(model: nn.Module, group: int = 64) -> float:
 def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group: int = 64,
               embedding: str | None = None,
               progress: Callable[[int, int], None] | None = None,
-              dtype: torch.dtype | None = None) -> Plan:
+              dtype: torch.dtype | None = None,
+              sensitivity: dict[str, dict[Option, float]] | None = None) -> Plan:
     """Plan a (bits, group) option per module for a whole-model target (all stored bits / params).
 
     Sensitivities are measured on a copy of the model in `dtype` (default: fastest_dtype(); they
-    rank modules, and bf16 rounding noise is far below the KL of any candidate but 8-bit).
+    rank modules, and bf16 rounding noise is far below the KL of any candidate but 8-bit), unless
+    an earlier plan's are passed (`sensitivity`, re-planning the same model for another target).
     """
     params = count_params(model)
     candidates, embed_name, costs, fixed = _candidates(model, group, embedding)
@@ -317,7 +319,8 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
                         f"{(fixed + floor) / params:.3f} bpw; ask for at least that")
     probe = copy.deepcopy(model).to(dtype or fastest_dtype())
     runner = _TailRunner(probe, samples, 4, observe=_block_modules(probe, candidates))
-    sensitivity = measure_sensitivity(probe, candidates, samples, progress=progress, runner=runner)
+    if sensitivity is None:
+        sensitivity = measure_sensitivity(probe, candidates, samples, progress=progress, runner=runner)
     # Single-module KLs add up only while errors are small: many modules at 2 bits compound far
     # beyond the sum. So plans are built with the fewest bits allowed at 2, 3 and 4 (linears) and
     # 2, 3, 4 (embedding), and the one whose *measured* whole-plan KL is lowest wins.
@@ -350,3 +353,32 @@ def plan_recipe(plan: Plan, embedding: str) -> list[dict[str, Any]]:
         stages.append({"method": "gptq", "bits": option[0], "group_size": option[1], "act_order": True,
                        "targets": [f"^{re.escape(n)}$" for n in names]})
     return stages
+
+
+def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int,
+                     embedding: str, lossless: int | None, tolerance: float = 0.02, attempts: int = 3) -> Plan:
+    """Plans count tensor bits; the file also holds the safetensors header and, with the lossless
+    stage, is smaller than its tensors. Each attempt stores an RTN trial of the plan (data-free, in
+    seconds; GPTQ's codes of the same bits code alike) as the artifact would, and re-plans for the
+    target scaled by planned / stored (the sensitivities measured once) until the trial's file is
+    within `tolerance` of the target. Returns the last plan tried within it, else the closest."""
+    from .api import compress
+    from .artifact import stored_bytes
+    from .recipe import Recipe
+
+    params, best = count_params(model), None
+    for _ in range(attempts):
+        trial = copy.deepcopy(model)
+        stages = [{**s, "method": "rtn"} if s["method"] == "gptq" else s for s in plan_recipe(plan, embedding)]
+        compress(trial, Recipe.from_list([{k: v for k, v in s.items() if k != "act_order"} for s in stages]))
+        stored = stored_bytes(trial, lossless) * 8 / params
+        del trial
+        gap = abs(stored / target_bpw - 1)
+        if best is None or gap < best[0]:
+            best = (gap, plan)
+        if gap <= tolerance:
+            break
+        plan = plan_bits(model, plan.bits_per_weight * target_bpw / stored, samples, group, embedding,
+                         sensitivity=plan.sensitivity)
+    return best[1]
+

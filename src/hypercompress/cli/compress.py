@@ -185,9 +185,10 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
 def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None,
                    device: str = "cpu"):
     """Above the quantization floor: measure sensitivities on the first 256 tokens of one calibration
-    window and plan per-module options; below it: the hybrid pipeline (pipeline.py)."""
+    window, plan per-module options and fit the plan to the file it writes (header and lossless
+    stage counted); below it: the hybrid pipeline (pipeline.py)."""
     from ..pipeline import distill_stage, fit_pipeline
-    from ..planner import floor_bpw, option_label, plan_bits, plan_recipe
+    from ..planner import fit_plan_to_file, floor_bpw, option_label, plan_bits, plan_recipe
 
     floor = floor_bpw(model, target.group_size)
     if target.bits_per_weight < floor:
@@ -203,13 +204,17 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
     with progress_bar("measuring sensitivity") as update:
         plan = plan_bits(model, target.bits_per_weight, samples[:1, :256], target.group_size,
                          embedding, progress=update)
+    with err_console.status("fitting the plan to the stored file (RTN trials)"):
+        plan = fit_plan_to_file(model, plan, target.bits_per_weight, samples[:1, :256], target.group_size,
+                                embedding, lossless)
     counts: dict[tuple[int, int], int] = {}
     for name, option in plan.allocation.items():
         if name != embedding:
             counts[option] = counts.get(option, 0) + 1
     summary = (f"embedding {option_label(plan.allocation[embedding])} | linears: "
                + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
-    console.print(f"plan for {target.bits_per_weight:.3f} bpw: {plan.bits_per_weight:.3f} bpw planned | {summary}")
+    console.print(f"plan for {target.bits_per_weight:.3f} bpw as stored: {plan.bits_per_weight:.3f} bpw of tensors "
+                  f"planned | {summary}")
     allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
                   "notes": [summary.replace(" | ", "; ")] + ([f"distillation {distill_steps} steps"] if distill_steps else []),
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
