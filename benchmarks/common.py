@@ -96,6 +96,26 @@ def merge_runs(name: str, title: str, files: list[str], arrange) -> None:
     render()
 
 
+def run_merge_parser(description: str, device: str, calib_samples: int):
+    """The `run` / `merge` command line of neural.py and hybrid.py: (parser, the run subparser,
+    holding what gpu_run_setup reads plus --device, --out and --tag; scripts add their own)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--device", default=device)
+    r.add_argument("--calib-samples", type=int, default=calib_samples, help="calibration windows of 512 tokens")
+    r.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the whole test)")
+    r.add_argument("--calib-text", default=str(CALIB_TEXT))
+    r.add_argument("--test-text", default=str(TEST_TEXT))
+    r.add_argument("--out", required=True)
+    r.add_argument("--tag", default="rows")
+    sub.add_parser("merge").add_argument("files", nargs="+")
+    return parser, r
+
+
 def gpu_run_setup(args):
     """What every run of neural.py / hybrid.py starts from: (teacher in eval mode, tokenizer, its
     parameter count, calibration windows (args.calib_samples x 512, seed 0), test token ids, the

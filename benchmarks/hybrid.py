@@ -16,7 +16,6 @@ the other results/*.json whose bpw is at most the target's (+2%), with its table
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -181,29 +180,18 @@ def merge(files: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--model", default="smollm2-135m")
-    r.add_argument("--device", default="cpu")
+    from common import run_merge_parser
+
+    parser, r = run_merge_parser(__doc__.splitlines()[0], "cpu", 32)  # 32: the CLI's default
     r.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     r.add_argument("--ratios", default="8,16,32,100,1000")
     r.add_argument("--distill-steps", type=int, default=0, help="0: no recovery; else steps of 8 x 512 tokens")
-    r.add_argument("--calib-samples", type=int, default=32, help="calibration windows (the CLI's default)")
-    r.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the whole test)")
-    r.add_argument("--calib-text", default="../shared/data/wikitext2_valid_tokenized.txt")
-    r.add_argument("--test-text", default="../shared/data/wikitext2_test.txt")
-    r.add_argument("--out", required=True)
-    r.add_argument("--tag", default="rows")
-    m = sub.add_parser("merge")
-    m.add_argument("files", nargs="+")
     args = parser.parse_args()
     if args.command == "run":
         args.dtype = getattr(torch, args.dtype)
         run(args)
     else:
         merge(args.files)
-
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,6 @@ The path rows: latent interpolation between the hypernetwork and a short fine-tu
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -294,30 +293,19 @@ def merge(files: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run")
-    r.add_argument("--model", default="smollm2-135m")
-    r.add_argument("--device", default="cuda")
+    from common import run_merge_parser
+
+    parser, r = run_merge_parser(__doc__.splitlines()[0], "cuda", 128)
     r.add_argument("--budgets", default="2,1,0.5,0.25")
     r.add_argument("--parts", default="svd,distill,hypernet,kan,residual,path")
     r.add_argument("--steps", type=int, default=600)
     r.add_argument("--warm-steps", type=int, default=300)
     r.add_argument("--kan-steps", type=int, default=500)
     r.add_argument("--hypernet-lr", type=float, default=1e-3)
-    r.add_argument("--calib-samples", type=int, default=128)
-    r.add_argument("--windows", type=int, default=0, help="evaluation windows (0: the whole test)")
     r.add_argument("--path-windows", type=int, default=64)
     r.add_argument("--finetune-steps", type=int, default=60, help="steps of the checkpoint-B fine-tune")
-    r.add_argument("--calib-text", required=True)
-    r.add_argument("--test-text", required=True)
-    r.add_argument("--out", required=True)
-    r.add_argument("--tag", default="rows")
-    m = sub.add_parser("merge")
-    m.add_argument("files", nargs="+")
     args = parser.parse_args()
     run(args) if args.command == "run" else merge(args.files)
-
 
 if __name__ == "__main__":
     main()

@@ -142,6 +142,14 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
         tied.bind(model)
 
 
+def represented_weights(layout: dict[str, Any]) -> int:
+    """Weights a compressed module stands for, from its layout: in x out (+ bias), or vocab x dim
+    for a factorized embedding; 0 for a tied head (its table is the embedding's)."""
+    out_features = layout.get("out_features", 0)
+    return (layout.get("in_features", 0) * out_features + (out_features if layout.get("bias") else 0)
+            + layout.get("vocab", 0) * layout.get("dim", 0))
+
+
 def effective_weights(model: nn.Module) -> int:
     """Weights the model computes with: dense parameters (tied once) plus, for every compressed
     linear or embedding, the in x out (+ bias) it stands for. Structural pruning lowers it;
@@ -156,10 +164,7 @@ def effective_weights(model: nn.Module) -> int:
     for name, module in compressed.items():
         if any(name.startswith(f"{outer}.") for outer in compressed):
             continue  # the base inside an adapter or a residual generator: counted by its owner
-        layout = module.layout()
-        out_features = layout.get("out_features", 0)
-        total += layout.get("in_features", 0) * out_features + (out_features if layout.get("bias") else 0)
-        total += layout.get("vocab", 0) * layout.get("dim", 0)  # a factorized embedding
+        total += represented_weights(module.layout())
     return total
 
 

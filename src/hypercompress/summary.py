@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .eval import evaluate_windows
-from .modules import CompressedModule
+from .modules import CompressedModule, represented_weights
 
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 
@@ -62,11 +62,7 @@ def module_rows(before: dict[str, int], model: nn.Module) -> list[dict[str, Any]
             removed.append(name)
             continue
         if isinstance(module, CompressedModule):
-            layout = module.layout()
-            out = layout.get("out_features", 0)
-            after = (layout.get("in_features", 0) * out + (out if layout.get("bias") else 0)
-                     or layout.get("vocab", 0) * layout.get("dim", 0))
-            kind, bits = module.kind, module.storage_bits()
+            after, kind, bits = represented_weights(module.layout()), module.kind, module.storage_bits()
         else:
             after = sum(t.numel() for t in module.parameters(recurse=False))
             tied = module is not embedding and shared is not None and getattr(module, "weight", None) is shared

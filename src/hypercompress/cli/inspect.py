@@ -12,6 +12,7 @@ from rich.table import Table
 from safetensors import safe_open
 
 from .. import artifact
+from ..modules import represented_weights
 from ..summary import SUMMARY_JSON
 from .common import console, one_line_errors, write_json
 
@@ -38,8 +39,7 @@ def artifact_summary(path: Path) -> dict[str, Any]:
         keys = [k for k in tensor_bits if k.startswith(f"{name}.")]
         owned.update(keys)
         layout = entry["layout"]
-        out_features = layout.get("out_features", 0)  # a tied head owns no tensor
-        params = layout.get("in_features", 0) * out_features + (out_features if layout.get("bias") else 0)
+        params = represented_weights(layout)
         bits = sum(tensor_bits[k] for k in keys)
         modules.append({"name": name, "kind": entry["kind"], "params": params, "bits": bits,
                         "bits_per_weight": bits / params if params else 0.0, "layout": layout})
