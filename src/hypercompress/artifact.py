@@ -25,6 +25,7 @@ from torch import nn
 from .arch import arch_of
 from .errors import UserError
 from .formats import lossless as lossless_codec
+from .kernels import prepare_model
 from .layers import module_kinds
 from .modules import StoredModule, replace_module
 
@@ -203,8 +204,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
-    """Load an artifact: (model on CPU in eval mode, tokenizer). Compressed modules stay compressed."""
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         fast: bool = True) -> tuple[nn.Module, Any]:
+    """Load an artifact: (model on `device` in eval mode, tokenizer). Compressed modules stay
+    compressed; with `fast` each takes the fastest exact kernel `device` has for `dtype` (the
+    int4 CUDA kernel wants bfloat16), and `model.hypercompress_backends` says which (kernels/).
+    `fast=False` keeps every module on its reference forward (dequantize, then a dense GEMM).
+    Raises UserError for a missing, corrupt or tampered artifact, or a device torch cannot use."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -237,7 +243,21 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Modul
         if hasattr(module, "compute_dtype"):
             module.compute_dtype = dtype
     model.eval().requires_grad_(False)
+    model.to(_device(device))
+    model.hypercompress_backends = prepare_model(model, dtype) if fast else {}
     return model, AutoTokenizer.from_pretrained(path)
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available")
+        torch.empty(0, device=device)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UserError(f"device {device!s}: {first}; pass --device cpu or a device this machine has") from None
+    return device
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

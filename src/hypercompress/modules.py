@@ -57,6 +57,33 @@ class CompressedModule(StoredModule):
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out_features, in_features) weight this module represents."""
 
+    _fast = None  # a kernels.paths.FastPath once `prepare_fast` built one
+
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        """Build the fastest exact forward for this module's device and compute `dtype` (kernels/);
+        returns the backend's name. This default materializes the dense weight once (generated and
+        KAN layers: their weights are computed once at load anyway)."""
+        from .kernels.paths import DenseLinear
+
+        self._fast = DenseLinear(self.dense_weight(dtype).to(self.device()), getattr(self, "bias", None), dtype)
+        return self._fast.backend
+
+    def fast_or_none(self, x: torch.Tensor):
+        """The prepared fast path if `x` can take it (same device and dtype, no autograd through x
+        or through this module's stored tensors, e.g. scales being trained), else None."""
+        fast = self._fast
+        if fast is None or not fast.accepts(x):
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in self._buffers.values() if t is not None):
+            return None
+        return fast
+
+    def device(self) -> torch.device:
+        tensor = next(iter(self.buffers()), None)
+        if tensor is None:
+            tensor = next(iter(self.parameters()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     def macs(self) -> int:
         """Multiply-adds per token of its forward: in x out unless the format computes less
         (quantized and sparse weights are dequantized to a dense matmul here)."""

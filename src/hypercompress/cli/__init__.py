@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import compress, env, evaluate, inspect, plot
+from . import compress, env, evaluate, export, inspect, plot
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make Hugging Face causal LMs smaller; measure what it cost.")
@@ -25,6 +25,7 @@ def _quiet_libraries() -> None:
 app.command("compress")(compress.compress)
 app.command("evaluate")(evaluate.evaluate)
 app.command("inspect")(inspect.inspect)
+app.command("export")(export.export)
 app.command("env")(env.env)
 app.command("plot")(plot.plot)
 

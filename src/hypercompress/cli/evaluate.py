@@ -23,14 +23,16 @@ def evaluate(
     batch_size: int = typer.Option(4, "--batch-size", help="windows per forward pass"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the model runs (an "
+                               "artifact's compressed layers take that device's kernels)"),
 ) -> None:
     """Perplexity (and KL / top-1 vs a teacher) on non-overlapping windows of a text."""
     compute = parse_dtype(dtype)
     text = read_text(data)
     with err_console.status(f"loading {model}"):
-        student = load_model(model, dtype=compute)
+        student = load_model(model, dtype=compute, device=device)
     with err_console.status(f"loading teacher {teacher}"):
-        reference = load_model(teacher, dtype=compute).model if teacher else None
+        reference = load_model(teacher, dtype=compute, device=device).model if teacher else None
     with err_console.status("tokenizing"):
         ids = tokenize(student.tokenizer, text)
     chunks = windows(ids, seq_len, max_windows)
@@ -39,11 +41,22 @@ def evaluate(
     available = ids.numel() // seq_len
     result.update({
         "model": model, "data": data, "teacher": teacher, "dtype": dtype,
-        "protocol": protocol_text(data, seq_len, result["windows"], available, compute, teacher),
+        "protocol": protocol_text(data, seq_len, result["windows"], available, compute, teacher, device),
+        "backends": _backend_counts(student.model),
     })
     line = f"ppl {result['ppl']:.4f}"
     if teacher:
         line += f" | KL {result['kl']:.4f} nats/token | top-1 {result['top1']:.4f}"
     console.print(f"{line} | {result['tokens_per_s']:.0f} tokens/s")
     console.print(f"protocol: {result['protocol']}")
+    for backend, count in result["backends"].items():
+        console.print(f"kernels: {count} modules {backend}")
     write_json(json_path, result)
+
+
+def _backend_counts(model) -> dict[str, int]:
+    """How many compressed modules took each kernel path (hypercompress.kernels)."""
+    counts: dict[str, int] = {}
+    for backend in getattr(model, "hypercompress_backends", {}).values():
+        counts[backend] = counts.get(backend, 0) + 1
+    return counts

@@ -51,6 +51,10 @@ class LatentKV(CompressedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.latent(x))
 
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        self._fast = None  # already two small GEMMs, and the cache must stay latent
+        return "latent: keys from the shared r-value latent (cache stays latent)"
+
     def macs(self) -> int:  # the shared latent, then the keys from it
         return self.rank * (self.in_features + self.out_features)
 
@@ -91,6 +95,10 @@ class LatentValue(CompressedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self._source[0].latent(x))
+
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        self._fast = None
+        return "latent: values from the shared r-value latent (cache stays latent)"
 
     def macs(self) -> int:  # the values from the latent the keys' module computed
         return self.rank * self.out_features

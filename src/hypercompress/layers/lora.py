@@ -74,6 +74,10 @@ class LoRALinear(CompressedModule):
             raise TypeError(f"cannot merge an adapter into a {self.base.kind} module")
         self.B.zero_()
 
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        self._fast = None  # the base takes its own fast path (prepared on its own)
+        return f"the base's path + rank-{self.rank} adapter (two small GEMMs)"
+
     def macs(self) -> int:
         return self.base.macs() + self.rank * (self.in_features + self.out_features)
 

@@ -38,7 +38,21 @@ class LowRankLinear(CompressedModule):
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.U.to(dtype) @ self.V.to(dtype)
 
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        """Two GEMMs with the factors cast once; one dense GEMM when that multiplies less."""
+        from ..kernels.paths import DenseLinear, LowRankPath
+
+        if self.rank * (self.in_features + self.out_features) >= self.in_features * self.out_features:
+            self._fast = DenseLinear(self.dense_weight(torch.float32), self.bias, dtype)
+            self._fast.backend = "one GEMM (factors merged: r (in + out) >= in x out)"
+        else:
+            self._fast = LowRankPath(self.U, self.V, self.bias, dtype)
+        return self._fast.backend
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_or_none(x)
+        if fast is not None:
+            return fast(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(F.linear(x, self.V.to(x.dtype)), self.U.to(x.dtype), bias)
 

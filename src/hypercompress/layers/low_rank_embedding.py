@@ -74,6 +74,10 @@ class LowRankEmbedding(CompressedModule):
         """x (..., D) -> (..., V) = x E^T, through the rank-r bottleneck."""
         return (x @ self.up.to(x.dtype).t()) @ self.factor_a().to(x.dtype).t()
 
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        self._fast = None
+        return "rows and logits through the rank-r factors"
+
     def macs(self) -> int:  # as an lm_head: through the rank-r bottleneck
         return self.rank * (self.dim + self.vocab)
 

@@ -50,6 +50,10 @@ class QuantEmbedding(QuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids, self.compute_dtype)
 
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        self._fast = None  # a lookup dequantizes only the rows it reads; a tied head builds its own
+        return "rows dequantized at lookup"
+
 
 class TiedHead(CompressedModule):
     """lm_head whose weight is the (compressed) input embedding: logits = x E^T."""
@@ -71,7 +75,17 @@ class TiedHead(CompressedModule):
         source = self._embedding[0]
         return source.macs() if hasattr(source, "macs") else source.weight.numel()
 
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        """Logits through the embedding's codes (int4 tinygemm, ...) when it is quantized; a
+        factorized embedding already computes through its factors."""
+        source = self._embedding[0]
+        self._fast = source.build_fast(dtype) if isinstance(source, QuantEmbedding) else None
+        return self._fast.backend if self._fast is not None else "through the embedding's factors"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_or_none(x)
+        if fast is not None:
+            return fast(x)
         source = self._embedding[0]
         if hasattr(source, "logits"):  # a factorized embedding: never build the (V, D) table
             return source.logits(x)

@@ -120,8 +120,50 @@ class QuantLinear(CompressedModule):
         return weight.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_or_none(x)
+        if fast is not None:
+            return fast(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)
+
+    def codes(self) -> torch.Tensor:
+        """The stored codes as an (out_features, in_features) uint8 tensor."""
+        count = self.out_features * self.in_features
+        return unpack_codes(self.qweight, self.bits, count).view(self.out_features, self.in_features)
+
+    def tinygemm_zero(self) -> torch.Tensor:
+        """z_t (out, groups) float32 with W = (q - 8) s + z_t per group (kernels/int4.py)."""
+        scale = self.scales.float()
+        if self.symmetric:
+            return (8 - (1 << (self.bits - 1))) * scale
+        if self.zero_point == "int":
+            return (8 - self._zero(torch.float32)[..., 0]) * scale
+        return 8 * scale + self.zeros.float()
+
+    def build_fast(self, dtype: torch.dtype):
+        """The fast path of this weight: int4 tinygemm for 2..4-bit codes, int8 weight-only for
+        symmetric 8-bit rows, else the dense weight dequantized once (kernels/__init__.py)."""
+        from ..kernels.int4 import Int4Linear, Int8RowLinear, int4_supported, int8_supported
+        from ..kernels.paths import DenseLinear
+
+        device = self.device()
+        why = "no exact kernel for 5..8-bit groups"
+        if self.bits <= 4:
+            why = int4_supported(device, dtype, self.out_features, self.in_features, self.group_size)
+            if why is None:
+                note = "" if self.bits == 4 else f", w{self.bits} codes as 4-bit"
+                return Int4Linear(self.codes(), self.scales, self.tinygemm_zero(), self.group_size,
+                                  self.bias, dtype, note)
+        elif (self.bits == 8 and self.symmetric and self.group_size == self.in_features
+              and int8_supported(device, dtype)):
+            return Int8RowLinear(self.codes(), self.scales, self.bias, dtype)
+        path = DenseLinear(self.dense_weight(dtype), self.bias, dtype)
+        path.backend = f"{path.backend}: {why}"
+        return path
+
+    def prepare_fast(self, dtype: torch.dtype) -> str:
+        self._fast = self.build_fast(dtype)
+        return self._fast.backend
 
     def layout(self) -> dict[str, Any]:
         return {

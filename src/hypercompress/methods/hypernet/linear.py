@@ -49,6 +49,9 @@ class GeneratedLinear(CompressedModule):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_or_none(x)
+        if fast is not None:
+            return fast(x)
         bias = self.bias if self.base_layout is None else getattr(self.base, "bias", None)
         bias = None if bias is None else bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)

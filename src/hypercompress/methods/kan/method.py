@@ -54,7 +54,8 @@ class KanLinear(CompressedModule):
         self._cache: torch.Tensor | None = None
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self._cache is None:
+        device = self.levels[0].rows.device if hasattr(self.levels[0], "rows") else None
+        if self._cache is None or (device is not None and self._cache.device != device):
             self._cache = evaluate(self.levels)[0]
         return self._cache.to(dtype)
 
@@ -63,6 +64,9 @@ class KanLinear(CompressedModule):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast_or_none(x)
+        if fast is not None:
+            return fast(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)
 

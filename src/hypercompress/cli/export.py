@@ -1,0 +1,40 @@
+"""hypercompress export ARTIFACT --format compressed-tensors|gguf|hf --out DIR"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+from .common import console, err_console, one_line_errors, write_json
+
+
+@one_line_errors
+def export(
+    artifact: str = typer.Argument(..., help="an artifact directory written by 'hypercompress compress'"),
+    fmt: str = typer.Option(..., "--format", help="compressed-tensors (vLLM, transformers) | gguf "
+                            "(llama.cpp) | hf (dense safetensors any tool loads)"),
+    out: Path = typer.Option(..., "--out", help="new directory to write"),
+    gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="gguf: the GGML type for "
+                                            "tensors no exact type holds (default: per tensor)"),
+    dense_fallback: bool = typer.Option(False, "--dense-fallback", help="compressed-tensors: write "
+                                        "modules the format cannot hold as dense bfloat16 (ignored by "
+                                        "its quantization) instead of refusing"),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="hf: bfloat16 | float16 | float32"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the export report as JSON"),
+) -> None:
+    """Write the artifact in another runtime's format (atomically; refuses an existing --out)."""
+    from ..export import FORMATS, export as run_export
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    options = {"hf": {"dtype": dtype}, "gguf": {"gguf_type": gguf_type} if gguf_type else {},
+               "compressed-tensors": {"dense_fallback": dense_fallback}}[fmt]
+    with err_console.status(f"exporting {artifact} as {fmt}"):
+        report = run_export(artifact, fmt, out, **options)
+    console.print(f"wrote {report['out']} ({fmt})")
+    for line in report.get("lines", []):
+        console.print(line)
+    write_json(json_path, report)

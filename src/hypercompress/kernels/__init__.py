@@ -1,0 +1,41 @@
+"""Fast inference paths for stored module kinds, through kernel libraries (torch's own ops).
+
+Every compressed module keeps its reference forward (dequantize, obviously right). `prepare_model`
+asks each one, once the model sits on its device in its compute dtype, for the fastest exact path
+that device has (`CompressedModule.prepare_fast`), and returns which backend each module took:
+
+| stored kind | CUDA | CPU |
+|---|---|---|
+| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) | int4 (`_weight_int4pack_mm_for_cpu`) |
+| quant, 8 bits symmetric, one scale per row | int8 weight-only (`_weight_int8pack_mm`) | same |
+| quant, other (5..8 bits grouped, shapes the kernels refuse) | dense, dequantized once | dense, dequantized once |
+| sparse 2:4 (float16 / bfloat16) | cuSPARSELt / CUTLASS semi-structured (`torch.sparse`) | dense, dequantized once |
+| sparse, unstructured | dense, dequantized once | dense, dequantized once |
+| lowrank | two GEMMs (factors cast once), one GEMM when r (in + out) >= in x out | same |
+| tied head over a quantized embedding | as quant | as quant |
+| generated (hypernet), kan | dense: generated once at load, cast once | same |
+
+Codes convert exactly: tinygemm computes W = (q - 8) s + z_t per group, so our grids map as
+(q - z) s = (q - 8) s + (8 - z) s (int zero), (q - 2^(b-1)) s = (q - 8) s + (8 - 2^(b-1)) s
+(symmetric), q s + m = (q - 8) s + (8 s + m) (float zero); codes of 2 or 3 bits are valid 4-bit
+codes. The only difference from the reference is the rounding of s and z_t to the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def prepare_model(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+    """Choose every compressed module's fast path for the device it now sits on and `dtype`, the
+    compute dtype of the activations it will see.
+
+    Call after `model.to(device)`. Returns {module name: backend description}. A module called
+    with inputs on another device or of another dtype falls back to its reference forward (slow,
+    never wrong).
+    """
+    from ..modules import CompressedModule
+
+    return {name: module.prepare_fast(dtype) for name, module in model.named_modules()
+            if isinstance(module, CompressedModule)}

@@ -1,0 +1,106 @@
+"""4-bit weight-only GEMM through torch's tinygemm kernels (the int4 layout torchao also uses).
+
+CUDA: `aten._weight_int4pack_mm(x (M, K) bf16, packed, group, scales_and_zeros (K/group, N, 2) bf16)`;
+CPU: `aten._weight_int4pack_mm_for_cpu` (float32, bfloat16 or float16 activations). Both compute
+W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g] with g = k // group and 4-bit q, so our grids map
+exactly (kernels/__init__.py). Groups: 32, 64, 128 or 256 input columns; a stored group that is a
+multiple of one (e.g. 192 = 3 x 64, or a whole row) repeats its scale over the kernel's groups.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .paths import FastPath
+
+KERNEL_GROUPS = (256, 128, 64, 32)
+
+
+def kernel_group(group_size: int, in_features: int) -> int | None:
+    """The largest tinygemm group dividing the stored group (None: no exact fit)."""
+    return next((g for g in KERNEL_GROUPS if group_size % g == 0 and in_features % g == 0), None)
+
+
+def _inner_k_tiles(in_features: int) -> int | None:
+    return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
+
+
+def int4_supported(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int,
+                   group_size: int) -> str | None:
+    """None when the kernel takes this layer on this device and dtype, else the reason it does not."""
+    if kernel_group(group_size, in_features) is None:
+        return f"group {group_size} is no multiple of 32"
+    if _inner_k_tiles(in_features) is None:
+        return f"in_features {in_features} is no multiple of 32"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return "the CUDA int4 kernel computes in bfloat16 only"
+        if torch.cuda.get_device_capability(device)[0] < 8 or out_features % 8:
+            return "needs compute capability 8.0 and out_features divisible by 8"
+        return None
+    if device.type == "cpu":
+        return None if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else "torch too old"
+    return f"no int4 kernel for {device.type}"
+
+
+class Int4Linear(FastPath):
+    """y = x W^T + b with W held as 4-bit codes in the kernel's packed layout.
+
+    codes: (N, K) integers in [0, 16); scale, zero: (N, K / group_size) float, with
+    W[n, k] = (codes[n, k] - 8) * scale[n, k // group_size] + zero[n, k // group_size].
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype, note: str = ""):
+        device = codes.device
+        super().__init__(device, dtype, bias)
+        out_features, in_features = codes.shape
+        group = kernel_group(group_size, in_features)
+        repeat = group_size // group
+        scale = scale.float().repeat_interleave(repeat, 1)
+        zero = zero.float().repeat_interleave(repeat, 1)
+        self.group, self.out_features = group, out_features
+        self.scales_and_zeros = torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous()
+        tiles = _inner_k_tiles(in_features)
+        if device.type == "cuda":
+            codes = codes.to(torch.uint8)
+            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+            self.matmul = torch.ops.aten._weight_int4pack_mm
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), tiles)
+            self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
+        self.backend = f"int4 tinygemm g{group} ({device.type}){note}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        y = self.matmul(flat, self.packed, self.group, self.scales_and_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8RowLinear(FastPath):
+    """Symmetric 8-bit codes with one scale per row: y = (x Q^T) * s + b through
+    `aten._weight_int8pack_mm(x, Q int8 (N, K), s (N,))`, Q = q - 128."""
+
+    backend = "int8 weight-only (_weight_int8pack_mm)"
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype):
+        super().__init__(codes.device, dtype, bias)
+        self.weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        self.scale = scale.reshape(-1).to(dtype).contiguous()
+        self.out_features = codes.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def int8_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type in ("cpu", "cuda") and dtype in (torch.float32, torch.bfloat16, torch.float16) \
+        and hasattr(torch.ops.aten, "_weight_int8pack_mm")

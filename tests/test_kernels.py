@@ -1,0 +1,132 @@
+"""Fast paths (kernels/) give the reference forward's logits: codes convert exactly, only the
+compute dtype's rounding differs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypercompress import artifact
+from hypercompress.api import compress
+from hypercompress.kernels.int4 import Int4Linear
+from hypercompress.kernels.paths import DenseLinear, is_two_four
+from hypercompress.layers import QuantLinear
+from hypercompress.models import load_model
+from hypercompress.modules import count_params
+from hypercompress.recipe import Recipe
+
+GRIDS = [
+    {"bits": 4, "group_size": 32, "symmetric": False, "zero_point": "int"},
+    {"bits": 4, "group_size": 64, "symmetric": True},
+    {"bits": 4, "group_size": 32, "symmetric": False, "zero_point": "float"},
+    {"bits": 3, "group_size": 64, "symmetric": False, "zero_point": "int"},
+    {"bits": 2, "group_size": 32, "symmetric": True},
+    {"bits": 4, "group_size": -1, "symmetric": False, "zero_point": "int"},  # one scale per row
+]
+
+
+def _artifact(model_dir, stages, out, calib=None):
+    loaded = load_model(str(model_dir))
+    recipe = Recipe.from_list(stages)
+    compress(loaded.model, recipe, calib, batch_size=4)
+    artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(),
+                  original_params=count_params(loaded.model))
+    return out
+
+
+def _logits_both_ways(path, tokens, dtype=torch.float32):
+    fast, _ = artifact.load(path, dtype=dtype)
+    reference, _ = artifact.load(path, dtype=dtype, fast=False)
+    with torch.inference_mode():
+        return fast(tokens).logits.float(), reference(tokens).logits.float(), fast
+
+
+def _close(fast, reference, dtype):
+    scale = reference.abs().max()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    return (fast - reference).abs().max() <= tolerance * scale
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"w{g['bits']}g{g['group_size']}"
+                         f"-{'sym' if g['symmetric'] else g['zero_point']}")
+def test_int4_kernel_equals_reference(grid, model_dirs, tokens, tmp_path):
+    path = _artifact(model_dirs["llama"], [{"method": "rtn", **grid}], tmp_path / "a")
+    fast, reference, model = _logits_both_ways(path, tokens)
+    backends = model.hypercompress_backends
+    assert backends and all(b.startswith("int4 tinygemm") for b in backends.values()), backends
+    assert _close(fast, reference, torch.float32)
+    assert not torch.equal(fast, torch.zeros_like(fast))
+
+
+def test_int4_kernel_bfloat16_and_the_tied_head(model_dirs, tokens, tmp_path):
+    """GPT-2: Conv1D linears and a tied head computing logits through the quantized embedding."""
+    stages = [{"method": "rtn", "bits": 4, "group_size": 32},
+              {"method": "rtn", "bits": 4, "group_size": 32, "targets": ["wte$"]}]
+    path = _artifact(model_dirs["gpt2"], stages, tmp_path / "a")
+    fast, reference, model = _logits_both_ways(path, tokens, torch.bfloat16)
+    assert model.hypercompress_backends["lm_head"].startswith("int4 tinygemm")
+    assert model.hypercompress_backends["transformer.wte"] == "rows dequantized at lookup"
+    assert _close(fast, reference, torch.bfloat16)
+
+
+def test_grids_without_an_exact_kernel_fall_back_to_dense(model_dirs, tokens, tmp_path):
+    path = _artifact(model_dirs["llama"], [{"method": "rtn", "bits": 6, "group_size": 32}], tmp_path / "a")
+    fast, reference, model = _logits_both_ways(path, tokens)
+    assert all(b.startswith("dense (dequantized once)") for b in model.hypercompress_backends.values())
+    assert _close(fast, reference, torch.float32)
+
+
+def test_int8_rows_take_the_int8_kernel(model_dirs, tokens, tmp_path):
+    path = _artifact(model_dirs["llama"], [{"method": "rtn", "bits": 8, "group_size": -1,
+                                            "symmetric": True}], tmp_path / "a")
+    fast, reference, model = _logits_both_ways(path, tokens)
+    assert all(b.startswith("int8") for b in model.hypercompress_backends.values())
+    assert _close(fast, reference, torch.float32)
+
+
+@pytest.mark.parametrize("stage", [{"method": "wanda", "sparsity": 0.5, "pattern": "2:4"},
+                                   {"method": "svd", "rank": 8}, {"method": "svd", "rank": 60}])
+def test_sparse_and_low_rank_paths(stage, model_dirs, tokens, tmp_path):
+    calib = torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
+    path = _artifact(model_dirs["llama"], [stage], tmp_path / "a", calib)
+    fast, reference, model = _logits_both_ways(path, tokens)
+    assert _close(fast, reference, torch.float32)
+    backends = set(model.hypercompress_backends.values())
+    if stage["method"] == "wanda":
+        assert backends == {"dense (dequantized once): 2:4 on cpu"}
+    elif stage["rank"] == 8:
+        assert backends == {"two GEMMs (factors cast once)"}
+    else:  # rank 60 on 64 x 64 .. 128 x 64 layers: one GEMM multiplies less
+        assert any(b.startswith("one GEMM") for b in backends)
+
+
+def test_fast_path_is_exact_on_every_code():
+    """Every 4-bit code, every zero point: tinygemm's (q - 8) s + z_t form equals (q - z) s."""
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.arange(16).repeat(64, 4)[:, :64].float().reshape(64, 2, 32)
+    scale = (torch.rand(64, 2, 1, generator=generator) + 0.5).half().float()
+    zero = torch.randint(0, 16, (64, 2, 1), generator=generator).float()
+    layer = QuantLinear.from_codes(codes, scale, zero, None, 4, False, "int")
+    path = Int4Linear(layer.codes(), layer.scales, layer.tinygemm_zero(), 32, None, torch.float32)
+    eye = torch.eye(64)
+    with torch.inference_mode():
+        assert torch.allclose(path(eye).t(), layer.dense_weight(), atol=1e-6, rtol=0)
+
+
+def test_a_moved_input_falls_back_to_the_reference():
+    layer = QuantLinear(64, 32, 4, 32, True)
+    layer.scales.fill_(0.5)
+    layer.prepare_fast(torch.float32)
+    x = torch.randn(2, 64)
+    assert layer.fast_or_none(x) is not None
+    assert layer.fast_or_none(x.double()) is None  # other dtype: reference forward
+    assert layer.fast_or_none(x.requires_grad_()) is None  # autograd through x: reference
+    layer.scales.requires_grad_()
+    assert layer.fast_or_none(x.detach()) is None  # scales being trained: reference forward
+
+
+def test_two_four_detection():
+    keep = torch.tensor([[1, 0, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    assert is_two_four(keep)
+    assert not is_two_four(torch.ones(1, 8, dtype=torch.bool))
+    assert DenseLinear(torch.eye(4), None, torch.float32).accepts(torch.randn(4))
