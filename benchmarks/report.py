@@ -132,6 +132,12 @@ def render() -> Path:
              "each section names the script that produced it. Never edited by hand.", ""]
     for path in sorted((ROOT / "results").glob("*.json")):
         data = json.loads(path.read_text())
+        if data.get("kind") == "speed":  # its own tables (benchmarks/speed_report.py)
+            from speed_report import speed_section
+
+            parts += [f"## {data['title']}", "", *speed_section(data),
+                      *[f"- note: {n}" for n in NOTES.get(path.stem, [])], ""]
+            continue
         parts += [f"## {data['title']}", "",
                   f"- model: {data['model']} ({data['params']:,} parameters)",
                   f"- protocol: {data['protocol']}",

@@ -6,7 +6,10 @@
 from .api import compress
 from .artifact import load, save
 from .eval import evaluate_windows as evaluate
+from .hf_integration import register as _register_with_transformers
 from .registry import list_methods
+
+_register_with_transformers()  # AutoModelForCausalLM.from_pretrained(artifact_dir) works
 
 __all__ = ["compress", "evaluate", "save", "load", "list_methods"]
 __version__ = "0.1.0"

@@ -8,7 +8,6 @@ reads tensors with safetensors only (nothing is ever unpickled).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from torch import nn
 from .arch import arch_of
 from .errors import UserError
 from .formats import lossless as lossless_codec
+from .hf_integration import MODEL_TYPE, base_config_of, wrapper_config
 from .kernels import prepare_model
 from .layers import module_kinds
 from .modules import StoredModule, replace_module
@@ -137,10 +137,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
                 raise UserError(f"lossless level {lossless}: zstd levels are 1..22")
             stored, coding = lossless_tensors(model, tensors, lossless)
         save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
+        wrapper_config(model.config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, text in (documents((tmp / WEIGHTS).stat().st_size) if documents else {}).items():
             (tmp / name).write_text(text)
@@ -205,18 +202,19 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         fast: bool = True) -> tuple[nn.Module, Any]:
+         fast: bool = True, workload: str = "decode") -> tuple[nn.Module, Any]:
     """Load an artifact: (model on `device` in eval mode, tokenizer). Compressed modules stay
     compressed; with `fast` each takes the fastest exact kernel `device` has for `dtype` (the
     int4 CUDA kernel wants bfloat16), and `model.hypercompress_backends` says which (kernels/).
-    `fast=False` keeps every module on its reference forward (dequantize, then a dense GEMM).
+    `fast=False` keeps every module on its reference forward (dequantize, then a dense GEMM);
+    `workload` "prefill" prefers kernels for long inputs (kernels.prepare_model).
     Raises UserError for a missing, corrupt or tampered artifact, or a device torch cannot use."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path).expanduser()
     manifest = read_manifest(path)
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path)
     arch_of(config.model_type)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
@@ -244,7 +242,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
             module.compute_dtype = dtype
     model.eval().requires_grad_(False)
     model.to(_device(device))
-    model.hypercompress_backends = prepare_model(model, dtype) if fast else {}
+    model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -258,6 +256,23 @@ def _device(device: str | torch.device) -> torch.device:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"device {device!s}: {first}; pass --device cpu or a device this machine has") from None
     return device
+
+
+def read_config(path: Path):
+    """The source model's config of an artifact: config.json's base_config (the wrapper that
+    hf_integration.py describes), or config.json itself for artifacts written before it."""
+    from transformers import AutoConfig
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path / 'config.json'} is missing or not JSON; re-create the artifact") from None
+    if isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE:
+        return base_config_of(raw.get("base_config"))
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"{path / 'config.json'} is not a readable config ({exc}); re-create the artifact") from None
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:

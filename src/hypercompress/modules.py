@@ -59,7 +59,7 @@ class CompressedModule(StoredModule):
 
     _fast = None  # a kernels.paths.FastPath once `prepare_fast` built one
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         """Build the fastest exact forward for this module's device and compute `dtype` (kernels/);
         returns the backend's name. This default materializes the dense weight once (generated and
         KAN layers: their weights are computed once at load anyway)."""

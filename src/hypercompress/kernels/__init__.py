@@ -6,10 +6,10 @@ that device has (`CompressedModule.prepare_fast`), and returns which backend eac
 
 | stored kind | CUDA | CPU |
 |---|---|---|
-| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) | int4 (`_weight_int4pack_mm_for_cpu`) |
-| quant, 8 bits symmetric, one scale per row | int8 weight-only (`_weight_int8pack_mm`) | same |
+| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) up to 4 tokens, else dequantize + GEMM | int4 (`_weight_int4pack_mm_for_cpu`) up to 64 tokens, else dequantize + GEMM |
+| quant, 8 bits symmetric, one scale per row | dense, dequantized once (the int8 op is 15x slower than dense there) | int8 weight-only (`_weight_int8pack_mm`) |
 | quant, other (5..8 bits grouped, shapes the kernels refuse) | dense, dequantized once | dense, dequantized once |
-| sparse 2:4 (float16 / bfloat16) | cuSPARSELt / CUTLASS semi-structured (`torch.sparse`) | dense, dequantized once |
+| sparse 2:4 | dense, dequantized once; workload "prefill": semi-structured (`torch.sparse`, cuSPARSELt / CUTLASS) | dense, dequantized once |
 | sparse, unstructured | dense, dequantized once | dense, dequantized once |
 | lowrank | two GEMMs (factors cast once), one GEMM when r (in + out) >= in x out | same |
 | tied head over a quantized embedding | as quant | as quant |
@@ -27,15 +27,22 @@ import torch
 from torch import nn
 
 
-def prepare_model(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+WORKLOADS = ("decode", "prefill")
+
+
+def prepare_model(model: nn.Module, dtype: torch.dtype, workload: str = "decode") -> dict[str, str]:
     """Choose every compressed module's fast path for the device it now sits on and `dtype`, the
     compute dtype of the activations it will see.
 
-    Call after `model.to(device)`. Returns {module name: backend description}. A module called
+    `workload`: "decode" (serving: few tokens per call) or "prefill" (long inputs: 2:4 sparse
+    layers then take the semi-structured kernel, slower than dense at decode). Call after
+    `model.to(device)`. Returns {module name: backend description}. A module called
     with inputs on another device or of another dtype falls back to its reference forward (slow,
     never wrong).
     """
     from ..modules import CompressedModule
 
-    return {name: module.prepare_fast(dtype) for name, module in model.named_modules()
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload {workload!r}: one of {WORKLOADS}")
+    return {name: module.prepare_fast(dtype, workload) for name, module in model.named_modules()
             if isinstance(module, CompressedModule)}

@@ -51,7 +51,7 @@ class LatentKV(CompressedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.latent(x))
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         self._fast = None  # already two small GEMMs, and the cache must stay latent
         return "latent: keys from the shared r-value latent (cache stays latent)"
 
@@ -96,7 +96,7 @@ class LatentValue(CompressedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self._source[0].latent(x))
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         self._fast = None
         return "latent: values from the shared r-value latent (cache stays latent)"
 

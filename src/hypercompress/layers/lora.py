@@ -74,7 +74,7 @@ class LoRALinear(CompressedModule):
             raise TypeError(f"cannot merge an adapter into a {self.base.kind} module")
         self.B.zero_()
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         self._fast = None  # the base takes its own fast path (prepared on its own)
         return f"the base's path + rank-{self.rank} adapter (two small GEMMs)"
 

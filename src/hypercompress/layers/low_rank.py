@@ -38,7 +38,7 @@ class LowRankLinear(CompressedModule):
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.U.to(dtype) @ self.V.to(dtype)
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         """Two GEMMs with the factors cast once; one dense GEMM when that multiplies less."""
         from ..kernels.paths import DenseLinear, LowRankPath
 

@@ -74,7 +74,7 @@ class LowRankEmbedding(CompressedModule):
         """x (..., D) -> (..., V) = x E^T, through the rank-r bottleneck."""
         return (x @ self.up.to(x.dtype).t()) @ self.factor_a().to(x.dtype).t()
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         self._fast = None
         return "rows and logits through the rank-r factors"
 

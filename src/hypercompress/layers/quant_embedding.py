@@ -50,7 +50,7 @@ class QuantEmbedding(QuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids, self.compute_dtype)
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         self._fast = None  # a lookup dequantizes only the rows it reads; a tied head builds its own
         return "rows dequantized at lookup"
 
@@ -75,7 +75,7 @@ class TiedHead(CompressedModule):
         source = self._embedding[0]
         return source.macs() if hasattr(source, "macs") else source.weight.numel()
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         """Logits through the embedding's codes (int4 tinygemm, ...) when it is quantized; a
         factorized embedding already computes through its factors."""
         source = self._embedding[0]

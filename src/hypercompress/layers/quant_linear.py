@@ -152,8 +152,9 @@ class QuantLinear(CompressedModule):
             why = int4_supported(device, dtype, self.out_features, self.in_features, self.group_size)
             if why is None:
                 note = "" if self.bits == 4 else f", w{self.bits} codes as 4-bit"
+                pairs = self.qweight if self.bits == 4 else None  # high nibble first: shared
                 return Int4Linear(self.codes(), self.scales, self.tinygemm_zero(), self.group_size,
-                                  self.bias, dtype, note)
+                                  self.bias, dtype, note, pairs)
         elif (self.bits == 8 and self.symmetric and self.group_size == self.in_features
               and int8_supported(device, dtype)):
             return Int8RowLinear(self.codes(), self.scales, self.bias, dtype)
@@ -161,7 +162,8 @@ class QuantLinear(CompressedModule):
         path.backend = f"{path.backend}: {why}"
         return path
 
-    def prepare_fast(self, dtype: torch.dtype) -> str:
+    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
+        """int4 tinygemm / int8 / dense (build_fast); the same for either workload."""
         self._fast = self.build_fast(dtype)
         return self._fast.backend
 

@@ -1,0 +1,90 @@
+"""`transformers.AutoModelForCausalLM.from_pretrained(artifact_dir)` loads a hypercompress artifact.
+
+An artifact's config.json is a wrapper: model_type "hypercompress", the source model's own config
+under `base_config`, and a `quantization_config` {quant_method: "hypercompress"} for tools that
+look there. Why a wrapper and not only a quantization_config (as HQQ and torchao do): those live
+inside transformers, whereas transformers 5 merely warns about a quant_method it does not know and
+then loads the base architecture with every compressed linear randomly initialised, a silently wrong
+model. With model_type "hypercompress", transformers without this package refuses the directory
+("model type `hypercompress` ... does not recognize this architecture"); importing hypercompress
+registers the config and model classes below with transformers' Auto classes, and from_pretrained
+returns `hypercompress.load(dir, dtype, device)`: the compressed modules on that device's kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+
+MODEL_TYPE = "hypercompress"
+
+
+class HypercompressConfig(PreTrainedConfig):
+    """The wrapper config: `base_config` (dict) is the source model's config, with its model_type."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, base_config: dict[str, Any] | None = None, **kwargs: Any):
+        self.base_config = base_config or {}
+        super().__init__(**kwargs)
+
+    def base(self) -> PreTrainedConfig:
+        """The source model's config object (a UserError if the wrapper holds none)."""
+        return base_config_of(self.base_config)
+
+
+def base_config_of(entry: Any) -> PreTrainedConfig:
+    from .errors import UserError
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("model_type"), str):
+        raise UserError("the artifact's config.json has no valid base_config; re-create the artifact")
+    fields = {k: v for k, v in entry.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(entry["model_type"], **fields)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"the artifact's base_config does not build a config ({exc}); "
+                        "re-create the artifact") from None
+
+
+def wrapper_config(config: PreTrainedConfig) -> HypercompressConfig:
+    """The config.json an artifact stores for a model whose own config is `config`."""
+    base = config.to_dict()
+    base.pop("quantization_config", None)
+    base.pop("_name_or_path", None)  # a machine path, not part of the model
+    return HypercompressConfig(
+        base_config=base, architectures=["HypercompressForCausalLM"],
+        quantization_config={"quant_method": MODEL_TYPE, "loader": "pip install hypercompress; "
+                             "import hypercompress (registers it with transformers)"})
+
+
+class HypercompressForCausalLM(PreTrainedModel):
+    """Only a door: from_pretrained returns the artifact's own model class (e.g. LlamaForCausalLM)
+    with its compressed modules, as `hypercompress.load` builds it."""
+
+    config_class = HypercompressConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, dtype: Any = None,
+                        torch_dtype: Any = None, device_map: Any = None, **kwargs: Any):
+        """dtype: torch dtype or its name ("auto"/None: float32 on the CPU, bfloat16 on CUDA);
+        device_map: None, a device string ("cuda", "cuda:0", "cpu") or {"": device}."""
+        from .artifact import load
+
+        device = device_map.get("", "cpu") if isinstance(device_map, dict) else (device_map or "cpu")
+        device = "cuda" if device == "auto" and torch.cuda.is_available() else device
+        device = "cpu" if device == "auto" else device
+        dtype = dtype if dtype is not None else torch_dtype
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        if dtype in (None, "auto"):
+            dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model, _ = load(pretrained_model_name_or_path, dtype=dtype, device=device)
+        return model
+
+
+def register() -> None:
+    """Make transformers' Auto classes know artifacts (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, HypercompressConfig, exist_ok=True)
+    AutoModelForCausalLM.register(HypercompressConfig, HypercompressForCausalLM, exist_ok=True)
