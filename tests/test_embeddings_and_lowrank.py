@@ -40,8 +40,11 @@ def test_tied_embedding_is_quantized_once_and_the_head_follows(model_dirs, token
     assert manifest["modules"]["lm_head"] == {"kind": "tied_head", "layout": {"source": "transformer.wte"}}
     assert manifest["aliases"] == {}
     assert artifact.storage_bits(model) < dense_bits / 2  # position embeddings stay 16-bit
-    reloaded, _ = artifact.load(path)
+    reloaded, _ = artifact.load(path, fast=False)  # the stored tensors exactly
     assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+    fast, _ = artifact.load(path)  # the head through the embedding's int4 codes
+    assert fast.hypercompress_backends["lm_head"].startswith("int4 tinygemm")
+    assert torch.allclose(fast(tokens).logits, model(tokens).logits, atol=1e-4)
 
 
 def test_tied_head_alone_is_refused(model_dirs):

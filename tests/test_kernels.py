@@ -116,7 +116,7 @@ def test_fast_path_is_exact_on_every_code():
     scale = (torch.rand(64, 2, 1, generator=generator) + 0.5).half().float()
     zero = torch.randint(0, 16, (64, 2, 1), generator=generator).float()
     layer = QuantLinear.from_codes(codes, scale, zero, None, 4, False, "int")
-    path = Int4Linear(layer.codes(), layer.scales, layer.tinygemm_zero(), 32, None, torch.float32)
+    path = Int4Linear(layer.code_matrix(), layer.scales, layer.tinygemm_zero(), 32, None, torch.float32)
     eye = torch.eye(64)
     with torch.inference_mode():
         assert torch.allclose(path(eye[:8]).t(), layer.dense_weight()[:, :8], atol=1e-6, rtol=0)

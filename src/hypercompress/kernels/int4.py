@@ -45,8 +45,35 @@ def int4_supported(device: torch.device, dtype: torch.dtype, out_features: int, 
 
 
 # Above this many rows of x (tokens), tinygemm loses to dequantize + dense GEMM (measured on the
-# H200: 4096 x 11008 at 16 tokens 54 us vs 28 us dense; at 2048 tokens 6.4 ms vs 0.24 ms).
-GEMM_ROWS = {"cuda": 4, "cpu": 64}
+# H200, 4096 x 11008 g128: tinygemm 14 us at 1 token, 20 at 4, 54 at 16, 6.4 ms at 2048; the
+# dense GEMM 26 us up to 16 tokens, 0.23 ms at 2048).
+GEMM_ROWS = {"cuda": 32, "cpu": 64}
+
+
+def _dequantize(pairs: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor) -> torch.Tensor:
+    """pairs (N, K/2) uint8, high nibble first; group_scale, group_zero (N, G, 1) -> W (N, G, K/G):
+    W = q * s + z (z = z_t - 8 s)."""
+    codes = torch.stack([pairs >> 4, pairs & 15], -1).view(group_scale.shape[0], group_scale.shape[1], -1)
+    return torch.addcmul(group_zero, codes.to(group_scale.dtype), group_scale)
+
+
+_FUSED: list = []
+
+
+def dequantize(pairs: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor) -> torch.Tensor:
+    """`_dequantize`, on CUDA fused into one kernel by torch.compile (Triton; eager if that fails):
+    it reads the codes once instead of five passes over the (N, K) weight."""
+    if pairs.device.type == "cuda":
+        if not _FUSED:
+            try:
+                _FUSED.append(torch.compile(_dequantize, dynamic=True))
+            except Exception:  # no compiler backend: stay eager
+                _FUSED.append(_dequantize)
+        try:
+            return _FUSED[0](pairs, group_scale, group_zero)
+        except Exception:
+            _FUSED[0] = _dequantize
+    return _dequantize(pairs, group_scale, group_zero)
 
 
 class Int4Linear(FastPath):
@@ -88,9 +115,7 @@ class Int4Linear(FastPath):
 
     def dense_weight(self) -> torch.Tensor:
         """W (N, K) in the compute dtype: (q - 8) s + z_t, from the packed pairs."""
-        high, low = self.pairs >> 4, self.pairs & 15
-        codes = torch.stack([high, low], -1).view(self.out_features, self.group_scale.shape[1], -1)
-        weight = torch.addcmul(self.group_zero, codes.to(self.dtype), self.group_scale)
+        weight = dequantize(self.pairs, self.group_scale, self.group_zero)
         return weight.view(self.out_features, self.in_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

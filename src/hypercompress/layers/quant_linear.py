@@ -126,7 +126,7 @@ class QuantLinear(CompressedModule):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
-    def codes(self) -> torch.Tensor:
+    def code_matrix(self) -> torch.Tensor:
         """The stored codes as an (out_features, in_features) uint8 tensor."""
         count = self.out_features * self.in_features
         return unpack_codes(self.qweight, self.bits, count).view(self.out_features, self.in_features)
@@ -153,11 +153,11 @@ class QuantLinear(CompressedModule):
             if why is None:
                 note = "" if self.bits == 4 else f", w{self.bits} codes as 4-bit"
                 pairs = self.qweight if self.bits == 4 else None  # high nibble first: shared
-                return Int4Linear(self.codes(), self.scales, self.tinygemm_zero(), self.group_size,
+                return Int4Linear(self.code_matrix(), self.scales, self.tinygemm_zero(), self.group_size,
                                   self.bias, dtype, note, pairs)
         elif (self.bits == 8 and self.symmetric and self.group_size == self.in_features
               and int8_supported(device, dtype)):
-            return Int8RowLinear(self.codes(), self.scales, self.bias, dtype)
+            return Int8RowLinear(self.code_matrix(), self.scales, self.bias, dtype)
         path = DenseLinear(self.dense_weight(dtype), self.bias, dtype)
         path.backend = f"{path.backend}: {why}"
         return path
