@@ -42,9 +42,10 @@ def test_tied_embedding_is_quantized_once_and_the_head_follows(model_dirs, token
     assert artifact.storage_bits(model) < dense_bits / 2  # position embeddings stay 16-bit
     reloaded, _ = artifact.load(path, fast=False)  # the stored tensors exactly
     assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
-    fast, _ = artifact.load(path)  # the head through the embedding's int4 codes
+    fast, _ = artifact.load(path, dtype=torch.bfloat16)  # the head through the embedding's int4 codes
     assert fast.hypercompress_backends["lm_head"].startswith("int4 tinygemm")
-    assert torch.allclose(fast(tokens).logits, model(tokens).logits, atol=1e-4)
+    expected = model(tokens).logits
+    assert torch.allclose(fast(tokens).logits.float(), expected, atol=3e-2 * expected.abs().max().item())
 
 
 def test_tied_head_alone_is_refused(model_dirs):

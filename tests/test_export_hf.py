@@ -54,12 +54,14 @@ def test_from_pretrained_rebuilds_the_compressed_modules(artifacts, tokens):
     model = transformers.AutoModelForCausalLM.from_pretrained(artifacts["llama"])
     reference, _ = hypercompress.load(artifacts["llama"], fast=False)
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert set(model.hypercompress_backends.values()) == {"int4 tinygemm g32 (cpu)"}
     with torch.inference_mode():
         expected = reference(tokens).logits
         assert torch.allclose(model(tokens).logits, expected, atol=1e-4 * expected.abs().max().item())
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(artifacts["llama"], dtype=torch.bfloat16)
     assert bf16.model.norm.weight.dtype == torch.bfloat16
+    assert set(bf16.hypercompress_backends.values()) == {"int4 tinygemm g32 (cpu)"}
+    with torch.inference_mode():
+        assert torch.allclose(bf16(tokens).logits.float(), expected, atol=3e-2 * expected.abs().max().item())
 
 
 def test_without_hypercompress_transformers_refuses_the_artifact(artifacts):

@@ -34,7 +34,9 @@ def export(
                "compressed-tensors": {"dense_fallback": dense_fallback}}[fmt]
     with err_console.status(f"exporting {artifact} as {fmt}"):
         report = run_export(artifact, fmt, out, **options)
-    console.print(f"wrote {report['out']} ({fmt})")
-    for line in report.get("lines", []):
-        console.print(line)
+    size = report.get("safetensors_bytes") or report.get("bytes")
+    console.print(f"wrote {report['out']} ({fmt}{f', {size:,} bytes' if size else ''})")
+    for line in (report.get("summary"), *report.get("notes", [])):
+        if line:
+            console.print(line)
     write_json(json_path, report)

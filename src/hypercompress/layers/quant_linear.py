@@ -151,10 +151,17 @@ class QuantLinear(CompressedModule):
         if self.bits <= 4:
             why = int4_supported(device, dtype, self.out_features, self.in_features, self.group_size)
             if why is None:
+                codes, zero = self.code_matrix(), self.tinygemm_zero()
+                if self.bits < 4 and (self.symmetric or self.zero_point == "int"):
+                    # q' = q + 8 - z stays in [0, 16) for b <= 3, so that (q' - 8) s = (q - z) s with
+                    # z_t = 0: no bfloat16 rounding of a per-group offset (only of s, as the reference)
+                    groups = self.scales.shape[1]
+                    shift = (8 - self._zero(torch.float32)).expand(self.out_features, groups, self.group_size)
+                    codes = (codes.view_as(shift) + shift).to(torch.uint8).view(codes.shape)
+                    zero = torch.zeros_like(zero)
                 note = "" if self.bits == 4 else f", w{self.bits} codes as 4-bit"
                 pairs = self.qweight if self.bits == 4 else None  # high nibble first: shared
-                return Int4Linear(self.code_matrix(), self.scales, self.tinygemm_zero(), self.group_size,
-                                  self.bias, dtype, note, pairs)
+                return Int4Linear(codes, self.scales, zero, self.group_size, self.bias, dtype, note, pairs)
         elif (self.bits == 8 and self.symmetric and self.group_size == self.in_features
               and int8_supported(device, dtype)):
             return Int8RowLinear(self.code_matrix(), self.scales, self.bias, dtype)
