@@ -125,13 +125,7 @@ def _ct_layout(data: dict) -> list[str]:
     return report_section(data)
 
 
-def _llamacpp(data: dict) -> list[str]:
-    from llamacpp import report_section
-
-    return report_section(data)
-
-
-SECTIONS = {"ct_layout": _ct_layout, "llamacpp": _llamacpp}
+SECTIONS = {"ct_layout": _ct_layout}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

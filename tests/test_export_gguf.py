@@ -1,0 +1,187 @@
+"""GGUF export on tiny models built in-test: exact block re-packing, re-quantization cost, metadata,
+the Q/K permutation, the embedded tokenizer, and refusals. transformers' GGUF loader reads the files
+back (llama.cpp itself is exercised by benchmarks/llamacpp.py)."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+import hypercompress
+from hypercompress.errors import UserError
+from hypercompress.export import export
+from hypercompress.export.gguf_writer import write
+from hypercompress.modules import count_params
+from hypercompress.recipe import Recipe
+
+from conftest import make_tokenizer
+
+LINES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine, 1234 times",
+         "hello world; hello there. The end!"]
+TEXTS = ["the lazy fox says hello 42", "  two  spaces, and a tab\tthere", "<|endoftext|> nine dogs"]
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def bpe() -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE trained on three lines (full byte alphabet, 320 ids)."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(LINES * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def tiny(arch: str, tied: bool = False) -> torch.nn.Module:
+    """conftest's tiny shapes (hidden 64, 4 heads, 2 kv heads, 2 layers) with a 320-token vocab."""
+    torch.manual_seed(0)
+    if arch == "gpt2":  # n_positions 1024: transformers' GGUF loader reads context_length as n_ctx
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)).eval()
+    cls, config = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
+    return cls(config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=50000.0, tie_word_embeddings=tied)).eval()
+
+
+def make_artifact(tmp_path, bpe, stages, arch="llama", tied=False):
+    model = tiny(arch, tied)
+    if arch == "qwen2":  # nonzero q/k/v biases, so their F32 copies are checked too
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.1)
+    params = count_params(model)
+    recipe = Recipe.from_list(stages)
+    hypercompress.compress(model, recipe)
+    return hypercompress.save(model, bpe, tmp_path / "artifact", recipe=recipe.to_list(),
+                              original_params=params)
+
+
+def logits_pair(artifact, out):
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours, _ = hypercompress.load(artifact)
+    theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf").eval()
+    with torch.no_grad():
+        return ours(ids).logits, theirs(ids).logits
+
+
+def fields(path) -> tuple[dict, dict]:
+    """(metadata without the long token arrays, tensors by name) of a GGUF file."""
+    reader = GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
+            or k.endswith(("_id", ".model", ".pre"))}, {t.name: t for t in reader.tensors}
+
+
+def test_exact_q4_1_grid_roundtrips_bit_for_bit(tmp_path, bpe):
+    artifact = make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4, "group_size": 32,
+                                              "zero_point": "float"}])
+    report = export(artifact, "gguf", tmp_path / "gguf")
+    blocks = {n: r for n, r in report["tensors"].items() if n.startswith("blk.") and n.endswith("weight")
+              and "norm" not in n}
+    assert len(blocks) == 14 and all(r == {**r, "type": "Q4_1", "exact": True, "rel_error": 0.0}
+                                     for r in blocks.values())
+    assert report["requantized"] == 0 and report["exact"] == len(report["tensors"])
+    assert report["tensors"]["token_embd.weight"]["type"] == "F16" and "output.weight" in report["tensors"]
+    assert report["file_type"] == "MOSTLY_Q4_1" and "0 re-quantized" not in report["summary"]
+    ours, theirs = logits_pair(artifact, tmp_path / "gguf")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    meta, tensors = fields(tmp_path / "gguf" / "model.gguf")
+    assert meta["general.architecture"] == "llama" and meta["llama.context_length"] == 256
+    assert (meta["llama.embedding_length"], meta["llama.block_count"], meta["llama.feed_forward_length"],
+            meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"],
+            meta["llama.rope.dimension_count"], meta["llama.vocab_size"]) == (64, 2, 128, 4, 2, 16, VOCAB)
+    assert meta["llama.rope.freq_base"] == 50000.0 and meta["general.file_type"] == 3
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-6)
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "gpt-2")
+    assert meta["tokenizer.ggml.bos_token_id"] == meta["tokenizer.ggml.eos_token_id"] == 0
+    # K rows as llama.cpp's convert_hf_to_gguf.py permute(w, n_head, n_head_kv) leaves them
+    model, _ = hypercompress.load(artifact)
+    k = model.model.layers[1].self_attn.k_proj.dense_weight().numpy()
+    expected = k.reshape(2, 2, 8, 64).swapaxes(1, 2).reshape(32, 64)
+    stored = tensors["blk.1.attn_k.weight"]
+    assert np.array_equal(dequantize(stored.data, stored.tensor_type).reshape(32, 64), expected)
+    # --gguf-type leaves exactly mapped grids alone and types the rest (float16 embedding, head) ...
+    types = {n: r["type"] for n, r in export(artifact, "gguf", tmp_path / "q8", gguf_type="Q8_0")["tensors"].items()}
+    assert types["blk.0.attn_q.weight"] == "Q4_1" and types["token_embd.weight"] == types["output.weight"] == "Q8_0"
+    # ... and force_type puts every 2-D weight in it (F32: all exact)
+    report = export(artifact, "gguf", tmp_path / "f32", gguf_type="f32", force_type=True)
+    assert {r["type"] for r in report["tensors"].values()} == {"F32"} and report["requantized"] == 0
+
+
+def test_int_zero_g64_is_requantized_with_measured_cost(tmp_path, bpe):
+    artifact = make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4, "group_size": 64,
+                                              "zero_point": "int"}])
+    report = export(artifact, "gguf", tmp_path / "gguf")
+    errors = [r["rel_error"] for r in report["tensors"].values() if not r["exact"]]
+    assert report["requantized"] == len(errors) >= 1 and all(0 < e < 0.01 for e in errors)
+    assert "re-quantized (Q4_1" in report["summary"] and len(report["notes"]) == 9  # 8 worst + "... and 6 more"
+    ours, theirs = logits_pair(artifact, tmp_path / "gguf")
+    assert (theirs - ours).abs().max() < 0.02 * ours.abs().max()
+    # every code minus its zero fits int8: with --gguf-type Q8_0 the same grid is stored exactly
+    report = export(artifact, "gguf", tmp_path / "q8", gguf_type="Q8_0")
+    assert report["requantized"] == 2  # only the dense float16 embedding and lm_head are re-rounded
+    assert all(r["exact"] and r["type"] == "Q8_0" for n, r in report["tensors"].items()
+               if n.startswith("blk.") and "norm" not in n)
+
+
+def test_tied_qwen2_quant_embedding_and_gpt2(tmp_path, bpe):
+    stages = [{"method": "rtn", "bits": 3, "group_size": 32, "symmetric": True},
+              {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True,
+               "targets": [r"^model\.embed_tokens$"]}]
+    artifact = make_artifact(tmp_path / "q", bpe, stages, arch="qwen2", tied=True)
+    report = export(artifact, "gguf", tmp_path / "q" / "gguf")
+    assert "output.weight" not in report["tensors"] and report["requantized"] == 0
+    assert report["tensors"]["token_embd.weight"]["type"] == "Q8_0"
+    assert report["tensors"]["blk.0.attn_q.weight"]["type"] == "Q4_0"
+    assert report["tensors"]["blk.0.attn_q.bias"]["type"] == "F32"
+    ours, theirs = logits_pair(artifact, tmp_path / "q" / "gguf")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    artifact = make_artifact(tmp_path / "g", bpe, [{"method": "rtn", "bits": 4, "group_size": 32,
+                                                    "zero_point": "float"}], arch="gpt2")
+    report = export(artifact, "gguf", tmp_path / "g" / "gguf")
+    assert report["tensors"]["blk.0.attn_qkv.weight"] == {**report["tensors"]["blk.0.attn_qkv.weight"],
+                                                          "type": "Q4_1", "exact": True}
+    assert report["tensors"]["position_embd.weight"]["type"] == "F32" and "output.weight" not in report["tensors"]
+    ours, theirs = logits_pair(artifact, tmp_path / "g" / "gguf")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_embedded_tokenizer_encodes_the_same_ids(tmp_path, bpe):
+    artifact = make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 8, "group_size": 32}])
+    export(artifact, "gguf", tmp_path / "gguf")
+    _, original = hypercompress.load(artifact)
+    back = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
+    for text in TEXTS:
+        assert back(text)["input_ids"] == original(text)["input_ids"]
+        assert back.decode(back(text)["input_ids"]) == text
+    assert (back.bos_token_id, back.eos_token_id) == (original.bos_token_id, original.eos_token_id)
+
+
+def test_refusals_are_one_line_user_errors(tmp_path, bpe, model_dirs):
+    model, _ = hypercompress.load(make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4}]))
+    with pytest.raises(UserError, match=r"WordLevel tokenizer .*byte-level BPE") as info:
+        write(model, make_tokenizer(), {}, tmp_path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match=r"--gguf-type Q3_K: .* one of F32, F16"):
+        write(model, bpe, {}, tmp_path, gguf_type="Q3_K")
+    opt = types.SimpleNamespace(config=types.SimpleNamespace(model_type="opt"))
+    with pytest.raises(UserError, match=r"architecture 'opt' cannot be exported to GGUF"):
+        write(opt, bpe, {}, tmp_path)
+    assert not list(tmp_path.glob("*.gguf"))
+    with pytest.raises(UserError, match="WordLevel"):  # through export(): nothing left behind
+        export(make_artifact(tmp_path / "w", make_tokenizer(), [{"method": "rtn", "bits": 4}],
+                             arch="llama"), "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
