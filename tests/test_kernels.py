@@ -86,7 +86,7 @@ def test_int4_kernel_bfloat16_and_the_tied_head(model_dirs, tokens, tmp_path):
 def test_long_inputs_dequantize_then_gemm(bits, model_dirs, tmp_path):
     """More rows than GEMM_ROWS (prefill) take dequantize + dense GEMM: the same logits."""
     path = _artifact(model_dirs["llama"], [{"method": "rtn", "bits": bits, "group_size": 32}], tmp_path / "a")
-    long = torch.randint(1, 121, (2, 48), generator=torch.Generator().manual_seed(1))  # 96 rows > 64
+    long = torch.randint(1, 121, (6, 48), generator=torch.Generator().manual_seed(1))  # 288 rows > 256
     fast, reference, model = _logits_both_ways(path, long, torch.bfloat16)
     assert all(b.startswith("int4") for b in model.hypercompress_backends.values())
     assert _close(fast, reference, torch.bfloat16, _exact_logits(path, long))
@@ -104,6 +104,9 @@ def test_int8_rows_take_the_int8_kernel(model_dirs, tokens, tmp_path):
                                             "symmetric": True}], tmp_path / "a")
     fast, reference, model = _logits_both_ways(path, tokens)
     assert all(b.startswith("int8") for b in model.hypercompress_backends.values())
+    assert _close(fast, reference, torch.float32)
+    long = torch.randint(1, 121, (3, 30), generator=torch.Generator().manual_seed(2))  # 90 rows > 64
+    fast, reference, _ = _logits_both_ways(path, long)
     assert _close(fast, reference, torch.float32)
 
 

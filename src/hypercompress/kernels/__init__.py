@@ -6,8 +6,8 @@ that device has (`CompressedModule.prepare_fast`), and returns which backend eac
 
 | stored kind | CUDA | CPU |
 |---|---|---|
-| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) up to 32 tokens, else dequantize + GEMM | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 64 tokens, else dequantize + GEMM; float32: dense, dequantized once (the int4 kernel is slower than dense there) |
-| quant, 8 bits symmetric, one scale per row | dense, dequantized once (the int8 op is 15x slower than dense there) | int8 weight-only (`_weight_int8pack_mm`) |
+| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) up to 32 tokens, else dequantize + GEMM | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 256 tokens, else dequantize + GEMM; float32: dense, dequantized once (the int4 kernel is slower than dense there) |
+| quant, 8 bits symmetric, one scale per row | dense, dequantized once (the int8 op is 15x slower than dense there) | int8 weight-only (`_weight_int8pack_mm`) up to 64 tokens, else dequantize + GEMM |
 | quant, other (5..8 bits grouped, shapes the kernels refuse) | dense, dequantized once | dense, dequantized once |
 | sparse 2:4 | dense, dequantized once; workload "prefill": semi-structured (`torch.sparse`, cuSPARSELt / CUTLASS) | dense, dequantized once |
 | sparse, unstructured | dense, dequantized once | dense, dequantized once |

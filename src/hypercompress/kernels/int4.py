@@ -47,10 +47,11 @@ def int4_supported(device: torch.device, dtype: torch.dtype, out_features: int, 
     return f"no int4 kernel for {device.type}"
 
 
-# Above this many rows of x (tokens), tinygemm loses to dequantize + dense GEMM (measured on the
-# H200, 4096 x 11008 g128: tinygemm 14 us at 1 token, 20 at 4, 54 at 16, 6.4 ms at 2048; the
-# dense GEMM 26 us up to 16 tokens, 0.23 ms at 2048).
-GEMM_ROWS = {"cuda": 32, "cpu": 64}
+# Above this many rows of x (tokens), tinygemm loses to dequantize + dense GEMM. Measured, 4096 x
+# 11008 g128: H200 tinygemm 14 us at 1 token, 20 at 4, 54 at 16, 6.4 ms at 2048, dense 26 us up to
+# 16 tokens, 0.23 ms at 2048, the fused dequantize ~0.16 ms; 2-core EPYC (bfloat16) tinygemm 1.2 ms
+# at 1 token, 8.4 ms at 16 (~0.45 ms a row), dequantize ~110 ms.
+GEMM_ROWS = {"cuda": 32, "cpu": 256}
 
 
 def _dequantize(pairs: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor) -> torch.Tensor:
@@ -131,6 +132,9 @@ class Int4Linear(FastPath):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+INT8_GEMM_ROWS = 64  # 2-core EPYC, 4096 x 11008: 2.1 ms at 1 token (dense 4.5), 11 at 16 (6.5)
+
+
 class Int8RowLinear(FastPath):
     """Symmetric 8-bit codes with one scale per row: y = (x Q^T) * s + b through
     `aten._weight_int8pack_mm(x, Q int8 (N, K), s (N,))`, Q = q - 128."""
@@ -146,6 +150,8 @@ class Int8RowLinear(FastPath):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).contiguous()
+        if flat.shape[0] > INT8_GEMM_ROWS:  # measured: 3x slower than dense at 2048 tokens
+            return F.linear(x, self.weight.to(self.dtype) * self.scale[:, None], self.bias)
         y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale)
         if self.bias is not None:
             y = y + self.bias
