@@ -64,6 +64,6 @@ def speed_section(data: dict) -> list[str]:
             name = r.get("model") or ("SmolLM2-135M, real weights (perplexity rows; cuDNN SDPA on)"
                                       if r["section"] == "smollm2-ppl" else "SmolLM2-135M-shaped, random weights")
             out.append(f"| {r['device']} | {name} | {r['kind']} | {r.get('path', 'fast')} | {r['batch']} "
-                       f"| {r['tokens_per_s']:.1f} | {peak} | {r.get('ppl16') or 'n/a'} | {r['backend']} |")
+                       f"| {'n/a' if r['tokens_per_s'] is None else format(r['tokens_per_s'], '.1f')} | {peak} | {r.get('ppl16') or 'n/a'} | {r['backend']} |")
         out.append("")
     return out
