@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .arch import arch_of
+from .atomic import atomic_directory
 from .errors import UserError
 from .formats import lossless as lossless_codec
 from .hf_integration import MODEL_TYPE, base_config_of, wrapper_config
@@ -125,11 +123,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
     `documents(safetensors_bytes)` returns text files (name -> content, e.g. the summary) written
     into the artifact and hashed with it."""
     out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         tensors, aliases = tensors_to_save(model)
         stored, coding = tensors, None
         if lossless is not None:
@@ -162,13 +156,6 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _make_readable(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -311,15 +298,6 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
     owner, _, leaf = name.rpartition(".")
     return getattr(model.get_submodule(owner), leaf)
-
-
-def _make_readable(directory: Path) -> None:
-    """mkdtemp and safetensors create owner-only modes; give the usual umask-based ones."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for file in directory.iterdir():
-        os.chmod(file, 0o666 & ~umask)
 
 
 def _sha256(file: Path) -> str:

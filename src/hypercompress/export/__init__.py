@@ -17,9 +17,6 @@ ever half-written.
 from __future__ import annotations
 
 import importlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -47,34 +44,14 @@ def export(artifact_dir: str | Path, fmt: str, out_dir: str | Path, **options: A
     format cannot hold; in every error case nothing is left at `out_dir`.
     """
     from ..artifact import load, read_manifest
+    from ..atomic import atomic_directory
 
     write = writer(fmt)
     out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before the (slow) load
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
     manifest = read_manifest(artifact_dir)
     model, tokenizer = load(artifact_dir, fast=False)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create {out.parent} ({exc.strerror}); pass a writable --out path") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         report = write(model, tokenizer, manifest, tmp, **options)
-        _make_readable(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"format": fmt, "out": str(out), **report}
-
-
-def _make_readable(directory: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    for root, dirs, files in os.walk(directory):
-        os.chmod(root, 0o777 & ~umask)
-        for name in files:
-            os.chmod(Path(root) / name, 0o666 & ~umask)
