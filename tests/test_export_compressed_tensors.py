@@ -156,7 +156,7 @@ def test_other_kinds_refused_unless_dense_fallback(tmp_path, tokens):
               {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True, "ignore": ["mlp"]}]
     source = make_artifact(tmp_path / "a", stages)
     with pytest.raises(UserError, match=r"lowrank module model\.layers\.0\.mlp\.\w+ \(and 5 more modules\)"
-                                        r".*--format hf.*dense_fallback=True"):
+                                        r".*--format hf.*--dense-fallback"):
         export(source, "compressed-tensors", tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
     report = export(source, "compressed-tensors", tmp_path / "ct", dense_fallback=True)

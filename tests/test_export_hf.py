@@ -59,7 +59,7 @@ def test_from_pretrained_rebuilds_the_compressed_modules(artifacts, tokens):
         assert torch.allclose(model(tokens).logits, expected, atol=1e-4 * expected.abs().max().item())
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(artifacts["llama"], dtype=torch.bfloat16)
     assert bf16.model.norm.weight.dtype == torch.bfloat16
-    assert set(bf16.hypercompress_backends.values()) == {"int4 tinygemm g32 (cpu)"}
+    assert all(b.startswith("int4 tinygemm g32 (cpu)") for b in bf16.hypercompress_backends.values())
     with torch.inference_mode():
         assert torch.allclose(bf16(tokens).logits.float(), expected, atol=3e-2 * expected.abs().max().item())
 

@@ -28,7 +28,8 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as exc:
-        raise UserError(f"cannot write under {out.parent} ({exc.strerror}); pass a writable --out path") from None
+        raise UserError(f"cannot create the folder {out.parent} for {out.name} ({exc.strerror}); "
+                        "pass an --out path in a writable folder") from None
     try:
         yield tmp
         _make_readable(tmp)

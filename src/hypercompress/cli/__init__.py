@@ -31,4 +31,9 @@ app.command("plot")(plot.plot)
 
 
 def main() -> None:
+    import signal
+    import sys
+
+    # a terminated run unwinds like Ctrl-C, so atomic writes remove their temporary folders
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     app()

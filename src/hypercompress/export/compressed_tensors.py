@@ -96,7 +96,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
         name, kind, why, where = refused[0]
         more = f" (and {len(refused) - 1} more modules)" if len(refused) > 1 else ""
         raise UserError(f"{kind} module {name}{more}: {why}; export it with {where}, or pass "
-                        "dense_fallback=True to write such modules dense (listed in ignore)")
+                        "--dense-fallback to write such modules dense (listed in ignore)")
 
     schemes, groups, verified = {}, {}, 0
     actorder = _actorder(manifest)
@@ -134,6 +134,9 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
     if split:
         notes.append(f"vLLM fuses q/k/v and gate/up projections and needs one scheme per fused layer; "
                      f"{len(split)} differ (e.g. {split[0]}): transformers loads this file, vLLM refuses it")
+    if refused:
+        notes.append(f"--dense-fallback: {len(refused)} modules written dense in {dtype} "
+                     f"(e.g. {refused[0][0]}, {refused[0][1]}), not compressed in this file")
     if config is None:
         notes.append("no quantized linear: a dense model, written without quantization_config")
     return {

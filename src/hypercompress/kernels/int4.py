@@ -115,7 +115,8 @@ class Int4Linear(FastPath):
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), tiles)
             self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
-        self.backend = f"int4 tinygemm g{group} ({device.type}){note}"
+        self.backend = (f"int4 tinygemm g{group} ({device.type}){note}; above {self.gemm_rows} tokens "
+                        "a call dequantizes, then one GEMM")
 
     def dense_weight(self) -> torch.Tensor:
         """W (N, K) in the compute dtype: (q - 8) s + z_t, from the packed pairs."""
