@@ -228,12 +228,13 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         if hasattr(module, "compute_dtype"):
             module.compute_dtype = dtype
     model.eval().requires_grad_(False)
-    model.to(_device(device))
+    model.to(resolve_device(device))
     model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def _device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has, or a UserError naming the fix."""
     try:
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():

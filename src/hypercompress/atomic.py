@@ -14,6 +14,14 @@ from typing import Iterator
 from .errors import UserError
 
 
+def refuse_existing(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, or a UserError when it exists and is not an empty directory."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
+    return out
+
+
 @contextmanager
 def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     """Yields an empty temporary directory that becomes `out_dir` when the block completes.
@@ -21,9 +29,7 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     Raises UserError when `out_dir` exists and is not an empty directory, or its parent cannot be
     created. Files get the usual umask-based modes (mkdtemp and safetensors create owner-only ones).
     """
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
+    out = refuse_existing(out_dir)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

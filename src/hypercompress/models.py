@@ -55,9 +55,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
     `device`, there (an artifact then runs its compressed modules through that device's kernels)."""
     loaded = _load_model(spec, dtype, device)
     if device is not None and loaded.kind != "artifact":
-        from .artifact import _device
+        from .artifact import resolve_device
 
-        loaded.model.to(_device(device))
+        loaded.model.to(resolve_device(device))
     return loaded
 
 

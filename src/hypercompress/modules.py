@@ -58,13 +58,18 @@ class CompressedModule(StoredModule):
         """The (out_features, in_features) weight this module represents."""
 
     _fast = None  # a kernels.paths.FastPath once `prepare_fast` built one
+    own_path: ClassVar[str | None] = None  # set by kinds whose forward is already their fast path
 
     def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         """Build the fastest exact forward for this module's device and compute `dtype` (kernels/);
-        returns the backend's name. This default materializes the dense weight once (generated and
-        KAN layers: their weights are computed once at load anyway)."""
+        returns the backend's name. Kinds with an `own_path` keep their forward; otherwise this
+        default materializes the dense weight once (generated and KAN layers: their weights are
+        computed once at load anyway)."""
         from .kernels.paths import DenseLinear
 
+        if self.own_path is not None:
+            self._fast = None
+            return self.own_path
         self._fast = DenseLinear(self.dense_weight(dtype).to(self.device()), getattr(self, "bias", None), dtype)
         return self._fast.backend
 

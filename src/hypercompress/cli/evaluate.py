@@ -56,7 +56,6 @@ def evaluate(
 
 def _backend_counts(model) -> dict[str, int]:
     """How many compressed modules took each kernel path (hypercompress.kernels)."""
-    counts: dict[str, int] = {}
-    for backend in getattr(model, "hypercompress_backends", {}).values():
-        counts[backend] = counts.get(backend, 0) + 1
-    return counts
+    from collections import Counter
+
+    return dict(Counter(getattr(model, "hypercompress_backends", {}).values()))

@@ -44,12 +44,10 @@ def export(artifact_dir: str | Path, fmt: str, out_dir: str | Path, **options: A
     format cannot hold; in every error case nothing is left at `out_dir`.
     """
     from ..artifact import load, read_manifest
-    from ..atomic import atomic_directory
+    from ..atomic import atomic_directory, refuse_existing
 
     write = writer(fmt)
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before the (slow) load
-        raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
+    out = refuse_existing(out_dir)  # before the (slow) load
     manifest = read_manifest(artifact_dir)
     model, tokenizer = load(artifact_dir, fast=False)
     with atomic_directory(out) as tmp:

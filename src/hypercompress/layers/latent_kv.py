@@ -32,6 +32,7 @@ class LatentKV(CompressedModule):
     """k_proj as B_k (A x) + b_k; also the shared latent A x."""
 
     kind = "latent_kv"
+    own_path = "latent: keys from the shared r-value latent (cache stays latent)"
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
         super().__init__()
@@ -50,10 +51,6 @@ class LatentKV(CompressedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self.latent(x))
-
-    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
-        self._fast = None  # already two small GEMMs, and the cache must stay latent
-        return "latent: keys from the shared r-value latent (cache stays latent)"
 
     def macs(self) -> int:  # the shared latent, then the keys from it
         return self.rank * (self.in_features + self.out_features)
@@ -82,6 +79,7 @@ class LatentValue(CompressedModule):
     """v_proj as B_v (A x) + b_v, A read from the LatentKV named `source`."""
 
     kind = "latent_kv_value"
+    own_path = "latent: values from the shared r-value latent (cache stays latent)"
 
     def __init__(self, source: str, in_features: int, out_features: int, rank: int, bias: bool = False):
         super().__init__()
@@ -95,10 +93,6 @@ class LatentValue(CompressedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(self._source[0].latent(x))
-
-    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
-        self._fast = None
-        return "latent: values from the shared r-value latent (cache stays latent)"
 
     def macs(self) -> int:  # the values from the latent the keys' module computed
         return self.rank * self.out_features

@@ -20,6 +20,7 @@ FACTOR_DTYPE = torch.float16
 
 class LoRALinear(CompressedModule):
     kind = "lora"
+    own_path = "the base's own path + the adapter (two small GEMMs)"
 
     def __init__(self, in_features: int, out_features: int, rank: int, base: dict[str, Any]):
         super().__init__()
@@ -73,10 +74,6 @@ class LoRALinear(CompressedModule):
         else:
             raise TypeError(f"cannot merge an adapter into a {self.base.kind} module")
         self.B.zero_()
-
-    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
-        self._fast = None  # the base takes its own fast path (prepared on its own)
-        return f"the base's path + rank-{self.rank} adapter (two small GEMMs)"
 
     def macs(self) -> int:
         return self.base.macs() + self.rank * (self.in_features + self.out_features)

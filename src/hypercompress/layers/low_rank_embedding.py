@@ -18,6 +18,7 @@ from ..modules import CompressedModule
 
 class LowRankEmbedding(CompressedModule):
     kind = "low_rank_embedding"
+    own_path = "rows and logits through the rank-r factors"
     compute_dtype = torch.float32  # dtype of the looked-up rows; artifact.load sets it
 
     def __init__(self, vocab: int, dim: int, rank: int, bits: int = 16):
@@ -73,10 +74,6 @@ class LowRankEmbedding(CompressedModule):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., V) = x E^T, through the rank-r bottleneck."""
         return (x @ self.up.to(x.dtype).t()) @ self.factor_a().to(x.dtype).t()
-
-    def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
-        self._fast = None
-        return "rows and logits through the rank-r factors"
 
     def macs(self) -> int:  # as an lm_head: through the rank-r bottleneck
         return self.rank * (self.dim + self.vocab)

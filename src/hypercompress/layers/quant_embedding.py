@@ -23,6 +23,7 @@ class QuantEmbedding(QuantLinear):
     """in_features = embedding dim, out_features = vocabulary size."""
 
     kind = "quant_embedding"
+    own_path = "rows dequantized at lookup"  # a tied head builds its own path from the codes
     compute_dtype = torch.float32  # dtype of the looked-up rows; artifact.load sets it
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -51,8 +52,7 @@ class QuantEmbedding(QuantLinear):
         return self.rows(ids, self.compute_dtype)
 
     def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
-        self._fast = None  # a lookup dequantizes only the rows it reads; a tied head builds its own
-        return "rows dequantized at lookup"
+        return CompressedModule.prepare_fast(self, dtype, workload)  # own_path, not QuantLinear's
 
 
 class TiedHead(CompressedModule):

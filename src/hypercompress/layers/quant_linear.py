@@ -140,6 +140,20 @@ class QuantLinear(CompressedModule):
             return (8 - self._zero(torch.float32)[..., 0]) * scale
         return 8 * scale + self.zeros.float()
 
+    def tinygemm_form(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes (out, in) uint8 in [0, 16), z_t (out, groups)) with W = (codes - 8) s + z_t.
+
+        Integer-zero and symmetric codes of b <= 3 bits are re-centred, q' = q + 8 - z (still in
+        [0, 16)), so that z_t = 0: no bfloat16 rounding of a per-group offset, only of s (as in the
+        reference forward). 4-bit and float-zero codes go in as stored."""
+        codes = self.code_matrix()
+        if self.bits == 4 or not (self.symmetric or self.zero_point == "int"):
+            return codes, self.tinygemm_zero()
+        groups = self.scales.shape[1]
+        shift = (8 - self._zero(torch.float32)).expand(self.out_features, groups, self.group_size)
+        codes = (codes.view_as(shift) + shift).to(torch.uint8).view(codes.shape)
+        return codes, torch.zeros_like(self.scales, dtype=torch.float32)
+
     def build_fast(self, dtype: torch.dtype):
         """The fast path of this weight: int4 tinygemm for 2..4-bit codes, int8 weight-only for
         symmetric 8-bit rows, else the dense weight dequantized once (kernels/__init__.py)."""
@@ -151,14 +165,7 @@ class QuantLinear(CompressedModule):
         if self.bits <= 4:
             why = int4_supported(device, dtype, self.out_features, self.in_features, self.group_size)
             if why is None:
-                codes, zero = self.code_matrix(), self.tinygemm_zero()
-                if self.bits < 4 and (self.symmetric or self.zero_point == "int"):
-                    # q' = q + 8 - z stays in [0, 16) for b <= 3, so that (q' - 8) s = (q - z) s with
-                    # z_t = 0: no bfloat16 rounding of a per-group offset (only of s, as the reference)
-                    groups = self.scales.shape[1]
-                    shift = (8 - self._zero(torch.float32)).expand(self.out_features, groups, self.group_size)
-                    codes = (codes.view_as(shift) + shift).to(torch.uint8).view(codes.shape)
-                    zero = torch.zeros_like(zero)
+                codes, zero = self.tinygemm_form()
                 note = "" if self.bits == 4 else f", w{self.bits} codes as 4-bit"
                 pairs = self.qweight if self.bits == 4 else None  # high nibble first: shared
                 return Int4Linear(codes, self.scales, zero, self.group_size, self.bias, dtype, note, pairs)

@@ -97,12 +97,12 @@ class SparseLinear(CompressedModule):
         sparse kernel beats dense GEMM at one token and these densities)."""
         from ..kernels.paths import DenseLinear, SemiStructuredLinear, is_two_four, semi_structured_ok
 
-        weight = self.dense_weight(torch.float32)
-        if workload == "prefill" and is_two_four(self.keep_mask()) and semi_structured_ok(weight, dtype):
+        weight, two_four = self.dense_weight(torch.float32), is_two_four(self.keep_mask())
+        if workload == "prefill" and two_four and semi_structured_ok(weight, dtype):
             self._fast = SemiStructuredLinear(weight, self.bias, dtype)
         else:
             self._fast = DenseLinear(weight, self.bias, dtype)
-            pattern = "2:4" if is_two_four(self.keep_mask()) else "unstructured"
+            pattern = "2:4" if two_four else "unstructured"
             self._fast.backend = f"{self._fast.backend}: {pattern} on {weight.device.type}, {workload}"
         return self._fast.backend
 

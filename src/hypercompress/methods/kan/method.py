@@ -54,8 +54,7 @@ class KanLinear(CompressedModule):
         self._cache: torch.Tensor | None = None
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        device = self.levels[0].rows.device if hasattr(self.levels[0], "rows") else None
-        if self._cache is None or (device is not None and self._cache.device != device):
+        if self._cache is None or self._cache.device != self.device():
             self._cache = evaluate(self.levels)[0]
         return self._cache.to(dtype)
 
