@@ -1,9 +1,10 @@
 """Artifacts: a directory of HF config + tokenizer, model.safetensors and hypercompress.json.
 
 The format is specified in docs/FORMAT.md. Saving writes to a temporary directory beside the target
-and renames it; loading rebuilds the model skeleton without allocating dense weights, swaps in the
-recorded compressed modules, checks version, sha256 of every file and every tensor's shape, and
-reads tensors with safetensors only (nothing is ever unpickled).
+and renames it; every stored value is finite, and a dense tensor beyond float16's range is stored as
+float32 (recorded, and counted). Loading goes through the strict reader (artifact_reader.py): every
+field is checked against the others and the config before a tensor is read with safetensors
+(nothing is ever unpickled).
 """
 
 from __future__ import annotations
@@ -18,19 +19,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .arch import arch_of
+from .artifact_reader import FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, build_stored, read_config, verify
 from .atomic import atomic_directory
 from .errors import UserError
 from .formats import lossless as lossless_codec
-from .hf_integration import MODEL_TYPE, base_config_of, wrapper_config
+from .hf_integration import wrapper_config
 from .kernels import prepare_model
-from .layers import module_kinds
 from .modules import StoredModule, replace_module
 
-FORMAT_VERSION = 1
-MANIFEST = "hypercompress.json"
-WEIGHTS = "model.safetensors"
+__all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "load", "read_config", "read_manifest", "save"]
 STORAGE_DTYPE = torch.float16  # dtype of every tensor no method compressed
+FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 def compressed_modules(model: nn.Module) -> dict[str, StoredModule]:
@@ -41,8 +40,10 @@ def compressed_modules(model: nn.Module) -> dict[str, StoredModule]:
 def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors an artifact stores, and the aliases (tied names -> stored name).
 
-    Compressed modules' tensors are kept as they are; other floating tensors are stored as float16;
-    a tensor reachable under two names (tied embeddings) is stored once.
+    Compressed modules' tensors are kept as they are; other floating tensors are stored as float16,
+    or float32 where a value lies beyond float16's range (dense_storage_dtype); a tensor reachable
+    under two names (tied embeddings) is stored once. Raises UserError naming a tensor that holds
+    inf or nan.
     """
     prefixes = tuple(f"{n}." for n in compressed_modules(model))
     tensors: dict[str, torch.Tensor] = {}
@@ -55,10 +56,28 @@ def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
             continue
         first_name[key] = name
         tensor = tensor.detach()
-        if tensor.is_floating_point() and not name.startswith(prefixes):
-            tensor = tensor.to(STORAGE_DTYPE)
+        if tensor.is_floating_point():
+            _refuse_non_finite(name, tensor, compressed=name.startswith(prefixes))
+            if not name.startswith(prefixes):
+                tensor = tensor.to(dense_storage_dtype(tensor))
         tensors[name] = tensor.contiguous().cpu()
     return tensors, aliases
+
+
+def dense_storage_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float16 (STORAGE_DTYPE), or float32 for a tensor with a value float16 cannot hold (|x| > 65504:
+    the cast would give inf). The manifest's `dense_dtypes` names those, and their bytes are counted."""
+    if tensor.numel() and float(tensor.detach().abs().max()) > FLOAT16_MAX:
+        return torch.float32
+    return STORAGE_DTYPE
+
+
+def _refuse_non_finite(name: str, tensor: torch.Tensor, compressed: bool) -> None:
+    if tensor.numel() and not bool(torch.isfinite(tensor.detach()).all()):
+        where = "a compressed module's stored tensor (a value beyond its float16 grid?)" if compressed else \
+            "the model's tensor"
+        raise UserError(f"{where} {name} holds inf or nan, which an artifact never stores; check the source "
+                        "model (its weights must be finite) or compress this layer with another method")
 
 
 @torch.no_grad()
@@ -68,7 +87,7 @@ def round_to_storage(model: nn.Module) -> None:
     prefixes = tuple(f"{n}." for n in compressed_modules(model))
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.is_floating_point() and not name.startswith(prefixes):
-            tensor.data.copy_(tensor.data.to(STORAGE_DTYPE).to(tensor.dtype))
+            tensor.data.copy_(tensor.data.to(dense_storage_dtype(tensor.data)).to(tensor.dtype))
 
 
 def storage_bits(model: nn.Module) -> int:
@@ -136,6 +155,8 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
         for name, text in (documents((tmp / WEIGHTS).stat().st_size) if documents else {}).items():
             (tmp / name).write_text(text)
         bits = sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+        prefixes = tuple(f"{n}." for n in compressed_modules(model))
+        wider = {n: "float32" for n, t in tensors.items() if t.dtype == torch.float32 and not n.startswith(prefixes)}
         manifest = {
             "format": "hypercompress",
             "format_version": FORMAT_VERSION,
@@ -153,6 +174,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
                 "bits_per_weight": (tmp / WEIGHTS).stat().st_size * 8 / original_params,
             },
             **({"lossless": coding} if coding else {}),
+            **({"dense_dtypes": wider} if wider else {}),
             **(extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -160,32 +182,8 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Parse and check an artifact's manifest and file hashes (without loading any tensor)."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"artifact not found: {path}; pass a directory written by 'hypercompress compress'")
-    if not (path / MANIFEST).is_file():
-        raise UserError(f"{path} has no {MANIFEST}: not a hypercompress artifact")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        version = manifest["format_version"]
-        files = manifest["files"]
-        manifest["modules"], manifest["aliases"], manifest["original_params"]
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{path / MANIFEST} is corrupt (not the expected JSON); re-create the artifact") from None
-    if version != FORMAT_VERSION:
-        raise UserError(f"artifact format version {version} is not supported (this hypercompress reads "
-                        f"{FORMAT_VERSION}); re-create the artifact or upgrade hypercompress")
-    if WEIGHTS not in files:
-        raise UserError(f"{path / MANIFEST} lists no {WEIGHTS}; re-create the artifact")
-    for name, digest in files.items():
-        file = path / name
-        if not file.is_file():
-            raise UserError(f"artifact file {file} is missing; re-create the artifact")
-        if _sha256(file) != digest:
-            raise UserError(f"artifact file {file} fails its sha256 check (corrupt or tampered); "
-                            "re-create the artifact")
-    return manifest
+    """The manifest of an artifact that passed every structural check and hash (artifact_reader.verify)."""
+    return verify(path).manifest
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -195,25 +193,31 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     int4 CUDA kernel wants bfloat16), and `model.hypercompress_backends` says which (kernels/).
     `fast=False` keeps every module on its reference forward (dequantize, then a dense GEMM);
     `workload` "prefill" prefers kernels for long inputs (kernels.prepare_model).
-    Raises UserError for a missing, corrupt or tampered artifact, or a device torch cannot use."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    Every field is checked before a tensor is read (artifact_reader.py); memory: the weights file
+    plus the model. Nothing is unpickled and no code from the artifact runs.
+    Raises UserError for a missing, corrupt, inconsistent or tampered artifact, or a device torch
+    cannot use."""
+    model, tokenizer, _ = load_verified(path, dtype, device, fast, workload)
+    return model, tokenizer
 
-    path = Path(path).expanduser()
-    manifest = read_manifest(path)
-    config = read_config(path)
-    arch_of(config.model_type)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    for name, entry in manifest["modules"].items():
-        if entry.get("kind") not in module_kinds():
-            raise UserError(f"artifact module {name} has unknown kind {entry.get('kind')!r}; "
-                            "upgrade hypercompress or re-create the artifact")
-        replace_module(model, name, module_kinds()[entry["kind"]].from_layout(entry["layout"]))
+
+def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  fast: bool = True, workload: str = "decode") -> tuple[nn.Module, Any, Verified]:
+    """`load`, also returning what the reader verified (manifest, config, safetensors header)."""
+    from transformers import AutoTokenizer
+
+    verified = verify(path)
+    path, manifest, model = verified.path, verified.manifest, verified.model
+    for name, entry in manifest["modules"].items():  # the verified layouts, now built for real
+        if not isinstance(model.get_submodule(name.rpartition(".")[0]), StoredModule):  # bases come with their wrapper
+            replace_module(model, name, build_stored(entry, f"module {name}", path, device="cpu"))
     tensors = _read_tensors(path / WEIGHTS)
-    if "lossless" in manifest:
-        tensors = _decode_lossless(tensors, manifest["lossless"], path)
-    _check_tensors(model, tensors, manifest["aliases"], path)
+    if manifest.get("lossless"):
+        entries = manifest["lossless"]["tensors"]
+        tensors = {name: lossless_codec.decode(blob, entries[name], name) for name, blob in tensors.items()}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"artifact tensor {name} holds inf or nan (corrupt or tampered); re-create the artifact")
     prefixes = tuple(f"{n}." for n in manifest["modules"])
     for name, tensor in tensors.items():  # dense tensors to the compute dtype; codes stay as stored
         if tensor.is_floating_point() and not name.startswith(prefixes):
@@ -222,15 +226,41 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     for alias, source in manifest["aliases"].items():
         owner, _, leaf = alias.rpartition(".")
         setattr(model.get_submodule(owner), leaf, _get_tensor(model, source))
-    for module in model.modules():
-        if hasattr(module, "bind"):
-            module.bind(model)
-        if hasattr(module, "compute_dtype"):
-            module.compute_dtype = dtype
-    model.eval().requires_grad_(False)
+    try:
+        for name, module in model.named_modules():
+            problem = module.check_stored() if isinstance(module, StoredModule) else None
+            if problem:
+                raise UserError(f"artifact {path}: module {name} is inconsistent ({problem}); re-create the artifact")
+            if hasattr(module, "bind"):
+                module.bind(model)
+            if hasattr(module, "compute_dtype"):
+                module.compute_dtype = dtype
+        model.eval().requires_grad_(False)
+        _smoke_forward(model)
+    except UserError:
+        raise
+    except Exception as exc:  # modules that pass every check alone but not together (a tampered source)
+        raise UserError(f"artifact {path}: its modules do not work together ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); re-create the artifact") from None
     model.to(resolve_device(device))
     model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
-    return model, AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # files transformers parses; hashed, so only a resealed edit gets here
+        raise UserError(f"artifact {path}: its tokenizer does not load ({type(exc).__name__}); "
+                        "re-create the artifact") from None
+    return model, tokenizer, verified
+
+
+@torch.no_grad()
+def _smoke_forward(model: nn.Module) -> None:
+    """One forward on two tokens, on the CPU: every module bound and shaped right."""
+    model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -246,54 +276,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def read_config(path: Path):
-    """The source model's config of an artifact: config.json's base_config (the wrapper that
-    hf_integration.py describes), or config.json itself for artifacts written before it."""
-    from transformers import AutoConfig
-
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{path / 'config.json'} is missing or not JSON; re-create the artifact") from None
-    if isinstance(raw, dict) and raw.get("model_type") == MODEL_TYPE:
-        return base_config_of(raw.get("base_config"))
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path / 'config.json'} is not a readable config ({exc}); re-create the artifact") from None
-
-
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{file} is not a readable safetensors file ({exc}); re-create the artifact") from None
-
-
-def _decode_lossless(blobs: dict[str, torch.Tensor], coding: Any, path: Path) -> dict[str, torch.Tensor]:
-    try:
-        codec, entries = coding["codec"], coding["tensors"]
-    except (TypeError, KeyError):
-        raise UserError(f"{path / MANIFEST} has a corrupt 'lossless' entry; re-create the artifact") from None
-    if codec != lossless_codec.CODEC:
-        raise UserError(f"artifact {path} is coded with {codec!r}, which this hypercompress does not read; "
-                        "upgrade hypercompress or re-create the artifact")
-    if set(entries) != set(blobs):
-        raise UserError(f"artifact {path}: coded tensors do not match the manifest; re-create the artifact")
-    return {name: lossless_codec.decode(blob, entries[name], name) for name, blob in blobs.items()}
-
-
-def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
-                   path: Path) -> None:
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in aliases}
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {extra[0]}"
-        raise UserError(f"artifact {path} does not match its manifest ({what}); re-create the artifact")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(f"artifact tensor {name} has shape {tuple(tensor.shape)}, expected "
-                            f"{tuple(expected[name].shape)}; re-create the artifact")
 
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:

@@ -43,8 +43,9 @@ def base_config_of(entry: Any) -> PreTrainedConfig:
     fields = {k: v for k, v in entry.items() if k != "model_type"}
     try:
         return AutoConfig.for_model(entry["model_type"], **fields)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"the artifact's base_config does not build a config ({exc}); "
+    except Exception as exc:  # a hostile config: transformers' own validators raise many kinds
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the artifact's base_config does not build a config ({first}); "
                         "re-create the artifact") from None
 
 

@@ -48,6 +48,21 @@ class StoredModule(nn.Module, abc.ABC):
     def from_layout(cls, layout: dict[str, Any]) -> "StoredModule":
         """An empty module of the right buffer shapes, to be filled from the artifact."""
 
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
+        """Why a layout (already of the constructor's types, integers in [0, 2**31)) is out of this
+        kind's ranges, or None. The strict reader (artifact_reader.py) asks before building."""
+        return None
+
+    def misfit(self, original: nn.Module | None) -> str | None:
+        """Why this module cannot take the place of `original` (the model's module at its name; None
+        where the model has none), or None. A module with no counterpart is added at the root."""
+        return None if original is None else f"the model already has a {type(original).__name__} there"
+
+    def check_stored(self) -> str | None:
+        """Why the loaded tensors' values are inconsistent (e.g. a mask's count), or None."""
+        return None
+
 
 class CompressedModule(StoredModule):
     """Base of every compressed replacement of a linear layer (or embedding): also implements
@@ -83,6 +98,14 @@ class CompressedModule(StoredModule):
             return None
         return fast
 
+    def misfit(self, original: nn.Module | None) -> str | None:
+        """A linear kind replaces a Linear/Conv1D of the same (out_features, in_features)."""
+        if not isinstance(original, LINEAR_TYPES):
+            return f"the model has {type(original).__name__ if original is not None else 'nothing'} there"
+        shape = tuple(linear_weight_shape(original))
+        mine = (getattr(self, "out_features", None), getattr(self, "in_features", None))
+        return None if mine == shape else f"it is {mine[0]} x {mine[1]}, the layer is {shape[0]} x {shape[1]}"
+
     def device(self) -> torch.device:
         tensor = next(iter(self.buffers()), None)
         if tensor is None:
@@ -102,6 +125,13 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     if Conv1D and isinstance(module, Conv1D):  # Conv1D stores the transpose
         weight = weight.t()
     return weight.float()
+
+
+def linear_weight_shape(module: nn.Module) -> torch.Size:
+    """(out_features, in_features) of a Linear or Conv1D (or an Embedding's (vocab, dim)), without
+    reading the weight (it may live on the meta device)."""
+    shape = module.weight.shape
+    return shape[::-1] if Conv1D and isinstance(module, Conv1D) else shape
 
 
 def linear_bias(module: nn.Module) -> torch.Tensor | None:

@@ -58,6 +58,12 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 
 
 def write_json(path: Path | None, data: dict[str, Any]) -> None:
-    if path is not None:
+    """Write `data` to a --json file (its folder made if needed); an unwritable path is a UserError."""
+    if path is None:
+        return
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write --json {path} ({exc.strerror or type(exc).__name__}); "
+                        "pass a writable file path") from None

@@ -8,28 +8,28 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.table import Table
-from safetensors import safe_open
 
 from .. import artifact
+from ..artifact_reader import read_document
+from ..errors import UserError
 from ..modules import represented_weights
 from ..summary import SUMMARY_JSON
 from .common import console, one_line_errors, write_json
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16,
-               "I8": 8, "U8": 8, "BOOL": 8}
+               "I8": 8, "U8": 8, "BOOL": 8}  # every dtype the strict reader lets through
 
 
 def artifact_summary(path: Path) -> dict[str, Any]:
-    """Per-module and total storage of an artifact, read from the safetensors header alone."""
-    manifest = artifact.read_manifest(path)
-    tensor_bits: dict[str, int] = {}
-    shapes: dict[str, list[int]] = {}
-    with safe_open(str(path / artifact.WEIGHTS), framework="pt") as handle:
-        for key in handle.keys():
-            piece = handle.get_slice(key)
-            shapes[key] = piece.get_shape()
-            tensor_bits[key] = math.prod(shapes[key]) * _DTYPE_BITS[piece.get_dtype()]
+    """Per-module and total storage of an artifact. The artifact is loaded through the same strict
+    reader as `hypercompress.load` (so inspect refuses exactly what load refuses); the numbers come
+    from its safetensors header."""
+    _, _, verified = artifact.load_verified(path, fast=False)
+    path, manifest = verified.path, verified.manifest
+    shapes = {key: shape for key, (_, shape) in verified.header.items()}
+    tensor_bits = {key: math.prod(shape) * _DTYPE_BITS[dtype] for key, (dtype, shape) in verified.header.items()}
     coding = manifest.get("lossless")
     if coding:  # blobs: the stored bits are the coded bytes; shapes are the decoded ones
         shapes = {k: coding["tensors"][k]["shape"] for k in shapes}
@@ -64,7 +64,7 @@ def artifact_summary(path: Path) -> dict[str, Any]:
         "recipe": manifest["recipe"],
         "modules": modules,
         "branches": _branches(path),
-        "protocol": _summary(path).get("protocol"),
+        "protocol": _protocol(path),
         "lossless": coding and {"codec": coding["codec"], "level": coding["level"], "report": coding["report"]},
     }
 
@@ -76,6 +76,8 @@ def inspect(
     all_tensors: bool = typer.Option(False, "--all", help="list every dense tensor too"),
 ) -> None:
     """Show what an artifact stores: per-module kind, params, bits; whole-model bits per weight."""
+    if json_path is not None and json_path.is_dir():
+        raise UserError(f"--json {json_path} is a directory; pass a file path such as {json_path / 'inspect.json'}")
     summary = artifact_summary(path)
     table = Table(title=f"{summary['artifact']} ({summary['architecture']})")
     for column in ("module", "kind", "params", "bits", "bpw"):
@@ -113,12 +115,41 @@ def _print_lossless(coding: dict[str, Any]) -> None:
 
 
 def _summary(path: Path) -> dict[str, Any]:
+    """summary.json if the artifact has one (hashed with it, as every listed file); {} otherwise."""
     file = path / SUMMARY_JSON
-    return json.loads(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        summary = json.loads(read_document(file))
+    except (ValueError, RecursionError):
+        raise UserError(f"{file} is not JSON; re-create the artifact") from None
+    return summary if isinstance(summary, dict) else {}
+
+
+def _protocol(path: Path) -> str | None:
+    protocol = _summary(path).get("protocol")
+    return protocol if isinstance(protocol, str) else None
+
+
+class _BranchRow(BaseModel):
+    """A row of summary.json's branch table as inspect prints it (other fields are ignored)."""
+
+    branch: str
+    weights: int
+    bytes: int
+    bits_per_weight: float
+    ratio_vs_16bit: float
+    ppl: float | None = None
+    kl: float | None = None
+    top1: float | None = None
 
 
 def _branches(path: Path) -> list[dict[str, Any]]:
-    return _summary(path).get("branches", [])
+    rows = _summary(path).get("branches", [])
+    try:
+        return [row.model_dump() for row in TypeAdapter(list[_BranchRow]).validate_python(rows)]
+    except ValidationError:
+        raise UserError(f"{path / SUMMARY_JSON} has a malformed branch table; re-create the artifact") from None
 
 
 def _print_branches(branches: list[dict[str, Any]], protocol: str | None) -> None:

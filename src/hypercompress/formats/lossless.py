@@ -55,6 +55,27 @@ def encode(tensor: torch.Tensor, level: int = 10) -> tuple[torch.Tensor, dict[st
     return blob, entry
 
 
+def entry_problem(entry: dict[str, Any], dtype: torch.dtype, shape: tuple[int, ...], blob_dtype: str,
+                  blob_shape: list[int]) -> str | None:
+    """Why a coded tensor's entry (validated types) cannot decode to `dtype` `shape` from a safetensors
+    blob of `blob_dtype` `blob_shape`, checked before anything is decompressed; or None."""
+    want = str(dtype).removeprefix("torch.")
+    if entry["dtype"] != want or tuple(entry["shape"]) != tuple(shape):
+        return f"it decodes to {entry['dtype']} {tuple(entry['shape'])}, the model needs {want} {tuple(shape)}"
+    if blob_dtype != "U8" or len(blob_shape) != 1:
+        return f"its blob is {blob_dtype} {tuple(blob_shape)}, not a 1-D U8 tensor"
+    planes, count = entry["planes"], 1
+    for dim in shape:
+        count *= dim
+    if len(planes) != torch.empty(0, dtype=dtype).element_size():
+        return f"{len(planes)} byte planes for a {want} tensor"
+    if sum(length for _, length in planes) != blob_shape[0]:
+        return "its planes do not add up to its blob"
+    if any(codec == "raw" and length != count for codec, length in planes):
+        return "a raw plane's length differs from the element count"
+    return None
+
+
 def decode(blob: torch.Tensor, entry: dict[str, Any], name: str = "tensor") -> torch.Tensor:
     """The exact tensor `encode` was given. A blob that does not decode is a one-line error."""
     try:

@@ -40,6 +40,15 @@ def encode(param: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     return {"codes": pack_codes(codes.to(torch.uint8), bits), "scale": scale, "offset": offset}
 
 
+def meta_codes(param: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Meta tensors of the shapes and dtypes `encode(param, bits)` returns (no data): what an empty
+    module built to check an artifact's header stores."""
+    rows = param.numel() // param.shape[-1] if param.dim() else 1
+    return {"codes": torch.empty(packed_size(param.numel(), bits), dtype=torch.uint8, device="meta"),
+            "scale": torch.empty(rows, dtype=torch.float16, device="meta"),
+            "offset": torch.empty(rows, dtype=torch.float16, device="meta")}
+
+
 def levels(codes: torch.Tensor, bits: int, shape: tuple[int, int]) -> torch.Tensor:
     """The packed codes of an (n, m) tensor as float32 levels (n, m) in [0, 2^b): the value is
     offset + scale * level, row by row."""

@@ -101,7 +101,10 @@ class LatentValue(CompressedModule):
         return self.B.to(dtype) @ self._source[0].A.to(dtype)
 
     def bind(self, model: nn.Module) -> None:
-        self._source[:] = [model.get_submodule(self.source)]
+        source = model.get_submodule(self.source)
+        if not isinstance(source, LatentKV) or source.rank != self.rank or source.in_features != self.in_features:
+            raise ValueError(f"latent source {self.source} is not a LatentKV of rank {self.rank}")
+        self._source[:] = [source]
 
     def layout(self) -> dict[str, Any]:
         return {"source": self.source, "in_features": self.in_features, "out_features": self.out_features,

@@ -20,14 +20,17 @@ FACTOR_DTYPE = torch.float16
 
 class LoRALinear(CompressedModule):
     kind = "lora"
+    wraps_base = True  # its base may not itself wrap one (artifact_reader.build_stored)
     own_path = "the base's own path + the adapter (two small GEMMs)"
 
     def __init__(self, in_features: int, out_features: int, rank: int, base: dict[str, Any]):
         super().__init__()
-        from . import module_kinds
+        from ..artifact_reader import build_stored
 
         self.in_features, self.out_features, self.rank, self.base_layout = in_features, out_features, rank, base
-        self.base = module_kinds()[base["kind"]].from_layout(base["layout"])
+        self.base = build_stored(base, f"the {self.kind} base", nested=True)
+        if (self.base.out_features, self.base.in_features) != (out_features, in_features):
+            raise ValueError("the base's shape differs from the adapter's")
         self.register_buffer("A", torch.zeros(rank, in_features, dtype=FACTOR_DTYPE))
         self.register_buffer("B", torch.zeros(out_features, rank, dtype=FACTOR_DTYPE))
 

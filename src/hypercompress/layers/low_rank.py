@@ -67,5 +67,10 @@ class LowRankLinear(CompressedModule):
     def from_layout(cls, layout: dict[str, Any]) -> "LowRankLinear":
         return cls(**layout)
 
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
+        return None if min(layout["in_features"], layout["out_features"], layout["rank"]) >= 1 else \
+            "in_features, out_features and rank must be at least 1"
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..formats import row_codes
 from ..modules import CompressedModule
@@ -84,6 +85,18 @@ class LowRankEmbedding(CompressedModule):
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "LowRankEmbedding":
         return cls(**layout)
+
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
+        if min(layout["vocab"], layout["dim"], layout["rank"]) < 1:
+            return "vocab, dim and rank must be at least 1"
+        bits = layout.get("bits", 16)
+        return None if 1 <= bits <= 8 or bits == 16 else f"bits = {bits} (1..8 or 16)"
+
+    def misfit(self, original: nn.Module | None) -> str | None:
+        from .quant_embedding import embedding_misfit
+
+        return embedding_misfit(self, original)
 
     def extra_repr(self) -> str:
         return f"vocab={self.vocab}, dim={self.dim}, rank={self.rank}, bits={self.bits}"

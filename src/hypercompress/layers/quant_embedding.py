@@ -19,6 +19,15 @@ from ..modules import CompressedModule
 from .quant_linear import QuantLinear, dequantize
 
 
+def embedding_misfit(module: CompressedModule, original: nn.Module | None) -> str | None:
+    """An embedding kind replaces an nn.Embedding of (vocab = out_features, dim = in_features)."""
+    if not isinstance(original, nn.Embedding):
+        return f"the model has {type(original).__name__ if original is not None else 'nothing'} there, not an embedding"
+    if tuple(original.weight.shape) != (module.out_features, module.in_features):
+        return f"it is {module.out_features} x {module.in_features}, the embedding is {tuple(original.weight.shape)}"
+    return None
+
+
 class QuantEmbedding(QuantLinear):
     """in_features = embedding dim, out_features = vocabulary size."""
 
@@ -51,6 +60,9 @@ class QuantEmbedding(QuantLinear):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.rows(ids, self.compute_dtype)
 
+    def misfit(self, original: nn.Module | None) -> str | None:
+        return embedding_misfit(self, original)
+
     def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         return CompressedModule.prepare_fast(self, dtype, workload)  # own_path, not QuantLinear's
 
@@ -64,9 +76,6 @@ class TiedHead(CompressedModule):
         super().__init__()
         self.source = source
         self._embedding: list[nn.Module] = []  # a list keeps it out of this module's state dict
-
-    def bind(self, model: nn.Module) -> None:
-        self._embedding[:] = [model.get_submodule(self.source)]
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self._embedding[0].dense_weight(dtype)
@@ -93,6 +102,20 @@ class TiedHead(CompressedModule):
 
     def layout(self) -> dict[str, Any]:
         return {"source": self.source}
+
+    def misfit(self, original: nn.Module | None) -> str | None:
+        """The model's output embedding, tied to the input embedding at `source`."""
+        from ..modules import LINEAR_TYPES
+
+        return None if isinstance(original, LINEAR_TYPES) else "the model has no output layer there"
+
+    def bind(self, model: nn.Module) -> None:
+        from .low_rank_embedding import LowRankEmbedding
+
+        source = model.get_submodule(self.source)
+        if not isinstance(source, (QuantEmbedding, LowRankEmbedding)):
+            raise ValueError(f"tied_head source {self.source} is a {type(source).__name__}, not a compressed embedding")
+        self._embedding[:] = [source]
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "TiedHead":

@@ -61,6 +61,18 @@ def dequantize(codes: torch.Tensor, scale, zero, zero_point: str) -> torch.Tenso
     return (codes - zero) * scale
 
 
+def grid_problem(layout: dict[str, Any]) -> str | None:
+    """Range problem of a quantization grid's layout (bits 1..8, or 16 where `allow_16`), or None."""
+    if min(layout["in_features"], layout["out_features"]) < 1:
+        return "in_features and out_features must be at least 1"
+    if not 1 <= layout["bits"] <= 8:
+        return f"bits = {layout['bits']} (1..8 are stored as codes)"
+    group = layout.get("group_size", 0)
+    if group < 1 or layout["in_features"] % group:
+        return f"group_size = {group} must divide in_features = {layout['in_features']}"
+    return None
+
+
 class QuantLinear(CompressedModule):
     """y = x W^T + b with W rebuilt from packed codes at each forward (memory holds only codes)."""
 
@@ -191,6 +203,11 @@ class QuantLinear(CompressedModule):
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "QuantLinear":
         return cls(**layout)
+
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
+        return grid_problem(layout) or (
+            None if layout.get("zero_point", "int") in ("int", "float") else "zero_point must be 'int' or 'float'")
 
     def extra_repr(self) -> str:
         sym = "sym" if self.symmetric else f"asym-{self.zero_point}"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..formats.packing import pack_codes, packed_nbytes, unpack_codes
 from ..modules import CompressedModule
-from .quant_linear import SCALE_DTYPE, dequantize
+from .quant_linear import SCALE_DTYPE, dequantize, grid_problem
 
 
 class SparseLinear(CompressedModule):
@@ -121,6 +121,18 @@ class SparseLinear(CompressedModule):
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "SparseLinear":
         return cls(**layout)
+
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
+        if layout["nnz"] > layout["in_features"] * layout["out_features"]:
+            return "nnz exceeds in_features x out_features"
+        if layout.get("bits", 16) == 16:
+            return None if min(layout["in_features"], layout["out_features"]) >= 1 else "empty shape"
+        return grid_problem(layout)
+
+    def check_stored(self) -> str | None:
+        kept = int(self.keep_mask().sum())
+        return None if kept == self.nnz else f"its mask keeps {kept} weights, its layout says nnz = {self.nnz}"
 
     def extra_repr(self) -> str:
         density = self.nnz / (self.in_features * self.out_features)

@@ -181,14 +181,28 @@ class HyperGenerator(StoredModule):
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "HyperGenerator":
-        return cls(**layout)
+        return cls(**layout).half()  # stored in float16 (method.py rounds it before saving)
+
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
+        """Bounds that keep building the (meta) module cheap; real generators are far inside them."""
+        shapes = layout["shapes"]
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            return "shapes must be a non-empty list of [out, in] pairs"
+        limits = {"num_layers": 1 << 14, "rank": 1 << 12, "d_z": 1 << 14, "d_hidden": 1 << 14, "block": 1 << 12,
+                  "dit_depth": 64, "dit_heads": 256, "dit_steps": 1 << 10, "value_bits": 16}
+        for key, high in limits.items():
+            if key in layout and not 1 <= layout[key] <= high:
+                return f"{key} = {layout[key]} (1..{high})"
+        return None
 
 
 def _save_codes(module: HyperGenerator, state: dict, prefix: str, local_metadata) -> None:
     """state_dict hook: coded parameters leave as codes + scale + offset (encoded now if the
     generator was never quantized, e.g. an empty one built to check an artifact's shapes)."""
     for name, param in module.coded_parameters().items():
-        entry = module._codes.get(name) or row_codes.encode(param, module.value_bits)
+        entry = module._codes.get(name) or (row_codes.meta_codes(param, module.value_bits) if param.is_meta
+                                            else row_codes.encode(param, module.value_bits))
         del state[prefix + name]
         for suffix, key in zip(row_codes.SUFFIXES, ("codes", "scale", "offset")):
             state[prefix + name + suffix] = entry[key]

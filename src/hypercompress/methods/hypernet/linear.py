@@ -20,6 +20,7 @@ BIAS_DTYPE = torch.float16
 
 class GeneratedLinear(CompressedModule):
     kind = "generated_linear"
+    wraps_base = True
 
     def __init__(self, in_features: int, out_features: int, layer: int, type: int, bias: bool = False,
                  base: dict[str, Any] | None = None):
@@ -28,9 +29,11 @@ class GeneratedLinear(CompressedModule):
         self.register_buffer("bias", torch.zeros(out_features, dtype=BIAS_DTYPE) if bias else None)
         self.base_layout = base
         if base is not None:
-            from ...layers import module_kinds
+            from ...artifact_reader import build_stored
 
-            self.base = module_kinds()[base["kind"]].from_layout(base["layout"])
+            self.base = build_stored(base, f"the {self.kind} base", nested=True)
+            if (self.base.out_features, self.base.in_features) != (out_features, in_features):
+                raise ValueError("the base's shape differs from the generated layer's")
         # (out, in), set by the generator: a tensor with autograd while training, else the cached
         # regenerated weight; a non-persistent buffer, so .to(device) moves it and it is never saved
         self.register_buffer("generated", None, persistent=False)

@@ -76,6 +76,17 @@ class KanLinear(CompressedModule):
     def from_layout(cls, layout: dict[str, Any]) -> "KanLinear":
         return cls(**layout)
 
+    @classmethod
+    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
+        keys = {"d_out", "d_in", "code_dim", "hidden", "grid"}
+        levels = layout["levels"]
+        if not levels or any(set(level) != keys for level in levels):
+            return f"levels must be a non-empty list of {{{', '.join(sorted(keys))}}}"
+        if any(not 1 <= level[k] <= (1 << 12) for level in levels for k in ("code_dim", "hidden", "grid")):
+            return "code_dim, hidden and grid must be in 1..4096"
+        shapes = {(level["d_out"], level["d_in"]) for level in levels}
+        return None if len(shapes) == 1 and min(next(iter(shapes))) >= 1 else "levels disagree on the shape"
+
 
 @register("kan", KanConfig)
 class Kan(LayerwiseMethod):
