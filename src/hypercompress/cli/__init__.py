@@ -5,9 +5,10 @@ from __future__ import annotations
 import typer
 
 from . import compress, env, evaluate, export, inspect, plot
+from .common import OneLineUsageErrors
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make Hugging Face causal LMs smaller; measure what it cost.")
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True,
+                  pretty_exceptions_enable=False, help="Make Hugging Face causal LMs smaller; measure what it cost.")
 
 
 @app.callback()

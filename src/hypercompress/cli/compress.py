@@ -23,7 +23,8 @@ from ..modules import count_params
 from ..recipe import PlanTarget, Recipe, load_recipe_file
 from ..registry import get_method
 from ..summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
-from .common import console, err_console, one_line_errors, progress_bar, write_json
+from .common import (check_output_file, check_output_folder, console, err_console, one_line_errors,
+                     progress_bar, write_json)
 
 
 @one_line_errors
@@ -38,22 +39,25 @@ def compress(
                                                  help="plan for this size ratio vs 16-bit (bpw = 16 / R)"),
     overrides: list[str] = typer.Option([], "--set", help="override: key=value or STAGE.key=value"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text (never the test text)"),
-    calib_samples: int = typer.Option(32, "--calib-samples", help="calibration windows"),
-    calib_len: int = typer.Option(512, "--calib-len", help="tokens per calibration window"),
-    seed: int = typer.Option(0, "--seed", help="seed for sampling and any randomness"),
+    calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="calibration windows"),
+    calib_len: int = typer.Option(512, "--calib-len", min=1, help="tokens per calibration window"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed for sampling and any randomness"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda: where each block is calibrated"),
-    calib_batch: int = typer.Option(8, "--calib-batch", help="calibration windows per forward pass"),
+    calib_batch: int = typer.Option(8, "--calib-batch", min=1, help="calibration windows per forward pass"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
-    lossless: Optional[int] = typer.Option(None, "--lossless", help="zstd level (1..22, e.g. 10): store "
-                                           "every tensor byte-grouped and zstd-coded (exact); 0: off. "
-                                           "Size targets use 10 unless given"),
+    lossless: Optional[int] = typer.Option(None, "--lossless", min=0, max=22,
+                                           help="zstd level (1..22, e.g. 10): store every tensor "
+                                           "byte-grouped and zstd-coded (exact); 0: off. Size targets use 10 "
+                                           "unless given"),
     distill: bool = typer.Option(False, "--distill", help="with a size target: recovery against the original "
                                  "(low-rank factors, quantization scales and norms trained)"),
-    distill_steps: int = typer.Option(600, "--distill-steps", help="distillation steps (8 x calib-len tokens each)"),
+    distill_steps: int = typer.Option(600, "--distill-steps", min=1,
+                                       help="distillation steps (8 x calib-len tokens each)"),
     eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
                                             "every branch in the summary (e.g. ../shared/data/wikitext2_test.txt)"),
-    eval_windows: int = typer.Option(16, "--eval-windows", help="512-token windows of --eval measured per branch"),
+    eval_windows: int = typer.Option(16, "--eval-windows", min=1,
+                                      help="512-token windows of --eval measured per branch"),
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     target = _target(target_bpw, target_ratio, recipe, method, overrides)
@@ -67,8 +71,8 @@ def compress(
             plan = plan.with_overrides(overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
-    if lossless is not None and not 0 <= lossless <= 22:
-        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off")
+    check_output_folder(out)  # refused now, not after the compression
+    check_output_file(report_json)
     if distill and target is None:
         raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
     if target is not None and lossless is None:
