@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .. import artifact, parallel
 from ..api import compress as compress_model
+from ..arch import check_length, position_limit
 from ..data import calibration_samples, read_text, tokenize, windows
 from ..eval import protocol_text
 from ..errors import UserError
@@ -25,6 +26,9 @@ from ..registry import get_method
 from ..summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .common import (check_output_file, check_output_folder, console, err_console, one_line_errors,
                      progress_bar, write_json)
+
+
+EVAL_LEN = 512  # tokens per --eval window (capped to the model's position limit)
 
 
 @one_line_errors
@@ -57,7 +61,8 @@ def compress(
     eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
                                             "every branch in the summary (e.g. ../shared/data/wikitext2_test.txt)"),
     eval_windows: int = typer.Option(16, "--eval-windows", min=1,
-                                      help="512-token windows of --eval measured per branch"),
+                                      help="windows of --eval measured per branch (512 tokens, or the "
+                                      "model's position limit when shorter)"),
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     target = _target(target_bpw, target_ratio, recipe, method, overrides)
@@ -102,14 +107,16 @@ def compress(
     original_params = count_params(loaded.model)
     samples = None
     if calibrated:
+        check_length(loaded.model.config, calib_len, "--calib-len")
         samples = calibration_samples(tokenize(loaded.tokenizer, calib_text), calib_samples,
                                       calib_len, seed)
     meter, baseline, protocol = None, None, None
     if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
         ids = tokenize(loaded.tokenizer, evaluation)
-        chunks = windows(ids, 512, eval_windows)
-        protocol = protocol_text(eval_text, 512, chunks.shape[0], ids.numel() // 512, torch.float32,
-                                 "the uncompressed model", device)
+        eval_len = min(EVAL_LEN, position_limit(loaded.model.config) or EVAL_LEN)  # fits the model
+        chunks = windows(ids, eval_len, eval_windows)
+        protocol = protocol_text(eval_text, eval_len, chunks.shape[0], ids.numel() // eval_len,
+                                 torch.float32, "the uncompressed model", device)
         meter = BranchMeter(loaded.model, chunks, protocol, device=device)
         with err_console.status("measuring the original"):
             baseline = meter(loaded.model)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..arch import check_length
 from ..data import read_text, tokenize, windows
 from ..eval import evaluate_windows, protocol_text
 from ..models import load_model
@@ -35,6 +36,9 @@ def evaluate(
         student = load_model(model, dtype=compute, device=device)
     with err_console.status(f"loading teacher {teacher}"):
         reference = load_model(teacher, dtype=compute, device=device).model if teacher else None
+    for net in (student.model, reference):  # before any window is cut
+        if net is not None:
+            check_length(net.config, seq_len, "--seq-len")
     with err_console.status("tokenizing"):
         ids = tokenize(student.tokenizer, text)
     chunks = windows(ids, seq_len, max_windows)
