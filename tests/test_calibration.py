@@ -30,14 +30,13 @@ def test_block_inputs_reproduce_the_model(arch, model_dirs):
     """Running the captured inputs through every block gives the model's last hidden state."""
     model = load_model(str(model_dirs[arch])).model
     samples = calib()
-    hiddens, kwargs = capture_block_inputs(model, samples, batch_size=4)
+    hiddens, calls = capture_block_inputs(model, samples, batch_size=4)
     assert [h.shape[0] for h in hiddens] == [4, 2]
     blocks = model.model.layers if arch == "llama" else model.transformer.h
-    hidden, kw = hiddens[0], kwargs[0]
+    hidden = hiddens[0]
     with torch.no_grad():
-        for block in blocks:
-            out = block(hidden, **kw)
-            hidden = out[0] if isinstance(out, tuple) else out
+        for index, block in enumerate(blocks):
+            hidden = calls.run(block, index, 0, hidden)
         expected = model(samples[:4], output_hidden_states=True).hidden_states[-1]
     norm = model.model.norm if arch == "llama" else model.transformer.ln_f
     assert torch.allclose(norm(hidden), expected, atol=1e-5)
