@@ -1,7 +1,9 @@
 """Model sources: built-in names, local GGUF files, local HF directories, hub ids, artifacts.
 
 `load_model(spec)` returns a LoadedModel whatever the source; the architecture is checked against
-hypercompress.arch before any weight is read.
+hypercompress.arch before any weight is read. A checkpoint that lacks a tensor (transformers would
+fill it at random and only warn) and a pickle checkpoint (refused by torch's safe loader) are
+refused with a one-line error naming the tensor or file.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def _refuse_incomplete(spec: str, info: dict[str, Any]) -> None:
         if names:
             more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
             raise UserError(f"could not load model '{spec}': the checkpoint {problem} tensor "
-                            f"{names[0]}{more}; pass a complete checkpoint (transformers would fill it with random values)")
+                            f"{names[0]}{more}; pass a complete checkpoint (transformers would fill it with "
+                            "random values)")
 
 
 def _pickle_files(location: str | Path) -> str:
