@@ -20,8 +20,8 @@ def no_loading(monkeypatch):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("--calib-samples", 0), ("--calib-samples", -2), ("--calib-len", 0), ("--calib-len", -5),
-    ("--calib-batch", 0), ("--eval-windows", 0), ("--distill-steps", 0), ("--lossless", -1),
+    ("--calib-samples", 0), ("--calib-samples", -2), ("--calib-len", 0), ("--calib-len", 1),
+    ("--calib-len", -5), ("--calib-batch", 0), ("--eval-windows", 0), ("--distill-steps", 0), ("--lossless", -1),
     ("--lossless", 23), ("--seed", -1),
 ])
 def test_compress_numbers_out_of_range(option, value, model_dirs, calib_file, tmp_path, no_loading):

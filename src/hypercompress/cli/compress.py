@@ -44,7 +44,7 @@ def compress(
     overrides: list[str] = typer.Option([], "--set", help="override: key=value or STAGE.key=value"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text (never the test text)"),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="calibration windows"),
-    calib_len: int = typer.Option(512, "--calib-len", min=1, help="tokens per calibration window"),
+    calib_len: int = typer.Option(512, "--calib-len", min=2, help="tokens per calibration window"),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed for sampling and any randomness"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda: where each block is calibrated"),
     calib_batch: int = typer.Option(8, "--calib-batch", min=1, help="calibration windows per forward pass"),
