@@ -1,7 +1,8 @@
 """THE layer-by-layer calibration runner, one copy for every architecture.
 
 Frantar et al. 2022 (GPTQ), section 4 "layer-wise": capture the inputs of block 0 for the calibration
-samples; then for each block: run it with hooks feeding every target linear's inputs to the method's
+samples, and the arguments the model passes each block (its own layer type's attention mask: full or
+sliding window; rotary embeddings); then for each block: run it with hooks feeding every target linear's inputs to the method's
 `observe`, compress those linears, and re-run the compressed block to produce the next block's
 inputs, so that quantization errors propagate as they will at inference. Only the block being
 processed sits on the compute device; the rest of the model stays on CPU. After each block a

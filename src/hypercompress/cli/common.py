@@ -16,10 +16,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
-try:  # typer >= 0.26 carries its own copy of click
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+try:  # recent typer carries its own copy of click
+    from typer._click import exceptions as _click_errors
 except ImportError:
-    from click.exceptions import NoArgsIsHelpError, UsageError
+    from click import exceptions as _click_errors
+
+UsageError = _click_errors.UsageError
+NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: no arguments, help
 
 from ..errors import UserError
 

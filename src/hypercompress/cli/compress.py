@@ -50,10 +50,9 @@ def compress(
     calib_batch: int = typer.Option(8, "--calib-batch", min=1, help="calibration windows per forward pass"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
-    lossless: Optional[int] = typer.Option(None, "--lossless", min=0, max=22,
-                                           help="zstd level (1..22, e.g. 10): store every tensor "
-                                           "byte-grouped and zstd-coded (exact); 0: off. Size targets use 10 "
-                                           "unless given"),
+    lossless: Optional[int] = typer.Option(None, "--lossless", help="zstd level (1..22, e.g. 10): store "
+                                           "every tensor byte-grouped and zstd-coded (exact); 0: off. "
+                                           "Size targets use 10 unless given"),
     distill: bool = typer.Option(False, "--distill", help="with a size target: recovery against the original "
                                  "(low-rank factors, quantization scales and norms trained)"),
     distill_steps: int = typer.Option(600, "--distill-steps", min=1,
@@ -76,6 +75,8 @@ def compress(
             plan = plan.with_overrides(overrides)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
+    if lossless is not None and not 0 <= lossless <= 22:
+        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off")
     check_output_folder(out)  # refused now, not after the compression
     check_output_file(report_json)
     if distill and target is None:
