@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from hypercompress import artifact
 from hypercompress.api import compress
-from hypercompress.calibration import capture_block_inputs
+from hypercompress.calibration import capture_block_inputs, run_layerwise
 from hypercompress.errors import UserError
+from hypercompress.methods.base import LayerwiseMethod
 from hypercompress.models import load_model
 from hypercompress.modules import count_params
+from hypercompress.planner import _TailRunner
 from hypercompress.recipe import Recipe
 
 from conftest import ARCHS
@@ -30,14 +33,13 @@ def test_block_inputs_reproduce_the_model(arch, model_dirs):
     """Running the captured inputs through every block gives the model's last hidden state."""
     model = load_model(str(model_dirs[arch])).model
     samples = calib()
-    hiddens, kwargs = capture_block_inputs(model, samples, batch_size=4)
+    hiddens, calls = capture_block_inputs(model, samples, batch_size=4)
     assert [h.shape[0] for h in hiddens] == [4, 2]
     blocks = model.model.layers if arch == "llama" else model.transformer.h
-    hidden, kw = hiddens[0], kwargs[0]
+    hidden = hiddens[0]
     with torch.no_grad():
-        for block in blocks:
-            out = block(hidden, **kw)
-            hidden = out[0] if isinstance(out, tuple) else out
+        for index, block in enumerate(blocks):
+            hidden = calls.run(block, index, 0, hidden)
         expected = model(samples[:4], output_hidden_states=True).hidden_states[-1]
     norm = model.model.norm if arch == "llama" else model.transformer.ln_f
     assert torch.allclose(norm(hidden), expected, atol=1e-5)
@@ -97,3 +99,67 @@ def test_gptq_beats_rtn_on_the_tiny_model(model_dirs):
         with torch.no_grad():
             errors[method] = (student(samples).logits - dense(samples).logits).pow(2).mean().item()
     assert errors["gptq"] < errors["rtn"]
+
+
+class _Record(LayerwiseMethod):
+    """Records each layer's first calibration input; keeps the layer as it is."""
+
+    needs_calibration = True
+
+    def __init__(self):
+        super().__init__(None)
+        self.seen = {}
+
+    def observe(self, name, x):
+        self.seen.setdefault(name, x.detach().clone())
+
+    def compress(self, name, layer):
+        return layer
+
+
+def _mixed_attention_models():
+    """Models whose blocks take different masks or take them positionally: Qwen2 with a sliding
+    window on block 1 (config.layer_types), GPT-2 with eager attention (its mask is positional)."""
+    torch.manual_seed(0)
+    qwen = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                       sliding_window=8, max_window_layers=1)
+    assert qwen.layer_types == ["full_attention", "sliding_attention"]
+    gpt2 = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return {"qwen2-sliding": (AutoModelForCausalLM.from_config(qwen).eval(),
+                              "model.layers.1.self_attn.o_proj"),
+            "gpt2-eager": (AutoModelForCausalLM.from_config(gpt2, attn_implementation="eager").eval(),
+                           "transformer.h.1.attn.c_proj")}
+
+
+@pytest.mark.parametrize("kind", ["qwen2-sliding", "gpt2-eager"])
+def test_each_block_gets_its_own_mask(kind):
+    """The runner feeds block 1 exactly what the model does (its own layer type's mask)."""
+    model, name = _mixed_attention_models()[kind]
+    ids = calib()[:, :24]
+    seen = {}
+    layer = model.get_submodule(name)
+    handle = layer.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0].clone()))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    record = _Record()
+    run_layerwise(model, record, [name], ids, batch_size=6)
+    assert torch.allclose(record.seen[name], seen["x"], atol=1e-5)
+
+
+def test_planner_pass_uses_each_blocks_mask():
+    """The sensitivity pass's reference log-probs (cached block inputs) equal the model's own."""
+    model, _ = _mixed_attention_models()["qwen2-sliding"]
+    ids = calib()[:, :24]
+    runner = _TailRunner(model, ids, batch=6)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    assert torch.allclose(runner.reference[0], expected, atol=1e-5)
+
+
+def test_a_model_that_skips_a_block_is_refused(model_dirs):
+    model = load_model(str(model_dirs["llama"])).model
+    model.config.num_hidden_layers = 1  # LlamaModel then runs block 0 only
+    with pytest.raises(UserError, match="cannot be calibrated layer by layer"):
+        capture_block_inputs(model, calib(), batch_size=4)

@@ -149,10 +149,13 @@ def test_existing_output_is_refused(model_dirs, tmp_path):
 def test_bad_evaluate_input(artifact_dir, text_file, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n")
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3 w4\n")
     cases = [
         (["--data", tmp_path / "missing.txt"], "data file not found"),
         (["--data", empty], "holds no text"),
-        (["--data", text_file, "--seq-len", 100000], "fewer than seq_len 100000"),
+        (["--data", short, "--seq-len", 64], "fewer than seq_len 64"),
+        (["--data", text_file, "--seq-len", 100000], "position limit of 256"),
         (["--data", text_file, "--dtype", "float8"], "--dtype float8"),
     ]
     for args, needle in cases:

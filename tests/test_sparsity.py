@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from hypercompress.layers.sparse_linear import SparseLinear
+from hypercompress.methods.damping import add_damping
 from hypercompress.methods.gptq_solver import _prepare
 from hypercompress.methods.sparsegpt import SparseGPT, SparseGptConfig
 from hypercompress.methods.sparsegpt_solver import sparsegpt_solve
@@ -41,8 +42,8 @@ def test_sparsegpt_final_weights_match_the_obs_reference(n_m):
     H_F^-1) gives the same final weights."""
     W, H, _ = problem()
     fast, keep, *_ = sparsegpt_solve(W, H, 0.5, n_m, block_size=32)
-    Wr, Hr, _ = _prepare(W, H, 0.01, act_order=False)
-    Wr, Hinv = Wr.double(), torch.linalg.inv(Hr)
+    Wr, Hr, _ = _prepare(W, H, act_order=False)
+    Wr, Hinv = Wr.double(), torch.linalg.inv(add_damping(Hr, 0.01))
     for col in range(W.shape[1]):
         q = Wr[:, col: col + 1] * keep[:, col: col + 1]
         err = (Wr[:, col: col + 1] - q) / Hinv[col, col]

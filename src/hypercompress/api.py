@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .arch import check_length
 from .artifact import round_to_storage, storage_bits
 from .calibration import Checkpoint, peak_memory_bytes, run_layerwise
 from .errors import UserError
@@ -38,6 +39,8 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     model's size after it (stored bits, weights computed with); `after_stage(model)` may add more
     (the CLI measures perplexity and KL there).
     """
+    if calib is not None:
+        check_length(model.config, calib.shape[1], "--calib-len")
     teacher = None  # whole-model methods distil against the model as it was before the first stage
     if any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)
            and getattr(cls, "needs_teacher", True) for s in recipe.stages):

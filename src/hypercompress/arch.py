@@ -77,3 +77,29 @@ def block_linear_names(model: nn.Module) -> list[str]:
         for i in range(len(model.get_submodule(spec.blocks)))
         for leaf in spec.linears
     ]
+
+
+# config keys that bound the tokens of one forward pass (GPT-2's n_positions is aliased by
+# max_position_embeddings in transformers; the others are read when a config has only them)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def position_limit(config) -> int | None:
+    """The most tokens one forward pass of a model with this config may hold (its position
+    embeddings or RoPE range: `max_position_embeddings`, GPT-2's `n_positions`), or None when the
+    config states no limit. The one place every length check reads it, for every architecture."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_length(config, length: int, option: str) -> None:
+    """UserError naming `option` and the limit when `length` tokens exceed the model's position
+    limit (position_limit), before any work is done with windows that long."""
+    limit = position_limit(config)
+    if limit is not None and length > limit:
+        raise UserError(f"{option} {length} is longer than the model's position limit of {limit} tokens "
+                        f"(max_position_embeddings); pass {option} {limit} or less")

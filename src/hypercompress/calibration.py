@@ -1,7 +1,8 @@
 """THE layer-by-layer calibration runner, one copy for every architecture.
 
 Frantar et al. 2022 (GPTQ), section 4 "layer-wise": capture the inputs of block 0 for the calibration
-samples; then for each block: run it with hooks feeding every target linear's inputs to the method's
+samples, and the arguments the model passes each block (its own layer type's attention mask: full or
+sliding window; rotary embeddings); then for each block: run it with hooks feeding every target linear's inputs to the method's
 `observe`, compress those linears, and re-run the compressed block to produce the next block's
 inputs, so that quantization errors propagate as they will at inference. Only the block being
 processed sits on the compute device; the rest of the model stays on CPU. After each block a
@@ -33,53 +34,114 @@ BlockProgress = Callable[[int, int], None]  # (blocks done, blocks total)
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded."""
+    """Raised by the capture once the last block's arguments are recorded."""
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+# arguments that carry a KV cache: calibration runs without one
+_CACHE_KEYS = ("cache", "past_key_values", "past_key_value", "layer_past", "use_cache")
+
+
+def _to(obj: Any, device: torch.device | str, memo: dict[int, Any] | None = None) -> Any:
+    """`obj` (tensors in tuples, lists, dicts) on `device`; a tensor met twice is moved once (memo)."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # the source is kept so that its id stays unique
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int):
-    """Run the model up to block 0 for each batch of `samples` (N, L).
-
-    Returns (hidden states: list of (b, L, d) tensors, keyword arguments: list of dicts), one per
-    batch, exactly as the model passes them to its blocks (masks, rotary embeddings, positions).
-    """
-    blocks = model.get_submodule(arch_of(model.config.model_type).blocks)
-    hiddens, kwargs_list = [], []
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value",
-                                                               "layer_past", "use_cache")}
-        hiddens.append(hidden.detach())
-        kwargs_list.append(_to(kwargs, "cpu"))
-        raise _StopForward
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in samples.split(batch_size):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return hiddens, kwargs_list
 
 
 def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockCalls:
+    """What the model passes each block besides its hidden states, per calibration batch:
+    `calls[block][batch]` = (positional, keyword arguments): that block's own layer type's attention
+    mask (full or sliding window), rotary embeddings, positions, exactly as the model's forward
+    builds them (transformers: `causal_mask_mapping[config.layer_types[i]]`). Blocks of one layer
+    type share the same tensors, kept once on each device."""
+
+    def __init__(self, calls: list[list[tuple[tuple, dict[str, Any]]]]):
+        self.calls = calls
+
+    def to(self, device: torch.device | str) -> "BlockCalls":
+        memo: dict[int, Any] = {}
+        return BlockCalls([[_to(call, device, memo) for call in batches] for batches in self.calls])
+
+    def run(self, block: nn.Module, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Block `index` (the module `block`: compressed, or on a device) on `hidden` of `batch`."""
+        args, kwargs = self.calls[index][batch]
+        return _block_output(block(hidden, *args, **kwargs))
+
+
+class _Recorder(nn.Module):
+    """Stands in for block `index` during the capture: records the arguments the model passes it
+    and returns its input unchanged (no block needs to compute for its arguments to be known);
+    attributes the model's loop reads from a block (e.g. attention_type) are the block's own."""
+
+    def __init__(self, block: nn.Module, index: int, last: bool):
+        super().__init__()
+        self.block, self.index, self.last, self.sink = block, index, last, []
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in _CACHE_KEYS}
+        self.sink.append((self.index, hidden.detach(), tuple(args[1:]), kwargs))
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, samples: torch.Tensor, batch_size: int
+                         ) -> tuple[list[torch.Tensor], BlockCalls]:
+    """Run the model's embedding and mask construction for each batch of `samples` (N, L), every
+    block replaced by a recorder (no block computes).
+
+    Returns (block 0's hidden states: a list of (b, L, d) tensors, one per batch; BlockCalls: the
+    arguments of every block, each its own). Raises UserError for a model whose forward does not
+    call each block exactly once, in order (it cannot be calibrated layer by layer)."""
+    blocks = model.get_submodule(arch_of(model.config.model_type).blocks)
+    originals = list(blocks)
+    hiddens: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict[str, Any]]]] = [[] for _ in originals]
+    memo: dict[int, Any] = {}
+    try:
+        recorders = [_Recorder(block, i, last=i == len(originals) - 1) for i, block in enumerate(originals)]
+        for i, recorder in enumerate(recorders):
+            blocks[i] = recorder
+        for batch in samples.split(batch_size):
+            sink: list = []
+            for recorder in recorders:
+                recorder.sink = sink
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+            if [entry[0] for entry in sink] != list(range(len(originals))):
+                raise UserError(f"'{model.config.model_type}' does not call each of its {len(originals)} "
+                                "blocks once, in order: it cannot be calibrated layer by layer; use a "
+                                "data-free method (rtn, svd, magnitude)")
+            hiddens.append(sink[0][1])
+            for index, _, args, kwargs in sink:
+                calls[index].append(_to((args, kwargs), "cpu", memo))
+    finally:
+        for i, block in enumerate(originals):
+            blocks[i] = block
+    return hiddens, BlockCalls(calls)
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -156,11 +218,11 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    hiddens, kwargs_list = capture_block_inputs(model, samples, batch_size)
+    hiddens, calls = capture_block_inputs(model, samples, batch_size)
     first = 0
     if resume_from is not None:
         first, hiddens = resume_from[0] + 1, resume_from[1]
-    kwargs_dev = [_to(kw, device) for kw in kwargs_list]  # the same for every block
+    calls = calls.to(device)  # each block's own arguments (the mask of its layer type)
     for index in range(first, len(blocks)):
         block = blocks[index].to(device)
         prefix = f"{spec.blocks}.{index}."
@@ -170,15 +232,15 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
                 lambda _m, args, _out, name=name: method.observe(name, args[0]))
                 for name, layer in targets.items()]
             try:
-                for hidden, kwargs in zip(hiddens, kwargs_dev):
-                    block(hidden.to(device), **kwargs)
+                for batch, hidden in enumerate(hiddens):
+                    calls.run(block, index, batch, hidden.to(device))
             finally:
                 for handle in handles:
                     handle.remove()
             for name in targets:
                 layer = uncompressed(model, name, stage)
                 replace_module(model, name, method.compress(name, layer).to(device))
-        hiddens = [_block_output(block(h.to(device), **kw)).cpu() for h, kw in zip(hiddens, kwargs_dev)]
+        hiddens = [calls.run(block, index, batch, h.to(device)).cpu() for batch, h in enumerate(hiddens)]
         blocks[index].to("cpu")
         if checkpoint is not None:
             checkpoint.save(model, stage, index, hiddens)

@@ -1,12 +1,15 @@
 """Model sources: built-in names, local GGUF files, local HF directories, hub ids, artifacts.
 
 `load_model(spec)` returns a LoadedModel whatever the source; the architecture is checked against
-hypercompress.arch before any weight is read.
+hypercompress.arch before any weight is read. A checkpoint that lacks a tensor (transformers would
+fill it at random and only warn) and a pickle checkpoint (refused by torch's safe loader) are
+refused with a one-line error naming the tensor or file.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +100,17 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
         arch_of(config.model_type)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
+                                                           **kwargs)
+        _refuse_incomplete(spec, info)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except UserError:
         raise
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused a pickle checkpoint
+        raise UserError(f"could not load model '{spec}': {_pickle_files(location)} is a pickle checkpoint "
+                        "that the safe loader refuses (it could run code); convert it to safetensors where "
+                        "you trust it (torch.load, then safetensors.torch.save_file) or pass a "
+                        "model.safetensors copy") from None
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load model '{spec}': {first}") from None
@@ -110,3 +120,22 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
         model.hf_quantizer = None
     model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, kind)
+
+
+def _refuse_incomplete(spec: str, info: dict[str, Any]) -> None:
+    """UserError naming the first tensor the checkpoint lacks (transformers would initialise it at
+    random and only warn) or holds in another shape; `info` is from_pretrained's loading info."""
+    for key, problem in (("missing_keys", "lacks"), ("mismatched_keys", "holds a wrongly shaped")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise UserError(f"could not load model '{spec}': the checkpoint {problem} tensor "
+                            f"{names[0]}{more}; pass a complete checkpoint (transformers would fill it with "
+                            "random values)")
+
+
+def _pickle_files(location: str | Path) -> str:
+    """The pickle weight files of a local model directory, for messages (else 'a weight file')."""
+    path = Path(location)
+    files = sorted(path.glob("*.bin")) + sorted(path.glob("*.pt*")) if path.is_dir() else []
+    return ", ".join(str(f) for f in files) or "a weight file"

@@ -94,19 +94,18 @@ class _TailRunner:
     change inside block i costs only blocks i..L-1 and the head (about half a forward on average)."""
 
     def __init__(self, model: nn.Module, samples: torch.Tensor, batch: int, observe: tuple[str, ...] = ()):
-        from .calibration import _block_output
-
         spec = arch_of(model.config.model_type)
         self.model, self.samples, self.batch = model, samples, batch
         self.blocks = model.get_submodule(spec.blocks)
         self.norm = model.get_submodule(spec.final_norm)
-        self.prefix, self.output = f"{spec.blocks}.", _block_output
-        hiddens, self.kwargs = capture_block_inputs(model, samples, batch)
+        self.prefix = f"{spec.blocks}."
+        hiddens, self.calls = capture_block_inputs(model, samples, batch)  # each block's own mask
         self.inputs = [hiddens]  # inputs[i][batch]: the dense model's input of block i
         self.gram: dict[str, torch.Tensor] = {}  # X^T X of each observed linear's inputs (float32)
         hooks = [model.get_submodule(n).register_forward_hook(self._observer(n)) for n in observe]
-        for block in self.blocks:
-            self.inputs.append([self.output(block(h, **kw)) for h, kw in zip(self.inputs[-1], self.kwargs)])
+        for index, block in enumerate(self.blocks):
+            self.inputs.append([self.calls.run(block, index, batch, h)
+                                for batch, h in enumerate(self.inputs[-1])])
         for hook in hooks:
             hook.remove()
         self.reference = self.log_probs()
@@ -125,9 +124,9 @@ class _TailRunner:
             return [F.log_softmax(self.model(input_ids=b, use_cache=False).logits.float(), -1)
                     for b in self.samples.split(self.batch)]
         out = []
-        for hidden, kwargs in zip(self.inputs[start], self.kwargs):
-            for block in self.blocks[start:]:
-                hidden = self.output(block(hidden, **kwargs))
+        for batch, hidden in enumerate(self.inputs[start]):
+            for index in range(start, len(self.blocks)):
+                hidden = self.calls.run(self.blocks[index], index, batch, hidden)
             out.append(F.log_softmax(self.model.get_output_embeddings()(self.norm(hidden)).float(), -1))
         return out
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import typer
 
 from . import compress, env, evaluate, export, inspect, plot
+from .common import OneLineUsageErrors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Make Hugging Face causal LMs smaller; measure what it cost.")
+                  help="Make Hugging Face causal LMs smaller; measure what it cost.",
+                  cls=OneLineUsageErrors)  # bad option values: one line 'error: ...', exit 2
 
 
 @app.callback()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,15 @@ import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperGroup
+
+try:  # recent typer carries its own copy of click
+    from typer._click import exceptions as _click_errors
+except ImportError:
+    from click import exceptions as _click_errors
+
+UsageError = _click_errors.UsageError
+NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: no arguments, help
 
 from ..errors import UserError
 
@@ -34,6 +44,66 @@ def one_line_errors(command: Callable) -> Callable:
             raise typer.Exit(code=2) from None
 
     return wrapper
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The app's group: click's usage errors (an option value outside its `min=`/`max=` range, a
+    missing option, an unknown command) print as one line 'error: ...' with exit code 2, like
+    UserError, instead of a usage panel."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as exc:
+            _usage_error(exc)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            _usage_error(exc)
+
+
+def _usage_error(exc: UsageError) -> None:
+    if isinstance(exc, NoArgsIsHelpError):
+        raise exc  # no arguments at all: the help is printed
+    command = exc.ctx.command_path if exc.ctx is not None else "hypercompress"
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    typer.echo(f"error: {message}; see '{command} --help'", err=True)
+    raise typer.Exit(2)
+
+
+def check_output_folder(path: Path, option: str = "--out") -> None:
+    """Before any long work: `path` (a folder to create) can be created, i.e. its nearest existing
+    ancestor is a writable folder, not a regular file. Raises UserError naming `option` otherwise."""
+    _check_creatable(Path(path).expanduser(), option)
+
+
+def check_output_file(path: Path | None, option: str = "--json") -> None:
+    """Before any long work: a file can be written at `path` (None: nothing to check). Raises
+    UserError naming `option` when `path` is a folder, an unwritable file, or lies under a regular
+    file or in a folder this user cannot write."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; pass a file path such as {path / 'report.json'}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{option} {path}: the file is not writable; pass a path you can write")
+        return
+    _check_creatable(path, option)
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{option} {path}: {ancestor} is a file, not a folder; pass a path in a writable folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: the folder {ancestor} is not writable; pass a path in a "
+                        "writable folder")
 
 
 def parse_dtype(name: str) -> torch.dtype:

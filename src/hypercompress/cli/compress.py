@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .. import artifact, parallel
 from ..api import compress as compress_model
+from ..arch import check_length, position_limit
 from ..data import calibration_samples, read_text, tokenize, windows
 from ..eval import protocol_text
 from ..errors import UserError
@@ -23,7 +24,11 @@ from ..modules import count_params
 from ..recipe import PlanTarget, Recipe, load_recipe_file
 from ..registry import get_method
 from ..summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
-from .common import console, err_console, one_line_errors, progress_bar, write_json
+from .common import (check_output_file, check_output_folder, console, err_console, one_line_errors,
+                     progress_bar, write_json)
+
+
+EVAL_LEN = 512  # tokens per --eval window (capped to the model's position limit)
 
 
 @one_line_errors
@@ -38,11 +43,11 @@ def compress(
                                                  help="plan for this size ratio vs 16-bit (bpw = 16 / R)"),
     overrides: list[str] = typer.Option([], "--set", help="override: key=value or STAGE.key=value"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text (never the test text)"),
-    calib_samples: int = typer.Option(32, "--calib-samples", help="calibration windows"),
-    calib_len: int = typer.Option(512, "--calib-len", help="tokens per calibration window"),
-    seed: int = typer.Option(0, "--seed", help="seed for sampling and any randomness"),
+    calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="calibration windows"),
+    calib_len: int = typer.Option(512, "--calib-len", min=2, help="tokens per calibration window"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed for sampling and any randomness"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda: where each block is calibrated"),
-    calib_batch: int = typer.Option(8, "--calib-batch", help="calibration windows per forward pass"),
+    calib_batch: int = typer.Option(8, "--calib-batch", min=1, help="calibration windows per forward pass"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
     report_json: Optional[Path] = typer.Option(None, "--json", help="write the report as JSON"),
     lossless: Optional[int] = typer.Option(None, "--lossless", help="zstd level (1..22, e.g. 10): store "
@@ -50,10 +55,13 @@ def compress(
                                            "Size targets use 10 unless given"),
     distill: bool = typer.Option(False, "--distill", help="with a size target: recovery against the original "
                                  "(low-rank factors, quantization scales and norms trained)"),
-    distill_steps: int = typer.Option(600, "--distill-steps", help="distillation steps (8 x calib-len tokens each)"),
+    distill_steps: int = typer.Option(600, "--distill-steps", min=1,
+                                       help="distillation steps (8 x calib-len tokens each)"),
     eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
                                             "every branch in the summary (e.g. ../shared/data/wikitext2_test.txt)"),
-    eval_windows: int = typer.Option(16, "--eval-windows", help="512-token windows of --eval measured per branch"),
+    eval_windows: int = typer.Option(16, "--eval-windows", min=1,
+                                      help="windows of --eval measured per branch (512 tokens, or the "
+                                      "model's position limit when shorter)"),
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     target = _target(target_bpw, target_ratio, recipe, method, overrides)
@@ -69,6 +77,8 @@ def compress(
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
     if lossless is not None and not 0 <= lossless <= 22:
         raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off")
+    check_output_folder(out)  # refused now, not after the compression
+    check_output_file(report_json)
     if distill and target is None:
         raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
     if target is not None and lossless is None:
@@ -98,14 +108,16 @@ def compress(
     original_params = count_params(loaded.model)
     samples = None
     if calibrated:
+        check_length(loaded.model.config, calib_len, "--calib-len")
         samples = calibration_samples(tokenize(loaded.tokenizer, calib_text), calib_samples,
                                       calib_len, seed)
     meter, baseline, protocol = None, None, None
     if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
         ids = tokenize(loaded.tokenizer, evaluation)
-        chunks = windows(ids, 512, eval_windows)
-        protocol = protocol_text(eval_text, 512, chunks.shape[0], ids.numel() // 512, torch.float32,
-                                 "the uncompressed model", device)
+        eval_len = min(EVAL_LEN, position_limit(loaded.model.config) or EVAL_LEN)  # fits the model
+        chunks = windows(ids, eval_len, eval_windows)
+        protocol = protocol_text(eval_text, eval_len, chunks.shape[0], ids.numel() // eval_len,
+                                 torch.float32, "the uncompressed model", device)
         meter = BranchMeter(loaded.model, chunks, protocol, device=device)
         with err_console.status("measuring the original"):
             baseline = meter(loaded.model)

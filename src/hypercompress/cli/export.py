@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
+from ..atomic import refuse_existing
 from ..errors import UserError
-from .common import console, err_console, one_line_errors, write_json
+from .common import check_output_file, check_output_folder, console, err_console, one_line_errors, write_json
 
 
 @one_line_errors
@@ -30,6 +31,9 @@ def export(
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    refuse_existing(out)
+    check_output_folder(out)
+    check_output_file(json_path)
     options = {"hf": {"dtype": dtype}, "gguf": {"gguf_type": gguf_type} if gguf_type else {},
                "compressed-tensors": {"dense_fallback": dense_fallback}}[fmt]
     with err_console.status(f"exporting {artifact} as {fmt}"):

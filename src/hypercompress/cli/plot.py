@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..analysis.rate_distortion import collect, plot as draw
-from .common import console, one_line_errors
+from .common import check_output_file, console, one_line_errors
 
 
 @one_line_errors
@@ -16,6 +16,7 @@ def plot(
     out: Path = typer.Option(Path("rate_distortion.png"), "--out", help="PNG to write"),
 ) -> None:
     """Perplexity vs bits per weight (log-log) for every result row and artifact summary in FOLDER."""
+    check_output_file(out, "--out")
     series = collect(folder)
     draw(series, out)
     points = sum(len(p) for p in series.values())

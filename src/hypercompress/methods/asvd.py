@@ -21,6 +21,7 @@ from ..config import check
 from ..layers.low_rank import LowRankLinear
 from ..modules import linear_bias, linear_weight
 from ..registry import register
+from .damping import DAMP_RANGE, factorize_damped
 from .gptq import HessianMethod
 from .svd import SvdConfig, rank_for
 
@@ -36,15 +37,19 @@ class AsvdConfig(SvdConfig):
         check(self.whitening in ("cholesky", "scale"),
               f"whitening={self.whitening!r}: must be 'cholesky' or 'scale'")
         check(0 < self.alpha <= 2, f"alpha={self.alpha}: must be in (0, 2]")
-        check(0 <= self.damp < 1, f"damp={self.damp}: must be in [0, 1)")
+        check(0 < self.damp < 1, DAMP_RANGE.format(self.damp))
 
 
-def cholesky_whitening(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """H (in, in) = X^T X / n -> (S, S^-1), S the lower Cholesky factor of H + damp * mean(diag H) I."""
-    H = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    S = torch.linalg.cholesky(H)
-    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
-    return S, torch.linalg.solve_triangular(S, eye, upper=False)
+def cholesky_whitening(H: torch.Tensor, damp: float,
+                       layer: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """H (in, in) = X^T X / n -> (S, S^-1), S the lower Cholesky factor of H + damp * mean(diag H) I;
+    a singular H is dampened more (damping.factorize_damped), a UserError names `layer` otherwise."""
+    def factorize(Hd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = torch.linalg.cholesky(Hd)
+        eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+        return S, torch.linalg.solve_triangular(S, eye, upper=False)
+
+    return factorize_damped(H, damp, factorize, layer)
 
 
 def whitened_factors(W: torch.Tensor, S: torch.Tensor, S_inv: torch.Tensor, rank: int):
@@ -75,7 +80,7 @@ class ActivationAwareSVD(HessianMethod):
         abs_mean = self.abs_sum.pop(name) / count
         W = linear_weight(layer)
         if c.whitening == "cholesky":
-            S, S_inv = cholesky_whitening(H, c.damp)
+            S, S_inv = cholesky_whitening(H, c.damp, name)
         else:
             scale = abs_mean.clamp(min=1e-6) ** c.alpha
             S, S_inv = torch.diag(scale), torch.diag(1 / scale)

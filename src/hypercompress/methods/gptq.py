@@ -12,6 +12,7 @@ from ..layers.quant_linear import QuantLinear
 from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
+from .damping import DAMP_RANGE
 from .gptq_solver import gptq_solve
 from .rtn import RtnConfig, resolve_group_size
 
@@ -26,7 +27,7 @@ class GptqConfig(RtnConfig):
 
     def validate(self) -> None:
         super().validate()
-        check(0 <= self.damp < 1, f"damp={self.damp}: must be in [0, 1)")
+        check(0 < self.damp < 1, DAMP_RANGE.format(self.damp))
         check(self.block_size > 0, f"block_size={self.block_size}: must be positive")
 
 
@@ -69,6 +70,6 @@ class GPTQ(HessianMethod):
         weight = linear_weight(layer)
         group = resolve_group_size(name, weight.shape[1], c.group_size)
         codes, scale, zero = gptq_solve(weight, self.hessian(name), c.bits, group, c.symmetric,
-                                        c.zero_point, c.act_order, c.damp, c.block_size)
+                                        c.zero_point, c.act_order, c.damp, c.block_size, layer=name)
         return QuantLinear.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), linear_bias(layer),
                                       c.bits, c.symmetric, c.zero_point)

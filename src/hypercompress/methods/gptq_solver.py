@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 
 from ..layers.quant_linear import dequantize, fit_grid, quantize_to_grid
+from .damping import add_damping, factorize_damped
 
 
-def _prepare(W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool):
-    """Dead columns zeroed, optional descending-diag(H) permutation, dampening; float64 H."""
+def _prepare(W: torch.Tensor, H: torch.Tensor, act_order: bool):
+    """Dead columns zeroed, optional descending-diag(H) permutation; float64 H (not yet dampened)."""
     W, H = W.clone().float(), H.clone().double()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -25,8 +26,17 @@ def _prepare(W: torch.Tensor, H: torch.Tensor, damp: float, act_order: bool):
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return W, H, perm
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, layer: str = "layer") -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp mean(diag H) I)^-1, float32 (paper eq. 4); the
+    damping is raised when H is singular (damping.factorize_damped), a UserError names `layer`
+    when no damping helps."""
+    def factorize(Hd: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+
+    return factorize_damped(H, damp, factorize, layer).float()
 
 
 def _grids(W: torch.Tensor, group: int, bits: int, symmetric: bool, zero_point: str):
@@ -36,8 +46,9 @@ def _grids(W: torch.Tensor, group: int, bits: int, symmetric: bool, zero_point: 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool = False,
                zero_point: str = "int", act_order: bool = False, damp: float = 0.01,
-               block_size: int = 128):
-    """Blocked GPTQ. W: (rows, cols), H: (cols, cols); group divides cols.
+               block_size: int = 128, layer: str = "layer"):
+    """Blocked GPTQ. W: (rows, cols), H: (cols, cols); group divides cols; `layer` names the layer in
+    errors (a Hessian that no damping makes positive definite).
 
     Returns codes (rows, cols // group, group) as whole-number floats, scale and zero
     (rows, cols // group, 1), in the original column order. Grids: min-max per group, fitted on the
@@ -52,8 +63,8 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetri
     else:
         scale = torch.zeros(rows, cols // group, 1, device=W.device)
         zero = torch.zeros_like(scale)
-    W, H, perm = _prepare(W, H, damp, act_order)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    W, H, perm = _prepare(W, H, act_order)
+    U = inverse_cholesky(H, damp, layer)
     codes = torch.zeros(rows, cols, device=W.device)
     block = group * max(1, block_size // group)  # whole groups per block: grids see updated weights
     for i1 in range(0, cols, block):
@@ -90,9 +101,9 @@ def gptq_reference(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symm
     else:
         scale = torch.zeros(rows, cols // group, 1, dtype=torch.float64)
         zero = torch.zeros_like(scale)
-    W, H, perm = _prepare(W, H, damp, act_order)
+    W, H, perm = _prepare(W, H, act_order)
     W = W.double()
-    Hinv = torch.linalg.inv(H)
+    Hinv = torch.linalg.inv(add_damping(H, damp))
     codes = torch.zeros(rows, cols, dtype=torch.float64)
     for col in range(cols):
         orig = int(perm[col]) if perm is not None else col

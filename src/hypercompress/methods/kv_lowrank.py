@@ -21,6 +21,7 @@ from ..modules import CompressedModule, linear_bias, linear_weight, replace_modu
 from ..registry import register
 from .asvd import cholesky_whitening, whitened_factors
 from .base import WholeModelMethod
+from .damping import DAMP_RANGE
 from .svd import truncated_svd
 
 
@@ -35,7 +36,7 @@ class KvLowRankConfig(MethodConfig):
     def validate(self) -> None:
         check(0 < self.keep < 1, f"keep={self.keep}: must be in (0, 1)")
         check(self.rank is None or self.rank >= 1, f"rank={self.rank}: must be >= 1")
-        check(0 <= self.damp < 1, f"damp={self.damp}: must be in [0, 1)")
+        check(0 < self.damp < 1, DAMP_RANGE.format(self.damp))
         check(self.samples >= 1, f"samples={self.samples}: must be >= 1")
 
 
@@ -61,7 +62,7 @@ class KvLowRank(WholeModelMethod):
             rank = c.rank or max(1, int(c.keep * W.shape[0]))
             rank = min(rank, *W.shape)
             if c.whiten:
-                B, A = whitened_factors(W, *cholesky_whitening(grams[k_name], c.damp), rank)
+                B, A = whitened_factors(W, *cholesky_whitening(grams[k_name], c.damp, k_name), rank)
             else:
                 B, A = truncated_svd(W, rank)
             split = linear_weight(k_layer).shape[0]

@@ -12,6 +12,7 @@ from ..errors import UserError
 from ..layers.sparse_linear import SparseLinear
 from ..modules import linear_bias, linear_weight
 from ..registry import register
+from .damping import DAMP_RANGE
 from .gptq import HessianMethod
 from .rtn import resolve_group_size
 from .sparsegpt_solver import sparsegpt_solve
@@ -31,7 +32,7 @@ class SparseGptConfig(SparsityConfig):
         check(self.bits == 16 or 2 <= self.bits <= 8, f"bits={self.bits}: must be 16 or 2..8")
         check(self.group_size == -1 or self.group_size > 0,
               f"group_size={self.group_size}: must be positive, or -1 for one group per row")
-        check(0 <= self.damp < 1, f"damp={self.damp}: must be in [0, 1)")
+        check(0 < self.damp < 1, DAMP_RANGE.format(self.damp))
         check(self.block_size > 0, f"block_size={self.block_size}: must be positive")
 
 
@@ -45,7 +46,8 @@ class SparseGPT(HessianMethod):
             raise UserError(f"{name}: in_features {weight.shape[1]} is not a multiple of M={n_m[1]}")
         group = resolve_group_size(name, weight.shape[1], c.group_size) if c.bits < 16 else 0
         W, keep, codes, scale, zero = sparsegpt_solve(weight, self.hessian(name), c.sparsity, n_m,
-                                                      c.bits, group, c.symmetric, c.damp, c.block_size)
+                                                      c.bits, group, c.symmetric, c.damp, c.block_size,
+                                                      layer=name)
         bias = linear_bias(layer)
         if codes is None:
             return SparseLinear.from_dense(W.cpu(), keep.cpu(), bias)

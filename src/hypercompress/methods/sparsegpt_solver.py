@@ -13,18 +13,20 @@ from __future__ import annotations
 import torch
 
 from ..layers.quant_linear import dequantize, fit_grid, quantize_to_grid
-from .gptq_solver import _prepare
+from .gptq_solver import _prepare, inverse_cholesky
 
 
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, sparsity: float,
                     n_m: tuple[int, int] | None = None, bits: int = 16, group: int = 0,
-                    symmetric: bool = False, damp: float = 0.01, block_size: int = 128):
+                    symmetric: bool = False, damp: float = 0.01, block_size: int = 128,
+                    layer: str = "layer"):
     """Returns (weight (rows, cols) float32 with pruned entries 0, keep mask (rows, cols) bool,
-    codes (rows, cols // group, group) or None, scale, zero (rows, cols // group, 1) or None)."""
+    codes (rows, cols // group, group) or None, scale, zero (rows, cols // group, 1) or None).
+    A singular H is dampened more (gptq_solver.inverse_cholesky); `layer` names it in errors."""
     rows, cols = W.shape
     quantize = bits < 16
-    W, H, _ = _prepare(W, H, damp, act_order=False)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    W, H, _ = _prepare(W, H, act_order=False)
+    U = inverse_cholesky(H, damp, layer)
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     codes = torch.zeros(rows, cols, device=W.device) if quantize else None
     scale = torch.zeros(rows, cols // group, 1, device=W.device) if quantize else None
