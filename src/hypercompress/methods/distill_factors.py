@@ -88,6 +88,8 @@ def _train_embedding(model: nn.Module, params: dict[str, nn.Parameter]) -> list[
 
 @register("distill", DistillConfig)
 class Distill(WholeModelMethod):
+    restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
+
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
         c = self.config
