@@ -108,6 +108,8 @@ def _whole_model(model, stage, first, teacher, calib, device, progress, checkpoi
     if method is None:
         method = get_method(stage.method).method_cls(stage.config)
         names = select_linears(model, stage.targets, stage.ignore)
+    if checkpoint is not None:
+        checkpoint.claim()
     method.apply(model, names, teacher, calib, device=device,
                  progress=(lambda done, total, note: progress(first, f"{stage.method} | {note}", done, total))
                  if progress else None,

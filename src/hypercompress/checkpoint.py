@@ -121,15 +121,18 @@ class Checkpoint:
 
     def start(self, resume: bool) -> None:
         """Before any stage: on resume, refuse a folder of another run (or one that cannot be read);
-        a fresh run empties the folder. Then claim it for this run."""
+        a fresh run removes the folder (its first checkpoint write `claim`s it again)."""
         if resume and self.dir.exists():
             owner = self._owner()
             if owner is not None and owner != self.fingerprint:
                 raise UserError(f"checkpoint {self.dir} belongs to another model, recipe or calibration; "
                                 "remove it or run without --resume")
+        if not resume:
+            self.remove()
+
+    def claim(self) -> None:
+        """Create the folder, marked as this run's (run.json), unless it exists; process 0 only."""
         if parallel.is_main():
-            if not resume:
-                self.remove()
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 if not (self.dir / RUN).is_file():
@@ -166,7 +169,7 @@ class Checkpoint:
         tensors = {f"hidden.{i}": h for i, h in enumerate(hiddens)}
         tensors.update({f"module.{k}": v.detach() for k, v in model.state_dict().items() if k.startswith(prefixes)})
         modules = {name: {"kind": m.kind, "layout": m.layout()} for name, m in stored.items()}
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.claim()
         shutil.rmtree(self.dir.with_name(self.dir.name + ".tmp"), ignore_errors=True)  # older versions'
         file = f"tensors-{stage}-{block}-{secrets.token_hex(4)}.safetensors"
         save_tensors(self.dir / file, tensors)
