@@ -18,6 +18,7 @@ nothing); anything else is a UserError that names the fix (remove the folder).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from pathlib import Path
@@ -29,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import parallel
-from .atomic import replace_file
+from .atomic import pid_alive, replace_file
 from .errors import UserError
 from .layers import module_kinds
 from .modules import StoredModule, replace_module
@@ -179,6 +180,10 @@ class Checkpoint:
         for old in self.dir.glob("tensors*.safetensors"):
             if old.name != file:
                 old.unlink(missing_ok=True)
+        for orphan in self.dir.glob(".*.tmp-*"):  # temporary files of writers killed mid-write
+            pid = orphan.name.rpartition("-")[2]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                orphan.unlink(missing_ok=True)
 
     def load(self, model: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
         """Restore the stored modules into `model`; returns (stage, block, hiddens) or None when
@@ -237,7 +242,21 @@ class Checkpoint:
 
     def remove(self) -> None:
         if parallel.is_main():
-            shutil.rmtree(self.dir, ignore_errors=True)
+            discard(self.dir)
+
+
+def discard(directory: Path) -> None:
+    """Remove a checkpoint folder without ever leaving a torn one under its name: it is first
+    renamed to a hidden `.NAME.removed-PID` (atomic), then deleted."""
+    directory = Path(directory)
+    trash = directory.with_name(f".{directory.name}.removed-{os.getpid()}")
+    try:
+        os.replace(directory, trash)
+    except FileNotFoundError:
+        return
+    except OSError:
+        trash = directory  # e.g. a non-empty trash of this pid: delete in place
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def stored_modules(model: nn.Module) -> dict[str, StoredModule]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -14,7 +13,7 @@ from rich.table import Table
 
 from .. import artifact, parallel
 from ..api import compress as compress_model
-from ..checkpoint import describe_leftover
+from ..checkpoint import describe_leftover, discard
 from ..data import calibration_samples, read_text, tokenize, windows
 from ..eval import protocol_text
 from ..errors import UserError
@@ -139,7 +138,7 @@ def compress(
     path = artifact.save(loaded.model, loaded.tokenizer, out, recipe=plan.to_list(),
                          original_params=original_params,
                          extra={"source_model": model, "seed": seed}, lossless=lossless, documents=summary_of)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # only once the artifact is complete
+    discard(checkpoint_dir)  # only once the artifact is complete
     manifest = artifact.read_manifest(path)
     summary = {
         "model": model, "out": str(path), "recipe": plan.to_list(), "stages": report["stages"],
