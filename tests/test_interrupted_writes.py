@@ -141,3 +141,23 @@ def test_only_dead_writers_partial_folders_are_removed(tmp_path):
         (tmp / "file").write_text("x")
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {"out"} | {n for k, n in names.items() if k != "dead"}
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_kill_inside_a_file_write_leaves_the_old_file(tmp_path):
+    """replace_file (checkpoints, --json reports, plots): the old content or the new, never half."""
+    report = tmp_path / "report.json"
+    report.write_text('{"old": true}')
+
+    def half_then_killed(tmp):
+        tmp.write_text('{"new": ')
+        raise Killed
+
+    with pytest.raises(Killed):
+        atomic.replace_file(report, half_then_killed)
+    assert report.read_text() == '{"old": true}' and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    atomic.replace_file(report, lambda tmp: tmp.write_text('{"new": true}'))
+    assert report.read_text() == '{"new": true}'

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..atomic import replace_file
 from ..errors import UserError
 
 # results on stdout; piped to a file or a log, tables are not folded to 80 columns
@@ -60,4 +61,5 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
 def write_json(path: Path | None, data: dict[str, Any]) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        text = json.dumps(data, indent=2) + "\n"
+        replace_file(path, lambda tmp: tmp.write_text(text))  # a kill never leaves half a report
