@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -187,8 +188,10 @@ def _restore(directory: Path, params, optimizer, schedule) -> int:
                      if k.startswith("state.") and k.split(".", 2)[2] == name}
             if state:
                 optimizer.state[p] = {"step": torch.tensor(float(step)), **state}
-    for _ in range(step):
-        schedule.step()
+    with warnings.catch_warnings():  # the schedule is wound forward before any optimizer step
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        for _ in range(step):
+            schedule.step()
     return step
 
 
