@@ -189,7 +189,7 @@ def _restore(directory: Path, params, optimizer, schedule) -> int:
             if state:
                 optimizer.state[p] = {"step": torch.tensor(float(step)), **state}
     with warnings.catch_warnings():  # the schedule is wound forward before any optimizer step
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         for _ in range(step):
             schedule.step()
     return step
