@@ -161,3 +161,17 @@ def test_a_kill_inside_a_file_write_leaves_the_old_file(tmp_path):
     assert report.read_text() == '{"old": true}' and [p.name for p in tmp_path.iterdir()] == ["report.json"]
     atomic.replace_file(report, lambda tmp: tmp.write_text('{"new": true}'))
     assert report.read_text() == '{"new": true}'
+
+
+def test_a_killed_checkpoint_removal_leaves_no_torn_checkpoint(tmp_path):
+    """discard renames the folder away before deleting it; what a killed removal left (its writer
+    gone) goes at the next removal of that folder."""
+    from hypercompress.checkpoint import discard
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".art.checkpoint.removed-{dead.pid}").mkdir()
+    (tmp_path / "art.checkpoint").mkdir()
+    (tmp_path / "art.checkpoint" / "state.json").write_text("{}")
+    discard(tmp_path / "art.checkpoint")
+    assert list(tmp_path.iterdir()) == []

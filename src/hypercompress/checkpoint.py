@@ -17,6 +17,7 @@ nothing); anything else is a UserError that names the fix (remove the folder).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
@@ -253,10 +254,15 @@ def discard(directory: Path) -> None:
     try:
         os.replace(directory, trash)
     except FileNotFoundError:
-        return
+        trash = None
     except OSError:
         trash = directory  # e.g. a non-empty trash of this pid: delete in place
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+    for left in directory.parent.glob(f".{glob.escape(directory.name)}.removed-*"):  # by killed removals
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
 
 
 def stored_modules(model: nn.Module) -> dict[str, StoredModule]:
