@@ -128,3 +128,39 @@ def test_a_torn_checkpoint_blocks_no_fresh_run(folder, model_dirs):
     assert "cannot be resumed" in message and f"rm -r '{folder}'" in message
     run(model_dirs["gpt2"], folder)  # the library's fresh run (resume=False) starts the folder afresh
     assert not folder.exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "another shape"])
+def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, tmp_path, monkeypatch):
+    import functools
+
+    from hypercompress.distill import DistillSettings
+    from hypercompress.methods import distill_factors
+
+    monkeypatch.setattr(distill_factors, "DistillSettings", functools.partial(DistillSettings, checkpoint_every=2))
+    stages = Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32},
+                               {"method": "distill", "steps": 4, "batch": 2}])
+    real, calls = checkpoint_module.replace_file, []
+
+    def replace_file(path, write):
+        calls.append(path)
+        if len(calls) == 3:  # run.json, distill step 2, then dies before step 4
+            raise Killed
+        real(path, write)
+
+    folder = tmp_path / "run.checkpoint"
+    monkeypatch.setattr(checkpoint_module, "replace_file", replace_file)
+    with pytest.raises(Killed):
+        compress(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder)
+    monkeypatch.setattr(checkpoint_module, "replace_file", real)
+    saved = folder / "stage1" / "distill" / "distill.safetensors"
+    if damage == "garbage":
+        saved.write_bytes(b"\x08" + b"\0" * 7 + b"{}" + b"x" * 50)
+    else:
+        tensors = load_file(str(saved))
+        name = next(k for k in tensors if k.startswith("param."))
+        tensors[name] = torch.zeros(3)
+        save_file(tensors, str(saved), metadata={"step": "2"})
+    with pytest.raises(UserError, match="rm -r") as error:
+        compress(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder, resume=True)
+    assert "\n" not in str(error.value) and saved.is_file()
