@@ -164,3 +164,16 @@ def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, 
     with pytest.raises(UserError, match="rm -r") as error:
         compress(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder, resume=True)
     assert "\n" not in str(error.value) and saved.is_file()
+
+
+def test_a_fifo_in_place_of_a_checkpoint_file_does_not_hang(folder, model_dirs):
+    import os
+
+    tensors_file(folder).unlink()
+    os.mkfifo(tensors_file(folder))
+    with pytest.raises(UserError, match="is missing"):
+        run(model_dirs["gpt2"], folder, resume=True)
+    (folder / "state.json").unlink()
+    os.mkfifo(folder / "state.json")
+    with pytest.raises(UserError, match="not a regular file"):
+        run(model_dirs["gpt2"], folder, resume=True)

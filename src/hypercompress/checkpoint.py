@@ -54,6 +54,8 @@ def unreadable(directory: Path, why: str) -> UserError:
 def read_json(path: Path, directory: Path) -> dict[str, Any]:
     """A JSON object from a checkpoint file, or a UserError (missing, too large, not JSON)."""
     try:
+        if not path.is_file():  # a folder or a FIFO would fail, or block the read forever
+            raise unreadable(directory, f"{path.name} is missing or not a regular file")
         if path.stat().st_size > MAX_JSON_BYTES:
             raise unreadable(directory, f"{path.name} is larger than any checkpoint writes")
         data = json.loads(path.read_text())
@@ -67,6 +69,8 @@ def read_json(path: Path, directory: Path) -> dict[str, Any]:
 def tensor_index(path: Path, directory: Path, size: int | None = None) -> dict[str, tuple[tuple, torch.dtype]]:
     """{name: (shape, dtype)} of a safetensors file, from its header only (nothing allocated);
     a UserError when the file is missing, not of `size` bytes, or not safetensors."""
+    if not path.is_file():
+        raise unreadable(directory, f"{path.name} is missing (a run killed while writing it)")
     try:
         actual = path.stat().st_size
     except OSError:
