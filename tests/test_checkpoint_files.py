@@ -177,3 +177,11 @@ def test_a_fifo_in_place_of_a_checkpoint_file_does_not_hang(folder, model_dirs):
     os.mkfifo(folder / "state.json")
     with pytest.raises(UserError, match="not a regular file"):
         run(model_dirs["gpt2"], folder, resume=True)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_file_where_the_checkpoint_folder_goes_is_refused_and_kept(resume, model_dirs, tmp_path):
+    (tmp_path / "run.checkpoint").write_text("mine")
+    with pytest.raises(UserError, match="in the way"):
+        run(model_dirs["gpt2"], tmp_path / "run.checkpoint", resume=resume)
+    assert (tmp_path / "run.checkpoint").read_text() == "mine"

@@ -147,4 +147,5 @@ def _check_resumed(checkpoint: Checkpoint | None, resume_from: tuple[int, list[t
     if block >= blocks:
         raise unreadable(where, f"it records block {block} of a model with {blocks} blocks")
     if [(h.shape, h.dtype) for h in hiddens] != [(h.shape, h.dtype) for h in captured]:
-        raise unreadable(where, "its hidden states do not match this run's calibration batches")
+        raise unreadable(where, "its hidden states do not match this run's calibration batches "
+                                "(resume with the killed run's --calib-batch)")

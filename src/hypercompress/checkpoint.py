@@ -128,6 +128,8 @@ class Checkpoint:
     def start(self, resume: bool) -> None:
         """Before any stage: on resume, refuse a folder of another run (or one that cannot be read);
         a fresh run removes the folder (its first checkpoint write `claim`s it again)."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(describe_leftover(self.dir))
         if resume and self.dir.exists():
             owner = self._owner()
             if owner is not None and owner != self.fingerprint:
@@ -281,6 +283,8 @@ def _is_index(value: Any) -> bool:
 def describe_leftover(directory: Path) -> str:
     """The refusal of a fresh run while `directory` (a checkpoint folder) exists: how to continue
     it, or, when it cannot be read, how to get rid of it."""
+    if not directory.is_dir():
+        return f"{directory} is in the way of this run's checkpoint folder; remove or rename it"
     try:
         state = read_json(directory / STATE, directory) if (directory / STATE).exists() else None
         if state is not None and not (directory / str(state.get("file", LEGACY_TENSORS))).is_file():
