@@ -24,6 +24,9 @@ RECIPES = {  # (architecture, stages): each kind of stage that checkpoints or mu
     "factor-embedding": ("llama", [{"method": "factor_embedding", "rank": 8, "bits": 4,
                                     "targets": [r"^model\.embed_tokens$"]}, GPTQ]),
     "structured": ("llama", [{"method": "structured", "mlp_keep": 0.5, "samples": 2}, GPTQ]),
+    "pipeline": ("llama", [{"method": "structured", "drop_layers": 1, "samples": 2},  # as pipeline.py plans
+                           {"method": "rtn", "bits": 4, "group_size": -1, "targets": [r"^model\.embed_tokens$"]},
+                           {"method": "asvd", "rank": 4}]),
     "kv-lowrank": ("llama", [{"method": "kv_lowrank", "rank": 16, "samples": 2},
                              {**GPTQ, "targets": ["mlp"]}]),
     "gptq-then-distill": ("llama", [GPTQ, {"method": "distill", "steps": 4, "batch": 2}]),
@@ -52,15 +55,18 @@ def frequent_distill_checkpoints(monkeypatch):
         monkeypatch.setattr(module, "DistillSettings", functools.partial(DistillSettings, checkpoint_every=2))
 
 
-def kill_at_write(monkeypatch, k: int | None) -> list[str]:
-    """Make the k-th checkpoint write (1-based) die before it starts; returns the written names."""
+def kill_at_write(monkeypatch, k: int | None, after: bool = False) -> list[str]:
+    """Make the k-th checkpoint write (1-based) die before it starts (or, `after`, once it is done);
+    returns the written names."""
     writes: list[str] = []
 
     def replace_file(path, write):
         writes.append(path.name)
-        if len(writes) == k:
+        if len(writes) == k and not after:
             raise Killed
         REAL_REPLACE_FILE(path, write)
+        if len(writes) == k and after:
+            raise Killed
 
     monkeypatch.setattr(checkpoint_module, "replace_file", replace_file)
     return writes
@@ -82,15 +88,15 @@ def test_a_kill_at_every_checkpoint_write_resumes_byte_identical(kind, model_dir
     reference = (run(model_dirs[arch], stages, tmp_path / "reference") / artifact.WEIGHTS).read_bytes()
     total = len(writes)
     assert total >= 1, writes  # the run.json claim and the checkpoints
-    for k in range(1, total + 1):
-        out = tmp_path / f"killed-{k}"
-        kill_at_write(monkeypatch, k)
+    for k, after in [(k, False) for k in range(1, total + 1)] + [(total, True)]:
+        out = tmp_path / f"killed-{k}-{after}"
+        kill_at_write(monkeypatch, k, after)
         with pytest.raises(Killed):
             run(model_dirs[arch], stages, out)
         assert (out.parent / f"{out.name}.checkpoint").is_dir() and not out.exists()
         kill_at_write(monkeypatch, None)
         resumed = run(model_dirs[arch], stages, out, resume=True)
-        assert (resumed / artifact.WEIGHTS).read_bytes() == reference, f"{kind}: killed at write {k} {writes}"
+        assert (resumed / artifact.WEIGHTS).read_bytes() == reference, f"{kind}: killed at write {k} of {writes}"
         assert not (out.parent / f"{out.name}.checkpoint").exists()
 
 

@@ -67,7 +67,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         stages = [recipe.stages[i] for i in group]
         methods = [get_method(s.method).method_cls(s.config) for s in stages]
         label = "+".join(s.method for s in stages)
-        routes = _routes(model, group, stages, methods)
+        routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
         start = time.perf_counter()
         if isinstance(methods[0], WholeModelMethod):
             _whole_model(model, stages[0], first, teacher, calib, device, progress, checkpoint, resume,
@@ -171,11 +171,14 @@ def _layerwise_calibrated(method: str) -> bool:
     return cls.needs_calibration and not getattr(cls, "whole_model", False)
 
 
-def _routes(model: nn.Module, group: list[int], stages, methods) -> dict[str, LayerwiseMethod]:
+def _routes(model: nn.Module, group: list[int], stages, methods, resumed: bool = False
+            ) -> dict[str, LayerwiseMethod]:
+    """Module name -> its stage's method. Selection skips compressed modules, so a pass resumed from
+    its checkpoint finds only those of the blocks still to do (none once all are done)."""
     routes: dict[str, LayerwiseMethod] = {}
     for index, stage, method in zip(group, stages, methods):
         names = select_linears(model, stage.targets, stage.ignore)
-        if not names:
+        if not names and not resumed:
             raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
         for name in names:
             if name in routes:
