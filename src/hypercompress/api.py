@@ -14,7 +14,8 @@ from torch import nn
 
 from .arch import check_length
 from .artifact import round_to_storage, storage_bits
-from .calibration import Checkpoint, peak_memory_bytes, run_layerwise
+from .calibration import peak_memory_bytes, run_layerwise
+from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
 from .modules import effective_weights, replace_module, select_linears, uncompressed
 from .recipe import Recipe
@@ -27,13 +28,16 @@ Progress = Callable[[int, str, int, int], None]
 
 def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None,
              progress: Progress | None = None, *, device: str = "cpu", batch_size: int = 8,
-             checkpoint_dir: str | Path | None = None, resume: bool = False,
+             checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
              after_stage: Callable[[nn.Module], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Compress `model` in place with every stage of `recipe`; returns a report per stage.
 
     calib: calibration token windows (N, L), needed by methods with `needs_calibration`; those run
     block by block through `calibration.run_layerwise` on `device`, checkpointing after each block
-    into `checkpoint_dir` when given; `resume` restores the last checkpoint and goes on from there.
+    into `checkpoint_dir` when given (whole-model stages keep theirs in it too); `resume` restores
+    the last checkpoint and goes on from there (a UserError when it belongs to another run or cannot
+    be read; the folder is then left as it is). The folder is removed at the end unless
+    `keep_checkpoint` (the CLI removes it once the artifact is written).
     Tensors no stage compresses are rounded to the artifact's 16-bit storage precision, so the
     returned model and its saved artifact give identical logits. Each stage's report holds the
     model's size after it (stored bits, weights computed with); `after_stage(model)` may add more
@@ -46,27 +50,31 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
            and getattr(cls, "needs_teacher", True) for s in recipe.stages):
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
     checkpoint = None
-    restored = None
+    resume_stage = None  # the stage whose layer-wise pass the checkpoint holds a position of
     if checkpoint_dir is not None:
         checkpoint = Checkpoint(Path(checkpoint_dir), _fingerprint(model, recipe, calib))
-        restored = checkpoint.load(model) if resume else None
+        checkpoint.start(resume)
+        resume_stage = checkpoint.stage() if resume else None
+        _check_resume_stage(recipe, resume_stage, checkpoint.dir)
+    restored = None
     report = []
     for group in _passes(recipe):
         first = group[0]
-        if restored is not None and first < restored[0]:
-            continue  # these stages' modules came back with the checkpoint
+        if resume_stage is not None and first < resume_stage:
+            if _replayed_on_resume(recipe.stages[first].method):
+                _whole_model(model, recipe.stages[first], first, teacher, calib, device, progress,
+                             checkpoint, resume)
+            continue  # the other stages' modules come back with the checkpoint
+        if resume_stage is not None and first == resume_stage:
+            restored = checkpoint.load(model)
         stages = [recipe.stages[i] for i in group]
         methods = [get_method(s.method).method_cls(s.config) for s in stages]
         label = "+".join(s.method for s in stages)
-        routes = _routes(model, group, stages, methods)
+        routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
         start = time.perf_counter()
         if isinstance(methods[0], WholeModelMethod):
-            if calib is None:
-                raise UserError(f"method '{stages[0].method}' trains on calibration text; pass --calib FILE")
-            methods[0].apply(model, list(routes), teacher, calib, device=device,
-                             progress=(lambda done, total, note: progress(first, f"{label} | {note}", done, total))
-                             if progress else None,
-                             checkpoint_dir=checkpoint_dir, resume=resume)
+            _whole_model(model, stages[0], first, teacher, calib, device, progress, checkpoint, resume,
+                         methods[0], list(routes))
             peak = peak_memory_bytes(device)
         elif methods[0].needs_calibration:
             if calib is None:
@@ -89,9 +97,47 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
                        "storage_bits": storage_bits(model), "weights": effective_weights(model),
                        **(after_stage(model) if after_stage else {})})
     round_to_storage(model)  # the model in memory is the model the artifact stores
-    if checkpoint is not None:
+    if checkpoint is not None and not keep_checkpoint:
         checkpoint.remove()
     return {"stages": report}
+
+
+def _whole_model(model, stage, first, teacher, calib, device, progress, checkpoint, resume,
+                 method: WholeModelMethod | None = None, names: list[str] | None = None) -> None:
+    """Run whole-model stage `first` (`method` on `names`, or the stage's own selection when
+    replayed on resume); its own checkpoint goes to the checkpoint folder's stage{first}/."""
+    if calib is None:
+        raise UserError(f"method '{stage.method}' trains on calibration text; pass --calib FILE")
+    if method is None:
+        method = get_method(stage.method).method_cls(stage.config)
+        names = select_linears(model, stage.targets, stage.ignore)
+    if checkpoint is not None:
+        checkpoint.claim()
+    method.apply(model, names, teacher, calib, device=device,
+                 progress=(lambda done, total, note: progress(first, f"{stage.method} | {note}", done, total))
+                 if progress else None,
+                 checkpoint_dir=None if checkpoint is None else checkpoint.stage_dir(first), resume=resume)
+
+
+def _replayed_on_resume(method: str) -> bool:
+    """Stages whose result a layer-wise checkpoint does not hold (structural surgery) are run again
+    on resume, before the checkpoint's modules are restored; they are deterministic."""
+    return getattr(get_method(method).method_cls, "replay_on_resume", False)
+
+
+def _check_resume_stage(recipe: Recipe, stage: int | None, where: Path) -> None:
+    """The checkpoint's stage must start a layer-wise pass of this recipe, and every earlier stage
+    must be restorable (its modules are in the checkpoint) or replayable."""
+    if stage is None:
+        return
+    if not any(group[0] == stage and _layerwise_calibrated(recipe.stages[stage].method)
+               for group in _passes(recipe)):
+        raise unreadable(where, f"it records stage {stage}, which is not a calibrated pass of this recipe")
+    for index, earlier in enumerate(recipe.stages[:stage]):
+        cls = get_method(earlier.method).method_cls
+        if not getattr(cls, "replay_on_resume", False) and not getattr(cls, "restored_from_modules", True):
+            raise UserError(f"checkpoint {where} is past stage {index} ({earlier.method}), whose trained "
+                            f"tensors a layer-wise checkpoint does not hold; {fix_hint(where)}")
 
 
 class StageRouter(LayerwiseMethod):
@@ -128,11 +174,14 @@ def _layerwise_calibrated(method: str) -> bool:
     return cls.needs_calibration and not getattr(cls, "whole_model", False)
 
 
-def _routes(model: nn.Module, group: list[int], stages, methods) -> dict[str, LayerwiseMethod]:
+def _routes(model: nn.Module, group: list[int], stages, methods, resumed: bool = False
+            ) -> dict[str, LayerwiseMethod]:
+    """Module name -> its stage's method. Selection skips compressed modules, so a pass resumed from
+    its checkpoint finds only those of the blocks still to do (none once all are done)."""
     routes: dict[str, LayerwiseMethod] = {}
     for index, stage, method in zip(group, stages, methods):
         names = select_linears(model, stage.targets, stage.ignore)
-        if not names:
+        if not names and not resumed:
             raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
         for name in names:
             if name in routes:

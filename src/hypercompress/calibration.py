@@ -12,23 +12,18 @@ killed run to the byte-identical result.
 
 from __future__ import annotations
 
-import json
 import resource
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import parallel
 from .arch import arch_of
+from .checkpoint import Checkpoint, unreadable
 from .errors import UserError
-from .layers import module_kinds
 from .methods.base import LayerwiseMethod
-from .modules import CompressedModule, replace_module, uncompressed
+from .modules import replace_module, uncompressed
 
 BlockProgress = Callable[[int, int], None]  # (blocks done, blocks total)
 
@@ -151,53 +146,6 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-class Checkpoint:
-    """Per-block checkpoint in a directory: state.json + tensors.safetensors (written atomically)."""
-
-    def __init__(self, directory: Path, fingerprint: str):
-        self.dir, self.fingerprint = Path(directory), fingerprint
-
-    def save(self, model: nn.Module, stage: int, block: int, hiddens: list[torch.Tensor]) -> None:
-        if not parallel.is_main():  # under a launcher, process 0 alone writes (all hold the same)
-            return
-        tensors = {f"hidden.{i}": h.contiguous() for i, h in enumerate(hiddens)}
-        modules = {}
-        for name, module in model.named_modules():
-            if isinstance(module, CompressedModule):
-                modules[name] = {"kind": module.kind, "layout": module.layout()}
-                tensors.update({f"module.{name}.{k}": v.contiguous()
-                                for k, v in module.state_dict().items()})
-        tmp = self.dir.with_name(self.dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "tensors.safetensors"))
-        state = {"fingerprint": self.fingerprint, "stage": stage, "block": block, "modules": modules}
-        (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
-        shutil.rmtree(self.dir, ignore_errors=True)
-        tmp.rename(self.dir)
-
-    def load(self, model: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
-        """Restore compressed modules into `model`; returns (stage, block, hiddens) or None."""
-        if not (self.dir / "state.json").is_file():
-            return None
-        state = json.loads((self.dir / "state.json").read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            raise UserError(f"checkpoint {self.dir} belongs to another model, recipe or calibration; "
-                            "remove it or run without --resume")
-        tensors = load_file(str(self.dir / "tensors.safetensors"))
-        for name, entry in state["modules"].items():
-            module = module_kinds()[entry["kind"]].from_layout(entry["layout"])
-            prefix = f"module.{name}."
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            replace_module(model, name, module)
-        count = sum(1 for k in tensors if k.startswith("hidden."))
-        return state["stage"], state["block"], [tensors[f"hidden.{i}"] for i in range(count)]
-
-    def remove(self) -> None:
-        if parallel.is_main():
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 @torch.no_grad()
 def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], samples: torch.Tensor,
                   *, stage: int = 0, device: str = "cpu", batch_size: int = 8,
@@ -221,6 +169,7 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
     hiddens, calls = capture_block_inputs(model, samples, batch_size)
     first = 0
     if resume_from is not None:
+        _check_resumed(checkpoint, resume_from, hiddens, len(blocks))
         first, hiddens = resume_from[0] + 1, resume_from[1]
     calls = calls.to(device)  # each block's own arguments (the mask of its layer type)
     for index in range(first, len(blocks)):
@@ -248,3 +197,16 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
             progress(index + 1, len(blocks))
     return {"seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device),
             "blocks": len(blocks)}
+
+
+def _check_resumed(checkpoint: Checkpoint | None, resume_from: tuple[int, list[torch.Tensor]],
+                   captured: list[torch.Tensor], blocks: int) -> None:
+    """A checkpoint's block and hidden states must fit this run: a block of the model, as many
+    batches as captured, each of the captured shape and dtype (else UserError naming the fix)."""
+    where = checkpoint.dir if checkpoint is not None else "the checkpoint"
+    block, hiddens = resume_from
+    if block >= blocks:
+        raise unreadable(where, f"it records block {block} of a model with {blocks} blocks")
+    if [(h.shape, h.dtype) for h in hiddens] != [(h.shape, h.dtype) for h in captured]:
+        raise unreadable(where, "its hidden states do not match this run's calibration batches "
+                                "(resume with the killed run's --calib-batch)")

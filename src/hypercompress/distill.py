@@ -14,16 +14,15 @@ process takes its share of every batch and the gradients are averaged before the
 
 from __future__ import annotations
 
-import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import parallel
@@ -147,24 +146,41 @@ def _tensorboard(log_dir: str | None):
 
 def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int) -> None:
     """Trainable tensors and every tensor of the optimizer's state (AdamW moments, Adafactor's
-    factored ones), as safetensors; the step as JSON."""
+    factored ones), with the step in the header: one safetensors file, replaced atomically."""
+    from .checkpoint import save_tensors
+
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+    tensors = {f"param.{n}": p.detach().cpu() for n, p in params.items()}
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value) and key != "step":
-                tensors[f"state.{key}.{name}"] = value.detach().cpu().contiguous()
-    tmp = directory / "distill.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / "distill.safetensors")
-    (directory / "distill.json").write_text(json.dumps({"step": step}))
+                tensors[f"state.{key}.{name}"] = value.detach().cpu()
+    save_tensors(directory / CHECKPOINT, tensors, {"step": str(step)})
+
+
+CHECKPOINT = "distill.safetensors"
 
 
 def _restore(directory: Path, params, optimizer, schedule) -> int:
-    if not (directory / "distill.json").is_file():
+    """The step of the checkpoint in `directory` (0 without one), its tensors restored. Raises
+    UserError when the file cannot be read or does not fit `params`."""
+    from .checkpoint import read_tensors, tensor_index, unreadable
+
+    path = directory / CHECKPOINT
+    if not path.exists():
         return 0
-    step = json.loads((directory / "distill.json").read_text())["step"]
-    tensors = load_file(str(directory / "distill.safetensors"))
+    index = tensor_index(path, directory)
+    step = _step(path, directory)
+    for name, p in params.items():
+        if index.get(f"param.{name}") != (tuple(p.shape), p.dtype):
+            raise unreadable(directory, f"it does not hold the trained tensor '{name}' of this shape")
+    for key, (shape, _) in index.items():
+        kind, _, rest = key.partition(".")
+        name = rest.partition(".")[2] if kind == "state" else rest
+        if kind not in ("param", "state") or name not in params or (
+                isinstance(optimizer, torch.optim.AdamW) and shape != tuple(params[name].shape)):
+            raise unreadable(directory, f"it holds a tensor '{key}' this run does not train")
+    tensors = read_tensors(path, directory, sorted(index))
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
@@ -172,9 +188,30 @@ def _restore(directory: Path, params, optimizer, schedule) -> int:
                      if k.startswith("state.") and k.split(".", 2)[2] == name}
             if state:
                 optimizer.state[p] = {"step": torch.tensor(float(step)), **state}
-    for _ in range(step):
-        schedule.step()
+    with warnings.catch_warnings():  # the schedule is wound forward before any optimizer step
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        for _ in range(step):
+            schedule.step()
     return step
+
+
+def _step(path: Path, directory: Path) -> int:
+    """The step recorded in a distillation checkpoint's header (or, as older versions wrote it, in
+    distill.json beside it)."""
+    from safetensors import safe_open
+
+    from .checkpoint import read_json, unreadable
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            step = (handle.metadata() or {}).get("step")
+    except Exception:
+        raise unreadable(directory, f"{path.name} is not a valid safetensors file") from None
+    if step is None and (directory / "distill.json").is_file():
+        step = str(read_json(directory / "distill.json", directory).get("step"))
+    if step is None or not step.isdigit():
+        raise unreadable(directory, f"{path.name} records no step")
+    return int(step)
 
 
 def teacher_samples(teacher: nn.Module, prompts: torch.Tensor, length: int, seed: int = 0,

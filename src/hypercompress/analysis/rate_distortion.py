@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import replace_file
 from ..errors import UserError
 
 Series = dict[str, list[tuple[float, float, str]]]  # name -> (bpw, ppl, label)
@@ -72,6 +73,6 @@ def plot(series: Series, out: Path, title: str = "Rate-distortion: perplexity vs
     axes.legend(fontsize=7, loc="upper right")
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out)
+    replace_file(out, lambda tmp: figure.savefig(tmp, format=out.suffix.lstrip(".") or None))
     plt.close(figure)
     return out

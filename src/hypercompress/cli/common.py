@@ -24,6 +24,7 @@ except ImportError:
 UsageError = _click_errors.UsageError
 NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: no arguments, help
 
+from ..atomic import replace_file
 from ..errors import UserError
 
 # results on stdout; piped to a file or a log, tables are not folded to 80 columns
@@ -133,7 +134,8 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        text = json.dumps(data, indent=2) + "\n"
+        replace_file(path, lambda tmp: tmp.write_text(text))  # a kill never leaves half a report
     except OSError as exc:
         raise UserError(f"cannot write --json {path} ({exc.strerror or type(exc).__name__}); "
                         "pass a writable file path") from None

@@ -14,6 +14,7 @@ from rich.table import Table
 from .. import artifact, parallel
 from ..api import compress as compress_model
 from ..arch import check_length, position_limit
+from ..checkpoint import describe_leftover, discard
 from ..data import calibration_samples, read_text, tokenize, windows
 from ..eval import protocol_text
 from ..errors import UserError
@@ -86,8 +87,7 @@ def compress(
     lossless = lossless or None
     checkpoint_dir = out.with_name(out.name + ".checkpoint")
     if checkpoint_dir.exists() and not resume:
-        raise UserError(f"{checkpoint_dir} holds an unfinished run; pass --resume to continue it "
-                        "or remove the directory")
+        raise UserError(describe_leftover(checkpoint_dir))
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"--device {device}: must be cpu or cuda")
     if device != "cpu" and not torch.cuda.is_available():
@@ -133,7 +133,7 @@ def compress(
                                 progress=lambda i, m, done, total: update(done, total, m),
                                 device=device, batch_size=calib_batch,
                                 checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
-                                after_stage=meter)
+                                keep_checkpoint=True, after_stage=meter)
     compress_seconds = time.perf_counter() - tick
     if target is not None:
         _check_target(artifact.stored_bytes(loaded.model, lossless) * 8 / original_params, target)
@@ -150,6 +150,7 @@ def compress(
     path = artifact.save(loaded.model, loaded.tokenizer, out, recipe=plan.to_list(),
                          original_params=original_params,
                          extra={"source_model": model, "seed": seed}, lossless=lossless, documents=summary_of)
+    discard(checkpoint_dir)  # only once the artifact is complete
     manifest = artifact.read_manifest(path)
     summary = {
         "model": model, "out": str(path), "recipe": plan.to_list(), "stages": report["stages"],

@@ -50,6 +50,11 @@ class WholeModelMethod(abc.ABC):
     name: str = ""
     needs_calibration: bool = True
     whole_model: bool = True
+    # resume: a later stage's layer-wise checkpoint restores every stored module; a method whose
+    # result also lies elsewhere (trained norms) says False, one that is deterministic and cheap
+    # (block surgery) says replay_on_resume = True and is run again before that restore
+    restored_from_modules: bool = True
+    replay_on_resume: bool = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

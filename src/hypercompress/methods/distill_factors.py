@@ -88,12 +88,14 @@ def _train_embedding(model: nn.Module, params: dict[str, nn.Parameter]) -> list[
 
 @register("distill", DistillConfig)
 class Distill(WholeModelMethod):
+    restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
+
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
         c = self.config
-        if c.relora_every and resume:
-            raise UserError("relora_every changes the stored bases, which checkpoints do not hold: "
-                            "rerun without --resume, or set relora_every=0")
+        # relora_every changes the stored bases, which checkpoints do not hold: such a run keeps no
+        # checkpoint of its own, and a resume trains it again from the start (deterministic)
+        saved = None if checkpoint_dir is None or c.relora_every else Path(checkpoint_dir) / "distill"
         torch.manual_seed(c.seed)
         generator = torch.Generator().manual_seed(c.seed)
         params: dict[str, nn.Parameter] = {}
@@ -136,7 +138,7 @@ class Distill(WholeModelMethod):
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
                                    log_dir=c.log_dir, optimizer=c.optimizer)
         distill(model, teacher, windows, params, lambda: None, settings, device,
-                None if checkpoint_dir is None else Path(checkpoint_dir) / "distill", resume, progress,
+                saved, resume, progress,
                 after_step=self._relora(adapters, generator) if c.relora_every else None)
         model.to("cpu")
         teacher.to("cpu")

@@ -50,6 +50,7 @@ def kept(count: int, fraction: float) -> int:
 @register("structured", StructuredConfig)
 class Structured(WholeModelMethod):
     needs_teacher = False
+    replay_on_resume = True  # its surgery is not in a checkpoint's modules; deterministic, so re-run
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
