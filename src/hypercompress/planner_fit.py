@@ -28,6 +28,7 @@ from .planner import Plan, _candidates, plan_bits, plan_recipe
 
 SECANT_TRIALS = 3       # trials that may take the secant step; bisection after them
 BUDGET_RESOLUTION = 1e-3  # bpw: a bracket of planning budgets this narrow is closed
+HEADROOM = 1.005          # a refusal's hint above the target: 0.5% over the smallest size found there
 
 
 @dataclass
@@ -97,14 +98,17 @@ def _size(bpw: float) -> str:
     return f"{bpw:.4f} bpw ({16 / bpw:.2f}x)"
 
 
-def _ask(stored: float, bound: str = "") -> str:
-    """A target that a plan storing `stored` bpw meets (bpw rounded up, ratio rounded down), as a
-    bound: "" (that target), "most" or "least" (on the bpw; the ratio's bound is the other one)."""
-    bpw, ratio = f"{math.ceil(stored * 1000) / 1000:.3f}", f"{math.floor(1600 / stored) / 100:.2f}"
+def _ask(stored: float, bound: str = "", headroom: float = 1.0) -> str:
+    """A target that a plan storing `stored` bpw meets: bpw rounded up, ratio rounded down, as a
+    bound: "" (that target), "most" or "least" (on the bpw; the ratio's bound is the other one).
+    `headroom` > 1 for a plan found just past a jump in the sizes: the search for the target finds
+    that side of the jump only if the target leaves it a little room."""
+    bpw = math.ceil(stored * headroom * 1000) / 1000
+    ratio = math.floor(1600 / bpw) / 100
     if not bound:
-        return f"--target-bpw {bpw} (--target-ratio {ratio})"
+        return f"--target-bpw {bpw:.3f} (--target-ratio {ratio:.2f})"
     other = "least" if bound == "most" else "most"
-    return f"at {bound} --target-bpw {bpw} (a --target-ratio of at {other} {ratio})"
+    return f"at {bound} --target-bpw {bpw:.3f} (a --target-ratio of at {other} {ratio:.2f})"
 
 
 def unreachable_message(target_bpw: float, tolerance: float, under: Trial | None, over: Trial | None) -> str:
@@ -112,10 +116,10 @@ def unreachable_message(target_bpw: float, tolerance: float, under: Trial | None
     head = (f"target {_size(target_bpw)}: no quantization plan's file lands within {tolerance:.0%} "
             f"at or under it")
     if under is None:
-        return (f"{head}; the smallest plan stores {_size(over.stored)}; ask for {_ask(over.stored, 'least')}"
+        return (f"{head}; the smallest plan stores {_size(over.stored)}; ask for {_ask(over.stored, 'least', HEADROOM)}"
                 if over else head)
     if over is None:
         return (f"{head}; the largest plan stores {_size(under.stored)}; "
                 f"ask for {_ask(under.stored, 'most')}")
     return (f"{head}: the plans nearest it store {_size(under.stored)} and {_size(over.stored)} (the options "
-            f"of this model's largest modules step coarsely); ask for {_ask(under.stored)} or {_ask(over.stored)}")
+            f"of this model's largest modules step coarsely); ask for {_ask(under.stored)} or {_ask(over.stored, headroom=HEADROOM)}")
