@@ -106,3 +106,18 @@ def test_cli_refusal_names_sizes_that_are_reached(tmp_path, calib_file):
     assert done.exit_code == 0, done.output
     bpw = json.loads((tmp_path / "above" / "hypercompress.json").read_text())["totals"]["bits_per_weight"]
     assert 0.98 * above <= bpw <= 1.02 * above
+
+
+def test_pipeline_target_between_plans_is_refused_with_sizes_that_land():
+    """Below the quantization floor the pipeline's sizes step by a block's rank (0.18 bpw here): 3.0
+    was accepted 2.4% under; now refused, and each size named lands."""
+    from conftest import make_model
+    from hypercompress.pipeline import fit_pipeline
+
+    model, calib = make_model("llama"), torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match="plans nearest it store") as refused:
+        fit_pipeline(model, 3.0, calib, lossless=LOSSLESS)
+    hints = hinted_targets(str(refused.value))
+    assert len(hints) == 2 and hints[0] < 3.0 < hints[1]
+    for hint in hints:
+        assert 0.98 * hint <= fit_pipeline(model, hint, calib, lossless=LOSSLESS).reached_bpw <= hint

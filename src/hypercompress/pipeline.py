@@ -200,31 +200,36 @@ def _block_targets(spec, indices) -> list[str]:
 
 
 def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None, distill_steps: int = 0,
-                 lossless: int | None = None, tolerance: float = 0.02, attempts: int = 4,
+                 lossless: int | None = None, tolerance: float = 0.02, trials: int = 14,
                  device: str = "cpu") -> PipelinePlan:
-    """plan_pipeline, then measured: each attempt compresses a copy (without the distillation, which
+    """plan_pipeline, then measured: each trial compresses a copy (without the distillation, which
     does not change the size; whitened on 4 calibration windows, for speed: the sizes are those of
-    the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have (safetensors
-    header and the lossless stage included); the planning budget is rescaled by target / reached
-    until the file is within `tolerance` of the target; the trials calibrate on `device`. Returns the last plan, `reached_bpw` set."""
+    the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have
+    (safetensors header and the lossless stage included); the planning budget is searched
+    (planner_fit.fit_budget) until the file lands within [target x (1 - tolerance), target], else the
+    target is refused naming the sizes reached nearest it; the trials calibrate on `device`.
+    Returns the plan, `reached_bpw` set."""
+    import json
+
     from .api import compress
     from .artifact import stored_bytes
+    from .planner_fit import fit_budget
     from .recipe import Recipe
 
-    scale, best, measured = 1.0, None, {}
-    params = count_params(model)
-    for _ in range(attempts):
-        plan = plan_pipeline(model, target_bpw * scale, distill_steps, calib, measured)
+    measured, params = {}, count_params(model)
+
+    def replan(budget: float) -> PipelinePlan | None:
+        try:
+            return plan_pipeline(model, budget, distill_steps, calib, measured)
+        except UserError:  # below the smallest pipeline
+            return None
+
+    def stored(plan: PipelinePlan) -> float:
         trial = copy.deepcopy(model)  # a few calibration windows: the factors' values, not their quality
         compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]),
                  None if calib is None else calib[:4], device=device)
         plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
-        del trial
-        if plan.reached_bpw <= target_bpw * (1 + tolerance) and (
-                best is None or best.reached_bpw > target_bpw * (1 + tolerance)
-                or plan.reached_bpw > best.reached_bpw):
-            best = plan
-        if abs(plan.reached_bpw / target_bpw - 1) <= tolerance:
-            return plan
-        scale *= target_bpw / plan.reached_bpw
-    return best or plan
+        return plan.reached_bpw
+
+    return fit_budget(replan, stored, lambda p: p.planned_bpw, lambda p: json.dumps(p.stages, sort_keys=True),
+                      target_bpw, (0.0, 16.0), tolerance, trials)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ HEADROOM = 1.005          # a refusal's hint above the target: 0.5% over the sma
 @dataclass
 class Trial:
     """A plan and the bits per original weight of the file it writes."""
-    plan: Plan
+    plan: Any
     stored: float
 
 
@@ -63,34 +64,57 @@ def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: t
     _, _, costs, fixed = _candidates(model, group, embedding)
     smallest = (fixed + sum(min(c.values()) for c in costs.values())) / params
     largest = (fixed + sum(max(c.values()) for c in costs.values())) / params
+    first = plan
+
+    def replan(budget: float) -> Plan:
+        if budget == target_bpw:
+            return first
+        return plan_bits(model, budget, samples, group, embedding, sensitivity=first.sensitivity)
+
+    return fit_budget(replan, lambda p: stored_bpw(model, p, embedding, lossless), lambda p: p.bits_per_weight,
+                      lambda p: tuple(sorted(p.allocation.items())), target_bpw, (smallest, largest),
+                      tolerance, trials)
+
+
+def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], planned: Callable[[Any], float],
+               key: Callable[[Any], Hashable], target_bpw: float, bounds: tuple[float, float],
+               tolerance: float = 0.02, trials: int = 14) -> Any:
+    """The search of the module docstring, for any planner: `replan(budget)` gives the plan for a
+    planning budget in bpw (None: no plan that small), `stored(plan)` its file's bpw, `planned(plan)`
+    its planned bpw, `key(plan)` an identity (a plan met again is not measured again); `bounds` the
+    budgets of the smallest and largest plans. Returns the first plan whose file lands within
+    [target x (1 - tolerance), target]; else raises UserError naming the sizes found nearest it."""
     low = target_bpw * (1 - tolerance)
     under: Trial | None = None  # the trial storing the most at or under the target
     over: Trial | None = None   # the trial storing the least over it
-    bracket = [smallest, largest]  # planning budgets: the low end's plan stores under, the high end's over
+    bracket = list(bounds)  # planning budgets: the low end's plan stores under, the high end's over
     budget, seen = target_bpw, {}
     for attempt in range(trials):
-        key = tuple(sorted(plan.allocation.items()))
-        if key not in seen:
-            seen[key] = stored_bpw(model, plan, embedding, lossless)
-        trial = Trial(plan, seen[key])
-        if low <= trial.stored <= target_bpw:
-            return plan
-        if trial.stored <= target_bpw:
-            under = trial if under is None or trial.stored > under.stored else under
+        plan = replan(budget)
+        if plan is None:  # below the smallest plan
             bracket[0] = max(bracket[0], budget)
-            if plan.bits_per_weight >= largest:
-                break  # every module at its largest option already
+            guess = None
         else:
-            over = trial if over is None or trial.stored < over.stored else over
-            bracket[1] = min(bracket[1], budget)
-            if plan.bits_per_weight <= smallest:
-                break  # every module at its smallest option already
+            if key(plan) not in seen:
+                seen[key(plan)] = Trial(plan, stored(plan))
+            trial = seen[key(plan)]
+            if low <= trial.stored <= target_bpw:
+                return trial.plan
+            if trial.stored <= target_bpw:
+                under = trial if under is None or trial.stored > under.stored else under
+                bracket[0] = max(bracket[0], budget)
+                if planned(plan) >= bounds[1]:
+                    break  # every module at its largest option already
+            else:
+                over = trial if over is None or trial.stored < over.stored else over
+                bracket[1] = min(bracket[1], budget)
+                if planned(plan) <= bounds[0]:
+                    break  # every module at its smallest option already
+            guess = planned(trial.plan) * target_bpw / trial.stored  # the file's size ~ proportional to tensor bits
         if bracket[1] - bracket[0] < BUDGET_RESOLUTION:
             break  # the target lies between two neighbouring plans
-        guess = plan.bits_per_weight * target_bpw / trial.stored  # the file's size ~ proportional to tensor bits
-        inside = bracket[0] < guess < bracket[1]
+        inside = guess is not None and bracket[0] < guess < bracket[1]
         budget = guess if attempt < SECANT_TRIALS and inside else (bracket[0] + bracket[1]) / 2
-        plan = plan_bits(model, budget, samples, group, embedding, sensitivity=plan.sensitivity)
     raise UserError(unreachable_message(target_bpw, tolerance, under, over))
 
 
@@ -113,13 +137,13 @@ def _ask(stored: float, bound: str = "", headroom: float = 1.0) -> str:
 
 def unreachable_message(target_bpw: float, tolerance: float, under: Trial | None, over: Trial | None) -> str:
     """The refusal: what the target is, the sizes reached nearest it on each side, what to ask for."""
-    head = (f"target {_size(target_bpw)}: no quantization plan's file lands within {tolerance:.0%} "
+    head = (f"target {_size(target_bpw)}: no plan's file lands within {tolerance:.0%} "
             f"at or under it")
     if under is None:
-        return (f"{head}; the smallest plan stores {_size(over.stored)}; ask for {_ask(over.stored, 'least', HEADROOM)}"
-                if over else head)
+        return (f"{head}: it is beyond reach, the smallest plan stores {_size(over.stored)}; "
+                f"ask for {_ask(over.stored, 'least', HEADROOM)}" if over else f"{head}; ask for a larger target")
     if over is None:
-        return (f"{head}; the largest plan stores {_size(under.stored)}; "
+        return (f"{head}: it is beyond reach, the largest plan stores {_size(under.stored)}; "
                 f"ask for {_ask(under.stored, 'most')}")
-    return (f"{head}: the plans nearest it store {_size(under.stored)} and {_size(over.stored)} (the options "
-            f"of this model's largest modules step coarsely); ask for {_ask(under.stored)} or {_ask(over.stored, headroom=HEADROOM)}")
+    return (f"{head}: the plans nearest it store {_size(under.stored)} and {_size(over.stored)} (the sizes of this "
+            f"model's plans step coarsely here); ask for {_ask(under.stored)} or {_ask(over.stored, headroom=HEADROOM)}")

@@ -159,7 +159,7 @@ def _check_target(bpw: float, target: PlanTarget) -> None:
     if abs(bpw / target.bits_per_weight - 1) > 0.02:
         raise UserError(f"the compressed file stores {bpw:.4f} bpw ({16 / bpw:.2f}x), not the target "
                         f"{target.bits_per_weight:.4f} bpw ({16 / target.bits_per_weight:.2f}x) within 2% "
-                        f"(its codes coded unlike the planner's size trial); ask for a target near "
+                        f"(the written file codes unlike the planner's size trial); ask for a target near "
                         f"{bpw:.3f} bpw, e.g. --target-bpw {bpw:.3f}")
 
 
