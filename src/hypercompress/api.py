@@ -131,6 +131,8 @@ def _routes(model: nn.Module, group: list[int], stages, methods) -> dict[str, La
         names = select_linears(model, stage.targets, stage.ignore)
         if not names:
             raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
+        if isinstance(method, LayerwiseMethod):
+            method.check_modules({name: model.get_submodule(name) for name in names})
         for name in names:
             if name in routes:
                 raise UserError(f"stage {index} ({stage.method}): '{name}' is already selected by an "

@@ -44,6 +44,10 @@ EMBEDDING_LADDER = (("rtn", 4), ("rtn", 3), ("rtn", 2), ("factor", 256, 4), ("fa
                     ("factor", 4, 16), ("factor", 2, 16), ("factor", 1, 16))
 
 
+class BeyondReach(UserError):
+    """The target is below the smallest plan the pipeline makes."""
+
+
 @dataclass
 class PipelinePlan:
     target_bpw: float
@@ -56,6 +60,14 @@ class PipelinePlan:
     @property
     def planned_bpw(self) -> float:
         return self.planned_bits / self.params
+
+
+def useful_embedding_options(embedding: nn.Embedding) -> list[tuple]:
+    """EMBEDDING_LADDER without the factorizations at or past their break-even rank (a small table)."""
+    from .methods.factor_embedding import max_useful_rank
+
+    vocab, dim = embedding.weight.shape
+    return [o for o in EMBEDDING_LADDER if o[0] == "rtn" or o[1] <= max_useful_rank(vocab, dim, o[2])]
 
 
 def embedding_bits(embedding: nn.Embedding, option: tuple) -> int:
@@ -127,7 +139,8 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
     # a block's factors cost bias + rank x slope bits
     bias = [sum(low_rank_bits(model.get_submodule(n), 0) for n in names) for names in in_block]
     slope = [sum(low_rank_bits(model.get_submodule(n), 1) for n in names) - b for names, b in zip(in_block, bias)]
-    share = [o for o in EMBEDDING_LADDER if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
+    ladder = useful_embedding_options(embedding)
+    share = [o for o in ladder if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
     if calib is not None and len(share) > 1:
         measured = {} if measured is None else measured
         ids = calib[:1, :256]  # the first 256 tokens of the first calibration window
@@ -138,7 +151,7 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
             if option not in measured:
                 measured[option] = embedding_score(model, embed_name, option, ids, reference)
         share.sort(key=lambda o: embedding_rank_key(measured[o]))
-    rest = sorted((o for o in EMBEDDING_LADDER if o not in share), key=lambda o: embedding_bits(embedding, o))
+    rest = sorted((o for o in ladder if o not in share), key=lambda o: embedding_bits(embedding, o))
     for option in share + rest:  # a larger share for the embedding only if no block fits beside it
         left = budget - fixed - embedding_bits(embedding, option)
         stages = [embedding_stage(embed_name, option)]
@@ -149,8 +162,8 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
             break
     else:
         cost = min(b + s for b, s in zip(bias, slope))
-        smallest = (fixed + min(embedding_bits(embedding, o) for o in EMBEDDING_LADDER) + cost) / params
-        raise UserError(f"target {target_bpw:.4f} bpw ({16 / target_bpw:.0f}x) is beyond reach: the "
+        smallest = (fixed + min(embedding_bits(embedding, o) for o in ladder) + cost) / params
+        raise BeyondReach(f"target {target_bpw:.4f} bpw ({16 / target_bpw:.0f}x) is beyond reach: the "
                         f"smallest pipeline (one block of rank-1 factors, a rank-1 embedding) is "
                         f"{smallest:.4f} bpw ({16 / smallest:.1f}x); ask for at most that ratio")
     planned = budget - left + planned
@@ -221,7 +234,7 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
     def replan(budget: float) -> PipelinePlan | None:
         try:
             return plan_pipeline(model, budget, distill_steps, calib, measured)
-        except UserError:  # below the smallest pipeline
+        except BeyondReach:  # below the smallest pipeline
             return None
 
     def stored(plan: PipelinePlan) -> float:

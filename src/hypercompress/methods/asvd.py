@@ -22,7 +22,7 @@ from ..layers.low_rank import LowRankLinear
 from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .gptq import HessianMethod
-from .svd import SvdConfig, rank_for
+from .svd import SvdConfig, check_rank, rank_for
 
 
 @dataclass
@@ -62,6 +62,9 @@ class ActivationAwareSVD(HessianMethod):
     def __init__(self, config: AsvdConfig):
         super().__init__(config)
         self.abs_sum: dict[str, torch.Tensor] = {}
+
+    def check_modules(self, modules: dict[str, nn.Module]) -> None:
+        check_rank("asvd", self.config, modules)
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         super().observe(name, x)
