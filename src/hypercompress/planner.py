@@ -280,6 +280,12 @@ def _candidates(model: nn.Module, group: int, embedding: str | None = None):
     embed_name = embedding or next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     candidates[embed_name] = embedding_options(group)
     modules = {n: model.get_submodule(n) for n in candidates}
+    widths = sorted({linear_weight(modules[n]).shape[1] for n in candidates if n != embed_name})
+    if widths and all(w % group for w in widths):
+        common = [d for d in (32, 64, 96, 128, 192, 256) if all(w % d == 0 for w in widths)]
+        raise UserError(f"group_size={group} divides none of the block linears' input widths "
+                        f"({', '.join(map(str, widths))}); use one that does, e.g. "
+                        f"{', '.join(map(str, common)) or min(widths)}")
     dense = {n: sum(t.numel() * 16 for t in m.state_dict().values()) for n, m in modules.items()}
     costs = {n: {o: _quant_bits(modules[n], o) for o in candidates[n]} for n in candidates}
     return candidates, embed_name, costs, storage_bits(model) - sum(dense.values())
