@@ -112,8 +112,10 @@ def test_int8_rows_take_the_int8_kernel(model_dirs, tokens, tmp_path):
 
 @pytest.mark.parametrize("stage", [{"method": "wanda", "sparsity": 0.5, "pattern": "2:4"},
                                    {"method": "svd", "rank": 8}, {"method": "svd", "rank": 60}])
-def test_sparse_and_low_rank_paths(stage, model_dirs, tokens, tmp_path):
+def test_sparse_and_low_rank_paths(stage, model_dirs, tokens, tmp_path, monkeypatch):
     calib = torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
+    if stage.get("rank") == 60:  # past break-even, refused since; artifacts made before still load
+        monkeypatch.setattr("hypercompress.methods.svd.check_rank", lambda *args: None)
     path = _artifact(model_dirs["llama"], [stage], tmp_path / "a", calib)
     fast, reference, model = _logits_both_ways(path, tokens)
     assert _close(fast, reference, torch.float32)

@@ -58,11 +58,11 @@ def test_unreachable_target_names_the_smallest_ratio():
 
 def test_fit_counts_the_file_with_its_lossless_stage():
     model = make_model("llama")
-    plan = fit_pipeline(model, 3.0, CALIB, lossless=10)
+    plan = fit_pipeline(model, 2.93, CALIB, lossless=10)  # 3.0 lies between plans (one rank step: 0.18 bpw)
     trial = make_model("llama")
     compress(trial, Recipe.from_list(plan.stages), CALIB)
     assert plan.reached_bpw == artifact.stored_bytes(trial, 10) * 8 / count_params(model)
-    assert plan.reached_bpw <= 3.0 * 1.02
+    assert 2.93 * 0.98 <= plan.reached_bpw <= 2.93
 
 
 def test_distill_after_block_removal_matches_the_final_hidden_state():
@@ -134,7 +134,7 @@ def test_distill_above_the_floor_trains_the_quantization_scales(model_dirs, text
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--target-ratio", 1000], ["beyond reach", "ask for at most"]),
+    (["--target-ratio", 1000], ["beyond reach", "--target-ratio of at most"]),
     (["--method", "rtn", "--distill"], ["--distill goes with"]),
     (["--method", "rtn", "--lossless", 30], ["zstd levels"]),
 ])

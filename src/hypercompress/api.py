@@ -183,6 +183,8 @@ def _routes(model: nn.Module, group: list[int], stages, methods, resumed: bool =
         names = select_linears(model, stage.targets, stage.ignore)
         if not names and not resumed:
             raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
+        if isinstance(method, LayerwiseMethod):
+            method.check_modules({name: model.get_submodule(name) for name in names})
         for name in names:
             if name in routes:
                 raise UserError(f"stage {index} ({stage.method}): '{name}' is already selected by an "

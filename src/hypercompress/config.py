@@ -6,6 +6,7 @@ Unknown keys and badly typed values raise `UserError` naming the key and the fix
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, ClassVar
 
@@ -65,7 +66,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if hint is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise UserError(f"{where}: {value!r} is not a finite number; give a finite value in the "
+                                "recipe or --set")
+            return number
         if hint is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError

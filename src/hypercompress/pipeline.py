@@ -44,6 +44,10 @@ EMBEDDING_LADDER = (("rtn", 4), ("rtn", 3), ("rtn", 2), ("factor", 256, 4), ("fa
                     ("factor", 4, 16), ("factor", 2, 16), ("factor", 1, 16))
 
 
+class BeyondReach(UserError):
+    """The target is below the smallest plan the pipeline makes."""
+
+
 @dataclass
 class PipelinePlan:
     target_bpw: float
@@ -56,6 +60,14 @@ class PipelinePlan:
     @property
     def planned_bpw(self) -> float:
         return self.planned_bits / self.params
+
+
+def useful_embedding_options(embedding: nn.Embedding) -> list[tuple]:
+    """EMBEDDING_LADDER without the factorizations at or past their break-even rank (a small table)."""
+    from .methods.factor_embedding import max_useful_rank
+
+    vocab, dim = embedding.weight.shape
+    return [o for o in EMBEDDING_LADDER if o[0] == "rtn" or o[1] <= max_useful_rank(vocab, dim, o[2])]
 
 
 def embedding_bits(embedding: nn.Embedding, option: tuple) -> int:
@@ -127,7 +139,8 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
     # a block's factors cost bias + rank x slope bits
     bias = [sum(low_rank_bits(model.get_submodule(n), 0) for n in names) for names in in_block]
     slope = [sum(low_rank_bits(model.get_submodule(n), 1) for n in names) - b for names, b in zip(in_block, bias)]
-    share = [o for o in EMBEDDING_LADDER if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
+    ladder = useful_embedding_options(embedding)
+    share = [o for o in ladder if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
     if calib is not None and len(share) > 1:
         measured = {} if measured is None else measured
         ids = calib[:1, :256]  # the first 256 tokens of the first calibration window
@@ -138,7 +151,7 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
             if option not in measured:
                 measured[option] = embedding_score(model, embed_name, option, ids, reference)
         share.sort(key=lambda o: embedding_rank_key(measured[o]))
-    rest = sorted((o for o in EMBEDDING_LADDER if o not in share), key=lambda o: embedding_bits(embedding, o))
+    rest = sorted((o for o in ladder if o not in share), key=lambda o: embedding_bits(embedding, o))
     for option in share + rest:  # a larger share for the embedding only if no block fits beside it
         left = budget - fixed - embedding_bits(embedding, option)
         stages = [embedding_stage(embed_name, option)]
@@ -149,8 +162,8 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
             break
     else:
         cost = min(b + s for b, s in zip(bias, slope))
-        smallest = (fixed + min(embedding_bits(embedding, o) for o in EMBEDDING_LADDER) + cost) / params
-        raise UserError(f"target {target_bpw:.4f} bpw ({16 / target_bpw:.0f}x) is beyond reach: the "
+        smallest = (fixed + min(embedding_bits(embedding, o) for o in ladder) + cost) / params
+        raise BeyondReach(f"target {target_bpw:.4f} bpw ({16 / target_bpw:.0f}x) is beyond reach: the "
                         f"smallest pipeline (one block of rank-1 factors, a rank-1 embedding) is "
                         f"{smallest:.4f} bpw ({16 / smallest:.1f}x); ask for at most that ratio")
     planned = budget - left + planned
@@ -200,31 +213,36 @@ def _block_targets(spec, indices) -> list[str]:
 
 
 def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None, distill_steps: int = 0,
-                 lossless: int | None = None, tolerance: float = 0.02, attempts: int = 4,
+                 lossless: int | None = None, tolerance: float = 0.02, trials: int = 14,
                  device: str = "cpu") -> PipelinePlan:
-    """plan_pipeline, then measured: each attempt compresses a copy (without the distillation, which
+    """plan_pipeline, then measured: each trial compresses a copy (without the distillation, which
     does not change the size; whitened on 4 calibration windows, for speed: the sizes are those of
-    the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have (safetensors
-    header and the lossless stage included); the planning budget is rescaled by target / reached
-    until the file is within `tolerance` of the target; the trials calibrate on `device`. Returns the last plan, `reached_bpw` set."""
+    the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have
+    (safetensors header and the lossless stage included); the planning budget is searched
+    (planner_fit.fit_budget) until the file lands within [target x (1 - tolerance), target], else the
+    target is refused naming the sizes reached nearest it; the trials calibrate on `device`.
+    Returns the plan, `reached_bpw` set."""
+    import json
+
     from .api import compress
     from .artifact import stored_bytes
+    from .planner_fit import fit_budget
     from .recipe import Recipe
 
-    scale, best, measured = 1.0, None, {}
-    params = count_params(model)
-    for _ in range(attempts):
-        plan = plan_pipeline(model, target_bpw * scale, distill_steps, calib, measured)
+    measured, params = {}, count_params(model)
+
+    def replan(budget: float) -> PipelinePlan | None:
+        try:
+            return plan_pipeline(model, budget, distill_steps, calib, measured)
+        except BeyondReach:  # below the smallest pipeline
+            return None
+
+    def stored(plan: PipelinePlan) -> float:
         trial = copy.deepcopy(model)  # a few calibration windows: the factors' values, not their quality
         compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]),
                  None if calib is None else calib[:4], device=device)
         plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
-        del trial
-        if plan.reached_bpw <= target_bpw * (1 + tolerance) and (
-                best is None or best.reached_bpw > target_bpw * (1 + tolerance)
-                or plan.reached_bpw > best.reached_bpw):
-            best = plan
-        if abs(plan.reached_bpw / target_bpw - 1) <= tolerance:
-            return plan
-        scale *= target_bpw / plan.reached_bpw
-    return best or plan
+        return plan.reached_bpw
+
+    return fit_budget(replan, stored, lambda p: p.planned_bpw, lambda p: json.dumps(p.stages, sort_keys=True),
+                      target_bpw, (0.0, 16.0), tolerance, trials)

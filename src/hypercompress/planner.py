@@ -10,10 +10,8 @@
    One forward per module instead of one per option (7x fewer on CPU); the embedding, whose error
    reaches both the input and the tied head, gets every option measured.
 2. Allocation: for several floors on the bits allowed (linears and embedding at >= 2, 3, 4), a
-   multiple-choice knapsack solved greedily on each module's lower convex hull of
-   (storage bits, KL): start every module at its least-loss option, repeatedly take the narrowing
-   step with the least added KL per bit saved until the model fits the budget, then spend what is
-   left on the steps with the most KL removed per bit. Costs are exact storage bits of the
+   multiple-choice knapsack (one option per module, least summed KL within the budget) solved by
+   dynamic programming over the budget's slack (allocate). Costs are exact storage bits of the
    compressed modules (empty modules measured, not formulas). Offering group sizes as well as
    bit-widths lets a 3.0 bpw plan keep 3-bit codes with fewer scales instead of forcing whole
    modules down to 2 bits, where errors compound far beyond the sum of single-module KLs. Because
@@ -32,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,6 +43,7 @@ from .layers.quant_linear import dequantize, fit_grid, quantize_to_grid
 from .modules import Conv1D, count_params, linear_weight
 
 Option = tuple[int, int]  # (bits, group size); group -1: one group per row
+CELLS_PER_MODULE = 128    # resolution of the knapsack over the slack (allocate)
 
 
 def linear_options(group: int = 64) -> tuple[Option, ...]:
@@ -218,45 +218,38 @@ def _rtn_weight(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 
 def allocate(costs: dict[str, dict[Any, int]], loss: dict[str, dict[Any, float]],
              budget_bits: int) -> dict[str, Any]:
-    """Greedy multiple-choice knapsack: one option per module with total cost <= budget_bits.
+    """Multiple-choice knapsack: one option per module, total cost <= budget_bits, least summed loss.
 
-    costs[name][option] are storage bits, loss[name][option] the measured KL. Each step moves one
-    module along its lower convex hull: down, the cheaper option with the least loss added per bit
-    saved; up (with slack left), the dearer option with the most loss removed per bit spent.
+    costs[name][option] are storage bits, loss[name][option] the measured KL. Solved by dynamic
+    programming over the bits above every module's cheapest option, in cells of slack / CELLS_PER_MODULE
+    per module with costs rounded up (so the plan always fits; at most one cell per module unused).
+    Exact up to that rounding: a greedy walk along each module's convex hull strands slack where one
+    large module (an embedding) steps coarsely, and the sizes it reaches then have gaps a plan fills.
+    Over budget even at the cheapest options: the cheapest options.
     """
-    choice = {n: min(opts, key=lambda o, n=n: (loss[n][o], costs[n][o])) for n, opts in costs.items()}
-    spent = sum(costs[n][o] for n, o in choice.items())
-
-    def step_down(name: str) -> tuple[float, Any] | None:
-        here = choice[name]
-        cheaper = [o for o in costs[name] if costs[name][o] < costs[name][here]]
-        if not cheaper:
-            return None
-        slope = {o: (loss[name][o] - loss[name][here]) / (costs[name][here] - costs[name][o])
-                 for o in cheaper}
-        best = min(cheaper, key=lambda o: (slope[o], costs[name][o]))
-        return slope[best], best
-
-    while spent > budget_bits:
-        steps = {n: s for n in costs if (s := step_down(n)) is not None}
-        if not steps:
-            break
-        name = min(steps, key=lambda n: (steps[n][0], n))
-        spent -= costs[name][choice[name]] - costs[name][steps[name][1]]
-        choice[name] = steps[name][1]
-    while True:  # spend the slack on the upgrades that remove the most KL per bit
-        ups = []
-        for name in costs:
-            here = choice[name]
-            for o in costs[name]:
-                extra = costs[name][o] - costs[name][here]
-                gain = loss[name][here] - loss[name][o]
-                if extra > 0 and gain > 0 and spent + extra <= budget_bits:
-                    ups.append((gain / extra, name, extra, o))
-        if not ups:
-            return choice
-        _, name, extra, o = max(ups, key=lambda u: (u[0], u[1], -u[2]))
-        choice[name], spent = o, spent + extra
+    names = list(costs)
+    options = {n: sorted(costs[n], key=lambda o, n=n: (costs[n][o], loss[n][o])) for n in names}
+    base = {n: costs[n][options[n][0]] for n in names}
+    slack = budget_bits - sum(base.values())
+    if slack <= 0:
+        return {n: options[n][0] for n in names}
+    cells = CELLS_PER_MODULE * len(names)
+    best = np.zeros(cells + 1)  # best[c]: least loss of the modules so far within c cells
+    choices = []
+    for n in names:
+        table = np.full((len(options[n]), cells + 1), np.inf)
+        for k, o in enumerate(options[n]):
+            width = -(-(costs[n][o] - base[n]) * cells // slack)  # ceil in integers: exact
+            if width <= cells:
+                table[k, width:] = best[:cells + 1 - width] + loss[n][o]
+        choices.append(table.argmin(0))  # ties: the cheaper option
+        best = table.min(0)
+    choice, cell = {}, cells
+    for n, picks in zip(reversed(names), reversed(choices)):
+        o = options[n][picks[cell]]
+        choice[n] = o
+        cell -= -(-(costs[n][o] - base[n]) * cells // slack)
+    return {n: choice[n] for n in names}
 
 
 def fastest_dtype(device: torch.device | str = "cpu") -> torch.dtype:
@@ -286,6 +279,12 @@ def _candidates(model: nn.Module, group: int, embedding: str | None = None):
     embed_name = embedding or next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     candidates[embed_name] = embedding_options(group)
     modules = {n: model.get_submodule(n) for n in candidates}
+    widths = sorted({linear_weight(modules[n]).shape[1] for n in candidates if n != embed_name})
+    if widths and all(w % group for w in widths):
+        common = [d for d in (32, 64, 96, 128, 192, 256) if all(w % d == 0 for w in widths)]
+        raise UserError(f"group_size={group} divides none of the block linears' input widths "
+                        f"({', '.join(map(str, widths))}); use one that does, e.g. "
+                        f"{', '.join(map(str, common)) or min(widths)}")
     dense = {n: sum(t.numel() * 16 for t in m.state_dict().values()) for n, m in modules.items()}
     costs = {n: {o: _quant_bits(modules[n], o) for o in candidates[n]} for n in candidates}
     return candidates, embed_name, costs, storage_bits(model) - sum(dense.values())
@@ -352,32 +351,4 @@ def plan_recipe(plan: Plan, embedding: str) -> list[dict[str, Any]]:
         stages.append({"method": "gptq", "bits": option[0], "group_size": option[1], "act_order": True,
                        "targets": [f"^{re.escape(n)}$" for n in names]})
     return stages
-
-
-def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int,
-                     embedding: str, lossless: int | None, tolerance: float = 0.02, attempts: int = 3) -> Plan:
-    """Plans count tensor bits; the file also holds the safetensors header and, with the lossless
-    stage, is smaller than its tensors. Each attempt stores an RTN trial of the plan (data-free, in
-    seconds; GPTQ's codes of the same bits code alike) as the artifact would, and re-plans for the
-    target scaled by planned / stored (the sensitivities measured once) until the trial's file is
-    within `tolerance` of the target. Returns the last plan tried within it, else the closest."""
-    from .api import compress
-    from .artifact import stored_bytes
-    from .recipe import Recipe
-
-    params, best = count_params(model), None
-    for _ in range(attempts):
-        trial = copy.deepcopy(model)
-        stages = [{**s, "method": "rtn"} if s["method"] == "gptq" else s for s in plan_recipe(plan, embedding)]
-        compress(trial, Recipe.from_list([{k: v for k, v in s.items() if k != "act_order"} for s in stages]))
-        stored = stored_bytes(trial, lossless) * 8 / params
-        del trial
-        gap = abs(stored / target_bpw - 1)
-        if best is None or gap < best[0]:
-            best = (gap, plan)
-        if gap <= tolerance:
-            break
-        plan = plan_bits(model, plan.bits_per_weight * target_bpw / stored, samples, group, embedding,
-                         sensitivity=plan.sensitivity)
-    return best[1]
 

@@ -82,8 +82,9 @@ class PlanTarget:
             value = 16 / value
         if not 0 < value < 16:
             raise UserError(f"{where}: target {value} bpw must be between 0 and 16")
-        if group <= 0:
-            raise UserError(f"{where}: group_size={group} must be positive")
+        if group < 2:
+            raise UserError(f"{where}: group_size={group} must be at least 2 (a scale per weight costs more "
+                            "than float16); e.g. group_size=64")
         return cls(value, group)
 
 

@@ -23,7 +23,7 @@ from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .damping import DAMP_RANGE, factorize_damped
 from .gptq import HessianMethod
-from .svd import SvdConfig, rank_for
+from .svd import SvdConfig, check_rank, rank_for
 
 
 @dataclass
@@ -67,6 +67,9 @@ class ActivationAwareSVD(HessianMethod):
     def __init__(self, config: AsvdConfig):
         super().__init__(config)
         self.abs_sum: dict[str, torch.Tensor] = {}
+
+    def check_modules(self, modules: dict[str, nn.Module]) -> None:
+        check_rank("asvd", self.config, modules)
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         super().observe(name, x)

@@ -24,6 +24,10 @@ class LayerwiseMethod(abc.ABC):
     def __init__(self, config: MethodConfig):
         self.config = config
 
+    def check_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Raise UserError when the config does not suit these modules (a stage's whole selection,
+        before any is compressed), e.g. a rank past their break-even. Default: nothing to check."""
+
     def observe(self, name: str, x: torch.Tensor) -> None:
         """Accumulate statistics of the inputs x (..., in_features) of layer `name`.
 

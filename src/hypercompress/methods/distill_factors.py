@@ -54,9 +54,13 @@ class DistillConfig(MethodConfig):
     seed: int = 0
 
     def validate(self) -> None:
-        check(self.steps >= 1 and self.batch >= 1, "steps and batch must be >= 1")
+        for key in ("steps", "batch"):
+            check(getattr(self, key) >= 1, f"{key}={getattr(self, key)}: must be >= 1")
         check(self.lr > 0, f"lr={self.lr}: must be positive")
-        check(self.lora_rank >= 0 and self.relora_every >= 0, "lora_rank and relora_every must be >= 0")
+        for key in ("local_weight", "stability_weight"):
+            check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: a loss weight must be >= 0 (0 turns it off)")
+        for key in ("lora_rank", "relora_every"):
+            check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0 (0 turns it off)")
         check(self.relora_every == 0 or self.lora_rank > 0, "relora_every needs lora_rank > 0")
         check(self.optimizer in ("adamw", "adafactor"), f"optimizer={self.optimizer!r}: adamw or adafactor")
         check(self.data in ("calib", "teacher"), f"data={self.data!r}: calib or teacher")

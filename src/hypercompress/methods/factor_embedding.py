@@ -11,6 +11,7 @@ factors are stored and counted once. Data-free; target the embedding (e.g. '^mod
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,35 @@ class FactorEmbeddingConfig(MethodConfig):
         check(self.bits in (4, 8, 16), f"bits={self.bits}: must be 4, 8 or 16")
 
 
+@functools.lru_cache(maxsize=None)
+def max_useful_rank(vocab: int, dim: int, bits: int) -> int:
+    """The largest rank r <= min(vocab, dim) whose factors store fewer bits than the float16 table
+    (LowRankEmbedding's storage, measured on empty modules; it grows with r)."""
+    dense, low, high = 16 * vocab * dim, 0, min(vocab, dim)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if LowRankEmbedding(vocab, dim, mid, bits).storage_bits() < dense:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
 @register("factor_embedding", FactorEmbeddingConfig)
 class FactorEmbedding(LayerwiseMethod):
+    def check_modules(self, modules: dict[str, nn.Module]) -> None:
+        """Refuse a rank at or past the break-even of a selected embedding (UserError)."""
+        c = self.config
+        for name, layer in modules.items():
+            if not isinstance(layer, nn.Embedding):
+                continue  # compress names the problem
+            vocab, dim = layer.weight.shape
+            if c.rank > min(vocab, dim) or LowRankEmbedding(vocab, dim, c.rank, c.bits).storage_bits() >= 16 * vocab * dim:
+                limit = max_useful_rank(vocab, dim, c.bits)
+                raise UserError(f"factor_embedding: rank={c.rank} with bits={c.bits} is at or past the break-even "
+                                f"rank of {name} ({vocab}x{dim}), where the factors store as much as the table "
+                                f"or more; the largest useful rank is {limit}: set rank to 1..{limit}")
+
     def compress(self, name: str, layer: nn.Module) -> LowRankEmbedding:
         if not isinstance(layer, nn.Embedding):
             raise UserError(f"factor_embedding: '{name}' is not an embedding; set targets to the token "

@@ -55,6 +55,7 @@ class KvLowRank(WholeModelMethod):
                  for i in range(len(blocks))]
         if any(isinstance(model.get_submodule(n), CompressedModule) for pair in pairs for n in pair):
             raise UserError("kv_lowrank factors dense k_proj / v_proj: put it before stages that compress them")
+        _check_rank(c, model, pairs)
         grams = _input_grams(model, [k for k, _ in pairs], calib[: c.samples], device) if c.whiten else {}
         for done, (k_name, v_name) in enumerate(pairs):
             k_layer, v_layer = model.get_submodule(k_name), model.get_submodule(v_name)
@@ -81,6 +82,20 @@ class KvLowRank(WholeModelMethod):
             key.bind(model)
             if progress:
                 progress(done + 1, len(pairs), k_name)
+
+
+def _check_rank(c: KvLowRankConfig, model, pairs: list[tuple[str, str]]) -> None:
+    """A fixed rank must be at most the full rank of W = [W_k; W_v], min(2 n_kv d, D): past it the
+    latent is wider than the keys and values it replaces and the factors add nothing (UserError)."""
+    if c.rank is None:
+        return
+    for k_name, v_name in pairs:
+        rows = sum(linear_weight(model.get_submodule(n)).shape[0] for n in (k_name, v_name))
+        width = linear_weight(model.get_submodule(k_name)).shape[1]
+        limit = min(rows, width)
+        check(c.rank <= limit, f"kv_lowrank: rank={c.rank} is past the full rank {limit} of {k_name} / {v_name} "
+                               f"({rows} keys and values per token, width {width}); set rank to 1..{limit} "
+                               f"(below {rows} to shrink the cache), or use keep")
 
 
 @torch.no_grad()

@@ -31,6 +31,19 @@ class RtnConfig(MethodConfig):
               f"group_size={self.group_size}: must be positive, or -1 for one group per row")
         check(self.zero_point in ("int", "float"),
               f"zero_point={self.zero_point!r}: must be 'int' or 'float'")
+        smallest = smallest_useful_group(self.bits, self.symmetric, self.zero_point)
+        check(self.group_size == -1 or self.group_size >= smallest,
+              f"group_size={self.group_size}: with bits={self.bits} each group's float16 scale"
+              f"{'' if self.symmetric else ' and zero point'} make the weights cost as much as float16 "
+              f"or more; use group_size >= {smallest}, or -1 for one group per row")
+
+
+def smallest_useful_group(bits: int, symmetric: bool, zero_point: str) -> int:
+    """The smallest group size whose storage stays under float16's 16 bits per weight: a group of g
+    weights stores g codes of `bits`, a float16 scale and (asymmetric) a zero point of `bits`
+    ('int') or 16 ('float') bits, i.e. bits + overhead / g per weight (QuantLinear's layout)."""
+    overhead = 16 + (0 if symmetric else bits if zero_point == "int" else 16)
+    return overhead // (16 - bits) + 1
 
 
 def resolve_group_size(name: str, in_features: int, group_size: int) -> int:

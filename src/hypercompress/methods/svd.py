@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
+from ..errors import UserError
 from ..layers.low_rank import LowRankLinear
 from ..modules import linear_bias, linear_weight
 from ..registry import register
@@ -36,6 +37,29 @@ def rank_for(out_features: int, in_features: int, config: SvdConfig) -> int:
     return max(1, min(int(budget), out_features, in_features))
 
 
+def max_useful_rank(out_features: int, in_features: int) -> int:
+    """The largest rank r whose float16 factors U (out, r), V (r, in) hold fewer weights than the
+    float16 matrix: r (out + in) < out in (the break-even rank is the first r past it)."""
+    return (out_features * in_features - 1) // (out_features + in_features)
+
+
+def check_rank(method: str, config: SvdConfig, modules: dict[str, nn.Module]) -> None:
+    """Refuse a fixed rank at or past the break-even rank of any selected layer (UserError naming
+    the most restrictive layer and the largest useful rank)."""
+    if config.rank is None or not modules:
+        return
+    shapes = {n: tuple(linear_weight(m).shape) for n, m in modules.items()}
+    name = min(shapes, key=lambda n: (max_useful_rank(*shapes[n]), n))
+    limit, (out_f, in_f) = max_useful_rank(*shapes[name]), shapes[name]
+    if limit < 1:
+        raise UserError(f"{method}: {name} ({out_f}x{in_f}) is too small for factors of any rank to store "
+                        "less than the matrix; add it to the stage's ignore patterns")
+    check(config.rank <= limit,
+          f"{method}: rank={config.rank} is at or past the break-even rank of {name} ({out_f}x{in_f}), "
+          f"where the factors U, V store more than the dense matrix; the largest useful rank of the "
+          f"selected layers is {limit}: set rank to 1..{limit} (or use keep)")
+
+
 def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (out, in) float32 -> U (out, rank), V (rank, in) with U @ V the best rank-r fit."""
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
@@ -45,6 +69,9 @@ def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
 @register("svd", SvdConfig)
 class SVD(LayerwiseMethod):
+    def check_modules(self, modules: dict[str, nn.Module]) -> None:
+        check_rank("svd", self.config, modules)
+
     def compress(self, name: str, layer: nn.Module) -> LowRankLinear:
         weight = linear_weight(layer)
         U, V = truncated_svd(weight, rank_for(*weight.shape, self.config))

@@ -41,6 +41,8 @@ class HypernetConfig(MethodConfig):
         for key in ("warm_steps", "steps"):
             check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0")
         check(self.lr > 0, f"lr={self.lr}: must be positive")
+        for key in ("local_weight", "stability_weight"):
+            check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: a loss weight must be >= 0 (0 turns it off)")
         check(self.head in HEADS, f"head={self.head!r}: must be one of {', '.join(HEADS)}")
         for key in ("dit_depth", "dit_heads", "dit_steps"):
             check(getattr(self, key) > 0, f"{key}={getattr(self, key)}: must be positive")

@@ -51,6 +51,10 @@ class Hypernet(WholeModelMethod):
             for t, name in enumerate(row):
                 if _shape(model.get_submodule(name)) != shapes[t]:
                     raise UserError(f"{name}: shape differs from layer 0's; hypernet needs one shape per type")
+        limit = min(min(shape) for shape in shapes)
+        if c.rank > limit:
+            raise UserError(f"hypernet: rank={c.rank} is past the smallest side of the selected layers ({limit}): "
+                            f"a rank-{limit} product already spans every matrix; set rank to 1..{limit}")
         bases = {}
         if c.mode == "residual":
             for name in names:

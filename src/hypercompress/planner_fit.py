@@ -1,0 +1,149 @@
+"""Fitting a budget plan to the file it writes: land a size target within a tolerance, or refuse it.
+
+The planner (planner.py) counts tensor bits; the artifact's file also holds the safetensors header
+and, with the lossless stage, is smaller than its tensors by a ratio that depends on the plan. And the
+sizes a plan can reach are discrete: each module takes one of a few options, so on a model whose
+storage is dominated by a few large modules (a big embedding) they cluster, with gaps between. The
+search below therefore works on the file's size, measured: each trial stores an RTN trial of the plan
+(data-free, in seconds; GPTQ's codes of the same bits code alike) as the artifact would, and the
+planning budget (bpw of tensor bits) is moved until a trial lands in [target x (1 - tolerance),
+target]; first by the secant step budget x target / stored, then by bisection of the bracket of
+budgets whose plans store under and over the target. When the bracket closes without a hit, the
+target lies in a gap, and the refusal names the nearest sizes found on each side, every one of them
+a size a plan reaches (so a target there is met).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .modules import count_params
+from .planner import Plan, _candidates, plan_bits, plan_recipe
+
+SECANT_TRIALS = 3       # trials that may take the secant step; bisection after them
+BUDGET_RESOLUTION = 1e-3  # bpw: a bracket of planning budgets this narrow is closed
+HEADROOM = 1.005          # a refusal's hint above the target: 0.5% over the smallest size found there
+
+
+@dataclass
+class Trial:
+    """A plan and the bits per original weight of the file it writes."""
+    plan: Any
+    stored: float
+
+
+def stored_bpw(model: nn.Module, plan: Plan, embedding: str, lossless: int | None) -> float:
+    """Bits per original weight of the model.safetensors the plan writes (header and lossless coding
+    included), measured on an RTN-compressed copy."""
+    from .api import compress
+    from .artifact import stored_bytes
+    from .recipe import Recipe
+
+    trial = copy.deepcopy(model)
+    stages = [{k: v for k, v in s.items() if k != "act_order"} | ({"method": "rtn"} if s["method"] == "gptq" else {})
+              for s in plan_recipe(plan, embedding)]
+    compress(trial, Recipe.from_list(stages, where="planned recipe (size trial)"))
+    return stored_bytes(trial, lossless) * 8 / count_params(model)
+
+
+def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int,
+                     embedding: str, lossless: int | None, tolerance: float = 0.02, trials: int = 14) -> Plan:
+    """A plan whose file stores between target_bpw x (1 - tolerance) and target_bpw bits per weight.
+
+    `plan` is the planner's plan for the budget `target_bpw` (its sensitivities are reused for every
+    re-plan). Raises UserError naming the sizes reached nearest the target when no plan lands there.
+    """
+    params = count_params(model)
+    _, _, costs, fixed = _candidates(model, group, embedding)
+    smallest = (fixed + sum(min(c.values()) for c in costs.values())) / params
+    largest = (fixed + sum(max(c.values()) for c in costs.values())) / params
+    first = plan
+
+    def replan(budget: float) -> Plan:
+        if budget == target_bpw:
+            return first
+        return plan_bits(model, budget, samples, group, embedding, sensitivity=first.sensitivity)
+
+    return fit_budget(replan, lambda p: stored_bpw(model, p, embedding, lossless), lambda p: p.bits_per_weight,
+                      lambda p: tuple(sorted(p.allocation.items())), target_bpw, (smallest, largest),
+                      tolerance, trials)
+
+
+def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], planned: Callable[[Any], float],
+               key: Callable[[Any], Hashable], target_bpw: float, bounds: tuple[float, float],
+               tolerance: float = 0.02, trials: int = 14) -> Any:
+    """The search of the module docstring, for any planner: `replan(budget)` gives the plan for a
+    planning budget in bpw (None: no plan that small), `stored(plan)` its file's bpw, `planned(plan)`
+    its planned bpw, `key(plan)` an identity (a plan met again is not measured again); `bounds` the
+    budgets of the smallest and largest plans. Returns the first plan whose file lands within
+    [target x (1 - tolerance), target]; else raises UserError naming the sizes found nearest it."""
+    low = target_bpw * (1 - tolerance)
+    under: Trial | None = None  # the trial storing the most at or under the target
+    over: Trial | None = None   # the trial storing the least over it
+    bracket = list(bounds)  # planning budgets: the low end's plan stores under, the high end's over
+    budget, seen = target_bpw, {}
+    for attempt in range(trials):
+        plan = replan(budget)
+        if plan is None:  # below the smallest plan
+            bracket[0] = max(bracket[0], budget)
+            guess = None
+        else:
+            if key(plan) not in seen:
+                seen[key(plan)] = Trial(plan, stored(plan))
+            trial = seen[key(plan)]
+            if low <= trial.stored <= target_bpw:
+                return trial.plan
+            if trial.stored <= target_bpw:
+                under = trial if under is None or trial.stored > under.stored else under
+                bracket[0] = max(bracket[0], budget)
+                if planned(plan) >= bounds[1]:
+                    break  # every module at its largest option already
+            else:
+                over = trial if over is None or trial.stored < over.stored else over
+                bracket[1] = min(bracket[1], budget)
+                if planned(plan) <= bounds[0]:
+                    break  # every module at its smallest option already
+            guess = planned(trial.plan) * target_bpw / trial.stored  # the file's size ~ proportional to tensor bits
+        if bracket[1] - bracket[0] < BUDGET_RESOLUTION:
+            break  # the target lies between two neighbouring plans
+        inside = guess is not None and bracket[0] < guess < bracket[1]
+        budget = guess if attempt < SECANT_TRIALS and inside else (bracket[0] + bracket[1]) / 2
+    raise UserError(unreachable_message(target_bpw, tolerance, under, over))
+
+
+def _size(bpw: float) -> str:
+    return f"{bpw:.4f} bpw ({16 / bpw:.2f}x)"
+
+
+def _ask(stored: float, bound: str = "", headroom: float = 1.0) -> str:
+    """A target that a plan storing `stored` bpw meets: bpw rounded up, ratio rounded down, as a
+    bound: "" (that target), "most" or "least" (on the bpw; the ratio's bound is the other one).
+    `headroom` > 1 for a plan found just past a jump in the sizes: the search for the target finds
+    that side of the jump only if the target leaves it a little room."""
+    bpw = math.ceil(stored * headroom * 1000) / 1000
+    ratio = math.floor(1600 / bpw) / 100
+    if not bound:
+        return f"--target-bpw {bpw:.3f} (--target-ratio {ratio:.2f})"
+    other = "least" if bound == "most" else "most"
+    return f"at {bound} --target-bpw {bpw:.3f} (a --target-ratio of at {other} {ratio:.2f})"
+
+
+def unreachable_message(target_bpw: float, tolerance: float, under: Trial | None, over: Trial | None) -> str:
+    """The refusal: what the target is, the sizes reached nearest it on each side, what to ask for."""
+    head = (f"target {_size(target_bpw)}: no plan's file lands within {tolerance:.0%} "
+            f"at or under it")
+    if under is None:
+        return (f"{head}: it is beyond reach, the smallest plan stores {_size(over.stored)}; "
+                f"ask for {_ask(over.stored, 'least', HEADROOM)}" if over else f"{head}; ask for a larger target")
+    if over is None:
+        return (f"{head}: it is beyond reach, the largest plan stores {_size(under.stored)}; "
+                f"ask for {_ask(under.stored, 'most')}")
+    return (f"{head}: the plans nearest it store {_size(under.stored)} and {_size(over.stored)} (the sizes of this "
+            f"model's plans step coarsely here); ask for {_ask(under.stored)} or {_ask(over.stored, headroom=HEADROOM)}")
