@@ -52,6 +52,9 @@ ARTIFACTS = [
     ("gpt2-rtn", "gpt2", [{"method": "rtn", "bits": 4, "group_size": 32}], None),
     ("gpt2-gptq", "gpt2", [{"method": "gptq", "bits": 4, "group_size": 32}], None),
     ("gpt2-rtn-embed", "gpt2", [{"method": "rtn", "bits": 4, "group_size": 32, "targets": ["wte$"]}], None),
+    ("llama-rtn-lora", "llama", [{"method": "rtn", "bits": 4, "group_size": 32},
+                                 {"method": "distill", "steps": 2, "lora_rank": 4}], None),
+    ("llama-hypernet", "llama", [{"method": "hypernet", "warm_steps": 2, "steps": 2, "value_bits": 8}], None),
     ("llama-rtn-lossless", "llama", [{"method": "rtn", "bits": 4, "group_size": 32}], 3),
     ("gpt2-sparse-lossless", "gpt2", [{"method": "sparsegpt", "sparsity": 0.5}], 3),
 ]

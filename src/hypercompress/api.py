@@ -17,7 +17,7 @@ from .artifact import round_to_storage, storage_bits
 from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
-from .modules import effective_weights, replace_module, select_linears, uncompressed
+from .modules import CompressedModule, effective_weights, replace_module, select_linears, uncompressed
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
 from .registry import get_method
@@ -184,7 +184,8 @@ def _routes(model: nn.Module, group: list[int], stages, methods, resumed: bool =
         if not names and not resumed:
             raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
         if isinstance(method, LayerwiseMethod):
-            method.check_modules({name: model.get_submodule(name) for name in names})
+            layers = {name: model.get_submodule(name) for name in names}  # (a resumed pass: those still to do)
+            method.check_modules({n: m for n, m in layers.items() if not isinstance(m, CompressedModule)})
         for name in names:
             if name in routes:
                 raise UserError(f"stage {index} ({stage.method}): '{name}' is already selected by an "
