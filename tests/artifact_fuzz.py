@@ -11,7 +11,7 @@ as a careless tool or an attacker would. The oracle, per variant:
   artifact's (a resealed, structurally valid edit is counted apart as accepted_resealed_change: the
   file says what it says).
 
-Run as a script (`python tests/artifact_fuzz.py --variants 700 --seed 1 --json results/fuzz.json`) or
+Run as a script (`python tests/artifact_fuzz.py --variants 700 --seed 1 --json benchmarks/results/fuzz.json`) or
 through tests/test_fuzz.py, which runs it in a subprocess with a few hundred variants.
 """
 
@@ -446,11 +446,27 @@ def run(variants: int, seed: int, workdir: Path) -> dict:
         for stray in out.parent.glob(f"{out.name}.huge"):
             stray.unlink()
     counts: dict[str, int] = {}
+    by_mutation: dict[str, dict[str, int]] = {}
     for row in rows:
         counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
-    return {"variants": variants, "seed": seed, "artifacts": len(sources), "counts": counts,
-            "seconds": round(time.time() - started, 1), "bad": [r for r in rows if r["verdict"] in BAD],
-            "rows": rows}
+        tally = by_mutation.setdefault(row["mutation"], {})
+        tally[row["verdict"]] = tally.get(row["verdict"], 0) + 1
+    return {"variants": variants, "seed": seed, "artifacts": sorted(sources), "counts": counts,
+            "by_mutation": by_mutation, "resealed": sum(r["resealed"] for r in rows),
+            "seconds": round(time.time() - started, 1), "environment": _environment(),
+            "bad": [r for r in rows if r["verdict"] in BAD], "rows": rows}
+
+
+def _environment() -> dict:
+    import platform
+    import subprocess
+
+    import transformers
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpus": os.cpu_count(), "commit": commit or None}
 
 
 def main() -> None:
@@ -458,6 +474,7 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=700)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--rows", action="store_true", help="keep every variant's row in --json (large)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="hc-fuzz-") as tmp:
@@ -465,7 +482,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)[:20000])
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        kept = result if args.rows else {k: v for k, v in result.items() if k != "rows"}
+        args.json.write_text(json.dumps(kept, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ def valid(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
     return {"llama": save(make_model("llama"), root / "llama"),
             "sparse": save(make_model("llama"), root / "sparse", [{"method": "sparsegpt", "sparsity": 0.5}]),
-            "gpt2": save(make_model("gpt2"), root / "gpt2")}
+            "gpt2": save(make_model("gpt2"), root / "gpt2"),
+            "gpt2-embed": save(make_model("gpt2"), root / "gpt2-embed", [{**RTN[0], "targets": ["wte$"]}])}
 
 
 @pytest.fixture(autouse=True)
@@ -195,3 +196,17 @@ def test_inspect_json_to_a_directory_is_a_one_line_error(valid, tmp_path):
     run = subprocess.run([*CLI, "inspect", str(valid["llama"]),
                           "--json", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and run.stderr.startswith("error:") and "Traceback" not in run.stderr
+
+
+def test_manifest_fields_that_restate_the_tensors_must_agree(valid, tmp_path):
+    """The manifest holds the hashes, so it is not hashed itself: its totals, its module list and every
+    layout key are checked against what the tensors and the other modules imply instead."""
+    path = copy(valid, "llama", tmp_path)
+    edit_manifest(path, lambda m: m["totals"].__setitem__("tensor_bits", m["totals"]["tensor_bits"] + 8), sealed=False)
+    refused(path, "tensor_bits")
+    path = shutil.copytree(valid["gpt2-embed"], tmp_path / "head")
+    edit_manifest(path, lambda m: m["modules"].pop("lm_head"), sealed=False)  # the embedding implies it
+    refused(path, "lm_head", "not listed")
+    path = shutil.copytree(valid["llama"], tmp_path / "key")
+    edit_manifest(path, lambda m: m["modules"][first_quant(m)]["layout"].pop("bias"), sealed=False)
+    refused(path, "bias")

@@ -13,7 +13,7 @@ FUZZER = Path(__file__).resolve().parent / "artifact_fuzz.py"
 
 def test_corrupt_and_tampered_artifacts_never_crash_hang_or_load_silently_changed(tmp_path):
     out = tmp_path / "fuzz.json"
-    subprocess.run([sys.executable, str(FUZZER), "--variants", "300", "--seed", "0", "--json", str(out)],
+    subprocess.run([sys.executable, str(FUZZER), "--variants", "300", "--seed", "0", "--json", str(out), "--rows"],
                    check=True, timeout=900, capture_output=True)
     result = json.loads(out.read_text())
     bad = [(r["verdict"], r["what"], r["load_detail"] or r["inspect_detail"]) for r in result["bad"]]

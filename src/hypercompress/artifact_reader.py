@@ -25,6 +25,7 @@ import functools
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import stat
@@ -151,8 +152,29 @@ def verify(path: str | Path) -> Verified:
         raise _fail(path, f"its tied tensors {manifest['aliases']} are not the model's {aliases}")
     header = _read_header(path)
     _check_header(path, header, expected, manifest.get("lossless"))
+    _check_totals(path, manifest, expected)
     _check_hash(path, WEIGHTS, manifest["files"][WEIGHTS])
     return Verified(path, manifest, config, model, expected, header)
+
+
+def _check_totals(path: Path, manifest: dict[str, Any], expected: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+                  ) -> None:
+    """`totals` restate what the tensors and the file size imply; a total that does not is an edit."""
+    totals = manifest["totals"]
+    bits = sum(torch.empty(0, dtype=dtype).element_size() * 8 * _numel(shape) for dtype, shape in expected.values())
+    if totals["tensor_bits"] != bits:
+        raise _fail(path, f"totals.tensor_bits is {totals['tensor_bits']:,}, its tensors hold {bits:,} bits")
+    bpw = totals["safetensors_bytes"] * 8 / manifest["original_params"]
+    if not math.isclose(totals["bits_per_weight"], bpw, rel_tol=1e-9):
+        raise _fail(path, f"totals.bits_per_weight is {totals['bits_per_weight']}, its file and "
+                          f"original_params give {bpw}")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
 
 
 def read_manifest_fields(path: Path) -> dict[str, Any]:
@@ -291,6 +313,10 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
         if parent and _submodule(model, parent) is None:
             raise _fail(path, f"module {name}: the model has no {parent}")
         replace_module(model, name, module)
+    stored = {n for n, m in model.named_modules() if isinstance(m, StoredModule)}
+    unlisted = sorted(stored - set(modules))
+    if unlisted:  # e.g. the tied head that replacing the embedding makes, or a wrapper's base
+        raise _fail(path, f"module {unlisted[0]} is implied by the others but not listed in the manifest")
     return model
 
 
@@ -335,12 +361,12 @@ def build_stored(entry: dict[str, Any], what: str, path: Path | None = None, nes
 
 @functools.cache
 def _layout_schema(cls: type) -> type[BaseModel]:
-    """A strict pydantic model of `cls.__init__`'s parameters (types from its annotations)."""
+    """A strict pydantic model of `cls.__init__`'s parameters (types from its annotations), every one
+    required: `layout()` writes them all, so a missing one is an edit."""
     hints = typing.get_type_hints(cls.__init__)
     fields = {}
     for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        default = ... if parameter.default is parameter.empty else parameter.default
-        fields[parameter.name] = (hints.get(parameter.name, Any), default)
+        fields[parameter.name] = (hints.get(parameter.name, Any), ...)  # layout() writes every one
     return create_model(f"{cls.__name__}Layout", __config__=ConfigDict(strict=True, extra="forbid"), **fields)
 
 
