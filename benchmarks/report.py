@@ -125,7 +125,30 @@ def _ct_layout(data: dict) -> list[str]:
     return report_section(data)
 
 
-SECTIONS = {"ct_layout": _ct_layout}
+def _fuzz(data: dict) -> list[str]:
+    """results/fuzz.json (tests/artifact_fuzz.py): the strict reader against corrupted artifacts."""
+    verdicts = ["refused", "accepted_same", "accepted_resealed_change", "crash", "hang", "memory",
+                "inconsistent", "silent_change"]
+    env = data["environment"]
+    lines = ["## Artifact fuzzing: corrupt and tampered artifacts against `load` and `inspect`", "",
+             f"- protocol: {data['variants']} variants (seed {data['seed']}) of {len(data['artifacts'])} tiny "
+             f"artifacts ({', '.join(data['artifacts'])}), one mutation each, {data['resealed']} of them "
+             "resealed (hashes and size recomputed); each loaded and inspected in one process "
+             "(30 s alarm per call, peak RSS growth > 1 GiB counts as a blow-up)",
+             f"- machine: {env['cpus']} CPUs, Python {env['python']}, torch {env['torch']}, "
+             f"transformers {env['transformers']}; commit {env['commit']}; {data['seconds']} s",
+             f"- command: `python tests/artifact_fuzz.py --variants {data['variants']} --seed {data['seed']} "
+             "--json benchmarks/results/fuzz.json`",
+             "- accepted_same: loads with the saved logits (an unread file added, a no-op edit); "
+             "accepted_resealed_change: a resealed, structurally valid edit of values (the format cannot "
+             "tell it from an original); every other accepted edit would be a bad verdict", ""]
+    lines += ["| mutation | " + " | ".join(verdicts) + " |", "|---|" + "---|" * len(verdicts)]
+    rows = {**data["by_mutation"], "all": data["counts"]}
+    lines += [f"| {m} | " + " | ".join(str(c.get(v, 0)) for v in verdicts) + " |" for m, c in rows.items()]
+    return lines + [""]
+
+
+SECTIONS = {"ct_layout": _ct_layout, "fuzz": _fuzz}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
