@@ -18,7 +18,6 @@ through tests/test_fuzz.py, which runs it in a subprocess with a few hundred var
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import os

@@ -230,7 +230,7 @@ def _regular_file(file: Path) -> os.stat_result:
 def _check_inventory(path: Path, manifest: dict[str, Any]) -> None:
     files = manifest["files"]
     if MANIFEST in files:
-        raise _fail(path, f"the manifest lists itself under 'files'")
+        raise _fail(path, "the manifest lists itself under 'files'")
     for name in files:
         size = _regular_file(path / name).st_size
         if name == WEIGHTS and size != manifest["totals"]["safetensors_bytes"]:
