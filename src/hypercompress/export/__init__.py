@@ -43,13 +43,13 @@ def export(artifact_dir: str | Path, fmt: str, out_dir: str | Path, **options: A
     format, a missing or corrupt artifact, an existing non-empty `out_dir`, or a module kind the
     format cannot hold; in every error case nothing is left at `out_dir`.
     """
-    from ..artifact import load, read_manifest
+    from ..artifact import load_verified
     from ..atomic import atomic_directory, refuse_existing
 
     write = writer(fmt)
     out = refuse_existing(out_dir)  # before the (slow) load
-    manifest = read_manifest(artifact_dir)
-    model, tokenizer = load(artifact_dir, fast=False)
+    model, tokenizer, verified = load_verified(artifact_dir, fast=False)
+    manifest = verified.manifest
     with atomic_directory(out) as tmp:
         report = write(model, tokenizer, manifest, tmp, **options)
     return {"format": fmt, "out": str(out), **report}
