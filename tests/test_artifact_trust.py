@@ -210,3 +210,41 @@ def test_manifest_fields_that_restate_the_tensors_must_agree(valid, tmp_path):
     path = shutil.copytree(valid["llama"], tmp_path / "key")
     edit_manifest(path, lambda m: m["modules"][first_quant(m)]["layout"].pop("bias"), sealed=False)
     refused(path, "bias")
+
+
+def test_an_artifact_asking_to_run_code_is_refused_without_a_prompt(valid, tmp_path):
+    path = copy(valid, "llama", tmp_path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    (path / "evil.py").write_text("raise SystemExit('evil code ran')\n")
+    reseal(path)
+    refused(path, "custom code")
+
+
+@pytest.mark.parametrize("edit", ["format_version", "rms_norm_eps", "max_position_embeddings"])
+def test_values_that_only_look_right_are_refused(valid, tmp_path, edit):
+    path = copy(valid, "llama", tmp_path)
+    if edit == "format_version":  # 1.0 == 1 in Python, but not the format's integer
+        edit_manifest(path, lambda m: m.__setitem__("format_version", 1.0), sealed=False)
+        refused(path, "format version")
+        return
+    config = json.loads((path / "config.json").read_text())
+    config["base_config"][edit] = float("nan") if edit == "rms_norm_eps" else 0
+    (path / "config.json").write_text(json.dumps(config))
+    reseal(path)
+    refused(path, "not finite" if edit == "rms_norm_eps" else edit)
+
+
+def test_inspect_prints_paths_and_names_as_they_are(valid, tmp_path):
+    path = shutil.copytree(valid["llama"], tmp_path / "m[/x]")  # rich would read "[/x]" as a closing tag
+    run = subprocess.run([*CLI, "inspect", str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "m[/x]" in run.stdout, run.stderr
+
+
+def test_a_source_model_with_a_nan_weight_is_refused_before_compressing():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.up_proj\.weight"):
+        compress(model, Recipe.from_list(RTN))

@@ -61,3 +61,12 @@ def test_hub_id_is_tried_only_for_org_slash_name(monkeypatch):
                         lambda source, spec, kind, dtype: calls.append((source, kind)))
     load_model("HuggingFaceTB/SmolLM2-135M")
     assert calls == [("HuggingFaceTB/SmolLM2-135M", "hub")]
+
+
+def test_text_inputs_that_are_not_regular_files_are_one_line_errors(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.txt")  # reading it would block forever
+    for spec, words in ((tmp_path, "directory"), (tmp_path / "fifo.txt", "not a regular file")):
+        with pytest.raises(UserError, match=words):
+            read_text(str(spec))

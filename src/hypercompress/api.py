@@ -26,6 +26,17 @@ from .registry import get_method
 Progress = Callable[[int, str, int, int], None]
 
 
+@torch.no_grad()
+def _refuse_non_finite_weights(model: nn.Module) -> None:
+    """A NaN or inf weight would be rounded into a finite code (or spread through a solver) without
+    a word: refuse the model, naming the first such tensor (the stored modules of an earlier run are
+    checked when they are saved)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"the model's tensor {name} holds inf or nan; compress a model whose weights "
+                            "are finite (check or re-download its files)")
+
+
 def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None,
              progress: Progress | None = None, *, device: str = "cpu", batch_size: int = 8,
              checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
@@ -45,6 +56,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     """
     if calib is not None:
         check_length(model.config, calib.shape[1], "--calib-len")
+    _refuse_non_finite_weights(model)
     teacher = None  # whole-model methods distil against the model as it was before the first stage
     if any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)
            and getattr(cls, "needs_teacher", True) for s in recipe.stages):

@@ -236,7 +236,7 @@ def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: 
             if hasattr(module, "compute_dtype"):
                 module.compute_dtype = dtype
         model.eval().requires_grad_(False)
-        _smoke_forward(model)
+        _smoke_forward(model, path)
     except UserError:
         raise
     except Exception as exc:  # modules that pass every check alone but not together (a tampered source)
@@ -245,7 +245,7 @@ def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     model.to(resolve_device(device))
     model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # files transformers parses; hashed, so only a resealed edit gets here
         raise UserError(f"artifact {path}: its tokenizer does not load ({type(exc).__name__}); "
                         "re-create the artifact") from None
@@ -253,9 +253,13 @@ def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: 
 
 
 @torch.no_grad()
-def _smoke_forward(model: nn.Module) -> None:
-    """One forward on two tokens, on the CPU: every module bound and shaped right."""
-    model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False)
+def _smoke_forward(model: nn.Module, path: Path) -> None:
+    """One forward on two tokens, on the CPU: every module bound and shaped right, and finite logits
+    (a config edit such as rms_norm_eps NaN gives NaN everywhere)."""
+    logits = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=False).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise UserError(f"artifact {path}: its logits on two tokens are not finite (a corrupt config or "
+                        "tensor); re-create the artifact")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -142,6 +142,7 @@ def verify(path: str | Path) -> Verified:
     for name, digest in manifest["files"].items():
         if name != WEIGHTS:
             _check_hash(path, name, digest)
+    _refuse_custom_code(path)
     config = read_config(path)
     if config.model_type != manifest["architecture"]:
         raise _fail(path, f"the manifest says {manifest['architecture']!r} but config.json says "
@@ -189,7 +190,7 @@ def read_manifest_fields(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise UserError(f"{file} is corrupt (not a JSON object); re-create the artifact")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # 1.0 and true equal 1 in Python
         raise UserError(f"artifact format version {version!r} is not supported (this hypercompress reads "
                         f"{FORMAT_VERSION}); re-create the artifact or upgrade hypercompress")
     try:
@@ -203,27 +204,28 @@ def read_manifest_fields(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_document(file: Path, limit: int = MAX_DOCUMENT_BYTES) -> str:
-    """A small text file of an artifact (UTF-8), refused if it is not a regular file or is larger than
-    `limit` bytes (checked before it is opened or read: a FIFO or a link to a huge file never is)."""
-    info = _regular_file(file)
+def read_document(file: Path, limit: int = MAX_DOCUMENT_BYTES, fix: str = "re-create the artifact") -> str:
+    """A small text file (UTF-8: an artifact's JSON, a recipe, a results file), refused with a
+    UserError ending in `fix` if it is not a regular file or is larger than `limit` bytes (checked
+    before it is opened or read: a FIFO or a link to a huge file never is)."""
+    info = _regular_file(file, fix)
     if info.st_size > limit:
         raise UserError(f"{file} is {info.st_size:,} bytes, more than the {limit:,} a {file.name} can "
-                        "need; re-create the artifact")
+                        f"need; {fix}")
     try:
         with open(file, "rb") as handle:
             return handle.read(limit + 1).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{file} is not readable text ({type(exc).__name__}); re-create the artifact") from None
+        raise UserError(f"{file} is not readable text ({type(exc).__name__}); {fix}") from None
 
 
-def _regular_file(file: Path) -> os.stat_result:
+def _regular_file(file: Path, fix: str = "re-create the artifact") -> os.stat_result:
     try:
         info = os.stat(file)  # follows a link (a hub snapshot links to its blobs)
     except OSError:
-        raise UserError(f"artifact file {file} is missing or unreadable; re-create the artifact") from None
+        raise UserError(f"{file} is missing or unreadable; {fix}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"artifact file {file} is not a regular file; re-create the artifact")
+        raise UserError(f"{file} is not a regular file; {fix}")
     return info
 
 
@@ -242,6 +244,21 @@ def _check_inventory(path: Path, manifest: dict[str, Any]) -> None:
     if unlisted:
         raise UserError(f"artifact {path}: {unlisted[0]} is not listed in {MANIFEST} (transformers would read "
                         "it unchecked); remove it or re-create the artifact")
+
+
+def _refuse_custom_code(path: Path) -> None:
+    """An artifact never asks transformers to import code: `auto_map` in its config or tokenizer
+    config is refused (transformers would otherwise ask whether to run it, or run it if told to)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if not (path / name).exists():
+            continue
+        try:
+            data = json.loads(read_document(path / name))
+        except (ValueError, RecursionError):
+            raise UserError(f"{path / name} is not JSON; re-create the artifact") from None
+        if isinstance(data, dict) and ("auto_map" in data or "auto_map" in (data.get("base_config") or {})):
+            raise UserError(f"{path / name} asks to run custom code (auto_map), which hypercompress never "
+                            "does; re-create the artifact from a model that needs no custom code")
 
 
 def _check_hash(path: Path, name: str, digest: str) -> None:
@@ -269,10 +286,16 @@ def read_config(path: Path):
         config = base_config_of(raw.get("base_config"))
     else:
         try:
-            config = AutoConfig.from_pretrained(path)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         except Exception as exc:  # a hostile config.json: any parse error is a refusal
             raise UserError(f"{path / 'config.json'} is not a readable config ({type(exc).__name__}); "
                             "re-create the artifact") from None
+    from .arch import POSITION_KEYS
+
+    for key in POSITION_KEYS:  # a length limit the checks read must be a positive count
+        value = getattr(config, key, None)
+        if value is not None and (type(value) is not int or value < 1):
+            raise UserError(f"{path / 'config.json'} declares {key} = {value!r}; re-create the artifact")
     layers = getattr(config, "num_hidden_layers", None)
     if not isinstance(layers, int) or isinstance(layers, bool) or not 0 < layers <= MAX_LAYERS:
         raise UserError(f"{path / 'config.json'} declares {layers!r} layers (1..{MAX_LAYERS} are read); "

@@ -84,6 +84,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def check(condition: bool, message: str) -> None:
-    """Raise UserError(message) unless condition holds (used by `validate`)."""
+    """Raise UserError(message) unless condition holds (used by `validate`); a message that names no
+    fix of its own gets the one every recipe value has."""
     if not condition:
-        raise UserError(message)
+        raise UserError(message if ";" in message else f"{message}; fix the value in the recipe or --set")

@@ -15,11 +15,22 @@ import torch
 from .errors import UserError
 
 
+MAX_TEXT_BYTES = 1 << 30  # calibration and evaluation texts are read into memory whole
+
+
 def read_text(spec: str) -> str:
     """A local text file, or (online) a `datasets` spec NAME:CONFIG:SPLIT, e.g.
     wikitext:wikitext-2-raw-v1:test (rows of its 'text' column joined by blank lines)."""
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise UserError(f"{spec} is a directory; pass a text file")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{spec} is not a regular file (a device or FIFO); pass a text file")
     if path.is_file():
+        size = path.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            raise UserError(f"{spec} is {size:,} bytes; texts are read whole, up to {MAX_TEXT_BYTES:,} bytes: "
+                            "pass a smaller sample of it")
         text = path.read_text(encoding="utf-8", errors="replace")
     elif spec.count(":") == 2 and "/" not in spec and "\\" not in spec:
         text = _dataset_text(spec)

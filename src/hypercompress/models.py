@@ -93,7 +93,7 @@ def _load_model(spec: str, dtype: torch.dtype, device: str | None) -> LoadedMode
 def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"trust_remote_code": False}  # never run a checkpoint's own code, never prompt
     location: str | Path = source
     if str(source).endswith(".gguf"):
         location, kwargs["gguf_file"] = Path(source).parent, Path(source).name
@@ -111,9 +111,9 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
                         "that the safe loader refuses (it could run code); convert it to safetensors where "
                         "you trust it (torch.load, then safetensors.torch.save_file) or pass a "
                         "model.safetensors copy") from None
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load model '{spec}': {first}") from None
+    except Exception as exc:  # a corrupt or hostile source (truncated safetensors, wrong shapes, custom code)
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"could not load model '{spec}': {first}; check or re-download the model files") from None
     if hasattr(model.config, "quantization_config"):  # GGUF tensors are dequantized: plain weights
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:  # (and may be saved like any model)

@@ -17,6 +17,7 @@ A planner recipe is a mapping instead: `target_bpw: 3.0` (or `target_ratio: 5.33
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,12 +77,16 @@ class PlanTarget:
             value, group = float(ratio if bpw is None else bpw), int(group_size)
         except (TypeError, ValueError):
             raise UserError(f"{where}: target and group_size must be numbers, e.g. target_bpw: 3.0") from None
+        if not math.isfinite(value):
+            raise UserError(f"{where}: target {value} is not a finite number; e.g. --target-bpw 3.0")
         if ratio is not None:
             if value <= 1:
-                raise UserError(f"{where}: target ratio {value} must be above 1 (the size ratio vs 16-bit)")
+                raise UserError(f"{where}: target ratio {value} must be above 1 (the size ratio vs 16-bit); "
+                                "e.g. --target-ratio 4")
             value = 16 / value
         if not 0 < value < 16:
-            raise UserError(f"{where}: target {value} bpw must be between 0 and 16")
+            raise UserError(f"{where}: target {value} bpw must be above 0 and below 16 (the original's "
+                            "16-bit size); e.g. --target-bpw 3.0")
         if group < 2:
             raise UserError(f"{where}: group_size={group} must be at least 2 (a scale per weight costs more "
                             "than float16); e.g. group_size=64")
@@ -103,11 +108,13 @@ def load_recipe_file(path: str | Path) -> "Recipe | PlanTarget":
 
 
 def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
+    from .artifact_reader import read_document
+
+    if not path.exists():
         raise UserError(f"recipe file not found: {path}; pass an existing YAML file to --recipe")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        return yaml.safe_load(read_document(path, limit=1 << 20, fix="pass a YAML recipe file to --recipe"))
+    except (yaml.YAMLError, RecursionError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
         raise UserError(f"recipe {path} is not valid YAML{at}; fix the syntax") from None

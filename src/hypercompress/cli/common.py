@@ -28,13 +28,16 @@ from ..atomic import replace_file
 from ..errors import UserError
 
 # results on stdout; piped to a file or a log, tables are not folded to 80 columns
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True)  # progress on stderr
+# markup off: paths, labels and names read from files are printed as they are ("[/x]" is not a tag)
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err_console = Console(stderr=True, markup=False)  # progress on stderr
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def one_line_errors(command: Callable) -> Callable:
-    """Turn UserError into 'error: ...' on stderr and exit code 2 (no traceback)."""
+    """Turn UserError into 'error: ...' on stderr and exit code 2 (no traceback); so too an OSError
+    the machine raised (a full disk, a path another run took meanwhile): atomic writes have already
+    removed their temporary folders when it arrives here."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -42,6 +45,11 @@ def one_line_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            typer.echo(f"error: {exc.strerror or type(exc).__name__}{where}; free disk space, check that "
+                       "path's permissions, or make sure no other run writes there", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
