@@ -147,7 +147,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
         stored, coding = tensors, None
         if lossless is not None:
             if not 1 <= lossless <= 22:
-                raise UserError(f"lossless level {lossless}: zstd levels are 1..22")
+                raise UserError(f"lossless level {lossless}: zstd levels are 1..22; pass one of them")
             stored, coding = lossless_tensors(model, tensors, lossless)
         save_file(stored, str(tmp / WEIGHTS), metadata={"format": "pt"})
         wrapper_config(model.config).save_pretrained(tmp)

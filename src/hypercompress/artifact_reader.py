@@ -182,7 +182,8 @@ def read_manifest_fields(path: Path) -> dict[str, Any]:
     """The manifest, parsed and validated by the schema (no file other than it is read)."""
     file = path / MANIFEST
     if not file.exists():
-        raise UserError(f"{path} has no {MANIFEST}: not a hypercompress artifact")
+        raise UserError(f"{path} has no {MANIFEST}: not a hypercompress artifact; pass a directory written by "
+                        "'hypercompress compress'")
     try:
         manifest = json.loads(read_document(file))
     except (ValueError, RecursionError):

@@ -52,7 +52,8 @@ def _dataset_text(spec: str) -> str:
     try:
         rows = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many types for a bad name or no network
-        raise UserError(f"could not load data set {spec}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"could not load data set {spec}: {str(exc).splitlines()[0]}; check the name or "
+                        "pass a local text file") from None
     return "\n\n".join(rows["text"])
 
 
@@ -72,7 +73,7 @@ def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> 
                         "use a smaller --seq-len or a longer text")
     if max_windows is not None:
         if max_windows < 1:
-            raise UserError(f"max_windows {max_windows} must be at least 1")
+            raise UserError(f"max_windows {max_windows} must be at least 1; pass 1 or more")
         count = min(count, max_windows)
     return ids[: count * seq_len].view(count, seq_len)
 

@@ -50,7 +50,7 @@ class Stage:
     @classmethod
     def from_dict(cls, data: Any, where: str) -> "Stage":
         if not isinstance(data, dict) or "method" not in data:
-            raise UserError(f"{where}: a stage must be a mapping with a 'method' key, e.g. method: rtn")
+            raise UserError(f"{where}: a stage must be a mapping with a 'method' key, e.g. '- method: rtn'; fix the recipe")
         data = dict(data)
         method = str(data.pop("method"))
         entry = get_method(method)
@@ -76,7 +76,7 @@ class PlanTarget:
         try:
             value, group = float(ratio if bpw is None else bpw), int(group_size)
         except (TypeError, ValueError):
-            raise UserError(f"{where}: target and group_size must be numbers, e.g. target_bpw: 3.0") from None
+            raise UserError(f"{where}: target and group_size must be numbers; e.g. target_bpw: 3.0") from None
         if not math.isfinite(value):
             raise UserError(f"{where}: target {value} is not a finite number; e.g. --target-bpw 3.0")
         if ratio is not None:
@@ -135,7 +135,7 @@ class Recipe:
         if isinstance(data, dict) and set(data) <= {"stages", "name"} and "stages" in data:
             data = data["stages"]
         if not isinstance(data, list) or not data:
-            raise UserError(f"{where}: expected a non-empty list of stages (each '- method: NAME ...')")
+            raise UserError(f"{where}: expected a non-empty list of stages ; write each stage as '- method: NAME ...'")
         return cls([Stage.from_dict(s, f"{where}[{i}]") for i, s in enumerate(data)])
 
     @classmethod
@@ -176,7 +176,7 @@ def _in_scope(index: int, stage: dict[str, Any], scope: str | None) -> bool:
 
 def _parse_override(item: str) -> tuple[str | None, str, str]:
     if "=" not in item:
-        raise UserError(f"--set {item!r}: expected key=value or STAGE.key=value, e.g. --set bits=3")
+        raise UserError(f"--set {item!r}: expected key=value or STAGE.key=value; e.g. --set bits=3")
     lhs, value = item.split("=", 1)
     scope, _, key = lhs.rpartition(".")
     if not key:
@@ -190,7 +190,7 @@ def _patterns(value: Any, where: str) -> list[str] | None:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"{where}: expected a list of regex strings")
+        raise UserError(f"{where}: expected a list of regex strings; e.g. targets: ['mlp']")
     for pattern in value:
         try:
             re.compile(pattern)

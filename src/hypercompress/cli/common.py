@@ -117,7 +117,7 @@ def _check_creatable(path: Path, option: str) -> None:
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise UserError(f"--dtype {name}: must be one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {name}: must be one of {', '.join(DTYPES)}; pass one of them")
     return DTYPES[name]
 
 

@@ -77,7 +77,7 @@ def compress(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
     if lossless is not None and not 0 <= lossless <= 22:
-        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off")
+        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off; pass one of them")
     check_output_folder(out)  # refused now, not after the compression
     check_output_file(report_json)
     if distill and target is None:
@@ -89,7 +89,7 @@ def compress(
     if checkpoint_dir.exists() and not resume:
         raise UserError(describe_leftover(checkpoint_dir))
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device {device}: must be cpu or cuda")
+        raise UserError(f"--device {device}: must be cpu or cuda; pass one of them")
     if device != "cpu" and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
     device = parallel.setup(device)  # several processes under torchrun / accelerate launch: this one's GPU
@@ -181,7 +181,7 @@ def _target(bpw: Optional[float], ratio: Optional[float], recipe, method,
     if bpw is None and ratio is None:
         return None
     if bpw is not None and ratio is not None:
-        raise UserError("pass one of --target-bpw or --target-ratio, not both")
+        raise UserError("--target-bpw and --target-ratio were both given; pass only one of them")
     if recipe is not None or method is not None:
         raise UserError("--target-bpw/--target-ratio plan their own recipe; drop --recipe/--method")
     return _with_group(PlanTarget.from_values(bpw, ratio, where="--target-bpw/--target-ratio"), overrides)
@@ -193,7 +193,7 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
     for item in overrides:
         key, _, value = item.partition("=")
         if key != "group_size":
-            raise UserError(f"--set {item}: with a size target only group_size can be set")
+            raise UserError(f"--set {item}: with a size target only group_size can be set; drop the other --set values or use --recipe")
         group = value
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
 
@@ -245,7 +245,7 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
 
 def _recipe(recipe: Optional[Path], method: Optional[str]) -> "Recipe | PlanTarget":
     if (recipe is None) == (method is None):
-        raise UserError("pass exactly one of --recipe FILE or --method NAME")
+        raise UserError("give exactly one of --recipe FILE or --method NAME (or a size target instead: --target-bpw or --target-ratio); pass one of them")
     return load_recipe_file(recipe) if recipe is not None else Recipe.single(method)
 
 

@@ -78,7 +78,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
         raise UserError("the compressed-tensors export needs the compressed-tensors package; "
                         "install it with: pip install 'compressed-tensors>=0.19'") from None
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: the compressed-tensors export writes one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {dtype}: the compressed-tensors export writes one of {', '.join(DTYPES)}; pass one of them")
     from ..arch import arch_of
 
     conv1d = arch_of(model.config.model_type).conv1d

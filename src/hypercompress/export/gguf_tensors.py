@@ -62,7 +62,7 @@ def parse_type(name: str | None) -> T | None:
         return None
     key = str(name).upper()
     if key not in WRITABLE:
-        raise UserError(f"--gguf-type {name}: the GGUF export writes one of {', '.join(WRITABLE)}")
+        raise UserError(f"--gguf-type {name}: the GGUF export writes one of {', '.join(WRITABLE)}; pass one of them")
     return WRITABLE[key]
 
 

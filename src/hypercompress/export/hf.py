@@ -22,7 +22,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
           **_: Any) -> dict[str, Any]:
     """Save `model` densified to `out_dir` with `save_pretrained`; returns {dtype, bytes}."""
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: the hf export writes one of {', '.join(DTYPES)}")
+        raise UserError(f"--dtype {dtype}: the hf export writes one of {', '.join(DTYPES)}; pass one of them")
     densify(model, DTYPES[dtype])
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

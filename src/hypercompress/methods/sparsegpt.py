@@ -43,7 +43,7 @@ class SparseGPT(HessianMethod):
         weight = linear_weight(layer)
         n_m = c.n_m()
         if n_m is not None and weight.shape[1] % n_m[1]:
-            raise UserError(f"{name}: in_features {weight.shape[1]} is not a multiple of M={n_m[1]}")
+            raise UserError(f"{name}: in_features {weight.shape[1]} is not a multiple of M={n_m[1]}; choose a pattern whose M divides it or add the layer to ignore")
         group = resolve_group_size(name, weight.shape[1], c.group_size) if c.bits < 16 else 0
         W, keep, codes, scale, zero = sparsegpt_solve(weight, self.hessian(name), c.sparsity, n_m,
                                                       c.bits, group, c.symmetric, c.damp, c.block_size,

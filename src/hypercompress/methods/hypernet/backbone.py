@@ -78,4 +78,4 @@ def make_backbone(kind: str, d_in: int, d_hidden: int) -> nn.Module:
         return SelectiveSSM(d_in, d_hidden)
     if kind == "mamba":
         return MambaBackbone(d_in, d_hidden)
-    raise UserError(f"backbone={kind!r}: must be one of {', '.join(BACKBONES)}")
+    raise UserError(f"backbone={kind!r}: must be one of {', '.join(BACKBONES)}; fix it in the recipe or --set")
