@@ -41,7 +41,7 @@ def test_planner_recipe_files(tmp_path):
     assert load_recipe_file(good) == PlanTarget(4.0, 32)
     for text, needle in [("target_bpw: 3\nbits: 4\n", "unknown planner key"),
                          ("target_bpw: 3\ntarget_ratio: 4\n", "exactly one"),
-                         ("target_bpw: 17\n", "between 0 and 16"),
+                         ("target_bpw: 17\n", "above 0 and below 16"),
                          ("target_bpw: three\n", "must be numbers")]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)

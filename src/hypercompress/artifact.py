@@ -21,7 +21,7 @@ from torch import nn
 
 from .artifact_reader import FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, build_stored, read_config, verify
 from .atomic import atomic_directory
-from .errors import UserError
+from .errors import UserError, user_path
 from .formats import lossless as lossless_codec
 from .hf_integration import wrapper_config
 from .kernels import prepare_model
@@ -141,7 +141,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
     level, 1..22) stores every tensor byte-grouped and zstd-coded; the bytes counted are the coded ones.
     `documents(safetensors_bytes)` returns text files (name -> content, e.g. the summary) written
     into the artifact and hashed with it."""
-    out = Path(out_dir).expanduser()
+    out = user_path(out_dir)
     with atomic_directory(out) as tmp:
         tensors, aliases = tensors_to_save(model)
         stored, coding = tensors, None

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, user_path
 
 FORMAT_VERSION = 1
 MANIFEST = "hypercompress.json"
@@ -134,7 +134,7 @@ class Verified:
 
 def verify(path: str | Path) -> Verified:
     """Every structural check of the module docstring; raises UserError naming the first problem."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     if not path.is_dir():
         raise UserError(f"artifact not found: {path}; pass a directory written by 'hypercompress compress'")
     manifest = read_manifest_fields(path)

@@ -20,14 +20,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import UserError
+from .errors import UserError, user_path
 
 PARTIAL = ".partial-"  # hidden temporary directories: .{out.name}.partial-{host}-{pid}-{random}
 
 
 def refuse_existing(out_dir: str | Path) -> Path:
     """`out_dir` as a Path, or a UserError when it exists and is not an empty directory."""
-    out = Path(out_dir).expanduser()
+    out = user_path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
     return out

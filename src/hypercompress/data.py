@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, user_path
 
 
 MAX_TEXT_BYTES = 1 << 30  # calibration and evaluation texts are read into memory whole
@@ -21,7 +21,7 @@ MAX_TEXT_BYTES = 1 << 30  # calibration and evaluation texts are read into memor
 def read_text(spec: str) -> str:
     """A local text file, or (online) a `datasets` spec NAME:CONFIG:SPLIT, e.g.
     wikitext:wikitext-2-raw-v1:test (rows of its 'text' column joined by blank lines)."""
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if path.is_dir():
         raise UserError(f"{spec} is a directory; pass a text file")
     if path.exists() and not path.is_file():

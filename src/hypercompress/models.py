@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .arch import arch_of
-from .errors import UserError
+from .errors import UserError, user_path
 
 # built-in name -> (PyPI distribution shipping the file, path of the file inside the distribution)
 BUILTIN_MODELS = {
@@ -67,7 +67,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
 def _load_model(spec: str, dtype: torch.dtype, device: str | None) -> LoadedModel:
     if spec in BUILTIN_MODELS:
         return _from_pretrained(builtin_gguf_path(spec), spec, "builtin", dtype)
-    path = Path(spec).expanduser()
+    path = user_path(spec)
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file not found: {spec}; pass an existing .gguf file")

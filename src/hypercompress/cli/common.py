@@ -25,7 +25,7 @@ UsageError = _click_errors.UsageError
 NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: no arguments, help
 
 from ..atomic import replace_file
-from ..errors import UserError
+from ..errors import UserError, user_path
 
 # results on stdout; piped to a file or a log, tables are not folded to 80 columns
 # markup off: paths, labels and names read from files are printed as they are ("[/x]" is not a tag)
@@ -85,7 +85,7 @@ def _usage_error(exc: UsageError) -> None:
 def check_output_folder(path: Path, option: str = "--out") -> None:
     """Before any long work: `path` (a folder to create) can be created, i.e. its nearest existing
     ancestor is a writable folder, not a regular file. Raises UserError naming `option` otherwise."""
-    _check_creatable(Path(path).expanduser(), option)
+    _check_creatable(user_path(path), option)
 
 
 def check_output_file(path: Path | None, option: str = "--json") -> None:
@@ -94,7 +94,7 @@ def check_output_file(path: Path | None, option: str = "--json") -> None:
     file or in a folder this user cannot write."""
     if path is None:
         return
-    path = Path(path).expanduser()
+    path = user_path(path)
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; pass a file path such as {path / 'report.json'}")
     if path.exists():
