@@ -203,27 +203,35 @@ def read_manifest_fields(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_document(file: Path, limit: int = MAX_DOCUMENT_BYTES) -> str:
+def read_document(file: Path, limit: int = MAX_DOCUMENT_BYTES, fix: str = "re-create the artifact") -> str:
     """A small text file of an artifact (UTF-8), refused if it is not a regular file or is larger than
-    `limit` bytes (checked before it is opened or read: a FIFO or a link to a huge file never is)."""
-    info = _regular_file(file)
+    `limit` bytes (checked before it is opened or read: a FIFO or a link to a huge file never is).
+    `fix` ends each refusal (the file belongs to an artifact unless the caller says otherwise)."""
+    info = _regular_file(file, fix)
     if info.st_size > limit:
         raise UserError(f"{file} is {info.st_size:,} bytes, more than the {limit:,} a {file.name} can "
-                        "need; re-create the artifact")
+                        f"need; {fix}")
     try:
         with open(file, "rb") as handle:
-            return handle.read(limit + 1).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{file} is not readable text ({type(exc).__name__}); re-create the artifact") from None
+            data = handle.read(limit + 1)  # bounded even if the file grew since it was checked
+    except OSError as exc:
+        raise UserError(f"{file} is not readable text ({type(exc).__name__}); {fix}") from None
+    if len(data) > limit:
+        raise UserError(f"{file} is more than the {limit:,} bytes a {file.name} can need; {fix}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{file} is not readable text ({type(exc).__name__}); {fix}") from None
 
 
-def _regular_file(file: Path) -> os.stat_result:
+def _regular_file(file: Path, fix: str = "re-create the artifact") -> os.stat_result:
+    what = "artifact file" if fix == "re-create the artifact" else "file"
     try:
         info = os.stat(file)  # follows a link (a hub snapshot links to its blobs)
     except OSError:
-        raise UserError(f"artifact file {file} is missing or unreadable; re-create the artifact") from None
+        raise UserError(f"{what} {file} is missing or unreadable; {fix}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"artifact file {file} is not a regular file; re-create the artifact")
+        raise UserError(f"{what} {file} is not a regular file; {fix}")
     return info
 
 
