@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from test_cli import assert_one_line_error, run
+from test_cli import run
 
 GOOD = {"title": "good", "rows": [{"label": "a", "bits_per_weight": 4.0, "ppl": 30.0},
                                   {"label": "b", "bits_per_weight": 2.0, "ppl": 60.0}]}
