@@ -3,6 +3,7 @@ UserError naming the fix, the folder is kept, and nothing is allocated on a head
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 
@@ -86,7 +87,23 @@ def other_hidden_shape(folder):
     tensors = load_file(str(tensors_file(folder)))
     tensors["hidden.0"] = tensors["hidden.0"][:, :8].contiguous()
     save_file(tensors, str(tensors_file(folder)))
-    set_state(folder, bytes=tensors_file(folder).stat().st_size)
+    set_state(folder, bytes=tensors_file(folder).stat().st_size, sha256=hashlib.sha256(tensors_file(folder).read_bytes()).hexdigest())
+
+
+def flip_bytes(file, count=1000):
+    """Flip `count` bytes in the middle of the tensor data (the header and the size unchanged)."""
+    data = bytearray(file.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    middle = start + (len(data) - start - count) // 2
+    assert middle >= start and len(data) - start >= count
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    file.write_bytes(bytes(data))
+
+
+def earlier_version(folder):
+    """A checkpoint as the previous version wrote it: format 1, no digest recorded."""
+    old = {k: v for k, v in state(folder).items() if k != "sha256"}
+    (folder / "state.json").write_text(json.dumps({**old, "format": 1}))
 
 
 CORRUPTIONS = {
@@ -107,6 +124,9 @@ CORRUPTIONS = {
                             "no known kind"),
     "layout claims 2**40 columns": (edit_layout, "in_features = 1099511627776 is out of range"),
     "hidden states of another shape": (other_hidden_shape, "hidden states do not match"),
+    "1000 bytes flipped in the tensors": (lambda f: flip_bytes(tensors_file(f)), "does not match the sha256"),
+    "digest edited": (lambda f: set_state(f, sha256="0" * 64), "does not match the sha256"),
+    "written by an earlier version": (earlier_version, "records no sha256"),
 }
 
 
@@ -130,7 +150,7 @@ def test_a_torn_checkpoint_blocks_no_fresh_run(folder, model_dirs):
     assert not folder.exists()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "another shape"])
+@pytest.mark.parametrize("damage", ["garbage", "another shape", "1000 bytes flipped", "earlier version"])
 def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, tmp_path, monkeypatch):
     import functools
 
@@ -144,7 +164,7 @@ def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, 
 
     def replace_file(path, write):
         calls.append(path)
-        if len(calls) == 3:  # run.json, distill step 2, then dies before step 4
+        if len(calls) == 4:  # run.json, distill step 2 (tensors, state), then dies before step 4
             raise Killed
         real(path, write)
 
@@ -153,17 +173,26 @@ def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, 
     with pytest.raises(Killed):
         compress(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder)
     monkeypatch.setattr(checkpoint_module, "replace_file", real)
-    saved = folder / "stage1" / "distill" / "distill.safetensors"
+    distill = folder / "stage1" / "distill"
+    saved = distill / json.loads((distill / "state.json").read_text())["file"]
     if damage == "garbage":
         saved.write_bytes(b"\x08" + b"\0" * 7 + b"{}" + b"x" * 50)
-    else:
+    elif damage == "another shape":
         tensors = load_file(str(saved))
         name = next(k for k in tensors if k.startswith("param."))
         tensors[name] = torch.zeros(3)
         save_file(tensors, str(saved), metadata={"step": "2"})
+    elif damage == "1000 bytes flipped":
+        flip_bytes(saved)
+    else:  # the single distill.safetensors earlier versions wrote, with no digest anywhere
+        saved.rename(saved.with_name("distill.safetensors"))
+        (distill / "state.json").unlink()
+        saved = saved.with_name("distill.safetensors")
+    needle = {"1000 bytes flipped": "does not match the sha256", "earlier version": "records no sha256"}
     with pytest.raises(UserError, match="rm -r") as error:
         compress(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder, resume=True)
     assert "\n" not in str(error.value) and saved.is_file()
+    assert needle.get(damage, "cannot be resumed") in str(error.value)
 
 
 def test_a_fifo_in_place_of_a_checkpoint_file_does_not_hang(folder, model_dirs):
@@ -185,3 +214,28 @@ def test_a_file_where_the_checkpoint_folder_goes_is_refused_and_kept(resume, mod
     with pytest.raises(UserError, match="in the way"):
         run(model_dirs["gpt2"], tmp_path / "run.checkpoint", resume=resume)
     assert (tmp_path / "run.checkpoint").read_text() == "mine"
+
+
+def test_a_resume_of_flipped_tensor_bytes_is_refused_by_the_cli_and_the_folder_kept(model_dirs, text_file,
+                                                                                     tmp_path, monkeypatch):
+    """Before: the resume exited 0 with an artifact other than an uninterrupted run's."""
+    from test_cli import assert_one_line_error, run as cli
+
+    args = ["compress", model_dirs["gpt2"], "--method", "gptq", "--set", "bits=4", "--set", "group_size=32",
+            "--calib", text_file, "--calib-samples", 4, "--calib-len", 16, "--out", tmp_path / "x"]
+    real, calls = checkpoint_module.replace_file, []
+
+    def replace_file(path, write):
+        calls.append(path)
+        if len(calls) == 4:  # run.json, block 0 (tensors, state), then dies before block 1
+            raise Killed
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint_module, "replace_file", replace_file)
+    with pytest.raises(Killed):
+        cli(*args)
+    monkeypatch.setattr(checkpoint_module, "replace_file", real)
+    folder = tmp_path / "x.checkpoint"
+    flip_bytes(tensors_file(folder))
+    assert_one_line_error(cli(*args, "--resume"), "cannot be resumed", "sha256", f"rm -r '{folder}'")
+    assert tensors_file(folder).is_file() and not (tmp_path / "x").exists()

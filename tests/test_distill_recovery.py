@@ -4,6 +4,8 @@ optimizer state in checkpoints."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -137,4 +139,5 @@ def test_adafactor_state_survives_a_checkpoint(tmp_path):
     settings = DistillSettings(4, 2, 1e-3, optimizer="adafactor", checkpoint_every=2)
     distill(student, teacher, CALIB, params, lambda: None, settings, checkpoint_dir=tmp_path)
     from safetensors.torch import load_file
-    assert any(k.startswith("state.") for k in load_file(str(tmp_path / "distill.safetensors")))
+    saved = tmp_path / json.loads((tmp_path / "state.json").read_text())["file"]
+    assert any(k.startswith("state.") for k in load_file(str(saved)))

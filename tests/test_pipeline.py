@@ -4,6 +4,7 @@ cannot fit, refuse what no pipeline reaches; the CLI writes a per-branch summary
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,3 +148,85 @@ def test_bad_pipeline_requests(args, needles, model_dirs, text_file, tmp_path):
 
 def test_plot_of_a_folder_without_results_is_refused(tmp_path):
     assert_one_line_error(run("plot", tmp_path, "--out", tmp_path / "rd.png"), "no results")
+
+
+def big_vocab_model() -> torch.nn.Module:
+    """An embedding (49152 x 64, tied) that dwarfs its two blocks, as tiny test models built from a
+    real tokenizer have: the blocks' factors reach their break-even rank (21 for the 32x64 k_proj)
+    long before the budget runs out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def big_vocab_dir(tmp_path_factory):
+    from conftest import make_tokenizer
+
+    path = tmp_path_factory.mktemp("big-vocab")
+    big_vocab_model().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_no_plan_has_a_rank_past_the_break_even_rank():
+    """Before: 0.5 bpw planned asvd rank 25 here, and compress refused the tool's own plan with
+    'set rank to 1..21'."""
+    from hypercompress.arch import block_linear_names
+    from hypercompress.methods.svd import max_useful_rank
+    from hypercompress.modules import linear_weight
+    from hypercompress.pipeline import BeyondReach
+
+    model = big_vocab_model()
+    cap = min(max_useful_rank(*linear_weight(model.get_submodule(n)).shape) for n in block_linear_names(model))
+    assert cap == 21
+    planned = 0
+    for target in [0.05 * i for i in range(1, 46)]:  # up to 2.25 bpw, the quantization floor is 2.28
+        try:
+            plan = plan_pipeline(model, target)
+        except BeyondReach:
+            continue
+        planned += 1
+        ranks = [s["rank"] for s in plan.stages if s["method"] == "asvd"]
+        assert ranks and max(ranks) <= cap, (target, plan.stages)
+        assert plan.planned_bpw <= target
+    assert planned > 30
+    plan = plan_pipeline(model, 0.5)
+    assert not any(s["method"] == "structured" for s in plan.stages)  # every block kept, at rank 21
+    compress(model, Recipe.from_list(plan.stages), CALIB)  # the recipe checks accept it
+    assert artifact.storage_bits(model) == plan.planned_bits
+
+
+def compress_big_vocab(directory, text_file, out, *target):
+    return run("compress", directory, *target, "--calib", text_file, "--calib-samples", 2, "--calib-len", 32,
+               "--out", out)
+
+
+@pytest.mark.parametrize("target", [["--target-bpw", "0.5"], ["--target-bpw", "0.45"]])
+def test_a_target_the_capped_ranks_leave_room_for_is_met(target, big_vocab_dir, text_file, tmp_path):
+    result = compress_big_vocab(big_vocab_dir, text_file, tmp_path / "x", *target)
+    assert result.exit_code == 0, result.output
+    bpw = json.loads((tmp_path / "x" / artifact.MANIFEST).read_text())["totals"]["bits_per_weight"]
+    assert 0.98 * float(target[1]) <= bpw <= float(target[1])
+
+
+@pytest.mark.parametrize("target", [["--target-bpw", "1e-300"], ["--target-ratio", "1e9"], ["--target-bpw", "0.2"]])
+def test_a_target_below_the_smallest_plan_names_what_it_stores(target, big_vocab_dir, text_file, tmp_path):
+    """Before: 'asvd: rank=469 is at or past the break-even rank ... set rank to 1..21', a key the
+    user never set; now beyond reach, naming the smallest plan's stored size, which works."""
+    result = compress_big_vocab(big_vocab_dir, text_file, tmp_path / "x", *target)
+    assert_one_line_error(result, "beyond reach", "the smallest plan", " stores ", "ask for at least --target-bpw",
+                          "a --target-ratio of at most")
+    assert "set rank to" not in result.stderr and not (tmp_path / "x").exists()
+    stores = float(re.search(r" stores (\d+\.\d+) bpw \((\d+\.\d+)x\)", result.stderr).group(1))
+    hint = float(re.search(r"at least --target-bpw (\d+\.\d+)", result.stderr).group(1))
+    ratio = float(re.search(r"--target-ratio of at most (\d+\.\d+)", result.stderr).group(1))
+    assert stores <= hint <= stores * 1.02 and stores <= 16 / ratio <= stores * 1.02
+    done = compress_big_vocab(big_vocab_dir, text_file, tmp_path / "y", "--target-ratio", ratio)
+    assert done.exit_code == 0, done.output
+    bpw = json.loads((tmp_path / "y" / artifact.MANIFEST).read_text())["totals"]["bits_per_weight"]
+    assert bpw == pytest.approx(stores, rel=1e-3)

@@ -215,18 +215,25 @@ def read_document(file: Path, limit: int = MAX_DOCUMENT_BYTES, fix: str = "re-cr
                         f"need; {fix}")
     try:
         with open(file, "rb") as handle:
-            return handle.read(limit + 1).decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+            data = handle.read(limit + 1)  # bounded even if the file grew since it was checked
+    except OSError as exc:
+        raise UserError(f"{file} is not readable text ({type(exc).__name__}); {fix}") from None
+    if len(data) > limit:
+        raise UserError(f"{file} is more than the {limit:,} bytes a {file.name} can need; {fix}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise UserError(f"{file} is not readable text ({type(exc).__name__}); {fix}") from None
 
 
 def _regular_file(file: Path, fix: str = "re-create the artifact") -> os.stat_result:
+    what = "artifact file" if fix == "re-create the artifact" else "file"
     try:
         info = os.stat(file)  # follows a link (a hub snapshot links to its blobs)
     except OSError:
-        raise UserError(f"{file} is missing or unreadable; {fix}") from None
+        raise UserError(f"{what} {file} is missing or unreadable; {fix}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"{file} is not a regular file; {fix}")
+        raise UserError(f"{what} {file} is not a regular file; {fix}")
     return info
 
 

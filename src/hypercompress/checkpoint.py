@@ -3,22 +3,28 @@
 Layout of `OUT.checkpoint/`:
   run.json                  {"fingerprint"}: which (model, recipe, calibration) the folder belongs to
   state.json                the layer-wise position: {"block", "bytes", "file", "fingerprint",
-                            "format", "modules", "stage"}; "file" names the tensors file it describes
+                            "format", "modules", "sha256", "stage"}; "file" names the tensors file
+                            it describes, "bytes" and "sha256" are that file's size and digest
   tensors-S-B-XXXX.safetensors   compressed modules' tensors + the next block's input hidden states
-  stageN/...                whole-model stages' own checkpoints (distill.py writes them)
+  stageN/...                whole-model stages' own checkpoints (distill.py writes them, the same
+                            way: a tensors file, then a state.json naming it with its size and digest)
 
 A save writes a new tensors file beside the old one, then atomically replaces state.json to point
 at it, then deletes the old file: at every instant state.json describes a complete file (a kill
 leaves at most an orphan that the next save removes). A load checks everything before using it:
 JSON that parses, a file of the recorded size that safetensors opens, the names, shapes and dtypes
 a module of the recorded layout holds (built on the meta device, so a corrupt layout allocates
-nothing); anything else is a UserError that names the fix (remove the folder).
+nothing), and the file's sha256 against the recorded one before any tensor is read (a bit flipped
+inside a tensor changes no shape); anything else is a UserError that names the fix (remove the
+folder). A checkpoint of an earlier version records no digest and is refused the same way.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import re
 import os
 import secrets
 import shutil
@@ -37,7 +43,7 @@ from .errors import UserError
 from .layers import module_kinds
 from .modules import StoredModule, replace_module
 
-FORMAT = 1
+FORMAT = 2  # 2: state.json records the tensors file's sha256
 STATE, RUN = "state.json", "run.json"
 MAX_JSON_BYTES = 64 * 2**20  # a state.json larger than this is not one of ours
 # what tensors.safetensors was called before format 1 (a killed save of that layout could tear it)
@@ -85,6 +91,36 @@ def tensor_index(path: Path, directory: Path, size: int | None = None) -> dict[s
     except Exception as exc:  # safetensors raises its own error type for any malformed header
         raise unreadable(directory, f"{path.name} is not a valid safetensors file "
                                     f"({type(exc).__name__})") from None
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, directory: Path, recorded: Any, state: str = STATE) -> None:
+    """A UserError unless `path` hashes to `recorded`, the digest `state` holds for it (none
+    recorded: a checkpoint of an earlier version, which cannot be verified)."""
+    if not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):
+        raise unreadable(directory, f"{state} records no sha256 of {path.name} (written by an earlier "
+                                    "version, it cannot be verified)")
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise unreadable(directory, f"{path.name} cannot be read ({type(exc).__name__})") from None
+    if actual != recorded:
+        raise unreadable(directory, f"{path.name} does not match the sha256 {state} records for it "
+                                    "(changed since it was written)")
+
+
+def valid_file_name(file: Any) -> bool:
+    """A tensors file name a state.json may point at: a .safetensors file inside its folder."""
+    return (isinstance(file, str) and "/" not in file and "\\" not in file and file.endswith(".safetensors")
+            and not file.startswith("."))
 
 
 def read_tensors(path: Path, directory: Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -183,15 +219,10 @@ class Checkpoint:
         file = f"tensors-{stage}-{block}-{secrets.token_hex(4)}.safetensors"
         save_tensors(self.dir / file, tensors)
         state = {"fingerprint": self.fingerprint, "stage": stage, "block": block, "modules": modules,
-                 "file": file, "bytes": (self.dir / file).stat().st_size, "format": FORMAT}
+                 "file": file, "bytes": (self.dir / file).stat().st_size,
+                 "sha256": file_sha256(self.dir / file), "format": FORMAT}
         save_json(self.dir / STATE, state)  # the switch to the new checkpoint: one atomic rename
-        for old in self.dir.glob("tensors*.safetensors"):
-            if old.name != file:
-                old.unlink(missing_ok=True)
-        for orphan in self.dir.glob(".*.tmp-*"):  # temporary files of writers killed mid-write
-            pid = orphan.name.rpartition("-")[2]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                orphan.unlink(missing_ok=True)
+        remove_stale(self.dir, "tensors*.safetensors", file)
 
     def load(self, model: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
         """Restore the stored modules into `model`; returns (stage, block, hiddens) or None when
@@ -202,9 +233,7 @@ class Checkpoint:
         state = read_json(self.dir / STATE, self.dir)
         stage, block, modules, file = (state.get(k) for k in ("stage", "block", "modules", "file"))
         file = LEGACY_TENSORS if file is None and "format" not in state else file
-        if not (_is_index(block) and isinstance(modules, dict) and isinstance(file, str)
-                and "/" not in file and "\\" not in file and file.endswith(".safetensors")
-                and not file.startswith(".")):
+        if not (_is_index(block) and isinstance(modules, dict) and valid_file_name(file)):
             raise unreadable(self.dir, f"{STATE} lacks a valid block, modules or file entry")
         size = state.get("bytes")
         index = tensor_index(self.dir / file, self.dir, size if _is_index(size) else None)
@@ -220,6 +249,7 @@ class Checkpoint:
         wrong = next((k for k in expected if index[k] != expected[k]), None)
         if wrong is not None:
             raise unreadable(self.dir, f"tensor '{wrong}' has the wrong shape or dtype")
+        check_sha256(self.dir / file, self.dir, state.get("sha256"))  # before any tensor is read
         tensors = read_tensors(self.dir / file, self.dir, sorted(index))
         for name, entry in modules.items():  # outer modules first (the order they were saved in)
             replace_module(model, name, build_stored(entry, f"module {name}", device="cpu"))
@@ -250,6 +280,18 @@ class Checkpoint:
     def remove(self) -> None:
         if parallel.is_main():
             discard(self.dir)
+
+
+def remove_stale(directory: Path, pattern: str, keep: str) -> None:
+    """After a save switched state.json to `keep`: delete the older files of `pattern` and the
+    temporary files of writers killed mid-write."""
+    for old in directory.glob(pattern):
+        if old.name != keep:
+            old.unlink(missing_ok=True)
+    for orphan in directory.glob(".*.tmp-*"):
+        pid = orphan.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            orphan.unlink(missing_ok=True)
 
 
 def discard(directory: Path) -> None:

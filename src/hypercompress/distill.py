@@ -146,8 +146,12 @@ def _tensorboard(log_dir: str | None):
 
 def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int) -> None:
     """Trainable tensors and every tensor of the optimizer's state (AdamW moments, Adafactor's
-    factored ones), with the step in the header: one safetensors file, replaced atomically."""
-    from .checkpoint import save_tensors
+    factored ones), with the step in the header, as a new safetensors file; then state.json, naming
+    it with its size and sha256, replaces the old one (one atomic rename: at every instant it
+    describes a complete file); then the older file is deleted."""
+    import secrets
+
+    from .checkpoint import file_sha256, remove_stale, save_json, save_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{n}": p.detach().cpu() for n, p in params.items()}
@@ -155,22 +159,33 @@ def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.opt
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value) and key != "step":
                 tensors[f"state.{key}.{name}"] = value.detach().cpu()
-    save_tensors(directory / CHECKPOINT, tensors, {"step": str(step)})
+    file = f"distill-{step}-{secrets.token_hex(4)}.safetensors"
+    save_tensors(directory / file, tensors, {"step": str(step)})
+    save_json(directory / STATE, {"file": file, "bytes": (directory / file).stat().st_size,
+                                  "sha256": file_sha256(directory / file), "step": step})
+    remove_stale(directory, "distill*.safetensors", file)
 
 
-CHECKPOINT = "distill.safetensors"
+STATE = "state.json"  # {"file", "bytes", "sha256", "step"}: the checkpoint's tensors file, verified
+LEGACY = "distill.safetensors"  # what earlier versions wrote, with no digest: refused
 
 
 def _restore(directory: Path, params, optimizer, schedule) -> int:
     """The step of the checkpoint in `directory` (0 without one), its tensors restored. Raises
-    UserError when the file cannot be read or does not fit `params`."""
-    from .checkpoint import read_tensors, tensor_index, unreadable
+    UserError when the file cannot be read, does not hash to the recorded sha256 or does not fit
+    `params`."""
+    from .checkpoint import _is_index, check_sha256, read_json, read_tensors, tensor_index, unreadable, valid_file_name
 
-    path = directory / CHECKPOINT
-    if not path.exists():
-        return 0
-    index = tensor_index(path, directory)
-    step = _step(path, directory)
+    if not (directory / STATE).exists():
+        if (directory / LEGACY).exists():  # an earlier version's checkpoint: no digest to verify
+            check_sha256(directory / LEGACY, directory, None)
+        return 0  # none saved yet (a tensors file without a state.json is a killed save's orphan)
+    state = read_json(directory / STATE, directory)
+    file, size, step = state.get("file"), state.get("bytes"), state.get("step")
+    if not (valid_file_name(file) and _is_index(size) and _is_index(step)):
+        raise unreadable(directory, f"{STATE} lacks a valid file, bytes or step entry")
+    path = directory / file
+    index = tensor_index(path, directory, size)
     for name, p in params.items():
         if index.get(f"param.{name}") != (tuple(p.shape), p.dtype):
             raise unreadable(directory, f"it does not hold the trained tensor '{name}' of this shape")
@@ -180,6 +195,7 @@ def _restore(directory: Path, params, optimizer, schedule) -> int:
         if kind not in ("param", "state") or name not in params or (
                 isinstance(optimizer, torch.optim.AdamW) and shape != tuple(params[name].shape)):
             raise unreadable(directory, f"it holds a tensor '{key}' this run does not train")
+    check_sha256(path, directory, state.get("sha256"))  # before any tensor is read
     tensors = read_tensors(path, directory, sorted(index))
     with torch.no_grad():
         for name, p in params.items():
@@ -193,25 +209,6 @@ def _restore(directory: Path, params, optimizer, schedule) -> int:
         for _ in range(step):
             schedule.step()
     return step
-
-
-def _step(path: Path, directory: Path) -> int:
-    """The step recorded in a distillation checkpoint's header (or, as older versions wrote it, in
-    distill.json beside it)."""
-    from safetensors import safe_open
-
-    from .checkpoint import read_json, unreadable
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            step = (handle.metadata() or {}).get("step")
-    except Exception:
-        raise unreadable(directory, f"{path.name} is not a valid safetensors file") from None
-    if step is None and (directory / "distill.json").is_file():
-        step = str(read_json(directory / "distill.json", directory).get("step"))
-    if step is None or not step.isdigit():
-        raise unreadable(directory, f"{path.name} records no step")
-    return int(step)
 
 
 def teacher_samples(teacher: nn.Module, prompts: torch.Tensor, length: int, seed: int = 0,

@@ -15,10 +15,15 @@ before anything is compressed:
    SATURATED_KL, of lowest table error; without calibration, the largest.
 3. Block linears: activation-aware low-rank factors (asvd, SVD-LLM whitening) of one rank r for
    every matrix; the first blocks get rank r + 1 while bits are left (so the plan lands within one
-   block's rank step of the target).
+   block's rank step of the target). r never passes the break-even rank of the smallest matrix
+   (`max_useful_rank`: past it the factors store more than the matrix); when the blocks reach it with
+   bits left (a model whose embedding dwarfs its blocks), the embedding takes a larger option
+   instead, if one fits.
 4. If even rank 1 everywhere does not fit, the lowest-influence blocks are removed (ShortGPT block
    influence, methods/structured) until rank-1 factors of the remaining blocks fit; at least one
-   block stays, else the target is refused with the smallest size the pipeline reaches.
+   block stays, else the target is refused with the smallest size the pipeline reaches
+   (`smallest_plan`: one block of rank-1 factors, the smallest embedding option; fit_pipeline
+   measures the file it stores).
 """
 
 from __future__ import annotations
@@ -118,29 +123,57 @@ def low_rank_bits(module: nn.Module, rank: int) -> int:
     return 16 * (rank * (out_features + in_features) + (out_features if bias else 0))
 
 
+@dataclass
+class _Layout:
+    """What plan_pipeline needs of a model: its sizes in bits, the block linears' costs and rank cap."""
+    spec: Any
+    params: int
+    embedding: nn.Embedding
+    embed_name: str
+    fixed: int            # bits of everything the pipeline does not compress (norms, an untied head...)
+    blocks: int
+    bias: list[int]       # per block: its factors' bits at rank 0 (biases)
+    slope: list[int]      # per block: bits per unit of rank
+    ladder: list[tuple]   # the embedding options below their break-even rank
+    cap: int              # the largest rank every block linear's factors store less than it at
+
+
+def _layout(model: nn.Module) -> _Layout:
+    from .artifact import storage_bits
+    from .methods.svd import max_useful_rank
+
+    spec = arch_of(model.config.model_type)
+    embedding = model.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embedding)
+    linears = block_linear_names(model)
+    dense = sum(t.numel() * 16 for n in linears + [embed_name]
+                for t in model.get_submodule(n).state_dict().values())
+    blocks = len(model.get_submodule(spec.blocks))
+    in_block = [[n for n in linears if n.startswith(f"{spec.blocks}.{b}.")] for b in range(blocks)]
+    # a block's factors cost bias + rank x slope bits
+    bias = [sum(low_rank_bits(model.get_submodule(n), 0) for n in names) for names in in_block]
+    slope = [sum(low_rank_bits(model.get_submodule(n), 1) for n in names) - b for names, b in zip(in_block, bias)]
+    shapes = {n: tuple(linear_weight(model.get_submodule(n)).shape) for n in linears}
+    smallest = min(shapes, key=lambda n: (max_useful_rank(*shapes[n]), n))
+    cap = max_useful_rank(*shapes[smallest])
+    if cap < 1:
+        out_f, in_f = shapes[smallest]
+        raise UserError(f"{smallest} ({out_f}x{in_f}) is too small for low-rank factors of any rank to store "
+                        "less than the matrix, so the pipeline below the quantization floor cannot compress "
+                        "this model; ask for a target at or above the quantization floor")
+    return _Layout(spec, count_params(model), embedding, embed_name, storage_bits(model) - dense, blocks, bias,
+                   slope, useful_embedding_options(embedding), cap)
+
+
 def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
                   calib: torch.Tensor | None = None, measured: dict | None = None) -> PipelinePlan:
     """Stages reaching `target_bpw` (whole-model, all stored bits / original params) by embedding
     compression, low-rank factors and, when needed, block removal; `distill_steps` > 0 appends a
     distillation stage; `measured` keeps the embedding options' KLs between calls. Raises UserError
     when the target is below the smallest plan."""
-    from .artifact import storage_bits
-
-    spec = arch_of(model.config.model_type)
-    params, budget = count_params(model), int(target_bpw * count_params(model))
-    embedding = model.get_input_embeddings()
-    embed_name = next(n for n, m in model.named_modules() if m is embedding)
-    linears = block_linear_names(model)
-    dense = sum(t.numel() * 16 for n in linears + [embed_name]
-                for t in model.get_submodule(n).state_dict().values())
-    fixed = storage_bits(model) - dense  # norms, position embeddings, an untied head...
-    blocks = len(model.get_submodule(spec.blocks))
-    in_block = [[n for n in linears if n.startswith(f"{spec.blocks}.{b}.")] for b in range(blocks)]
-    # a block's factors cost bias + rank x slope bits
-    bias = [sum(low_rank_bits(model.get_submodule(n), 0) for n in names) for names in in_block]
-    slope = [sum(low_rank_bits(model.get_submodule(n), 1) for n in names) - b for names, b in zip(in_block, bias)]
-    ladder = useful_embedding_options(embedding)
-    share = [o for o in ladder if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
+    lay = _layout(model)
+    params, budget, embedding = lay.params, int(target_bpw * lay.params), lay.embedding
+    share = [o for o in lay.ladder if embedding_bits(embedding, o) <= EMBEDDING_SHARE * budget]
     if calib is not None and len(share) > 1:
         measured = {} if measured is None else measured
         ids = calib[:1, :256]  # the first 256 tokens of the first calibration window
@@ -149,28 +182,60 @@ def plan_pipeline(model: nn.Module, target_bpw: float, distill_steps: int = 0,
                 reference = model(input_ids=ids).logits
         for option in share:
             if option not in measured:
-                measured[option] = embedding_score(model, embed_name, option, ids, reference)
+                measured[option] = embedding_score(model, lay.embed_name, option, ids, reference)
         share.sort(key=lambda o: embedding_rank_key(measured[o]))
-    rest = sorted((o for o in ladder if o not in share), key=lambda o: embedding_bits(embedding, o))
+    rest = sorted((o for o in lay.ladder if o not in share), key=lambda o: embedding_bits(embedding, o))
+    chosen = None  # (stages, notes, bits used)
+    capped = None  # the fullest plan whose blocks stopped at the rank cap with bits left
     for option in share + rest:  # a larger share for the embedding only if no block fits beside it
-        left = budget - fixed - embedding_bits(embedding, option)
-        stages = [embedding_stage(embed_name, option)]
+        left = budget - lay.fixed - embedding_bits(embedding, option)
+        stages = [embedding_stage(lay.embed_name, option)]
         notes = [f"embedding {stages[0]['method']} " + ", ".join(
             f"{k}={v}" for k, v in stages[0].items() if k in ("bits", "rank"))]
-        planned = _fit_blocks(spec, blocks, bias, slope, left, stages, notes)
-        if planned is not None:
+        fitted = _fit_blocks(lay.spec, lay.blocks, lay.bias, lay.slope, left, stages, notes, lay.cap)
+        if fitted is None or (fitted[1] == "removed" and capped is not None):
+            continue  # removing blocks is worse than every block at the rank cap
+        used, kind = fitted
+        planned = budget - left + used
+        if kind != "capped":
+            chosen = (stages, notes, planned)
             break
-    else:
-        cost = min(b + s for b, s in zip(bias, slope))
-        smallest = (fixed + min(embedding_bits(embedding, o) for o in ladder) + cost) / params
-        raise BeyondReach(f"target {target_bpw:.4f} bpw ({16 / target_bpw:.0f}x) is beyond reach: the "
-                        f"smallest pipeline (one block of rank-1 factors, a rank-1 embedding) is "
-                        f"{smallest:.4f} bpw ({16 / smallest:.1f}x); ask for at most that ratio")
-    planned = budget - left + planned
+        if capped is None or planned > capped[2]:
+            capped = (stages, notes, planned)
+    chosen = chosen or capped
+    if chosen is None:
+        cost = min(b + s for b, s in zip(lay.bias, lay.slope))
+        smallest = (lay.fixed + min(embedding_bits(embedding, o) for o in lay.ladder) + cost) / params
+        raise BeyondReach(f"target {target_bpw:.4g} bpw ({16 / target_bpw:.4g}x) is beyond reach: the "
+                          f"smallest pipeline (one block of rank-1 factors, the smallest embedding) plans "
+                          f"{smallest:.4f} bpw ({16 / smallest:.1f}x); ask for at most that ratio")
+    stages, notes, planned = chosen
     if distill_steps:
         stages.append(distill_stage(distill_steps))
         notes.append(f"distillation {distill_steps} steps")
     return PipelinePlan(target_bpw, stages, planned, params, notes)
+
+
+def smallest_plan(model: nn.Module, distill_steps: int = 0) -> PipelinePlan:
+    """The smallest plan the pipeline makes: the smallest embedding option and rank-1 factors of the
+    one block kept (the others removed); planned for the costliest block, as plan_pipeline does."""
+    lay = _layout(model)
+    option = min(lay.ladder, key=lambda o: embedding_bits(lay.embedding, o))
+    stages = [embedding_stage(lay.embed_name, option)]
+    notes = [f"embedding {stages[0]['method']} " + ", ".join(
+        f"{k}={v}" for k, v in stages[0].items() if k in ("bits", "rank"))]
+    cost = max(b + s for b, s in zip(lay.bias, lay.slope))
+    if lay.blocks > 1:
+        stages.insert(0, {"method": "structured", "drop_layers": lay.blocks - 1, "mlp_keep": 1.0})
+        notes.append(f"{lay.blocks - 1} of {lay.blocks} blocks removed (lowest block influence); asvd rank 1")
+    else:
+        notes.append("asvd rank 1")
+    stages.append({"method": "asvd", "rank": 1})
+    if distill_steps:
+        stages.append(distill_stage(distill_steps))
+        notes.append(f"distillation {distill_steps} steps")
+    planned = lay.fixed + embedding_bits(lay.embedding, option) + cost
+    return PipelinePlan(planned / lay.params, stages, planned, lay.params, notes)
 
 
 def distill_stage(steps: int) -> dict[str, Any]:
@@ -178,12 +243,18 @@ def distill_stage(steps: int) -> dict[str, Any]:
     return {"method": "distill", "steps": steps, "batch": 8, "lr": 1e-4}
 
 
-def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int, stages: list, notes: list
-                ) -> int | None:
-    """Append the block stages that fit `left` bits (low-rank factors; blocks removed if rank 1 does
-    not fit); returns the bits they use, or None if not even one block of rank 1 fits."""
+def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int, stages: list, notes: list,
+                cap: int) -> tuple[int, str] | None:
+    """Append the block stages that fit `left` bits (low-rank factors of rank at most `cap`; blocks
+    removed if rank 1 does not fit); returns (the bits they use, "capped" when the rank stopped at
+    `cap` with bits left, "removed" when blocks are removed, else "fitted"), or None if not even one
+    block of rank 1 fits."""
     if left >= sum(bias) + sum(slope):
         rank = int((left - sum(bias)) // sum(slope))
+        if rank >= cap:  # past the break-even rank the factors would store more than the matrices
+            stages.append({"method": "asvd", "rank": cap})
+            notes.append(f"asvd rank {cap} (the largest useful rank)")
+            return sum(bias) + cap * sum(slope), "capped"
         spare = left - sum(bias) - rank * sum(slope)
         upgraded = 0
         while upgraded < blocks and slope[upgraded] <= spare:
@@ -194,7 +265,7 @@ def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int,
         stages.append({"method": "asvd", "rank": rank, **({"ignore": _block_targets(spec, range(upgraded))}
                                                          if upgraded else {})})
         notes.append(f"asvd rank {rank} ({upgraded} of {blocks} blocks at rank {rank + 1})")
-        return left - spare
+        return left - spare, "fitted"
     # the kept blocks are chosen by measured influence at compress time: plan for the costliest
     cost = sorted((b + s for b, s in zip(bias, slope)), reverse=True)
     keep = blocks
@@ -205,7 +276,7 @@ def _fit_blocks(spec, blocks: int, bias: list[int], slope: list[int], left: int,
     stages.insert(0, {"method": "structured", "drop_layers": blocks - keep, "mlp_keep": 1.0})
     stages.append({"method": "asvd", "rank": 1})
     notes.append(f"{blocks - keep} of {blocks} blocks removed (lowest block influence); asvd rank 1")
-    return sum(cost[:keep])
+    return sum(cost[:keep]), "removed"
 
 
 def _block_targets(spec, indices) -> list[str]:
@@ -220,13 +291,14 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
     the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have
     (safetensors header and the lossless stage included); the planning budget is searched
     (planner_fit.fit_budget) until the file lands within [target x (1 - tolerance), target], else the
-    target is refused naming the sizes reached nearest it; the trials calibrate on `device`.
-    Returns the plan, `reached_bpw` set."""
+    target is refused naming the sizes reached nearest it; the trials calibrate on `device`. The
+    smallest plan is measured first: a target under the file it stores is refused as beyond reach,
+    naming that size. Returns the plan, `reached_bpw` set."""
     import json
 
     from .api import compress
     from .artifact import stored_bytes
-    from .planner_fit import fit_budget
+    from .planner_fit import HEADROOM, Trial, _ask, _size, fit_budget
     from .recipe import Recipe
 
     measured, params = {}, count_params(model)
@@ -244,5 +316,12 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
         plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
         return plan.reached_bpw
 
+    smallest = smallest_plan(model, distill_steps)
+    if stored(smallest) > target_bpw:
+        raise BeyondReach(f"target {_size(target_bpw)} is beyond reach: the smallest plan ("
+                          + "; ".join(smallest.notes) + f") stores {_size(smallest.reached_bpw)}; ask for "
+                          + _ask(smallest.reached_bpw, "least", HEADROOM))
+    if smallest.reached_bpw >= target_bpw * (1 - tolerance):
+        return smallest
     return fit_budget(replan, stored, lambda p: p.planned_bpw, lambda p: json.dumps(p.stages, sort_keys=True),
-                      target_bpw, (0.0, 16.0), tolerance, trials)
+                      target_bpw, (0.0, 16.0), tolerance, trials, under=Trial(smallest, smallest.reached_bpw))

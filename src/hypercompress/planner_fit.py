@@ -78,14 +78,15 @@ def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: t
 
 def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], planned: Callable[[Any], float],
                key: Callable[[Any], Hashable], target_bpw: float, bounds: tuple[float, float],
-               tolerance: float = 0.02, trials: int = 14) -> Any:
+               tolerance: float = 0.02, trials: int = 14, under: Trial | None = None) -> Any:
     """The search of the module docstring, for any planner: `replan(budget)` gives the plan for a
     planning budget in bpw (None: no plan that small), `stored(plan)` its file's bpw, `planned(plan)`
     its planned bpw, `key(plan)` an identity (a plan met again is not measured again); `bounds` the
-    budgets of the smallest and largest plans. Returns the first plan whose file lands within
+    budgets of the smallest and largest plans; `under` a trial already known to store under the
+    target (the smallest plan). Returns the first plan whose file lands within
     [target x (1 - tolerance), target]; else raises UserError naming the sizes found nearest it."""
     low = target_bpw * (1 - tolerance)
-    under: Trial | None = None  # the trial storing the most at or under the target
+    # the trial storing the most at or under the target
     over: Trial | None = None   # the trial storing the least over it
     bracket = list(bounds)  # planning budgets: the low end's plan stores under, the high end's over
     budget, seen = target_bpw, {}
@@ -119,6 +120,8 @@ def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], p
 
 
 def _size(bpw: float) -> str:
+    if bpw < 1e-3:  # a target far past any plan (1e-300 bpw): no 300-digit ratio
+        return f"{bpw:.4g} bpw ({16 / bpw:.4g}x)"
     return f"{bpw:.4f} bpw ({16 / bpw:.2f}x)"
 
 

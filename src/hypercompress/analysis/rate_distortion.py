@@ -11,46 +11,121 @@ magnitude once a model breaks.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import warnings
 from pathlib import Path
+from typing import Callable
 
+from ..artifact_reader import read_document
 from ..atomic import replace_file
 from ..errors import UserError
 
 Series = dict[str, list[tuple[float, float, str]]]  # name -> (bpw, ppl, label)
 
 
-def collect(folder: Path) -> Series:
+def collect(folder: Path, warn: Callable[[str], None] | None = None) -> Series:
     """Every (bpw, ppl, label) point under `folder`, grouped into series (anchor rows, copies of
-    another table's rows, once)."""
+    another table's rows, once).
+
+    The folder holds other JSON too (configs, manifests, tokenizers, other reports): a file that is
+    neither a results table nor an artifact summary is passed over. One that cannot be read as JSON
+    (a FIFO, a link to a device, larger than any results file, not UTF-8 or not JSON) or that is a
+    results table or summary with fields of the wrong type is skipped, each with a one-line `warn`
+    (default: warnings.warn) naming the file and the problem."""
     if not folder.is_dir():
         raise UserError(f"results folder not found: {folder}; pass a directory of results/*.json or artifacts")
+    if warn is None:
+        warn = functools.partial(warnings.warn, stacklevel=2)
     series: Series = {}
+    skipped = 0
     for file in sorted(folder.rglob("*.json")):
         try:
-            data = json.loads(file.read_text())
-        except (ValueError, OSError):
+            found = _points(file)
+        except UserError as exc:
+            warn(str(exc))
+            skipped += 1
             continue
-        if not isinstance(data, dict):
+        if found is None:
             continue
-        if isinstance(data.get("rows"), list):
-            points = [(r["bits_per_weight"], r["ppl"], r.get("label", "")) for r in data["rows"]
-                      if isinstance(r, dict) and _number(r.get("bits_per_weight")) and _number(r.get("ppl"))
-                      and "anchor" not in r.get("label", "")]  # anchors repeat another table's row
-            if points:
-                series[data.get("title") or file.stem] = points
-        elif file.name == "summary.json" and isinstance(data.get("branches"), list) and data["branches"]:
-            last = data["branches"][-1]
-            if _number(last.get("ppl")):
-                series.setdefault("artifacts", []).append((last["bits_per_weight"], last["ppl"], file.parent.name))
+        name, points = found
+        if name is None:
+            series.setdefault("artifacts", []).extend(points)
+        else:
+            series[name] = points
     if not series:
-        raise UserError(f"no results with bits_per_weight and ppl under {folder}; run a benchmark or "
+        note = f" ({skipped} malformed file{'s' if skipped != 1 else ''} skipped)" if skipped else ""
+        raise UserError(f"no results with bits_per_weight and ppl under {folder}{note}; run a benchmark or "
                         "compress with --eval first")
     return series
 
 
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and value > 0
+SKIPPED = "skipped it (fix or remove the file to plot it)"
+
+
+def _points(file: Path) -> tuple[str | None, list[tuple[float, float, str]]] | None:
+    """The series name (None: the shared "artifacts" series) and points of one JSON file, None when
+    it is neither a results table nor an artifact summary or has no measured point. Raises UserError
+    (ending in SKIPPED) for an unreadable or malformed one."""
+    text = read_document(file, fix=SKIPPED)  # a regular file, size bounded before it is opened
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise UserError(f"{file} is not JSON; {SKIPPED}") from None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("rows"), list):
+        title = data.get("title")
+        if title is not None and not isinstance(title, str):
+            raise _malformed(file, "'title'", title, "a string")
+        points = []
+        for index, row in enumerate(data["rows"]):
+            where = f"rows[{index}]"
+            if not isinstance(row, dict):
+                raise _malformed(file, where, row, "an object")
+            label = row.get("label", "")
+            if label is None:
+                label = ""
+            if not isinstance(label, str):
+                raise _malformed(file, f"{where}.label", label, "a string")
+            bpw = _measure(file, row, where, "bits_per_weight")
+            ppl = _measure(file, row, where, "ppl")
+            if bpw is not None and ppl is not None and "anchor" not in label:  # anchors repeat another table's row
+                points.append((bpw, ppl, label))
+        return (title or file.stem, points) if points else None
+    if file.name == "summary.json" and isinstance(data.get("branches"), list) and data["branches"]:
+        last = data["branches"][-1]
+        where = f"branches[{len(data['branches']) - 1}]"
+        if not isinstance(last, dict):
+            raise _malformed(file, where, last, "an object")
+        ppl = _measure(file, last, where, "ppl")
+        if ppl is None:
+            return None  # quality not measured (no --eval)
+        bpw = _measure(file, last, where, "bits_per_weight")
+        if bpw is None:
+            raise UserError(f"{file}: {where} has a ppl but no positive bits_per_weight; {SKIPPED}")
+        return None, [(bpw, ppl, file.parent.name)]
+    return None
+
+
+def _measure(file: Path, row: dict, where: str, key: str) -> float | None:
+    """row[key] as a positive finite number; None when it is absent, null or not positive and finite
+    (not measured, or a model broken past plotting); UserError when it is not a number at all."""
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _malformed(file, f"{where}.{key}", value, "a number")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer past float range
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _malformed(file: Path, field: str, value: object, expected: str) -> UserError:
+    return UserError(f"{file}: {field} is {type(value).__name__}, not {expected}; {SKIPPED}")
 
 
 def plot(series: Series, out: Path, title: str = "Rate-distortion: perplexity vs bits per weight") -> Path:

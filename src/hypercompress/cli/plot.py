@@ -15,9 +15,10 @@ def plot(
     folder: Path = typer.Argument(..., help="results folder (benchmarks/results) or a folder of artifacts"),
     out: Path = typer.Option(Path("rate_distortion.png"), "--out", help="PNG to write"),
 ) -> None:
-    """Perplexity vs bits per weight (log-log) for every result row and artifact summary in FOLDER."""
+    """Perplexity vs bits per weight (log-log) for every result row and artifact summary in FOLDER
+    (a JSON file that cannot be read or has fields of the wrong type is skipped with a warning)."""
     check_output_file(out, "--out")
-    series = collect(folder)
+    series = collect(folder, warn=lambda message: typer.echo(f"warning: {message}", err=True))
     draw(series, out)
     points = sum(len(p) for p in series.values())
     console.print(f"{out}: {points} points in {len(series)} series ({', '.join(series)})")
