@@ -9,7 +9,6 @@ field is checked against the others and the config before a tensor is read with 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .artifact_reader import FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, build_stored, read_config, verify
+from .artifact_reader import (FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, build_stored, file_sha256, read_config,
+                              verify)
 from .atomic import atomic_directory
 from .errors import UserError, user_path
 from .formats import lossless as lossless_codec
@@ -167,7 +167,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
             "modules": {n: {"kind": m.kind, "layout": m.layout()}
                         for n, m in compressed_modules(model).items()},
             "aliases": aliases,
-            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+            "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
             "totals": {
                 "tensor_bits": bits,
                 "safetensors_bytes": (tmp / WEIGHTS).stat().st_size,
@@ -290,11 +290,3 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
     owner, _, leaf = name.rpartition(".")
     return getattr(model.get_submodule(owner), leaf)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -269,12 +269,17 @@ def _refuse_custom_code(path: Path) -> None:
                             "does; re-create the artifact from a model that needs no custom code")
 
 
-def _check_hash(path: Path, name: str, digest: str) -> None:
-    sha = hashlib.sha256()
-    with open(path / name, "rb") as handle:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks (artifacts and checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(chunk)
-    if sha.hexdigest() != digest:
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_hash(path: Path, name: str, digest: str) -> None:
+    if file_sha256(path / name) != digest:
         raise UserError(f"artifact file {path / name} fails its sha256 check (corrupt or tampered); "
                         "re-create the artifact")
 

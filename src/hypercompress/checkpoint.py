@@ -22,7 +22,6 @@ folder). A checkpoint of an earlier version records no digest and is refused the
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import re
 import os
@@ -37,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import parallel
-from .artifact_reader import build_stored
+from .artifact_reader import build_stored, file_sha256
 from .atomic import pid_alive, replace_file
 from .errors import UserError
 from .layers import module_kinds
@@ -91,15 +90,6 @@ def tensor_index(path: Path, directory: Path, size: int | None = None) -> dict[s
     except Exception as exc:  # safetensors raises its own error type for any malformed header
         raise unreadable(directory, f"{path.name} is not a valid safetensors file "
                                     f"({type(exc).__name__})") from None
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_sha256(path: Path, directory: Path, recorded: Any, state: str = STATE) -> None:

@@ -7,7 +7,6 @@ of L tokens at seeded random offsets.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch

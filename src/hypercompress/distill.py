@@ -151,7 +151,8 @@ def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.opt
     describes a complete file); then the older file is deleted."""
     import secrets
 
-    from .checkpoint import file_sha256, remove_stale, save_json, save_tensors
+    from .artifact_reader import file_sha256
+    from .checkpoint import remove_stale, save_json, save_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{n}": p.detach().cpu() for n, p in params.items()}
