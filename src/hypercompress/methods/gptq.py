@@ -21,7 +21,9 @@ from .rtn import RtnConfig, resolve_group_size
 class GptqConfig(RtnConfig):
     """RTN's grid options (bits, group_size, symmetric, zero_point) plus the solver's."""
 
-    act_order: bool = False     # quantize columns by descending Hessian diagonal (static groups)
+    act_order: bool = True      # columns by descending Hessian diagonal (static groups); on by default:
+                                # it measured better (SmolLM2 w4 g64, WikiText-2 first 64 windows,
+                                # H200: 34.94 vs 37.37 without)
     damp: float = 0.01          # dampening: this fraction of mean(diag H) is added to the diagonal
     block_size: int = 128       # columns per lazy-update block (rounded to whole groups)
 
