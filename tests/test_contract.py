@@ -22,8 +22,10 @@ METHODS = hypercompress.list_methods()
 QUICK = {"hypernet": {"warm_steps": 5, "steps": 5}, "kan": {"steps": 3}, "distill": {"steps": 3},
          "factor_embedding": {"rank": 8, "targets": ["embed_tokens$", "wte$"]}, "kv_lowrank": {"keep": 0.25}}
 BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
+AFTER = {"rotate": [{"method": "rtn", "bits": 4, "group_size": 32}]}  # rotate compresses nothing by itself
 STRUCTURAL = {"structured"}  # shrink the model itself: no compressed module, fewer dense tensors
-ARCH_ONLY = {"kv_lowrank": {"llama"}}  # GPT-2 fuses k and v into c_attn (the refusal is tested apart)
+ARCH_ONLY = {"kv_lowrank": {"llama"},  # GPT-2 fuses k and v into c_attn (the refusal is tested apart)
+             "rotate": {"llama"}}  # GPT-2's LayerNorm does not commute with a rotation (tested apart)
 
 
 def calibration(seed=0):
@@ -34,7 +36,8 @@ def compressed_artifact(model_dir, method, out, seed=0):
     torch.manual_seed(seed)
     loaded = load_model(str(model_dir))
     params = count_params(loaded.model)
-    recipe = Recipe.from_list(BEFORE.get(method, []) + [{"method": method, **QUICK.get(method, {})}])
+    recipe = Recipe.from_list(BEFORE.get(method, []) + [{"method": method, **QUICK.get(method, {})}]
+                              + AFTER.get(method, []))
     compress(loaded.model, recipe, calibration(seed), batch_size=4)
     artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(), original_params=params)
     return loaded.model

@@ -118,11 +118,11 @@ def _whole_model(model, stage, first, teacher, calib, device, progress, checkpoi
                  method: WholeModelMethod | None = None, names: list[str] | None = None) -> None:
     """Run whole-model stage `first` (`method` on `names`, or the stage's own selection when
     replayed on resume); its own checkpoint goes to the checkpoint folder's stage{first}/."""
-    if calib is None:
-        raise UserError(f"method '{stage.method}' trains on calibration text; pass --calib FILE")
     if method is None:
         method = get_method(stage.method).method_cls(stage.config)
         names = select_linears(model, stage.targets, stage.ignore)
+    if calib is None and method.needs_calibration:
+        raise UserError(f"method '{stage.method}' trains on calibration text; pass --calib FILE")
     if checkpoint is not None:
         checkpoint.claim()
     method.apply(model, names, teacher, calib, device=device,
