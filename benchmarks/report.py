@@ -19,6 +19,18 @@ COLUMNS = [("label", "method", "{}"), ("bits_per_weight", "bpw (whole model)", "
 
 # What a reader needs to read a section right (written with the scripts, not results)
 NOTES = {
+    "rotation": [
+        "Block linears only (groups of 64, asymmetric; GPTQ act-order, 128 x 512 calibration tokens of the "
+        "validation text); the embedding stays float16. rotate unties SmolLM2's lm_head (the final norm "
+        "folds into the head, not the embedding), so its rows store a second float16 table: +3.37 bpw. "
+        "These rows are therefore not at equal bytes; they show what the rotation does to the error.",
+        "Reading: the rotation helps GPTQ at 4 and 3 bits (35.48 -> 33.78, 61.84 -> 53.00). It hurts RTN "
+        "at 4 and 3 bits (39.91 -> 58.08, 100.9 -> 2282) and GPTQ at 2 bits (3301 -> 13827). A likely "
+        "cause is SmolLM2's massive residual channels: spread by the rotation, they meet every "
+        "column's rounding error. A rotation therefore pays only with an error-correcting solver here, and "
+        "only once the head is quantized too (equal bytes); that, learned rotations (SpinQuant) and qat "
+        "remain for issue 14.",
+    ],
     "baseline": [
         "Whole-model bpw includes the 16-bit token embedding (28.3M of 134.5M parameters, tied with "
         "lm_head), so RTN w4 g64 is 4.31 bpw on the block linears but 6.78 bpw for the model; "
