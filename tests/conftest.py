@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,28 @@ def write_text(path: Path, words: int, seed: int) -> Path:
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(words // 12)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def no_hang():
+    """A test that blocks (a FIFO opened, a huge file read) fails after 60 s instead of hanging the suite."""
+    def alarm(*_):
+        raise TimeoutError("blocked for 60 s")
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def tied_llama(vocab_size: int) -> LlamaForCausalLM:
+    """A 2-layer Llama (hidden 64) with a tied embedding of `vocab_size` rows, seeded: a model whose
+    storage the embedding dominates, as SmolLM2's does."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="session")

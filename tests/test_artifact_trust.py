@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -43,16 +42,7 @@ def valid(tmp_path_factory):
             "gpt2-embed": save(make_model("gpt2"), root / "gpt2-embed", [{**RTN[0], "targets": ["wte$"]}])}
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A regression that blocks (a FIFO opened, a huge file hashed) fails here instead of hanging."""
-    def alarm(*_):
-        raise TimeoutError("the reader blocked")
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("no_hang")  # a reader that blocks fails instead of hanging
 
 
 def copy(valid, name, tmp_path):

@@ -30,6 +30,23 @@ def calib():
     return torch.randint(1, 121, (4, 16), generator=torch.Generator().manual_seed(0))
 
 
+def killed_after_first_block(monkeypatch, start) -> None:
+    """Run start() with the checkpoint writer dying at its 4th write: run.json, block 0 (tensors,
+    state), then before block 1's tensors."""
+    real, calls = checkpoint_module.replace_file, []
+
+    def replace_file(path, write):
+        calls.append(path)
+        if len(calls) == 4:
+            raise Killed
+        real(path, write)
+
+    monkeypatch.setattr(checkpoint_module, "replace_file", replace_file)
+    with pytest.raises(Killed):
+        start()
+    monkeypatch.setattr(checkpoint_module, "replace_file", real)
+
+
 def run(model_dir, folder, resume=False):
     compress(load_model(str(model_dir)).model, Recipe.from_list(RECIPE), calib(), batch_size=2,
              checkpoint_dir=folder, resume=resume)
@@ -38,18 +55,7 @@ def run(model_dir, folder, resume=False):
 @pytest.fixture
 def folder(model_dirs, tmp_path, monkeypatch):
     """A checkpoint folder of a run killed after its second block checkpoint (tied gpt2)."""
-    real, calls = checkpoint_module.replace_file, []
-
-    def replace_file(path, write):
-        calls.append(path)
-        if len(calls) == 4:  # run.json, block 0 (tensors, state), then dies before block 1
-            raise Killed
-        real(path, write)
-
-    monkeypatch.setattr(checkpoint_module, "replace_file", replace_file)
-    with pytest.raises(Killed):
-        run(model_dirs["gpt2"], tmp_path / "run.checkpoint")
-    monkeypatch.setattr(checkpoint_module, "replace_file", real)
+    killed_after_first_block(monkeypatch, lambda: run(model_dirs["gpt2"], tmp_path / "run.checkpoint"))
     return tmp_path / "run.checkpoint"
 
 
@@ -223,18 +229,7 @@ def test_a_resume_of_flipped_tensor_bytes_is_refused_by_the_cli_and_the_folder_k
 
     args = ["compress", model_dirs["gpt2"], "--method", "gptq", "--set", "bits=4", "--set", "group_size=32",
             "--calib", text_file, "--calib-samples", 4, "--calib-len", 16, "--out", tmp_path / "x"]
-    real, calls = checkpoint_module.replace_file, []
-
-    def replace_file(path, write):
-        calls.append(path)
-        if len(calls) == 4:  # run.json, block 0 (tensors, state), then dies before block 1
-            raise Killed
-        real(path, write)
-
-    monkeypatch.setattr(checkpoint_module, "replace_file", replace_file)
-    with pytest.raises(Killed):
-        cli(*args)
-    monkeypatch.setattr(checkpoint_module, "replace_file", real)
+    killed_after_first_block(monkeypatch, lambda: cli(*args))
     folder = tmp_path / "x.checkpoint"
     flip_bytes(tensors_file(folder))
     assert_one_line_error(cli(*args, "--resume"), "cannot be resumed", "sha256", f"rm -r '{folder}'")

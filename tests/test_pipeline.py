@@ -16,7 +16,7 @@ from hypercompress.modules import count_params
 from hypercompress.pipeline import SATURATED_KL, embedding_rank_key, fit_pipeline, plan_pipeline
 from hypercompress.recipe import Recipe
 
-from conftest import make_model
+from conftest import make_model, tied_llama
 from test_cli import assert_one_line_error, run
 
 CALIB = torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -154,13 +154,7 @@ def big_vocab_model() -> torch.nn.Module:
     """An embedding (49152 x 64, tied) that dwarfs its two blocks, as tiny test models built from a
     real tokenizer have: the blocks' factors reach their break-even rank (21 for the 32x64 k_proj)
     long before the budget runs out."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return tied_llama(49152)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,9 @@ import re
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from conftest import make_tokenizer
+from conftest import make_tokenizer, tied_llama
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.planner import allocate, plan_bits
@@ -26,11 +25,7 @@ LOSSLESS = 10  # the CLI's default for size targets
 def coarse_model() -> torch.nn.Module:
     """Tied embedding of 8192 x 64 (about 88% of the weights): its options 2, 3, 4, 6, 8 bits leave
     gaps between clusters of reachable sizes (e.g. nothing stores between about 4.4 and 5.5 bpw)."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
-    return LlamaForCausalLM(config).eval()
+    return tied_llama(8192)
 
 
 @pytest.fixture(scope="module")

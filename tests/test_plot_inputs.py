@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import pytest
 
@@ -18,22 +17,7 @@ GOOD = {"title": "good", "rows": [{"label": "a", "bits_per_weight": 4.0, "ppl": 
 SUMMARY = {"branches": [{"branch": "x", "bits_per_weight": 3.0, "ppl": 40.0}]}
 
 
-class Hung(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A plot that blocks (opening a FIFO) fails the test instead of hanging the suite."""
-
-    def alarm(signum, frame):
-        raise Hung("plot blocked for 60 s")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("no_hang")  # a plot that blocks fails instead of hanging
 
 
 def _fifo(path):

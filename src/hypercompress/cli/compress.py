@@ -14,6 +14,7 @@ from rich.table import Table
 from .. import artifact, parallel
 from ..api import compress as compress_model
 from ..arch import check_length, position_limit
+from ..artifact_reader import read_manifest_fields
 from ..checkpoint import describe_leftover, discard
 from ..data import calibration_samples, read_text, tokenize, windows
 from ..eval import protocol_text
@@ -151,7 +152,7 @@ def compress(
                          original_params=original_params,
                          extra={"source_model": model, "seed": seed}, lossless=lossless, documents=summary_of)
     discard(checkpoint_dir)  # only once the artifact is complete
-    manifest = artifact.read_manifest(path)
+    manifest = read_manifest_fields(path)  # just written: the totals, without verifying it twice
     summary = {
         "model": model, "out": str(path), "recipe": plan.to_list(), "stages": report["stages"],
         "original_params": original_params, **manifest["totals"],
