@@ -20,6 +20,7 @@ from conftest import ARCHS
 METHODS = hypercompress.list_methods()
 # trained methods run a few steps, embedding methods target the embeddings; (a fast suite); distill trains what an earlier svd stage made
 QUICK = {"hypernet": {"warm_steps": 5, "steps": 5}, "kan": {"steps": 3}, "distill": {"steps": 3},
+         "qat": {"bits": 4, "group_size": 32, "block_steps": 2, "steps": 2, "batch": 2},
          "factor_embedding": {"rank": 8, "targets": ["embed_tokens$", "wte$"]}, "kv_lowrank": {"keep": 0.25}}
 BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
 AFTER = {"rotate": [{"method": "rtn", "bits": 4, "group_size": 32}]}  # rotate compresses nothing by itself

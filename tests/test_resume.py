@@ -13,6 +13,7 @@ from hypercompress.api import compress
 from hypercompress.distill import DistillSettings
 from hypercompress.methods import distill_factors
 from hypercompress.methods.hypernet import method as hypernet_method
+from hypercompress.methods.qat import method as qat_method
 from hypercompress.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
@@ -34,6 +35,9 @@ RECIPES = {  # (architecture, stages): each kind of stage that checkpoints or mu
                                       {"method": "distill", "steps": 4, "batch": 2, "lora_rank": 2,
                                        "relora_every": 2}]),
     "hypernet": ("llama", [{"method": "hypernet", "warm_steps": 2, "steps": 4}]),
+    "gptq-then-qat": ("llama", [GPTQ, {"method": "qat", "block_steps": 2, "steps": 4, "batch": 2}]),
+    "qat-with-embedding": ("gpt2", [{"method": "qat", "bits": 4, "group_size": 32, "embedding_bits": 4,
+                                     "block_steps": 2, "steps": 4, "batch": 2}]),
 }
 
 
@@ -51,7 +55,7 @@ def calib():
 @pytest.fixture(autouse=True)
 def frequent_distill_checkpoints(monkeypatch):
     """Distillation checkpoints every 2 steps here (50 in real runs), so short runs hold some."""
-    for module in (distill_factors, hypernet_method):
+    for module in (distill_factors, hypernet_method, qat_method):
         monkeypatch.setattr(module, "DistillSettings", functools.partial(DistillSettings, checkpoint_every=2))
 
 

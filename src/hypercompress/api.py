@@ -57,10 +57,11 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     if calib is not None:
         check_length(model.config, calib.shape[1], "--calib-len")
     _refuse_non_finite_weights(model)
-    teacher = None  # whole-model methods distil against the model as it was before the first stage
-    if any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)
-           and getattr(cls, "needs_teacher", True) for s in recipe.stages):
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    # whole-model methods distil against the model as it was before the first stage that changes
+    # its function (exact changes of basis, rotate, come before it, so hidden states compare)
+    needs_teacher = any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)
+                        and getattr(cls, "needs_teacher", True) for s in recipe.stages)
+    teacher = None
     checkpoint = None
     resume_stage = None  # the stage whose layer-wise pass the checkpoint holds a position of
     if checkpoint_dir is not None:
@@ -72,6 +73,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     report = []
     for group in _passes(recipe):
         first = group[0]
+        if needs_teacher and teacher is None and not getattr(get_method(recipe.stages[first].method).method_cls,
+                                                              "exact", False):
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
         if resume_stage is not None and first < resume_stage:
             if _replayed_on_resume(recipe.stages[first].method):
                 _whole_model(model, recipe.stages[first], first, teacher, calib, device, progress,

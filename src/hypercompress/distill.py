@@ -70,16 +70,22 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             refresh: Callable[[], None], settings: DistillSettings, device: str = "cpu",
             checkpoint_dir: Path | None = None, resume: bool = False,
             progress: TrainProgress | None = None,
-            after_step: Callable[[int, torch.optim.Optimizer], None] | None = None) -> list[dict[str, float]]:
+            after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+            lr_factor: Callable[[str], float] | None = None) -> list[dict[str, float]]:
     """Train `params` (by name) so that `student` matches `teacher` on `windows` (N, T) token ids.
 
     Returns the history: one dict per step (loss, kl, local, stability, tokens_per_second).
-    `after_step(step, optimizer)` runs after every update (ReLoRA merges).
+    `after_step(step, optimizer)` runs after every update (ReLoRA merges); `lr_factor(name)`
+    scales the learning rate of one trained tensor (default 1 for all).
     """
+    factors: dict[float, list[nn.Parameter]] = {}
+    for name, param in params.items():
+        factors.setdefault(lr_factor(name) if lr_factor else 1.0, []).append(param)
+    groups = [{"params": group, "lr": settings.lr * factor} for factor, group in factors.items()]
     if settings.optimizer == "adafactor":
-        optimizer = torch.optim.Adafactor(params.values(), lr=settings.lr, weight_decay=0.0)
+        optimizer = torch.optim.Adafactor(groups, lr=settings.lr, weight_decay=0.0)
     else:
-        optimizer = torch.optim.AdamW(params.values(), lr=settings.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(settings.steps, 1), 1))))
     processes, rank = parallel.world(), parallel.rank()

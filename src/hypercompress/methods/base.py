@@ -59,6 +59,9 @@ class WholeModelMethod(abc.ABC):
     # (block surgery) says replay_on_resume = True and is run again before that restore
     restored_from_modules: bool = True
     replay_on_resume: bool = False
+    # an exact change of basis (rotate): the model computes the same function after it, so the
+    # teacher of later stages is taken after it (its hidden states in the student's basis)
+    exact: bool = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

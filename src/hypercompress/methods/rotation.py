@@ -111,6 +111,7 @@ class Rotate(WholeModelMethod):
     needs_calibration = False
     needs_teacher = False
     replay_on_resume = True
+    exact = True
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:

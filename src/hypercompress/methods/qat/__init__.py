@@ -1,0 +1,1 @@
+"""Quantization-aware distillation (`qat`): latent weights and grid scales trained through the quantizer."""

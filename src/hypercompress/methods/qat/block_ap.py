@@ -1,0 +1,156 @@
+"""Block-wise training of all parameters (Block-AP; EfficientQAT, Chen et al. 2024, section 3.2).
+
+Block by block, the block's latent weights and grid scales (FakeQuantLinear) are trained so that
+the quantized block, fed the quantized model's own inputs to it, reproduces the original block's
+output on the original model's inputs:
+    min_{W, s} || f_i^q(h_i^q) - f_i(h_i) ||^2 / mean(f_i(h_i)^2)
+over calibration batches (hidden states (b, T, d)), so each block also corrects the error the
+blocks before it left (as GPTQ's layer-wise pass propagates it). The next block's inputs are then
+the trained block's outputs. Blocks run through the one calibration runner's capture
+(calibration.capture_block_inputs: each block's own mask and rotary arguments). AdamW, cosine
+decay to 10%, gradient-norm clipping at 1; batches drawn by a generator seeded with (seed, block,
+step). Under a launcher each process takes its own batch of every step and gradients are averaged.
+After each block its trained tensors are checkpointed (safetensors, sha256 recorded) so a killed
+run resumes at the next block with the same result.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ... import parallel
+from ...arch import arch_of
+from ...errors import UserError
+from .fake_quant import FakeQuantLinear
+
+PROGRESS = "blocks.json"  # {"done": k, "files": [{"file", "bytes", "sha256"} per finished block]}
+
+
+def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fakes: dict[str, FakeQuantLinear], *,
+             steps: int, batch: int, lr: float, scale_lr: float, seed: int = 0, device: str = "cpu",
+             checkpoint_dir: Path | None = None, resume: bool = False,
+             progress: Callable[[int, int, str], None] | None = None) -> list[float]:
+    """Train the FakeQuantLinears `fakes` (name -> module inside `student`'s blocks) block by block
+    against `teacher` on `windows` (N, T) token ids, `steps` AdamW steps of `batch` windows per block
+    (latent weights at `lr`, scales and zeros at `scale_lr`). Returns each block's final relative
+    output error. progress(blocks done, blocks, note)."""
+    from ...calibration import capture_block_inputs  # (calibration imports the methods package)
+
+    spec = arch_of(student.config.model_type)
+    student_blocks, teacher_blocks = student.get_submodule(spec.blocks), teacher.get_submodule(spec.blocks)
+    processes = parallel.world()
+    if batch % processes:
+        raise UserError(f"qat batch {batch} does not split over {processes} processes; use a multiple of {processes}")
+    share = batch // processes
+    with torch.no_grad():
+        target_in, calls = capture_block_inputs(teacher, windows, share)
+        student_in, _ = capture_block_inputs(student, windows, share)
+    calls = calls.to(device)
+    done = _restore(checkpoint_dir, student_blocks, fakes, spec.blocks) if resume and checkpoint_dir else 0
+    errors: list[float] = []
+    for index in range(len(student_blocks)):
+        teacher_block, student_block = teacher_blocks[index].to(device), student_blocks[index].to(device)
+        with torch.no_grad():
+            target_out = [calls.run(teacher_block, index, b, h.to(device)).cpu() for b, h in enumerate(target_in)]
+        trained = {n: m for n, m in fakes.items() if n.startswith(f"{spec.blocks}.{index}.")}
+        if trained and index >= done:
+            errors.append(_train_block(student_block, index, calls, student_in, target_out, trained, steps, lr,
+                                       scale_lr, seed, device))
+            if checkpoint_dir is not None and parallel.is_main():
+                _save(checkpoint_dir, index, trained)
+        with torch.no_grad():
+            student_in = [calls.run(student_block, index, b, h.to(device)).cpu() for b, h in enumerate(student_in)]
+        target_in = target_out
+        teacher_blocks[index].to("cpu")
+        student_blocks[index].to("cpu")
+        if progress and parallel.is_main():
+            progress(index + 1, len(student_blocks), f"block output error {errors[-1]:.4f}" if errors else "resumed")
+    return errors
+
+
+def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale_lr, seed, device) -> float:
+    weights = [m.weight for m in trained.values()]
+    grids = [p for m in trained.values() for n, p in m.named_parameters() if n in ("scales", "zeros")]
+    frozen = [(p, p.requires_grad) for p in block.parameters() if all(p is not q for q in weights + grids)]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW([{"params": weights, "lr": lr}, {"params": grids, "lr": scale_lr}], weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step / max(steps, 1), 1))))
+    processes, rank = parallel.world(), parallel.rank()
+    error = float("nan")
+    for step in range(steps):
+        picks = torch.randint(0, len(inputs), (processes,),
+                              generator=torch.Generator().manual_seed((seed * 1_000_003 + index) * 1_000_003 + step))
+        pick = int(picks[rank])
+        target = targets[pick].to(device).float()
+        out = calls.run(block, index, pick, inputs[pick].to(device)).float()
+        loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
+        value = parallel.mean(loss.detach()[None])[0].item()
+        if not math.isfinite(value):
+            raise UserError(f"qat diverged in block {index} at step {step} (loss {value}); lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if processes > 1:
+            parallel.average_gradients(weights + grids)
+        torch.nn.utils.clip_grad_norm_(weights + grids, 1.0)
+        optimizer.step()
+        schedule.step()
+        error = value
+    for p, flag in frozen:
+        p.requires_grad_(flag)
+    return error
+
+
+def _tensors(trained: dict[str, FakeQuantLinear]) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": t.detach().cpu() for n, m in trained.items()
+            for k, t in (("weight", m.weight), ("scales", m.scales), ("zeros", m.zeros))}
+
+
+def _save(directory: Path, index: int, trained: dict[str, FakeQuantLinear]) -> None:
+    """Block `index`'s trained tensors as a new file, then blocks.json (atomically) naming it."""
+    from ...artifact_reader import file_sha256
+    from ...checkpoint import read_json, save_json, save_tensors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    state = read_json(directory / PROGRESS, directory) if (directory / PROGRESS).exists() else {"files": []}
+    file = f"block-{index}-{secrets.token_hex(4)}.safetensors"
+    save_tensors(directory / file, _tensors(trained), {"block": str(index)})
+    files = state["files"][:index] + [{"file": file, "bytes": (directory / file).stat().st_size,
+                                       "sha256": file_sha256(directory / file)}]
+    save_json(directory / PROGRESS, {"done": index + 1, "files": files})
+
+
+def _restore(directory: Path, blocks: nn.ModuleList, fakes: dict[str, FakeQuantLinear], prefix: str) -> int:
+    """Load every finished block's tensors (each file's size, names, shapes and sha256 checked
+    first); returns the number of blocks done (0 without a checkpoint)."""
+    from ...checkpoint import _is_index, check_sha256, read_json, read_tensors, tensor_index, unreadable, \
+        valid_file_name
+
+    if not (directory / PROGRESS).exists():
+        return 0
+    state = read_json(directory / PROGRESS, directory)
+    done, files = state.get("done"), state.get("files")
+    if not (_is_index(done) and isinstance(files, list) and len(files) == done <= len(blocks)):
+        raise unreadable(directory, f"{PROGRESS} lacks a valid block count or file list")
+    for index, entry in enumerate(files):
+        trained = {n: m for n, m in fakes.items() if n.startswith(f"{prefix}.{index}.")}
+        expected = {k: (tuple(t.shape), t.dtype) for k, t in _tensors(trained).items()}
+        if not (isinstance(entry, dict) and valid_file_name(entry.get("file")) and _is_index(entry.get("bytes"))):
+            raise unreadable(directory, f"{PROGRESS} names no valid file for block {index}")
+        path = directory / entry["file"]
+        if tensor_index(path, directory, entry["bytes"]) != expected:
+            raise unreadable(directory, f"{path.name} does not hold block {index}'s trained tensors of this run")
+        check_sha256(path, directory, entry.get("sha256"), PROGRESS)
+        tensors = read_tensors(path, directory, sorted(expected))
+        with torch.no_grad():
+            for name, module in trained.items():
+                for key in ("weight", "scales", "zeros"):
+                    getattr(module, key).copy_(tensors[f"{name}.{key}"])
+    return done

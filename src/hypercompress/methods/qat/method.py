@@ -1,0 +1,186 @@
+"""`qat`: quantization-aware distillation; the weights themselves learn to sit well on their grid.
+
+Every selected linear becomes a FakeQuantLinear (fake_quant.py): from the codes an earlier stage
+stored (a GPTQ or RTN stage, or the planner's mixed plan: each module keeps its own bits and group),
+or, for a dense linear, from RTN's min-max grid with this config's bits / group_size. A quantized
+input embedding (and the lm_head tied to it) is trained the same way; a dense one too when
+`embedding_bits` > 0. Then, as EfficientQAT (Chen et al. 2024):
+1. Block-AP (block_ap.py): block by block, latent weights and scales trained to reproduce the
+   original block's output (`block_steps` per block);
+2. end to end: latent weights, scales, the embedding and the norms trained on distill.py's loss
+   (KL to the original's next-token distribution + per-block hidden-state matching), `steps` steps.
+Data: the calibration windows plus windows the original model writes itself from their first
+tokens, `teacher_fraction` of the mix (0.5: as many written windows as calibration ones), so the
+recovery does not fit the calibration text's domain alone. The result is stored as the usual
+QuantLinear / QuantEmbedding codes (the same bytes as RTN or GPTQ at these settings), so every
+exporter and kernel applies. Checkpoints after each block and during the end-to-end phase; a
+killed run resumes. Runs on --device cuda and under torchrun (parallel.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...config import MethodConfig, check
+from ...distill import DistillSettings, distill, teacher_samples
+from ...errors import UserError
+from ...layers.quant_embedding import QuantEmbedding, TiedHead
+from ...layers.quant_linear import QuantLinear
+from ...modules import LINEAR_TYPES, CompressedModule, linear_weight
+from ...registry import register
+from ..base import WholeModelMethod
+from ..rtn import resolve_group_size, smallest_useful_group
+from .block_ap import block_ap
+from .fake_quant import FakeQuantLinear, FakeTiedHead
+
+
+@dataclass
+class QatConfig(MethodConfig):
+    bits: int = 4                 # grid of dense linears (compressed ones keep their own)
+    group_size: int = 64          # input columns per scale; -1: one group per row
+    symmetric: bool = False
+    zero_point: str = "int"       # 'int' (b-bit integer) or 'float' (float16 minimum, trained too)
+    embedding_bits: int = 0       # quantize a dense input embedding (rows grouped) to this; 0: leave it
+    block_steps: int = 100        # Block-AP steps per block (0: skip)
+    block_lr: float = 5e-5        # Block-AP learning rate of the latent weights
+    steps: int = 300              # end-to-end steps (0: skip)
+    lr: float = 2e-5              # end-to-end learning rate of the latent weights
+    scale_lr_factor: float = 5.0  # scales and zeros learn this many times faster than weights
+    batch: int = 4                # windows per step (both phases)
+    local_weight: float = 0.1     # end to end: per-block hidden-state matching
+    train_norms: bool = True      # end to end: the norms' weights too (stored in float16 anyway)
+    teacher_fraction: float = 0.5  # share of teacher-written windows in the training mix
+    log_dir: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(2 <= self.bits <= 8, f"bits={self.bits}: must be between 2 and 8")
+        check(self.embedding_bits == 0 or 2 <= self.embedding_bits <= 8,
+              f"embedding_bits={self.embedding_bits}: 0 (leave the embedding) or 2..8")
+        check(self.group_size == -1 or self.group_size >= smallest_useful_group(self.bits, self.symmetric,
+                                                                                self.zero_point),
+              f"group_size={self.group_size}: too small to store less than float16 (or -1 for rows)")
+        check(self.zero_point in ("int", "float"), f"zero_point={self.zero_point!r}: must be 'int' or 'float'")
+        for key in ("block_steps", "steps"):
+            check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 0 (0 skips that phase)")
+        check(self.block_steps + self.steps > 0, "block_steps and steps are both 0: qat would train nothing")
+        check(self.batch >= 1, f"batch={self.batch}: must be >= 1")
+        for key in ("block_lr", "lr", "scale_lr_factor"):
+            check(getattr(self, key) > 0, f"{key}={getattr(self, key)}: must be positive")
+        check(self.local_weight >= 0, f"local_weight={self.local_weight}: must be >= 0 (0 turns it off)")
+        check(0 <= self.teacher_fraction < 1, f"teacher_fraction={self.teacher_fraction}: must be in [0, 1)")
+
+
+def training_mix(teacher: nn.Module, calib: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """(N + W, T) windows: the N calibration windows, then W = round(N f / (1 - f)) windows the
+    teacher writes from their first 8 tokens (prompts cycled), so written windows are `fraction`
+    of the mix."""
+    written = round(calib.shape[0] * fraction / (1 - fraction))
+    if written == 0:
+        return calib
+    prompts = calib[torch.arange(written) % calib.shape[0]]
+    return torch.cat([calib, teacher_samples(teacher, prompts, calib.shape[1], seed)])
+
+
+@register("qat", QatConfig)
+class Qat(WholeModelMethod):
+    restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
+
+    def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
+              resume=False) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        fakes = self._fake_quantize(model, names)
+        saved = None if checkpoint_dir is None else Path(checkpoint_dir)
+        model.to(device)
+        teacher.to(device)
+        try:
+            windows = training_mix(teacher, calib, c.teacher_fraction, c.seed)  # seeded: a resume writes the same
+            if c.block_steps:
+                block_ap(model, teacher, windows, {n: f for n, f in fakes.items() if not f.embedding},
+                         steps=c.block_steps, batch=c.batch, lr=c.block_lr, scale_lr=c.block_lr * c.scale_lr_factor,
+                         seed=c.seed, device=device, checkpoint_dir=None if saved is None else saved / "blocks",
+                         resume=resume,
+                         progress=(lambda d, t, note: progress(d, t, f"block-ap | {note}")) if progress else None)
+            if c.steps:
+                self._end_to_end(model, teacher, windows, fakes, device, saved, resume, progress)
+        finally:
+            model.to("cpu")
+            teacher.to("cpu")
+        self._store(model, fakes)
+
+    def _fake_quantize(self, model: nn.Module, names: list[str]) -> dict[str, FakeQuantLinear]:
+        """Selected linears (and the input embedding, see the module docstring) -> FakeQuantLinear."""
+        c = self.config
+        embedding = model.get_input_embeddings()
+        embed_name = next(n for n, m in model.named_modules() if m is embedding)
+        head = model.get_output_embeddings()
+        tied = isinstance(head, TiedHead) or (isinstance(embedding, nn.Embedding)
+                                              and getattr(head, "weight", None) is embedding.weight)
+        chosen = [n for n in names if n != embed_name]
+        if isinstance(embedding, QuantEmbedding) or (c.embedding_bits and isinstance(embedding, nn.Embedding)):
+            chosen.append(embed_name)
+        fakes: dict[str, FakeQuantLinear] = {}
+        for name in chosen:
+            module = model.get_submodule(name)
+            if isinstance(module, QuantLinear):  # QuantEmbedding included
+                fake = FakeQuantLinear.from_stored(module)
+            elif isinstance(module, nn.Embedding):
+                group = resolve_group_size(name, module.weight.shape[1], -1)
+                fake = FakeQuantLinear.from_dense(module, c.embedding_bits, group)
+            elif isinstance(module, LINEAR_TYPES) and not isinstance(module, CompressedModule):
+                group = resolve_group_size(name, linear_weight(module).shape[1], c.group_size)
+                fake = FakeQuantLinear.from_dense(module, c.bits, group, c.symmetric, c.zero_point)
+            else:
+                raise UserError(f"qat trains quantized or dense linears; {name} is "
+                                f"{getattr(module, 'kind', type(module).__name__)}: leave it out of the targets")
+            _put(model, name, fake)
+            fakes[name] = fake
+        if not fakes:
+            raise UserError("qat selects no linear to train; check its targets")
+        if embed_name in fakes and tied:
+            head_name = next(n for n, m in model.named_modules() if m is head)
+            _put(model, head_name, FakeTiedHead(fakes[embed_name]))
+        return fakes
+
+    def _end_to_end(self, model, teacher, windows, fakes, device, saved, resume, progress) -> None:
+        c = self.config
+        params: dict[str, nn.Parameter] = {}
+        for name, fake in fakes.items():
+            for key, param in fake.named_parameters():
+                params[f"{name}.{key}"] = param
+        if c.train_norms:
+            for name, module in model.named_modules():
+                if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                    module.weight.requires_grad_(True)
+                    params[f"{name}.weight"] = module.weight
+        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, log_dir=c.log_dir)
+        grid = lambda name: c.scale_lr_factor if name.endswith((".scales", ".zeros")) else 1.0  # noqa: E731
+        distill(model, teacher, windows, params, lambda: None, settings, device,
+                None if saved is None else saved / "e2e", resume,
+                (lambda d, t, note: progress(d, t, f"end-to-end | {note}")) if progress else None, lr_factor=grid)
+
+    @staticmethod
+    def _store(model: nn.Module, fakes: dict[str, FakeQuantLinear]) -> None:
+        """Each trained module back as its stored kind; a tied head reads the stored embedding."""
+        for name, fake in fakes.items():
+            _put(model, name, fake.to_stored())
+            if fake.embedding and isinstance(model.get_output_embeddings(), FakeTiedHead):
+                head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+                head = TiedHead(name)
+                _put(model, head_name, head)
+                head.bind(model)
+        with torch.no_grad():
+            for module in model.modules():  # trained norms: stored in their own dtype
+                if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                    module.weight.requires_grad_(False)
+        model.requires_grad_(False)
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
