@@ -303,8 +303,9 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
               sensitivity: dict[str, dict[Option, float]] | None = None) -> Plan:
     """Plan a (bits, group) option per module for a whole-model target (all stored bits / params).
 
-    Sensitivities are measured on a copy of the model in `dtype` (default: fastest_dtype(); they
-    rank modules, and bf16 rounding noise is far below the KL of any candidate but 8-bit), unless
+    Sensitivities are measured on a copy of the model in `dtype` (default float32, so that every
+    machine makes the same plan: bfloat16 is 2.6x faster on CPUs with native bf16, but a plan made
+    with it differed between two machines; pass fastest_dtype() to trade that away), unless
     an earlier plan's are passed (`sensitivity`, re-planning the same model for another target).
     """
     params = count_params(model)
@@ -315,7 +316,7 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
         raise UserError(f"--target-bpw {target_bpw}: the smallest plan (every module at its fewest "
                         f"bits: 2-bit codes, one scale per row) is "
                         f"{(fixed + floor) / params:.3f} bpw; ask for at least that")
-    probe = copy.deepcopy(model).to(dtype or fastest_dtype())
+    probe = copy.deepcopy(model).to(dtype or torch.float32)
     runner = _TailRunner(probe, samples, 4, observe=_block_modules(probe, candidates))
     if sensitivity is None:
         sensitivity = measure_sensitivity(probe, candidates, samples, progress=progress, runner=runner)
@@ -352,3 +353,9 @@ def plan_recipe(plan: Plan, embedding: str) -> list[dict[str, Any]]:
                        "targets": [f"^{re.escape(n)}$" for n in names]})
     return stages
 
+
+
+def qat_stage(steps: int) -> dict[str, Any]:
+    """The recovery stage of the quantization route (--distill): `qat` over the planned codes (each
+    module keeps its bits and group), Block-AP then `steps` end-to-end steps of 8 windows."""
+    return {"method": "qat", "steps": steps, "batch": 8}

@@ -56,7 +56,8 @@ def compress(
                                            "every tensor byte-grouped and zstd-coded (exact); 0: off. "
                                            "Size targets use 10 unless given"),
     distill: bool = typer.Option(False, "--distill", help="with a size target: recovery against the original "
-                                 "(low-rank factors, quantization scales and norms trained)"),
+                                 "(quantized plans: qat trains the codes' latent weights and scales; below the "
+                                 "quantization floor: distill trains the low-rank factors and scales)"),
     distill_steps: int = typer.Option(600, "--distill-steps", min=1,
                                        help="distillation steps (8 x calib-len tokens each)"),
     eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
@@ -202,10 +203,12 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
 def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None,
                    device: str = "cpu"):
     """Above the quantization floor: measure sensitivities on the first 256 tokens of one calibration
-    window, plan per-module options and fit the plan to the file it writes (header and lossless
-    stage counted); below it: the hybrid pipeline (pipeline.py)."""
-    from ..pipeline import distill_stage, fit_pipeline
-    from ..planner import floor_bpw, option_label, plan_bits, plan_recipe
+    window, plan per-module options, fit the plan to the file it writes (header and lossless stage
+    counted), then keep it or the best uniform recipe of that size, whichever GPTQ trials measure
+    better (planner_choice.py); below it: the hybrid pipeline (pipeline.py)."""
+    from ..pipeline import fit_pipeline
+    from ..planner import floor_bpw, option_label, plan_bits, plan_recipe, qat_stage
+    from ..planner_choice import choose
     from ..planner_fit import fit_plan_to_file
 
     floor = floor_bpw(model, target.group_size)
@@ -225,6 +228,13 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
     with err_console.status("fitting the plan to the stored file (RTN trials)"):
         plan = fit_plan_to_file(model, plan, target.bits_per_weight, samples[:1, :256], target.group_size,
                                 embedding, lossless)
+    with progress_bar("planned vs uniform recipes (GPTQ trials)") as update:
+        plan, scores = choose(model, plan, target.bits_per_weight, samples, target.group_size, embedding,
+                              lossless, device, progress=update)
+    chosen = min(scores, key=lambda label: (scores[label], label != "planned"))
+    console.print("GPTQ trials, KL on calibration windows they did not see: "
+                  + " | ".join(f"{label} {kl:.4f}" + (" (kept)" if label == chosen else "")
+                               for label, kl in scores.items()))
     counts: dict[tuple[int, int], int] = {}
     for name, option in plan.allocation.items():
         if name != embedding:
@@ -234,13 +244,15 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
     console.print(f"plan for {target.bits_per_weight:.3f} bpw as stored: {plan.bits_per_weight:.3f} bpw of tensors "
                   f"planned | {summary}")
     allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
-                  "notes": [summary.replace(" | ", "; ")] + ([f"distillation {distill_steps} steps"] if distill_steps else []),
+                  "notes": [summary.replace(" | ", "; "), f"kept: {chosen}"]
+                  + ([f"quantization-aware distillation {distill_steps} steps"] if distill_steps else []),
+                  "trial_kl": scores,
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
                                      for n, s in plan.sensitivity.items()}}
     stages = plan_recipe(plan, embedding)
-    if distill_steps:  # quantization scales (PEQA) and norms trained against the original
-        stages.append(distill_stage(distill_steps))
+    if distill_steps:  # latent weights, scales, the embedding and norms trained through the codes
+        stages.append(qat_stage(distill_steps))
     return Recipe.from_list(stages, where="planned recipe"), allocation
 
 

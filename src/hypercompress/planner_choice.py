@@ -1,0 +1,100 @@
+"""The planner never loses to a uniform recipe of the same size: both are compressed, the better kept.
+
+A mixed plan is chosen from single-module RTN sensitivities and a joint RTN measurement
+(planner.py); the final codes are GPTQ's, whose gains differ by option (largest at 2-3 bits), so a
+plan that wins under RTN can lose under GPTQ to one bit-width everywhere (SmolLM2 at 3.0 bpw: the
+plan 119 against uniform w3 g64 113, issue 14). So the largest uniform recipes whose files fit the
+target (every block linear at one (bits, group) option, the embedding at the largest option that
+still fits; at most `UNIFORM_KEPT` linear options, the largest first) are compressed as the plan
+is, with GPTQ on the first `TRIAL_WINDOWS` calibration windows, and each is scored by the measured
+KL(original || compressed) on up to `CHECK_WINDOWS` further calibration windows (text the trials
+did not use; never the evaluation text). The lowest KL wins, the plan on ties; the scores are reported with the choice.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .modules import count_params
+from .planner import Plan, _candidates, linear_options, option_label, plan_recipe
+
+UNIFORM_KEPT = 2     # uniform candidates compressed beside the plan
+TRIAL_WINDOWS = 8    # calibration windows each trial's GPTQ sees (the final run sees them all)
+CHECK_WINDOWS = 4    # calibration windows after those that score each trial
+FIT_SLACK = 1.02     # a candidate whose predicted file is this far over the target is not tried
+
+
+def uniform_plans(model: nn.Module, target_bpw: float, group: int, embedding: str, lossless: int | None,
+                  coding_ratio: float) -> list[Plan]:
+    """The largest uniform plans whose files store at most `target_bpw`: for each block-linear
+    option below 8 bits (largest first), the largest embedding option that fits; the file of each is
+    predicted as its tensor bits x `coding_ratio` (file / tensor bits of the fitted plan) and then
+    measured by the planner's RTN size trial. At most UNIFORM_KEPT plans."""
+    from .planner_fit import stored_bpw
+
+    params = count_params(model)
+    candidates, embed_name, costs, fixed = _candidates(model, group, embedding)
+    linears = [n for n in candidates if n != embed_name]
+    found: list[Plan] = []
+    for option in sorted((o for o in linear_options(group) if o[0] < 8),
+                         key=lambda o: -sum(costs[n][o] for n in linears)):
+        linear_bits = fixed + sum(costs[n][option] for n in linears)
+        for choice in sorted(candidates[embed_name], key=lambda o: -costs[embed_name][o]):
+            planned = linear_bits + costs[embed_name][choice]
+            if planned * coding_ratio > target_bpw * params * FIT_SLACK:
+                continue
+            plan = Plan({**{n: option for n in linears}, embed_name: choice}, {}, planned, params)
+            if stored_bpw(model, plan, embed_name, lossless) <= target_bpw:
+                found.append(plan)
+                break
+        if len(found) == UNIFORM_KEPT:
+            break
+    return found
+
+
+def plan_label(plan: Plan, embedding: str) -> str:
+    options = {o for n, o in plan.allocation.items() if n != embedding}
+    linears = option_label(next(iter(options))) if len(options) == 1 else "mixed"
+    return f"linears {linears}, embedding {option_label(plan.allocation[embedding])}"
+
+
+@torch.no_grad()
+def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int, embedding: str,
+           lossless: int | None, device: str = "cpu",
+           progress: Callable[[int, int], None] | None = None) -> tuple[Plan, dict[str, float]]:
+    """(the plan or a uniform plan of at most the same file size, whichever gives the lowest KL
+    after GPTQ; {label: KL} of every candidate, the plan's as "planned"). `samples` (N, T): the
+    calibration windows (with fewer than TRIAL_WINDOWS + 1, the first half calibrates the trials and
+    the rest scores them)."""
+    from .api import compress
+    from .distill import kl_to_teacher
+    from .planner_fit import stored_bpw
+    from .recipe import Recipe
+
+    split = min(TRIAL_WINDOWS, max(1, samples.shape[0] // 2))
+    check = samples[split:split + CHECK_WINDOWS] if samples.shape[0] > 1 else samples
+    ratio = stored_bpw(model, plan, embedding, lossless) * count_params(model) / plan.planned_bits
+    candidates = {"planned": plan}
+    for uniform in uniform_plans(model, target_bpw, group, embedding, lossless, ratio):
+        candidates[f"uniform: {plan_label(uniform, embedding)}"] = uniform
+    model.to(device)
+    reference = [model(input_ids=w.to(device)).logits.float().cpu() for w in check.split(2)]
+    model.to("cpu")
+    scores: dict[str, float] = {}
+    for done, (label, candidate) in enumerate(candidates.items()):
+        trial = copy.deepcopy(model)
+        compress(trial, Recipe.from_list(plan_recipe(candidate, embedding), where="planned recipe (trial)"),
+                 samples[:split], device=device)
+        trial.to(device)
+        kls = [kl_to_teacher(r, trial(input_ids=w.to(device)).logits.float().cpu()) * w.shape[0]
+               for r, w in zip(reference, check.split(2))]
+        scores[label] = float(sum(kls)) / check.shape[0]
+        del trial
+        if progress:
+            progress(done + 1, len(candidates))
+    best = min(scores, key=lambda label: (scores[label], label != "planned"))
+    return candidates[best], scores
