@@ -35,7 +35,7 @@ def test_a_plan_worse_than_a_uniform_recipe_is_replaced(monkeypatch):
     names = list(good.allocation)
     # a plan of the same size that spends its bits badly: the embedding at 8 bits, every linear at 2
     bad = Plan({n: ((8, -1) if n == EMBEDDING else (2, -1)) for n in names}, {}, good.planned_bits, good.params)
-    chosen, scores = planner_choice.choose(model, bad, 5.0, samples(), 32, EMBEDDING, None)
+    chosen, scores, _ = planner_choice.choose(model, bad, 5.0, samples(), 32, EMBEDDING, None)
     assert chosen is not bad and len(scores) >= 2
     assert scores["planned"] > min(scores.values())
     kept = min(scores, key=scores.get)
@@ -45,7 +45,7 @@ def test_a_plan_worse_than_a_uniform_recipe_is_replaced(monkeypatch):
 def test_the_plan_is_kept_when_nothing_beats_it():
     model = tied_llama(256)
     plan = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
-    chosen, scores = planner_choice.choose(model, plan, 5.0, samples(), 32, EMBEDDING, None)
+    chosen, scores, _ = planner_choice.choose(model, plan, 5.0, samples(), 32, EMBEDDING, None)
     assert (chosen is plan) == (scores["planned"] <= min(scores.values()))
 
 

@@ -65,9 +65,9 @@ def plan_label(plan: Plan, embedding: str) -> str:
 @torch.no_grad()
 def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int, embedding: str,
            lossless: int | None, device: str = "cpu",
-           progress: Callable[[int, int], None] | None = None) -> tuple[Plan, dict[str, float]]:
+           progress: Callable[[int, int], None] | None = None) -> tuple[Plan, dict[str, float], dict[str, Plan]]:
     """(the plan or a uniform plan of at most the same file size, whichever gives the lowest KL
-    after GPTQ; {label: KL} of every candidate, the plan's as "planned"). `samples` (N, T): the
+    after GPTQ; {label: KL} of every candidate, the plan's as "planned"; {label: plan}). `samples` (N, T): the
     calibration windows (with fewer than TRIAL_WINDOWS + 1, the first half calibrates the trials and
     the rest scores them)."""
     from .api import compress
@@ -97,4 +97,4 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
         if progress:
             progress(done + 1, len(candidates))
     best = min(scores, key=lambda label: (scores[label], label != "planned"))
-    return candidates[best], scores
+    return candidates[best], scores, candidates

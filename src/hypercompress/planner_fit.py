@@ -53,6 +53,18 @@ def stored_bpw(model: nn.Module, plan: Plan, embedding: str, lossless: int | Non
     return stored_bytes(trial, lossless) * 8 / count_params(model)
 
 
+def smallest_file_fits(model: nn.Module, target_bpw: float, group: int, embedding: str,
+                       lossless: int | None) -> bool:
+    """Whether the plan of every module at its fewest bits writes a file of at most `target_bpw`
+    (under the tensor-bit floor, the lossless stage can bring it there)."""
+    if not lossless:
+        return False
+    _, _, costs, fixed = _candidates(model, group, embedding)
+    allocation = {n: min(c, key=c.get) for n, c in costs.items()}
+    smallest = Plan(allocation, {}, fixed + sum(costs[n][o] for n, o in allocation.items()), count_params(model))
+    return stored_bpw(model, smallest, embedding, lossless) <= target_bpw
+
+
 def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int,
                      embedding: str, lossless: int | None, tolerance: float = 0.02, trials: int = 14) -> Plan:
     """A plan whose file stores between target_bpw x (1 - tolerance) and target_bpw bits per weight.
@@ -69,7 +81,8 @@ def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: t
     def replan(budget: float) -> Plan:
         if budget == target_bpw:
             return first
-        return plan_bits(model, budget, samples, group, embedding, sensitivity=first.sensitivity)
+        # a budget under the tensor-bit floor: the smallest plan (its lossless-coded file may fit)
+        return plan_bits(model, max(budget, smallest), samples, group, embedding, sensitivity=first.sensitivity)
 
     return fit_budget(replan, lambda p: stored_bpw(model, p, embedding, lossless), lambda p: p.bits_per_weight,
                       lambda p: tuple(sorted(p.allocation.items())), target_bpw, (smallest, largest),

@@ -209,10 +209,12 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
     from ..pipeline import fit_pipeline
     from ..planner import floor_bpw, option_label, plan_bits, plan_recipe, qat_stage
     from ..planner_choice import choose
-    from ..planner_fit import fit_plan_to_file
+    from ..planner_fit import fit_plan_to_file, smallest_file_fits
 
     floor = floor_bpw(model, target.group_size)
-    if target.bits_per_weight < floor:
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    if target.bits_per_weight < floor and not smallest_file_fits(model, target.bits_per_weight, target.group_size,
+                                                                 embedding, lossless):
         with err_console.status("fitting the pipeline to the target (trial compressions)"):
             pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless,
                                     device=device)
@@ -221,15 +223,14 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
         return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
                 {"route": "pipeline", "planned_bits_per_weight": pipeline.reached_bpw,
                  "quantization_floor_bpw": floor, "notes": pipeline.notes})
-    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     with progress_bar("measuring sensitivity") as update:
-        plan = plan_bits(model, target.bits_per_weight, samples[:1, :256], target.group_size,
+        plan = plan_bits(model, max(target.bits_per_weight, floor), samples[:1, :256], target.group_size,
                          embedding, progress=update)
     with err_console.status("fitting the plan to the stored file (RTN trials)"):
         plan = fit_plan_to_file(model, plan, target.bits_per_weight, samples[:1, :256], target.group_size,
                                 embedding, lossless)
     with progress_bar("planned vs uniform recipes (GPTQ trials)") as update:
-        plan, scores = choose(model, plan, target.bits_per_weight, samples, target.group_size, embedding,
+        plan, scores, candidates = choose(model, plan, target.bits_per_weight, samples, target.group_size, embedding,
                               lossless, device, progress=update)
     chosen = min(scores, key=lambda label: (scores[label], label != "planned"))
     console.print("GPTQ trials, KL on calibration windows they did not see: "
@@ -247,6 +248,7 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
                   "notes": [summary.replace(" | ", "; "), f"kept: {chosen}"]
                   + ([f"quantization-aware distillation {distill_steps} steps"] if distill_steps else []),
                   "trial_kl": scores,
+                  "trial_recipes": {label: plan_recipe(p, embedding) for label, p in candidates.items()},
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
                                      for n, s in plan.sensitivity.items()}}

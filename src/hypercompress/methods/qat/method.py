@@ -3,8 +3,8 @@
 Every selected linear becomes a FakeQuantLinear (fake_quant.py): from the codes an earlier stage
 stored (a GPTQ or RTN stage, or the planner's mixed plan: each module keeps its own bits and group),
 or, for a dense linear, from RTN's min-max grid with this config's bits / group_size. A quantized
-input embedding (and the lm_head tied to it) is trained the same way; a dense one too when
-`embedding_bits` > 0. Then, as EfficientQAT (Chen et al. 2024):
+input embedding (and the lm_head tied to it) is trained the same way, a dense one too when
+`embedding_bits` > 0, and so is an untied lm_head that an earlier stage quantized. Then, as EfficientQAT (Chen et al. 2024):
 1. Block-AP (block_ap.py): block by block, latent weights and scales trained to reproduce the
    original block's output (`block_steps` per block);
 2. end to end: latent weights, scales, the embedding and the norms trained on distill.py's loss
@@ -124,6 +124,9 @@ class Qat(WholeModelMethod):
         chosen = [n for n in names if n != embed_name]
         if isinstance(embedding, QuantEmbedding) or (c.embedding_bits and isinstance(embedding, nn.Embedding)):
             chosen.append(embed_name)
+        head_name = next((n for n, m in model.named_modules() if m is head), None)
+        if isinstance(head, QuantLinear) and head_name not in chosen:  # an untied head an earlier stage quantized
+            chosen.append(head_name)
         fakes: dict[str, FakeQuantLinear] = {}
         for name in chosen:
             module = model.get_submodule(name)
@@ -143,7 +146,6 @@ class Qat(WholeModelMethod):
         if not fakes:
             raise UserError("qat selects no linear to train; check its targets")
         if embed_name in fakes and tied:
-            head_name = next(n for n, m in model.named_modules() if m is head)
             _put(model, head_name, FakeTiedHead(fakes[embed_name]))
         return fakes
 
