@@ -129,7 +129,16 @@ def run_stages(label, stages, teacher, tokenizer, texts, params, args, seconds_b
         return {}
 
     before_last.calls = 0
-    report = compress(student, recipe, texts.calib, device=args.device, after_stage=before_last)
+    last = [0.0]
+
+    def progress(stage, label, done, total):  # a line every 30 s: how far each stage is, for the next run's plan
+        now = time.perf_counter() - tick
+        if now - last[0] >= 30 or done == total:
+            last[0] = now
+            print(f"[{now:7.1f} s] stage {stage} {label}: {done}/{total}", flush=True)
+
+    report = compress(student, recipe, texts.calib, device=args.device, after_stage=before_last,
+                      progress=progress)
     measuring = sum(st.get("measure_seconds", 0) for st in report["stages"])
     seconds = seconds_before + time.perf_counter() - tick - measuring
     rows.append({"label": label, "recipe": json.dumps(stages), "gpu_minutes": round(seconds / 60, 2),
@@ -186,6 +195,27 @@ def rotate_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     return rows
 
 
+def uniform_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
+    """GPTQ with one (bits, group) for every block linear, the embedding RTN at one option, then qat."""
+    from hypercompress.planner import option_label
+
+    linear, embedding = (tuple(int(x) for x in v.split(",")) for v in (args.linear, args.embedding))
+    stages = [{"method": "rtn", "bits": embedding[0], "group_size": embedding[1], "targets": [r"^model\.embed_tokens$"]},
+              {"method": "gptq", "bits": linear[0], "group_size": linear[1]},
+              {"method": "qat", "steps": args.steps, "batch": args.batch, "block_steps": args.block_steps,
+               "lr": args.lr, "block_lr": args.block_lr}]
+    label = (f"{args.target:.1f} bpw target: uniform GPTQ, linears {option_label(linear)}, embedding "
+             f"{option_label(embedding)}")
+    rows = run_stages(f"{label} + qat ({args.steps} steps)", stages, teacher, tokenizer, texts, params, args,
+                      label_before_last=label)
+    for row in rows:
+        row["target_bpw"] = args.target
+    return rows
+
+
+ROUTES = {"planner": planner_rows, "rotate": rotate_rows, "uniform": uniform_rows}
+
+
 def run(args) -> None:
     from common import gpu_run_setup
     from hybrid import machine_text
@@ -203,7 +233,7 @@ def run(args) -> None:
     WRITTEN.update(path=out, payload={"rows": [], "protocol": protocol, "machine": machine_text(),
                                       "command": " ".join(sys.argv)})
     log({"label": "original (16-bit)", "bits_per_weight": 16.0, **texts.original})
-    rows = (planner_rows if args.route == "planner" else rotate_rows)(teacher, tokenizer, texts, params, args)
+    rows = ROUTES[args.route](teacher, tokenizer, texts, params, args)
     for row in rows:  # the planner's target and trial KLs, known once its rows are done
         stored = next(r for r in WRITTEN["payload"]["rows"] if r["label"] == row["label"])
         stored.update(row)
@@ -225,9 +255,12 @@ def main() -> None:
 
     parser, r = run_merge_parser(__doc__.splitlines()[0], "cuda", 128)
     r.add_argument("--target", type=float, default=3.0)
-    r.add_argument("--route", choices=("planner", "rotate"), default="planner")
+    r.add_argument("--route", choices=tuple(ROUTES), default="planner")
+    r.add_argument("--linear", default="3,64", help="--route uniform: bits,group of the block linears")
+    r.add_argument("--embedding", default="4,-1", help="--route uniform: bits,group of the embedding")
     r.add_argument("--steps", type=int, default=600, help="qat end-to-end steps (8 windows each)")
     r.add_argument("--block-steps", type=int, default=100, help="qat Block-AP steps per block")
+    r.add_argument("--batch", type=int, default=8, help="--route uniform: qat windows per step")
     r.add_argument("--lr", type=float, default=5e-5)
     r.add_argument("--block-lr", type=float, default=2e-4)
     r.add_argument("--bits", type=int, default=3, help="--route rotate: GPTQ bits")

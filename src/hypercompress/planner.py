@@ -300,13 +300,15 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
               embedding: str | None = None,
               progress: Callable[[int, int], None] | None = None,
               dtype: torch.dtype | None = None,
-              sensitivity: dict[str, dict[Option, float]] | None = None) -> Plan:
+              sensitivity: dict[str, dict[Option, float]] | None = None, device: str = "cpu") -> Plan:
     """Plan a (bits, group) option per module for a whole-model target (all stored bits / params).
 
     Sensitivities are measured on a copy of the model in `dtype` (default float32, so that every
     machine makes the same plan: bfloat16 is 2.6x faster on CPUs with native bf16, but a plan made
     with it differed between two machines; pass fastest_dtype() to trade that away), unless
     an earlier plan's are passed (`sensitivity`, re-planning the same model for another target).
+    They are measured on `device` (a GPU sums float32 in another order than a CPU, so the two can
+    differ where two options' KLs tie to rounding; every CPU, and every GPU, gives the same plan).
     """
     params = count_params(model)
     candidates, embed_name, costs, fixed = _candidates(model, group, embedding)
@@ -316,10 +318,10 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
         raise UserError(f"--target-bpw {target_bpw}: the smallest plan (every module at its fewest "
                         f"bits: 2-bit codes, one scale per row) is "
                         f"{(fixed + floor) / params:.3f} bpw; ask for at least that")
-    probe = copy.deepcopy(model).to(dtype or torch.float32)
-    runner = _TailRunner(probe, samples, 4, observe=_block_modules(probe, candidates))
+    probe = copy.deepcopy(model).to(device, dtype or torch.float32)
+    runner = _TailRunner(probe, samples.to(device), 4, observe=_block_modules(probe, candidates))
     if sensitivity is None:
-        sensitivity = measure_sensitivity(probe, candidates, samples, progress=progress, runner=runner)
+        sensitivity = measure_sensitivity(probe, candidates, runner.samples, progress=progress, runner=runner)
     # Single-module KLs add up only while errors are small: many modules at 2 bits compound far
     # beyond the sum. So plans are built with the fewest bits allowed at 2, 3 and 4 (linears) and
     # 2, 3, 4 (embedding), and the one whose *measured* whole-plan KL is lowest wins.

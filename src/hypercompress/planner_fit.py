@@ -66,7 +66,8 @@ def smallest_file_fits(model: nn.Module, target_bpw: float, group: int, embeddin
 
 
 def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int,
-                     embedding: str, lossless: int | None, tolerance: float = 0.02, trials: int = 14) -> Plan:
+                     embedding: str, lossless: int | None, tolerance: float = 0.02, trials: int = 14,
+                     device: str = "cpu") -> Plan:
     """A plan whose file stores between target_bpw x (1 - tolerance) and target_bpw bits per weight.
 
     `plan` is the planner's plan for the budget `target_bpw` (its sensitivities are reused for every
@@ -82,7 +83,8 @@ def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: t
         if budget == target_bpw:
             return first
         # a budget under the tensor-bit floor: the smallest plan (its lossless-coded file may fit)
-        return plan_bits(model, max(budget, smallest), samples, group, embedding, sensitivity=first.sensitivity)
+        return plan_bits(model, max(budget, smallest), samples, group, embedding, sensitivity=first.sensitivity,
+                         device=device)
 
     return fit_budget(replan, lambda p: stored_bpw(model, p, embedding, lossless), lambda p: p.bits_per_weight,
                       lambda p: tuple(sorted(p.allocation.items())), target_bpw, (smallest, largest),

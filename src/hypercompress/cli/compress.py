@@ -225,10 +225,10 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
                  "quantization_floor_bpw": floor, "notes": pipeline.notes})
     with progress_bar("measuring sensitivity") as update:
         plan = plan_bits(model, max(target.bits_per_weight, floor), samples[:1, :256], target.group_size,
-                         embedding, progress=update)
+                         embedding, progress=update, device=device)
     with err_console.status("fitting the plan to the stored file (RTN trials)"):
         plan = fit_plan_to_file(model, plan, target.bits_per_weight, samples[:1, :256], target.group_size,
-                                embedding, lossless)
+                                embedding, lossless, device=device)
     with progress_bar("planned vs uniform recipes (GPTQ trials)") as update:
         plan, scores, candidates = choose(model, plan, target.bits_per_weight, samples, target.group_size, embedding,
                               lossless, device, progress=update)

@@ -48,6 +48,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
     if batch % processes:
         raise UserError(f"qat batch {batch} does not split over {processes} processes; use a multiple of {processes}")
     share = batch // processes
+    windows = windows.to(next(teacher.parameters()).device)  # where the models are (the runner keeps them on CPU)
     with torch.no_grad():
         target_in, calls = capture_block_inputs(teacher, windows, share)
         student_in, _ = capture_block_inputs(student, windows, share)
@@ -55,6 +56,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
     done = _restore(checkpoint_dir, student_blocks, fakes, spec.blocks) if resume and checkpoint_dir else 0
     errors: list[float] = []
     for index in range(len(student_blocks)):
+        homes = [next(b.parameters()).device for b in (teacher_blocks[index], student_blocks[index])]
         teacher_block, student_block = teacher_blocks[index].to(device), student_blocks[index].to(device)
         with torch.no_grad():
             target_out = [calls.run(teacher_block, index, b, h.to(device)).cpu() for b, h in enumerate(target_in)]
@@ -67,8 +69,8 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
         with torch.no_grad():
             student_in = [calls.run(student_block, index, b, h.to(device)).cpu() for b, h in enumerate(student_in)]
         target_in = target_out
-        teacher_blocks[index].to("cpu")
-        student_blocks[index].to("cpu")
+        teacher_blocks[index].to(homes[0])  # back where it was (all on the device when qat moved the model)
+        student_blocks[index].to(homes[1])
         if progress and parallel.is_main():
             progress(index + 1, len(student_blocks), f"block output error {errors[-1]:.4f}" if errors else "resumed")
     return errors
