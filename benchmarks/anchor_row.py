@@ -50,17 +50,7 @@ def safetensors_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-PLAN_INFO: dict = {}  # filled by a planner row: what was chosen and the measured joint KLs
-
-
-def _option_counts(allocation, embedding) -> str:
-    from collections import Counter
-
-    from hypercompress.planner import option_label
-
-    counts = Counter(option_label(o) for n, o in allocation.items() if n != embedding)
-    return (f"embedding {option_label(allocation[embedding])}; linears "
-            + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+PLAN_INFO: dict = {}  # filled by a planner row: its route, what it kept and the GPTQ trials' KLs
 
 
 def run_ours(model, tokenizer, spec, calib, work):
@@ -70,14 +60,15 @@ def run_ours(model, tokenizer, spec, calib, work):
 
     params = count_params(model)
     tick = time.perf_counter()
-    if isinstance(spec["ours"], dict):  # a size target: plan per-module bits first (timed too)
-        from hypercompress.planner import plan_bits, plan_recipe
+    lossless = None
+    if isinstance(spec["ours"], dict):  # a size target: planned as `compress --target-bpw` plans (timed too)
+        from hypercompress.cli.compress import planned_recipe
+        from hypercompress.recipe import PlanTarget
 
-        embedding = "model.embed_tokens"
-        plan = plan_bits(model, spec["ours"]["target_bpw"], calib[:1, :256], 64, embedding)
-        recipe = Recipe.from_list(plan_recipe(plan, embedding))
-        PLAN_INFO.update({"plan_joint_kl": plan.joint_kl, "plan_candidates": plan.candidates,
-                          "plan_options": _option_counts(plan.allocation, embedding)})
+        lossless = 10  # what size targets store
+        recipe, allocation = planned_recipe(model, PlanTarget(spec["ours"]["target_bpw"]), calib, 0, lossless)
+        PLAN_INFO.update({"plan_route": allocation["route"], "plan_notes": allocation["notes"],
+                          "plan_trial_kl": allocation.get("trial_kl")})
     else:
         recipe = Recipe.from_list(spec["ours"])
     compress(model, recipe, calib, batch_size=8)
@@ -85,7 +76,7 @@ def run_ours(model, tokenizer, spec, calib, work):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         path = artifact.save(model, tokenizer, Path(tmp) / "a", recipe=recipe.to_list(),
-                             original_params=params)
+                             original_params=params, lossless=lossless)
         size = (path / artifact.WEIGHTS).stat().st_size
         model, _ = artifact.load(path)  # evaluate what was saved
     return model, seconds, peak, size, json.dumps(recipe.to_list())

@@ -87,7 +87,7 @@ def merge_runs(name: str, title: str, files: list[str], arrange) -> None:
         machines.add(data["machine"])
         command = re.sub(r"--model \S+", "--model SmolLM2-135M-Instruct.Q4_1.gguf", data["command"])
         command = re.sub(r"--out \S+", "--out OUT", command)
-        commands.append("python " + command.replace(".data/", "../shared/data/").replace("--budgets  ", '--budgets "" '))
+        commands.append("python " + command.replace(".data/", "../shared/data/").replace(".carry/", "../shared/data/").replace("--budgets  ", '--budgets "" '))
     write_json(name, {
         "title": title, "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)",
         "params": 134515008, "protocol": protocol, "machine": " | ".join(sorted(machines)),

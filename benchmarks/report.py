@@ -160,7 +160,25 @@ def _fuzz(data: dict) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = {"ct_layout": _ct_layout, "fuzz": _fuzz}
+def _frontier(data: dict) -> list[str]:
+    from frontier_report import frontier_section
+
+    return frontier_section(data)
+
+
+def _grids(data: dict) -> list[str]:
+    from frontier_report import grids_section
+
+    return grids_section(data)
+
+
+def _qat_lr(data: dict) -> list[str]:
+    from frontier_report import qat_lr_section
+
+    return qat_lr_section(data)
+
+
+SECTIONS = {"ct_layout": _ct_layout, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

@@ -43,3 +43,19 @@ def test_two_processes_train_as_one_and_only_the_first_writes(model_dirs, calib_
     assert gap < 1e-4 < trained / 10  # the same steps, up to float16 rounding
     assert not (tmp_path / "ddp.checkpoint").exists()
     assert torch.isfinite(artifact.load(tmp_path / "ddp")[0](torch.randint(1, 121, (1, 16))).logits).all()
+
+
+def test_qat_runs_under_two_processes_and_only_the_first_writes(model_dirs, calib_file, tmp_path):
+    """Block-AP and the end-to-end phase split each step's batch between the processes (gloo)."""
+    recipe = tmp_path / "qat.json"
+    recipe.write_text(json.dumps([{"method": "qat", "bits": 4, "group_size": 32, "block_steps": 2, "steps": 2,
+                                   "batch": 2, "teacher_fraction": 0}]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "hypercompress", "compress", str(model_dirs["llama"]), "--recipe", str(recipe),
+                               "--calib", str(calib_file), "--calib-samples", "4", "--calib-len", "32",
+                               "--out", str(tmp_path / "ddp")], capture_output=True, text=True, env=env, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("bits per weight") == 1
+    model, _ = artifact.load(tmp_path / "ddp")
+    assert torch.isfinite(model(torch.randint(1, 121, (1, 16))).logits).all()
