@@ -126,12 +126,12 @@ def test_the_planner_route_is_fitted_to_the_stored_file(ratio, model_dirs, text_
     assert abs(bpw / (16 / ratio) - 1) <= 0.02  # header and zstd stage counted (tiny: the header is large)
 
 
-def test_distill_above_the_floor_trains_the_quantization_scales(model_dirs, text_file, tmp_path):
+def test_distill_above_the_floor_appends_qat(model_dirs, text_file, tmp_path):
     result = run("compress", model_dirs["llama"], "--target-ratio", 2, "--distill", "--distill-steps", 2,
                  "--calib", text_file, "--calib-samples", 2, "--calib-len", 32, "--out", tmp_path / "x")
     assert result.exit_code == 0, result.output
     recipe = json.loads((tmp_path / "x" / artifact.MANIFEST).read_text())["recipe"]
-    assert recipe[0]["method"] != "asvd" and recipe[-1]["method"] == "distill"  # the planner's route
+    assert recipe[0]["method"] != "asvd" and recipe[-1]["method"] == "qat"  # the planner's route, trained
 
 
 @pytest.mark.parametrize("args, needles", [

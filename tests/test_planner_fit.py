@@ -116,3 +116,13 @@ def test_pipeline_target_between_plans_is_refused_with_sizes_that_land():
     assert len(hints) == 2 and hints[0] < 3.0 < hints[1]
     for hint in hints:
         assert 0.98 * hint <= fit_pipeline(model, hint, calib, lossless=LOSSLESS).reached_bpw <= hint
+
+
+def test_the_written_file_may_land_under_the_target_but_not_over_it():
+    from hypercompress.cli.compress import _check_target
+    from hypercompress.recipe import PlanTarget
+
+    _check_target(3.0 * 0.95, PlanTarget(3.0))  # trained codes coding smaller: kept, with a note
+    _check_target(3.0 * 1.019, PlanTarget(3.0))
+    with pytest.raises(UserError, match="over the target"):
+        _check_target(3.0 * 1.03, PlanTarget(3.0))
