@@ -71,13 +71,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/hypercompress-anchors"))
     parser.add_argument("--anchor-python", default=None, help="python of an llm-compressor env")
     parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--merge-only", action="store_true", help="merge the rows already in --work, run none")
     args = parser.parse_args()
     params, available = prepare(args.work, args.windows)
     pythons = {"ours": sys.executable}
     if "llmcompressor" in args.libraries:
         pythons["llmcompressor"] = anchor_python(args.anchor_python)
     script = Path(__file__).resolve().parent / "anchor_row.py"
-    for row in args.rows.split(","):
+    for row in [] if args.merge_only else args.rows.split(","):
         for library in args.libraries.split(","):
             if library == "llmcompressor" and ROWS[row]["llmcompressor"] is None:
                 continue

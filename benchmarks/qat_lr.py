@@ -29,7 +29,7 @@ from hypercompress.methods.qat.block_ap import _train_block  # noqa: E402
 from hypercompress.methods.qat.fake_quant import FakeQuantLinear  # noqa: E402
 from hypercompress.models import load_model  # noqa: E402
 
-RATES = (0.0, 1e-5, 5e-5, 2e-4, 5e-4, 1e-3)
+RATES = (0.0, 1e-5, 5e-5, 2e-4, 5e-4)
 TRAIN_BATCHES = 1  # of 4 windows; the rest score
 
 
@@ -72,9 +72,9 @@ def main() -> None:
         rows.append({"block_lr": lr, "held_out_error": held_out_error(block, args.block, calls, hidden, targets),
                      "seconds": round(time.perf_counter() - tick, 1)})
         print(rows[-1], flush=True)
-    write_json("qat_lr", {"title": "qat Block-AP learning rate (one block, held-out calibration windows)",
-                          "machine": machine(), "bits": args.bits, "block": args.block, "steps": args.steps,
-                          "script": "python benchmarks/qat_lr.py " + " ".join(sys.argv[1:]), "rows": rows})
+        write_json("qat_lr", {"title": "qat Block-AP learning rate (one block, held-out calibration windows)",
+                              "machine": machine(), "bits": args.bits, "block": args.block, "steps": args.steps,
+                              "script": "python benchmarks/qat_lr.py " + " ".join(sys.argv[1:]), "rows": rows})
 
 
 if __name__ == "__main__":
