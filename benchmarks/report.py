@@ -56,7 +56,10 @@ NOTES = {
         "Planner rows: the whole model (embedding included) at the target; sensitivities measured on the "
         "first 256 tokens of one calibration window (one forward per module at 3-bit rows, other options "
         "scaled by output error), candidate plans compared by their measured joint KL; planning time is "
-        "included in compress seconds. Uniform yardsticks: uniform-w3row-all is every linear (GPTQ) and "
+        "included in compress seconds. Rows with plan_route in their JSON were planned as `compress "
+        "--target-bpw` plans since issue 14 (float32 sensitivities, the plan fitted to its file with the "
+        "lossless stage 10, then GPTQ trials of the plan and the largest uniform recipes that fit, the "
+        "lowest KL kept; stored with the lossless stage); the others predate that. Uniform yardsticks: uniform-w3row-all is every linear (GPTQ) and "
         "the embedding (RTN) at 3 bits with one scale per row (3.04 bpw, the uniform point nearest 3.0), "
         "uniform-w3g64-all the same with groups of 64 (3.30 bpw). planner-2.0bpw is refused: 2-bit rows "
         "everywhere are already 2.03 bpw.",
