@@ -126,3 +126,14 @@ def test_the_written_file_may_land_under_the_target_but_not_over_it():
     _check_target(3.0 * 1.019, PlanTarget(3.0))
     with pytest.raises(UserError, match="over the target"):
         _check_target(3.0 * 1.03, PlanTarget(3.0))
+
+
+def test_under_the_tensor_bit_floor_the_lossless_smallest_plan_may_still_fit():
+    from hypercompress.planner import floor_bpw
+    from hypercompress.planner_fit import smallest_file_fits
+
+    model = tied_llama(256)
+    floor = floor_bpw(model, 32)
+    assert not smallest_file_fits(model, floor * 0.99, 32, EMBEDDING, None)  # no lossless stage: the floor holds
+    assert smallest_file_fits(model, floor * 1.5, 32, EMBEDDING, 10)
+    assert not smallest_file_fits(model, floor * 0.2, 32, EMBEDDING, 10)
