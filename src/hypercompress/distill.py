@@ -45,6 +45,15 @@ class DistillSettings:
     optimizer: str = "adamw"   # or "adafactor" (factored second moments: low memory, Shazeer & Stern 2018)
 
 
+def train_norms(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+    """Every norm's weight made trainable and registered in `params` by name (stored as float16
+    anyway, so training them costs no bytes)."""
+    for name, module in model.named_modules():
+        if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+            module.weight.requires_grad_(True)
+            params[f"{name}.weight"] = module.weight
+
+
 def kl_to_teacher(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(p_teacher || p_student): logits (..., V) -> scalar."""
     t = F.log_softmax(teacher_logits.float(), -1)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..distill import DistillSettings, distill, teacher_samples
+from ..distill import DistillSettings, distill, teacher_samples, train_norms
 from ..errors import UserError
 from ..layers import LowRankLinear, QuantLinear, SparseLinear
 from ..layers.lora import LoRALinear
@@ -129,10 +129,7 @@ class Distill(WholeModelMethod):
         if c.train_embedding:
             stored += _train_embedding(model, params)
         if c.train_norms:
-            for name, module in model.named_modules():
-                if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-                    module.weight.requires_grad_(True)
-                    params[f"{name}.weight"] = module.weight
+            train_norms(model, params)
         if not stored:
             raise UserError("distill finds nothing to train among the selected modules: put an svd/asvd "
                             "or quantization stage before it (or set lora_rank for sparse layers)")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ...config import MethodConfig, check
-from ...distill import DistillSettings, distill, teacher_samples
+from ...distill import DistillSettings, distill, teacher_samples, train_norms
 from ...errors import UserError
 from ...layers.quant_embedding import QuantEmbedding, TiedHead
 from ...layers.quant_linear import QuantLinear
@@ -157,10 +157,7 @@ class Qat(WholeModelMethod):
             for key, param in fake.named_parameters():
                 params[f"{name}.{key}"] = param
         if c.train_norms:
-            for name, module in model.named_modules():
-                if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-                    module.weight.requires_grad_(True)
-                    params[f"{name}.weight"] = module.weight
+            train_norms(model, params)
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, log_dir=c.log_dir)
         grid = lambda name: c.scale_lr_factor if name.endswith((".scales", ".zeros")) else 1.0  # noqa: E731
         distill(model, teacher, windows, params, lambda: None, settings, device,
@@ -177,11 +174,7 @@ class Qat(WholeModelMethod):
                 head = TiedHead(name)
                 _put(model, head_name, head)
                 head.bind(model)
-        with torch.no_grad():
-            for module in model.modules():  # trained norms: stored in their own dtype
-                if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-                    module.weight.requires_grad_(False)
-        model.requires_grad_(False)
+        model.requires_grad_(False)  # trained norms included
 
 
 def _put(model: nn.Module, name: str, module: nn.Module) -> None:
