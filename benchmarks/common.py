@@ -91,7 +91,8 @@ def merge_runs(name: str, title: str, files: list[str], arrange) -> None:
     write_json(name, {
         "title": title, "model": "smollm2-135m (SmolLM2-135M-Instruct Q4_1 GGUF, dequantized)",
         "params": 134515008, "protocol": protocol, "machine": " | ".join(sorted(machines)),
-        "script": " && ".join(([old["script"]] if old.get("script") else []) + commands),
+        "script": " && ".join(([old["script"].replace(".carry/", "../shared/data/")] if old.get("script") else [])
+                              + commands),
         "rows": arrange(old["rows"], rows)})
     render()
 

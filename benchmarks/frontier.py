@@ -165,7 +165,7 @@ def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     stages = with_qat(recipe.to_list(), args)
     route = allocation["route"]
     trials = {k: v for k, v in allocation.get("trial_kl", {}).items() if k.startswith("uniform")}
-    if trials:  # the uniform recipe the planner measured best beside its plan
+    if trials and not args.skip_uniform:  # the uniform recipe the planner measured best beside its plan
         best = min(trials, key=trials.get)
         rows += run_stages(f"{args.target:.1f} bpw target: {best} (GPTQ)", allocation["trial_recipes"][best],
                            teacher, tokenizer, texts, params, args)
@@ -206,7 +206,8 @@ def uniform_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
                "lr": args.lr, "block_lr": args.block_lr}]
     label = (f"{args.target:.1f} bpw target: uniform GPTQ, linears {option_label(linear)}, embedding "
              f"{option_label(embedding)}")
-    rows = run_stages(f"{label} + qat ({args.steps} steps)", stages, teacher, tokenizer, texts, params, args,
+    rows = run_stages(f"{label} + qat ({args.steps} steps, lr {args.lr:g})", stages, teacher, tokenizer, texts,
+                      params, args,
                       label_before_last=label)
     for row in rows:
         row["target_bpw"] = args.target
@@ -261,9 +262,11 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=600, help="qat end-to-end steps (8 windows each)")
     r.add_argument("--block-steps", type=int, default=100, help="qat Block-AP steps per block")
     r.add_argument("--batch", type=int, default=8, help="--route uniform: qat windows per step")
-    r.add_argument("--lr", type=float, default=5e-5)
+    r.add_argument("--lr", type=float, default=1.5e-4, help="qat end-to-end learning rate")
     r.add_argument("--block-lr", type=float, default=2e-4)
     r.add_argument("--bits", type=int, default=3, help="--route rotate: GPTQ bits")
+    r.add_argument("--skip-uniform", action="store_true",
+                   help="--route planner: leave out the best uniform recipe's row (measured by --route uniform)")
     r.add_argument("--embedding-bits", type=int, default=4, help="--route rotate: embedding bits")
     args = parser.parse_args()
     if args.command == "run":

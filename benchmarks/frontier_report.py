@@ -19,9 +19,16 @@ FRONTIER_NOTES = [
     "log): 4.0 bpw: plan 0.226 vs uniform w4g64 + embedding w4g64 0.250, w4row + w6row 0.289; "
     "3.0: plan 1.340 vs w3row + w4row 1.736, w3g64 + w3row 2.195; 2.5: plan 3.091 vs w2g64 + w4g64 "
     "5.712, w3row + w2row 22.38. The plan was kept at all three.",
-    "Not measured this session (the 30 GPU-minutes ran out on two device bugs in qat, fixed and "
-    "tested since): qat on SmolLM2 on the GPU, the planner rows' perplexity on the GPU, rotate + qat. "
-    "The CPU rows (marked) are short qat runs on this 2-core machine.",
+    "qat rows: GPTQ (or the planner's codes), then qat: Block-AP 100 steps per block at 2e-4, then "
+    "400 end-to-end steps of 8 windows (KL + 0.1 x hidden-state matching) on the 128 calibration windows "
+    "plus 128 the original wrote itself, trained with TF32 matmuls, measured in float32. The learning "
+    "rate was chosen on the held-out validation loss (never the test text): 1.5e-4 beat 5e-5 and 2e-5 at "
+    "3 bits and 5e-5 at 4 bits, on the second domain too; it is now qat's default.",
+    "GPU min: wall minutes of the row's own compression (the model's load and the measurements left "
+    "out) with 4 or 5 such runs side by side on one H200 (benchmarks/frontier_batch.sh), so one run "
+    "alone takes less.",
+    "Not measured yet: the planner's rows with qat (`--route planner`: planning on the GPU beside four "
+    "other runs did not finish within 8 minutes), the 2.0 bpw target with qat, rotate + qat.",
 ]
 
 GRIDS_NOTES = [

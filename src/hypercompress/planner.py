@@ -99,7 +99,8 @@ class _TailRunner:
         self.blocks = model.get_submodule(spec.blocks)
         self.norm = model.get_submodule(spec.final_norm)
         self.prefix = f"{spec.blocks}."
-        hiddens, self.calls = capture_block_inputs(model, samples, batch)  # each block's own mask
+        hiddens, calls = capture_block_inputs(model, samples, batch)  # each block's own mask
+        self.calls = calls.to(samples.device)  # captured on the CPU; the blocks run where the samples are
         self.inputs = [hiddens]  # inputs[i][batch]: the dense model's input of block i
         self.gram: dict[str, torch.Tensor] = {}  # X^T X of each observed linear's inputs (float32)
         hooks = [model.get_submodule(n).register_forward_hook(self._observer(n)) for n in observe]
