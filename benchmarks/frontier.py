@@ -2,6 +2,8 @@
 
     python benchmarks/frontier.py run --model M.gguf --device cuda --calib-text valid.txt \
         --test-text test.txt --target 3.0 --out DIR [--route planner|rotate] [--tag T]
+    python benchmarks/frontier.py run --plan-only plan-3.0.json --target 3.0 --steps 400 --device cpu \
+        --model M.gguf --calib-text valid.txt --out DIR  # plan here; then on the GPU: run --plan plan-3.0.json
     python benchmarks/frontier.py merge FILE...          # -> results/frontier.json + RESULTS.md
 
 `--route planner` (one process per target; several run side by side on one GPU):
@@ -48,13 +50,19 @@ from hypercompress.recipe import PlanTarget, Recipe  # noqa: E402
 FIRST = 64  # the first windows of the test text, the issue's goals are stated on them
 
 
+def calibration_windows(tokenizer, args) -> torch.Tensor:
+    """(calib_samples, 512) windows of the first 90% of the validation text, seed 0."""
+    valid = tokenize(tokenizer, read_text(args.calib_text))
+    return calibration_samples(valid[:int(valid.numel() * 0.9)], args.calib_samples, 512, 0)
+
+
 class Texts:
     """The token windows every row is measured on, and the original's numbers there."""
 
     def __init__(self, teacher, tokenizer, args):
         valid = tokenize(tokenizer, read_text(args.calib_text))
         cut = int(valid.numel() * 0.9)
-        self.calib = calibration_samples(valid[:cut], args.calib_samples, 512, 0)
+        self.calib = calibration_windows(tokenizer, args)
         few = args.windows or None  # a quick run: that many windows of each text
         self.valid = windows(valid[cut:], 512, min(64, few or 64))
         test = tokenize(tokenizer, read_text(args.test_text))
@@ -156,12 +164,36 @@ def with_qat(stages: list[dict], args) -> list[dict]:
     return out
 
 
+def make_plan(teacher, calib, args) -> dict:
+    """What `compress --target-bpw T [--distill]` plans (its recipe and allocation), timed."""
+    from hybrid import machine_text
+
+    tick = time.perf_counter()
+    recipe, allocation = planned_recipe(copy.deepcopy(teacher), PlanTarget(args.target), calib, args.steps, 10,
+                                        args.device)
+    return {"target_bpw": args.target, "recipe": recipe.to_list(), "allocation": allocation,
+            "planning_seconds": round(time.perf_counter() - tick, 1), "planned_on": f"{args.device}: {machine_text()}"}
+
+
+def plan_only(args) -> None:
+    """`run --plan-only FILE`: plan on this machine (the sensitivities are float32: every CPU plans
+    alike) and write the plan, so a GPU run (`--plan FILE`) spends its time on GPTQ, qat and measuring."""
+    from common import gpu_run_setup
+
+    teacher, tokenizer = gpu_run_setup(args)[:2]
+    plan = make_plan(teacher, calibration_windows(tokenizer, args), args)
+    Path(args.plan_only).write_text(json.dumps(plan, indent=2))
+    print(f"planned {args.target} bpw in {plan['planning_seconds']:.0f} s: {plan['allocation'].get('notes')}")
+
+
 def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     rows = []
-    tick = time.perf_counter()
-    recipe, allocation = planned_recipe(copy.deepcopy(teacher), PlanTarget(args.target), texts.calib, args.steps,
-                                        10, args.device)
-    planning = time.perf_counter() - tick
+    plan = json.loads(Path(args.plan).read_text()) if args.plan else make_plan(teacher, texts.calib, args)
+    if plan["target_bpw"] != args.target or plan["recipe"][-1]["method"] != "qat":
+        raise SystemExit(f"{args.plan} plans {plan['target_bpw']} bpw (last stage {plan['recipe'][-1]['method']}): "
+                         f"plan it with --target {args.target} and --steps > 0")
+    recipe, allocation = Recipe.from_list(plan["recipe"]), plan["allocation"]
+    planning = 0.0 if args.plan else plan["planning_seconds"]  # a plan made elsewhere: its time is its own
     stages = with_qat(recipe.to_list(), args)
     route = allocation["route"]
     trials = {k: v for k, v in allocation.get("trial_kl", {}).items() if k.startswith("uniform")}
@@ -174,7 +206,8 @@ def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
                        stages, teacher, tokenizer, texts, params, args, planning,
                        label_before_last=f"{args.target:.1f} bpw target: {route} ({kept})")
     for row in rows:
-        row.update({"target_bpw": args.target, "trial_kl": allocation.get("trial_kl")})
+        row.update({"target_bpw": args.target, "trial_kl": allocation.get("trial_kl"),
+                    "planning_minutes": round(plan["planning_seconds"] / 60, 2), "planned_on": plan["planned_on"]})
     return rows
 
 
@@ -221,6 +254,8 @@ def run(args) -> None:
     from common import gpu_run_setup
     from hybrid import machine_text
 
+    if args.plan_only:
+        return plan_only(args)
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as stated
     teacher, tokenizer, params, _, _, _ = gpu_run_setup(args)
     texts = Texts(teacher, tokenizer, args)
@@ -265,6 +300,9 @@ def main() -> None:
     r.add_argument("--lr", type=float, default=1.5e-4, help="qat end-to-end learning rate")
     r.add_argument("--block-lr", type=float, default=2e-4)
     r.add_argument("--bits", type=int, default=3, help="--route rotate: GPTQ bits")
+    r.add_argument("--plan", help="--route planner: a plan written by --plan-only (else planned here)")
+    r.add_argument("--plan-only", metavar="FILE", help="only plan --target (as compress --target-bpw --distill "
+                   "plans) and write the plan to FILE")
     r.add_argument("--skip-uniform", action="store_true",
                    help="--route planner: leave out the best uniform recipe's row (measured by --route uniform)")
     r.add_argument("--embedding-bits", type=int, default=4, help="--route rotate: embedding bits")

@@ -14,8 +14,8 @@ from conftest import tied_llama
 EMBEDDING = "model.embed_tokens"
 
 
-def samples(n=6, length=32):
-    return torch.randint(1, 200, (n, length), generator=torch.Generator().manual_seed(0))
+def samples(n=6, length=32, vocab=200):
+    return torch.randint(1, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
 def test_uniform_candidates_are_the_largest_that_fit_the_file():
@@ -58,3 +58,42 @@ def test_plans_do_not_depend_on_the_machine_s_fastest_dtype(monkeypatch):
     monkeypatch.setattr(planner, "fastest_dtype", lambda device="cpu": torch.bfloat16)
     again = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
     assert again.allocation == reference.allocation and again.sensitivity == reference.sensitivity
+
+
+def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypatch):
+    """The rotated plan is a candidate on an untied RMSNorm model (same modules, same options); when it
+    scores best, the planned recipe starts with `rotate` and its file stays within the target."""
+    from conftest import make_model
+    from hypercompress.artifact import stored_bytes
+    from hypercompress.cli.compress import planned_recipe
+    from hypercompress.modules import count_params
+    from hypercompress.recipe import PlanTarget
+
+    model = make_model("llama")  # untied lm_head
+    assert planner_choice.rotation_keeps_size(model) and not planner_choice.rotation_keeps_size(tied_llama(256))
+    plan = plan_bits(model, 5.0, samples(vocab=128)[:1, :16], group=32, embedding=EMBEDDING)
+    _, scores, candidates = planner_choice.choose(model, plan, 5.0, samples(vocab=128), 32, EMBEDDING, None)
+    assert planner_choice.ROTATED in scores and candidates[planner_choice.ROTATED] is plan
+    assert planner_choice.candidate_stages(planner_choice.ROTATED, plan, EMBEDDING)[0] == {"method": "rotate"}
+
+    real_choose = planner_choice.choose
+
+    def rotated_wins(*args, **kwargs):  # whichever scores lowest is kept: make it the rotated plan
+        chosen, scores, candidates = real_choose(*args, **kwargs)
+        return chosen, {k: (0.0 if k == planner_choice.ROTATED else v + 1) for k, v in scores.items()}, candidates
+
+    monkeypatch.setattr(planner_choice, "choose", rotated_wins)
+    recipe, allocation = planned_recipe(model, PlanTarget(5.0, group_size=32), samples(vocab=128), 0, None)
+    stages = recipe.to_list()
+    assert stages[0]["method"] == "rotate" and allocation["notes"][-1] == f"kept: {planner_choice.ROTATED}"
+    from hypercompress.api import compress
+    compressed = make_model("llama")
+    compress(compressed, recipe, samples(vocab=128))
+    assert stored_bytes(compressed) * 8 <= 5.0 * 1.02 * count_params(make_model("llama"))
+
+
+def test_a_tied_model_is_not_tried_rotated():
+    model = tied_llama(256)
+    plan = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
+    _, scores, _ = planner_choice.choose(model, plan, 5.0, samples(), 32, EMBEDDING, None)
+    assert planner_choice.ROTATED not in scores

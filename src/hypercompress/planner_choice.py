@@ -9,6 +9,12 @@ still fits; at most `UNIFORM_KEPT` linear options, the largest first) are compre
 is, with GPTQ on the first `TRIAL_WINDOWS` calibration windows, and each is scored by the measured
 KL(original || compressed) on up to `CHECK_WINDOWS` further calibration windows (text the trials
 did not use; never the evaluation text). The lowest KL wins, the plan on ties; the scores are reported with the choice.
+
+On a model with an untied lm_head and RMSNorm blocks, the plan is also tried after `rotate` (the
+residual stream's orthogonal invariance folded into the weights, QuaRot R1 / SliceGPT): the same
+modules at the same options, so about the same stored size (the rotated trial's file is measured,
+and one larger than both the plan's and the target is not kept). A tied model is not rotated here:
+rotation unties its head, whose table would then be stored beside the embedding's.
 """
 
 from __future__ import annotations
@@ -26,6 +32,21 @@ UNIFORM_KEPT = 2     # uniform candidates compressed beside the plan
 TRIAL_WINDOWS = 8    # calibration windows each trial's GPTQ sees (the final run sees them all)
 CHECK_WINDOWS = 4    # calibration windows after those that score each trial
 FIT_SLACK = 1.02     # a candidate whose predicted file is this far over the target is not tried
+ROTATED = "rotated: planned"  # the plan after `rotate`, on models rotate keeps the same size
+
+
+def rotation_keeps_size(model: nn.Module) -> bool:
+    """Whether `rotate` leaves the stored size alone: an RMSNorm architecture whose lm_head is untied."""
+    from .methods.rotation import ROTATABLE
+
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return (model.config.model_type in ROTATABLE and head is not None
+            and getattr(head, "weight", None) is not getattr(embedding, "weight", None))
+
+
+def candidate_stages(label: str, plan: Plan, embedding: str) -> list[dict]:
+    """The recipe stages of a candidate: the plan's, after `rotate` for the rotated one."""
+    return ([{"method": "rotate"}] if label == ROTATED else []) + plan_recipe(plan, embedding)
 
 
 def uniform_plans(model: nn.Module, target_bpw: float, group: int, embedding: str, lossless: int | None,
@@ -71,6 +92,7 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
     calibration windows (with fewer than TRIAL_WINDOWS + 1, the first half calibrates the trials and
     the rest scores them)."""
     from .api import compress
+    from .artifact import stored_bytes
     from .distill import kl_to_teacher
     from .planner_fit import stored_bpw
     from .recipe import Recipe
@@ -81,14 +103,20 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
     candidates = {"planned": plan}
     for uniform in uniform_plans(model, target_bpw, group, embedding, lossless, ratio):
         candidates[f"uniform: {plan_label(uniform, embedding)}"] = uniform
+    if rotation_keeps_size(model):
+        candidates[ROTATED] = plan
     model.to(device)
     reference = [model(input_ids=w.to(device)).logits.float().cpu() for w in check.split(2)]
     model.to("cpu")
     scores: dict[str, float] = {}
     for done, (label, candidate) in enumerate(candidates.items()):
         trial = copy.deepcopy(model)
-        compress(trial, Recipe.from_list(plan_recipe(candidate, embedding), where="planned recipe (trial)"),
+        compress(trial, Recipe.from_list(candidate_stages(label, candidate, embedding), where="planned recipe (trial)"),
                  samples[:split], device=device)
+        if ROTATED in candidates and label == "planned":  # what the rotated plan may store at most
+            allowed = max(stored_bytes(trial, lossless), target_bpw * count_params(model) / 8)
+        if label == ROTATED and stored_bytes(trial, lossless) > allowed:
+            continue  # its codes code larger than the plan's, past the target: not a candidate
         trial.to(device)
         kls = [kl_to_teacher(r, trial(input_ids=w.to(device)).logits.float().cpu()) * w.shape[0]
                for r, w in zip(reference, check.split(2))]

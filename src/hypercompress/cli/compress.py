@@ -212,8 +212,8 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
     counted), then keep it or the best uniform recipe of that size, whichever GPTQ trials measure
     better (planner_choice.py); below it: the hybrid pipeline (pipeline.py)."""
     from ..pipeline import fit_pipeline
-    from ..planner import floor_bpw, option_label, plan_bits, plan_recipe, qat_stage
-    from ..planner_choice import choose
+    from ..planner import floor_bpw, option_label, plan_bits, qat_stage
+    from ..planner_choice import candidate_stages, choose
     from ..planner_fit import fit_plan_to_file, smallest_file_fits
 
     floor = floor_bpw(model, target.group_size)
@@ -253,11 +253,11 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
                   "notes": [summary.replace(" | ", "; "), f"kept: {chosen}"]
                   + ([f"quantization-aware distillation {distill_steps} steps"] if distill_steps else []),
                   "trial_kl": scores,
-                  "trial_recipes": {label: plan_recipe(p, embedding) for label, p in candidates.items()},
+                  "trial_recipes": {label: candidate_stages(label, p, embedding) for label, p in candidates.items()},
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
                                      for n, s in plan.sensitivity.items()}}
-    stages = plan_recipe(plan, embedding)
+    stages = candidate_stages(chosen, plan, embedding)
     if distill_steps:  # latent weights, scales, the embedding and norms trained through the codes
         stages.append(qat_stage(distill_steps))
     return Recipe.from_list(stages, where="planned recipe"), allocation

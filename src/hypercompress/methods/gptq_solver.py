@@ -66,6 +66,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetri
     W, H, perm = _prepare(W, H, act_order)
     U = inverse_cholesky(H, damp, layer)
     codes = torch.zeros(rows, cols, device=W.device)
+    order = perm.tolist() if perm is not None else range(cols)  # read once: no device sync per column
     block = group * max(1, block_size // group)  # whole groups per block: grids see updated weights
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -73,7 +74,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetri
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            orig = int(perm[col]) if perm is not None else col
+            orig = order[col]
             g = orig // group
             if not static and orig % group == 0:
                 s, z = fit_grid(W1[:, i: i + group].unsqueeze(1), bits, symmetric, zero_point)
