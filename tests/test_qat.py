@@ -125,3 +125,20 @@ def test_a_corrupt_block_checkpoint_is_refused_with_the_fix(tmp_path):
     file.write_bytes(bytes(data))
     with pytest.raises(UserError, match="sha256.*remove"):
         block_ap_module._restore(tmp_path, model.model.layers, fakes, "model.layers")
+
+
+@pytest.mark.parametrize("caller", [True, False])
+def test_the_matmul_precision_is_the_caller_s_again_afterwards(monkeypatch, caller):
+    """TF32 is a training-only setting (on CUDA): off on the CPU, and the caller's flag comes back."""
+    seen = []
+
+    def spy(student, teacher, windows, fakes, **kwargs):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return []
+
+    monkeypatch.setattr("hypercompress.methods.qat.method.block_ap", spy)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", caller)
+    compress(make_model("llama"), Recipe.from_list([{"method": "qat", "bits": 4, "group_size": 32, "block_steps": 1,
+                                                     "steps": 0, "teacher_fraction": 0}]), calib())
+    assert seen == [False]  # trained on the CPU: no TF32
+    assert torch.backends.cuda.matmul.allow_tf32 is caller
