@@ -159,7 +159,8 @@ def with_qat(stages: list[dict], args) -> list[dict]:
     out = []
     for stage in stages:
         if stage["method"] == "qat":
-            stage = {**stage, "block_steps": args.block_steps, "lr": args.lr, "block_lr": args.block_lr}
+            stage = {**stage, "block_steps": args.block_steps, "lr": args.lr, "block_lr": args.block_lr,
+                     "teacher_fraction": args.teacher_fraction}
         out.append(stage)
     return out
 
@@ -213,7 +214,7 @@ def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
 
 def rotate_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     qat = {"method": "qat", "steps": args.steps, "batch": 8, "block_steps": args.block_steps, "lr": args.lr,
-           "block_lr": args.block_lr}
+           "block_lr": args.block_lr, "teacher_fraction": args.teacher_fraction}
     grid = {"method": "gptq", "bits": args.bits, "group_size": 64}
     embedding = {"method": "rtn", "bits": args.embedding_bits, "group_size": -1, "targets": [r"^model\.embed_tokens$"]}
     plain = [embedding, grid, qat]
@@ -236,10 +237,11 @@ def uniform_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     stages = [{"method": "rtn", "bits": embedding[0], "group_size": embedding[1], "targets": [r"^model\.embed_tokens$"]},
               {"method": "gptq", "bits": linear[0], "group_size": linear[1]},
               {"method": "qat", "steps": args.steps, "batch": args.batch, "block_steps": args.block_steps,
-               "lr": args.lr, "block_lr": args.block_lr}]
+               "lr": args.lr, "block_lr": args.block_lr, "teacher_fraction": args.teacher_fraction}]
     label = (f"{args.target:.1f} bpw target: uniform GPTQ, linears {option_label(linear)}, embedding "
              f"{option_label(embedding)}")
-    rows = run_stages(f"{label} + qat ({args.steps} steps, lr {args.lr:g})", stages, teacher, tokenizer, texts,
+    mix = "" if args.teacher_fraction == 0.5 else f", {args.teacher_fraction:g} teacher-written"
+    rows = run_stages(f"{label} + qat ({args.steps} steps, lr {args.lr:g}{mix})", stages, teacher, tokenizer, texts,
                       params, args,
                       label_before_last=label)
     for row in rows:
@@ -299,6 +301,7 @@ def main() -> None:
     r.add_argument("--batch", type=int, default=8, help="--route uniform: qat windows per step")
     r.add_argument("--lr", type=float, default=1.5e-4, help="qat end-to-end learning rate")
     r.add_argument("--block-lr", type=float, default=2e-4)
+    r.add_argument("--teacher-fraction", type=float, default=0.5, help="qat: share of teacher-written windows")
     r.add_argument("--bits", type=int, default=3, help="--route rotate: GPTQ bits")
     r.add_argument("--plan", help="--route planner: a plan written by --plan-only (else planned here)")
     r.add_argument("--plan-only", metavar="FILE", help="only plan --target (as compress --target-bpw --distill "

@@ -115,12 +115,12 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
                  samples[:split], device=device)
         if ROTATED in candidates and label == "planned":  # what the rotated plan may store at most
             allowed = max(stored_bytes(trial, lossless), target_bpw * count_params(model) / 8)
-        if label == ROTATED and stored_bytes(trial, lossless) > allowed:
-            continue  # its codes code larger than the plan's, past the target: not a candidate
-        trial.to(device)
-        kls = [kl_to_teacher(r, trial(input_ids=w.to(device)).logits.float().cpu()) * w.shape[0]
-               for r, w in zip(reference, check.split(2))]
-        scores[label] = float(sum(kls)) / check.shape[0]
+        fits = label != ROTATED or stored_bytes(trial, lossless) <= allowed  # (its codes may code larger)
+        if fits:
+            trial.to(device)
+            kls = [kl_to_teacher(r, trial(input_ids=w.to(device)).logits.float().cpu()) * w.shape[0]
+                   for r, w in zip(reference, check.split(2))]
+            scores[label] = float(sum(kls)) / check.shape[0]
         del trial
         if progress:
             progress(done + 1, len(candidates))
