@@ -159,8 +159,8 @@ def with_qat(stages: list[dict], args) -> list[dict]:
     out = []
     for stage in stages:
         if stage["method"] == "qat":
-            stage = {**stage, "block_steps": args.block_steps, "lr": args.lr, "block_lr": args.block_lr,
-                     "teacher_fraction": args.teacher_fraction}
+            stage = {**stage, "steps": args.steps, "block_steps": args.block_steps, "lr": args.lr,
+                     "block_lr": args.block_lr, "teacher_fraction": args.teacher_fraction}
         out.append(stage)
     return out
 
@@ -203,7 +203,9 @@ def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
         rows += run_stages(f"{args.target:.1f} bpw target: {best} (GPTQ)", allocation["trial_recipes"][best],
                            teacher, tokenizer, texts, params, args)
     kept = next((n for n in allocation.get("notes", []) if n.startswith("kept")), route)
-    rows += run_stages(f"{args.target:.1f} bpw target: {route} + {stages[-1]['method']} ({args.steps} steps)",
+    mix = "" if args.teacher_fraction == 0.5 else f", {args.teacher_fraction:g} teacher-written"
+    rows += run_stages(f"{args.target:.1f} bpw target: {route} + {stages[-1]['method']} ({args.steps} steps, "
+                       f"lr {args.lr:g}{mix})",
                        stages, teacher, tokenizer, texts, params, args, planning,
                        label_before_last=f"{args.target:.1f} bpw target: {route} ({kept})")
     for row in rows:
