@@ -48,12 +48,12 @@ class QatConfig(MethodConfig):
     block_steps: int = 100        # Block-AP steps per block (0: skip)
     block_lr: float = 2e-4        # Block-AP learning rate of the latent weights (benchmarks/qat_lr.py: the
                                   # lowest held-out block error of 1e-5..5e-4, tied with 5e-4)
-    steps: int = 300              # end-to-end steps (0: skip)
+    steps: int = 400              # end-to-end steps (0: skip); the frontier rows' setting
     lr: float = 1.5e-4            # end-to-end learning rate of the latent weights (benchmarks/frontier.py on
                                   # SmolLM2: of 2e-5, 5e-5, 1.5e-4 the lowest held-out validation and
                                   # second-domain loss at 3 and 4 bits)
     scale_lr_factor: float = 5.0  # scales and zeros learn this many times faster than weights
-    batch: int = 4                # windows per step (both phases)
+    batch: int = 8                # windows per step (both phases); the frontier rows' setting
     local_weight: float = 0.1     # end to end: per-block hidden-state matching
     train_norms: bool = True      # end to end: the norms' weights too (stored in float16 anyway)
     teacher_fraction: float = 0.5  # share of teacher-written windows in the training mix
