@@ -298,7 +298,7 @@ def main() -> None:
     r.add_argument("--route", choices=tuple(ROUTES), default="planner")
     r.add_argument("--linear", default="3,64", help="--route uniform: bits,group of the block linears")
     r.add_argument("--embedding", default="4,-1", help="--route uniform: bits,group of the embedding")
-    r.add_argument("--steps", type=int, default=600, help="qat end-to-end steps (8 windows each)")
+    r.add_argument("--steps", type=int, default=400, help="qat end-to-end steps (8 windows each)")
     r.add_argument("--block-steps", type=int, default=100, help="qat Block-AP steps per block")
     r.add_argument("--batch", type=int, default=8, help="--route uniform: qat windows per step")
     r.add_argument("--lr", type=float, default=1.5e-4, help="qat end-to-end learning rate")
