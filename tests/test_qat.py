@@ -137,8 +137,13 @@ def test_the_matmul_precision_is_the_caller_s_again_afterwards(monkeypatch, call
         return []
 
     monkeypatch.setattr("hypercompress.methods.qat.method.block_ap", spy)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", caller)
-    compress(make_model("llama"), Recipe.from_list([{"method": "qat", "bits": 4, "group_size": 32, "block_steps": 1,
-                                                     "steps": 0, "teacher_fraction": 0}]), calib())
-    assert seen == [False]  # trained on the CPU: no TF32
-    assert torch.backends.cuda.matmul.allow_tf32 is caller
+    before = torch.backends.cuda.matmul.allow_tf32  # a computed flag (monkeypatch cannot restore it)
+    torch.backends.cuda.matmul.allow_tf32 = caller
+    try:
+        compress(make_model("llama"), Recipe.from_list([{"method": "qat", "bits": 4, "group_size": 32,
+                                                         "block_steps": 1, "steps": 0, "teacher_fraction": 0}]),
+                 calib())
+        assert seen == [False]  # trained on the CPU: no TF32
+        assert torch.backends.cuda.matmul.allow_tf32 is caller
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
