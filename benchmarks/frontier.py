@@ -187,12 +187,20 @@ def plan_only(args) -> None:
     print(f"planned {args.target} bpw in {plan['planning_seconds']:.0f} s: {plan['allocation'].get('notes')}")
 
 
-def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
-    rows = []
-    plan = json.loads(Path(args.plan).read_text()) if args.plan else make_plan(teacher, texts.calib, args)
+def read_plan(args) -> dict | None:
+    """The plan of --plan FILE, checked against --target before any model is loaded (None without one)."""
+    if not args.plan:
+        return None
+    plan = json.loads(Path(args.plan).read_text())
     if plan["target_bpw"] != args.target or plan["recipe"][-1]["method"] != "qat":
         raise SystemExit(f"{args.plan} plans {plan['target_bpw']} bpw (last stage {plan['recipe'][-1]['method']}): "
                          f"plan it with --target {args.target} and --steps > 0")
+    return plan
+
+
+def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
+    rows = []
+    plan = read_plan(args) or make_plan(teacher, texts.calib, args)
     recipe, allocation = Recipe.from_list(plan["recipe"]), plan["allocation"]
     planning = 0.0 if args.plan else plan["planning_seconds"]  # a plan made elsewhere: its time is its own
     stages = with_qat(recipe.to_list(), args)
@@ -260,6 +268,7 @@ def run(args) -> None:
 
     if args.plan_only:
         return plan_only(args)
+    read_plan(args)  # a wrong plan file is refused before the model loads
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as stated
     teacher, tokenizer, params, _, _, _ = gpu_run_setup(args)
     texts = Texts(teacher, tokenizer, args)
