@@ -192,9 +192,11 @@ def read_plan(args) -> dict | None:
     if not args.plan:
         return None
     plan = json.loads(Path(args.plan).read_text())
-    if plan["target_bpw"] != args.target or plan["recipe"][-1]["method"] != "qat":
-        raise SystemExit(f"{args.plan} plans {plan['target_bpw']} bpw (last stage {plan['recipe'][-1]['method']}): "
-                         f"plan it with --target {args.target} and --steps > 0")
+    if plan["target_bpw"] != args.target:
+        raise SystemExit(f"{args.plan} was planned for {plan['target_bpw']} bpw, not --target {args.target}: pass "
+                         f"--target {plan['target_bpw']}, or make a plan with --plan-only FILE --target {args.target}")
+    if plan["recipe"][-1]["method"] != "qat":
+        raise SystemExit(f"{args.plan} has no qat stage (planned with --steps 0): make it again with --steps > 0")
     return plan
 
 
