@@ -20,8 +20,8 @@ FRONTIER_NOTES = [
     "1.736, w3g64 + w3row 2.195; 2.5: plan 3.091 vs w2g64 + w4g64 5.712, w3row + w2row 22.38. The "
     "plans of `frontier.py run --plan-only` on a 2-core Intel Xeon CPU (benchmarks/results/frontier-plans/, "
     "128 calibration windows; 332 / 475 / 852 s): 4.0: 0.228 vs 0.249 and 0.290; 3.0: 1.358 vs 1.808 and "
-    "2.321; 2.5: 2.966 vs 5.809 and 22.57. The plan was kept at every target on both machines; 2.0 bpw "
-    "is refused there (the nearest plans store 1.951 and 2.033 bpw).",
+    "2.321; 2.5: 2.966 vs 5.809 and 22.57; 2.0 is refused (the nearest plans store 1.951 and 2.033 bpw), "
+    "and 1.951 gives 7.598 vs 8.697 (w2g64 + embedding w3row) and 13.12. The plan was kept at every target.",
     "qat rows: GPTQ (or the planner's codes), then qat: Block-AP 100 steps per block at 2e-4, then "
     "400 end-to-end steps of 8 windows (KL + 0.1 x hidden-state matching) on the 128 calibration windows "
     "plus 128 the original wrote itself, trained with TF32 matmuls, measured in float32. The learning "
