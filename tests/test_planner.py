@@ -78,6 +78,22 @@ def test_plan_hits_the_target_and_becomes_a_recipe(model_dirs):
         plan_bits(model, 1.0, samples, group=32)
 
 
+def test_the_probe_moves_its_captured_block_arguments_to_the_samples_device(model_dirs, monkeypatch):
+    """The capture keeps block arguments (masks, rotary tables) on the CPU; the probe must move them
+    to where its samples and blocks are (on a GPU they stayed behind and the rotary product failed)."""
+    from hypercompress import calibration
+    from hypercompress.planner import _TailRunner
+
+    moved, real_to = [], calibration.BlockCalls.to
+    monkeypatch.setattr(calibration.BlockCalls, "to", lambda self, device: moved.append(device) or real_to(self, device))
+    model = load_model(str(model_dirs["llama"])).model
+    samples = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))
+    runner = _TailRunner(model, samples, 2)
+    assert moved == [samples.device]
+    assert all(t.device == samples.device for batches in runner.calls.calls for args, kwargs in batches
+               for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_plan_on_a_gpu_runs_and_matches_the_cpu_plan(model_dirs):
     """The sensitivity probe runs on --device (its captured block arguments follow the samples
