@@ -50,10 +50,20 @@ from hypercompress.recipe import PlanTarget, Recipe  # noqa: E402
 FIRST = 64  # the first windows of the test text, the issue's goals are stated on them
 
 
-def calibration_windows(tokenizer, args) -> torch.Tensor:
-    """(calib_samples, 512) windows of the first 90% of the validation text, seed 0."""
-    valid = tokenize(tokenizer, read_text(args.calib_text))
-    return calibration_samples(valid[:int(valid.numel() * 0.9)], args.calib_samples, 512, 0)
+def calibration_windows(valid: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, 512) windows of the first 90% of the validation text's token ids `valid`, seed 0."""
+    return calibration_samples(valid[:int(valid.numel() * 0.9)], count, 512, 0)
+
+
+def qat_settings(args) -> dict:
+    """The qat keys every route takes from the command line."""
+    return {"steps": args.steps, "block_steps": args.block_steps, "lr": args.lr, "block_lr": args.block_lr,
+            "teacher_fraction": args.teacher_fraction}
+
+
+def qat_label(args) -> str:
+    mix = "" if args.teacher_fraction == 0.5 else f", {args.teacher_fraction:g} teacher-written"
+    return f"qat ({args.steps} steps, lr {args.lr:g}{mix})"
 
 
 class Texts:
@@ -62,7 +72,7 @@ class Texts:
     def __init__(self, teacher, tokenizer, args):
         valid = tokenize(tokenizer, read_text(args.calib_text))
         cut = int(valid.numel() * 0.9)
-        self.calib = calibration_windows(tokenizer, args)
+        self.calib = calibration_windows(valid, args.calib_samples)
         few = args.windows or None  # a quick run: that many windows of each text
         self.valid = windows(valid[cut:], 512, min(64, few or 64))
         test = tokenize(tokenizer, read_text(args.test_text))
@@ -159,8 +169,7 @@ def with_qat(stages: list[dict], args) -> list[dict]:
     out = []
     for stage in stages:
         if stage["method"] == "qat":
-            stage = {**stage, "steps": args.steps, "block_steps": args.block_steps, "lr": args.lr,
-                     "block_lr": args.block_lr, "teacher_fraction": args.teacher_fraction}
+            stage = {**stage, **qat_settings(args)}
         out.append(stage)
     return out
 
@@ -182,7 +191,8 @@ def plan_only(args) -> None:
     from common import gpu_run_setup
 
     teacher, tokenizer = gpu_run_setup(args)[:2]
-    plan = make_plan(teacher, calibration_windows(tokenizer, args), args)
+    plan = make_plan(teacher, calibration_windows(tokenize(tokenizer, read_text(args.calib_text)),
+                                                  args.calib_samples), args)
     Path(args.plan_only).write_text(json.dumps(plan, indent=2))
     print(f"planned {args.target} bpw in {plan['planning_seconds']:.0f} s: {plan['allocation'].get('notes')}")
 
@@ -195,14 +205,19 @@ def read_plan(args) -> dict | None:
     if plan["target_bpw"] != args.target:
         raise SystemExit(f"{args.plan} was planned for {plan['target_bpw']} bpw, not --target {args.target}: pass "
                          f"--target {plan['target_bpw']}, or make a plan with --plan-only FILE --target {args.target}")
+    return checked(plan, args.plan)
+
+
+def checked(plan: dict, source: str) -> dict:
+    """`plan`, refused (naming `source`) when its recipe does not end in qat: its rows are qat rows."""
     if plan["recipe"][-1]["method"] != "qat":
-        raise SystemExit(f"{args.plan} has no qat stage (planned with --steps 0): make it again with --steps > 0")
+        raise SystemExit(f"{source} has no qat stage (planned with --steps 0): plan with --steps > 0")
     return plan
 
 
 def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     rows = []
-    plan = read_plan(args) or make_plan(teacher, texts.calib, args)
+    plan = read_plan(args) or checked(make_plan(teacher, texts.calib, args), "the plan made here")
     recipe, allocation = Recipe.from_list(plan["recipe"]), plan["allocation"]
     planning = 0.0 if args.plan else plan["planning_seconds"]  # a plan made elsewhere: its time is its own
     stages = with_qat(recipe.to_list(), args)
@@ -213,9 +228,7 @@ def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
         rows += run_stages(f"{args.target:.1f} bpw target: {best} (GPTQ)", allocation["trial_recipes"][best],
                            teacher, tokenizer, texts, params, args)
     kept = next((n for n in allocation.get("notes", []) if n.startswith("kept")), route)
-    mix = "" if args.teacher_fraction == 0.5 else f", {args.teacher_fraction:g} teacher-written"
-    rows += run_stages(f"{args.target:.1f} bpw target: {route} + {stages[-1]['method']} ({args.steps} steps, "
-                       f"lr {args.lr:g}{mix})",
+    rows += run_stages(f"{args.target:.1f} bpw target: {route} + {qat_label(args)}",
                        stages, teacher, tokenizer, texts, params, args, planning,
                        label_before_last=f"{args.target:.1f} bpw target: {route} ({kept})")
     for row in rows:
@@ -225,8 +238,7 @@ def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
 
 
 def rotate_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
-    qat = {"method": "qat", "steps": args.steps, "batch": 8, "block_steps": args.block_steps, "lr": args.lr,
-           "block_lr": args.block_lr, "teacher_fraction": args.teacher_fraction}
+    qat = {"method": "qat", "batch": 8, **qat_settings(args)}
     grid = {"method": "gptq", "bits": args.bits, "group_size": 64}
     embedding = {"method": "rtn", "bits": args.embedding_bits, "group_size": -1, "targets": [r"^model\.embed_tokens$"]}
     plain = [embedding, grid, qat]
@@ -248,13 +260,10 @@ def uniform_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     linear, embedding = (tuple(int(x) for x in v.split(",")) for v in (args.linear, args.embedding))
     stages = [{"method": "rtn", "bits": embedding[0], "group_size": embedding[1], "targets": [r"^model\.embed_tokens$"]},
               {"method": "gptq", "bits": linear[0], "group_size": linear[1]},
-              {"method": "qat", "steps": args.steps, "batch": args.batch, "block_steps": args.block_steps,
-               "lr": args.lr, "block_lr": args.block_lr, "teacher_fraction": args.teacher_fraction}]
+              {"method": "qat", "batch": args.batch, **qat_settings(args)}]
     label = (f"{args.target:.1f} bpw target: uniform GPTQ, linears {option_label(linear)}, embedding "
              f"{option_label(embedding)}")
-    mix = "" if args.teacher_fraction == 0.5 else f", {args.teacher_fraction:g} teacher-written"
-    rows = run_stages(f"{label} + qat ({args.steps} steps, lr {args.lr:g}{mix})", stages, teacher, tokenizer, texts,
-                      params, args,
+    rows = run_stages(f"{label} + {qat_label(args)}", stages, teacher, tokenizer, texts, params, args,
                       label_before_last=label)
     for row in rows:
         row["target_bpw"] = args.target
