@@ -61,6 +61,11 @@ def qat_settings(args) -> dict:
             "teacher_fraction": args.teacher_fraction}
 
 
+def target_text(target: float) -> str:
+    """4.0 -> "4.0", 1.951 -> "1.951": a label names the target as it was asked for."""
+    return f"{target:.1f}" if round(target, 1) == target else f"{target:g}"
+
+
 def qat_label(args) -> str:
     mix = "" if args.teacher_fraction == 0.5 else f", {args.teacher_fraction:g} teacher-written"
     return f"qat ({args.steps} steps, lr {args.lr:g}{mix})"
@@ -225,12 +230,12 @@ def planner_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     trials = {k: v for k, v in allocation.get("trial_kl", {}).items() if k.startswith("uniform")}
     if trials and not args.skip_uniform:  # the uniform recipe the planner measured best beside its plan
         best = min(trials, key=trials.get)
-        rows += run_stages(f"{args.target:.1f} bpw target: {best} (GPTQ)", allocation["trial_recipes"][best],
+        rows += run_stages(f"{target_text(args.target)} bpw target: {best} (GPTQ)", allocation["trial_recipes"][best],
                            teacher, tokenizer, texts, params, args)
     kept = next((n for n in allocation.get("notes", []) if n.startswith("kept")), route)
-    rows += run_stages(f"{args.target:.1f} bpw target: {route} + {qat_label(args)}",
+    rows += run_stages(f"{target_text(args.target)} bpw target: {route} + {qat_label(args)}",
                        stages, teacher, tokenizer, texts, params, args, planning,
-                       label_before_last=f"{args.target:.1f} bpw target: {route} ({kept})")
+                       label_before_last=f"{target_text(args.target)} bpw target: {route} ({kept})")
     for row in rows:
         row.update({"target_bpw": args.target, "trial_kl": allocation.get("trial_kl"),
                     "planning_minutes": round(plan["planning_seconds"] / 60, 2), "planned_on": plan["planned_on"]})
@@ -244,10 +249,13 @@ def rotate_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     plain = [embedding, grid, qat]
     head = {"method": "rtn", "bits": args.bits, "group_size": 64, "targets": ["^lm_head$"]}  # qat trains it too
     rotated = [{"method": "rotate"}, embedding, head, grid, qat]
-    rows = []
-    for label, stages in ((f"GPTQ w{args.bits} g64, embedding w{args.embedding_bits} rows + qat", plain),
-                          (f"rotate + GPTQ w{args.bits} g64 (lm_head RTN), embedding w{args.embedding_bits} rows + qat",
-                           rotated)):
+    rows, variants = [], []
+    if args.rotation in ("both", "off"):
+        variants.append((f"GPTQ w{args.bits} g64, embedding w{args.embedding_bits} rows + qat", plain))
+    if args.rotation in ("both", "on"):
+        variants.append((f"rotate + GPTQ w{args.bits} g64 (lm_head RTN), embedding w{args.embedding_bits} rows + qat",
+                         rotated))
+    for label, stages in variants:
         rows += run_stages(label, stages, teacher, tokenizer, texts, params, args,
                            label_before_last=label.replace(" + qat", " (before qat)"))
     return rows
@@ -261,7 +269,7 @@ def uniform_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     stages = [{"method": "rtn", "bits": embedding[0], "group_size": embedding[1], "targets": [r"^model\.embed_tokens$"]},
               {"method": "gptq", "bits": linear[0], "group_size": linear[1]},
               {"method": "qat", "batch": args.batch, **qat_settings(args)}]
-    label = (f"{args.target:.1f} bpw target: uniform GPTQ, linears {option_label(linear)}, embedding "
+    label = (f"{target_text(args.target)} bpw target: uniform GPTQ, linears {option_label(linear)}, embedding "
              f"{option_label(embedding)}")
     rows = run_stages(f"{label} + {qat_label(args)}", stages, teacher, tokenizer, texts, params, args,
                       label_before_last=label)
@@ -306,8 +314,13 @@ def arrange(old: list[dict], new: list[dict]) -> list[dict]:
         if row["label"] not in seen:
             seen.add(row["label"])
             rows.append(row)
+
+    def target(row: dict) -> float:  # a run cut short wrote its rows before their target_bpw
+        head = row["label"].split(" bpw target:")[0]
+        return row.get("target_bpw") or (float(head) if head.replace(".", "", 1).isdigit() else 99)
+
     return sorted(rows, key=lambda r: (-r["bits_per_weight"] if r["label"].startswith("original") else 0,
-                                       -(r.get("target_bpw") or 99), r["label"]))
+                                       -target(r), r["label"]))
 
 
 def main() -> None:
@@ -331,6 +344,8 @@ def main() -> None:
     r.add_argument("--skip-uniform", action="store_true",
                    help="--route planner: leave out the best uniform recipe's row (measured by --route uniform)")
     r.add_argument("--embedding-bits", type=int, default=4, help="--route rotate: embedding bits")
+    r.add_argument("--rotation", choices=("both", "off", "on"), default="both",
+                   help="--route rotate: the rows without the rotation, with it, or both (one after the other)")
     args = parser.parse_args()
     if args.command == "run":
         run(args)

@@ -97,3 +97,28 @@ def test_a_tied_model_is_not_tried_rotated():
     plan = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
     _, scores, _ = planner_choice.choose(model, plan, 5.0, samples(), 32, EMBEDDING, None)
     assert planner_choice.ROTATED not in scores
+
+
+def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
+    """qat's trained codes code larger than GPTQ's (planner.QAT_CODE_GROWTH): with --distill the
+    plan (every candidate, the kept one too) is fit to target / QAT_CODE_GROWTH, without it to the target."""
+    from hypercompress.api import compress
+    from hypercompress.artifact import stored_bytes
+    from hypercompress.cli.compress import planned_recipe
+    from hypercompress.modules import count_params
+    from hypercompress.planner import QAT_CODE_GROWTH
+    from hypercompress.recipe import PlanTarget, Recipe
+
+    def stored(distill_steps: int) -> tuple[float, list]:
+        recipe, _ = planned_recipe(tied_llama(256), PlanTarget(5.0, group_size=32), samples(), distill_steps, None)
+        stages = recipe.to_list()
+        codes = [s for s in stages if s["method"] != "qat"]
+        model = tied_llama(256)
+        compress(model, Recipe.from_list(codes), samples())
+        return stored_bytes(model) * 8 / count_params(tied_llama(256)), stages
+
+    plain, plain_stages = stored(0)
+    room, room_stages = stored(3)
+    assert [s["method"] for s in room_stages][-1] == "qat" and "qat" not in [s["method"] for s in plain_stages]
+    assert 5.0 / QAT_CODE_GROWTH < plain <= 5.0
+    assert room <= 5.0 / QAT_CODE_GROWTH

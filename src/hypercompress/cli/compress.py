@@ -171,7 +171,8 @@ def _check_target(bpw: float, target: PlanTarget) -> None:
     """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
     the planner fits its RTN size trials to [target - 2%, target], and the written codes may code a
     little differently, so the file is checked again. A file further under the target is kept with
-    a note: codes that training moved (qat) can code smaller than the planned ones."""
+    a note: a --distill plan leaves qat's trained codes room to code larger (planner.QAT_CODE_GROWTH),
+    and codes that trained less than that room leave it unused."""
     ratio = bpw / target.bits_per_weight
     if ratio > 1.02:
         raise UserError(f"the compressed file stores {bpw:.4f} bpw ({16 / bpw:.2f}x), over the target "
@@ -180,7 +181,7 @@ def _check_target(bpw: float, target: PlanTarget) -> None:
                         f"{bpw:.3f} bpw, e.g. --target-bpw {bpw:.3f}")
     if ratio < 0.98:
         console.print(f"note: the file stores {bpw:.4f} bpw, {1 - ratio:.1%} under the target "
-                      f"{target.bits_per_weight:.4f} (the trained codes code smaller than the planned ones)")
+                      f"{target.bits_per_weight:.4f} (the codes coded smaller than the planner allowed for)")
 
 
 def _target(bpw: Optional[float], ratio: Optional[float], recipe, method,
@@ -212,7 +213,7 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
     counted), then keep it or the best uniform recipe of that size, whichever GPTQ trials measure
     better (planner_choice.py); below it: the hybrid pipeline (pipeline.py)."""
     from ..pipeline import fit_pipeline
-    from ..planner import floor_bpw, option_label, plan_bits, qat_stage
+    from ..planner import QAT_CODE_GROWTH, floor_bpw, option_label, plan_bits, qat_stage
     from ..planner_choice import candidate_stages, choose
     from ..planner_fit import fit_plan_to_file, smallest_file_fits
 
@@ -228,14 +229,22 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
         return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
                 {"route": "pipeline", "planned_bits_per_weight": pipeline.reached_bpw,
                  "quantization_floor_bpw": floor, "notes": pipeline.notes})
+    # qat's trained codes code larger than the planned ones: its plans leave them that room
+    fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
     with progress_bar("measuring sensitivity") as update:
-        plan = plan_bits(model, max(target.bits_per_weight, floor), samples[:1, :256], target.group_size,
+        plan = plan_bits(model, max(fit_bpw, floor), samples[:1, :256], target.group_size,
                          embedding, progress=update, device=device)
     with err_console.status("fitting the plan to the stored file (RTN trials)"):
-        plan = fit_plan_to_file(model, plan, target.bits_per_weight, samples[:1, :256], target.group_size,
-                                embedding, lossless, device=device)
+        try:
+            plan = fit_plan_to_file(model, plan, fit_bpw, samples[:1, :256], target.group_size,
+                                    embedding, lossless, device=device)
+        except UserError as error:
+            if not distill_steps:
+                raise
+            raise UserError(f"{error} (with --distill the plan is fit to the target / {QAT_CODE_GROWTH}, "
+                            f"{fit_bpw:.4f} bpw, since qat's trained codes code up to that much larger)") from None
     with progress_bar("planned vs uniform recipes (GPTQ trials)") as update:
-        plan, scores, candidates = choose(model, plan, target.bits_per_weight, samples, target.group_size, embedding,
+        plan, scores, candidates = choose(model, plan, fit_bpw, samples, target.group_size, embedding,
                               lossless, device, progress=update)
     chosen = min(scores, key=lambda label: (scores[label], label != "planned"))
     console.print("GPTQ trials, KL on calibration windows they did not see: "
@@ -247,7 +256,8 @@ def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, l
             counts[option] = counts.get(option, 0) + 1
     summary = (f"embedding {option_label(plan.allocation[embedding])} | linears: "
                + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
-    console.print(f"plan for {target.bits_per_weight:.3f} bpw as stored: {plan.bits_per_weight:.3f} bpw of tensors "
+    room = f" (the target {target.bits_per_weight:.3f} / {QAT_CODE_GROWTH}: room for qat's codes)" if distill_steps else ""
+    console.print(f"plan for {fit_bpw:.3f} bpw as stored{room}: {plan.bits_per_weight:.3f} bpw of tensors "
                   f"planned | {summary}")
     allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
                   "notes": [summary.replace(" | ", "; "), f"kept: {chosen}"]
