@@ -1,0 +1,62 @@
+"""hypercompress analyze MODEL_OR_ARTIFACT --calib TEXT --out DIR: where the model's bits go."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from ..analysis.report import analyze as run_analysis
+from ..arch import check_length
+from ..atomic import refuse_existing
+from ..data import calibration_samples, read_text, tokenize
+from ..models import load_model
+from .common import console, err_console, one_line_errors
+
+
+def _progress_lines(every: float = 5.0):
+    """progress(section, done, total): a line on stderr when a section starts, ends, or every few seconds."""
+    state = {"section": None, "last": 0.0, "start": time.perf_counter()}
+
+    def update(section: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if section != state["section"] or done == total or now - state["last"] >= every:
+            state.update(section=section, last=now)
+            err_console.print(f"[{now - state['start']:6.0f} s] {section}: {done}/{total}")
+
+    return update
+
+
+@one_line_errors
+def analyze(
+    model: str = typer.Argument(..., help="smollm2-135m, a .gguf file, a HF model directory, a hub id or an artifact"),
+    out: Path = typer.Option(..., "--out", help="report folder to create (report.md, PNGs, analysis.json)"),
+    calib: str = typer.Option(..., "--calib", help="calibration text (never the test text)"),
+    calib_samples: int = typer.Option(8, "--calib-samples", min=1, help="calibration windows"),
+    calib_len: int = typer.Option(256, "--calib-len", min=2, help="tokens per calibration window"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the windows' offsets"),
+    rd_layers: list[str] = typer.Option([], "--rd-layer", help="a linear to measure against the rate-distortion "
+                                        "bound (repeatable; default: the first, middle and last blocks' linears)"),
+    sensitivity: bool = typer.Option(True, "--sensitivity/--no-sensitivity",
+                                     help="the planner's per-module KL probe (minutes on a CPU)"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+) -> None:
+    """Weight statistics, sensitivity, rate-distortion against the Gaussian bound, information flow."""
+    refuse_existing(out)
+    text = read_text(calib)
+    with err_console.status(f"loading {model}"):
+        loaded = load_model(model, device=None)
+    check_length(loaded.model.config, calib_len, "--calib-len")
+    samples = calibration_samples(tokenize(loaded.tokenizer, text), calib_samples, calib_len, seed)
+    result = run_analysis(loaded.model, samples, out, text_name=calib, rd_layers=rd_layers or None,
+                          sensitivity=sensitivity, device=device, progress=_progress_lines())
+    flow = [r for r in result["flow"] if r["influence"] == r["influence"]]
+    low = min(flow, key=lambda r: r["influence"]) if flow else None
+    excess = [p["excess_bits"] for d in result["rate_distortion"].values() for p in d["points"] if p["method"] == "GPTQ"]
+    console.print(f"{out}/report.md: {len(result['weights'])} layers | protocol: {result['protocol']}")
+    if low:
+        console.print(f"least influential block: {low['block']} (1 - cos = {low['influence']:.4f})")
+    if excess:
+        console.print(f"GPTQ spends {min(excess):+.2f} to {max(excess):+.2f} bits per weight over the Gaussian bound "
+                      f"on {len(result['rate_distortion'])} layers")
