@@ -138,7 +138,12 @@ def compress(
                                 keep_checkpoint=True, after_stage=meter)
     compress_seconds = time.perf_counter() - tick
     if target is not None:
-        _check_target(artifact.stored_bytes(loaded.model, lossless) * 8 / original_params, target)
+        try:
+            _check_target(artifact.stored_bytes(loaded.model, lossless) * 8 / original_params, target)
+        except UserError:
+            if checkpoint_dir.exists():  # the run finished: its checkpoint would only block the next one
+                discard(checkpoint_dir)
+            raise
     del meter
     if not parallel.is_main():  # the other processes of a launched run hold the same model
         return
