@@ -201,3 +201,22 @@ def test_manifest_shape_mismatch_is_refused(artifact_dir, text_file, tmp_path):
     first["layout"]["bits"] = 4
     manifest.write_text(json.dumps(data))
     assert_one_line_error(run("evaluate", target, "--data", text_file), "shape")
+
+
+def test_a_run_refused_for_its_size_at_the_end_leaves_no_checkpoint(model_dirs, calib_file, tmp_path, monkeypatch):
+    """The size check after compression refuses: the finished run's checkpoint is removed with it,
+    so the next run to the same --out starts instead of asking for --resume."""
+    from hypercompress.cli import compress as compress_cli
+    from hypercompress.errors import UserError
+
+    def over(bpw, target):
+        raise UserError(f"the compressed file stores {bpw:.4f} bpw, over the target")
+
+    monkeypatch.setattr(compress_cli, "_check_target", over)
+    out = tmp_path / "sized"
+    args = ("compress", model_dirs["llama"], "--target-bpw", 6, "--set", "group_size=32", "--calib", calib_file,
+            "--calib-samples", 2, "--calib-len", 32, "--out", out)
+    assert_one_line_error(run(*args), "over the target")
+    assert not out.exists() and not out.with_name("sized.checkpoint").exists()
+    monkeypatch.undo()
+    assert run(*args).exit_code == 0
