@@ -62,13 +62,18 @@ def _quant_bits(codes, scale, zero, bits: int) -> float:
     return stored / (codes.shape[0] * codes.shape[1] * codes.shape[2])
 
 
-def layer_points(weight: torch.Tensor, cov: torch.Tensor) -> list[dict]:
+def _spectrum(weight: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    return source_spectrum(weight, cov / max(1.0, float(torch.diagonal(cov).mean())))
+
+
+def layer_points(weight: torch.Tensor, cov: torch.Tensor, spectrum: torch.Tensor | None = None) -> list[dict]:
     """Every method's (bits per weight, relative output error) on one layer, each with the Gaussian
     bound's distortion at that rate and the rate the bound needs for that distortion (bits the
-    method spends above the limit: `excess_bits`). weight (out, in), cov (in, in) = X^T X."""
+    method spends above the limit: `excess_bits`). weight (out, in), cov (in, in) = X^T X; `spectrum`:
+    source_spectrum of the pair when already computed."""
     out_features, in_features = weight.shape
     group = GROUP if in_features % GROUP == 0 else in_features
-    spectrum = source_spectrum(weight, cov / max(1.0, float(torch.diagonal(cov).mean())))
+    spectrum = _spectrum(weight, cov) if spectrum is None else spectrum
     points = []
     for bits in BITS:
         groups = weight.view(out_features, in_features // group, group)
@@ -95,10 +100,9 @@ def layer_points(weight: torch.Tensor, cov: torch.Tensor) -> list[dict]:
     return rows
 
 
-def bound_curve(weight: torch.Tensor, cov: torch.Tensor, rates=(0.25, 0.5, 1, 1.5, 2, 3, 4, 5)) -> list[tuple]:
+def bound_curve(spectrum: torch.Tensor, dims: int, rates=(0.25, 0.5, 1, 1.5, 2, 3, 4, 5)) -> list[tuple]:
     """[(bits per weight, least relative output error)] of the Gaussian bound, for the figure."""
-    spectrum = source_spectrum(weight, cov / max(1.0, float(torch.diagonal(cov).mean())))
-    return [(r, gaussian_distortion(spectrum, r, weight.shape[1])) for r in rates]
+    return [(r, gaussian_distortion(spectrum, r, dims)) for r in rates]
 
 
 def rate_distortion_report(model: nn.Module, names: list[str], samples: torch.Tensor, device: str = "cpu",
@@ -109,7 +113,9 @@ def rate_distortion_report(model: nn.Module, names: list[str], samples: torch.Te
     report = {}
     for done, name in enumerate(names):
         weight = linear_weight(modules[name]).cpu()
-        report[name] = {"points": layer_points(weight, covs[name]), "bound": bound_curve(weight, covs[name])}
+        spectrum = _spectrum(weight, covs[name])
+        report[name] = {"points": layer_points(weight, covs[name], spectrum),
+                        "bound": bound_curve(spectrum, weight.shape[1])}
         if progress:
             progress(done + 1, len(names))
     return report

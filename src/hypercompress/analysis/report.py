@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..arch import block_linear_names, blocks_of
 from ..atomic import atomic_directory, refuse_existing
 from ..errors import UserError
 from .flow import block_flow, fisher_importance
@@ -29,19 +29,14 @@ from .weights import weight_report
 Progress = Callable[[str, int, int], None]  # (section, done, total)
 
 
-def _block_of(name: str) -> int | None:
-    match = re.search(r"\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
 def default_rd_layers(model: nn.Module) -> list[str]:
     """The linears of the first, middle and last blocks (the per-layer GPTQ runs cost seconds each)."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _block_of(n) is not None]
-    blocks = sorted({_block_of(n) for n in linears})
-    if not blocks:
-        return []
-    chosen = {blocks[0], blocks[len(blocks) // 2], blocks[-1]}
-    return [n for n in linears if _block_of(n) in chosen]
+    count = len(blocks_of(model))
+    names = block_linear_names(model)
+    per_block = len(names) // max(count, 1)
+    chosen = sorted({0, count // 2, count - 1}) if count else []
+    modules = dict(model.named_modules())  # GPT-2's Conv1D layers are not measured here
+    return [n for i in chosen for n in names[i * per_block:(i + 1) * per_block] if isinstance(modules[n], nn.Linear)]
 
 
 def analyze(model: nn.Module, samples: torch.Tensor, out: str | Path | None = None, *, text_name: str = "calibration text",
@@ -97,8 +92,7 @@ def analyze(model: nn.Module, samples: torch.Tensor, out: str | Path | None = No
 
 def _topology(model, samples, device) -> dict | None:
     """Persistent homology of the middle block's MLP activations (None without gated-MLP blocks)."""
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    layers = getattr(backbone, "layers", None)
+    layers = blocks_of(model)
     if not layers or not hasattr(getattr(layers[0], "mlp", None), "down_proj"):
         return None
     block = len(layers) // 2

@@ -19,15 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..arch import blocks_of
 from .weights import outlier_stats
 
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    return list(getattr(backbone, "layers", []))
 
 
 def _folded(block: nn.Module, leaf: str) -> torch.Tensor:
@@ -40,7 +36,7 @@ def _folded(block: nn.Module, leaf: str) -> torch.Tensor:
 
 
 def _mean_outliers(model: nn.Module, leaves: tuple[str, ...]) -> dict:
-    stats = [outlier_stats(_folded(block, leaf)) for block in _blocks(model) for leaf in leaves]
+    stats = [outlier_stats(_folded(block, leaf)) for block in blocks_of(model) for leaf in leaves]
     return {k: sum(s[k] for s in stats) / len(stats) for k in ("kurtosis", "max_over_median")}
 
 
@@ -58,7 +54,7 @@ def rotation_outliers(model: nn.Module, samples: torch.Tensor, device: str = "cp
     llama-like) model, None otherwise. The model is not changed (a copy is rotated)."""
     from ..methods.rotation import ROTATABLE, rotate_residual
 
-    if model.config.model_type not in ROTATABLE or not _blocks(model):
+    if model.config.model_type not in ROTATABLE:
         return None
     rotated = copy.deepcopy(model)
     rotate_residual(rotated, seed=0)
@@ -89,7 +85,7 @@ def weight_matching(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, flo
 def permutation_alignment(model: nn.Module) -> list[dict]:
     """[{"blocks": (l, l+1), "cosine": as is, "aligned": after weight matching}] for adjacent blocks
     with gated MLPs (gate_proj, up_proj, down_proj); [] for other architectures."""
-    blocks = [b for b in _blocks(model) if all(hasattr(getattr(b, "mlp", None), n)
+    blocks = [b for b in blocks_of(model) if all(hasattr(getattr(b, "mlp", None), n)
                                                 for n in ("gate_proj", "up_proj", "down_proj"))]
     rows = []
     for i in range(len(blocks) - 1):

@@ -14,13 +14,14 @@ import time
 import torch
 from torch import nn
 
+from ..arch import blocks_of
+
 
 @torch.no_grad()
 def activation_cloud(model: nn.Module, block: int, samples: torch.Tensor, points: int = 300, dims: int = 16,
                      seed: int = 0, device: str = "cpu") -> torch.Tensor:
     """(points, dims) float64: block `block`'s MLP hidden activations, PCA-projected and scaled."""
-    backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    down = backbone.layers[block].mlp.down_proj
+    down = blocks_of(model)[block].mlp.down_proj
     seen = []
     handle = down.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).cpu()))
     try:

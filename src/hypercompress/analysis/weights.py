@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import torch
 from torch import nn
@@ -87,7 +86,3 @@ def weight_report(model: nn.Module, progress=None) -> list[dict]:
             progress(done + 1, len(weights))
     return rows
 
-
-def count_codes(rows: list[dict]) -> Counter:
-    """How many layers store codes of each width (for the report's header)."""
-    return Counter(r["code_entropy"]["bits"] for r in rows if "code_entropy" in r)
