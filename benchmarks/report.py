@@ -181,7 +181,61 @@ def _qat_lr(data: dict) -> list[str]:
     return qat_lr_section(data)
 
 
-SECTIONS = {"ct_layout": _ct_layout, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
+def _analysis(data: dict) -> list[str]:
+    """The analyze headline (benchmarks/analyze_demo.py)."""
+    lines = [f"## {data['title']}", "", f"- protocol: {data['protocol']}", f"- machine: {data['machine']}",
+             f"- command: `{data['command']}` -> `benchmarks/results/analysis.json`",
+             f"- wall time: {data['wall_seconds']:.0f} s (model load included); seconds per section: "
+             + ", ".join(f"{k} {v}" for k, v in data["seconds"].items()), "",
+             "| finding | value |", "|---|---|",
+             f"| layers with weight statistics | {data['layers']} |"]
+    for method, e in data["excess_bits"].items():
+        lines.append(f"| {method}: bits per weight above the Gaussian rate-distortion bound ({e['points']} points, "
+                     f"{data['rd_layers']} layers) | {e['min']:+.2f} to {e['max']:+.2f} |")
+    for key in ("least_influential", "most_influential"):
+        if data.get(key):
+            lines.append(f"| {key.replace('_', ' ')} block (1 - cos in/out) | {data[key]['block']} "
+                         f"({data[key]['influence']:.4f}) |")
+    for key, r in data["rotation"].items():
+        lines.append(f"| rotation, kurtosis of the {key} | {r['kurtosis_before']:.2f} -> {r['kurtosis_after']:.2f} |")
+    p = data["permutation"]
+    if p["pairs"]:
+        lines.append(f"| MLP weight matching, mean cosine of matched neurons over {p['pairs']} block pairs | "
+                     f"{p['cosine']:.4f} as is -> {p['aligned']:.4f} aligned |")
+    t = data.get("topology")
+    if t:
+        lines.append(f"| persistent homology, block {t['block']} MLP ({t['points']} tokens) | H0 {t['h0_bars']}, "
+                     f"H1 {t['h1_bars']} bars longer than {t['threshold']}; {t['seconds']} s |")
+    return lines + [""]
+
+
+def _edit(data: dict) -> list[str]:
+    """The concept-edit table (benchmarks/edit_demo.py): one before column, one after column per method."""
+    from hypercompress.analysis.edit_report import summary_rows
+
+    runs = data["runs"]
+    tables = [summary_rows(run["report"]) for run in runs]
+    first = runs[0]["report"]
+    lines = [f"## {data['title']}", "",
+             f"- model: {data['model']}; data: {data['pairs']} sentence pairs of the WikiText-2 validation text "
+             "(numbers spelled out by num2words = concept, the same sentences with digits = contrast); unrelated text: validation sentences without digits (the KL budget); heldout text: "
+             "test sentences without digits (never seen by the edit, measured only)",
+             f"- protocol: {first['protocol']}",
+             f"- machine: {data['machine']}",
+             f"- command: `{data['command']}` -> `benchmarks/results/edit.json`", ""]
+    for run in runs:
+        r = run["report"]
+        where = ", ".join(f"{s['label']}" for s in r["steps"]) or "none"
+        lines.append(f"- {run['method']}: {len(r['steps'])} direction(s) erased (fitted at: {where}); "
+                     f"stopped: {r['stopped']}; {r['seconds']:.0f} s")
+    lines += ["", "| metric | before | " + " | ".join(f"after {run['method']}" for run in runs) + " |",
+              "|---|---|" + "---|" * len(runs)]
+    for index, (metric, before, _) in enumerate(tables[0]):
+        lines.append(f"| {metric} | {before} | " + " | ".join(t[index][2] for t in tables) + " |")
+    return lines + [""]
+
+
+SECTIONS = {"analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

@@ -3,6 +3,7 @@
     model, tokenizer = hypercompress.load("artifact_dir")
 """
 
+from .analysis.edit import edit
 from .analysis.report import analyze
 from .api import compress
 from .artifact import load, save
@@ -12,5 +13,5 @@ from .registry import list_methods
 
 _register_with_transformers()  # AutoModelForCausalLM.from_pretrained(artifact_dir) works
 
-__all__ = ["compress", "analyze", "evaluate", "save", "load", "list_methods"]
+__all__ = ["compress", "analyze", "edit", "evaluate", "save", "load", "list_methods"]
 __version__ = "0.1.0"

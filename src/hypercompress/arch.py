@@ -24,6 +24,9 @@ class ArchSpec:
     attention: tuple[str, str, str, str] | None = None  # separate q, k, v, o projections (GQA-aware)
     layers_key: str = "num_hidden_layers"      # config keys rewritten when blocks / channels go
     intermediate_key: str = "intermediate_size"
+    # model surgery (analysis/erasure): every module that adds to the residual stream
+    residual_writers: tuple[str, ...] = ()     # inside one block: its output rows live in the residual
+    embeddings: tuple[str, ...] = ()           # dotted paths of the embedding tables (token first)
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -36,6 +39,8 @@ _LLAMA_LIKE = ArchSpec(
     mlp_up=("mlp.gate_proj", "mlp.up_proj"),
     mlp_down="mlp.down_proj",
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    embeddings=("model.embed_tokens",),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -51,6 +56,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         mlp_down="mlp.c_proj",
         layers_key="n_layer",
         intermediate_key="n_inner",
+        residual_writers=("attn.c_proj", "mlp.c_proj"),
+        embeddings=("transformer.wte", "transformer.wpe"),
     ),
 }
 
@@ -77,6 +84,14 @@ def block_linear_names(model: nn.Module) -> list[str]:
         for i in range(len(model.get_submodule(spec.blocks)))
         for leaf in spec.linears
     ]
+
+
+def residual_writer_names(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(embedding tables, block writers): the full names of every module whose output is added to
+    the residual stream, e.g. (["model.embed_tokens"], ["model.layers.0.self_attn.o_proj", ...])."""
+    spec = arch_of(model.config.model_type)
+    count = len(model.get_submodule(spec.blocks))
+    return list(spec.embeddings), [f"{spec.blocks}.{i}.{leaf}" for i in range(count) for leaf in spec.residual_writers]
 
 
 # config keys that bound the tokens of one forward pass (GPT-2's n_positions is aliased by

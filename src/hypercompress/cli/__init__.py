@@ -1,10 +1,10 @@
-"""The `hypercompress` command: compress, evaluate, inspect, export, env, plot, analyze (one file per subcommand)."""
+"""The `hypercompress` command: compress, evaluate, inspect, export, env, plot, analyze, edit (one file per subcommand)."""
 
 from __future__ import annotations
 
 import typer
 
-from . import analyze, compress, env, evaluate, export, inspect, plot
+from . import analyze, compress, edit, env, evaluate, export, inspect, plot
 from .common import OneLineUsageErrors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -31,6 +31,7 @@ app.command("export")(export.export)
 app.command("env")(env.env)
 app.command("plot")(plot.plot)
 app.command("analyze")(analyze.analyze)
+app.command("edit")(edit.edit)
 
 
 def main() -> None:

@@ -36,7 +36,6 @@ from .base import WholeModelMethod
 # RMSNorm -> the linears (relative to a block) that read its output, for llama-like blocks
 NORM_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                 "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 ROTATABLE = {"llama", "mistral", "qwen2"}
 
 
@@ -84,7 +83,7 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
     for block in model.get_submodule(spec.blocks):
         for norm, readers in NORM_READERS.items():
             _fold_and_rotate(block.get_submodule(norm), [block.get_submodule(r) for r in readers], Q)
-        for name in RESIDUAL_WRITERS:
+        for name in spec.residual_writers:  # the arch table's writers of the residual stream
             writer = block.get_submodule(name)
             _set(writer.weight, Q.T @ writer.weight.double())
             if writer.bias is not None:
