@@ -70,3 +70,18 @@ def test_text_inputs_that_are_not_regular_files_are_one_line_errors(tmp_path):
     for spec, words in ((tmp_path, "directory"), (tmp_path / "fifo.txt", "not a regular file")):
         with pytest.raises(UserError, match=words):
             read_text(str(spec))
+
+
+def test_a_binary_file_passed_as_text_is_refused_and_a_stray_bad_byte_is_not(tmp_path):
+    import random as _random
+
+    from hypercompress.data import read_text
+    from hypercompress.errors import UserError
+
+    binary = tmp_path / "random.bin"
+    binary.write_bytes(_random.Random(0).randbytes(5000))
+    with pytest.raises(UserError, match="not UTF-8 text"):
+        read_text(str(binary))
+    stray = tmp_path / "stray.txt"
+    stray.write_bytes(("plain words " * 200).encode() + b"\xff" + b" more words\n")
+    assert "more words" in read_text(str(stray))

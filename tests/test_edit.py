@@ -160,6 +160,8 @@ def test_an_artifact_keeps_its_recipe_and_kinds(tmp_path, model_dirs, text_file)
     ("model", "model not found"),
     ("method", "--method"),
     ("budget", "nothing was erased"),
+    ("binary", "not UTF-8 text"),
+    ("short", "fewer than one window of --eval-len"),
 ])
 def test_bad_inputs_get_one_line_and_write_nothing(tmp_path, model_dirs, text_file, case, needle):
     concept, contrast = _write(tmp_path / "c.txt", CONCEPT), _write(tmp_path / "n.txt", CONTRAST)
@@ -174,6 +176,12 @@ def test_bad_inputs_get_one_line_and_write_nothing(tmp_path, model_dirs, text_fi
         model = str(tmp_path / "no-such-model")
     elif case == "method":
         extra = ["--method", "magic"]
+    elif case == "binary":
+        concept = str(tmp_path / "random.bin")
+        (tmp_path / "random.bin").write_bytes(random.Random(0).randbytes(5000))
+    elif case == "short":
+        text_file = tmp_path / "short.txt"
+        text_file.write_text("w1 w2 w3 w4 w5\n")
     else:
         extra = ["--kl-budget", "1e-9"]  # no direction fits: an artifact would be the source again
     out = tmp_path / "edited"

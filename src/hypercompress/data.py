@@ -31,6 +31,7 @@ def read_text(spec: str) -> str:
             raise UserError(f"{spec} is {size:,} bytes; texts are read whole, up to {MAX_TEXT_BYTES:,} bytes: "
                             "pass a smaller sample of it")
         text = path.read_text(encoding="utf-8", errors="replace")
+        _refuse_binary(spec, text)
     elif spec.count(":") == 2 and "/" not in spec and "\\" not in spec:
         text = _dataset_text(spec)
     else:
@@ -39,6 +40,18 @@ def read_text(spec: str) -> str:
     if not text.strip():
         raise UserError(f"{spec} holds no text; pass a non-empty text file")
     return text
+
+
+MAX_UNDECODABLE_SHARE = 0.01  # of characters: a stray bad byte passes, a binary file does not
+
+
+def _refuse_binary(spec: str, text: str) -> None:
+    """UserError for a file that is not text: NUL bytes, or more than 1% of its characters
+    undecodable as UTF-8 (a binary, compressed or random file passed as text)."""
+    bad = text.count("\ufffd")
+    if "\x00" in text or (text and bad > MAX_UNDECODABLE_SHARE * len(text)):
+        raise UserError(f"{spec} is not UTF-8 text ({bad:,} of {len(text):,} characters undecodable"
+                        f"{', NUL bytes' if chr(0) in text else ''}); pass a plain text file")
 
 
 def _dataset_text(spec: str) -> str:

@@ -61,7 +61,9 @@ def _split(count: int, share: float, rng: random.Random) -> tuple[list[int], lis
     return sorted(order[held:]), sorted(order[:held])
 
 
-def _checked_examples(concept: list[str], contrast: list[str]) -> tuple[list[str], list[str], int]:
+def checked_examples(concept: list[str], contrast: list[str]) -> tuple[list[str], list[str], int]:
+    """(concept, contrast, shared): the lines with those found in both files dropped. Raises UserError
+    for identical files or fewer than MIN_EXAMPLES lines left on a side (checked before any work)."""
     if set(concept) == set(contrast):
         raise UserError("the concept and contrast files hold the same lines; the contrast must be text "
                         "without the concept (e.g. the same sentences with the concept removed)")
@@ -97,7 +99,7 @@ class _Examples:
 
 def _examples(tokenizer, concept: list[str], contrast: list[str], max_tokens: int, share: float,
               seed: int) -> _Examples:
-    concept, contrast, shared = _checked_examples(concept, contrast)
+    concept, contrast, shared = checked_examples(concept, contrast)
     encode = lambda line: torch.tensor(tokenizer(line, add_special_tokens=False)["input_ids"][:max_tokens],  # noqa: E731
                                        dtype=torch.long)
     encoded = {1: [encode(line) for line in concept], 0: [encode(line) for line in contrast]}
@@ -235,6 +237,12 @@ def edit(model: nn.Module, tokenizer, concept: list[str], contrast: list[str], *
     return report
 
 
+def check_method(method: str) -> None:
+    """UserError for an erasure method that is not one of METHODS."""
+    if method not in METHODS:
+        raise UserError(f"--method {method}: one of {', '.join(METHODS)}")
+
+
 def _check_arguments(method, max_directions, kl_budget, heldout_share, unrelated, heldout) -> None:
     if method not in METHODS:
         raise UserError(f"--method {method}: one of {', '.join(METHODS)}")
@@ -260,7 +268,7 @@ def _erase(model, ex: _Examples, features, fitters, method, max_directions, kl_b
     blocks = features.shape[0] - 1  # the final normed state is probed, never erased at (it is not the stream)
     bound = chance_bound(ex.labels[ex.fit])[1]
     trial_windows, trial_teacher = unrelated[:1], [teacher[0][:1]]
-    steps, stopped, modules = [], f"{max_directions} directions (the most allowed)", []
+    steps, stopped, modules = [], f"reached the most directions allowed ({max_directions})", []
     for step in range(max_directions):
         say("erasing", step, max_directions)
         scores = [cross_validated_accuracy(features[i][ex.fit], ex.labels[ex.fit], seed=seed) for i in range(blocks)]

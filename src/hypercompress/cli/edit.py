@@ -7,16 +7,25 @@ from typing import Optional
 
 import typer
 
+from ..analysis.edit import check_method, checked_examples, example_lines
 from ..analysis.edit import edit as run_edit
-from ..analysis.edit import example_lines
 from ..analysis.edit_report import summary_rows
 from ..arch import check_length
 from ..artifact import read_manifest
 from ..atomic import refuse_existing
 from ..data import read_text, tokenize, windows
+from ..errors import UserError
 from ..models import load_model
 from .analyze import _progress_lines
 from .common import console, err_console, one_line_errors
+
+
+def _windows(tokenizer, text: str, name: str, length: int, count: int):
+    ids = tokenize(tokenizer, text)
+    if ids.numel() < length:
+        raise UserError(f"the --{name} text has {ids.numel()} tokens, fewer than one window of --eval-len {length}; "
+                        "pass a longer text or a smaller --eval-len")
+    return windows(ids, length, count)
 
 
 @one_line_errors
@@ -36,19 +45,22 @@ def edit(
     max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="tokens kept per example line"),
     eval_windows: int = typer.Option(8, "--eval-windows", min=1, help="windows of the unrelated / heldout text"),
     eval_len: int = typer.Option(256, "--eval-len", min=2, help="tokens per window"),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="seed of the fit / held-out split"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the fit / held-out split"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
 ) -> None:
     """Locate a concept (per-layer probes), erase it in the weights, and validate the rest."""
     refuse_existing(out)
+    check_method(method)
     texts = {"--concept": read_text(concept), "--contrast": read_text(contrast)}
     lines = {option: example_lines(text, option.removeprefix("--") + f" file {path}")
              for (option, text), path in zip(texts.items(), (concept, contrast))}
+    checked_examples(lines["--concept"], lines["--contrast"])  # before the model loads
+    other = {"unrelated": read_text(unrelated), "heldout": read_text(heldout) if heldout else None}
     with err_console.status(f"loading {model}"):
         loaded = load_model(model, device=None)
     check_length(loaded.model.config, max(eval_len, max_tokens), "--eval-len/--max-tokens")
-    chunks = {name: windows(tokenize(loaded.tokenizer, read_text(spec)), eval_len, eval_windows) if spec else None
-              for name, spec in (("unrelated", unrelated), ("heldout", heldout))}
+    chunks = {name: _windows(loaded.tokenizer, text, name, eval_len, eval_windows) if text else None
+              for name, text in other.items()}
     manifest = read_manifest(model) if loaded.kind == "artifact" else None
     if device != "cpu":
         loaded.model.to(device)
