@@ -6,7 +6,8 @@ from torch import nn
 
 from hypercompress.layers.quant_linear import QuantLinear
 from hypercompress.methods.rtn import RTN, RtnConfig
-from hypercompress.methods.svd import SVD, SvdConfig, rank_for, truncated_svd
+from hypercompress.linalg import truncated_svd
+from hypercompress.methods.svd import SVD, SvdConfig, rank_for
 
 
 def reference_rtn(weight, bits, group, symmetric):

@@ -362,7 +362,7 @@ def build_stored(entry: dict[str, Any], what: str, path: Path | None = None, nes
     kind's schema (the constructor's signature, strict types) and ranges: on `device` (meta: no
     memory; "cpu" once the header proved the file holds its tensors), or for a `nested` base (a
     LoRA's or residual generator's) on the caller's device."""
-    from .layers import module_kinds
+    from .registry import stored_kinds as module_kinds
 
     where = f"artifact {path}: " if path else ""
     if not isinstance(entry, dict) or set(entry) != {"kind", "layout"} or not isinstance(entry["layout"], dict):

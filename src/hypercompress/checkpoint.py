@@ -39,7 +39,7 @@ from . import parallel
 from .artifact_reader import build_stored, file_sha256
 from .atomic import pid_alive, replace_file
 from .errors import UserError
-from .layers import module_kinds
+from .registry import stored_kinds as module_kinds
 from .modules import StoredModule, replace_module
 
 FORMAT = 2  # 2: state.json records the tensors file's sha256

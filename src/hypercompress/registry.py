@@ -47,5 +47,14 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def stored_kinds() -> dict[str, type]:
+    """kind -> class of every module an artifact can hold, the methods' own kinds included
+    (layers.module_kinds after the built-in method packages registered theirs)."""
+    _load_builtin_methods()
+    from .layers import module_kinds
+
+    return module_kinds()
+
+
 def _load_builtin_methods() -> None:
     from . import methods  # noqa: F401  (imports register every built-in method)

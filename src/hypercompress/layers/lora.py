@@ -56,7 +56,7 @@ class LoRALinear(CompressedModule):
         a quant base re-rounds W + B A onto its grid (same scales and zeros, new codes); a lowrank
         base keeps its rank by truncated SVD of U V + B A."""
         from ..formats.packing import pack_codes
-        from ..methods.svd import truncated_svd
+        from ..linalg import truncated_svd
         from .low_rank import LowRankLinear
         from .quant_linear import QuantLinear, quantize_to_grid
 

@@ -22,7 +22,7 @@ from ..registry import register
 from .asvd import cholesky_whitening, whitened_factors
 from .base import WholeModelMethod
 from .damping import DAMP_RANGE
-from .svd import truncated_svd
+from ..linalg import truncated_svd
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch import nn
 from ..config import MethodConfig, check
 from ..errors import UserError
 from ..layers.low_rank import LowRankLinear
+from ..linalg import truncated_svd
 from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
@@ -58,13 +59,6 @@ def check_rank(method: str, config: SvdConfig, modules: dict[str, nn.Module]) ->
           f"{method}: rank={config.rank} is at or past the break-even rank of {name} ({out_f}x{in_f}), "
           f"where the factors U, V store more than the dense matrix; the largest useful rank of the "
           f"selected layers is {limit}: set rank to 1..{limit} (or use keep)")
-
-
-def truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight (out, in) float32 -> U (out, rank), V (rank, in) with U @ V the best rank-r fit."""
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
 
 @register("svd", SvdConfig)

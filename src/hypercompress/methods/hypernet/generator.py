@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...layers import register_kind
 from ...modules import StoredModule
 from ...formats import row_codes
 from .backbone import make_backbone
@@ -34,6 +35,7 @@ from .diffusion_head import DiffusionHead
 HEADS = ("mlp", "dit")
 
 
+@register_kind
 class HyperGenerator(StoredModule):
     """Generates the (d_out, d_in) weights of `shapes[t]` for every layer l < num_layers."""
 

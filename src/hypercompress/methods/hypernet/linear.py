@@ -13,11 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...layers import register_kind
 from ...modules import CompressedModule
 
 BIAS_DTYPE = torch.float16
 
 
+@register_kind
 class GeneratedLinear(CompressedModule):
     kind = "generated_linear"
     wraps_base = True

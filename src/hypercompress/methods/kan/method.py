@@ -11,6 +11,7 @@ from torch import nn
 
 from ...config import MethodConfig, check
 from ...errors import UserError
+from ...layers import register_kind
 from ...modules import CompressedModule, linear_bias, linear_weight
 from ...registry import register
 from ..base import LayerwiseMethod
@@ -40,6 +41,7 @@ class KanConfig(MethodConfig):
         check(self.device == "cpu" or self.device.startswith("cuda"), f"device={self.device!r}: cpu or cuda")
 
 
+@register_kind
 class KanLinear(CompressedModule):
     """W = sum of the levels' KanField matrices (float16 parameters, computed in float32, cached)."""
 
