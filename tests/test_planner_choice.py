@@ -65,7 +65,7 @@ def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypat
     scores best, the planned recipe starts with `rotate` and its file stays within the target."""
     from conftest import make_model
     from hypercompress.artifact import stored_bytes
-    from hypercompress.cli.compress import planned_recipe
+    from hypercompress.targets import planned_recipe
     from hypercompress.modules import count_params
     from hypercompress.recipe import PlanTarget
 
@@ -104,7 +104,7 @@ def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
     plan (every candidate, the kept one too) is fit to target / QAT_CODE_GROWTH, without it to the target."""
     from hypercompress.api import compress
     from hypercompress.artifact import stored_bytes
-    from hypercompress.cli.compress import planned_recipe
+    from hypercompress.targets import planned_recipe
     from hypercompress.modules import count_params
     from hypercompress.planner import QAT_CODE_GROWTH
     from hypercompress.recipe import PlanTarget, Recipe

@@ -136,6 +136,22 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
         yield update
 
 
+@contextmanager
+def section_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """Yields update(section, done, total): one rich bar per section on stderr, a new one when the
+    section changes (a library call's `progress` callback)."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(section: str, done: int, total: int) -> None:
+            if section not in tasks:
+                tasks[section] = bar.add_task(section, total=total)
+            bar.update(tasks[section], completed=done, total=total)
+
+        yield update
+
+
 def write_json(path: Path | None, data: dict[str, Any]) -> None:
     """Write `data` to a --json file (its folder made if needed); an unwritable path is a UserError."""
     if path is None:

@@ -26,8 +26,9 @@ from ..modules import count_params
 from ..recipe import PlanTarget, Recipe, load_recipe_file
 from ..registry import get_method
 from ..summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
+from ..targets import planned_recipe
 from .common import (check_output_file, check_output_folder, console, err_console, one_line_errors,
-                     progress_bar, write_json)
+                     progress_bar, section_progress, write_json)
 
 
 EVAL_LEN = 512  # tokens per --eval window (capped to the model's position limit)
@@ -128,8 +129,9 @@ def compress(
     tick = time.perf_counter()
     allocation = None
     if target is not None:
-        plan, allocation = planned_recipe(loaded.model, target, samples, distill_steps if distill else 0,
-                                           lossless, device)
+        with section_progress() as update:
+            plan, allocation = planned_recipe(loaded.model, target, samples, distill_steps if distill else 0,
+                                              lossless, device, say=console.print, progress=update)
     with progress_bar("compressing") as update:
         report = compress_model(loaded.model, plan, samples,
                                 progress=lambda i, m, done, total: update(done, total, m),
@@ -209,73 +211,6 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
             raise UserError(f"--set {item}: with a size target only group_size can be set; drop the other --set values or use --recipe")
         group = value
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
-
-
-def planned_recipe(model, target: PlanTarget, samples, distill_steps: int = 0, lossless: int | None = None,
-                   device: str = "cpu"):
-    """Above the quantization floor: measure sensitivities on the first 256 tokens of one calibration
-    window, plan per-module options, fit the plan to the file it writes (header and lossless stage
-    counted), then keep it or the best uniform recipe of that size, whichever GPTQ trials measure
-    better (planner_choice.py); below it: the hybrid pipeline (pipeline.py)."""
-    from ..pipeline import fit_pipeline
-    from ..planner import QAT_CODE_GROWTH, floor_bpw, option_label, plan_bits, qat_stage
-    from ..planner_choice import candidate_stages, choose
-    from ..planner_fit import fit_plan_to_file, smallest_file_fits
-
-    floor = floor_bpw(model, target.group_size)
-    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    if target.bits_per_weight < floor and not smallest_file_fits(model, target.bits_per_weight, target.group_size,
-                                                                 embedding, lossless):
-        with err_console.status("fitting the pipeline to the target (trial compressions)"):
-            pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless,
-                                    device=device)
-        console.print(f"pipeline for {target.bits_per_weight:.4f} bpw (below the quantization floor "
-                      f"{floor:.3f}): {pipeline.reached_bpw:.4f} bpw as stored | " + " | ".join(pipeline.notes))
-        return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
-                {"route": "pipeline", "planned_bits_per_weight": pipeline.reached_bpw,
-                 "quantization_floor_bpw": floor, "notes": pipeline.notes})
-    # qat's trained codes code larger than the planned ones: its plans leave them that room
-    fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
-    with progress_bar("measuring sensitivity") as update:
-        plan = plan_bits(model, max(fit_bpw, floor), samples[:1, :256], target.group_size,
-                         embedding, progress=update, device=device)
-    with err_console.status("fitting the plan to the stored file (RTN trials)"):
-        try:
-            plan = fit_plan_to_file(model, plan, fit_bpw, samples[:1, :256], target.group_size,
-                                    embedding, lossless, device=device)
-        except UserError as error:
-            if not distill_steps:
-                raise
-            raise UserError(f"{error} (with --distill the plan is fit to the target / {QAT_CODE_GROWTH}, "
-                            f"{fit_bpw:.4f} bpw, since qat's trained codes code up to that much larger)") from None
-    with progress_bar("planned vs uniform recipes (GPTQ trials)") as update:
-        plan, scores, candidates = choose(model, plan, fit_bpw, samples, target.group_size, embedding,
-                              lossless, device, progress=update)
-    chosen = min(scores, key=lambda label: (scores[label], label != "planned"))
-    console.print("GPTQ trials, KL on calibration windows they did not see: "
-                  + " | ".join(f"{label} {kl:.4f}" + (" (kept)" if label == chosen else "")
-                               for label, kl in scores.items()))
-    counts: dict[tuple[int, int], int] = {}
-    for name, option in plan.allocation.items():
-        if name != embedding:
-            counts[option] = counts.get(option, 0) + 1
-    summary = (f"embedding {option_label(plan.allocation[embedding])} | linears: "
-               + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
-    room = f" (the target {target.bits_per_weight:.3f} / {QAT_CODE_GROWTH}: room for qat's codes)" if distill_steps else ""
-    console.print(f"plan for {fit_bpw:.3f} bpw as stored{room}: {plan.bits_per_weight:.3f} bpw of tensors "
-                  f"planned | {summary}")
-    allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
-                  "notes": [summary.replace(" | ", "; "), f"kept: {chosen}"]
-                  + ([f"quantization-aware distillation {distill_steps} steps"] if distill_steps else []),
-                  "trial_kl": scores,
-                  "trial_recipes": {label: candidate_stages(label, p, embedding) for label, p in candidates.items()},
-                  "options": {n: option_label(o) for n, o in plan.allocation.items()},
-                  "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
-                                     for n, s in plan.sensitivity.items()}}
-    stages = candidate_stages(chosen, plan, embedding)
-    if distill_steps:  # latent weights, scales, the embedding and norms trained through the codes
-        stages.append(qat_stage(distill_steps))
-    return Recipe.from_list(stages, where="planned recipe"), allocation
 
 
 def _recipe(recipe: Optional[Path], method: Optional[str]) -> "Recipe | PlanTarget":

@@ -1,0 +1,94 @@
+"""Size targets: the recipe that brings a model to a whole-model bits-per-weight target as stored.
+
+The planner route (planner.py, planner_fit.py, planner_choice.py) above the quantization floor, the
+hybrid pipeline (pipeline.py) below it; the CLI's `compress --target-bpw` and the benchmarks call it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .recipe import PlanTarget, Recipe
+
+Say = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (section, done, total)
+
+
+def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, distill_steps: int = 0,
+                   lossless: int | None = None, device: str = "cpu", say: Say | None = None,
+                   progress: Progress | None = None) -> tuple[Recipe, dict[str, Any]]:
+    """The recipe that brings `model` to `target` (whole-model bits per weight as stored), and how it
+    was chosen (route, planned bpw, notes, trial KLs, options, sensitivities).
+
+    samples: (N, T) calibration token ids. Above the quantization floor: measure sensitivities on the
+    first 256 tokens of one calibration window, plan per-module options, fit the plan to the file it
+    writes (header and lossless stage counted), then keep it or the best uniform recipe of that size,
+    whichever GPTQ trials measure better (planner_choice.py); below it: the hybrid pipeline
+    (pipeline.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
+    planner.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total)`
+    the long steps as they run. Raises UserError for a target no plan of this model can meet."""
+    say = say or (lambda _line: None)
+    progress = progress or (lambda *_: None)
+    from .pipeline import fit_pipeline
+    from .planner import QAT_CODE_GROWTH, floor_bpw, option_label, plan_bits, qat_stage
+    from .planner_choice import candidate_stages, choose
+    from .planner_fit import fit_plan_to_file, smallest_file_fits
+
+    floor = floor_bpw(model, target.group_size)
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    if target.bits_per_weight < floor and not smallest_file_fits(model, target.bits_per_weight, target.group_size,
+                                                                 embedding, lossless):
+        progress("fitting the pipeline to the target (trial compressions)", 0, 1)
+        pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless, device=device)
+        progress("fitting the pipeline to the target (trial compressions)", 1, 1)
+        say(f"pipeline for {target.bits_per_weight:.4f} bpw (below the quantization floor "
+                      f"{floor:.3f}): {pipeline.reached_bpw:.4f} bpw as stored | " + " | ".join(pipeline.notes))
+        return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
+                {"route": "pipeline", "planned_bits_per_weight": pipeline.reached_bpw,
+                 "quantization_floor_bpw": floor, "notes": pipeline.notes})
+    # qat's trained codes code larger than the planned ones: its plans leave them that room
+    fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
+    plan = plan_bits(model, max(fit_bpw, floor), samples[:1, :256], target.group_size, embedding,
+                     progress=lambda done, total, *_: progress("measuring sensitivity", done, total), device=device)
+    progress("fitting the plan to the stored file (RTN trials)", 0, 1)
+    try:
+        plan = fit_plan_to_file(model, plan, fit_bpw, samples[:1, :256], target.group_size,
+                                embedding, lossless, device=device)
+    except UserError as error:
+        if not distill_steps:
+            raise
+        raise UserError(f"{error} (with --distill the plan is fit to the target / {QAT_CODE_GROWTH}, "
+                        f"{fit_bpw:.4f} bpw, since qat's trained codes code up to that much larger)") from None
+    progress("fitting the plan to the stored file (RTN trials)", 1, 1)
+    plan, scores, candidates = choose(model, plan, fit_bpw, samples, target.group_size, embedding, lossless, device,
+                                      progress=lambda done, total, *_: progress("planned vs uniform recipes "
+                                                                                "(GPTQ trials)", done, total))
+    chosen = min(scores, key=lambda label: (scores[label], label != "planned"))
+    say("GPTQ trials, KL on calibration windows they did not see: "
+                  + " | ".join(f"{label} {kl:.4f}" + (" (kept)" if label == chosen else "")
+                               for label, kl in scores.items()))
+    counts: dict[tuple[int, int], int] = {}
+    for name, option in plan.allocation.items():
+        if name != embedding:
+            counts[option] = counts.get(option, 0) + 1
+    summary = (f"embedding {option_label(plan.allocation[embedding])} | linears: "
+               + ", ".join(f"{option_label(o)} x{c}" for o, c in sorted(counts.items())))
+    room = f" (the target {target.bits_per_weight:.3f} / {QAT_CODE_GROWTH}: room for qat's codes)" if distill_steps else ""
+    say(f"plan for {fit_bpw:.3f} bpw as stored{room}: {plan.bits_per_weight:.3f} bpw of tensors "
+                  f"planned | {summary}")
+    allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
+                  "notes": [summary.replace(" | ", "; "), f"kept: {chosen}"]
+                  + ([f"quantization-aware distillation {distill_steps} steps"] if distill_steps else []),
+                  "trial_kl": scores,
+                  "trial_recipes": {label: candidate_stages(label, p, embedding) for label, p in candidates.items()},
+                  "options": {n: option_label(o) for n, o in plan.allocation.items()},
+                  "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
+                                     for n, s in plan.sensitivity.items()}}
+    stages = candidate_stages(chosen, plan, embedding)
+    if distill_steps:  # latent weights, scales, the embedding and norms trained through the codes
+        stages.append(qat_stage(distill_steps))
+    return Recipe.from_list(stages, where="planned recipe"), allocation
