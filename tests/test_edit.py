@@ -192,3 +192,13 @@ def test_bad_inputs_get_one_line_and_write_nothing(tmp_path, model_dirs, text_fi
     assert lines[-1].startswith("error:") and needle in lines[-1], result.output
     assert sum(line.startswith("error") for line in lines) == 1 and "Traceback" not in result.output
     assert not out.exists() and not list(tmp_path.glob("edited*"))
+
+
+def test_the_original_s_perplexity_from_its_cached_log_probs_matches_evaluate():
+    from hypercompress.analysis.edit import _quality_of_teacher
+    from hypercompress.eval.perplexity import evaluate_windows, teacher_log_probs
+
+    model = make_model("llama")
+    windows = torch.randint(1, 120, (6, 16), generator=torch.Generator().manual_seed(0))  # 4 + 2 per batch
+    cached = _quality_of_teacher(teacher_log_probs(model, windows), windows)
+    assert cached["ppl"] == pytest.approx(evaluate_windows(model, windows)["ppl"], rel=1e-9)

@@ -39,7 +39,7 @@ from ..errors import UserError
 from ..eval.perplexity import evaluate_windows, teacher_log_probs
 from .edit_report import save_edited
 from .edit_metrics import behaviour, distinctive_tokens
-from .erasure import METHODS, erasure_fitter, erasure_from, fold_erasure
+from .erasure import METHODS, erasure_fitter, erasure_from, fold_erasure, refresh_fast_path
 from .probes import chance_bound, massive_channels, cross_validated_accuracy, pooled_residuals, probe_accuracy, separation
 
 MIN_EXAMPLES = 8  # per file, after empty, repeated and shared lines are dropped
@@ -155,11 +155,21 @@ def _probe_rows(features: torch.Tensor, ex: _Examples, when: str) -> list[dict]:
              f"separation_{when}": separation(x[ex.fit], ex.labels[ex.fit])} for x in features]
 
 
-def _quality(model: nn.Module, windows: dict[str, torch.Tensor | None], teachers: dict | None, device: str) -> dict:
-    """{name: evaluate_windows result} per named window set (None stays None)."""
-    return {name: None if chunk is None else
-            evaluate_windows(model, chunk.to(device), teacher=teachers[name] if teachers else None)
+def _quality(model: nn.Module, windows: dict[str, torch.Tensor | None], teachers: dict, device: str) -> dict:
+    """{name: evaluate_windows result against the original's log-probs} per named window set (None stays None)."""
+    return {name: None if chunk is None else evaluate_windows(model, chunk.to(device), teacher=teachers[name])
             for name, chunk in windows.items()}
+
+
+def _quality_of_teacher(log_probs: list[torch.Tensor], chunk: torch.Tensor) -> dict:
+    """Perplexity of the original from its cached log-probabilities (teacher_log_probs batches of
+    `chunk` (N, T)), as evaluate_windows computes it, without another forward pass."""
+    targets = chunk[:, 1:]
+    nll = -sum(float(lp.gather(-1, targets[i:i + lp.shape[0], :, None].to(lp.device)).double().sum())
+               for i, lp in zip(range(0, chunk.shape[0], log_probs[0].shape[0]), log_probs))
+    nll /= targets.numel()
+    return {"ppl": math.exp(nll), "nll": nll, "kl": 0.0, "top1": 1.0, "windows": int(chunk.shape[0]),
+            "seq_len": int(chunk.shape[1]), "tokens": int(chunk.numel()), "predicted_tokens": int(targets.numel())}
 
 
 def edit(model: nn.Module, tokenizer, concept: list[str], contrast: list[str], *, unrelated: torch.Tensor,
@@ -191,7 +201,8 @@ def edit(model: nn.Module, tokenizer, concept: list[str], contrast: list[str], *
     say("measuring the original", 0, 1)
     teachers = {name: None if chunk is None else teacher_log_probs(model, chunk.to(device))
                 for name, chunk in windows.items()}
-    quality_before = _quality(model, windows, None, device)
+    quality_before = {name: None if chunk is None else _quality_of_teacher(teachers[name], chunk)
+                      for name, chunk in windows.items()}
     massive = massive_channels(model, unrelated[:1], device=device)
     features, fitters = _features(model, ex, method, device, massive)
     layers = [{"layer": i, "label": _layer_label(i, blocks), **row}
@@ -244,8 +255,7 @@ def check_method(method: str) -> None:
 
 
 def _check_arguments(method, max_directions, kl_budget, heldout_share, unrelated, heldout) -> None:
-    if method not in METHODS:
-        raise UserError(f"--method {method}: one of {', '.join(METHODS)}")
+    check_method(method)
     if max_directions < 1 or not kl_budget > 0 or not 0 < heldout_share < 1:
         raise UserError("max_directions must be >= 1, kl_budget > 0 and heldout_share in (0, 1)")
     for name, chunk in (("unrelated", unrelated), ("heldout", heldout)):
@@ -303,12 +313,10 @@ def _writer_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _restore_writers(model: nn.Module, saved: dict[str, dict[str, torch.Tensor]]) -> None:
-    from .erasure import _refresh_fast_path
-
     for name, state in saved.items():
         module = model.get_submodule(name)
         module.load_state_dict(state)
-        _refresh_fast_path(module)
+        refresh_fast_path(module)
 
 
 def _module_summary(rows: list[dict]) -> list[dict]:

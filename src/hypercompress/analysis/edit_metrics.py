@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .probes import pad_right
+
 
 def distinctive_tokens(concept: list[torch.Tensor], contrast: list[torch.Tensor], least: int = 2
                        ) -> tuple[list[int], list[int]]:
@@ -37,11 +39,7 @@ def _line_log_probs(model: nn.Module, lines: list[torch.Tensor], device: str, ba
     usable = [ids for ids in lines if ids.numel() >= 2]
     for start in range(0, len(usable), batch_size):
         chosen = usable[start:start + batch_size]
-        longest = max(ids.numel() for ids in chosen)
-        batch = torch.zeros(len(chosen), longest, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for row, ids in enumerate(chosen):
-            batch[row, :ids.numel()], mask[row, :ids.numel()] = ids, 1
+        batch, mask = pad_right(chosen)
         logits = model(input_ids=batch.to(device), attention_mask=mask.to(device), use_cache=False).logits
         log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
         for row, ids in enumerate(chosen):

@@ -157,7 +157,7 @@ def _edit_writer(name: str, module: nn.Module, keep: torch.Tensor, projection: t
     bias = getattr(module, "bias", None)
     if bias is not None:
         bias.data.copy_((keep @ bias.data.double()).to(bias.dtype))
-    _refresh_fast_path(module)
+    refresh_fast_path(module)
     return {"module": name, "kind": getattr(module, "kind", "dense"), "how": how, "left": left}
 
 
@@ -178,7 +178,7 @@ def _edit_table(name: str, module: nn.Module, keep: torch.Tensor, projection: to
         how, after = "quantized: codes re-rounded on the table's own grid", module.dense_weight(torch.float64)
     else:
         raise _refuse_kind(name, module)
-    _refresh_fast_path(module)
+    refresh_fast_path(module)
     return {"module": name, "kind": getattr(module, "kind", "dense"), "how": how,
             "left": _left(projection, before, after, False)}
 
@@ -197,7 +197,7 @@ def _requantize(layer, weight: torch.Tensor) -> None:
     layer.qweight.copy_(pack_codes(codes.to(torch.uint8), layer.bits))
 
 
-def _refresh_fast_path(module: nn.Module) -> None:
+def refresh_fast_path(module: nn.Module) -> None:
     """A compressed module's kernel path was built from the old values: rebuild it for the same dtype."""
     fast = getattr(module, "_fast", None)
     if fast is not None and hasattr(module, "prepare_fast"):

@@ -18,6 +18,16 @@ import torch
 from torch import nn
 
 
+def pad_right(lines: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D token-id tensors -> (ids, mask), both (len(lines), longest) long, zero-padded on the right."""
+    longest = max(ids.numel() for ids in lines)
+    ids = torch.zeros(len(lines), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, line in enumerate(lines):
+        ids[row, :line.numel()], mask[row, :line.numel()] = line, 1
+    return ids, mask
+
+
 @torch.inference_mode()
 def pooled_residuals(model: nn.Module, examples: list[torch.Tensor], device: str = "cpu",
                      batch_size: int = 16, observe: Callable | None = None) -> torch.Tensor:
@@ -34,12 +44,7 @@ def pooled_residuals(model: nn.Module, examples: list[torch.Tensor], device: str
     pooled: list[torch.Tensor | None] = [None] * len(examples)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
-        longest = max(examples[i].numel() for i in chosen)
-        ids = torch.zeros(len(chosen), longest, dtype=torch.long)
-        mask = torch.zeros(len(chosen), longest, dtype=torch.long)
-        for row, i in enumerate(chosen):
-            ids[row, :examples[i].numel()] = examples[i]
-            mask[row, :examples[i].numel()] = 1
+        ids, mask = pad_right([examples[i] for i in chosen])
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
                     use_cache=False)
         mask = mask.clone()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
@@ -12,20 +11,7 @@ from ..arch import check_length
 from ..atomic import refuse_existing
 from ..data import calibration_samples, read_text, tokenize
 from ..models import load_model
-from .common import console, err_console, one_line_errors
-
-
-def _progress_lines(every: float = 5.0):
-    """progress(section, done, total): a line on stderr when a section starts, ends, or every few seconds."""
-    state = {"section": None, "last": 0.0, "start": time.perf_counter()}
-
-    def update(section: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if section != state["section"] or done == total or now - state["last"] >= every:
-            state.update(section=section, last=now)
-            err_console.print(f"[{now - state['start']:6.0f} s] {section}: {done}/{total}")
-
-    return update
+from .common import console, err_console, one_line_errors, progress_lines
 
 
 @one_line_errors
@@ -50,7 +36,7 @@ def analyze(
     check_length(loaded.model.config, calib_len, "--calib-len")
     samples = calibration_samples(tokenize(loaded.tokenizer, text), calib_samples, calib_len, seed)
     result = run_analysis(loaded.model, samples, out, text_name=calib, rd_layers=rd_layers or None,
-                          sensitivity=sensitivity, device=device, progress=_progress_lines())
+                          sensitivity=sensitivity, device=device, progress=progress_lines())
     flow = [r for r in result["flow"] if r["influence"] == r["influence"]]
     low = min(flow, key=lambda r: r["influence"]) if flow else None
     excess = [p["excess_bits"] for d in result["rate_distortion"].values() for p in d["points"] if p["method"] == "GPTQ"]

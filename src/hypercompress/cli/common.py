@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -134,6 +135,19 @@ def progress_bar(description: str) -> Iterator[Callable[..., None]]:
             bar.update(task, completed=done, total=total, note=note)
 
         yield update
+
+
+def progress_lines(every: float = 5.0):
+    """progress(section, done, total): a line on stderr when a section starts, ends, or every few seconds."""
+    state = {"section": None, "last": 0.0, "start": time.perf_counter()}
+
+    def update(section: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if section != state["section"] or done == total or now - state["last"] >= every:
+            state.update(section=section, last=now)
+            err_console.print(f"[{now - state['start']:6.0f} s] {section}: {done}/{total}")
+
+    return update
 
 
 @contextmanager

@@ -16,8 +16,7 @@ from ..atomic import refuse_existing
 from ..data import read_text, tokenize, windows
 from ..errors import UserError
 from ..models import load_model
-from .analyze import _progress_lines
-from .common import console, err_console, one_line_errors
+from .common import console, err_console, one_line_errors, progress_lines
 
 
 def _windows(tokenizer, text: str, name: str, length: int, count: int):
@@ -67,7 +66,7 @@ def edit(
     report = run_edit(loaded.model, loaded.tokenizer, lines["--concept"], lines["--contrast"],
                       unrelated=chunks["unrelated"], heldout=chunks["heldout"], method=method,
                       max_directions=max_directions, kl_budget=kl_budget, max_tokens=max_tokens, seed=seed,
-                      device=device, progress=_progress_lines(), out=out, source=model, source_manifest=manifest)
+                      device=device, progress=progress_lines(), out=out, source=model, source_manifest=manifest)
     console.print(f"{out}: {len(report['steps'])} direction(s) erased ({report['method']}); {report['stopped']}")
     console.print(f"protocol: {report['protocol']}")
     width = max(len(m) for m, _, _ in summary_rows(report))
