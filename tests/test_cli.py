@@ -206,13 +206,13 @@ def test_manifest_shape_mismatch_is_refused(artifact_dir, text_file, tmp_path):
 def test_a_run_refused_for_its_size_at_the_end_leaves_no_checkpoint(model_dirs, calib_file, tmp_path, monkeypatch):
     """The size check after compression refuses: the finished run's checkpoint is removed with it,
     so the next run to the same --out starts instead of asking for --resume."""
-    from hypercompress.cli import compress as compress_cli
+    from hypercompress import workflow
     from hypercompress.errors import UserError
 
-    def over(bpw, target):
+    def over(bpw, target, say):
         raise UserError(f"the compressed file stores {bpw:.4f} bpw, over the target")
 
-    monkeypatch.setattr(compress_cli, "_check_target", over)
+    monkeypatch.setattr(workflow, "_check_target", over)
     out = tmp_path / "sized"
     args = ("compress", model_dirs["llama"], "--target-bpw", 6, "--set", "group_size=32", "--calib", calib_file,
             "--calib-samples", 2, "--calib-len", 32, "--out", out)

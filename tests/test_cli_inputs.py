@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hypercompress.cli import compress as compress_cli
+from hypercompress import workflow
 from hypercompress.cli import evaluate as evaluate_cli
 
 from test_cli import assert_one_line_error, run
@@ -15,7 +15,7 @@ def no_loading(monkeypatch):
     """Loading a model fails the test: a refused input must be refused before it."""
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
-    monkeypatch.setattr(compress_cli, "load_model", fail)
+    monkeypatch.setattr(workflow, "load_model", fail)
     monkeypatch.setattr(evaluate_cli, "load_model", fail)
 
 

@@ -118,7 +118,7 @@ def test_a_failed_resume_keeps_the_checkpoint(reference, model_dirs, calib_file,
     def full_disk(*_args, **_kwargs):
         raise UserError("no space left on the device; free some space")
 
-    monkeypatch.setattr("hypercompress.cli.compress.artifact.save", full_disk)
+    monkeypatch.setattr("hypercompress.workflow.artifact.save", full_disk)
     failed = cli(args(model_dirs, calib_file, tmp_path, out) + ["--resume"])
     assert failed.exit_code == 2 and (tmp_path / "art.checkpoint" / "state.json").is_file()
     assert not orphans[0].exists()  # a later save removed the dead writer's temporary file

@@ -155,3 +155,36 @@ def _make_readable(directory: Path) -> None:
         os.chmod(root, 0o777 & ~umask)
         for name in files:
             os.chmod(Path(root) / name, 0o666 & ~umask)
+
+
+def check_output_folder(path: Path, option: str = "--out") -> None:
+    """Before any long work: `path` (a folder to create) can be created, i.e. its nearest existing
+    ancestor is a writable folder, not a regular file. Raises UserError naming `option` otherwise."""
+    _check_creatable(user_path(path), option)
+
+
+def check_output_file(path: Path | None, option: str = "--json") -> None:
+    """Before any long work: a file can be written at `path` (None: nothing to check). Raises
+    UserError naming `option` when `path` is a folder, an unwritable file, or lies under a regular
+    file or in a folder this user cannot write."""
+    if path is None:
+        return
+    path = user_path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; pass a file path such as {path / 'report.json'}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{option} {path}: the file is not writable; pass a path you can write")
+        return
+    _check_creatable(path, option)
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{option} {path}: {ancestor} is a file, not a folder; pass a path in a writable folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: the folder {ancestor} is not writable; pass a path in a "
+                        "writable folder")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ UsageError = _click_errors.UsageError
 NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: no arguments, help
 
 from ..atomic import replace_file
-from ..errors import UserError, user_path
+from ..errors import UserError
 
 # results on stdout; piped to a file or a log, tables are not folded to 80 columns
 # markup off: paths, labels and names read from files are printed as they are ("[/x]" is not a tag)
@@ -81,39 +80,6 @@ def _usage_error(exc: UsageError) -> None:
     message = " ".join(exc.format_message().split()).rstrip(".")
     typer.echo(f"error: {message}; see '{command} --help'", err=True)
     raise typer.Exit(2)
-
-
-def check_output_folder(path: Path, option: str = "--out") -> None:
-    """Before any long work: `path` (a folder to create) can be created, i.e. its nearest existing
-    ancestor is a writable folder, not a regular file. Raises UserError naming `option` otherwise."""
-    _check_creatable(user_path(path), option)
-
-
-def check_output_file(path: Path | None, option: str = "--json") -> None:
-    """Before any long work: a file can be written at `path` (None: nothing to check). Raises
-    UserError naming `option` when `path` is a folder, an unwritable file, or lies under a regular
-    file or in a folder this user cannot write."""
-    if path is None:
-        return
-    path = user_path(path)
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; pass a file path such as {path / 'report.json'}")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise UserError(f"{option} {path}: the file is not writable; pass a path you can write")
-        return
-    _check_creatable(path, option)
-
-
-def _check_creatable(path: Path, option: str) -> None:
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"{option} {path}: {ancestor} is a file, not a folder; pass a path in a writable folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"{option} {path}: the folder {ancestor} is not writable; pass a path in a "
-                        "writable folder")
 
 
 def parse_dtype(name: str) -> torch.dtype:

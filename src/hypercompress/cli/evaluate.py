@@ -11,7 +11,8 @@ from ..arch import check_length
 from ..data import read_text, tokenize, windows
 from ..eval import evaluate_windows, protocol_text
 from ..models import load_model
-from .common import (check_output_file, console, err_console, one_line_errors, parse_dtype, progress_bar,
+from ..atomic import check_output_file
+from .common import (console, err_console, one_line_errors, parse_dtype, progress_bar,
                      write_json)
 
 

@@ -9,7 +9,8 @@ import typer
 
 from ..atomic import refuse_existing
 from ..errors import UserError
-from .common import check_output_file, check_output_folder, console, err_console, one_line_errors, write_json
+from ..atomic import check_output_file, check_output_folder
+from .common import console, err_console, one_line_errors, write_json
 
 
 @one_line_errors

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from ..analysis.rate_distortion import collect, plot as draw
-from .common import check_output_file, console, one_line_errors
+from ..atomic import check_output_file
+from .common import console, one_line_errors
 
 
 @one_line_errors

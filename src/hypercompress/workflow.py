@@ -1,0 +1,288 @@
+"""The whole job in one call: load, calibrate, plan a size target, compress, measure, save, summarise.
+
+    result = hypercompress.compress("smollm2-135m", target_bpw=4.0,
+                                    calib="../shared/data/wikitext2_valid_tokenized.txt", out="smol-4bpw")
+    result.summary["bits_per_weight"], result.summary["branches"]
+
+`compress` is what `hypercompress compress` runs (the CLI only parses its options, calls this and
+prints the summary); `api.compress` (exported as `hypercompress.apply_recipe`) is the step it calls
+to apply a recipe's stages in place.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import artifact, parallel
+from .atomic import check_output_folder
+from .api import compress as apply_recipe
+from .arch import check_length, position_limit
+from .artifact_reader import read_manifest_fields
+from .checkpoint import describe_leftover, discard
+from .data import calibration_samples, read_text, tokenize, windows
+from .errors import UserError
+from .eval import protocol_text
+from .layers.latent_kv import kv_cache_bytes_per_token
+from .methods.structured.surgery import flops_per_token
+from .models import load_model
+from .modules import count_params
+from .recipe import PlanTarget, Recipe, load_recipe_file
+from .registry import get_method
+from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
+from .targets import planned_recipe
+
+EVAL_LEN = 512  # tokens per evaluation window (capped to the model's position limit)
+Say = Callable[[str], None]                    # a line of what was decided
+Progress = Callable[[str, int, int], None]     # (section, done, total) of the long steps
+
+
+@dataclass
+class CompressResult:
+    """What `compress` returns: the compressed model (in memory, identical to the artifact's), its
+    tokenizer, the artifact's path (None when nothing was saved) and the summary (sizes in bytes and
+    bits per weight of the whole model as stored, per-branch perplexity / KL when measured, seconds,
+    peak memory in bytes, the recipe run and, for a size target, how it was planned)."""
+
+    model: nn.Module
+    tokenizer: Any
+    out: Path | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None = None,
+             calib: str | Path | torch.Tensor | None = None, *, tokenizer: Any = None,
+             method: str | None = None, overrides: Sequence[str] = (),
+             target_bpw: float | None = None, target_ratio: float | None = None,
+             out: str | Path | None = None, distill: bool = False, distill_steps: int = 600,
+             lossless: int | None = None, calib_samples: int = 32, calib_len: int = 512,
+             calib_batch: int = 8, seed: int = 0, device: str = "cpu", resume: bool = False,
+             eval_text: str | Path | None = None, eval_windows: int = 16,
+             say: Say | None = None, progress: Progress | None = None) -> CompressResult:
+    """Compress `model` with a recipe, one method, or a planned recipe for a size target.
+
+    model: a source (built-in name such as "smollm2-135m", a .gguf file, a HF model directory, a hub
+        id) loaded in float32 on the CPU, or a loaded nn.Module (compressed in place; pass its
+        `tokenizer` to tokenize text or save).
+    recipe: a Recipe, a YAML recipe file, or a list of stage dicts; or `method` (one method with its
+        defaults); or `target_bpw` (whole-model bits per weight as stored, the file's every byte
+        counted) / `target_ratio` (16 / bpw): exactly one of the three kinds. `overrides`: "key=value"
+        or "STAGE.key=value" strings applied to the recipe (with a target only "group_size=G").
+    calib: calibration text file (never the evaluation text) or (N, L) int64 token windows; methods
+        with `needs_calibration` and size targets need it. `calib_samples` windows of `calib_len`
+        tokens are drawn from a text with `seed`.
+    out: artifact folder to write (must not exist or be empty); None keeps the result in memory.
+        A calibrated run checkpoints after every block into OUT.checkpoint (`resume` continues it).
+    distill: with a size target, recover quality against the original (qat on quantized plans,
+        factor distillation below the quantization floor) for `distill_steps` steps.
+    lossless: zstd level 1..22 for the stored tensors, 0 off (size targets default to 10).
+    eval_text: measure perplexity / KL after every branch on `eval_windows` windows of 512 tokens.
+    device: "cpu" or "cuda[:i]": where each block is calibrated. `say(line)` receives decisions,
+        `progress(section, done, total)` the long steps.
+
+    Raises UserError (one line naming the problem and its fix) for a bad combination, an unknown
+    model or method, a missing calibration text, an unwritable or non-empty `out`, a target no plan
+    meets, or a file over the target by more than 2%.
+    """
+    say = say or (lambda _line: None)
+    progress = progress or (lambda *_: None)
+    target, plan = _target_or_recipe(recipe, method, overrides, target_bpw, target_ratio)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise UserError(f"output {out_path} already exists and is not empty; pass a new --out path")
+    if lossless is not None and not 0 <= lossless <= 22:
+        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off; pass one of them")
+    if out_path is not None:
+        check_output_folder(out_path)  # refused now, not after the compression
+    if distill and target is None:
+        raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
+    if target is not None and lossless is None:
+        lossless = 10
+    lossless = lossless or None
+    checkpoint_dir = out_path.with_name(out_path.name + ".checkpoint") if out_path is not None else None
+    if checkpoint_dir is not None and checkpoint_dir.exists() and not resume:
+        raise UserError(describe_leftover(checkpoint_dir))
+    device = _checked_device(device)
+    calibrated = target is not None or any(get_method(s.method).method_cls.needs_calibration for s in plan.stages)
+    if calibrated and calib is None:
+        raise UserError("this recipe calibrates (gptq, ...): pass --calib FILE "
+                        "(e.g. ../shared/data/wikitext2_valid_tokenized.txt; never the test text)")
+    calib_text = read_text(calib) if calib is not None and not isinstance(calib, torch.Tensor) else None
+    evaluation = read_text(eval_text) if eval_text is not None else None
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    source = model if isinstance(model, str) else type(model).__name__
+    progress(f"loading {source}", 0, 1)
+    net, tokenizer = _loaded(model, tokenizer)
+    progress(f"loading {source}", 1, 1)
+    load_seconds = time.perf_counter() - start
+    original_params = count_params(net)
+    samples = None
+    if calibrated:
+        samples = _samples(net, tokenizer, calib, calib_text, calib_samples, calib_len, seed)
+    meter, baseline, protocol = None, None, None
+    if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
+        meter, protocol = _meter(net, tokenizer, evaluation, str(eval_text), eval_windows, device)
+        progress("measuring the original", 0, 1)
+        baseline = meter(net)
+        progress("measuring the original", 1, 1)
+    weights_before = dense_weights(net)
+    kv_before, flops_before = kv_cache_bytes_per_token(net), flops_per_token(net)
+    tick = time.perf_counter()
+    allocation = None
+    if target is not None:
+        plan, allocation = planned_recipe(net, target, samples, distill_steps if distill else 0,
+                                          lossless, device, say=say, progress=progress)
+    report = apply_recipe(net, plan, samples, progress=lambda i, m, done, total: progress(f"compressing: {m}", done, total),
+                          device=device, batch_size=calib_batch,
+                          checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
+                          keep_checkpoint=True, after_stage=meter)
+    compress_seconds = time.perf_counter() - tick
+    if target is not None:
+        try:
+            _check_target(artifact.stored_bytes(net, lossless) * 8 / original_params, target, say)
+        except UserError:
+            if checkpoint_dir is not None and checkpoint_dir.exists():  # finished: it would block the next run
+                discard(checkpoint_dir)
+            raise
+    del meter
+    kv_cache = {"before": kv_before, "after": kv_cache_bytes_per_token(net), "dtype": "float32"}
+    flops = {"before": flops_before, "after": flops_per_token(net), "context": 512}
+    summary = {"model": source, "out": str(out_path) if out_path is not None else None,
+               "recipe": plan.to_list(), "stages": report["stages"], "original_params": original_params,
+               "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
+               "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
+               "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
+               "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops}
+    documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
+        "model": source, "recipe": plan.to_list(), "protocol": protocol,
+        "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
+        "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
+        "flops_per_token": flops})
+    if out_path is None or not parallel.is_main():  # the other processes of a launched run hold the same model
+        size = artifact.stored_bytes(net, lossless)
+        summary.update(_totals(net, size, original_params),
+                       branches=branch_rows(report["stages"], original_params, baseline, size, lossless))
+        return CompressResult(net, tokenizer, None, summary)
+    path = artifact.save(net, tokenizer, out_path, recipe=plan.to_list(), original_params=original_params,
+                         extra={"source_model": source, "seed": seed}, lossless=lossless, documents=documents_of)
+    if checkpoint_dir is not None:
+        discard(checkpoint_dir)  # only once the artifact is complete
+    manifest = read_manifest_fields(path)  # just written: the totals, without verifying it twice
+    summary.update(manifest["totals"], out=str(path),
+                   compression_ratio_vs_16bit=16 / manifest["totals"]["bits_per_weight"],
+                   branches=json.loads((path / SUMMARY_JSON).read_text())["branches"])
+    return CompressResult(net, tokenizer, path, summary)
+
+
+def _target_or_recipe(recipe, method, overrides, bpw, ratio) -> tuple[PlanTarget | None, Recipe | None]:
+    """(size target, None) or (None, recipe with the overrides applied); UserError for a bad mix."""
+    overrides = list(overrides)
+    if bpw is not None or ratio is not None:
+        if bpw is not None and ratio is not None:
+            raise UserError("--target-bpw and --target-ratio were both given; pass only one of them")
+        if recipe is not None or method is not None:
+            raise UserError("--target-bpw/--target-ratio plan their own recipe; drop --recipe/--method")
+        return _with_group(PlanTarget.from_values(bpw, ratio, where="--target-bpw/--target-ratio"), overrides), None
+    if (recipe is None) == (method is None):
+        raise UserError("give exactly one of --recipe FILE or --method NAME (or a size target instead: "
+                        "--target-bpw or --target-ratio); pass one of them")
+    if method is not None:
+        plan: Recipe | PlanTarget = Recipe.single(method)
+    elif isinstance(recipe, Recipe):
+        plan = recipe
+    elif isinstance(recipe, list):
+        plan = Recipe.from_list(recipe)
+    else:
+        plan = load_recipe_file(recipe)
+    if isinstance(plan, PlanTarget):
+        return _with_group(plan, overrides), None
+    return None, plan.with_overrides(overrides)
+
+
+def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
+    """A target accepts one override: group_size=G (the size of the grouped options)."""
+    group = target.group_size
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key != "group_size":
+            raise UserError(f"--set {item}: with a size target only group_size can be set; drop the other "
+                            "--set values or use --recipe")
+        group = value
+    return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
+
+
+def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
+    """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
+    the planner fits its RTN size trials to [target - 2%, target], and the written codes may code a
+    little differently, so the file is checked again. A file further under the target is kept with
+    a note: a distill plan leaves qat's trained codes room to code larger (planner.QAT_CODE_GROWTH),
+    and codes that trained less than that room leave it unused."""
+    ratio = bpw / target.bits_per_weight
+    if ratio > 1.02:
+        raise UserError(f"the compressed file stores {bpw:.4f} bpw ({16 / bpw:.2f}x), over the target "
+                        f"{target.bits_per_weight:.4f} bpw ({16 / target.bits_per_weight:.2f}x) by more than 2% "
+                        f"(the written file codes unlike the planner's size trial); ask for a target near "
+                        f"{bpw:.3f} bpw, e.g. --target-bpw {bpw:.3f}")
+    if ratio < 0.98:
+        say(f"note: the file stores {bpw:.4f} bpw, {1 - ratio:.1%} under the target "
+            f"{target.bits_per_weight:.4f} (the codes coded smaller than the planner allowed for)")
+
+
+def _checked_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device {device}: must be cpu or cuda; pass one of them")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
+    return parallel.setup(device)  # several processes under torchrun / accelerate launch: this one's GPU
+
+
+def _loaded(model: str | nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
+    if isinstance(model, nn.Module):
+        return model, tokenizer
+    if not isinstance(model, str):
+        raise UserError(f"model must be a source name/path or a loaded nn.Module, not {type(model).__name__}")
+    loaded = load_model(model)
+    return loaded.model, loaded.tokenizer
+
+
+def _samples(model: nn.Module, tokenizer: Any, calib, text: str | None, count: int, length: int,
+             seed: int) -> torch.Tensor:
+    """(N, L) calibration token windows: given as a tensor, or `count` windows of `length` tokens
+    drawn from `text` with `seed`."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.int32, torch.int64) or calib.shape[1] < 2:
+            raise UserError(f"calib: token windows must be an (N, L) integer tensor with L >= 2, got "
+                            f"{tuple(calib.shape)} {calib.dtype}; pass a text file or such a tensor")
+        check_length(model.config, calib.shape[1], "--calib-len")
+        return calib.long()
+    if tokenizer is None:
+        raise UserError("calibration text needs the model's tokenizer: pass tokenizer= with a loaded model")
+    check_length(model.config, length, "--calib-len")
+    return calibration_samples(tokenize(tokenizer, text), count, length, seed)
+
+
+def _meter(model: nn.Module, tokenizer: Any, text: str, name: str, count: int, device: str
+           ) -> tuple[BranchMeter, str]:
+    """The per-branch quality meter on `count` windows of `text` and its protocol line."""
+    if tokenizer is None:
+        raise UserError("eval_text needs the model's tokenizer: pass tokenizer= with a loaded model")
+    ids = tokenize(tokenizer, text)
+    eval_len = min(EVAL_LEN, position_limit(model.config) or EVAL_LEN)  # fits the model
+    chunks = windows(ids, eval_len, count)
+    protocol = protocol_text(name, eval_len, chunks.shape[0], ids.numel() // eval_len, torch.float32,
+                             "the uncompressed model", device)
+    return BranchMeter(model, chunks, protocol, device=device), protocol
+
+
+def _totals(model: nn.Module, size: int, params: int) -> dict[str, Any]:
+    """The totals a saved artifact's manifest gives (artifact.save), for a result kept in memory:
+    `size` is the stored bytes of the weights file the model would write."""
+    return {"tensor_bits": artifact.storage_bits(model), "safetensors_bytes": size,
+            "bits_per_weight": size * 8 / params, "compression_ratio_vs_16bit": params * 16 / (size * 8)}

@@ -1,0 +1,114 @@
+"""hypercompress.compress from Python does what the CLI does (the CLI calls it): the README's
+notebook example runs here on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import hypercompress
+from hypercompress import artifact
+from hypercompress.errors import UserError
+from hypercompress.modules import CompressedModule
+from hypercompress.recipe import Recipe
+
+from conftest import make_model, make_tokenizer
+from test_cli import run
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> str:
+    """The Python block after the README's 'test: tests/test_workflow.py' marker."""
+    text = README.read_text()
+    found = re.search(r"<!-- test: tests/test_workflow.py[^\n]*-->\n```python\n(.*?)```", text, re.S)
+    assert found, "README.md lost its notebook example (marker + python block)"
+    return found.group(1)
+
+
+def test_the_readme_example_runs_on_a_tiny_model(model_dirs, calib_file, tmp_path, capsys):
+    code = readme_example()
+    assert '"smollm2-135m"' in code and "target_bpw=4.0" in code
+    # the same call on a tiny model: its source, calibration text, a target it can reach, a short run
+    code = (code.replace('"smollm2-135m"', repr(str(model_dirs["llama"])))
+                .replace('"../shared/data/wikitext2_valid_tokenized.txt"', repr(str(calib_file)))
+                .replace("target_bpw=4.0", "target_bpw=6.0, overrides=['group_size=32']")
+                .replace("calib_samples=32, calib_len=512", "calib_samples=2, calib_len=32")
+                .replace('out="smol-4bpw"', f"out={str(tmp_path / 'smol')!r}"))
+    scope: dict = {}
+    exec(compile(code, "README.md example", "exec"), scope)
+    result = scope["result"]
+    manifest = artifact.read_manifest(tmp_path / "smol")
+    assert result.out == tmp_path / "smol"
+    assert result.summary["bits_per_weight"] == pytest.approx(manifest["totals"]["bits_per_weight"])
+    assert result.summary["bits_per_weight"] <= 6.0 * 1.02
+    assert result.summary["allocation"]["route"] in ("planner", "pipeline")
+    assert result.summary["recipe"] == manifest["recipe"]
+    printed = capsys.readouterr().out.splitlines()
+    assert float(printed[0].split()[0]) == pytest.approx(result.summary["bits_per_weight"])
+    # the model returned is the one the artifact stores: same logits
+    loaded, _ = hypercompress.load(tmp_path / "smol")
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(scope["model"](ids).logits, loaded(ids).logits)
+
+
+def test_the_cli_summary_is_the_api_summary(model_dirs, calib_file, tmp_path):
+    """The CLI only prints what the library returns: its --json equals the call's summary, timings aside."""
+    cli_out, api_out, report = tmp_path / "cli", tmp_path / "api", tmp_path / "cli.json"
+    assert run("compress", model_dirs["llama"], "--method", "gptq", "--set", "bits=4", "--set", "group_size=32",
+               "--calib", calib_file, "--calib-samples", 2, "--calib-len", 32, "--out", cli_out,
+               "--json", report).exit_code == 0
+    result = hypercompress.compress(str(model_dirs["llama"]), method="gptq", overrides=["bits=4", "group_size=32"],
+                                    calib=calib_file, calib_samples=2, calib_len=32, out=api_out)
+    cli = json.loads(report.read_text())
+    timing = {"load_seconds", "compress_seconds", "peak_memory_bytes", "out", "stages", "model", "branches"}
+    assert {k: v for k, v in cli.items() if k not in timing} == \
+        {k: v for k, v in json.loads(json.dumps(result.summary)).items() if k not in timing}
+    assert (cli_out / "model.safetensors").read_bytes() == (api_out / "model.safetensors").read_bytes()
+
+
+def test_in_memory_on_a_loaded_model():
+    """A loaded nn.Module is compressed in place; nothing is written; the totals are the file's it would write."""
+    model = make_model("llama")
+    calib = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = hypercompress.compress(model, Recipe.single("gptq").with_overrides(["group_size=32"]), calib)
+    assert result.out is None and result.model is model
+    assert any(isinstance(m, CompressedModule) for m in model.modules())
+    assert result.summary["safetensors_bytes"] == artifact.stored_bytes(model)
+    assert result.summary["tensor_bits"] == artifact.storage_bits(model)
+    assert result.summary["branches"][-1]["bytes"] == result.summary["tensor_bits"] // 8  # tensors, no header
+
+
+def test_an_apply_recipe_step_is_exported():
+    model = make_model("llama")
+    report = hypercompress.apply_recipe(model, Recipe.single("rtn"))
+    assert report["stages"][0]["method"] == "rtn"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "rtn", "target_bpw": 4.0}, "plan their own recipe"),
+    ({}, "give exactly one of"),
+    ({"method": "gptq"}, "pass --calib"),
+    ({"method": "rtn", "distill": True}, "--distill goes with"),
+    ({"method": "rtn", "lossless": 30}, "zstd levels"),
+    ({"method": "rtn", "device": "tpu"}, "must be cpu or cuda"),
+    ({"method": "gptq", "calib": torch.zeros(4)}, "(N, L) integer tensor"),
+    ({"target_bpw": 4.0, "target_ratio": 4.0}, "both given"),
+])
+def test_bad_calls_are_one_line_errors_before_any_work(kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        hypercompress.compress(make_model("llama"), tokenizer=make_tokenizer(), **kwargs)
+
+
+def test_a_non_empty_out_is_refused_before_loading(tmp_path, monkeypatch):
+    from hypercompress import workflow
+
+    monkeypatch.setattr(workflow, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(UserError, match="already exists"):
+        hypercompress.compress("smollm2-135m", method="rtn", out=tmp_path / "taken")
