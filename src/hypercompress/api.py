@@ -21,6 +21,7 @@ from .modules import CompressedModule, effective_weights, replace_module, select
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
 from .registry import get_method
+from .streaming import materialize_all
 
 # progress(stage_index, stage_method, done, total) -- the CLI draws a progress bar from it
 Progress = Callable[[int, str, int, int], None]
@@ -49,13 +50,16 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     the last checkpoint and goes on from there (a UserError when it belongs to another run or cannot
     be read; the folder is then left as it is). The folder is removed at the end unless
     `keep_checkpoint` (the CLI removes it once the artifact is written).
-    Tensors no stage compresses are rounded to the artifact's 16-bit storage precision, so the
+    A streamed model (streaming.load_streamed) has its blocks read one at a time by the layer-wise
+    passes; a whole-model stage reads all of it first. Tensors no stage compresses are rounded to the artifact's 16-bit storage precision, so the
     returned model and its saved artifact give identical logits. Each stage's report holds the
     model's size after it (stored bits, weights computed with); `after_stage(model)` may add more
     (the CLI measures perplexity and KL there).
     """
     if calib is not None:
         check_length(model.config, calib.shape[1], "--calib-len")
+    if any(getattr(get_method(s.method).method_cls, "whole_model", False) for s in recipe.stages):
+        materialize_all(model)  # a streamed model: whole-model stages (and their teacher) need every weight
     _refuse_non_finite_weights(model)
     # whole-model methods distil against the model as it was before the first stage that changes
     # its function (exact changes of basis, rotate, come before it, so hidden states compare)
@@ -87,7 +91,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         methods = [get_method(s.method).method_cls(s.config) for s in stages]
         label = "+".join(s.method for s in stages)
         routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
-        start = time.perf_counter()
+        start, block_seconds = time.perf_counter(), None
         if isinstance(methods[0], WholeModelMethod):
             _whole_model(model, stages[0], first, teacher, calib, device, progress, checkpoint, resume,
                          methods[0], list(routes))
@@ -100,7 +104,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
                 model, StageRouter(routes, label), list(routes), calib, stage=first, device=device,
                 batch_size=batch_size, checkpoint=checkpoint, resume_from=resume_from,
                 progress=(lambda done, total: progress(first, label, done, total)) if progress else None)
-            peak = run["peak_memory_bytes"]
+            peak, block_seconds = run["peak_memory_bytes"], run["block_seconds"]
         else:
             made = methods[0].compress_many(list(routes), lambda name: uncompressed(model, name, first))
             for done, (name, module) in enumerate(made):
@@ -110,8 +114,10 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
             peak = peak_memory_bytes("cpu")
         report.append({"stage": first, "stages": group, "method": label, "modules": len(routes),
                        "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
+                       **({"block_seconds": block_seconds} if block_seconds is not None else {}),
                        "storage_bits": storage_bits(model), "weights": effective_weights(model),
                        **(after_stage(model) if after_stage else {})})
+    materialize_all(model)  # a streamed model: what no stage compressed, read as it is stored
     round_to_storage(model)  # the model in memory is the model the artifact stores
     if checkpoint is not None and not keep_checkpoint:
         checkpoint.remove()

@@ -66,14 +66,15 @@ def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
 
 def dense_storage_dtype(tensor: torch.Tensor) -> torch.dtype:
     """float16 (STORAGE_DTYPE), or float32 for a tensor with a value float16 cannot hold (|x| > 65504:
-    the cast would give inf). The manifest's `dense_dtypes` names those, and their bytes are counted."""
-    if tensor.numel() and float(tensor.detach().abs().max()) > FLOAT16_MAX:
+    the cast would give inf). The manifest's `dense_dtypes` names those, and their bytes are counted.
+    A tensor still on disk (meta device: a streamed model mid-run) is counted at float16 until read."""
+    if tensor.numel() and tensor.device.type != "meta" and float(tensor.detach().abs().max()) > FLOAT16_MAX:
         return torch.float32
     return STORAGE_DTYPE
 
 
 def _refuse_non_finite(name: str, tensor: torch.Tensor, compressed: bool) -> None:
-    if tensor.numel() and not bool(torch.isfinite(tensor.detach()).all()):
+    if tensor.numel() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor.detach()).all()):
         where = "a compressed module's stored tensor (a value beyond its float16 grid?)" if compressed else \
             "the model's tensor"
         raise UserError(f"{where} {name} holds inf or nan, which an artifact never stores; check the source "

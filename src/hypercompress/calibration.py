@@ -24,6 +24,7 @@ from .checkpoint import Checkpoint, unreadable
 from .errors import UserError
 from .methods.base import LayerwiseMethod
 from .modules import replace_module, uncompressed
+from .streaming import materialize
 
 BlockProgress = Callable[[int, int], None]  # (blocks done, blocks total)
 
@@ -155,7 +156,8 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
     """Compress `names` (linears inside blocks) block by block with `method`, errors propagated.
 
     resume_from: (last finished block, its output hidden states) from a checkpoint.
-    Returns {"seconds", "peak_memory_bytes", "blocks"}.
+    A streamed model's blocks are read from its files one at a time (streaming.py).
+    Returns {"seconds", "peak_memory_bytes", "blocks", "block_seconds": wall seconds of each block run}.
     """
     spec = arch_of(model.config.model_type)
     blocks = model.get_submodule(spec.blocks)
@@ -172,9 +174,12 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
         _check_resumed(checkpoint, resume_from, hiddens, len(blocks))
         first, hiddens = resume_from[0] + 1, resume_from[1]
     calls = calls.to(device)  # each block's own arguments (the mask of its layer type)
+    block_seconds = []
     for index in range(first, len(blocks)):
-        block = blocks[index].to(device)
+        tick = time.perf_counter()
         prefix = f"{spec.blocks}.{index}."
+        materialize(model, prefix)  # a streamed model's block, read from its files now
+        block = blocks[index].to(device)
         targets = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
         if targets:
             handles = [layer.register_forward_hook(
@@ -193,10 +198,11 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
         blocks[index].to("cpu")
         if checkpoint is not None:
             checkpoint.save(model, stage, index, hiddens)
+        block_seconds.append(round(time.perf_counter() - tick, 3))
         if progress:
             progress(index + 1, len(blocks))
     return {"seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device),
-            "blocks": len(blocks)}
+            "blocks": len(blocks), "block_seconds": block_seconds}
 
 
 def _check_resumed(checkpoint: Checkpoint | None, resume_from: tuple[int, list[torch.Tensor]],

@@ -24,6 +24,7 @@ from . import artifact, parallel
 from .atomic import check_output_folder
 from .api import compress as apply_recipe
 from .arch import check_length, position_limit
+from .calibration import peak_memory_bytes
 from .artifact_reader import read_manifest_fields
 from .checkpoint import describe_leftover, discard
 from .data import calibration_samples, read_text, tokenize, windows
@@ -35,6 +36,7 @@ from .models import load_model
 from .modules import count_params
 from .recipe import PlanTarget, Recipe, load_recipe_file
 from .registry import get_method
+from .streaming import is_streamed, load_streamed, materialize_all
 from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .targets import planned_recipe
 
@@ -63,7 +65,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
              out: str | Path | None = None, distill: bool = False, distill_steps: int = 600,
              lossless: int | None = None, calib_samples: int = 32, calib_len: int = 512,
              calib_batch: int = 8, seed: int = 0, device: str = "cpu", resume: bool = False,
-             eval_text: str | Path | None = None, eval_windows: int = 16,
+             eval_text: str | Path | None = None, eval_windows: int = 16, stream_blocks: bool = False,
              say: Say | None = None, progress: Progress | None = None) -> CompressResult:
     """Compress `model` with a recipe, one method, or a planned recipe for a size target.
 
@@ -83,6 +85,9 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         factor distillation below the quantization floor) for `distill_steps` steps.
     lossless: zstd level 1..22 for the stored tensors, 0 off (size targets default to 10).
     eval_text: measure perplexity / KL after every branch on `eval_windows` windows of 512 tokens.
+    stream_blocks: read a local HF directory's blocks from its safetensors files one at a time
+        (streaming.py): the original is never whole in RAM during layer-wise passes (a size
+        target's planner still reads all of it first); not with eval_text.
     device: "cpu" or "cuda[:i]": where each block is calibrated. `say(line)` receives decisions,
         `progress(section, done, total)` the long steps.
 
@@ -109,6 +114,11 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     if checkpoint_dir is not None and checkpoint_dir.exists() and not resume:
         raise UserError(describe_leftover(checkpoint_dir))
     device = _checked_device(device)
+    if stream_blocks and not isinstance(model, str):
+        raise UserError("stream_blocks reads a model directory: pass its path, not a loaded model")
+    if stream_blocks and eval_text is not None:
+        raise UserError("--eval after every branch needs the whole original in RAM, which --stream-blocks "
+                        "avoids; drop --eval and run 'hypercompress evaluate OUT --teacher MODEL' afterwards")
     calibrated = target is not None or any(get_method(s.method).method_cls.needs_calibration for s in plan.stages)
     if calibrated and calib is None:
         raise UserError("this recipe calibrates (gptq, ...): pass --calib FILE "
@@ -119,7 +129,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     start = time.perf_counter()
     source = model if isinstance(model, str) else type(model).__name__
     progress(f"loading {source}", 0, 1)
-    net, tokenizer = _loaded(model, tokenizer)
+    net, tokenizer = _loaded(model, tokenizer, stream_blocks)
     progress(f"loading {source}", 1, 1)
     load_seconds = time.perf_counter() - start
     original_params = count_params(net)
@@ -133,10 +143,14 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         baseline = meter(net)
         progress("measuring the original", 1, 1)
     weights_before = dense_weights(net)
-    kv_before, flops_before = kv_cache_bytes_per_token(net), flops_per_token(net)
+    kv_before = kv_cache_bytes_per_token(net) if not is_streamed(net) else _kv_bytes_from_config(net.config)
+    flops_before = flops_per_token(net)
     tick = time.perf_counter()
     allocation = None
     if target is not None:
+        if is_streamed(net):
+            say("note: the size target's planner runs the whole original: it is read into RAM now")
+            materialize_all(net)
         plan, allocation = planned_recipe(net, target, samples, distill_steps if distill else 0,
                                           lossless, device, say=say, progress=progress)
     report = apply_recipe(net, plan, samples, progress=lambda i, m, done, total: progress(f"compressing: {m}", done, total),
@@ -158,6 +172,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                "recipe": plan.to_list(), "stages": report["stages"], "original_params": original_params,
                "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
                "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
+               "peak_host_rss_bytes": peak_memory_bytes("cpu"), "streamed": stream_blocks,
                "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
                "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops}
     documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
@@ -243,9 +258,11 @@ def _checked_device(device: str) -> str:
     return parallel.setup(device)  # several processes under torchrun / accelerate launch: this one's GPU
 
 
-def _loaded(model: str | nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:
+def _loaded(model: str | nn.Module, tokenizer: Any, stream: bool) -> tuple[nn.Module, Any]:
     if isinstance(model, nn.Module):
         return model, tokenizer
+    if stream:
+        return load_streamed(model)
     if not isinstance(model, str):
         raise UserError(f"model must be a source name/path or a loaded nn.Module, not {type(model).__name__}")
     loaded = load_model(model)
@@ -279,6 +296,17 @@ def _meter(model: nn.Module, tokenizer: Any, text: str, name: str, count: int, d
     protocol = protocol_text(name, eval_len, chunks.shape[0], ids.numel() // eval_len, torch.float32,
                              "the uncompressed model", device)
     return BranchMeter(model, chunks, protocol, device=device), protocol
+
+
+def _kv_bytes_from_config(config: Any) -> float:
+    """Bytes per token of a float32 KV cache for standard attention (keys and values of every
+    layer's KV heads): what kv_cache_bytes_per_token measures on the dense original, computed
+    when its blocks are still on disk."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    return float(2 * layers * kv_heads * head_dim * 4)
 
 
 def _totals(model: nn.Module, size: int, params: int) -> dict[str, Any]:

@@ -46,6 +46,9 @@ def compress(
                                        help="distillation steps (8 x calib-len tokens each)"),
     eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
                                             "every branch in the summary (e.g. ../shared/data/wikitext2_test.txt)"),
+    stream_blocks: bool = typer.Option(False, "--stream-blocks", help="read a model directory's blocks from "
+                                       "its safetensors files one at a time (the original is never whole in "
+                                       "RAM; a size target's planner still reads it all)"),
     eval_windows: int = typer.Option(16, "--eval-windows", min=1,
                                       help="windows of --eval measured per branch (512 tokens, or the "
                                       "model's position limit when shorter)"),
@@ -57,7 +60,8 @@ def compress(
                               target_ratio=target_ratio, out=out, distill=distill, distill_steps=distill_steps,
                               lossless=lossless, calib_samples=calib_samples, calib_len=calib_len,
                               calib_batch=calib_batch, seed=seed, device=device, resume=resume,
-                              eval_text=eval_text, eval_windows=eval_windows, say=console.print, progress=update)
+                              eval_text=eval_text, eval_windows=eval_windows, stream_blocks=stream_blocks,
+                              say=console.print, progress=update)
     if result.out is None:  # another process of a launched run: the main one writes and prints
         return
     _print(result.summary)

@@ -7,9 +7,8 @@ from typing import Optional
 
 import typer
 
-from ..atomic import refuse_existing
+from ..atomic import check_output_file, check_output_folder, refuse_existing
 from ..errors import UserError
-from ..atomic import check_output_file, check_output_folder
 from .common import console, err_console, one_line_errors, write_json
 
 
