@@ -235,7 +235,13 @@ def _edit(data: dict) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = {"analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
+def _scale(data: dict) -> list[str]:
+    from scale import section
+
+    return section(data)
+
+
+SECTIONS = {"scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

@@ -31,13 +31,13 @@ def calib():
 
 
 def killed_after_first_block(monkeypatch, start) -> None:
-    """Run start() with the checkpoint writer dying at its 4th write: run.json, block 0 (tensors,
-    state), then before block 1's tensors."""
+    """Run start() with the checkpoint writer dying at its 5th write: run.json, block 0 (its new
+    modules, the hidden states, state), then before block 1's files."""
     real, calls = checkpoint_module.replace_file, []
 
     def replace_file(path, write):
         calls.append(path)
-        if len(calls) == 4:
+        if len(calls) == 5:
             raise Killed
         real(path, write)
 
@@ -234,3 +234,26 @@ def test_a_resume_of_flipped_tensor_bytes_is_refused_by_the_cli_and_the_folder_k
     flip_bytes(tensors_file(folder))
     assert_one_line_error(cli(*args, "--resume"), "cannot be resumed", "sha256", f"rm -r '{folder}'")
     assert tensors_file(folder).is_file() and not (tmp_path / "x").exists()
+
+
+def test_a_pass_writes_each_module_once(model_dirs, tmp_path, monkeypatch):
+    """Incremental checkpoints: each block's save writes only the modules new since the pass's last
+    save (a 7B pass writes its size once, not size x blocks / 2), and state.json lists every part."""
+    written = []
+    real = checkpoint_module.save_tensors
+
+    def recording(path, tensors, metadata=None):
+        written.append((path.name, sorted(tensors)))
+        real(path, tensors, metadata)
+
+    monkeypatch.setattr(checkpoint_module, "save_tensors", recording)
+    folder = tmp_path / "run.checkpoint"
+    compress(load_model(str(model_dirs["gpt2"])).model, Recipe.from_list(RECIPE), calib(), batch_size=2,
+             checkpoint_dir=folder, keep_checkpoint=True)
+    module_writes = [name for file, names in written if file.startswith("modules-") for name in names]
+    assert len(module_writes) == len(set(module_writes)) > 0
+    assert any(n.startswith("module.transformer.h.1.") for n in module_writes)
+    saved = state(folder)
+    assert len(saved["parts"]) == 2 and all((folder / p["file"]).is_file() for p in saved["parts"])
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(
+        [saved["file"]] + [p["file"] for p in saved["parts"]])  # the superseded hidden states removed

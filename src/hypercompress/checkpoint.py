@@ -3,9 +3,13 @@
 Layout of `OUT.checkpoint/`:
   run.json                  {"fingerprint"}: which (model, recipe, calibration) the folder belongs to
   state.json                the layer-wise position: {"block", "bytes", "file", "fingerprint",
-                            "format", "modules", "sha256", "stage"}; "file" names the tensors file
-                            it describes, "bytes" and "sha256" are that file's size and digest
-  tensors-S-B-XXXX.safetensors   compressed modules' tensors + the next block's input hidden states
+                            "format", "modules", "parts", "sha256", "stage"}; "file" names the
+                            hidden-states file, "bytes" and "sha256" are that file's size and
+                            digest; "parts" lists the module files, each {"file", "bytes", "sha256"}
+  tensors-S-B-XXXX.safetensors   the next block's input hidden states
+  modules-S-B-XXXX.safetensors   the stored modules new since the pass's previous save (a pass
+                            writes each module once: the parts of a 7B run add up to its size,
+                            not to its size times the blocks / 2)
   stageN/...                whole-model stages' own checkpoints (distill.py writes them, the same
                             way: a tensors file, then a state.json naming it with its size and digest)
 
@@ -42,7 +46,7 @@ from .errors import UserError
 from .registry import stored_kinds as module_kinds
 from .modules import StoredModule, replace_module
 
-FORMAT = 2  # 2: state.json records the tensors file's sha256
+FORMAT = 3  # 2: state.json records the tensors file's sha256; 3: modules in incremental part files
 STATE, RUN = "state.json", "run.json"
 MAX_JSON_BYTES = 64 * 2**20  # a state.json larger than this is not one of ours
 # what tensors.safetensors was called before format 1 (a killed save of that layout could tear it)
@@ -196,23 +200,38 @@ class Checkpoint:
 
     def save(self, model: nn.Module, stage: int, block: int, hiddens: list[torch.Tensor]) -> None:
         """Record that `stage` finished `block`: every stored module (layout + tensors) and the
-        next block's inputs `hiddens`. Crash-safe (see the module docstring)."""
+        next block's inputs `hiddens`. Crash-safe (see the module docstring). Incremental: the
+        modules an earlier save of this pass wrote (the same objects) stay in their part files;
+        only the new ones are written, so a pass writes each module once (not once per block)."""
         if not parallel.is_main():  # under a launcher, process 0 alone writes (all hold the same)
             return
         stored = stored_modules(model)
-        prefixes = tuple(f"{n}." for n in stored)
-        tensors = {f"hidden.{i}": h for i, h in enumerate(hiddens)}
-        tensors.update({f"module.{k}": v.detach() for k, v in model.state_dict().items() if k.startswith(prefixes)})
-        modules = {name: {"kind": m.kind, "layout": m.layout()} for name, m in stored.items()}
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo["stage"] != stage or any(stored.get(n) is not m for n, m in memo["saved"].items()):
+            memo = self._memo = {"stage": stage, "saved": {}, "parts": []}
+        new = {n: m for n, m in stored.items() if n not in memo["saved"]}
         self.claim()
         shutil.rmtree(self.dir.with_name(self.dir.name + ".tmp"), ignore_errors=True)  # older versions'
-        file = f"tensors-{stage}-{block}-{secrets.token_hex(4)}.safetensors"
-        save_tensors(self.dir / file, tensors)
+        tag = f"{stage}-{block}-{secrets.token_hex(4)}"
+        parts = list(memo["parts"])
+        if new:
+            prefixes = tuple(f"{n}." for n in new)
+            tensors = {f"module.{k}": v.detach() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+            part = f"modules-{tag}.safetensors"
+            save_tensors(self.dir / part, tensors)
+            parts.append({"file": part, "bytes": (self.dir / part).stat().st_size,
+                          "sha256": file_sha256(self.dir / part)})
+        file = f"tensors-{tag}.safetensors"
+        save_tensors(self.dir / file, {f"hidden.{i}": h for i, h in enumerate(hiddens)})
+        modules = {name: {"kind": m.kind, "layout": m.layout()} for name, m in stored.items()}
         state = {"fingerprint": self.fingerprint, "stage": stage, "block": block, "modules": modules,
-                 "file": file, "bytes": (self.dir / file).stat().st_size,
+                 "file": file, "bytes": (self.dir / file).stat().st_size, "parts": parts,
                  "sha256": file_sha256(self.dir / file), "format": FORMAT}
         save_json(self.dir / STATE, state)  # the switch to the new checkpoint: one atomic rename
+        memo["saved"].update(new)
+        memo["parts"] = parts
         remove_stale(self.dir, "tensors*.safetensors", file)
+        remove_stale(self.dir, "modules*.safetensors", *(p["file"] for p in parts))
 
     def load(self, model: nn.Module) -> tuple[int, int, list[torch.Tensor]] | None:
         """Restore the stored modules into `model`; returns (stage, block, hiddens) or None when
@@ -225,8 +244,17 @@ class Checkpoint:
         file = LEGACY_TENSORS if file is None and "format" not in state else file
         if not (_is_index(block) and isinstance(modules, dict) and valid_file_name(file)):
             raise unreadable(self.dir, f"{STATE} lacks a valid block, modules or file entry")
-        size = state.get("bytes")
-        index = tensor_index(self.dir / file, self.dir, size if _is_index(size) else None)
+        parts = state.get("parts", [])
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and valid_file_name(p.get("file"))
+                                                  for p in parts):
+            raise unreadable(self.dir, f"{STATE} lists its module files wrongly (parts)")
+        files = [(p["file"], p.get("bytes"), p.get("sha256")) for p in parts]
+        files.append((file, state.get("bytes"), state.get("sha256")))
+        indexes = {name: tensor_index(self.dir / name, self.dir, size if _is_index(size) else None)
+                   for name, size, _ in files}
+        index = {k: v for entries in indexes.values() for k, v in entries.items()}
+        if len(index) != sum(len(entries) for entries in indexes.values()):
+            raise unreadable(self.dir, "a tensor is in two of its files")
         expected = {}
         for name, entry in modules.items():
             expected.update(self._expected(name, entry, model))
@@ -239,8 +267,11 @@ class Checkpoint:
         wrong = next((k for k in expected if index[k] != expected[k]), None)
         if wrong is not None:
             raise unreadable(self.dir, f"tensor '{wrong}' has the wrong shape or dtype")
-        check_sha256(self.dir / file, self.dir, state.get("sha256"))  # before any tensor is read
-        tensors = read_tensors(self.dir / file, self.dir, sorted(index))
+        for name, _, digest in files:
+            check_sha256(self.dir / name, self.dir, digest)  # before any tensor is read
+        tensors = {}
+        for name in indexes:
+            tensors.update(read_tensors(self.dir / name, self.dir, sorted(indexes[name])))
         for name, entry in modules.items():  # outer modules first (the order they were saved in)
             replace_module(model, name, build_stored(entry, f"module {name}", device="cpu"))
         model.load_state_dict({k[len("module."):]: tensors[k] for k in expected}, strict=False)
@@ -272,11 +303,11 @@ class Checkpoint:
             discard(self.dir)
 
 
-def remove_stale(directory: Path, pattern: str, keep: str) -> None:
-    """After a save switched state.json to `keep`: delete the older files of `pattern` and the
-    temporary files of writers killed mid-write."""
+def remove_stale(directory: Path, pattern: str, *keep: str) -> None:
+    """After a save switched state.json to the files `keep`: delete the other files of `pattern`
+    and the temporary files of writers killed mid-write."""
     for old in directory.glob(pattern):
-        if old.name != keep:
+        if old.name not in keep:
             old.unlink(missing_ok=True)
     for orphan in directory.glob(".*.tmp-*"):
         pid = orphan.name.rpartition("-")[2]
@@ -319,8 +350,11 @@ def describe_leftover(directory: Path) -> str:
         return f"{directory} is in the way of this run's checkpoint folder; remove or rename it"
     try:
         state = read_json(directory / STATE, directory) if (directory / STATE).exists() else None
-        if state is not None and not (directory / str(state.get("file", LEGACY_TENSORS))).is_file():
-            raise unreadable(directory, "its tensors file is missing (a run killed while writing it)")
+        if state is not None:
+            parts = state.get("parts") if isinstance(state.get("parts"), list) else []
+            names = [str(state.get("file", LEGACY_TENSORS))] + [str(p.get("file")) for p in parts if isinstance(p, dict)]
+            if not all((directory / name).is_file() for name in names):
+                raise unreadable(directory, "one of its tensors files is missing (a run killed while writing it)")
     except UserError as exc:
         return str(exc)
     return (f"{directory} holds an unfinished run; pass --resume to continue it, or "
