@@ -148,3 +148,33 @@ def test_bad_stream_requests_are_refused(tmp_path, model_dirs, calib_file, text_
     with pytest.raises(UserError, match="pass its path"):
         hypercompress.compress(make_model("llama"), method="rtn", stream_blocks=True)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
+    """A streamed pass killed after a block resumes from its checkpoint (the finished blocks'
+    modules restored, their norms read at the end) to the model an uninterrupted run gives."""
+    from hypercompress import artifact
+    from hypercompress.api import compress
+    from hypercompress.recipe import Recipe
+
+    from test_checkpoint_files import killed_after_first_block
+
+    source = str(sharded_dir(tmp_path / "src"))
+    recipe = Recipe.from_list([{"method": "gptq", "bits": 4, "group_size": 32}])
+    calib = torch.randint(1, 121, (4, 16), generator=torch.Generator().manual_seed(0))
+    folder = tmp_path / "run.checkpoint"
+
+    def start(resume=False):
+        model, tokenizer = streaming.load_streamed(source)
+        compress(model, recipe, calib, batch_size=2, checkpoint_dir=folder, resume=resume)
+        return model, tokenizer
+
+    killed_after_first_block(monkeypatch, start)
+    assert folder.is_dir()
+    resumed, tokenizer = start(resume=True)
+    whole, _ = streaming.load_streamed(source)
+    compress(whole, recipe, calib, batch_size=2)
+    for model, name in ((resumed, "resumed"), (whole, "whole")):
+        artifact.save(model, tokenizer, tmp_path / name, recipe=recipe.to_list(), original_params=1)
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()

@@ -60,7 +60,7 @@ def tensors_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str
             _refuse_non_finite(name, tensor, compressed=name.startswith(prefixes))
             if not name.startswith(prefixes):
                 tensor = tensor.to(dense_storage_dtype(tensor))
-        tensors[name] = tensor.contiguous().cpu()
+        tensors[name] = tensor if tensor.device.type == "meta" else tensor.contiguous().cpu()  # (meta: counted only)
     return tensors, aliases
 
 
