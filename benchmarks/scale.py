@@ -39,6 +39,7 @@ SHAPES = {  # the published configs' shapes (vocabulary: the tokenizer's)
 JOBS = {
     "gptq-w4g128": ["--method", "gptq", "--set", "bits=4", "--set", "group_size=128"],
     "target-3bpw": ["--target-bpw", "3", "--set", "group_size=128", "--lossless", "0"],
+    "rtn-w4g128": ["--method", "rtn", "--set", "bits=4", "--set", "group_size=128"],
 }
 SHARD_BYTES = 2 * 2**30
 
@@ -133,7 +134,10 @@ def run(args) -> None:
         rows.append({"label": "dense original (bfloat16, transformers)", "shape": args.shape, "device": args.device,
                      "source_bytes": disk, **_generate(model, args.device, args.tokens, dense=True)})
         print(json.dumps(rows[-1]), flush=True)
-    payload = {"machine": machine() + _gpu(), "shape": args.shape, "config": {k: config[k] for k in SHAPES["tiny"]},
+    import transformers
+
+    payload = {"machine": machine() + _gpu(), "transformers": transformers.__version__, "commit": args.commit or _commit(),
+               "shape": args.shape, "config": {k: config[k] for k in SHAPES["tiny"]},
                "vocab_size": config["vocab_size"], "calib": f"{args.calib_samples} x {args.calib_len} tokens",
                "rows": rows}
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
@@ -142,14 +146,15 @@ def run(args) -> None:
 GENERATE = r"""
 import json, sys, time, resource, torch
 path, device, tokens, dense = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # (CPUs without bf16 units: float32)
 tick = time.perf_counter()
 if dense:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path); backends = {}
 else:
     import hypercompress
-    model, tokenizer = hypercompress.load(path, dtype=torch.bfloat16, device=device)
+    model, tokenizer = hypercompress.load(path, dtype=dtype, device=device)
     from collections import Counter
     backends = dict(Counter(getattr(model, "hypercompress_backends", {}).values()))
 load = time.perf_counter() - tick
@@ -176,6 +181,12 @@ def _generate(path: Path, device: str, tokens: int, dense: bool) -> dict:
     if done.returncode != 0:
         return {"generate_error": (done.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _commit() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _gpu() -> str:
@@ -228,12 +239,12 @@ def section(data: dict) -> list[str]:
              "- peak GPU: torch.cuda.max_memory_allocated during compression; host peak RSS: the compressing "
              "process's ru_maxrss (model loading, planner, saving included); s / block: the layer-wise pass's "
              "wall seconds per block (read from disk, calibrate, compress, propagate, checkpoint)",
-             "- generate: the artifact loaded back in bfloat16 on the same device, greedy, batch 1, tokens/s "
-             "after a warm-up; the dense row is transformers on the original's bfloat16 shards", ""]
+             "- generate: the artifact loaded back (bfloat16 on the GPU, float32 on the CPU) on the same device, "
+             "greedy, batch 1, tokens/s after a warm-up; the dense row is transformers on the original's shards", ""]
     for run in data["runs"]:
         lines += [f"### {run['shape']} ({run['config']['num_hidden_layers']} layers, hidden {run['config']['hidden_size']}, "
                   f"vocabulary {run['vocab_size']}), calibration {run['calib']}", "",
-                  f"- machine: {run['machine']}", ""]
+                  f"- machine: {run['machine']}; transformers {run.get('transformers', '?')}; commit {run.get('commit') or '?'}", ""]
         lines += ["| job | params | source GiB | stored bpw | stored GiB | compress s | s / block | peak GPU GiB | "
                   "host peak RSS GiB | generate tok/s | kernels | error | command |", "|" + "---|" * 13]
         for r in run["rows"]:
@@ -272,6 +283,7 @@ def main() -> None:
     r.add_argument("--dense-generate", action="store_true", help="also time the dense original's generation")
     r.add_argument("--work", required=True, help="folder for the artifacts")
     r.add_argument("--out", required=True, help="run file (JSON) to merge")
+    r.add_argument("--commit", help="the commit measured (default: git's HEAD here)")
     sub.add_parser("merge").add_argument("files", nargs="+")
     args = parser.parse_args()
     {"write": write, "run": run, "merge": merge}[args.command](args)
