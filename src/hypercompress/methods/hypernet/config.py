@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import MethodConfig, check
+from ...tracking import check_tracking
 from .backbone import BACKBONES
 from .generator import HEADS
 
@@ -30,7 +31,9 @@ class HypernetConfig(MethodConfig):
     local_weight: float = 0.1       # per-layer output matching (normalised MSE of block outputs)
     stability_weight: float = 0.01  # activation stability: (log of student/teacher output RMS)^2
     grad_checkpointing: bool = False  # recompute blocks in backward (memory for compute)
-    log_dir: str | None = None      # TensorBoard logs here (needs the tensorboard package)
+    log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
+    wandb_project: str | None = None  # also log to this W&B project (package wandb; offline unless WANDB_MODE says)
+    wandb_dir: str | None = None      # W&B run files here (default: log_dir, else the working directory)
     seed: int = 0
 
     def validate(self) -> None:
@@ -49,3 +52,4 @@ class HypernetConfig(MethodConfig):
         check(self.head != "dit" or self.d_hidden % self.dit_heads == 0,
               f"d_hidden={self.d_hidden} must be a multiple of dit_heads={self.dit_heads}")
         check(self.value_bits in (4, 8, 16), f"value_bits={self.value_bits}: must be 4, 8 or 16")
+        check_tracking(self)
