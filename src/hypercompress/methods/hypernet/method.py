@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...arch import arch_of, block_linear_names
 from ...distill import DistillSettings, distill
@@ -41,6 +42,7 @@ ENCODER_PATCHES = 128  # patches per matrix the encoder reads per step (a random
 @register("hypernet", HypernetConfig)
 class Hypernet(WholeModelMethod):
     encoder: SetEncoder | None = None  # after apply: the warm start's encoder (kept in memory only)
+    history: list[dict[str, float]] = []  # after apply: the distillation's steps (distill.distill's history)
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
@@ -65,12 +67,14 @@ class Hypernet(WholeModelMethod):
                     raise UserError(f"hypernet mode=residual: {name} is not compressed by an earlier stage; "
                                     "put e.g. a gptq stage (bits=2) before it in the recipe")
                 bases[name] = module
-        targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
         generator = HyperGenerator(len(grid), shapes, c.rank, c.d_z, c.d_hidden, c.block, c.backbone,
                                    c.value_bits, c.head, c.dit_depth, c.dit_heads, c.dit_steps).to(device)
+        generator.tbptt = c.tbptt
         with Tracker.of("hypernet", c) as tracker:  # warm start under hypernet/warm, distillation under hypernet
-            if c.warm_steps:
+            if c.warm_steps:  # the targets (float32 copies of a bfloat16 teacher's weights) live only here
+                targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
                 self.encoder = _warm_start(generator, targets, c, device, progress, tracker)
+                del targets
             _install(model, generator, grid, shapes, bases)
             self._distill(model, teacher, calib, generator, device, progress, checkpoint_dir, resume, tracker)
 
@@ -86,13 +90,15 @@ class Hypernet(WholeModelMethod):
                     module.p = 0.0
         params = {n: p for n, p in generator.named_parameters()}
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed)
-        distill(model, teacher, calib, params, lambda: generator.install(generator()), settings, device,
+        refresh = generator.install_lazy if c.checkpoint_generator else lambda: generator.install(generator())
+        self.history = distill(model, teacher, calib, params, refresh, settings, device,
                 None if checkpoint_dir is None else Path(checkpoint_dir) / "hypernet", resume,
                 progress=progress, tracker=tracker)
         model.eval()
         if c.grad_checkpointing:
             model.gradient_checkpointing_disable()
         generator.requires_grad_(False)
+        generator.tbptt = 0
         generator.half()       # the stored precision; weights are regenerated from exactly these
         generator.quantize_values()
         model.to("cpu")
@@ -167,8 +173,7 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
     for step in range(c.warm_steps):
         tick = time.perf_counter()
         z = _encode(encoder, patches, rng, device) if encoder else None
-        made = generator(z)
-        error = sum(((m - w).pow(2).mean((1, 2)) / n).mean() for m, w, n in zip(made, wanted, norms)) / types
+        error = _weight_error(generator, z, wanted, norms, c.checkpoint_generator)
         loss = error
         if tokens is not None:  # the DiT learns to denoise, and its K-step samples to match the weights
             denoising = generator.denoising_loss(tokens, rng, z)
@@ -189,6 +194,24 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
             generator.z.copy_(_encode(encoder, patches, rng, device))
         encoder.requires_grad_(False)
     return encoder
+
+
+def _weight_error(generator: HyperGenerator, z, wanted: list[torch.Tensor], norms: list[torch.Tensor],
+                  checkpointed: bool) -> torch.Tensor:
+    """Mean over types and layers of ||W[l, t] - target||^2 / ||target||^2 (per entry); wanted[t]
+    (L, d_out, d_in), norms[t] (L,). checkpointed: each W[l, t] made under torch.utils.checkpoint
+    and dropped at once (made again in backward), instead of all L x T held with their graphs."""
+    if not checkpointed:
+        made = generator(z)
+        return sum(((m - w).pow(2).mean((1, 2)) / n).mean() for m, w, n in zip(made, wanted, norms)) / len(wanted)
+    context = generator.contexts(z)
+
+    def one(context: torch.Tensor, l: int, t: int) -> torch.Tensor:
+        return (generator.layer_weight(context, l, t) - wanted[t][l]).pow(2).mean() / norms[t][l]
+
+    layers = generator.num_layers
+    return sum(checkpoint(one, context, l, t, use_reentrant=False)
+               for t in range(len(wanted)) for l in range(layers)) / (layers * len(wanted))
 
 
 @torch.no_grad()
