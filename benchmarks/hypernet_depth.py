@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=("smollm2", "llama2-7b", "quick"), default="smollm2")
     parser.add_argument("--layers", type=int, default=0, help="layer-calls (default: 120; 32 for llama2-7b)")
     parser.add_argument("--quick", action="store_true", help="--shape quick with few short steps on the CPU")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warm-steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)

@@ -91,7 +91,7 @@ class Tracker:
                  wandb_dir: str | None = None, config: dict[str, Any] | None = None):
         self.prefix = prefix
         self.writer = self.run = None
-        self._axes: set[str] = set()  # prefixes with a W&B step metric defined
+        self._axes: set[str] = set()  # tags given their phase's W&B step metric
         if not parallel.is_main():
             return
         if log_dir is not None:
@@ -127,12 +127,11 @@ class Tracker:
             for tag, value in tags.items():
                 self.writer.add_scalar(tag, value, step)
         if self.run is not None:
-            name = prefix or self.prefix
-            if name not in self._axes:  # each phase its own x-axis: steps may restart per phase
-                self.run.define_metric(f"{name}/step")
-                self.run.define_metric(f"{name}/*", step_metric=f"{name}/step")
-                self._axes.add(name)
-            self.run.log({**tags, f"{name}/step": step})
+            axis = f"{prefix or self.prefix}/step"  # each phase its own x-axis: steps may restart per phase
+            for tag in tags.keys() - self._axes:
+                self.run.define_metric(tag, step_metric=axis)
+                self._axes.add(tag)
+            self.run.log({**tags, axis: step})
 
     def close(self) -> None:
         if self.writer is not None:

@@ -27,12 +27,12 @@ from torch import nn
 from ..config import MethodConfig, check
 from ..distill import DistillSettings, distill, teacher_samples, train_norms
 from ..errors import UserError
-from ..tracking import Tracker, check_tracking
 from ..layers import LowRankLinear, QuantLinear, SparseLinear
 from ..layers.lora import LoRALinear
 from ..layers.low_rank_embedding import LowRankEmbedding
 from ..modules import replace_module
 from ..registry import register
+from ..tracking import Tracker, check_tracking
 from .base import WholeModelMethod
 
 

@@ -11,10 +11,10 @@ from torch import nn
 
 from ...config import MethodConfig, check
 from ...errors import UserError
-from ...tracking import Tracker, check_tracking
 from ...layers import register_kind
 from ...modules import CompressedModule, linear_bias, linear_weight
 from ...registry import register
+from ...tracking import Tracker, check_tracking
 from ..base import LayerwiseMethod
 from .compressor import evaluate, field_from_layout, fit_levels, layout_of
 
