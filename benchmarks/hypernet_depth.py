@@ -70,7 +70,7 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor]:
         from hypercompress.models import load_model
 
         loaded = load_model("smollm2-135m")
-        ids = tokenize(loaded.tokenizer, read_text(str(CALIB_TEXT)))
+        ids = tokenize(loaded.tokenizer, read_text(args.calib_text))
         return stacked(loaded.model, args.layers).eval(), calibration_samples(ids, count, args.seq, 0)
     if args.shape == "llama2-7b":
         config = LlamaConfig(**{**LLAMA2_7B, "num_hidden_layers": args.layers or 32})
@@ -81,7 +81,7 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor]:
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=args.layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=args.seq,
                          tie_word_embeddings=True)
-    ids = torch.tensor(list(read_text(str(CALIB_TEXT)).encode()[:200_000]))  # byte tokens
+    ids = torch.tensor(list(read_text(args.calib_text).encode()[:200_000]))  # byte tokens
     return LlamaForCausalLM(config).eval(), calibration_samples(ids, count, args.seq, 0)
 
 
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--backbone", default="ssm")
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--calib-text", default=str(CALIB_TEXT), help="calibration text (never the test text)")
     parser.add_argument("--out", default=None, help="default results/hypernet_depth.json (quick: /tmp/...)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one setting, JSON to stdout
     args = parser.parse_args()
