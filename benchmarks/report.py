@@ -175,6 +175,12 @@ def _grids(data: dict) -> list[str]:
     return grids_section(data)
 
 
+def _hypernet_depth(data: dict) -> list[str]:
+    from hypernet_depth import report_section
+
+    return report_section(data)
+
+
 def _qat_lr(data: dict) -> list[str]:
     from frontier_report import qat_lr_section
 
@@ -241,7 +247,8 @@ def _scale(data: dict) -> list[str]:
     return section(data)
 
 
-SECTIONS = {"scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
+SECTIONS = {"scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
+            "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

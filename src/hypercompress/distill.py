@@ -10,6 +10,8 @@ AdamW with cosine decay to 10% of lr, gradient-norm clipping at 1.0; windows dra
 seeded with (seed, step), so a resumed run sees the same batches. Checkpoints (safetensors + JSON,
 never pickles) hold the trainable tensors and AdamW's moments. Under a launcher (parallel.py) each
 process takes its share of every batch and the gradients are averaged before the step.
+Every step's loss, kl, local, stability, tokens_per_second and learning rate go to the caller's
+tracking.Tracker (TensorBoard / W&B) under its prefix ("distill", "qat", "hypernet").
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from . import parallel
 from .errors import UserError
+from .tracking import Tracker, learning_rates
 
 # progress(step, total_steps, note) -- note: "loss 1.23 | kl 0.98 | 4,100 tok/s"
 TrainProgress = Callable[[int, int, str], None]
@@ -41,7 +44,6 @@ class DistillSettings:
     stability_weight: float = 0.01
     seed: int = 0
     checkpoint_every: int = 50
-    log_dir: str | None = None
     optimizer: str = "adamw"   # or "adafactor" (factored second moments: low memory, Shazeer & Stern 2018)
 
 
@@ -80,10 +82,12 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             checkpoint_dir: Path | None = None, resume: bool = False,
             progress: TrainProgress | None = None,
             after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
-            lr_factor: Callable[[str], float] | None = None) -> list[dict[str, float]]:
+            lr_factor: Callable[[str], float] | None = None,
+            tracker: Tracker | None = None) -> list[dict[str, float]]:
     """Train `params` (by name) so that `student` matches `teacher` on `windows` (N, T) token ids.
 
-    Returns the history: one dict per step (loss, kl, local, stability, tokens_per_second).
+    Returns the history: one dict per step (loss, kl, local, stability, tokens_per_second, lr: the
+    first parameter group's learning rate of that step); each also goes to `tracker` when given.
     `after_step(step, optimizer)` runs after every update (ReLoRA merges); `lr_factor(name)`
     scales the learning rate of one trained tensor (default 1 for all).
     """
@@ -104,7 +108,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
     start = 0
     if checkpoint_dir is not None and resume:
         start = _restore(checkpoint_dir, params, optimizer, schedule)
-    writer = _tensorboard(settings.log_dir) if parallel.is_main() else None
     history: list[dict[str, float]] = []
     teacher.eval()
     for step in range(start, settings.steps):
@@ -123,6 +126,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
         if not math.isfinite(losses[0]):  # every process sees the same mean, so all stop together
             raise UserError(f"distillation diverged at step {step} (loss {losses[0]}); lower lr")
         optimizer.zero_grad(set_to_none=True)
+        rates = learning_rates(optimizer)  # this step's, before the schedule moves on
         loss.backward()
         if processes > 1:
             parallel.average_gradients(params.values())
@@ -133,30 +137,16 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             after_step(step + 1, optimizer)
         seconds = time.perf_counter() - tick
         record = {"step": step + 1, **dict(zip(("loss", "kl", "local", "stability"), losses)),
-                  "tokens_per_second": batch.numel() * processes / seconds}
+                  "tokens_per_second": batch.numel() * processes / seconds, **rates}
         history.append(record)
-        if writer is not None:
-            for key in ("loss", "kl", "local", "stability", "tokens_per_second"):
-                writer.add_scalar(f"distill/{key}", record[key], step + 1)
+        if tracker is not None:
+            tracker.log({k: v for k, v in record.items() if k != "step"}, step + 1)
         if progress and parallel.is_main():
             progress(step + 1, settings.steps, f"loss {record['loss']:.3f} | kl {record['kl']:.3f} | "
                                                f"{record['tokens_per_second']:,.0f} tok/s")
         if checkpoint_dir is not None and (step + 1) % settings.checkpoint_every == 0 and parallel.is_main():
             _save(checkpoint_dir, params, optimizer, step + 1)
-    if writer is not None:
-        writer.close()
     return history
-
-
-def _tensorboard(log_dir: str | None):
-    if log_dir is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("log_dir needs the tensorboard package: pip install tensorboard "
-                        "(or leave log_dir unset)") from None
-    return SummaryWriter(log_dir)
 
 
 def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int) -> None:

@@ -32,6 +32,7 @@ from ..layers.lora import LoRALinear
 from ..layers.low_rank_embedding import LowRankEmbedding
 from ..modules import replace_module
 from ..registry import register
+from ..tracking import Tracker, check_tracking
 from .base import WholeModelMethod
 
 
@@ -50,7 +51,9 @@ class DistillConfig(MethodConfig):
     relora_every: int = 0           # merge adapters into their base and restart them every N steps
     optimizer: str = "adamw"        # or "adafactor"
     data: str = "calib"             # or "teacher": windows sampled from the teacher
-    log_dir: str | None = None
+    log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
+    wandb_project: str | None = None  # also log to this W&B project (package wandb; offline unless WANDB_MODE says)
+    wandb_dir: str | None = None      # W&B run files here (default: log_dir, else the working directory)
     seed: int = 0
 
     def validate(self) -> None:
@@ -64,6 +67,7 @@ class DistillConfig(MethodConfig):
         check(self.relora_every == 0 or self.lora_rank > 0, "relora_every needs lora_rank > 0")
         check(self.optimizer in ("adamw", "adafactor"), f"optimizer={self.optimizer!r}: adamw or adafactor")
         check(self.data in ("calib", "teacher"), f"data={self.data!r}: calib or teacher")
+        check_tracking(self)
 
 
 def _train(module: nn.Module, key: str, params: dict[str, nn.Parameter], name: str) -> None:
@@ -137,10 +141,11 @@ class Distill(WholeModelMethod):
         teacher.to(device)
         windows = calib if c.data == "calib" else teacher_samples(teacher, calib, calib.shape[1], c.seed)
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
-                                   log_dir=c.log_dir, optimizer=c.optimizer)
-        distill(model, teacher, windows, params, lambda: None, settings, device,
-                saved, resume, progress,
-                after_step=self._relora(adapters, generator) if c.relora_every else None)
+                                   optimizer=c.optimizer)
+        with Tracker.of("distill", c) as tracker:
+            distill(model, teacher, windows, params, lambda: None, settings, device,
+                    saved, resume, progress,
+                    after_step=self._relora(adapters, generator) if c.relora_every else None, tracker=tracker)
         model.to("cpu")
         teacher.to("cpu")
         with torch.no_grad():

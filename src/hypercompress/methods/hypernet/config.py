@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import MethodConfig, check
-from .backbone import BACKBONES
+from ...tracking import check_tracking
+from .backbone import BACKBONES, TBPTT_MAMBA
 from .generator import HEADS
 
 
@@ -29,8 +30,14 @@ class HypernetConfig(MethodConfig):
     lr: float = 2e-3                # AdamW learning rate (cosine decay to 10%)
     local_weight: float = 0.1       # per-layer output matching (normalised MSE of block outputs)
     stability_weight: float = 0.01  # activation stability: (log of student/teacher output RMS)^2
-    grad_checkpointing: bool = False  # recompute blocks in backward (memory for compute)
-    log_dir: str | None = None      # TensorBoard logs here (needs the tensorboard package)
+    grad_checkpointing: bool = False  # recompute the model's blocks in backward (HF; memory for compute)
+    checkpoint_generator: bool = False  # make each W[l, t] inside its layer's forward, again in backward (no
+                                        # generated weight held across the forward; Chen et al. 2016)
+    tbptt: int = 0                  # truncated backprop through depth: the backbone's state detached every
+                                    # tbptt layers (0: full depth; Williams & Peng 1990); not with mamba
+    log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
+    wandb_project: str | None = None  # also log to this W&B project (package wandb; offline unless WANDB_MODE says)
+    wandb_dir: str | None = None      # W&B run files here (default: log_dir, else the working directory)
     seed: int = 0
 
     def validate(self) -> None:
@@ -49,3 +56,6 @@ class HypernetConfig(MethodConfig):
         check(self.head != "dit" or self.d_hidden % self.dit_heads == 0,
               f"d_hidden={self.d_hidden} must be a multiple of dit_heads={self.dit_heads}")
         check(self.value_bits in (4, 8, 16), f"value_bits={self.value_bits}: must be 4, 8 or 16")
+        check(self.tbptt >= 0, f"tbptt={self.tbptt}: must be >= 0 (0: full backpropagation through depth)")
+        check(self.tbptt == 0 or self.backbone != "mamba", f"tbptt={self.tbptt} with backbone=mamba: {TBPTT_MAMBA}")
+        check_tracking(self)

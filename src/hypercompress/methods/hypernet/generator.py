@@ -14,10 +14,27 @@ max(d) / B, not with d_out x d_in: large matrices are produced patch by patch. g
 per-matrix gain. Every parameter here is stored in the artifact (counted in bpw): in float16, or with
 value_bits 8 / 4 its matrices as per-row codes (row_codes.py) and the weights are generated from
 exactly those decoded values.
+
+Training at depth (two settings, neither stored; the weights are the same function of the stored
+parameters either way):
+- `tbptt` = k > 0: the backbone's state is detached every k layers (backbone.py; truncated
+  backpropagation through time, Williams & Peng 1990).
+- `install_lazy` instead of `install(forward())`: each GeneratedLinear makes its own W[l, t] inside
+  its forward under torch.utils.checkpoint (gradient checkpointing, Chen et al. 2016, "Training Deep
+  Nets with Sublinear Memory Cost"), so it is freed after use and made again in backward.
+What dominates memory at depth is W, not the generator's activations: SmolLM2-135M's block holds
+3.54 M weights (q, o 576x576; k, v 192x576; gate, up 1536x576; down 576x1536), 14.2 MB in float32,
+and the eager path keeps two such tensors per block until backward (W for F.linear's input gradient,
+and U V for the gain's gradient): 3.4 GB at 120 layer-calls, against 0.65 MB of factors U, V per
+block at rank 16 and d_h backbone floats. Lazy generation keeps one block linear's W at a time (at
+most 3.5 MB, gate 1536 x 576) plus the (L, T, d_h) contexts; the backbone's own graph (ssm: a few
+(d_h, 16) tensors per layer, about 40 kB at d_h 128) is what TBPTT shortens, so TBPTT is for the
+gradient's reach and stability over 100+ layers rather than for memory.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -65,6 +82,7 @@ class HyperGenerator(StoredModule):
             self.head_v = nn.Linear(d_hidden, rank * block)
         self._noise: dict[tuple[int, str], torch.Tensor] = {}  # (type, device) -> the DiT's x_1
         self.gain = nn.Parameter(torch.ones(num_layers, types))
+        self.tbptt = 0  # training only: cut the backbone's gradient every tbptt layers (0: full depth)
         self._targets: list[nn.Module] = []  # the bound GeneratedLinears
         self.decompress_seconds: float | None = None
         self._codes: dict[str, dict[str, torch.Tensor]] = {}  # name -> row_codes.encode(...)
@@ -88,7 +106,7 @@ class HyperGenerator(StoredModule):
     def contexts(self, z: torch.Tensor | None = None) -> torch.Tensor:
         """(L, T, d_h) contexts; `z` (L, T, d_z) replaces the stored embeddings (interpolation, noise)."""
         z = self.z if z is None else z
-        states = self.backbone(z.reshape(self.num_layers, -1))                  # (L, d_h)
+        states = self.backbone(z.reshape(self.num_layers, -1), tbptt=self.tbptt)  # (L, d_h)
         pair = torch.cat([states[:, None].expand(-1, z.shape[1], -1), z], -1)   # (L, T, d_h + d_z)
         return torch.tanh(self.context(pair)) + self.type_embedding
 
@@ -137,15 +155,21 @@ class HyperGenerator(StoredModule):
     def forward(self, z: torch.Tensor | None = None) -> list[torch.Tensor]:
         """All weights: a list over types t of (L, d_out_t, d_in_t) tensors."""
         context = self.contexts(z)
-        out = []
-        for t, shape in enumerate(self.shapes):
-            if self.head == "dit":
-                tokens = self.dit.sample(self.noise(t, context), context[:, t], self.coordinates(shape))
-                u, v = self.from_tokens(tokens, shape)
-            else:
-                u, v = self.factors(context[:, t], shape)
-            out.append(self.gain[:, t, None, None] * (u @ v) / math.sqrt(self.rank))
-        return out
+        return [self.type_weights(context, t) for t in range(len(self.shapes))]
+
+    def type_weights(self, context: torch.Tensor, t: int, layers: slice = slice(None)) -> torch.Tensor:
+        """Weights of type t for the layers `layers` from contexts (L, T, d_h): (n, d_out_t, d_in_t)."""
+        shape = self.shapes[t]
+        if self.head == "dit":
+            tokens = self.dit.sample(self.noise(t, context)[layers], context[layers, t], self.coordinates(shape))
+            u, v = self.from_tokens(tokens, shape)
+        else:
+            u, v = self.factors(context[layers, t], shape)
+        return self.gain[layers, t, None, None] * (u @ v) / math.sqrt(self.rank)
+
+    def layer_weight(self, context: torch.Tensor, layer: int, t: int) -> torch.Tensor:
+        """W[layer, t] (d_out_t, d_in_t) from contexts (L, T, d_h)."""
+        return self.type_weights(context, t, slice(layer, layer + 1))[0]
 
     def denoising_loss(self, targets: list[torch.Tensor], rng: torch.Generator, z: torch.Tensor | None = None):
         """DiT warm start: the x0 denoising loss on target tokens [t] (L, rows + cols, B r)."""
@@ -166,6 +190,15 @@ class HyperGenerator(StoredModule):
         """Give every bound GeneratedLinear its weight from `weights` (this module's output)."""
         for module in self._targets:
             module.set_generated(weights[module.type][module.layer])
+
+    def install_lazy(self, z: torch.Tensor | None = None) -> None:
+        """Training with the generator checkpointed: compute the contexts (L, T, d_h) now, with
+        autograd through the backbone, and let every bound GeneratedLinear make its W[l, t] from them
+        inside its own forward, under torch.utils.checkpoint (made again in backward; see the module
+        docstring). The weights equal `forward()`'s up to float rounding of the per-layer matmuls."""
+        context = self.contexts(z)
+        for module in self._targets:
+            module.set_generated(None, maker=functools.partial(self.layer_weight, context, module.layer, module.type))
 
     @torch.no_grad()
     def materialize(self) -> None:

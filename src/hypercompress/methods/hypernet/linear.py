@@ -8,10 +8,11 @@ once at the model root.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ...layers import register_kind
 from ...modules import CompressedModule
@@ -39,12 +40,17 @@ class GeneratedLinear(CompressedModule):
         # (out, in), set by the generator: a tensor with autograd while training, else the cached
         # regenerated weight; a non-persistent buffer, so .to(device) moves it and it is never saved
         self.register_buffer("generated", None, persistent=False)
+        self.maker: Callable[[], torch.Tensor] | None = None  # HyperGenerator.install_lazy's, while training
 
-    def set_generated(self, weight: torch.Tensor) -> None:
-        """The generator's output for this layer: a tensor with autograd while training, else cached."""
-        self.generated = weight
+    def set_generated(self, weight: torch.Tensor | None, maker: Callable[[], torch.Tensor] | None = None) -> None:
+        """The generator's output for this layer: a tensor with autograd while training, else cached;
+        or (weight None) a `maker` returning it, called inside forward under checkpointing."""
+        self.generated, self.maker = weight, maker
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.maker is not None:
+            weight = self.maker().to(dtype)
+            return weight if self.base_layout is None else weight + self.base.dense_weight(dtype)
         if self.generated is None:
             raise RuntimeError("GeneratedLinear used before its generator ran (load the artifact with "
                                "hypercompress.artifact.load, which regenerates the weights)")
@@ -54,9 +60,16 @@ class GeneratedLinear(CompressedModule):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.maker is not None and torch.is_grad_enabled():
+            # W is made, used and dropped here, then made again in backward (Chen et al. 2016):
+            # only x and the generator's contexts are kept for backward, never W
+            return checkpoint(self._linear, x, use_reentrant=False)
         fast = self.fast_or_none(x)
         if fast is not None:
             return fast(x)
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.base_layout is None else getattr(self.base, "bias", None)
         bias = None if bias is None else bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)

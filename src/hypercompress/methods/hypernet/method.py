@@ -14,17 +14,20 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...arch import arch_of, block_linear_names
 from ...distill import DistillSettings, distill
 from ...errors import UserError
 from ...modules import CompressedModule, linear_bias, linear_weight, replace_module
 from ...registry import register
+from ...tracking import Tracker, learning_rates
 from ..base import WholeModelMethod
 from .config import HypernetConfig
 from .generator import HyperGenerator
@@ -39,6 +42,7 @@ ENCODER_PATCHES = 128  # patches per matrix the encoder reads per step (a random
 @register("hypernet", HypernetConfig)
 class Hypernet(WholeModelMethod):
     encoder: SetEncoder | None = None  # after apply: the warm start's encoder (kept in memory only)
+    history: list[dict[str, float]] = []  # after apply: the distillation's steps (distill.distill's history)
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
@@ -63,25 +67,19 @@ class Hypernet(WholeModelMethod):
                     raise UserError(f"hypernet mode=residual: {name} is not compressed by an earlier stage; "
                                     "put e.g. a gptq stage (bits=2) before it in the recipe")
                 bases[name] = module
-        targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
         generator = HyperGenerator(len(grid), shapes, c.rank, c.d_z, c.d_hidden, c.block, c.backbone,
                                    c.value_bits, c.head, c.dit_depth, c.dit_heads, c.dit_steps).to(device)
-        if c.warm_steps:
-            self.encoder = _warm_start(generator, targets, c, device, progress)
-        for l, row in enumerate(grid):
-            for t, name in enumerate(row):
-                old = model.get_submodule(name)
-                base = bases.get(name)
-                layer = GeneratedLinear(shapes[t][1], shapes[t][0], l, t,
-                                        base is None and linear_bias(old) is not None,
-                                        None if base is None else {"kind": base.kind, "layout": base.layout()})
-                if base is not None:
-                    layer.base = base  # its bias, if any, stays in it
-                if layer.bias is not None:
-                    layer.bias.copy_(linear_bias(old))
-                replace_module(model, name, layer)
-        replace_module(model, ROOT_NAME, generator)
-        generator.bind(model)
+        generator.tbptt = c.tbptt
+        with Tracker.of("hypernet", c) as tracker:  # warm start under hypernet/warm, distillation under hypernet
+            if c.warm_steps:  # the targets (float32 copies of a bfloat16 teacher's weights) live only here
+                targets = [[_target(teacher, name, bases.get(name)) for name in row] for row in grid]
+                self.encoder = _warm_start(generator, targets, c, device, progress, tracker)
+                del targets
+            _install(model, generator, grid, shapes, bases)
+            self._distill(model, teacher, calib, generator, device, progress, checkpoint_dir, resume, tracker)
+
+    def _distill(self, model, teacher, calib, generator, device, progress, checkpoint_dir, resume, tracker) -> None:
+        c = self.config
         model.to(device)
         teacher.to(device)
         if c.grad_checkpointing:
@@ -90,22 +88,41 @@ class Hypernet(WholeModelMethod):
             for module in model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
-
         params = {n: p for n, p in generator.named_parameters()}
-        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
-                                   log_dir=c.log_dir)
-        distill(model, teacher, calib, params, lambda: generator.install(generator()), settings, device,
+        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed)
+        refresh = generator.install_lazy if c.checkpoint_generator else lambda: generator.install(generator())
+        self.history = distill(model, teacher, calib, params, refresh, settings, device,
                 None if checkpoint_dir is None else Path(checkpoint_dir) / "hypernet", resume,
-                progress=progress)
+                progress=progress, tracker=tracker)
         model.eval()
         if c.grad_checkpointing:
             model.gradient_checkpointing_disable()
         generator.requires_grad_(False)
+        generator.tbptt = 0
         generator.half()       # the stored precision; weights are regenerated from exactly these
         generator.quantize_values()
         model.to("cpu")
         teacher.to("cpu")
         generator.bind(model)  # regenerate from the stored float16 generator (what load will do)
+
+
+def _install(model: nn.Module, generator: HyperGenerator, grid, shapes, bases) -> None:
+    """Every target linear [l][t] becomes a GeneratedLinear (its bias kept; residual mode: its
+    base inside it); the generator goes to the model root and is bound to them."""
+    for l, row in enumerate(grid):
+        for t, name in enumerate(row):
+            old = model.get_submodule(name)
+            base = bases.get(name)
+            layer = GeneratedLinear(shapes[t][1], shapes[t][0], l, t,
+                                    base is None and linear_bias(old) is not None,
+                                    None if base is None else {"kind": base.kind, "layout": base.layout()})
+            if base is not None:
+                layer.base = base  # its bias, if any, stays in it
+            if layer.bias is not None:
+                layer.bias.copy_(linear_bias(old))
+            replace_module(model, name, layer)
+    replace_module(model, ROOT_NAME, generator)
+    generator.bind(model)
 
 
 def _shape(module: nn.Module) -> list[int]:
@@ -132,9 +149,12 @@ def _target(teacher: nn.Module, name: str, base) -> torch.Tensor:
     return weight if base is None else weight - base.dense_weight()
 
 
-def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: str, progress):
+def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: str, progress,
+                tracker: Tracker | None = None):
     """Fit the generated weights to `targets` [l][t] (normalised MSE); z from the Set Transformer.
-    Returns the trained encoder (or None): not stored, but it maps other checkpoints to latents."""
+    Returns the trained encoder (or None): not stored, but it maps other checkpoints to latents.
+    Each step's loss, weight_error (and denoising, head=dit), weights_per_second (generated
+    weight entries per second) and lr go to `tracker` under "hypernet/warm"."""
     layers, types = len(targets), len(targets[0])
     scale = [[targets[l][t].pow(2).mean().sqrt().clamp_min(1e-8) for t in range(types)] for l in range(layers)]
     with torch.no_grad():
@@ -149,10 +169,11 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
     wanted = [torch.stack([targets[l][t] for l in range(layers)]).to(device) for t in range(types)]
     norms = [w.pow(2).mean((1, 2)) for w in wanted]
     rng = torch.Generator().manual_seed(c.seed)
+    entries = sum(w.numel() for w in wanted)
     for step in range(c.warm_steps):
+        tick = time.perf_counter()
         z = _encode(encoder, patches, rng, device) if encoder else None
-        made = generator(z)
-        error = sum(((m - w).pow(2).mean((1, 2)) / n).mean() for m, w, n in zip(made, wanted, norms)) / types
+        error = _weight_error(generator, z, wanted, norms, c.checkpoint_generator)
         loss = error
         if tokens is not None:  # the DiT learns to denoise, and its K-step samples to match the weights
             denoising = generator.denoising_loss(tokens, rng, z)
@@ -160,6 +181,11 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if tracker is not None:
+            extra = {"denoising": denoising.item()} if tokens is not None else {}
+            tracker.log({"loss": loss.item(), "weight_error": error.item(), **extra, **learning_rates(optimizer),
+                         "weights_per_second": entries / (time.perf_counter() - tick)}, step + 1,
+                        prefix=f"{tracker.prefix}/warm")
         if progress:
             what = f" + denoising {denoising.item():.4f}" if tokens is not None else ""
             progress(step + 1, c.warm_steps, f"warm start | weight error {error.item():.4f}{what}")
@@ -168,6 +194,24 @@ def _warm_start(generator: HyperGenerator, targets, c: HypernetConfig, device: s
             generator.z.copy_(_encode(encoder, patches, rng, device))
         encoder.requires_grad_(False)
     return encoder
+
+
+def _weight_error(generator: HyperGenerator, z, wanted: list[torch.Tensor], norms: list[torch.Tensor],
+                  checkpointed: bool) -> torch.Tensor:
+    """Mean over types and layers of ||W[l, t] - target||^2 / ||target||^2 (per entry); wanted[t]
+    (L, d_out, d_in), norms[t] (L,). checkpointed: each W[l, t] made under torch.utils.checkpoint
+    and dropped at once (made again in backward), instead of all L x T held with their graphs."""
+    if not checkpointed:
+        made = generator(z)
+        return sum(((m - w).pow(2).mean((1, 2)) / n).mean() for m, w, n in zip(made, wanted, norms)) / len(wanted)
+    context = generator.contexts(z)
+
+    def one(context: torch.Tensor, l: int, t: int) -> torch.Tensor:
+        return (generator.layer_weight(context, l, t) - wanted[t][l]).pow(2).mean() / norms[t][l]
+
+    layers = generator.num_layers
+    return sum(checkpoint(one, context, l, t, use_reentrant=False)
+               for t in range(len(wanted)) for l in range(layers)) / (layers * len(wanted))
 
 
 @torch.no_grad()

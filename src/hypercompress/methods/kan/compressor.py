@@ -14,6 +14,7 @@ stored in float16 and every decompression computes from those, so what is saved 
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any, Callable
 
 import torch
@@ -23,10 +24,12 @@ from .field import KanField
 
 def fit_levels(weight: torch.Tensor, num_levels: int, hidden_dims: tuple[int, ...], code_dim: int,
                grid: int, steps: int, lr: float, seed: int, device: str = "cpu",
-               batch: int = 4096) -> nn.ModuleList:
+               batch: int = 4096, on_step: Callable[[dict[str, float]], None] | None = None) -> nn.ModuleList:
     """Fit the hierarchy to weight (d_out, d_in), or to M matrices of one shape (M, d_out, d_in) at
     once (each its own fields; one Adam step updates all). Returns the levels as float16 KanFields
-    with M copies (M = 1 for one matrix)."""
+    with M copies (M = 1 for one matrix). on_step(values) after every Adam step: {"loss": mean over
+    the M matrices of the squared error on the step's entries, "level": 1-based, "lr",
+    "entries_per_second": matrix entries fitted per second (M x batch / step time)}."""
     generator = torch.Generator().manual_seed(seed)
     target = weight.float().to(device)
     target = target[None] if target.dim() == 2 else target
@@ -40,6 +43,7 @@ def fit_levels(weight: torch.Tensor, num_levels: int, hidden_dims: tuple[int, ..
         field.init_codes(residual)
         optimizer = torch.optim.Adam(field.parameters(), lr=lr)
         for _ in range(steps):
+            tick = time.perf_counter()
             flat = torch.randint(0, d_out * d_in, (min(batch, d_out * d_in),), generator=generator).to(device)
             i, j = flat // d_in, flat % d_in
             # the sum over copies of each copy's mean: every copy gets its own fit's gradient
@@ -47,6 +51,9 @@ def fit_levels(weight: torch.Tensor, num_levels: int, hidden_dims: tuple[int, ..
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if on_step is not None:
+                on_step({"loss": loss.item() / target.shape[0], "level": level + 1, "lr": lr,
+                         "entries_per_second": target.shape[0] * i.numel() / (time.perf_counter() - tick)})
         field = field.half()
         with torch.no_grad():
             residual -= evaluate(field)

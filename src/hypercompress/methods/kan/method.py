@@ -14,6 +14,7 @@ from ...errors import UserError
 from ...layers import register_kind
 from ...modules import CompressedModule, linear_bias, linear_weight
 from ...registry import register
+from ...tracking import Tracker, check_tracking
 from ..base import LayerwiseMethod
 from .compressor import evaluate, field_from_layout, fit_levels, layout_of
 
@@ -29,6 +30,9 @@ class KanConfig(MethodConfig):
     batch: int = 4096       # matrix entries per Adam step (the same positions in every matrix fitted together)
     together: int = 32      # matrices of one shape fitted at once (memory: together x batch x 2c x grid)
     device: str = "cpu"     # where each matrix is fitted (cuda for real models)
+    log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
+    wandb_project: str | None = None  # also log to this W&B project (package wandb; offline unless WANDB_MODE says)
+    wandb_dir: str | None = None      # W&B run files here (default: log_dir, else the working directory)
     seed: int = 0
 
     def validate(self) -> None:
@@ -39,6 +43,7 @@ class KanConfig(MethodConfig):
         check(self.batch >= 1, f"batch={self.batch}: must be >= 1")
         check(self.together >= 1, f"together={self.together}: must be >= 1")
         check(self.device == "cpu" or self.device.startswith("cuda"), f"device={self.device!r}: cpu or cuda")
+        check_tracking(self)
 
 
 @register_kind
@@ -92,14 +97,28 @@ class KanLinear(CompressedModule):
 
 @register("kan", KanConfig)
 class Kan(LayerwiseMethod):
+    steps_done = 0  # Adam steps logged so far (the tracker's step), over every call
+
     def compress(self, name: str, layer: nn.Module) -> KanLinear:
         return dict(self.compress_many([name], lambda _: layer))[name]
 
     def compress_many(self, names, layer_of):
-        """Matrices of one shape (a type across layers) are fitted together, `together` at a time."""
+        """Matrices of one shape (a type across layers) are fitted together, `together` at a time.
+        Every Adam step's loss, level, lr and entries_per_second go to the config's tracker under
+        "kan", counted over all levels and groups."""
         c = self.config
         if c.device != "cpu" and not torch.cuda.is_available():
             raise UserError(f"kan device={c.device}: no CUDA device is available; use device=cpu")
+        with Tracker.of("kan", c) as tracker:
+            yield from self._fit(names, layer_of, tracker)
+
+    def _fit(self, names, layer_of, tracker: Tracker):
+        c = self.config
+
+        def on_step(values: dict[str, float]) -> None:
+            self.steps_done += 1
+            tracker.log(values, self.steps_done)
+
         by_shape: dict[tuple[int, ...], list[str]] = {}
         for name in names:
             by_shape.setdefault(tuple(linear_weight(layer_of(name)).shape), []).append(name)
@@ -108,7 +127,8 @@ class Kan(LayerwiseMethod):
                 chunk = group[start:start + c.together]
                 layers = [layer_of(name) for name in chunk]
                 levels = fit_levels(torch.stack([linear_weight(layer) for layer in layers]), c.num_levels,
-                                    (c.hidden,), c.code_dim, c.grid, c.steps, c.lr, c.seed, c.device, c.batch)
+                                    (c.hidden,), c.code_dim, c.grid, c.steps, c.lr, c.seed, c.device, c.batch,
+                                    on_step if tracker.active else None)
                 for m, (name, layer) in enumerate(zip(chunk, layers)):
                     yield name, _kan_linear([field.select(m) for field in levels], layer)
 

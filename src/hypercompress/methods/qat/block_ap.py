@@ -10,6 +10,9 @@ the trained block's outputs. Blocks run through the one calibration runner's cap
 (calibration.capture_block_inputs: each block's own mask and rotary arguments). AdamW, cosine
 decay to 10%, gradient-norm clipping at 1; batches drawn by a generator seeded with (seed, block,
 step). Under a launcher each process takes its own batch of every step and gradients are averaged.
+Each step's loss, tokens_per_second and learning rates (lr: latent weights, lr_1: scales and zeros)
+go to the tracker under "<prefix>/block_ap", counted over all blocks (block b's step s is
+b * steps + s), with the block's index.
 After each block its trained tensors are checkpointed (safetensors, sha256 recorded) so a killed
 run resumes at the next block with the same result.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +31,7 @@ from torch import nn
 from ... import parallel
 from ...arch import arch_of
 from ...errors import UserError
+from ...tracking import Tracker, learning_rates
 from .fake_quant import FakeQuantLinear
 
 PROGRESS = "blocks.json"  # {"done": k, "files": [{"file", "bytes", "sha256"} per finished block]}
@@ -35,7 +40,8 @@ PROGRESS = "blocks.json"  # {"done": k, "files": [{"file", "bytes", "sha256"} pe
 def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fakes: dict[str, FakeQuantLinear], *,
              steps: int, batch: int, lr: float, scale_lr: float, seed: int = 0, device: str = "cpu",
              checkpoint_dir: Path | None = None, resume: bool = False,
-             progress: Callable[[int, int, str], None] | None = None) -> list[float]:
+             progress: Callable[[int, int, str], None] | None = None,
+             tracker: Tracker | None = None) -> list[float]:
     """Train the FakeQuantLinears `fakes` (name -> module inside `student`'s blocks) block by block
     against `teacher` on `windows` (N, T) token ids, `steps` AdamW steps of `batch` windows per block
     (latent weights at `lr`, scales and zeros at `scale_lr`). Returns each block's final relative
@@ -63,7 +69,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
         trained = {n: m for n, m in fakes.items() if n.startswith(f"{spec.blocks}.{index}.")}
         if trained and index >= done:
             errors.append(_train_block(student_block, index, calls, student_in, target_out, trained, steps, lr,
-                                       scale_lr, seed, device))
+                                       scale_lr, seed, device, tracker))
             if checkpoint_dir is not None and parallel.is_main():
                 _save(checkpoint_dir, index, trained)
         with torch.no_grad():
@@ -76,7 +82,8 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
     return errors
 
 
-def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale_lr, seed, device) -> float:
+def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale_lr, seed, device,
+                 tracker: Tracker | None = None) -> float:
     weights = [m.weight for m in trained.values()]
     grids = [p for m in trained.values() for n, p in m.named_parameters() if n in ("scales", "zeros")]
     frozen = [(p, p.requires_grad) for p in block.parameters() if all(p is not q for q in weights + grids)]
@@ -88,6 +95,7 @@ def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale
     processes, rank = parallel.world(), parallel.rank()
     error = float("nan")
     for step in range(steps):
+        tick = time.perf_counter()
         picks = torch.randint(0, len(inputs), (processes,),
                               generator=torch.Generator().manual_seed((seed * 1_000_003 + index) * 1_000_003 + step))
         pick = int(picks[rank])
@@ -98,6 +106,7 @@ def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale
         if not math.isfinite(value):
             raise UserError(f"qat diverged in block {index} at step {step} (loss {value}); lower lr")
         optimizer.zero_grad(set_to_none=True)
+        rates = learning_rates(optimizer)
         loss.backward()
         if processes > 1:
             parallel.average_gradients(weights + grids)
@@ -105,6 +114,10 @@ def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale
         optimizer.step()
         schedule.step()
         error = value
+        if tracker is not None:
+            tokens = target.shape[0] * target.shape[1] * processes
+            tracker.log({"loss": value, "tokens_per_second": tokens / (time.perf_counter() - tick), "block": index,
+                         **rates}, index * steps + step + 1, prefix=f"{tracker.prefix}/block_ap")
     for p, flag in frozen:
         p.requires_grad_(flag)
     return error

@@ -32,6 +32,7 @@ from ...layers.quant_embedding import QuantEmbedding, TiedHead
 from ...layers.quant_linear import QuantLinear
 from ...modules import LINEAR_TYPES, CompressedModule, linear_weight
 from ...registry import register
+from ...tracking import Tracker, check_tracking
 from ..base import WholeModelMethod
 from ..rtn import resolve_group_size, smallest_useful_group
 from .block_ap import block_ap
@@ -59,7 +60,9 @@ class QatConfig(MethodConfig):
     teacher_fraction: float = 0.5  # share of teacher-written windows in the training mix
     tf32: bool = True             # on CUDA, train with TF32 matmuls (tensor cores; 10-bit mantissa inputs,
                                   # float32 accumulation); the caller's setting is restored afterwards
-    log_dir: str | None = None
+    log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
+    wandb_project: str | None = None  # also log to this W&B project (package wandb; offline unless WANDB_MODE says)
+    wandb_dir: str | None = None      # W&B run files here (default: log_dir, else the working directory)
     seed: int = 0
 
     def validate(self) -> None:
@@ -78,6 +81,7 @@ class QatConfig(MethodConfig):
             check(getattr(self, key) > 0, f"{key}={getattr(self, key)}: must be positive")
         check(self.local_weight >= 0, f"local_weight={self.local_weight}: must be >= 0 (0 turns it off)")
         check(0 <= self.teacher_fraction < 1, f"teacher_fraction={self.teacher_fraction}: must be in [0, 1)")
+        check_tracking(self)
 
 
 def training_mix(teacher: nn.Module, calib: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -103,6 +107,7 @@ class Qat(WholeModelMethod):
         saved = None if checkpoint_dir is None else Path(checkpoint_dir)
         model.to(device)
         teacher.to(device)
+        tracker = Tracker.of("qat", c)  # Block-AP under qat/block_ap, end to end under qat
         precision = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = c.tf32 and str(device).startswith("cuda")
         try:
@@ -112,10 +117,12 @@ class Qat(WholeModelMethod):
                          steps=c.block_steps, batch=c.batch, lr=c.block_lr, scale_lr=c.block_lr * c.scale_lr_factor,
                          seed=c.seed, device=device, checkpoint_dir=None if saved is None else saved / "blocks",
                          resume=resume,
-                         progress=(lambda d, t, note: progress(d, t, f"block-ap | {note}")) if progress else None)
+                         progress=(lambda d, t, note: progress(d, t, f"block-ap | {note}")) if progress else None,
+                         tracker=tracker)
             if c.steps:
-                self._end_to_end(model, teacher, windows, fakes, device, saved, resume, progress)
+                self._end_to_end(model, teacher, windows, fakes, device, saved, resume, progress, tracker)
         finally:
+            tracker.close()
             torch.backends.cuda.matmul.allow_tf32 = precision  # as the caller had it (evaluation in float32)
             model.to("cpu")
             teacher.to("cpu")
@@ -157,7 +164,8 @@ class Qat(WholeModelMethod):
             _put(model, head_name, FakeTiedHead(fakes[embed_name]))
         return fakes
 
-    def _end_to_end(self, model, teacher, windows, fakes, device, saved, resume, progress) -> None:
+    def _end_to_end(self, model, teacher, windows, fakes, device, saved, resume, progress,
+                    tracker: Tracker | None = None) -> None:
         c = self.config
         params: dict[str, nn.Parameter] = {}
         for name, fake in fakes.items():
@@ -165,11 +173,12 @@ class Qat(WholeModelMethod):
                 params[f"{name}.{key}"] = param
         if c.train_norms:
             train_norms(model, params)
-        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, log_dir=c.log_dir)
+        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed)
         grid = lambda name: c.scale_lr_factor if name.endswith((".scales", ".zeros")) else 1.0  # noqa: E731
         distill(model, teacher, windows, params, lambda: None, settings, device,
                 None if saved is None else saved / "e2e", resume,
-                (lambda d, t, note: progress(d, t, f"end-to-end | {note}")) if progress else None, lr_factor=grid)
+                (lambda d, t, note: progress(d, t, f"end-to-end | {note}")) if progress else None, lr_factor=grid,
+                tracker=tracker)
 
     @staticmethod
     def _store(model: nn.Module, fakes: dict[str, FakeQuantLinear]) -> None:
