@@ -69,7 +69,7 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor]:
     if args.shape == "smollm2":
         from hypercompress.models import load_model
 
-        loaded = load_model("smollm2-135m")
+        loaded = load_model(args.model)
         ids = tokenize(loaded.tokenizer, read_text(args.calib_text))
         return stacked(loaded.model, args.layers).eval(), calibration_samples(ids, count, args.seq, 0)
     if args.shape == "llama2-7b":
@@ -140,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shape", choices=("smollm2", "llama2-7b", "quick"), default="smollm2")
+    parser.add_argument("--model", default="smollm2-135m", help="--shape smollm2: the model source (e.g. its .gguf file)")
     parser.add_argument("--layers", type=int, default=0, help="layer-calls (default: 120; 32 for llama2-7b)")
     parser.add_argument("--quick", action="store_true", help="--shape quick with few short steps on the CPU")
     parser.add_argument("--steps", type=int, default=30)
