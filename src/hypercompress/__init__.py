@@ -7,7 +7,7 @@ from .analysis.edit import edit
 from .analysis.report import analyze
 from .api import compress
 from .artifact import load, save
-from .eval import evaluate_windows as evaluate
+from .eval.evaluation import evaluate
 from .hf_integration import register as _register_with_transformers
 from .registry import list_methods
 
