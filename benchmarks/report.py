@@ -140,6 +140,12 @@ def _ct_layout(data: dict) -> list[str]:
     return report_section(data)
 
 
+def _lm_eval_tasks(data: dict) -> list[str]:
+    from lm_eval_tasks import report_section
+
+    return report_section(data)
+
+
 def _fuzz(data: dict) -> list[str]:
     """results/fuzz.json (tests/artifact_fuzz.py): the strict reader against corrupted artifacts."""
     verdicts = ["refused", "accepted_same", "accepted_resealed_change", "crash", "hang", "memory",
@@ -235,7 +241,7 @@ def _edit(data: dict) -> list[str]:
     return lines + [""]
 
 
-SECTIONS = {"analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
+SECTIONS = {"analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "lm_eval_tasks": _lm_eval_tasks, "fuzz": _fuzz, "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
