@@ -72,10 +72,10 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
     progress(section, done, total): called as models load and batches run.
 
     Returns an Evaluation. Raises UserError (one line, before any model loads where it can) for no
-    text and no tasks, both text and data, a teacher without a text, a missing or empty text, tasks without task_dir (or the
-    reverse), a bad task folder or task (eval.harness.load_tasks), a loaded model without tokenizer
-    or on another dtype / device than asked, seq_len beyond the model's position limit or longer
-    than the text, and a model source that cannot load.
+    text and no tasks, both text and data, a teacher without a text, a missing or empty text, tasks
+    without task_dir (or the reverse), a bad task folder or task (eval.harness.load_tasks), a loaded
+    model without tokenizer or on another dtype / device than asked, seq_len beyond the model's
+    position limit or longer than the text, and a model source that cannot load.
     """
     progress = progress or (lambda *_: None)
     label, text = _text(text, data)

@@ -220,9 +220,11 @@ def tasks_protocol(results: dict[str, dict[str, Any]], task_dir: str, limit: int
     parts = [f"{name} {r['num_fewshot']}-shot, {r['docs']} of {r['docs_available']} docs"
              for name, r in results.items()]
     limited = f"first {limit} docs per task" if limit else "all docs"
+    metrics = {m for r in results.values() for m in r}
+    defined = ("acc = share of docs whose gold choice has the highest log-likelihood; " if "acc" in metrics else "") + \
+              ("acc_norm = the same per character of each choice; " if "acc_norm" in metrics else "")
     return (f"lm-eval {version} simple_evaluate over HFLM(the in-memory model), tasks from {task_dir}: "
-            f"{'; '.join(parts)} ({limited}); acc = share of docs whose gold choice has the highest "
-            f"log-likelihood, acc_norm = the same per character of the choice; stderr = sample std / sqrt(docs); "
+            f"{'; '.join(parts)} ({limited}); {defined}stderr = sample std / sqrt(docs); "
             f"batch {batch_size}, {dtype} compute on {device}, hub offline")
 
 
