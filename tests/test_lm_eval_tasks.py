@@ -50,7 +50,7 @@ def task_dir(tmp_path_factory):
             "doc_to_target": "{{label}}", "doc_to_choice": "{{choices}}",
             "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]}
     tasks = {
-        "tiny/tiny_mc.yaml": {"task": "tiny_mc", "dataset_path": "json",
+        "tiny/tiny_mc.yaml": {"task": "tiny_mc", "tag": "tiny_tag", "dataset_path": "json",
                               "dataset_kwargs": {"data_files": {"test": "data/test.jsonl"}}, **base},
         "hub_arc.yaml": {"task": "hub_arc", "dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Easy", **base},
         "lost.yaml": {"task": "lost_data", "dataset_path": "json",
@@ -127,6 +127,7 @@ def no_loading(monkeypatch):
 @pytest.mark.parametrize("args, needles", [
     (["--tasks", "tiny_mc", "--task-dir", "{missing}"], ["task folder not found"]),
     (["--tasks", "arc_easy", "--task-dir", "{tasks}"], ["--tasks arc_easy", "hub_arc, lost_data, tiny_mc"]),
+    (["--tasks", "tiny_tag", "--task-dir", "{tasks}"], ["a group or tag, not a task", "tiny_mc"]),
     (["--tasks", "hub_arc", "--task-dir", "{tasks}"], ["hub_arc", "Hugging Face hub", "allenai/ai2_arc"]),
     (["--tasks", "lost_data", "--task-dir", "{tasks}"], ["nowhere.jsonl not found"]),
     (["--tasks", "", "--task-dir", "{tasks}"], ["--tasks is empty"]),

@@ -62,17 +62,16 @@ def load_tasks(task_dir: str | os.PathLike[str], tasks: str | Sequence[str]) -> 
                         "with local data (see README 'Task accuracy with lm-eval')")
     _lm_eval()
     from lm_eval.tasks import TaskManager
-    from lm_eval.tasks._index import Kind
 
     manager = TaskManager(include_path=str(folder), include_defaults=False)
-    index = manager.task_index
-    known = sorted(n for n, e in index.items() if e.kind == Kind.TASK)
+    index = manager.task_index  # name -> entry (its parsed YAML, functions unresolved, and the YAML's path)
+    known = sorted(manager.all_subtasks)
     for name in names:
         entry = index.get(name)
-        if entry is None or entry.kind != Kind.TASK or entry.yaml_path is None:
+        if name not in known or entry.yaml_path is None:
             what = "a group or tag, not a task" if entry is not None else "not a task"
-            listed = ", ".join(known) if known else "none (a YAML lm-eval cannot parse is skipped)"
-            raise UserError(f"--tasks {name}: {what} in {task_dir}; the folder's tasks: {listed}")
+            raise UserError(f"--tasks {name}: {what} in {task_dir}; the folder's tasks: {', '.join(known) or 'none'} "
+                            "(a YAML lm-eval cannot parse is skipped)")
         check_local_data(name, entry.cfg or {}, Path(entry.yaml_path).parent)
     built = {}
     for name in names:
