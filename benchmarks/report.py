@@ -140,6 +140,12 @@ def _ct_layout(data: dict) -> list[str]:
     return report_section(data)
 
 
+def _lm_eval_tasks(data: dict) -> list[str]:
+    from lm_eval_tasks import report_section
+
+    return report_section(data)
+
+
 def _fuzz(data: dict) -> list[str]:
     """results/fuzz.json (tests/artifact_fuzz.py): the strict reader against corrupted artifacts."""
     verdicts = ["refused", "accepted_same", "accepted_resealed_change", "crash", "hang", "memory",
@@ -248,7 +254,8 @@ def _scale(data: dict) -> list[str]:
 
 
 SECTIONS = {"scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
-            "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth}
+            "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
+            "lm_eval_tasks": _lm_eval_tasks}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

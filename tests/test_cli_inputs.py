@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hypercompress import workflow
-from hypercompress.cli import evaluate as evaluate_cli
+from hypercompress.eval import evaluation
 
 from test_cli import assert_one_line_error, run
 
@@ -16,7 +16,7 @@ def no_loading(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
     monkeypatch.setattr(workflow, "load_model", fail)
-    monkeypatch.setattr(evaluate_cli, "load_model", fail)
+    monkeypatch.setattr(evaluation, "load_model", fail)
 
 
 @pytest.mark.parametrize("option, value", [

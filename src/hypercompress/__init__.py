@@ -8,7 +8,7 @@ from .analysis.edit import edit
 from .analysis.report import analyze
 from .api import compress as apply_recipe
 from .artifact import load, save
-from .eval import evaluate_windows as evaluate
+from .eval.evaluation import evaluate
 from .hf_integration import register as _register_with_transformers
 from .registry import list_methods
 from .workflow import CompressResult, compress
