@@ -113,3 +113,31 @@ def test_a_non_empty_out_is_refused_before_loading(tmp_path, monkeypatch):
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(UserError, match="already exists"):
         hypercompress.compress("smollm2-135m", method="rtn", out=tmp_path / "taken")
+
+
+def test_the_summary_and_trained_stages_log_where_asked(tmp_path, monkeypatch, calib_file, model_dirs):
+    """--log-dir reaches the recipe's trained stages that name none and the summary at the end."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = [{"method": "rtn", "bits": 4, "group_size": 32},
+              {"method": "qat", "steps": 2, "batch": 2}]
+    logs = tmp_path / "logs"
+    result = hypercompress.compress(str(model_dirs["llama"]), recipe, calib_file, calib_samples=4, calib_len=16,
+                                    out=tmp_path / "art", log_dir=str(logs))
+    assert result.summary["logged_to"] == [str(logs)]
+    assert result.summary["recipe"][1]["log_dir"] == str(logs)
+    tags = set()
+    for events in logs.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events.parent))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert "summary/bits_per_weight" in tags and any(t.startswith("qat/") for t in tags)
+
+
+def test_a_bad_tracking_destination_is_refused_before_loading(monkeypatch):
+    from hypercompress import workflow
+
+    monkeypatch.setattr(workflow, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(UserError, match="W&B project name"):
+        hypercompress.compress("smollm2-135m", method="rtn", wandb_project="a/b")

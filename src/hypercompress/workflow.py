@@ -66,6 +66,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
              lossless: int | None = None, calib_samples: int = 32, calib_len: int = 512,
              calib_batch: int = 8, seed: int = 0, device: str = "cpu", resume: bool = False,
              eval_text: str | Path | None = None, eval_windows: int = 16, stream_blocks: bool = False,
+             log_dir: str | None = None, wandb_project: str | None = None,
              say: Say | None = None, progress: Progress | None = None) -> CompressResult:
     """Compress `model` with a recipe, one method, or a planned recipe for a size target.
 
@@ -88,6 +89,9 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     stream_blocks: read a local HF directory's blocks from its safetensors files one at a time
         (streaming.py): the original is never whole in RAM during layer-wise passes (a size
         target's planner still reads all of it first); not with eval_text.
+    log_dir / wandb_project: TensorBoard folder / Weights & Biases project (offline unless WANDB_MODE
+        says otherwise) for every trained stage that does not name its own (losses, KL, tokens/s,
+        learning rate per step) and for the summary at the end (tracking.py).
     device: "cpu" or "cuda[:i]": where each block is calibrated. `say(line)` receives decisions,
         `progress(section, done, total)` the long steps.
 
@@ -114,6 +118,12 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     if checkpoint_dir is not None and checkpoint_dir.exists() and not resume:
         raise UserError(describe_leftover(checkpoint_dir))
     device = _checked_device(device)
+    if log_dir is not None or wandb_project is not None:
+        from types import SimpleNamespace
+
+        from .tracking import check_tracking
+
+        check_tracking(SimpleNamespace(log_dir=log_dir, wandb_project=wandb_project, wandb_dir=None))
     if stream_blocks and not isinstance(model, str):
         raise UserError("stream_blocks reads a model directory: pass its path, not a loaded model")
     if stream_blocks and eval_text is not None:
@@ -153,6 +163,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
             materialize_all(net)
         plan, allocation = planned_recipe(net, target, samples, distill_steps if distill else 0,
                                           lossless, device, say=say, progress=progress)
+    plan = _with_tracking(plan, log_dir, wandb_project)
     report = apply_recipe(net, plan, samples, progress=lambda i, m, done, total: progress(f"compressing: {m}", done, total),
                           device=device, batch_size=calib_batch,
                           checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
@@ -184,6 +195,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         size = artifact.stored_bytes(net, lossless)
         summary.update(_totals(net, size, original_params),
                        branches=branch_rows(report["stages"], original_params, baseline, size, lossless))
+        if parallel.is_main():
+            summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
         return CompressResult(net, tokenizer, None, summary)
     path = artifact.save(net, tokenizer, out_path, recipe=plan.to_list(), original_params=original_params,
                          extra={"source_model": source, "seed": seed}, lossless=lossless, documents=documents_of)
@@ -193,6 +206,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     summary.update(manifest["totals"], out=str(path),
                    compression_ratio_vs_16bit=16 / manifest["totals"]["bits_per_weight"],
                    branches=json.loads((path / SUMMARY_JSON).read_text())["branches"])
+    summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
     return CompressResult(net, tokenizer, path, summary)
 
 
@@ -231,6 +245,29 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
                             "--set values or use --recipe")
         group = value
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
+
+
+def _with_tracking(plan: Recipe, log_dir: str | None, wandb_project: str | None) -> Recipe:
+    """The recipe with `log_dir` / `wandb_project` set on every trained stage that has the key and
+    leaves it unset (a stage's own value wins)."""
+    if log_dir is None and wandb_project is None:
+        return plan
+    from .recipe import _valid_keys
+
+    stages = plan.to_list()
+    for stage in stages:
+        for key, value in (("log_dir", log_dir), ("wandb_project", wandb_project)):
+            if value is not None and key in _valid_keys(stage) and stage.get(key) is None:
+                stage[key] = value
+    return Recipe.from_list(stages, where="recipe with --log-dir/--wandb-project")
+
+
+def _log_summary(summary: dict[str, Any], plan: Recipe, log_dir: str | None, wandb_project: str | None) -> list[str]:
+    """The summary logged where the run asked (tracking.log_compress_summary); the destinations written."""
+    from .tracking import log_compress_summary
+
+    return log_compress_summary(json.loads(json.dumps(summary, default=str)), plan,
+                                log_dir=log_dir, wandb_project=wandb_project)
 
 
 def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:

@@ -49,6 +49,10 @@ def compress(
     stream_blocks: bool = typer.Option(False, "--stream-blocks", help="read a model directory's blocks from "
                                        "its safetensors files one at a time (the original is never whole in "
                                        "RAM; a size target's planner still reads it all)"),
+    log_dir: Optional[str] = typer.Option(None, "--log-dir", help="TensorBoard logs of every trained stage "
+                                          "and of the summary (needs tensorboard)"),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="the same to a Weights & Biases "
+                                                "project (offline unless WANDB_MODE says otherwise; needs wandb)"),
     eval_windows: int = typer.Option(16, "--eval-windows", min=1,
                                       help="windows of --eval measured per branch (512 tokens, or the "
                                       "model's position limit when shorter)"),
@@ -61,6 +65,7 @@ def compress(
                               lossless=lossless, calib_samples=calib_samples, calib_len=calib_len,
                               calib_batch=calib_batch, seed=seed, device=device, resume=resume,
                               eval_text=eval_text, eval_windows=eval_windows, stream_blocks=stream_blocks,
+                              log_dir=log_dir, wandb_project=wandb_project,
                               say=console.print, progress=update)
     if result.out is None:  # another process of a launched run: the main one writes and prints
         return
