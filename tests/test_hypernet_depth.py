@@ -101,7 +101,8 @@ def test_one_layer_s_weight_is_the_batched_one(head):
         batched, context = gen(), gen.contexts()
         for t in range(len(gen.shapes)):
             for l in range(gen.num_layers):
-                assert torch.allclose(gen.layer_weight(context, l, t), batched[t][l], rtol=1e-5, atol=1e-7)
+                # (float32 sums in another order by batch size and thread count: ~1e-7 relative)
+                assert torch.allclose(gen.layer_weight(context, l, t), batched[t][l], rtol=1e-5, atol=1e-6)
 
 
 def tiny_hypernet(checkpointed: bool, tbptt: int = 0):
