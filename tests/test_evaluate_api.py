@@ -47,6 +47,7 @@ def test_a_source_and_a_file_match_the_cli(model_dirs, text_file, tmp_path):
 
 @pytest.mark.parametrize("call, needle", [
     (lambda m, t, f: hypercompress.evaluate(m, Path(f), tokenizer=t), "pass a file as data="),
+    (lambda m, t, f: hypercompress.evaluate(m, f, tokenizer=t), "pass a file as data="),  # a path given as text
     (lambda m, t, f: hypercompress.evaluate(m, "w1 w2", data=f, tokenizer=t), "not both"),
     (lambda m, t, f: hypercompress.evaluate(m, "w1 w2 w3"), "needs its tokenizer"),
     (lambda m, t, f: hypercompress.evaluate(m, data=f, tokenizer=t, dtype=torch.bfloat16), "computes in float32"),

@@ -107,7 +107,8 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
 
 def _text(text: str | None, data: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:
     """(label, text) from exactly one of text / data, or (None, None)."""
-    if isinstance(text, os.PathLike):
+    if isinstance(text, os.PathLike) or (isinstance(text, str) and "\n" not in text and len(text) < 4096
+                                         and os.path.isfile(text)):
         raise UserError(f"text is a path ({text}); pass a file as data=, the text itself as text=")
     if text is not None and data is not None:
         raise UserError("pass the text itself (text=) or a file / datasets spec (data=), not both")
