@@ -105,6 +105,12 @@ def test_bad_calls_are_one_line_errors_before_any_work(kwargs, message):
         hypercompress.compress(make_model("llama"), tokenizer=make_tokenizer(), **kwargs)
 
 
+def test_saving_a_loaded_model_needs_its_tokenizer(tmp_path):
+    with pytest.raises(UserError, match="pass tokenizer="):
+        hypercompress.compress(make_model("llama"), method="rtn", out=tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
 def test_a_non_empty_out_is_refused_before_loading(tmp_path, monkeypatch):
     from hypercompress import workflow
 

@@ -124,6 +124,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         from .tracking import check_tracking
 
         check_tracking(SimpleNamespace(log_dir=log_dir, wandb_project=wandb_project, wandb_dir=None))
+    if out_path is not None and isinstance(model, nn.Module) and tokenizer is None:
+        raise UserError("an artifact stores the tokenizer too: pass tokenizer= with a loaded model, or out=None")
     if stream_blocks and not isinstance(model, str):
         raise UserError("stream_blocks reads a model directory: pass its path, not a loaded model")
     if stream_blocks and eval_text is not None:
