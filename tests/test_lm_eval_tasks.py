@@ -154,3 +154,12 @@ def test_a_task_that_lm_eval_cannot_build_is_one_line(task_dir, tmp_path, no_loa
     (broken / "bad.yaml").write_text(yaml.safe_dump(config))
     assert_one_line_error(run("evaluate", "smollm2-135m", "--tasks", "bad_json", "--task-dir", broken),
                           "task bad_json: lm-eval could not load it")
+
+
+def test_a_relative_task_dir_works(task_dir, monkeypatch):
+    """--task-dir tasks (relative, as a user types it): the same accuracy as the absolute path."""
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    absolute = hypercompress.evaluate(model, tokenizer=tokenizer, tasks="tiny_mc", task_dir=task_dir, limit=5)
+    monkeypatch.chdir(task_dir.parent)
+    relative = hypercompress.evaluate(model, tokenizer=tokenizer, tasks="tiny_mc", task_dir=task_dir.name, limit=5)
+    assert relative.tasks["tiny_mc"]["acc"] == absolute.tasks["tiny_mc"]["acc"]

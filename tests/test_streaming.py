@@ -178,3 +178,15 @@ def test_a_killed_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
         artifact.save(model, tokenizer, tmp_path / name, recipe=recipe.to_list(), original_params=1)
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_a_tied_model_streams_after_its_embedding_is_compressed(tmp_path, calib_file):
+    """An embedding stage before the layer-wise pass (SmolLM2's embed4 recipe): reading the blocks
+    afterwards must not re-tie the replaced embedding."""
+    source = sharded_dir(tmp_path / "gpt2", arch="gpt2", layers=2)
+    recipe = [{"method": "rtn", "bits": 4, "group_size": 32, "targets": [r"^transformer\.wte$"]},
+              {"method": "gptq", "bits": 4, "group_size": 32}]
+    kwargs = dict(calib=calib_file, calib_samples=2, calib_len=32)
+    hypercompress.compress(str(source), recipe, out=tmp_path / "a", **kwargs)
+    hypercompress.compress(str(source), recipe, out=tmp_path / "b", stream_blocks=True, **kwargs)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()

@@ -69,8 +69,6 @@ class LazyWeights:
             except Exception as exc:  # a file changed or truncated since its header was checked
                 raise UserError(f"cannot read {file} ({type(exc).__name__}); check or re-download the "
                                 "model files") from None
-        if names:
-            model.tie_weights()
 
 
 def lazy_of(model: nn.Module) -> LazyWeights | None:
@@ -132,6 +130,7 @@ def load_streamed(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.M
     model.hypercompress_lazy = lazy
     outside = [n for n, t in _tensors(model) if t.device.type == "meta" and not n.startswith(f"{spec.blocks}.")]
     lazy.load(model, outside)
+    model.tie_weights()  # (once: a later stage may replace the embedding by a compressed module)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except Exception as exc:

@@ -56,7 +56,7 @@ def load_tasks(task_dir: str | os.PathLike[str], tasks: str | Sequence[str]) -> 
     listed), a task's data is not local (it would read the hub) or a listed file is missing, or
     lm-eval cannot build the task (bad YAML, template or data file; its first line is quoted)."""
     names = task_names(tasks)
-    folder = user_path(task_dir)
+    folder = user_path(task_dir).absolute()  # a task loads from inside its own folder (chdir)
     if not folder.is_dir():
         raise UserError(f"task folder not found: {task_dir}; pass --task-dir, a folder of lm-eval task YAMLs "
                         "with local data (see README 'Task accuracy with lm-eval')")
