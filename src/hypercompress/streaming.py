@@ -28,6 +28,7 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError, user_path
+from .modules import tied_parameter_names
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -174,7 +175,7 @@ def _header_names(file: Path) -> list[str]:
 
 def _check_headers(directory: Path, files: dict[str, Path], shapes: dict[str, tuple], model: nn.Module) -> None:
     """Every tensor the model needs is in a file that holds it, in the model's shape (headers only)."""
-    tied = _tied_names(model)
+    tied = tied_parameter_names(model)
     missing = sorted(n for n in shapes if n not in files and n not in tied and not _computed_buffer(model, n))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -206,17 +207,6 @@ def _check_headers(directory: Path, files: dict[str, Path], shapes: dict[str, tu
                             "check or re-download it") from None
     for name in tied:
         files.pop(name, None)  # read once, through the tensor it is tied to
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names of parameters that share storage with an earlier-named one (a tied lm_head)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            tied.add(name)
-        seen.setdefault(id(param), name)
-    return tied
 
 
 def _computed_buffer(model: nn.Module, name: str) -> bool:
