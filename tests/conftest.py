@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import signal
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def make_model(arch: str) -> torch.nn.Module:
         return LlamaForCausalLM(config).eval()
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
+
+
+def message_lines(stderr: str) -> list[str]:
+    """The non-empty lines of a command's stderr without its progress lines ('[    3 s] loading ...',
+    cli/progress.py): the error or warning lines a test checks."""
+    return [line for line in stderr.splitlines() if line.strip() and not re.match(r"^\[\s*\d+ s\] ", line)]
 
 
 def write_text(path: Path, words: int, seed: int) -> Path:

@@ -17,7 +17,7 @@ from hypercompress.analysis.report import analyze
 from hypercompress.analysis.weights import code_entropy, spectrum_stats
 from hypercompress.cli import app
 
-from conftest import tied_llama
+from conftest import tied_llama, message_lines
 
 runner = CliRunner()
 
@@ -132,7 +132,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, model_dirs, calib_file, 
     result = runner.invoke(app, ["analyze", model, "--calib", calib, "--out", str(out), "--calib-samples", "2",
                                  "--calib-len", "32", "--no-sensitivity", *extra])
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = message_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
     if case == "existing out":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hypercompress.cli import app
+from conftest import message_lines
 
 runner = CliRunner()
 
@@ -20,7 +21,7 @@ def run(*args):
 def assert_one_line_error(result, *needles):
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = message_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]

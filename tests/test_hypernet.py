@@ -85,7 +85,7 @@ def test_hypernet_learns_and_reloads_exactly(model_dirs, tokens, tmp_path):
     calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
     recipe = Recipe.single("hypernet").with_overrides(["warm_steps=30", "steps=30", "backbone=ssm"])
     events = []
-    compress(model, recipe, calib, progress=lambda i, label, done, total: events.append(label))
+    compress(model, recipe, calib, progress=lambda i, label, done, total, note: events.append(note))
     assert any("kl" in e for e in events) and any("warm start" in e for e in events)
     assert all(isinstance(model.get_submodule(f"model.layers.{l}.mlp.up_proj"), GeneratedLinear) for l in (0, 1))
     logits = model(tokens).logits
@@ -131,7 +131,7 @@ def test_diffusion_head_samples_weights_and_reloads_exactly(model_dirs, tokens, 
     model = loaded.model
     recipe = Recipe.single("hypernet").with_overrides(["head=dit", "warm_steps=120", "steps=0", "dit_steps=3"])
     notes = []
-    compress(model, recipe, calib, progress=lambda i, label, done, total: notes.append(label))
+    compress(model, recipe, calib, progress=lambda i, label, done, total, note: notes.append(note))
     assert any("denoising" in n for n in notes)
     generator = model.hypernet
     assert generator.head == "dit" and not hasattr(generator, "head_u")
@@ -147,7 +147,7 @@ def test_diffusion_head_samples_weights_and_reloads_exactly(model_dirs, tokens, 
     notes.clear()
     distilled = load_model(str(model_dirs["llama"])).model  # distillation differentiates the sampler
     compress(distilled, Recipe.single("hypernet").with_overrides(["head=dit", "warm_steps=2", "steps=3"]), calib,
-             progress=lambda i, label, done, total: notes.append(label))
+             progress=lambda i, label, done, total, note: notes.append(note))
     assert any("kl" in n for n in notes)
 
 

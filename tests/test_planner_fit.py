@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_tokenizer, tied_llama
+from conftest import make_tokenizer, tied_llama, message_lines
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.planner import allocate, plan_bits
@@ -92,7 +92,7 @@ def test_cli_refusal_names_sizes_that_are_reached(tmp_path, calib_file):
 
     refused = compress(5.0, "five")
     assert refused.exit_code == 2 and "Traceback" not in refused.output, refused.output
-    lines = [line for line in refused.stderr.splitlines() if line.strip()]
+    lines = message_lines(refused.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "at most" not in lines[0], refused.stderr
     assert not (tmp_path / "five").exists()
     below, above = hinted_targets(lines[0])

@@ -11,6 +11,7 @@ import os
 import pytest
 
 from test_cli import run
+from conftest import message_lines
 
 GOOD = {"title": "good", "rows": [{"label": "a", "bits_per_weight": 4.0, "ppl": 30.0},
                                   {"label": "b", "bits_per_weight": 2.0, "ppl": 60.0}]}
@@ -71,7 +72,7 @@ def test_a_bad_file_is_skipped_with_a_warning_and_the_rest_is_plotted(name, tmp_
     result = run("plot", tmp_path / "results", "--out", tmp_path / "rd.png")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
-    warnings = [line for line in result.stderr.splitlines() if line.strip()]
+    warnings = message_lines(result.stderr)
     assert len(warnings) == 1 and warnings[0].startswith("warning: ") and str(bad) in warnings[0], result.stderr
     assert "skipped" in warnings[0]
     assert "3 points in 2 series" in result.stdout
@@ -83,7 +84,7 @@ def test_a_folder_of_only_bad_files_is_the_one_line_no_results_error(name, tmp_p
     _bad_file(tmp_path, name)
     result = run("plot", tmp_path / "results", "--out", tmp_path / "rd.png")
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = message_lines(result.stderr)
     assert lines[-1].startswith("error: no results") and "1 malformed file skipped" in lines[-1], result.stderr
     assert len(lines) == 2 and lines[0].startswith("warning: ")
     assert not (tmp_path / "rd.png").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_model
+from conftest import make_model, message_lines
 from hypercompress.api import compress
 from hypercompress.artifact import storage_bits
 from hypercompress.cli import app
@@ -76,7 +76,7 @@ def test_cli_svd_rank_beyond_break_even(model_dirs, tmp_path):
     result = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--method", "svd",
                                       "--set", "rank=100000", "--out", str(out)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = message_lines(result.stderr)
     assert len(lines) == 1 and "rank=100000" in lines[0] and "1..21" in lines[0], result.stderr
     assert not out.exists()
 

@@ -66,9 +66,10 @@ def test_the_cli_summary_is_the_api_summary(model_dirs, calib_file, tmp_path):
                                     calib=calib_file, calib_samples=2, calib_len=32, out=api_out)
     cli = json.loads(report.read_text())
     timing = {"load_seconds", "compress_seconds", "peak_memory_bytes", "peak_host_rss_bytes", "out", "stages",
-              "model", "branches"}
+              "model", "branches", "timeline", "wall_seconds"}
     assert {k: v for k, v in cli.items() if k not in timing} == \
         {k: v for k, v in json.loads(json.dumps(result.summary)).items() if k not in timing}
+    assert [row["step"] for row in cli["timeline"]] == [row["step"] for row in result.summary["timeline"]]
     assert (cli_out / "model.safetensors").read_bytes() == (api_out / "model.safetensors").read_bytes()
 
 

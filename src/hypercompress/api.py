@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .arch import check_length
+from .arch import arch_of, check_length
 from .artifact import round_to_storage, storage_bits
 from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
@@ -23,8 +23,10 @@ from .methods.base import LayerwiseMethod, WholeModelMethod
 from .registry import get_method
 from .streaming import materialize_all
 
-# progress(stage_index, stage_method, done, total) -- the CLI draws a progress bar from it
-Progress = Callable[[int, str, int, int], None]
+# progress(stage_index, label, done, total, note): label names the stage (or the stages one layer-wise
+# pass runs together, pass_label), done/total count its blocks or modules or steps, note says what
+# happens inside (a loss); workflow.compress turns it into the library's progress (progress.py)
+Progress = Callable[[int, str, int, int, str], None]
 
 
 @torch.no_grad()
@@ -89,7 +91,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
             restored = checkpoint.load(model)
         stages = [recipe.stages[i] for i in group]
         methods = [get_method(s.method).method_cls(s.config) for s in stages]
-        label = "+".join(s.method for s in stages)
+        label = pass_label(stages)
         routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
         start, block_seconds = time.perf_counter(), None
         if isinstance(methods[0], WholeModelMethod):
@@ -100,17 +102,20 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
             if calib is None:
                 raise UserError(f"method '{stages[0].method}' needs calibration data; pass --calib FILE")
             resume_from = restored[1:] if restored is not None and first == restored[0] else None
+            if resume_from is not None and progress:
+                progress(first, label, resume_from[0] + 1, len(model.get_submodule(
+                    arch_of(model.config.model_type).blocks)), f"resumed after block {resume_from[0]}")
             run = run_layerwise(
                 model, StageRouter(routes, label), list(routes), calib, stage=first, device=device,
                 batch_size=batch_size, checkpoint=checkpoint, resume_from=resume_from,
-                progress=(lambda done, total: progress(first, label, done, total)) if progress else None)
+                progress=(lambda done, total: progress(first, label, done, total, "")) if progress else None)
             peak, block_seconds = run["peak_memory_bytes"], run["block_seconds"]
         else:
             made = methods[0].compress_many(list(routes), lambda name: uncompressed(model, name, first))
             for done, (name, module) in enumerate(made):
                 replace_module(model, name, module)
                 if progress:
-                    progress(first, label, done + 1, len(routes))
+                    progress(first, label, done + 1, len(routes), name)
             peak = peak_memory_bytes("cpu")
         report.append({"stage": first, "stages": group, "method": label, "modules": len(routes),
                        "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
@@ -122,6 +127,23 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     if checkpoint is not None and not keep_checkpoint:
         checkpoint.remove()
     return {"stages": report}
+
+
+def pass_label(stages: list) -> str:
+    """A readable name for the stages one pass runs: "gptq", "sparsegpt+gptq", or for a planned
+    recipe's per-option stages "gptq ×5 (w2g64, w3g64, w4g64, w4g128, w8g128)"."""
+    runs: list[list[str]] = []
+    for stage in stages:
+        if runs and runs[-1][0] == stage.method:
+            runs[-1].append(stage.method)
+        else:
+            runs.append([stage.method])
+    label = "+".join(run[0] if len(run) == 1 else f"{run[0]} ×{len(run)}" for run in runs)
+    configs = [s.config.to_dict() for s in stages]
+    options = [f"w{c['bits']}" + ("row" if c.get("group_size") == -1 else f"g{c['group_size']}"
+                                  if c.get("group_size") else "")
+               for c in configs if isinstance(c.get("bits"), int)]
+    return f"{label} ({', '.join(dict.fromkeys(options))})" if len(stages) > 1 and options else label
 
 
 def _whole_model(model, stage, first, teacher, calib, device, progress, checkpoint, resume,
@@ -136,7 +158,7 @@ def _whole_model(model, stage, first, teacher, calib, device, progress, checkpoi
     if checkpoint is not None:
         checkpoint.claim()
     method.apply(model, names, teacher, calib, device=device,
-                 progress=(lambda done, total, note: progress(first, f"{stage.method} | {note}", done, total))
+                 progress=(lambda done, total, note: progress(first, stage.method, done, total, note))
                  if progress else None,
                  checkpoint_dir=None if checkpoint is None else checkpoint.stage_dir(first), resume=resume)
 

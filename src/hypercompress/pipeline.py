@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -285,8 +285,8 @@ def _block_targets(spec, indices) -> list[str]:
 
 def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None, distill_steps: int = 0,
                  lossless: int | None = None, tolerance: float = 0.02, trials: int = 14,
-                 device: str = "cpu") -> PipelinePlan:
-    """plan_pipeline, then measured: each trial compresses a copy (without the distillation, which
+                 device: str = "cpu", progress: Callable[[int, int, str], None] | None = None) -> PipelinePlan:
+    """plan_pipeline, then measured (progress(trials done, at most trials + 1, note) after each): each trial compresses a copy (without the distillation, which
     does not change the size; whitened on 4 calibration windows, for speed: the sizes are those of
     the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have
     (safetensors header and the lossless stage included); the planning budget is searched
@@ -302,6 +302,7 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
     from .recipe import Recipe
 
     measured, params = {}, count_params(model)
+    done = [0]
 
     def replan(budget: float) -> PipelinePlan | None:
         try:
@@ -314,6 +315,9 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
         compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]),
                  None if calib is None else calib[:4], device=device)
         plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
+        done[0] += 1
+        if progress:
+            progress(done[0], trials + 1, f"at most; last trial {plan.reached_bpw:.3f} bpw")
         return plan.reached_bpw
 
     smallest = smallest_plan(model, distill_steps)

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .arch import arch_of
 from .modules import count_params
 from .planner import Plan, _candidates, linear_options, option_label, plan_recipe
 
@@ -86,11 +87,12 @@ def plan_label(plan: Plan, embedding: str) -> str:
 @torch.no_grad()
 def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int, embedding: str,
            lossless: int | None, device: str = "cpu",
-           progress: Callable[[int, int], None] | None = None) -> tuple[Plan, dict[str, float], dict[str, Plan]]:
+           progress: Callable[..., None] | None = None) -> tuple[Plan, dict[str, float], dict[str, Plan]]:
     """(the plan or a uniform plan of at most the same file size, whichever gives the lowest KL
     after GPTQ; {label: KL} of every candidate, the plan's as "planned"; {label: plan}). `samples` (N, T): the
     calibration windows (with fewer than TRIAL_WINDOWS + 1, the first half calibrates the trials and
-    the rest scores them)."""
+    the rest scores them). progress(done, total, note) as the trials' layer-wise passes go: done /
+    total count blocks over all trials, the note names the running trial."""
     from .api import compress
     from .artifact import stored_bytes
     from .distill import kl_to_teacher
@@ -109,10 +111,19 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
     reference = [model(input_ids=w.to(device)).logits.float().cpu() for w in check.split(2)]
     model.to("cpu")
     scores: dict[str, float] = {}
+    blocks = len(model.get_submodule(arch_of(model.config.model_type).blocks))
+
+    def report(done: int, label: str) -> Callable[..., None] | None:
+        def layerwise(_stage: int, _label: str, block: int, total: int, _note: str = "") -> None:
+            if total == blocks:  # the trial's GPTQ pass (its embedding stage counts one module)
+                progress(done * blocks + block, len(candidates) * blocks,
+                         f"trial {done + 1}/{len(candidates)}: {label}")
+        return layerwise if progress else None
+
     for done, (label, candidate) in enumerate(candidates.items()):
         trial = copy.deepcopy(model)
         compress(trial, Recipe.from_list(candidate_stages(label, candidate, embedding), where="planned recipe (trial)"),
-                 samples[:split], device=device)
+                 samples[:split], device=device, progress=report(done, label))
         if ROTATED in candidates and label == "planned":  # what the rotated plan may store at most
             allowed = max(stored_bytes(trial, lossless), target_bpw * count_params(model) / 8)
         fits = label != ROTATED or stored_bytes(trial, lossless) <= allowed  # (its codes may code larger)
@@ -122,7 +133,5 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
                    for r, w in zip(reference, check.split(2))]
             scores[label] = float(sum(kls)) / check.shape[0]
         del trial
-        if progress:
-            progress(done + 1, len(candidates))
     best = min(scores, key=lambda label: (scores[label], label != "planned"))
     return candidates[best], scores, candidates

@@ -67,8 +67,9 @@ def smallest_file_fits(model: nn.Module, target_bpw: float, group: int, embeddin
 
 def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int,
                      embedding: str, lossless: int | None, tolerance: float = 0.02, trials: int = 14,
-                     device: str = "cpu") -> Plan:
-    """A plan whose file stores between target_bpw x (1 - tolerance) and target_bpw bits per weight.
+                     device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> Plan:
+    """A plan whose file stores between target_bpw x (1 - tolerance) and target_bpw bits per weight;
+    progress(trials measured, at most `trials`) after each size trial.
 
     `plan` is the planner's plan for the budget `target_bpw` (its sensitivities are reused for every
     re-plan). Raises UserError naming the sizes reached nearest the target when no plan lands there.
@@ -88,17 +89,18 @@ def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: t
 
     return fit_budget(replan, lambda p: stored_bpw(model, p, embedding, lossless), lambda p: p.bits_per_weight,
                       lambda p: tuple(sorted(p.allocation.items())), target_bpw, (smallest, largest),
-                      tolerance, trials)
+                      tolerance, trials, progress=progress)
 
 
 def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], planned: Callable[[Any], float],
                key: Callable[[Any], Hashable], target_bpw: float, bounds: tuple[float, float],
-               tolerance: float = 0.02, trials: int = 14, under: Trial | None = None) -> Any:
+               tolerance: float = 0.02, trials: int = 14, under: Trial | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Any:
     """The search of the module docstring, for any planner: `replan(budget)` gives the plan for a
     planning budget in bpw (None: no plan that small), `stored(plan)` its file's bpw, `planned(plan)`
     its planned bpw, `key(plan)` an identity (a plan met again is not measured again); `bounds` the
     budgets of the smallest and largest plans; `under` a trial already known to store under the
-    target (the smallest plan). Returns the first plan whose file lands within
+    target (the smallest plan); progress(attempt, trials) after each attempt. Returns the first plan whose file lands within
     [target x (1 - tolerance), target]; else raises UserError naming the sizes found nearest it."""
     low = target_bpw * (1 - tolerance)
     # the trial storing the most at or under the target
@@ -114,6 +116,8 @@ def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], p
             if key(plan) not in seen:
                 seen[key(plan)] = Trial(plan, stored(plan))
             trial = seen[key(plan)]
+            if progress:
+                progress(attempt + 1, trials)
             if low <= trial.stored <= target_bpw:
                 return trial.plan
             if trial.stored <= target_bpw:

@@ -14,8 +14,13 @@ from torch import nn
 from .errors import UserError
 from .recipe import PlanTarget, Recipe
 
+from .progress import Progress, no_progress
+
 Say = Callable[[str], None]
-Progress = Callable[[str, int, int], None]  # (section, done, total)
+SENSITIVITY = "planning: sensitivity (RTN, KL per module and option)"
+SIZE_FIT = "planning: fitting the plan to the file (RTN size trials)"
+TRIALS = "planning: planned vs uniform recipes (GPTQ trials)"
+PIPELINE = "planning: fitting the pipeline to the target (trial compressions)"
 
 
 def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, distill_steps: int = 0,
@@ -29,10 +34,10 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     writes (header and lossless stage counted), then keep it or the best uniform recipe of that size,
     whichever GPTQ trials measure better (planner_choice.py); below it: the hybrid pipeline
     (pipeline.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
-    planner.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total)`
-    the long steps as they run. Raises UserError for a target no plan of this model can meet."""
+    planner.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total,
+    note)` the long steps as they run (sections SENSITIVITY, SIZE_FIT, TRIALS or PIPELINE). Raises UserError for a target no plan of this model can meet."""
     say = say or (lambda _line: None)
-    progress = progress or (lambda *_: None)
+    progress = progress or no_progress
     from .pipeline import fit_pipeline
     from .planner import QAT_CODE_GROWTH, floor_bpw, option_label, plan_bits, qat_stage
     from .planner_choice import candidate_stages, choose
@@ -42,9 +47,10 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     if target.bits_per_weight < floor and not smallest_file_fits(model, target.bits_per_weight, target.group_size,
                                                                  embedding, lossless):
-        progress("fitting the pipeline to the target (trial compressions)", 0, 1)
-        pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless, device=device)
-        progress("fitting the pipeline to the target (trial compressions)", 1, 1)
+        progress(PIPELINE, 0, 1)
+        pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless, device=device,
+                                progress=lambda done, most, note: progress(PIPELINE, done, most, note))
+        progress(PIPELINE, 1, 1)
         say(f"pipeline for {target.bits_per_weight:.4f} bpw (below the quantization floor "
                       f"{floor:.3f}): {pipeline.reached_bpw:.4f} bpw as stored | " + " | ".join(pipeline.notes))
         return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
@@ -53,20 +59,19 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     # qat's trained codes code larger than the planned ones: its plans leave them that room
     fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
     plan = plan_bits(model, max(fit_bpw, floor), samples[:1, :256], target.group_size, embedding,
-                     progress=lambda done, total, *_: progress("measuring sensitivity", done, total), device=device)
-    progress("fitting the plan to the stored file (RTN trials)", 0, 1)
+                     progress=lambda done, total, *_: progress(SENSITIVITY, done, total), device=device)
+    progress(SIZE_FIT, 0, 1)
     try:
         plan = fit_plan_to_file(model, plan, fit_bpw, samples[:1, :256], target.group_size,
-                                embedding, lossless, device=device)
+                                embedding, lossless, device=device,
+                                progress=lambda done, most: progress(SIZE_FIT, done, most, "at most"))
     except UserError as error:
         if not distill_steps:
             raise
         raise UserError(f"{error} (with --distill the plan is fit to the target / {QAT_CODE_GROWTH}, "
                         f"{fit_bpw:.4f} bpw, since qat's trained codes code up to that much larger)") from None
-    progress("fitting the plan to the stored file (RTN trials)", 1, 1)
     plan, scores, candidates = choose(model, plan, fit_bpw, samples, target.group_size, embedding, lossless, device,
-                                      progress=lambda done, total, *_: progress("planned vs uniform recipes "
-                                                                                "(GPTQ trials)", done, total))
+                                      progress=lambda done, total, note="": progress(TRIALS, done, total, note))
     chosen = min(scores, key=lambda label: (scores[label], label != "planned"))
     say("GPTQ trials, KL on calibration windows they did not see: "
                   + " | ".join(f"{label} {kl:.4f}" + (" (kept)" if label == chosen else "")

@@ -34,6 +34,7 @@ from .layers.latent_kv import kv_cache_bytes_per_token
 from .methods.structured.surgery import flops_per_token
 from .models import load_model
 from .modules import count_params
+from .progress import Progress, Timeline, no_progress
 from .recipe import PlanTarget, Recipe, load_recipe_file
 from .registry import get_method
 from .streaming import is_streamed, load_streamed, materialize_all
@@ -42,7 +43,6 @@ from .targets import planned_recipe
 
 EVAL_LEN = 512  # tokens per evaluation window (capped to the model's position limit)
 Say = Callable[[str], None]                    # a line of what was decided
-Progress = Callable[[str, int, int], None]     # (section, done, total) of the long steps
 
 
 @dataclass
@@ -93,14 +93,19 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         says otherwise) for every trained stage that does not name its own (losses, KL, tokens/s,
         learning rate per step) and for the summary at the end (tracking.py).
     device: "cpu" or "cuda[:i]": where each block is calibrated. `say(line)` receives decisions,
-        `progress(section, done, total)` the long steps.
+        `progress(section, done, total, note)` every long step as it runs (progress.py).
+
+    The summary's "timeline" lists the wall seconds of every step (loading, calibration windows,
+    planning's sensitivity / size / GPTQ trials, each stage, measuring, writing); they add up to its
+    "wall_seconds", the time spent in this call.
 
     Raises UserError (one line naming the problem and its fix) for a bad combination, an unknown
     model or method, a missing calibration text, an unwritable or non-empty `out`, a target no plan
     meets, or a file over the target by more than 2%.
     """
+    timeline = Timeline("checking the options")
     say = say or (lambda _line: None)
-    progress = progress or (lambda *_: None)
+    progress = timeline.track(progress or no_progress)
     target, plan = _target_or_recipe(recipe, method, overrides, target_bpw, target_ratio)
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
@@ -147,13 +152,14 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     original_params = count_params(net)
     samples = None
     if calibrated:
+        progress("drawing calibration windows", 0, 1)
         samples = _samples(net, tokenizer, calib, calib_text, calib_samples, calib_len, seed)
+        progress("drawing calibration windows", 1, 1)
     meter, baseline, protocol = None, None, None
     if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
-        meter, protocol = _meter(net, tokenizer, evaluation, str(eval_text), eval_windows, device)
-        progress("measuring the original", 0, 1)
+        meter, protocol = _meter(net, tokenizer, evaluation, str(eval_text), eval_windows, device, progress)
         baseline = meter(net)
-        progress("measuring the original", 1, 1)
+    timeline.mark("counting weights, KV cache and FLOPs")
     weights_before = dense_weights(net)
     kv_before = kv_cache_bytes_per_token(net) if not is_streamed(net) else _kv_bytes_from_config(net.config)
     flops_before = flops_per_token(net)
@@ -166,11 +172,12 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         plan, allocation = planned_recipe(net, target, samples, distill_steps if distill else 0,
                                           lossless, device, say=say, progress=progress)
     plan = _with_tracking(plan, log_dir, wandb_project)
-    report = apply_recipe(net, plan, samples, progress=lambda i, m, done, total: progress(f"compressing: {m}", done, total),
-                          device=device, batch_size=calib_batch,
+    report = apply_recipe(net, plan, samples, progress=lambda stage, label, done, total, note="":
+                          progress(f"stage {stage}: {label}", done, total, note), device=device, batch_size=calib_batch,
                           checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
                           keep_checkpoint=True, after_stage=meter)
     compress_seconds = time.perf_counter() - tick
+    timeline.mark("checking the stored size, KV cache and FLOPs")
     if target is not None:
         try:
             _check_target(artifact.stored_bytes(net, lossless) * 8 / original_params, target, say)
@@ -198,8 +205,11 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         summary.update(_totals(net, size, original_params),
                        branches=branch_rows(report["stages"], original_params, baseline, size, lossless))
         if parallel.is_main():
+            timeline.mark("logging the summary")
             summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
+        _finish(summary, timeline)
         return CompressResult(net, tokenizer, None, summary)
+    progress("writing the artifact", 0, 1)
     path = artifact.save(net, tokenizer, out_path, recipe=plan.to_list(), original_params=original_params,
                          extra={"source_model": source, "seed": seed}, lossless=lossless, documents=documents_of)
     if checkpoint_dir is not None:
@@ -208,8 +218,17 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     summary.update(manifest["totals"], out=str(path),
                    compression_ratio_vs_16bit=16 / manifest["totals"]["bits_per_weight"],
                    branches=json.loads((path / SUMMARY_JSON).read_text())["branches"])
+    progress("writing the artifact", 1, 1)
     summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
+    _finish(summary, timeline)
     return CompressResult(net, tokenizer, path, summary)
+
+
+def _finish(summary: dict[str, Any], timeline: Timeline) -> None:
+    """The timeline's rows (seconds per step, adding up to the call's wall time) into the summary."""
+    timeline.finish()
+    summary["timeline"] = timeline.rows()
+    summary["wall_seconds"] = round(timeline.wall_seconds, 3)
 
 
 def _target_or_recipe(recipe, method, overrides, bpw, ratio) -> tuple[PlanTarget | None, Recipe | None]:
@@ -324,9 +343,10 @@ def _samples(model: nn.Module, tokenizer: Any, calib, text: str | None, count: i
     return calibration_samples(tokenize(tokenizer, text), count, length, seed)
 
 
-def _meter(model: nn.Module, tokenizer: Any, text: str, name: str, count: int, device: str
-           ) -> tuple[BranchMeter, str]:
-    """The per-branch quality meter on `count` windows of `text` and its protocol line."""
+def _meter(model: nn.Module, tokenizer: Any, text: str, name: str, count: int, device: str, progress: Progress
+           ) -> tuple[Callable[[nn.Module], dict[str, Any]], str]:
+    """The per-branch quality meter on `count` windows of `text` (reporting to `progress` while
+    it runs) and its protocol line."""
     if tokenizer is None:
         raise UserError("eval_text needs the model's tokenizer: pass tokenizer= with a loaded model")
     ids = tokenize(tokenizer, text)
@@ -334,7 +354,15 @@ def _meter(model: nn.Module, tokenizer: Any, text: str, name: str, count: int, d
     chunks = windows(ids, eval_len, count)
     protocol = protocol_text(name, eval_len, chunks.shape[0], ids.numel() // eval_len, torch.float32,
                              "the uncompressed model", device)
-    return BranchMeter(model, chunks, protocol, device=device), protocol
+    meter = BranchMeter(model, chunks, protocol, device=device)
+
+    def measured(net: nn.Module) -> dict[str, Any]:
+        progress("measuring perplexity / KL (--eval)", 0, 1)
+        quality = meter(net)
+        progress("measuring perplexity / KL (--eval)", 1, 1)
+        return quality
+
+    return measured, protocol
 
 
 def _kv_bytes_from_config(config: Any) -> float:

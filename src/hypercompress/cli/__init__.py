@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import typer
+import time
+
+STARTED = time.perf_counter()  # the start-up row of a run's time table counts from here
+
+import typer  # noqa: E402
 
 from . import analyze, compress, edit, env, evaluate, export, inspect, plot
 from .common import OneLineUsageErrors

@@ -11,7 +11,7 @@ from ..arch import check_length
 from ..atomic import refuse_existing
 from ..data import calibration_samples, read_text, tokenize
 from ..models import load_model
-from .common import console, err_console, one_line_errors, progress_lines
+from .common import console, err_console, one_line_errors, section_progress
 
 
 @one_line_errors
@@ -35,8 +35,9 @@ def analyze(
         loaded = load_model(model, device=None)
     check_length(loaded.model.config, calib_len, "--calib-len")
     samples = calibration_samples(tokenize(loaded.tokenizer, text), calib_samples, calib_len, seed)
-    result = run_analysis(loaded.model, samples, out, text_name=calib, rd_layers=rd_layers or None,
-                          sensitivity=sensitivity, device=device, progress=progress_lines())
+    with section_progress() as update:
+        result = run_analysis(loaded.model, samples, out, text_name=calib, rd_layers=rd_layers or None,
+                              sensitivity=sensitivity, device=device, progress=update)
     flow = [r for r in result["flow"] if r["influence"] == r["influence"]]
     low = min(flow, key=lambda r: r["influence"]) if flow else None
     excess = [p["excess_bits"] for d in result["rate_distortion"].values() for p in d["points"] if p["method"] == "GPTQ"]

@@ -1,19 +1,16 @@
-"""Shared CLI plumbing: one-line errors with exit code 2, rich progress bars, dtype parsing."""
+"""Shared CLI plumbing: one-line errors with exit code 2, progress (cli/progress.py), dtype parsing."""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 
 try:  # recent typer carries its own copy of click
@@ -26,6 +23,7 @@ NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 
 
 from ..atomic import replace_file
 from ..errors import UserError
+from .progress import show_progress
 
 # results on stdout; piped to a file or a log, tables are not folded to 80 columns
 # markup off: paths, labels and names read from files are printed as they are ("[/x]" is not a tag)
@@ -88,48 +86,7 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-@contextmanager
-def progress_bar(description: str) -> Iterator[Callable[..., None]]:
-    """Yields update(done, total, note=""); draws a rich bar on stderr (hidden when not a terminal);
-    the note (e.g. "hypernet | loss 1.2 | kl 0.9 | 5,000 tok/s") is shown after the bar."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[note]}"), console=err_console,
-                  transient=True) as bar:
-        task = bar.add_task(description, total=None, note="")
-
-        def update(done: int, total: int, note: str = "") -> None:
-            bar.update(task, completed=done, total=total, note=note)
-
-        yield update
-
-
-def progress_lines(every: float = 5.0):
-    """progress(section, done, total): a line on stderr when a section starts, ends, or every few seconds."""
-    state = {"section": None, "last": 0.0, "start": time.perf_counter()}
-
-    def update(section: str, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if section != state["section"] or done == total or now - state["last"] >= every:
-            state.update(section=section, last=now)
-            err_console.print(f"[{now - state['start']:6.0f} s] {section}: {done}/{total}")
-
-    return update
-
-
-@contextmanager
-def section_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """Yields update(section, done, total): one rich bar per section on stderr, a new one when the
-    section changes (a library call's `progress` callback)."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(section: str, done: int, total: int) -> None:
-            if section not in tasks:
-                tasks[section] = bar.add_task(section, total=total)
-            bar.update(tasks[section], completed=done, total=total)
-
-        yield update
+section_progress = show_progress  # (the commands' name for it)
 
 
 def write_json(path: Path | None, data: dict[str, Any]) -> None:

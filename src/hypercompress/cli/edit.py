@@ -16,7 +16,7 @@ from ..atomic import refuse_existing
 from ..data import read_text, tokenize, windows
 from ..errors import UserError
 from ..models import load_model
-from .common import console, err_console, one_line_errors, progress_lines
+from .common import console, err_console, one_line_errors, section_progress
 
 
 def _windows(tokenizer, text: str, name: str, length: int, count: int):
@@ -63,10 +63,11 @@ def edit(
     manifest = read_manifest(model) if loaded.kind == "artifact" else None
     if device != "cpu":
         loaded.model.to(device)
-    report = run_edit(loaded.model, loaded.tokenizer, lines["--concept"], lines["--contrast"],
-                      unrelated=chunks["unrelated"], heldout=chunks["heldout"], method=method,
-                      max_directions=max_directions, kl_budget=kl_budget, max_tokens=max_tokens, seed=seed,
-                      device=device, progress=progress_lines(), out=out, source=model, source_manifest=manifest)
+    with section_progress() as update:
+        report = run_edit(loaded.model, loaded.tokenizer, lines["--concept"], lines["--contrast"],
+                          unrelated=chunks["unrelated"], heldout=chunks["heldout"], method=method,
+                          max_directions=max_directions, kl_budget=kl_budget, max_tokens=max_tokens, seed=seed,
+                          device=device, progress=update, out=out, source=model, source_manifest=manifest)
     console.print(f"{out}: {len(report['steps'])} direction(s) erased ({report['method']}); {report['stopped']}")
     console.print(f"protocol: {report['protocol']}")
     width = max(len(m) for m, _, _ in summary_rows(report))

@@ -1,0 +1,75 @@
+"""Where a run's wall time goes: the library's progress protocol and a timeline of its steps.
+
+Every long step of the library reports through one callback, `progress(section, done, total, note)`:
+`section` names the step (stable while it runs: "planning: sensitivity (RTN, KL per module and
+option)", "stage 1: gptq ×5 (w3g64, w4g64, ...)"), `done` / `total` count its units (blocks, trials,
+windows; total 1 for a step that cannot be counted), `note` says what is happening inside it (a
+loss, the trial's label) and may change at every call. The CLI draws it (cli/progress.py: bars on
+a terminal, a line every few seconds in a log); a Python caller may pass any such function.
+
+`Timeline` turns the sections into contiguous wall-clock spans, so its rows add up to the run's
+wall time exactly (workflow.compress reports them as summary["timeline"]).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Protocol
+
+
+class Progress(Protocol):
+    def __call__(self, section: str, done: int, total: int, note: str = "") -> None: ...
+
+
+def no_progress(section: str, done: int, total: int, note: str = "") -> None:
+    """The callback used when the caller passes none."""
+
+
+class Timeline:
+    """Contiguous spans of wall time, one per step of a run.
+
+    `mark(label)` ends the running step and starts `label` (a label met again, e.g. between two
+    stages, adds to its row); `finish()` ends the last one. The rows cover every second from the
+    Timeline's creation to `finish()`: rows() seconds sum to `wall_seconds` (up to rounding).
+    `track(progress)` wraps a progress callback so that each new section is marked as it starts.
+    `clock` (seconds, monotonic) is time.perf_counter unless a test passes a fake one."""
+
+    def __init__(self, first: str, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._start = self._last = clock()
+        self._label = first
+        self._end: float | None = None
+        self._seconds: dict[str, float] = {}
+
+    def mark(self, label: str) -> None:
+        now = self._clock()
+        self._seconds[self._label] = self._seconds.get(self._label, 0.0) + now - self._last
+        self._label, self._last = label, now
+
+    def finish(self) -> None:
+        if self._end is None:
+            self.mark("")
+            self._end = self._last
+            self._seconds.pop("", None)
+
+    def seconds_since(self, label: str) -> float:
+        """Seconds spent in `label` so far (0 if it never ran)."""
+        running = self._clock() - self._last if label == self._label and self._end is None else 0.0
+        return self._seconds.get(label, 0.0) + running
+
+    @property
+    def wall_seconds(self) -> float:
+        return (self._end if self._end is not None else self._clock()) - self._start
+
+    def rows(self) -> list[dict[str, float | str]]:
+        """[{"step": label, "seconds": s}] in the order the steps first ran (call finish() first)."""
+        return [{"step": label, "seconds": round(s, 3)} for label, s in self._seconds.items()]
+
+    def track(self, progress: Progress) -> Progress:
+        """`progress`, marking this timeline whenever the section changes."""
+        def tracked(section: str, done: int, total: int, note: str = "") -> None:
+            if section != self._label:
+                self.mark(section)
+            progress(section, done, total, note)
+
+        return tracked
