@@ -114,7 +114,7 @@ def test_compress_accounts_for_its_whole_call(model_dirs, calib_file, tmp_path):
     summary = result.summary
     steps = [row["step"] for row in summary["timeline"]]
     assert sum(row["seconds"] for row in summary["timeline"]) == pytest.approx(summary["wall_seconds"], abs=0.01)
-    assert 0 <= outside - summary["wall_seconds"] < 0.5
+    assert -0.001 <= outside - summary["wall_seconds"] < 0.5  # (wall_seconds is rounded to ms)
     for expected in ("planning: sensitivity", "planning: fitting the plan", "planning: planned vs uniform",
                      "stage 1: gptq", "writing the artifact"):
         assert any(step.startswith(expected) for step in steps), (expected, steps)

@@ -56,8 +56,8 @@ class LineProgress:
     def __call__(self, section: str, done: int, total: int, note: str = "") -> None:
         with self.lock:
             now = self.clock()
-            new = section != self.section
-            if new:
+            new = section != self.section or total != self.total  # a new step, or a new phase of it
+            if new:                                                  # (qat: blocks, then steps)
                 self.section, self.section_start, self.first_done = section, now, done
             if new or done != self.done:
                 self.done_at = now
