@@ -58,6 +58,7 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
                  "quantization_floor_bpw": floor, "notes": pipeline.notes})
     # qat's trained codes code larger than the planned ones: its plans leave them that room
     fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
+    progress(SENSITIVITY, 0, 1, "the original's logits on the probe window")
     plan = plan_bits(model, max(fit_bpw, floor), samples[:1, :256], target.group_size, embedding,
                      progress=lambda done, total, *_: progress(SENSITIVITY, done, total), device=device)
     progress(SIZE_FIT, 0, 1)

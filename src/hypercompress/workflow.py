@@ -159,10 +159,11 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
         meter, protocol = _meter(net, tokenizer, evaluation, str(eval_text), eval_windows, device, progress)
         baseline = meter(net)
-    timeline.mark("counting weights, KV cache and FLOPs")
+    progress("counting weights, KV cache and FLOPs", 0, 1)
     weights_before = dense_weights(net)
     kv_before = kv_cache_bytes_per_token(net) if not is_streamed(net) else _kv_bytes_from_config(net.config)
     flops_before = flops_per_token(net)
+    progress("counting weights, KV cache and FLOPs", 1, 1)
     tick = time.perf_counter()
     allocation = None
     if target is not None:
@@ -177,7 +178,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                           checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
                           keep_checkpoint=True, after_stage=meter)
     compress_seconds = time.perf_counter() - tick
-    timeline.mark("checking the stored size, KV cache and FLOPs")
+    progress("checking the stored size, KV cache and FLOPs", 0, 1)
     if target is not None:
         try:
             _check_target(artifact.stored_bytes(net, lossless) * 8 / original_params, target, say)
@@ -188,6 +189,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     del meter
     kv_cache = {"before": kv_before, "after": kv_cache_bytes_per_token(net), "dtype": "float32"}
     flops = {"before": flops_before, "after": flops_per_token(net), "context": 512}
+    progress("checking the stored size, KV cache and FLOPs", 1, 1)
     summary = {"model": source, "out": str(out_path) if out_path is not None else None,
                "recipe": plan.to_list(), "stages": report["stages"], "original_params": original_params,
                "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
@@ -205,7 +207,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         summary.update(_totals(net, size, original_params),
                        branches=branch_rows(report["stages"], original_params, baseline, size, lossless))
         if parallel.is_main():
-            timeline.mark("logging the summary")
+            progress("logging the summary", 0, 1)
             summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
         _finish(summary, timeline)
         return CompressResult(net, tokenizer, None, summary)
