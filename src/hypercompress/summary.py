@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -35,10 +35,12 @@ class BranchMeter:
         self.windows, self.protocol, self.batch, self.device = windows, protocol, batch, device
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module) -> dict[str, Any]:
-        """Evaluates `model` on the meter's device; it goes back to the CPU, where stages run."""
+    def __call__(self, model: nn.Module, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Evaluates `model` on the meter's device (progress(windows done, windows) per batch); it
+        goes back to the CPU, where stages run."""
         try:
-            result = evaluate_windows(model.eval().to(self.device), self.windows, self.batch, self.teacher)
+            result = evaluate_windows(model.eval().to(self.device), self.windows, self.batch, self.teacher,
+                                      progress=progress)
         finally:
             model.to("cpu")
         return {k: result[k] for k in ("ppl", "kl", "top1")}

@@ -359,10 +359,9 @@ def _meter(model: nn.Module, tokenizer: Any, text: str, name: str, count: int, d
     meter = BranchMeter(model, chunks, protocol, device=device)
 
     def measured(net: nn.Module) -> dict[str, Any]:
-        progress("measuring perplexity / KL (--eval)", 0, 1)
-        quality = meter(net)
-        progress("measuring perplexity / KL (--eval)", 1, 1)
-        return quality
+        section = "measuring perplexity / KL (--eval windows)"
+        progress(section, 0, chunks.shape[0])
+        return meter(net, progress=lambda done, total: progress(section, done, total))
 
     return measured, protocol
 
