@@ -299,7 +299,7 @@ def floor_bpw(model: nn.Module, group: int = 64) -> float:
 
 def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group: int = 64,
               embedding: str | None = None,
-              progress: Callable[[int, int], None] | None = None,
+              progress: Callable[..., None] | None = None,
               dtype: torch.dtype | None = None,
               sensitivity: dict[str, dict[Option, float]] | None = None, device: str = "cpu") -> Plan:
     """Plan a (bits, group) option per module for a whole-model target (all stored bits / params).
@@ -310,6 +310,8 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
     an earlier plan's are passed (`sensitivity`, re-planning the same model for another target).
     They are measured on `device` (a GPU sums float32 in another order than a CPU, so the two can
     differ where two options' KLs tie to rounding; every CPU, and every GPU, gives the same plan).
+    progress(done, total) as sensitivities are measured, then progress(done, total, "joint") as the
+    candidate plans' whole-model KLs are.
     """
     params = count_params(model)
     candidates, embed_name, costs, fixed = _candidates(model, group, embedding)
@@ -326,18 +328,22 @@ def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group:
     # Single-module KLs add up only while errors are small: many modules at 2 bits compound far
     # beyond the sum. So plans are built with the fewest bits allowed at 2, 3 and 4 (linears) and
     # 2, 3, 4 (embedding), and the one whose *measured* whole-plan KL is lowest wins.
-    plans = []
+    drafts: list[tuple[dict[str, Option], tuple[int, int]]] = []
     for linear_floor, embed_floor in itertools.product((2, 3, 4), (2, 3, 4)):
         allowed = {n: {o: c for o, c in costs[n].items()
                        if o[0] >= (embed_floor if n == embed_name else linear_floor)} for n in costs}
         if sum(min(c.values()) for c in allowed.values()) > budget:
             continue
         allocation = allocate(allowed, sensitivity, budget)
-        if all(allocation != p[1] for p in plans):
-            plans.append((joint_kl(probe, runner, allocation), allocation, (linear_floor, embed_floor)))
-    if not plans:  # only the unrestricted options fit
-        allocation = allocate(costs, sensitivity, budget)
-        plans.append((joint_kl(probe, runner, allocation), allocation, (2, 2)))
+        if all(allocation != d[0] for d in drafts):
+            drafts.append((allocation, (linear_floor, embed_floor)))
+    if not drafts:  # only the unrestricted options fit
+        drafts.append((allocate(costs, sensitivity, budget), (2, 2)))
+    plans = []
+    for done, (allocation, floors) in enumerate(drafts):
+        plans.append((joint_kl(probe, runner, allocation), allocation, floors))
+        if progress:
+            progress(done + 1, len(drafts), "joint")
     del probe, runner
     measured, allocation, floors = min(plans, key=lambda p: p[0])
     planned = fixed + sum(costs[n][o] for n, o in allocation.items())

@@ -18,6 +18,7 @@ from .progress import Progress, no_progress
 
 Say = Callable[[str], None]
 SENSITIVITY = "planning: sensitivity (RTN, KL per module and option)"
+JOINT = "planning: whole-model KL of the candidate plans (RTN)"
 SIZE_FIT = "planning: fitting the plan to the file (RTN size trials)"
 TRIALS = "planning: planned vs uniform recipes (GPTQ trials)"
 PIPELINE = "planning: fitting the pipeline to the target (trial compressions)"
@@ -35,7 +36,7 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     whichever GPTQ trials measure better (planner_choice.py); below it: the hybrid pipeline
     (pipeline.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
     planner.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total,
-    note)` the long steps as they run (sections SENSITIVITY, SIZE_FIT, TRIALS or PIPELINE). Raises UserError for a target no plan of this model can meet."""
+    note)` the long steps as they run (sections SENSITIVITY, JOINT, SIZE_FIT, TRIALS or PIPELINE). Raises UserError for a target no plan of this model can meet."""
     say = say or (lambda _line: None)
     progress = progress or no_progress
     from .pipeline import fit_pipeline
@@ -60,7 +61,8 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
     progress(SENSITIVITY, 0, 1, "the original's logits on the probe window")
     plan = plan_bits(model, max(fit_bpw, floor), samples[:1, :256], target.group_size, embedding,
-                     progress=lambda done, total, *_: progress(SENSITIVITY, done, total), device=device)
+                     progress=lambda done, total, phase="": progress(JOINT if phase == "joint" else SENSITIVITY,
+                                                                     done, total), device=device)
     progress(SIZE_FIT, 0, 1)
     try:
         plan = fit_plan_to_file(model, plan, fit_bpw, samples[:1, :256], target.group_size,
