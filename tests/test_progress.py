@@ -136,3 +136,13 @@ def test_a_piped_compress_prints_progress_lines_and_a_time_table_that_adds_up(mo
     assert "start-up (python, imports, options)" in seconds and "total" in seconds
     parts = [value for step, value in seconds.items() if step != "total"]
     assert sum(parts) == pytest.approx(seconds["total"], abs=0.05 * len(parts) + 0.05)
+
+
+def test_a_three_argument_callback_still_works(model_dirs, tmp_path):
+    """progress(section, done, total) callbacks written before the note existed are called without it."""
+    import hypercompress
+
+    seen = []
+    hypercompress.compress(str(model_dirs["llama"]), method="rtn", out=None,
+                           progress=lambda section, done, total: seen.append((section, done, total)))
+    assert any(section.startswith("stage 0: rtn") for section, _, _ in seen)

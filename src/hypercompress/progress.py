@@ -65,11 +65,26 @@ class Timeline:
         """[{"step": label, "seconds": s}] in the order the steps first ran (call finish() first)."""
         return [{"step": label, "seconds": round(s, 3)} for label, s in self._seconds.items()]
 
-    def track(self, progress: Progress) -> Progress:
-        """`progress`, marking this timeline whenever the section changes."""
+    def track(self, progress: Callable[..., None]) -> Progress:
+        """`progress`, marking this timeline whenever the section changes (a callback that takes
+        only (section, done, total) is called without the note)."""
+        with_note = accepts_note(progress)
+
         def tracked(section: str, done: int, total: int, note: str = "") -> None:
             if section != self._label:
                 self.mark(section)
-            progress(section, done, total, note)
+            progress(section, done, total, note) if with_note else progress(section, done, total)
 
         return tracked
+
+
+def accepts_note(progress: Callable[..., None]) -> bool:
+    """Whether `progress` takes a fourth positional argument (the note)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(progress).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it as documented
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
