@@ -16,7 +16,7 @@ from ..atomic import check_output_file
 from ..workflow import compress as run_compress
 from . import STARTED
 from .common import console, one_line_errors, section_progress, write_json
-from .progress import process_seconds
+from .progress import print_time_table, process_seconds
 
 
 @one_line_errors
@@ -73,23 +73,8 @@ def compress(
     if result.out is None:  # another process of a launched run: the main one writes and prints
         return
     _print(result.summary)
-    print_time_table(result.summary, started)
+    print_time_table(console, result.summary["timeline"], started)
     write_json(report_json, result.summary)
-
-
-def print_time_table(summary: dict, startup: float) -> None:
-    """Where the run's wall time went: `startup` seconds (the interpreter, imports, option checks)
-    before the library was called, then every step of its timeline; the rows add up to the total."""
-    rows = [("start-up (python, imports, options)", startup)]
-    rows += [(row["step"], row["seconds"]) for row in summary["timeline"]]
-    total = sum(seconds for _, seconds in rows)
-    table = Table(title="where the time went (wall seconds)")
-    for column in ("step", "seconds", "share"):
-        table.add_column(column, justify="left" if column == "step" else "right")
-    for step, seconds in rows:
-        table.add_row(step, f"{seconds:.1f}", f"{seconds / total:.0%}" if total else "-")
-    table.add_row("total", f"{total:.1f}", "100%", end_section=False)
-    console.print(table)
 
 
 def _print(summary: dict) -> None:

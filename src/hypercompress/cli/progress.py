@@ -151,3 +151,21 @@ def show_progress(stream: TextIO | None = None) -> Iterator[Callable[..., None]]
             bar.update(tasks[section], completed=done, total=total, note=note)
 
         yield update
+
+
+def print_time_table(console, timeline: list[dict], startup: float) -> None:
+    """Where a run's wall time went on `console` (a rich Console): `startup` seconds (the
+    interpreter, imports, option checks) before the library was called, then every step of its
+    `timeline` ([{"step", "seconds"}], hypercompress.progress.Timeline.rows); rows add up to the total."""
+    from rich.table import Table
+
+    rows = [("start-up (python, imports, options)", startup)]
+    rows += [(row["step"], row["seconds"]) for row in timeline]
+    total = sum(seconds for _, seconds in rows)
+    table = Table(title="where the time went (wall seconds)")
+    for column in ("step", "seconds", "share"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    for step, seconds in rows:
+        table.add_row(step, f"{seconds:.1f}", f"{seconds / total:.0%}" if total else "-")
+    table.add_row("total", f"{total:.1f}", "100%")
+    console.print(table)
