@@ -80,8 +80,8 @@ def test_the_tables_name_what_their_bytes_count(twelve_layers):
     size, header = weights.stat().st_size, safetensors_header_bytes(weights)
     tensors = sum(t.numel() * t.element_size() for t in artifact._read_tensors(weights).values())
     assert tensors + header == size
-    assert "tensor bits" in shown.stdout
-    assert f"model.safetensors {size:,} B = {tensors:,} tensor bytes + {header:,} B safetensors header" in shown.stdout
+    assert f"model.safetensors {size:,} B (the file, header included)" in shown.stdout  # the headline
+    assert f"= {tensors:,} B; model.safetensors adds its {header:,} B safetensors header" in shown.stdout
 
 
 def test_the_branch_note_ties_the_last_row_to_the_file(model_dirs, text_file, tmp_path):

@@ -189,10 +189,14 @@ def _print_modules(summary: dict[str, Any], every_row: bool) -> None:
             table.add_row(f"{len(dense)} dense tensors (--all lists them)", "dense", f"×{len(dense)}",
                           f"{params:,}", f"{bits:,}", f"{bits / params:.3f}" if params else "-")
     console.print(table)
-    if summary["safetensors_header_bytes"] is not None:
-        note = file_note(summary["safetensors_bytes"], summary["safetensors_header_bytes"], summary["params"],
-                         summary["tensor_bits"] // 8, "the rows")
-        console.print(f"tensor bits: stored tensors only, {summary['tensor_bits']:,} in all; {note}")
+    header = summary["safetensors_header_bytes"]
+    counted = f"tensor bits: stored tensors only, {summary['tensor_bits']:,} in all = {summary['tensor_bits'] // 8:,} B"
+    if header is not None and summary["tensor_bits"] // 8 + header == summary["safetensors_bytes"]:
+        console.print(f"{counted}; model.safetensors adds its {header:,} B safetensors header")
+    elif header is not None:  # the rows do not add up to the file (not expected of a verified artifact)
+        note = file_note(summary["safetensors_bytes"], header, summary["params"], summary["tensor_bits"] // 8,
+                         "the rows")
+        console.print(f"{counted}; {note}")
 
 
 def _print_lossless(coding: dict[str, Any]) -> None:
