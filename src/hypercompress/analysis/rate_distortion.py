@@ -4,8 +4,15 @@ Points come from two kinds of JSON found under the folder (recursively):
 - benchmark results (`{"title": ..., "rows": [{"label", "bits_per_weight", "ppl"}, ...]}`): one
   series per file;
 - artifact summaries (`summary.json` written by `hypercompress compress`): each artifact's final
-  branch is one point of the series "artifacts", when its quality was measured (--eval).
-Both axes are logarithmic: bpw spans 16 down to a few hundredths, perplexity spans orders of
+  branch is one point of the series "artifacts", when its quality was measured (--eval);
+- evaluations kept with an artifact (`evaluations.json` beside its manifest, written by
+  `hypercompress evaluate ARTIFACT`; eval/kept.py): one point per artifact (label: its folder's name)
+  in a series per evaluation text and window count, "evaluate TEXT (W×L tokens, DTYPE)", so that only
+  perplexities measured on the same windows share a series (an artifact's latest evaluation there).
+  Kept rows without a perplexity (tasks only) are not plotted.
+An artifact's bits per weight is its file's (the manifest's totals: model.safetensors with its header
+x 8 / original parameters), for its summary point too; a summary.json outside an artifact gives its
+last branch's. Both axes are logarithmic: bpw spans 16 down to a few hundredths, perplexity spans orders of
 magnitude once a model breaks.
 """
 
@@ -18,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from ..artifact_reader import read_document
+from ..artifact_reader import MANIFEST, read_document, read_manifest_fields
 from ..atomic import replace_file
 from ..errors import UserError
 
@@ -42,6 +49,14 @@ def collect(folder: Path, warn: Callable[[str], None] | None = None) -> Series:
     skipped = 0
     for file in sorted(folder.rglob("*.json")):
         try:
+            if _is_kept_evaluations(file):
+                problems: list[str] = []
+                for name, points in _kept_points(file, problems.append).items():
+                    series.setdefault(name, []).extend(points)
+                for problem in problems:
+                    warn(problem)
+                skipped += bool(problems)
+                continue
             found = _points(file)
         except UserError as exc:
             warn(str(exc))
@@ -56,8 +71,8 @@ def collect(folder: Path, warn: Callable[[str], None] | None = None) -> Series:
             series[name] = points
     if not series:
         note = f" ({skipped} malformed file{'s' if skipped != 1 else ''} skipped)" if skipped else ""
-        raise UserError(f"no results with bits_per_weight and ppl under {folder}{note}; run a benchmark or "
-                        "compress with --eval first")
+        raise UserError(f"no results with bits_per_weight and ppl under {folder}{note}; run a benchmark, "
+                        "compress with --eval or evaluate an artifact first")
     return series
 
 
@@ -105,8 +120,45 @@ def _points(file: Path) -> tuple[str | None, list[tuple[float, float, str]]] | N
         bpw = _measure(file, last, where, "bits_per_weight")
         if bpw is None:
             raise UserError(f"{file}: {where} has a ppl but no positive bits_per_weight; {SKIPPED}")
-        return None, [(bpw, ppl, file.parent.name)]
+        return None, [(_artifact_bpw(file.parent) or bpw, ppl, file.parent.name)]
     return None
+
+
+def _is_kept_evaluations(file: Path) -> bool:
+    from ..eval.kept import EVALUATIONS
+
+    return file.name == EVALUATIONS and (file.parent / MANIFEST).is_file()
+
+
+def _artifact_bpw(folder: Path) -> float | None:
+    """The bits per weight of the artifact `folder` is (its manifest's totals, the file's), None when
+    it has no manifest; UserError (ending in SKIPPED) for a manifest that is not one."""
+    if not (folder / MANIFEST).is_file():
+        return None
+    try:
+        return float(read_manifest_fields(folder)["totals"]["bits_per_weight"])
+    except UserError as exc:
+        raise UserError(f"{exc} ({SKIPPED})") from None
+
+
+def _kept_points(file: Path, warn: Callable[[str], None]) -> dict[str, list[tuple[float, float, str]]]:
+    """Series name -> the one point of the artifact holding `file` (its evaluations.json): for each
+    evaluation text and window count, its latest kept perplexity at the artifact's bits per weight.
+    A file or rows that cannot be read are `warn`ed about and left out (eval/kept.py)."""
+    from ..eval.kept import read_kept
+
+    bpw = _artifact_bpw(file.parent)  # before the rows: a refusal here leaves no warning unsaid
+    rows = [row for row in read_kept(file.parent, warn, fix=SKIPPED) if row.ppl is not None]
+    latest = {_series_name(row): (bpw, float(row.ppl), file.parent.name) for row in rows}
+    return {name: [point] for name, point in latest.items() if bpw and bpw > 0}
+
+
+def _series_name(row) -> str:
+    """'evaluate TEXT (W×L tokens, DTYPE)': perplexities in one series were measured on the same
+    windows; a row without them (written by hand) is its own series, named by its protocol."""
+    if row.data and row.windows and row.seq_len:
+        return f"evaluate {row.data} ({row.windows}×{row.seq_len} tokens{', ' + row.dtype if row.dtype else ''})"
+    return f"evaluate: {(row.protocol or 'unknown protocol')[:80]}"
 
 
 def _measure(file: Path, row: dict, where: str, key: str) -> float | None:

@@ -1,4 +1,5 @@
-"""hypercompress evaluate MODEL_OR_ARTIFACT [--data PATH] [--teacher MODEL] [--tasks A,B --task-dir DIR] [--json FILE]"""
+"""hypercompress evaluate MODEL_OR_ARTIFACT [--data PATH] [--teacher MODEL] [--tasks A,B --task-dir DIR] [--json FILE]
+[--no-keep]: an artifact keeps its result (evaluations.json, eval/kept.py) for inspect and plot."""
 
 from __future__ import annotations
 
@@ -32,17 +33,28 @@ def evaluate(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the model runs (an "
                                "artifact's compressed layers take that device's kernels)"),
+    keep: bool = typer.Option(True, "--keep/--no-keep", help="keep the result with an artifact (its "
+                              "evaluations.json, replacing one of the same protocol): inspect and plot show it"),
 ) -> None:
     """Perplexity (and KL / top-1 vs a teacher) on non-overlapping windows of a text; task accuracy
-    through lm-eval on local task data."""
+    through lm-eval on local task data. An artifact keeps the result (--no-keep: not)."""
+    from ..eval.kept import is_artifact_dir
+
     compute = parse_dtype(dtype)
     check_output_file(json_path)
     with section_progress() as update:
         result = evaluate_model(model, data=data, seq_len=seq_len, max_windows=max_windows, teacher=teacher,
                                 batch_size=batch_size, dtype=compute, device=device, tasks=tasks,
-                                task_dir=task_dir, num_fewshot=num_fewshot, limit=limit, progress=update)
+                                task_dir=task_dir, num_fewshot=num_fewshot, limit=limit, progress=update,
+                                keep=keep and is_artifact_dir(model), warn=_warn)
     _print(result)
+    if result.kept_in:
+        console.print(f"kept in {result.kept_in} (inspect and plot show it; --no-keep skips this)")
     write_json(json_path, result.to_dict())
+
+
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 def _print(result: Evaluation) -> None:

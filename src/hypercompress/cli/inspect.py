@@ -1,4 +1,6 @@
-"""hypercompress inspect ARTIFACT [--json FILE]: per-module kind, params, bits; totals."""
+"""hypercompress inspect ARTIFACT [--json FILE] [--all]: the whole model first (file size, bits per
+weight, recipe, quality kept by `evaluate`), then the branches of its run, then its modules grouped
+across layers (cli/module_groups.py); sizes as cli/tables.py defines them."""
 
 from __future__ import annotations
 
@@ -22,10 +24,19 @@ _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32
                "I8": 8, "U8": 8, "BOOL": 8}  # every dtype the strict reader lets through
 
 
-def artifact_summary(path: Path) -> dict[str, Any]:
-    """Per-module and total storage of an artifact. The artifact is loaded through the same strict
-    reader as `hypercompress.load` (so inspect refuses exactly what load refuses); the numbers come
-    from its safetensors header."""
+def artifact_summary(path: Path, warn: Any = None) -> dict[str, Any]:
+    """Per-module and total storage of an artifact, and the evaluations kept with it. The artifact is
+    loaded through the same strict reader as `hypercompress.load` (so inspect refuses exactly what
+    load refuses); the numbers come from its safetensors header. Modules are in model order
+    (module_groups.sort_rows). evaluations.json is not part of the sealed artifact: one that cannot be
+    read is one `warn(message)` (default: warnings.warn) and left out, never an error."""
+    import functools
+    import warnings
+
+    from ..eval.kept import read_kept
+    from .module_groups import model_order, sort_rows
+    from .tables import safetensors_header_bytes
+
     _, _, verified = artifact.load_verified(path, fast=False)
     path, manifest = verified.path, verified.manifest
     shapes = {key: shape for key, (_, shape) in verified.header.items()}
@@ -51,20 +62,23 @@ def artifact_summary(path: Path) -> dict[str, Any]:
                             "layout": {"shape": shapes[key]}})
     weights_bytes = (path / artifact.WEIGHTS).stat().st_size
     params = manifest["original_params"]
+    warn = warn or functools.partial(warnings.warn, stacklevel=2)
     return {
         "artifact": str(path),
         "architecture": manifest["architecture"],
         "params": params,
         "safetensors_bytes": weights_bytes,
+        "safetensors_header_bytes": safetensors_header_bytes(path / artifact.WEIGHTS),
         "bits_per_weight": weights_bytes * 8 / params,
         "ratio_vs_16bit": 16 / (weights_bytes * 8 / params),
         "artifact_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
         "tensor_bits": sum(tensor_bits.values()),
         "aliases": manifest["aliases"],
         "recipe": manifest["recipe"],
-        "modules": modules,
+        "modules": sort_rows(modules, model_order(verified.model.state_dict(keep_vars=True))),
         "branches": _branches(path),
         "protocol": _protocol(path),
+        "evaluations": [row.model_dump(exclude_none=True) for row in read_kept(path, warn)],
         "lossless": coding and {"codec": coding["codec"], "level": coding["level"], "report": coding["report"]},
     }
 
@@ -73,35 +87,116 @@ def artifact_summary(path: Path) -> dict[str, Any]:
 def inspect(
     path: Path = typer.Argument(..., help="artifact directory"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the summary as JSON"),
-    all_tensors: bool = typer.Option(False, "--all", help="list every dense tensor too"),
+    all_tensors: bool = typer.Option(False, "--all", help="list every module and dense tensor, one row each"),
 ) -> None:
-    """Show what an artifact stores: per-module kind, params, bits; whole-model bits per weight."""
+    """Show what an artifact stores: the whole model (file size, bits per weight, recipe, kept
+    evaluations), its branches, then its modules grouped across layers (--all: one row each)."""
+    from .tables import print_branch_table
+
     if json_path is not None and json_path.is_dir():
         raise UserError(f"--json {json_path} is a directory; pass a file path such as {json_path / 'inspect.json'}")
-    summary = artifact_summary(path)
-    table = Table(title=f"{summary['artifact']} ({summary['architecture']})")
-    for column in ("module", "kind", "params", "bits", "bpw"):
-        table.add_column(column, justify="right" if column != "module" else "left")
-    dense = [m for m in summary["modules"] if m["kind"] == "dense"]
-    for row in summary["modules"]:
-        if row["kind"] != "dense" or all_tensors:
-            table.add_row(row["name"], row["kind"], f"{row['params']:,}", f"{row['bits']:,}",
-                          f"{row['bits_per_weight']:.3f}")
-    if dense and not all_tensors:
-        params, bits = sum(m["params"] for m in dense), sum(m["bits"] for m in dense)
-        table.add_row(f"{len(dense)} dense tensors (--all lists them)", "dense", f"{params:,}",
-                      f"{bits:,}", f"{bits / params:.3f}")
-    console.print(table)
+    summary = artifact_summary(path, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    _print_overview(summary)
+    _print_quality(summary)
+    if summary["branches"]:
+        print_branch_table(console, summary["branches"], summary["params"],
+                           Path(summary["artifact"]) / artifact.WEIGHTS, "per branch (summary.json)",
+                           summary["protocol"])
     if summary["lossless"]:
         _print_lossless(summary["lossless"])
-    if summary["branches"]:
-        _print_branches(summary["branches"], summary["protocol"])
-    console.print(
-        f"original params {summary['params']:,} | model.safetensors {summary['safetensors_bytes']:,} B"
-        f" | {summary['bits_per_weight']:.4f} bits per weight | {summary['ratio_vs_16bit']:.2f}x vs 16-bit"
-        f" | artifact {summary['artifact_bytes']:,} B with tokenizer and JSON"
-    )
+    _print_modules(summary, all_tensors)
     write_json(json_path, summary)
+
+
+def _print_overview(summary: dict[str, Any]) -> None:
+    """The whole model: its file (the headline size), the artifact folder, the recipe."""
+    console.print(f"{summary['artifact']} ({summary['architecture']})")
+    console.print(f"  model.safetensors {summary['safetensors_bytes']:,} B (the file, header included)"
+                  f" | {summary['params']:,} original params | {summary['bits_per_weight']:.4f} bits per weight"
+                  f" | {summary['ratio_vs_16bit']:.2f}x vs 16-bit")
+    console.print(f"  artifact {summary['artifact_bytes']:,} B with tokenizer and JSON")
+    console.print(f"  recipe: {_recipe_text(summary['recipe'])}")
+
+
+def _recipe_text(recipe: list[dict[str, Any]]) -> str:
+    """'rtn bits=4 group_size=64 -> qat steps=100': each stage's method and settings."""
+    stages = []
+    for stage in recipe:
+        settings = " ".join(f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}"
+                            for k, v in stage.items() if k != "method")
+        stages.append(f"{stage.get('method', '?')} {settings}".strip())
+    return " -> ".join(stages) or "(none)"
+
+
+def _print_quality(summary: dict[str, Any]) -> None:
+    """The kept evaluations (newest last), the quality measured at compress time, or how to measure."""
+    evaluations, last = summary["evaluations"], (summary["branches"] or [{}])[-1]
+    for index, row in enumerate(evaluations, 1):
+        console.print(f"  quality [{index}/{len(evaluations)}] {_quality_text(row)}"
+                      f" | evaluated {row.get('date', '?')} (evaluations.json)")
+        if row.get("protocol"):
+            console.print(f"    protocol: {row['protocol']}")
+        for name, task in (row.get("tasks") or {}).items():
+            console.print(f"    task {name}: {_task_text(task)}")
+        if row.get("tasks_protocol"):
+            console.print(f"    tasks protocol: {row['tasks_protocol']}")
+    if last.get("ppl") is not None:
+        console.print(f"  quality at compress time (summary.json, last branch): {_quality_text(last)}")
+    if not evaluations and last.get("ppl") is None:
+        console.print(f"  quality: not measured; 'hypercompress evaluate {summary['artifact']} --data TEXT' "
+                      "keeps it here")
+
+
+def _quality_text(row: dict[str, Any]) -> str:
+    """'ppl 21.34 | KL 0.0512 | top-1 0.9132 | 2,345 tokens/s', '-' for what was not measured."""
+    def number(key: str) -> str:
+        return f"{row[key]:.4f}" if row.get(key) is not None else "-"
+
+    text = f"ppl {number('ppl')} | KL {number('kl')} | top-1 {number('top1')}"
+    return text + (f" | {row['tokens_per_s']:,.0f} tokens/s" if row.get("tokens_per_s") is not None else "")
+
+
+def _task_text(task: dict[str, Any]) -> str:
+    shown = [f"{metric} {value:.4f}" for metric, value in task.items()
+             if value is not None and metric not in ("num_fewshot", "docs", "docs_available")
+             and not metric.endswith("_stderr")]
+    shots, docs = task.get("num_fewshot"), task.get("docs")
+    return ", ".join(shown) + f" ({shots if shots is not None else '?'}-shot, {docs if docs is not None else '?'} docs)"
+
+
+def _print_modules(summary: dict[str, Any], every_row: bool) -> None:
+    """Per-module rows grouped across layers (every row with --all), dense tensors as one row unless
+    --all; then the note tying their tensor bits to the file."""
+    from .module_groups import describe, group_rows
+    from .tables import file_note
+
+    table = Table(title="per module (model order; modules alike in several layers grouped, --all lists each)"
+                  if not every_row else "per module and tensor (model order)")
+    for column in ("module", "storage", "count", "params", "tensor bits", "bpw"):
+        table.add_column(column, justify="left" if column in ("module", "storage") else "right")
+    modules = [m for m in summary["modules"] if every_row or m["kind"] != "dense"]
+    if every_row:
+        for row in modules:
+            table.add_row(row["name"], describe(row["kind"], row["layout"]), "1", f"{row['params']:,}",
+                          f"{row['bits']:,}", f"{row['bits_per_weight']:.3f}")
+    else:
+        for group in group_rows(modules):
+            table.add_row(group.name, group.storage, f"×{len(group.names)}", f"{group.params:,}",
+                          f"{group.bits:,}", f"{group.bits_per_weight:.3f}")
+        dense = [m for m in summary["modules"] if m["kind"] == "dense"]
+        if dense:
+            params, bits = sum(m["params"] for m in dense), sum(m["bits"] for m in dense)
+            table.add_row(f"{len(dense)} dense tensors (--all lists them)", "dense", f"×{len(dense)}",
+                          f"{params:,}", f"{bits:,}", f"{bits / params:.3f}" if params else "-")
+    console.print(table)
+    header = summary["safetensors_header_bytes"]
+    counted = f"tensor bits: stored tensors only, {summary['tensor_bits']:,} in all = {summary['tensor_bits'] // 8:,} B"
+    if header is not None and summary["tensor_bits"] // 8 + header == summary["safetensors_bytes"]:
+        console.print(f"{counted}; model.safetensors adds its {header:,} B safetensors header")
+    elif header is not None:  # the rows do not add up to the file (not expected of a verified artifact)
+        note = file_note(summary["safetensors_bytes"], header, summary["params"], summary["tensor_bits"] // 8,
+                         "the rows")
+        console.print(f"{counted}; {note}")
 
 
 def _print_lossless(coding: dict[str, Any]) -> None:
@@ -150,16 +245,3 @@ def _branches(path: Path) -> list[dict[str, Any]]:
         return [row.model_dump() for row in TypeAdapter(list[_BranchRow]).validate_python(rows)]
     except ValidationError:
         raise UserError(f"{path / SUMMARY_JSON} has a malformed branch table; re-create the artifact") from None
-
-
-def _print_branches(branches: list[dict[str, Any]], protocol: str | None) -> None:
-    table = Table(title="per branch (summary.json)")
-    for column in ("branch", "weights", "bytes", "bpw", "ratio", "ppl", "KL", "top-1"):
-        table.add_column(column, justify="left" if column == "branch" else "right")
-    for r in branches:
-        quality = [f"{r[k]:.4g}" if r.get(k) is not None else "-" for k in ("ppl", "kl", "top1")]
-        table.add_row(r["branch"], f"{r['weights']:,}", f"{r['bytes']:,}", f"{r['bits_per_weight']:.4f}",
-                      f"{r['ratio_vs_16bit']:.2f}x", *quality)
-    console.print(table)
-    if protocol:
-        console.print(f"quality: {protocol}")

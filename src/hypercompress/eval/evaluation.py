@@ -3,7 +3,9 @@ each number with its protocol, for a loaded model or any model source."""
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -13,11 +15,13 @@ from torch import nn
 
 from ..arch import check_length
 from ..data import read_text, tokenize, windows
-from ..errors import UserError
+from ..errors import UserError, user_path
 from ..models import load_model
+from .kept import EVALUATIONS, is_artifact_dir, keep_or_warn
 from .perplexity import evaluate_windows, protocol_text
 
 Progress = Callable[[str, int, int], None]  # (section, done, total)
+Warn = Callable[[str], None]
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Evaluation:
     backends: dict[str, int] | None = None  # kernel path -> compressed modules taking it
     tasks: dict[str, dict[str, Any]] | None = None  # task -> acc, acc_stderr, acc_norm, ..., docs
     tasks_protocol: str | None = None
+    kept_in: str | None = None    # the artifact's evaluations.json it was kept in (keep=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +58,8 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
              teacher: nn.Module | str | None = None, batch_size: int = 4, dtype: torch.dtype | None = None,
              device: str | None = None, tasks: str | Sequence[str] | None = None,
              task_dir: str | os.PathLike[str] | None = None, num_fewshot: int | None = None,
-             limit: int | None = None, progress: Progress | None = None) -> Evaluation:
+             limit: int | None = None, progress: Progress | None = None, keep: bool = False,
+             warn: Warn | None = None) -> Evaluation:
     """Measure `model` on a text (perplexity, and KL / top-1 against `teacher`) and on lm-eval tasks.
 
     model: a loaded causal LM (nn.Module, e.g. from hypercompress.load; pass its `tokenizer`) or a
@@ -70,14 +76,22 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         `limit` docs per task (None: all). Scored through lm-eval's HFLM over the model in memory
         (a transformers PreTrainedModel, as load_model and hypercompress.load give).
     progress(section, done, total): called as models load and batches run.
+    keep: also keep the result with the artifact `model` names (its evaluations.json, eval/kept.py;
+        `inspect` and `plot` show it), replacing a kept one of the same protocol; `kept_in` says
+        where. Nothing is kept unless asked. A folder that cannot be written is one `warn` (default:
+        warnings.warn), not an error: the result is returned all the same.
 
     Returns an Evaluation. Raises UserError (one line, before any model loads where it can) for no
     text and no tasks, both text and data, a teacher without a text, a missing or empty text, tasks
     without task_dir (or the reverse), a bad task folder or task (eval.harness.load_tasks), a loaded
     model without tokenizer or on another dtype / device than asked, seq_len beyond the model's
-    position limit or longer than the text, and a model source that cannot load.
+    position limit or longer than the text, a model source that cannot load, and keep=True for a
+    model that is not an artifact directory.
     """
     progress = progress or (lambda *_: None)
+    if keep and not is_artifact_dir(model):
+        raise UserError(f"keep=True keeps the result in an artifact directory ({EVALUATIONS}); "
+                        f"{_label(model)} is not one: pass keep=False")
     label, text = _text(text, data)
     if text is None and tasks is None and task_dir is None:
         raise UserError("nothing to measure: pass a text (--data) or tasks (--tasks with --task-dir)")
@@ -102,6 +116,9 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         result.tasks = task_accuracy(student, tokenizer, task_list, num_fewshot, limit, batch_size)
         result.tasks_protocol = tasks_protocol(result.tasks, str(task_dir), limit, batch_size, result.dtype, where)
         progress("lm-eval tasks", 1, 1)
+    if keep:
+        kept = keep_or_warn(user_path(model), result, warn or functools.partial(warnings.warn, stacklevel=2))
+        result.kept_in = str(kept) if kept else None
     return result
 
 
