@@ -18,6 +18,7 @@ from hypercompress.errors import UserError
 from hypercompress.eval import kept
 
 from test_cli import run
+from conftest import message_lines
 
 pytestmark = pytest.mark.usefixtures("no_hang")  # a reader that blocks fails instead of hanging
 EVALUATE = ("--seq-len", 32, "--max-windows", 2)
@@ -49,7 +50,7 @@ def kept_rows(art):
 
 
 def warnings_of(result):
-    return [line for line in result.stderr.splitlines() if line.strip()]
+    return message_lines(result.stderr)
 
 
 def test_evaluate_keeps_the_result_and_inspect_shows_it(art, text_file, tmp_path):

@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from ..atomic import check_output_file
 from ..workflow import compress as run_compress
 from . import STARTED
 from .common import console, one_line_errors, section_progress, write_json
 from .progress import print_time_table, process_seconds
+from .tables import print_branch_table
 
 
 @one_line_errors
@@ -78,24 +78,17 @@ def compress(
 
 
 def _print(summary: dict) -> None:
-    table = Table(title=f"compressed {summary['model']} -> {summary['out']}")
-    for column in ("branch", "weights", "bytes", "bpw", "ratio", "ppl", "KL", "seconds"):
-        table.add_column(column, justify="left" if column == "branch" else "right")
     seconds = {f"{st['stage']}: {st['method']}": str(st["seconds"]) for st in summary["stages"]}
-    for r in summary["branches"]:
-        quality = [f"{r[k]:.4g}" if r.get(k) is not None else "-" for k in ("ppl", "kl")]
-        table.add_row(r["branch"], f"{r['weights']:,}", f"{r['bytes']:,}", f"{r['bits_per_weight']:.4f}",
-                      f"{r['ratio_vs_16bit']:.2f}x", *quality, seconds.get(r["branch"], "-"))
-    console.print(table)
-    if summary["protocol"]:
-        console.print(f"quality: {summary['protocol']}")
+    print_branch_table(console, summary["branches"], summary["original_params"],
+                       Path(summary["out"]) / "model.safetensors", f"compressed {summary['model']} -> {summary['out']}",
+                       summary["protocol"], seconds=seconds)
     kv = summary["kv_cache_bytes_per_token"]
     flops = summary["flops_per_token"]
     console.print(f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> {kv['after']:,.0f} bytes"
                   f" | FLOPs per token (context {flops['context']}): {flops['before']:,} -> {flops['after']:,}")
     console.print(
-        f"original params {summary['original_params']:,} | safetensors {summary['safetensors_bytes']:,} B"
-        f" | {summary['bits_per_weight']:.4f} bits per weight (whole model, all tensors)"
+        f"original params {summary['original_params']:,} | model.safetensors {summary['safetensors_bytes']:,} B"
+        f" (the file, header included) | {summary['bits_per_weight']:.4f} bits per weight"
         f" | {16 / summary['bits_per_weight']:.2f}x vs 16-bit | compress {summary['compress_seconds']} s"
         f" | peak memory {summary['peak_memory_bytes'] / 2**30:.2f} GiB ({summary['device']})"
     )
