@@ -114,7 +114,7 @@ def test_cli_tasks_on_an_artifact_in_memory(model_dirs, text_file, task_dir, tmp
     model, tokenizer = hypercompress.load(artifact)
     _assert_matches(data["tasks"]["tiny_mc"], hand_accuracy(model, tokenizer, _docs_of(task_dir)), docs=DOCS)
     assert data["ppl"] > 1 and data["windows"] == 2
-    assert set(tmp_path.rglob("*")) - before == {report}  # nothing re-saved
+    assert set(tmp_path.rglob("*")) - before == {report, artifact / "evaluations.json"}  # nothing re-saved, the result kept
 
 
 @pytest.fixture

@@ -146,3 +146,21 @@ def test_a_three_argument_callback_still_works(model_dirs, tmp_path):
     hypercompress.compress(str(model_dirs["llama"]), method="rtn", out=None,
                            progress=lambda section, done, total: seen.append((section, done, total)))
     assert any(section.startswith("stage 0: rtn") for section, _, _ in seen)
+
+
+def test_a_piped_evaluate_reports_each_step_and_accounts_for_its_time(model_dirs, text_file, tmp_path):
+    art = tmp_path / "art"
+    assert CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--method", "rtn", "--out", str(art)]
+                              ).exit_code == 0
+    result = CliRunner().invoke(app, ["evaluate", str(art), "--data", str(text_file), "--seq-len", "32",
+                                      "--max-windows", "6", "--batch-size", "2", "--teacher",
+                                      str(model_dirs["llama"]), "--json", str(tmp_path / "e.json")])
+    assert result.exit_code == 0, result.output
+    for section in (f"loading {art}", f"loading teacher {model_dirs['llama']}", "tokenizing the text",
+                    "perplexity and KL vs the teacher (windows): 0/6", "perplexity and KL vs the teacher (windows): 6/6", "keeping the result"):
+        assert re.search(rf"^\[\s*\d+ s\] {re.escape(section)}", result.stderr, flags=re.M), (section, result.stderr)
+    import json
+
+    evaluation = json.loads((tmp_path / "e.json").read_text())
+    assert sum(r["seconds"] for r in evaluation["timeline"]) == pytest.approx(evaluation["wall_seconds"], abs=0.01)
+    assert "where the time went" in result.stdout and "│ total" in result.stdout

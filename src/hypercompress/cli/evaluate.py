@@ -10,7 +10,9 @@ import typer
 
 from ..atomic import check_output_file
 from ..eval.evaluation import Evaluation, evaluate as evaluate_model
+from . import STARTED
 from .common import console, one_line_errors, parse_dtype, section_progress, write_json
+from .progress import print_time_table, process_seconds
 
 
 @one_line_errors
@@ -42,6 +44,7 @@ def evaluate(
 
     compute = parse_dtype(dtype)
     check_output_file(json_path)
+    started = process_seconds(STARTED)  # the start-up: interpreter, imports, option checks
     with section_progress() as update:
         result = evaluate_model(model, data=data, seq_len=seq_len, max_windows=max_windows, teacher=teacher,
                                 batch_size=batch_size, dtype=compute, device=device, tasks=tasks,
@@ -50,6 +53,7 @@ def evaluate(
     _print(result)
     if result.kept_in:
         console.print(f"kept in {result.kept_in} (inspect and plot show it; --no-keep skips this)")
+    print_time_table(console, result.timeline, started)
     write_json(json_path, result.to_dict())
 
 

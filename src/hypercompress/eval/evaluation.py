@@ -18,9 +18,9 @@ from ..data import read_text, tokenize, windows
 from ..errors import UserError, user_path
 from ..models import load_model
 from .kept import EVALUATIONS, is_artifact_dir, keep_or_warn
+from ..progress import Progress, Timeline, no_progress
 from .perplexity import evaluate_windows, protocol_text
 
-Progress = Callable[[str, int, int], None]  # (section, done, total)
 Warn = Callable[[str], None]
 
 
@@ -48,6 +48,8 @@ class Evaluation:
     tasks: dict[str, dict[str, Any]] | None = None  # task -> acc, acc_stderr, acc_norm, ..., docs
     tasks_protocol: str | None = None
     kept_in: str | None = None    # the artifact's evaluations.json it was kept in (keep=True)
+    timeline: list[dict[str, Any]] | None = None  # [{"step", "seconds"}]: where the call's wall time went
+    wall_seconds: float | None = None  # the call's wall time; the timeline's seconds add up to it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +77,8 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         (eval.harness); `num_fewshot` examples per context (None: the YAML's, else 0), the first
         `limit` docs per task (None: all). Scored through lm-eval's HFLM over the model in memory
         (a transformers PreTrainedModel, as load_model and hypercompress.load give).
-    progress(section, done, total): called as models load and batches run.
+    progress(section, done, total, note): called as models load and batches run (progress.py);
+        the result's `timeline` lists the seconds of each step, adding up to `wall_seconds`.
     keep: also keep the result with the artifact `model` names (its evaluations.json, eval/kept.py;
         `inspect` and `plot` show it), replacing a kept one of the same protocol; `kept_in` says
         where. Nothing is kept unless asked. A folder that cannot be written is one `warn` (default:
@@ -88,7 +91,8 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
     position limit or longer than the text, a model source that cannot load, and keep=True for a
     model that is not an artifact directory.
     """
-    progress = progress or (lambda *_: None)
+    timeline = Timeline("checking the options")
+    progress = timeline.track(progress or no_progress)
     if keep and not is_artifact_dir(model):
         raise UserError(f"keep=True keeps the result in an artifact directory ({EVALUATIONS}); "
                         f"{_label(model)} is not one: pass keep=False")
@@ -117,8 +121,12 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         result.tasks_protocol = tasks_protocol(result.tasks, str(task_dir), limit, batch_size, result.dtype, where)
         progress("lm-eval tasks", 1, 1)
     if keep:
+        progress("keeping the result", 0, 1)
         kept = keep_or_warn(user_path(model), result, warn or functools.partial(warnings.warn, stacklevel=2))
         result.kept_in = str(kept) if kept else None
+        progress("keeping the result", 1, 1)
+    timeline.finish()
+    result.timeline, result.wall_seconds = timeline.rows(), round(timeline.wall_seconds, 3)
     return result
 
 
@@ -191,11 +199,14 @@ def _perplexity(result: Evaluation, student: nn.Module, tokenizer: Any, text: st
     for net in (student, reference):  # before any window is cut
         if net is not None and hasattr(net, "config"):
             check_length(net.config, seq_len, "--seq-len")
-    progress("tokenizing", 0, 1)
+    progress("tokenizing the text", 0, 1)
     ids = tokenize(tokenizer, text)
     chunks = windows(ids, seq_len, max_windows)
+    progress("tokenizing the text", 1, 1)
+    section = "perplexity" + (" and KL vs the teacher" if reference is not None else "") + " (windows)"
+    progress(section, 0, chunks.shape[0])
     numbers = evaluate_windows(student, chunks, batch_size, reference,
-                               lambda done, total: progress("evaluating", done, total))
+                               lambda done, total: progress(section, done, total))
     for key, value in numbers.items():
         setattr(result, key, value)
     result.protocol = protocol_text(result.data, seq_len, numbers["windows"], ids.numel() // seq_len,
