@@ -171,6 +171,7 @@ def test_a_tracker_without_destinations_writes_nothing(tmp_path, monkeypatch):
     ({"wandb_project": "a/b"}, "wandb_project='a/b'"),
     ({"wandb_project": " "}, "W&B project name"),
     ({"wandb_dir": "somewhere"}, "wandb_dir is set but wandb_project is not"),
+    ({"log_dir": __file__}, "is a file, not a folder"),
 ])
 def test_bad_tracking_settings_are_one_line_errors(method, values, needle):
     with pytest.raises(UserError, match="^[^\n]*$") as caught:
@@ -184,3 +185,12 @@ def test_a_missing_package_names_its_pip_install(package, key, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     with pytest.raises(UserError, match=f"pip install {package}"):
         Recipe.from_list([{"method": "distill", key: "x"}])
+
+
+@pytest.mark.parametrize("value,needle", [("", "log_dir is empty"), (__file__, "is a file, not a folder")])
+def test_compress_refuses_a_log_dir_that_cannot_be_one_before_any_work(value, needle, model_dirs, tmp_path):
+    import hypercompress
+
+    with pytest.raises(UserError, match=needle):
+        hypercompress.compress(str(model_dirs["llama"]), method="rtn", out=tmp_path / "o", log_dir=value)
+    assert not (tmp_path / "o").exists()

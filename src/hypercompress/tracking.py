@@ -43,6 +43,11 @@ def check_tracking(config: Any) -> None:
     a missing package (naming its pip install), a W&B project name W&B refuses, a wandb_dir
     without a project. Called by each trained method's `validate`."""
     log_dir, project, wandb_dir = (getattr(config, key, None) for key in TRACKING_KEYS)
+    for key, folder in (("log_dir", log_dir), ("wandb_dir", wandb_dir)):
+        if folder is not None and not str(folder).strip():
+            raise UserError(f"{key} is empty; pass a folder (e.g. runs/) or leave it unset")
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise UserError(f"{key} {folder} is a file, not a folder; pass a folder path (it is made if needed)")
     if log_dir is not None and importlib.util.find_spec("tensorboard") is None:
         raise UserError("log_dir needs the tensorboard package: pip install tensorboard (or leave log_dir unset)")
     if project is not None:
