@@ -8,9 +8,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -27,11 +26,14 @@ NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 
 from ..atomic import replace_file
 from ..errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 # results on stdout; piped to a file or a log, tables are not folded to 80 columns
 # markup off: paths, labels and names read from files are printed as they are ("[/x]" is not a tag)
 console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
 err_console = Console(stderr=True, markup=False)  # progress on stderr
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names (torch is imported when one is parsed)
 
 
 def one_line_errors(command: Callable) -> Callable:
@@ -83,9 +85,12 @@ def _usage_error(exc: UsageError) -> None:
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype name (torch imported here, not with the CLI: --help stays fast)."""
     if name not in DTYPES:
         raise UserError(f"--dtype {name}: must be one of {', '.join(DTYPES)}; pass one of them")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
 @contextmanager

@@ -13,8 +13,9 @@ import typer
 from rich.table import Table
 
 from ..atomic import check_output_file
-from ..workflow import compress as run_compress
+from ..hub import check_hub_model
 from .common import console, one_line_errors, section_progress, write_json
+from .quiet import VERBOSE, quiet_libraries
 
 
 @one_line_errors
@@ -56,8 +57,13 @@ def compress(
     eval_windows: int = typer.Option(16, "--eval-windows", min=1,
                                       help="windows of --eval measured per branch (512 tokens, or the "
                                       "model's position limit when shorter)"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
+    quiet_libraries(verbose)
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
+    from ..workflow import compress as run_compress
+
     check_output_file(report_json)  # refused now, not after the compression
     with section_progress() as update:
         result = run_compress(model, recipe, calib, method=method, overrides=overrides, target_bpw=target_bpw,

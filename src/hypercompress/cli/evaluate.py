@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..atomic import check_output_file
-from ..eval.evaluation import Evaluation, evaluate as evaluate_model
+from ..hub import check_hub_model
 from .common import console, one_line_errors, parse_dtype, section_progress, write_json
+from .quiet import VERBOSE, quiet_libraries
+
+if TYPE_CHECKING:
+    from ..eval.evaluation import Evaluation
 
 
 @one_line_errors
@@ -32,9 +36,16 @@ def evaluate(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the model runs (an "
                                "artifact's compressed layers take that device's kernels)"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Perplexity (and KL / top-1 vs a teacher) on non-overlapping windows of a text; task accuracy
     through lm-eval on local task data."""
+    quiet_libraries(verbose)
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
+    if teacher:
+        check_hub_model(teacher)
+    from ..eval.evaluation import evaluate as evaluate_model
+
     compute = parse_dtype(dtype)
     check_output_file(json_path)
     with section_progress() as update:

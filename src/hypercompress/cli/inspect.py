@@ -11,11 +11,7 @@ import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.table import Table
 
-from .. import artifact
-from ..artifact_reader import read_document
 from ..errors import UserError
-from ..modules import represented_weights
-from ..summary import SUMMARY_JSON
 from .common import console, one_line_errors, write_json
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16,
@@ -26,6 +22,9 @@ def artifact_summary(path: Path) -> dict[str, Any]:
     """Per-module and total storage of an artifact. The artifact is loaded through the same strict
     reader as `hypercompress.load` (so inspect refuses exactly what load refuses); the numbers come
     from its safetensors header."""
+    from .. import artifact
+    from ..modules import represented_weights
+
     _, _, verified = artifact.load_verified(path, fast=False)
     path, manifest = verified.path, verified.manifest
     shapes = {key: shape for key, (_, shape) in verified.header.items()}
@@ -116,6 +115,9 @@ def _print_lossless(coding: dict[str, Any]) -> None:
 
 def _summary(path: Path) -> dict[str, Any]:
     """summary.json if the artifact has one (hashed with it, as every listed file); {} otherwise."""
+    from ..artifact_reader import read_document
+    from ..summary import SUMMARY_JSON
+
     file = path / SUMMARY_JSON
     if not file.is_file():
         return {}
@@ -145,6 +147,8 @@ class _BranchRow(BaseModel):
 
 
 def _branches(path: Path) -> list[dict[str, Any]]:
+    from ..summary import SUMMARY_JSON
+
     rows = _summary(path).get("branches", [])
     try:
         return [row.model_dump() for row in TypeAdapter(list[_BranchRow]).validate_python(rows)]
