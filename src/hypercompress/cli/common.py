@@ -29,10 +29,11 @@ from ..errors import UserError
 if TYPE_CHECKING:
     import torch
 
-# results on stdout; piped to a file or a log, tables are not folded to 80 columns
+# results on stdout; piped to a file or a log, tables are not folded to 80 columns and a line is
+# never broken (soft wrap: a long footer stays one line for grep and diff)
 # markup off: paths, labels and names read from files are printed as they are ("[/x]" is not a tag)
-console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
-err_console = Console(stderr=True, markup=False)  # progress on stderr
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, markup=False, soft_wrap=not sys.stderr.isatty())  # progress on stderr
 DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names (torch is imported when one is parsed)
 
 
