@@ -27,10 +27,15 @@ from test_cli import assert_one_line_error, run
 CLOSED_PORT = "http://127.0.0.1:9"  # discard: nothing listens there
 
 
+QUIET_VARIABLES = ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
 def cli(*args, **env: str) -> subprocess.CompletedProcess:
-    """The command in a fresh interpreter, stdout and stderr pipes (not terminals), `env` added."""
+    """The command in a fresh interpreter, stdout and stderr pipes (not terminals), `env` added
+    (without the switches an in-process command of an earlier test left in os.environ)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in QUIET_VARIABLES}
     return subprocess.run([sys.executable, "-m", "hypercompress", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, **env})
+                          text=True, timeout=300, env={**inherited, **env})
 
 
 def assert_fails_fast(done: subprocess.CompletedProcess, *needles: str) -> None:
@@ -158,7 +163,7 @@ def test_a_bad_dtype_is_still_one_line(model_dirs, text_file):
 def test_quiet_hides_other_packages_warnings_not_ours(monkeypatch):
     from hypercompress.cli.quiet import quiet_libraries
 
-    for variable in ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):
+    for variable in QUIET_VARIABLES:
         monkeypatch.delenv(variable, raising=False)  # restored afterwards
     monkeypatch.setattr(sys, "warnoptions", [])
     lm_eval_logger = logging.getLogger("lm_eval")
