@@ -57,8 +57,9 @@ def test_missing_builtin_package_gives_the_pip_command(monkeypatch):
 
 def test_hub_id_is_tried_only_for_org_slash_name(monkeypatch):
     calls = []
+    monkeypatch.setattr("hypercompress.models.hub_cache_only", lambda repo_id: False)  # no request
     monkeypatch.setattr("hypercompress.models._from_pretrained",
-                        lambda source, spec, kind, dtype: calls.append((source, kind)))
+                        lambda source, spec, kind, dtype, cache_only: calls.append((source, kind)))
     load_model("HuggingFaceTB/SmolLM2-135M")
     assert calls == [("HuggingFaceTB/SmolLM2-135M", "hub")]
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -163,3 +167,31 @@ def test_a_relative_task_dir_works(task_dir, monkeypatch):
     monkeypatch.chdir(task_dir.parent)
     relative = hypercompress.evaluate(model, tokenizer=tokenizer, tasks="tiny_mc", task_dir=task_dir.name, limit=5)
     assert relative.tasks["tiny_mc"]["acc"] == absolute.tasks["tiny_mc"]["acc"]
+
+
+@pytest.fixture
+def outside_git(tmp_path, monkeypatch):
+    """The working folder is not in a git repository (where `git describe` complains)."""
+    if shutil.which("git") is None:
+        pytest.skip("no git: nothing to complain")
+    monkeypatch.chdir(tmp_path)
+    if subprocess.run(["git", "rev-parse"], capture_output=True).returncode == 0:
+        pytest.skip(f"{tmp_path} is inside a git repository")
+
+
+def test_lm_evals_git_describe_says_nothing_outside_a_repository(task_dir, outside_git, capfd):
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    hypercompress.evaluate(model, tokenizer=tokenizer, tasks="tiny_mc", task_dir=task_dir, limit=2)
+    assert "not a git repository" not in capfd.readouterr().err
+
+
+def test_only_gits_complaint_is_held_back(outside_git, capfd):
+    from hypercompress.eval.harness import _without_git_complaint
+
+    with _without_git_complaint():
+        os.write(2, b"before\n")
+        subprocess.run(["git", "describe", "--always"], stdout=subprocess.DEVNULL)
+        print("after", file=sys.stderr)
+    print("restored", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert "before\n" in err and "after\n" in err and "restored" in err and "not a git repository" not in err

@@ -89,3 +89,6 @@ def register() -> None:
     """Make transformers' Auto classes know artifacts (idempotent)."""
     AutoConfig.register(MODEL_TYPE, HypercompressConfig, exist_ok=True)
     AutoModelForCausalLM.register(HypercompressConfig, HypercompressForCausalLM, exist_ok=True)
+
+
+register()  # importing this module (hypercompress does when transformers loads its Auto classes) registers

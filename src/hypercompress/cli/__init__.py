@@ -1,4 +1,9 @@
-"""The `hypercompress` command: compress, evaluate, inspect, export, env, plot, analyze, edit (one file per subcommand)."""
+"""The `hypercompress` command: compress, evaluate, inspect, export, env, plot, analyze, edit (one file per subcommand).
+
+The subcommand modules import only typer, rich and light modules of ours at the top; torch,
+transformers and the library come inside each command's body, so `--help` and a bad option answer
+at once. Each command that loads models quiets the libraries first (cli/quiet.py, `--verbose`).
+"""
 
 from __future__ import annotations
 
@@ -14,19 +19,6 @@ from .common import OneLineUsageErrors
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make Hugging Face causal LMs smaller; measure what it cost.",
                   cls=OneLineUsageErrors)  # bad option values: one line 'error: ...', exit 2
-
-
-@app.callback()
-def _quiet_libraries() -> None:
-    """Our own progress bars and one-line errors replace transformers' bars and warnings."""
-    import os
-
-    from transformers.utils import logging
-
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws a plain tqdm bar
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
 
 app.command("compress")(compress.compress)
 app.command("evaluate")(evaluate.evaluate)

@@ -6,12 +6,10 @@ from pathlib import Path
 
 import typer
 
-from ..analysis.report import analyze as run_analysis
-from ..arch import check_length
 from ..atomic import refuse_existing
-from ..data import calibration_samples, read_text, tokenize
-from ..models import load_model
+from ..hub import check_hub_model
 from .common import console, err_console, one_line_errors, section_progress
+from .quiet import VERBOSE, quiet_libraries
 
 
 @one_line_errors
@@ -27,8 +25,16 @@ def analyze(
     sensitivity: bool = typer.Option(True, "--sensitivity/--no-sensitivity",
                                      help="the planner's per-module KL probe (minutes on a CPU)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Weight statistics, sensitivity, rate-distortion against the Gaussian bound, information flow."""
+    quiet_libraries(verbose)
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
+    from ..analysis.report import analyze as run_analysis
+    from ..arch import check_length
+    from ..data import calibration_samples, read_text, tokenize
+    from ..models import load_model
+
     refuse_existing(out)
     text = read_text(calib)
     with err_console.status(f"loading {model}"):

@@ -6,9 +6,8 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
@@ -25,11 +24,15 @@ from ..atomic import replace_file
 from ..errors import UserError
 from .progress import show_progress
 
-# results on stdout; piped to a file or a log, tables are not folded to 80 columns
+if TYPE_CHECKING:
+    import torch
+
+# results on stdout; piped to a file or a log, tables are not folded to 80 columns and a line is
+# never broken (soft wrap: a long footer stays one line for grep and diff)
 # markup off: paths, labels and names read from files are printed as they are ("[/x]" is not a tag)
-console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
-err_console = Console(stderr=True, markup=False)  # progress on stderr
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False, soft_wrap=not sys.stdout.isatty())
+err_console = Console(stderr=True, markup=False, soft_wrap=not sys.stderr.isatty())  # progress on stderr
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names (torch is imported when one is parsed)
 
 
 def one_line_errors(command: Callable) -> Callable:
@@ -81,9 +84,12 @@ def _usage_error(exc: UsageError) -> None:
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a --dtype name (torch imported here, not with the CLI: --help stays fast)."""
     if name not in DTYPES:
         raise UserError(f"--dtype {name}: must be one of {', '.join(DTYPES)}; pass one of them")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)
 
 
 section_progress = show_progress  # (the commands' name for it)

@@ -12,10 +12,11 @@ from typing import Optional
 import typer
 
 from ..atomic import check_output_file
-from ..workflow import compress as run_compress
+from ..hub import check_hub_model
 from . import STARTED
 from .common import console, one_line_errors, section_progress, write_json
 from .progress import print_time_table, process_seconds
+from .quiet import VERBOSE, quiet_libraries
 from .tables import print_branch_table
 
 
@@ -58,8 +59,13 @@ def compress(
     eval_windows: int = typer.Option(16, "--eval-windows", min=1,
                                       help="windows of --eval measured per branch (512 tokens, or the "
                                       "model's position limit when shorter)"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
+    quiet_libraries(verbose)
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
+    from ..workflow import compress as run_compress
+
     check_output_file(report_json)  # refused now, not after the compression
     started = process_seconds(STARTED)  # the start-up: interpreter, imports, option checks
     with section_progress() as update:

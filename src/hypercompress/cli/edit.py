@@ -7,19 +7,16 @@ from typing import Optional
 
 import typer
 
-from ..analysis.edit import check_method, checked_examples, example_lines
-from ..analysis.edit import edit as run_edit
-from ..analysis.edit_report import summary_rows
-from ..arch import check_length
-from ..artifact import read_manifest
 from ..atomic import refuse_existing
-from ..data import read_text, tokenize, windows
 from ..errors import UserError
-from ..models import load_model
+from ..hub import check_hub_model
 from .common import console, err_console, one_line_errors, section_progress
+from .quiet import VERBOSE, quiet_libraries
 
 
 def _windows(tokenizer, text: str, name: str, length: int, count: int):
+    from ..data import tokenize, windows
+
     ids = tokenize(tokenizer, text)
     if ids.numel() < length:
         raise UserError(f"the --{name} text has {ids.numel()} tokens, fewer than one window of --eval-len {length}; "
@@ -46,8 +43,19 @@ def edit(
     eval_len: int = typer.Option(256, "--eval-len", min=2, help="tokens per window"),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the fit / held-out split"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Locate a concept (per-layer probes), erase it in the weights, and validate the rest."""
+    quiet_libraries(verbose)
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
+    from ..analysis.edit import check_method, checked_examples, example_lines
+    from ..analysis.edit import edit as run_edit
+    from ..analysis.edit_report import summary_rows
+    from ..arch import check_length
+    from ..artifact import read_manifest
+    from ..data import read_text
+    from ..models import load_model
+
     refuse_existing(out)
     check_method(method)
     texts = {"--concept": read_text(concept), "--contrast": read_text(contrast)}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
-import torch
-
 from .common import console
 
 _PACKAGES = ("hypercompress", "torch", "transformers", "accelerate", "safetensors", "gguf",
@@ -15,6 +13,8 @@ _PACKAGES = ("hypercompress", "torch", "transformers", "accelerate", "safetensor
 
 def env() -> None:
     """Print versions, thread count and devices."""
+    import torch
+
     console.print(f"python {platform.python_version()} on {platform.platform()}")
     for name in _PACKAGES:
         try:

@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from ..atomic import check_output_file
-from ..eval.evaluation import Evaluation, evaluate as evaluate_model
+from ..hub import check_hub_model
 from . import STARTED
 from .common import console, one_line_errors, parse_dtype, section_progress, write_json
 from .progress import print_time_table, process_seconds
+from .quiet import VERBOSE, quiet_libraries
+
+if TYPE_CHECKING:
+    from ..eval.evaluation import Evaluation
 
 
 @one_line_errors
@@ -37,9 +41,15 @@ def evaluate(
                                "artifact's compressed layers take that device's kernels)"),
     keep: bool = typer.Option(True, "--keep/--no-keep", help="keep the result with an artifact (its "
                               "evaluations.json, replacing one of the same protocol): inspect and plot show it"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Perplexity (and KL / top-1 vs a teacher) on non-overlapping windows of a text; task accuracy
     through lm-eval on local task data. An artifact keeps the result (--no-keep: not)."""
+    quiet_libraries(verbose)
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
+    if teacher:
+        check_hub_model(teacher)
+    from ..eval.evaluation import evaluate as evaluate_model
     from ..eval.kept import is_artifact_dir
 
     compute = parse_dtype(dtype)

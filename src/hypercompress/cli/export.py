@@ -10,6 +10,7 @@ import typer
 from ..atomic import check_output_file, check_output_folder, refuse_existing
 from ..errors import UserError
 from .common import console, err_console, one_line_errors, write_json
+from .quiet import VERBOSE, quiet_libraries
 
 
 @one_line_errors
@@ -25,8 +26,10 @@ def export(
                                         "its quantization) instead of refusing"),
     dtype: str = typer.Option("bfloat16", "--dtype", help="hf: bfloat16 | float16 | float32"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the export report as JSON"),
+    verbose: bool = VERBOSE,
 ) -> None:
     """Write the artifact in another runtime's format (atomically; refuses an existing --out)."""
+    quiet_libraries(verbose)
     from ..export import FORMATS, export as run_export
 
     if fmt not in FORMATS:

@@ -13,11 +13,7 @@ import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.table import Table
 
-from .. import artifact
-from ..artifact_reader import read_document
 from ..errors import UserError
-from ..modules import represented_weights
-from ..summary import SUMMARY_JSON
 from .common import console, one_line_errors, write_json
 
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16,
@@ -33,7 +29,9 @@ def artifact_summary(path: Path, warn: Any = None) -> dict[str, Any]:
     import functools
     import warnings
 
+    from .. import artifact
     from ..eval.kept import read_kept
+    from ..modules import represented_weights
     from .module_groups import model_order, sort_rows
     from .tables import safetensors_header_bytes
 
@@ -91,6 +89,7 @@ def inspect(
 ) -> None:
     """Show what an artifact stores: the whole model (file size, bits per weight, recipe, kept
     evaluations), its branches, then its modules grouped across layers (--all: one row each)."""
+    from .. import artifact
     from .tables import print_branch_table
 
     if json_path is not None and json_path.is_dir():
@@ -211,6 +210,9 @@ def _print_lossless(coding: dict[str, Any]) -> None:
 
 def _summary(path: Path) -> dict[str, Any]:
     """summary.json if the artifact has one (hashed with it, as every listed file); {} otherwise."""
+    from ..artifact_reader import read_document
+    from ..summary import SUMMARY_JSON
+
     file = path / SUMMARY_JSON
     if not file.is_file():
         return {}
@@ -240,6 +242,8 @@ class _BranchRow(BaseModel):
 
 
 def _branches(path: Path) -> list[dict[str, Any]]:
+    from ..summary import SUMMARY_JSON
+
     rows = _summary(path).get("branches", [])
     try:
         return [row.model_dump() for row in TypeAdapter(list[_BranchRow]).validate_python(rows)]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from ..analysis.rate_distortion import collect, plot as draw
 from ..atomic import check_output_file
 from .common import console, one_line_errors
 
@@ -18,6 +17,8 @@ def plot(
 ) -> None:
     """Perplexity vs bits per weight (log-log) for every result row and artifact summary in FOLDER
     (a JSON file that cannot be read or has fields of the wrong type is skipped with a warning)."""
+    from ..analysis.rate_distortion import collect, plot as draw
+
     check_output_file(out, "--out")
     series = collect(folder, warn=lambda message: typer.echo(f"warning: {message}", err=True))
     draw(series, out)

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -182,6 +185,41 @@ def offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
+_GIT_COMPLAINT = re.compile(rb"fatal: not a git repository[^\n]*\n?")
+
+
+@contextmanager
+def _without_git_complaint() -> Iterator[None]:
+    """lm-eval's simple_evaluate records the working folder's git commit with `git describe`, whose
+    stderr is the process's: outside a git repository git prints 'fatal: not a git repository ...'
+    (lm-eval 0.4.13 has no switch for it). Meanwhile file descriptor 2 is a pipe whose reader passes
+    everything else on as it comes (bars and logs still flow); restored afterwards."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    reader = threading.Thread(target=_pass_on, args=(read_end, saved), daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last write end closes: the reader reads to its end
+        reader.join(timeout=5)
+        if not reader.is_alive():  # (a child process still holding the pipe keeps it open)
+            os.close(saved)
+
+
+def _pass_on(read_end: int, target: int) -> None:
+    """Copy the pipe to `target` until it closes, without git's complaint (one write of one line)."""
+    with open(read_end, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(65536):
+            chunk = _GIT_COMPLAINT.sub(b"", chunk)
+            while chunk:
+                chunk = chunk[os.write(target, chunk):]
+
+
 def task_accuracy(model: nn.Module, tokenizer: Any, tasks: dict[str, Any], num_fewshot: int | None = None,
                   limit: int | None = None, batch_size: int = 4) -> dict[str, dict[str, Any]]:
     """{task: {metric: value, metric_stderr: value, ..., num_fewshot, docs, docs_available}} from
@@ -195,7 +233,7 @@ def task_accuracy(model: nn.Module, tokenizer: Any, tasks: dict[str, Any], num_f
 
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     nothing_more = TaskManager(include_defaults=False)  # the tasks are built: no catalogue to index (14k YAMLs)
-    with offline():
+    with offline(), _without_git_complaint():
         out = lm_eval.simple_evaluate(model=harness_model, tasks=list(tasks.values()), num_fewshot=num_fewshot,
                                       limit=limit, log_samples=False, task_manager=nothing_more)
     results = {}

@@ -14,8 +14,8 @@ Without a cache the forward equals the dense one with the factored weights.
 
 from __future__ import annotations
 
+import inspect
 import itertools
-
 import types
 from typing import Any
 
@@ -161,10 +161,17 @@ def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 16) -> float:
 
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     cache = DynamicCache(config=model.config)
-    model(input_ids=torch.ones(1, tokens, dtype=torch.long, device=device), past_key_values=cache, use_cache=True)
+    ids = torch.ones(1, tokens, dtype=torch.long, device=device)
+    model(input_ids=ids, use_cache=True, **{_cache_keyword(model): cache})
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if tensor is not None:
                 total += tensor.numel() * tensor.element_size()
     return total / tokens
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward's name for the cache argument: `cache` since transformers 5.x (which warns that
+    `past_key_values` is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
