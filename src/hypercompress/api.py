@@ -18,12 +18,13 @@ from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
 from .modules import CompressedModule, effective_weights, replace_module, select_linears, uncompressed
+from .progress import takes_positional
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
 from .registry import get_method
 from .streaming import materialize_all
 
-# progress(stage_index, label, done, total, note): label names the stage (or the stages one layer-wise
+# progress(stage_index, label, done, total, note) (a 4-argument one gets no note): label names the stage (or the stages one layer-wise
 # pass runs together, pass_label), done/total count its blocks or modules or steps, note says what
 # happens inside (a loss); workflow.compress turns it into the library's progress (progress.py)
 Progress = Callable[[int, str, int, int, str], None]
@@ -58,6 +59,8 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     model's size after it (stored bits, weights computed with); `after_stage(model)` may add more
     (the CLI measures perplexity and KL there).
     """
+    if progress is not None and not takes_positional(progress, 5):  # written before the note existed
+        progress = _without_note(progress)
     if calib is not None:
         check_length(model.config, calib.shape[1], "--calib-len")
     if any(getattr(get_method(s.method).method_cls, "whole_model", False) for s in recipe.stages):
@@ -127,6 +130,10 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     if checkpoint is not None and not keep_checkpoint:
         checkpoint.remove()
     return {"stages": report}
+
+
+def _without_note(progress: Callable[[int, str, int, int], None]) -> Progress:
+    return lambda stage, label, done, total, note="": progress(stage, label, done, total)
 
 
 def pass_label(stages: list) -> str:

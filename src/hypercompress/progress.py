@@ -80,11 +80,16 @@ class Timeline:
 
 def accepts_note(progress: Callable[..., None]) -> bool:
     """Whether `progress` takes a fourth positional argument (the note)."""
+    return takes_positional(progress, 4)
+
+
+def takes_positional(function: Callable[..., None], count: int) -> bool:
+    """Whether `function` can be called with `count` positional arguments."""
     import inspect
 
     try:
-        parameters = inspect.signature(progress).parameters.values()
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature: call it as documented
         return True
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 4 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
+    return len(positional) >= count or any(p.kind == p.VAR_POSITIONAL for p in parameters)

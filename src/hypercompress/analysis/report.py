@@ -106,7 +106,7 @@ def _planner_sensitivity(model, samples, device, say) -> dict:
 
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     plan = plan_bits(model, 8.0, samples[:1, :256], 64, embedding, device=device,
-                     progress=lambda d, t: say("planner sensitivity", d, t))
+                     progress=lambda d, t, phase="": say("planner whole-plan KL" if phase else "planner sensitivity", d, t))
     return {n: {option_label(o): kl for o, kl in s.items()} for n, s in plan.sensitivity.items()}
 
 
