@@ -160,7 +160,7 @@ def test_a_torn_checkpoint_blocks_no_fresh_run(folder, model_dirs):
 def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, tmp_path, monkeypatch):
     import functools
 
-    from hypercompress.distill import DistillSettings
+    from hypercompress.training.distill import DistillSettings
     from hypercompress.methods import distill_factors
 
     monkeypatch.setattr(distill_factors, "DistillSettings", functools.partial(DistillSettings, checkpoint_every=2))

@@ -11,7 +11,8 @@ import torch
 
 from hypercompress import artifact
 from hypercompress.api import compress
-from hypercompress.distill import kl_to_teacher, teacher_samples
+from hypercompress.training.distill import teacher_samples
+from hypercompress.training.kl import kl_to_teacher
 from hypercompress.errors import UserError
 from hypercompress.layers import LoRALinear
 from hypercompress.modules import count_params, effective_weights
@@ -128,7 +129,7 @@ def test_nothing_to_train_is_refused():
 
 
 def test_adafactor_state_survives_a_checkpoint(tmp_path):
-    from hypercompress.distill import DistillSettings, distill
+    from hypercompress.training.distill import DistillSettings, distill
 
     student, teacher = make_model("llama"), make_model("llama")
     compress(student, Recipe.from_list([{"method": "svd", "rank": 4}]), CALIB)

@@ -176,7 +176,7 @@ def test_bad_hypernet_settings_are_one_line_errors():
 
 
 def test_distilling_svd_factors_lowers_kl_and_keeps_the_size(model_dirs, tokens, tmp_path):
-    from hypercompress.distill import kl_to_teacher
+    from hypercompress.training.kl import kl_to_teacher
 
     calib = torch.randint(1, 121, (8, 32), generator=torch.Generator().manual_seed(0))
     teacher = load_model(str(model_dirs["llama"])).model

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hypercompress.api import compress
-from hypercompress.distill import kl_to_teacher
+from hypercompress.training.kl import kl_to_teacher
 from hypercompress.errors import UserError
 from hypercompress.layers import QuantLinear
 from hypercompress.layers.quant_embedding import QuantEmbedding, TiedHead

@@ -10,7 +10,7 @@ import torch
 
 from hypercompress import artifact, checkpoint as checkpoint_module
 from hypercompress.api import compress
-from hypercompress.distill import DistillSettings
+from hypercompress.training.distill import DistillSettings
 from hypercompress.methods import distill_factors
 from hypercompress.methods.hypernet import method as hypernet_method
 from hypercompress.methods.qat import method as qat_method

@@ -123,6 +123,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         report.append({"stage": first, "stages": group, "method": label, "modules": len(routes),
                        "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
                        **({"block_seconds": block_seconds} if block_seconds is not None else {}),
+                       **_training_report(methods[0]),
                        "storage_bits": storage_bits(model), "weights": effective_weights(model),
                        **(after_stage(model) if after_stage else {})})
     materialize_all(model)  # a streamed model: what no stage compressed, read as it is stored
@@ -130,6 +131,12 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     if checkpoint is not None and not keep_checkpoint:
         checkpoint.remove()
     return {"stages": report}
+
+
+def _training_report(method: Any) -> dict[str, Any]:
+    """{"training": what a trained stage did (steps, tokens seen, tokens/s, ...)}, or {}."""
+    report = getattr(method, "training_report", None)
+    return {"training": report} if report else {}
 
 
 def _without_note(progress: Callable[[int, str, int, int], None]) -> Progress:

@@ -11,8 +11,7 @@ the backward pass the gradients of the trained tensors are averaged with one all
 torch DDP does for a module's parameters; here the trained tensors are stored buffers turned into
 parameters, or a generator's, so they are reduced directly), so every process takes the same
 optimizer step and the result is the single-process result with the same total batch (exactly
-for the KL term; the per-block matching is normalized by each process's share of the batch, so
-it equals the single-process term in expectation). Process 0 alone writes checkpoints and the
+for every loss term: each is a mean over windows, training/distill.py). Process 0 alone writes checkpoints and the
 artifact. Nothing here starts processes: that is the launcher's job.
 """
 
@@ -61,11 +60,23 @@ def is_main() -> bool:
 def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     """Replace each parameter's gradient by its mean over the processes (one flat all-reduce; a
     parameter without a gradient counts as zeros, so every process reduces the same layout)."""
+    _reduce_gradients(params, mean=True)
+
+
+@torch.no_grad()
+def sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its sum over the processes: each process's loss was
+    already divided by the whole step's batch (training/distill.py)."""
+    _reduce_gradients(params, mean=False)
+
+
+def _reduce_gradients(params: Iterable[torch.nn.Parameter], mean: bool) -> None:
     params = list(params)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= world()
+    if mean:
+        flat /= world()
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
@@ -80,3 +91,13 @@ def mean(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / world()
+
+
+@torch.no_grad()
+def total(values: torch.Tensor) -> torch.Tensor:
+    """values (k,) summed over the processes."""
+    if not active():
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values

@@ -91,7 +91,7 @@ def embedding_score(model: nn.Module, name: str, option: tuple, ids: torch.Tenso
     """(KL(original || model with only the embedding compressed by `option`) on `ids`, the original's
     logits there being `reference`; the table's relative error ||E - E'||_F / ||E||_F)."""
     from .api import compress
-    from .distill import kl_to_teacher
+    from .training.kl import kl_to_teacher
     from .recipe import Recipe
 
     trial = copy.deepcopy(model)

@@ -95,7 +95,7 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
     total count blocks over all trials, the note names the running trial."""
     from .api import compress
     from .artifact import stored_bytes
-    from .distill import kl_to_teacher
+    from .training.kl import kl_to_teacher
     from .planner_fit import stored_bpw
     from .recipe import Recipe
 

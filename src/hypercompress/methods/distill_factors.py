@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..distill import DistillSettings, distill, teacher_samples, train_norms
+from ..training.distill import DistillSettings, distill, teacher_samples, train_norms
+from ..training.engine import TrainingConfig
 from ..errors import UserError
 from ..layers import LowRankLinear, QuantLinear, SparseLinear
 from ..layers.lora import LoRALinear
@@ -37,7 +38,7 @@ from .base import WholeModelMethod
 
 
 @dataclass
-class DistillConfig(MethodConfig):
+class DistillConfig(TrainingConfig, MethodConfig):
     steps: int = 100
     batch: int = 4
     lr: float = 1e-4
@@ -67,6 +68,7 @@ class DistillConfig(MethodConfig):
         check(self.relora_every == 0 or self.lora_rank > 0, "relora_every needs lora_rank > 0")
         check(self.optimizer in ("adamw", "adafactor"), f"optimizer={self.optimizer!r}: adamw or adafactor")
         check(self.data in ("calib", "teacher"), f"data={self.data!r}: calib or teacher")
+        self.check_engine(self.batch)
         check_tracking(self)
 
 
@@ -141,7 +143,7 @@ class Distill(WholeModelMethod):
         teacher.to(device)
         windows = calib if c.data == "calib" else teacher_samples(teacher, calib, calib.shape[1], c.seed)
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
-                                   optimizer=c.optimizer)
+                                   optimizer=c.optimizer, engine=c.engine())
         with Tracker.of("distill", c) as tracker:
             distill(model, teacher, windows, params, lambda: None, settings, device,
                     saved, resume, progress,

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ...arch import arch_of, block_linear_names
-from ...distill import DistillSettings, distill
+from ...training.distill import DistillSettings, distill
 from ...errors import UserError
 from ...modules import CompressedModule, linear_bias, linear_weight, replace_module
 from ...registry import register

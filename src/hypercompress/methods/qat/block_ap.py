@@ -19,6 +19,7 @@ run resumes at the next block with the same result.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 import time
@@ -41,10 +42,11 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
              steps: int, batch: int, lr: float, scale_lr: float, seed: int = 0, device: str = "cpu",
              checkpoint_dir: Path | None = None, resume: bool = False,
              progress: Callable[[int, int, str], None] | None = None,
-             tracker: Tracker | None = None) -> list[float]:
+             tracker: Tracker | None = None, autocast=None) -> list[float]:
     """Train the FakeQuantLinears `fakes` (name -> module inside `student`'s blocks) block by block
     against `teacher` on `windows` (N, T) token ids, `steps` AdamW steps of `batch` windows per block
-    (latent weights at `lr`, scales and zeros at `scale_lr`). Returns each block's final relative
+    (latent weights at `lr`, scales and zeros at `scale_lr`), each forward under `autocast` (a context
+    manager: the engine's bf16 autocast, training/engine.py; None: float32). Returns each block's final relative
     output error. progress(blocks done, blocks, note)."""
     from ...calibration import capture_block_inputs  # (calibration imports the methods package)
 
@@ -69,7 +71,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
         trained = {n: m for n, m in fakes.items() if n.startswith(f"{spec.blocks}.{index}.")}
         if trained and index >= done:
             errors.append(_train_block(student_block, index, calls, student_in, target_out, trained, steps, lr,
-                                       scale_lr, seed, device, tracker))
+                                       scale_lr, seed, device, tracker, autocast))
             if checkpoint_dir is not None and parallel.is_main():
                 _save(checkpoint_dir, index, trained)
         with torch.no_grad():
@@ -83,7 +85,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
 
 
 def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale_lr, seed, device,
-                 tracker: Tracker | None = None) -> float:
+                 tracker: Tracker | None = None, autocast=None) -> float:
     weights = [m.weight for m in trained.values()]
     grids = [p for m in trained.values() for n, p in m.named_parameters() if n in ("scales", "zeros")]
     frozen = [(p, p.requires_grad) for p in block.parameters() if all(p is not q for q in weights + grids)]
@@ -100,7 +102,8 @@ def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale
                               generator=torch.Generator().manual_seed((seed * 1_000_003 + index) * 1_000_003 + step))
         pick = int(picks[rank])
         target = targets[pick].to(device).float()
-        out = calls.run(block, index, pick, inputs[pick].to(device)).float()
+        with autocast if autocast is not None else contextlib.nullcontext():
+            out = calls.run(block, index, pick, inputs[pick].to(device)).float()
         loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
         value = parallel.mean(loss.detach()[None])[0].item()
         if not math.isfinite(value):

@@ -90,6 +90,10 @@ class FakeQuantLinear(nn.Module):
         level = _straight_through(groups / scale + zero, torch.round(groups / scale + zero))
         return ((level.clamp(0, maxq) - zero) * scale).reshape_as(self.weight)
 
+    def logit_matrix(self) -> torch.Tensor | None:
+        """W_hat as an output layer's (V, D) matrix (training/distill.py's chunked KL), or None with a bias."""
+        return None if self.embedding or self.bias is not None else self.quantized_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight()
         if self.embedding:
@@ -117,6 +121,10 @@ class FakeTiedHead(nn.Module):
     def __init__(self, source: FakeQuantLinear):
         super().__init__()
         self._source = [source]  # a list keeps it out of this module's parameters
+
+    def logit_matrix(self) -> torch.Tensor:
+        """The embedding's W_hat (V, D), differentiable in its latent weights and scales."""
+        return self._source[0].quantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self._source[0].quantized_weight().to(x.dtype))

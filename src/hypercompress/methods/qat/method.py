@@ -19,6 +19,7 @@ killed run resumes. Runs on --device cuda and under torchrun (parallel.py).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from ...config import MethodConfig, check
-from ...distill import DistillSettings, distill, teacher_samples, train_norms
+from ...training.distill import DistillSettings, distill, run_summary, teacher_samples, train_norms
+from ...training.engine import TrainingConfig
 from ...errors import UserError
 from ...layers.quant_embedding import QuantEmbedding, TiedHead
 from ...layers.quant_linear import QuantLinear
@@ -40,7 +42,7 @@ from .fake_quant import FakeQuantLinear, FakeTiedHead
 
 
 @dataclass
-class QatConfig(MethodConfig):
+class QatConfig(TrainingConfig, MethodConfig):
     bits: int = 4                 # grid of dense linears (compressed ones keep their own)
     group_size: int = 64          # input columns per scale; -1: one group per row
     symmetric: bool = False
@@ -81,6 +83,7 @@ class QatConfig(MethodConfig):
             check(getattr(self, key) > 0, f"{key}={getattr(self, key)}: must be positive")
         check(self.local_weight >= 0, f"local_weight={self.local_weight}: must be >= 0 (0 turns it off)")
         check(0 <= self.teacher_fraction < 1, f"teacher_fraction={self.teacher_fraction}: must be in [0, 1)")
+        self.check_engine(self.batch)
         check_tracking(self)
 
 
@@ -102,6 +105,8 @@ class Qat(WholeModelMethod):
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
         c = self.config
+        self.history: list[dict[str, float]] = []
+        self._started = time.perf_counter()
         torch.manual_seed(c.seed)
         fakes = self._fake_quantize(model, names)
         saved = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -112,13 +117,15 @@ class Qat(WholeModelMethod):
         torch.backends.cuda.matmul.allow_tf32 = c.tf32 and str(device).startswith("cuda")
         try:
             windows = training_mix(teacher, calib, c.teacher_fraction, c.seed)  # seeded: a resume writes the same
+            tick = time.perf_counter()
             if c.block_steps:
                 block_ap(model, teacher, windows, {n: f for n, f in fakes.items() if not f.embedding},
                          steps=c.block_steps, batch=c.batch, lr=c.block_lr, scale_lr=c.block_lr * c.scale_lr_factor,
                          seed=c.seed, device=device, checkpoint_dir=None if saved is None else saved / "blocks",
                          resume=resume,
                          progress=(lambda d, t, note: progress(d, t, f"block-ap | {note}")) if progress else None,
-                         tracker=tracker)
+                         tracker=tracker, autocast=c.engine().autocast(device))
+            self._block_ap_seconds = time.perf_counter() - tick
             if c.steps:
                 self._end_to_end(model, teacher, windows, fakes, device, saved, resume, progress, tracker)
         finally:
@@ -127,6 +134,10 @@ class Qat(WholeModelMethod):
             model.to("cpu")
             teacher.to("cpu")
         self._store(model, fakes)
+        asked = c.engine().steps(c.steps, c.batch * windows.shape[1])
+        self.training_report = {"end_to_end": run_summary(self.history, asked) if c.steps else None,
+                                "block_ap_seconds": round(self._block_ap_seconds, 2),
+                                "windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1])}
 
     def _fake_quantize(self, model: nn.Module, names: list[str]) -> dict[str, FakeQuantLinear]:
         """Selected linears (and the input embedding, see the module docstring) -> FakeQuantLinear."""
@@ -173,9 +184,12 @@ class Qat(WholeModelMethod):
                 params[f"{name}.{key}"] = param
         if c.train_norms:
             train_norms(model, params)
-        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed)
+        engine = c.engine()
+        if engine.max_minutes:  # the stage's budget: what Block-AP left of it
+            engine.max_minutes = max(engine.max_minutes - (time.perf_counter() - self._started) / 60, 1e-3)
+        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, engine=engine)
         grid = lambda name: c.scale_lr_factor if name.endswith((".scales", ".zeros")) else 1.0  # noqa: E731
-        distill(model, teacher, windows, params, lambda: None, settings, device,
+        self.history = distill(model, teacher, windows, params, lambda: None, settings, device,
                 None if saved is None else saved / "e2e", resume,
                 (lambda d, t, note: progress(d, t, f"end-to-end | {note}")) if progress else None, lr_factor=grid,
                 tracker=tracker)

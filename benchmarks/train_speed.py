@@ -1,0 +1,106 @@
+"""Training throughput of the recovery engine (issue 27): qat's end-to-end phase on SmolLM2-135M and
+on a 7B-shaped model, per engine setting, through the same `qat` stage a user's recipe runs.
+
+    python benchmarks/train_speed.py --model smollm2-135m --device cuda --steps 30 --out results/train_speed.json
+    python benchmarks/train_speed.py --shape llama2-7b --layers 4 --device cuda --steps 10 --out R.json
+
+For each setting (precision, compile, batch, micro-batch) a fresh copy of the model gets the stage
+[{"method": "qat", "bits": 3, "group_size": 64, "block_steps": 0, "steps": S, ...}] on random-offset
+windows of 512 tokens of the calibration text (or random tokens for the shaped model), and the loop's
+stage report gives tokens/s (over the steps after the first, which compiles) and tokens seen; peak GPU memory is read after the run and divided by the trained
+parameters (billions). A 7B shape is measured with `--layers` of its 32 blocks (the whole model's
+float32 latents and AdamW moments alone would be 84 GB): memory per billion parameters carries over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hypercompress.api import compress  # noqa: E402
+from hypercompress.recipe import Recipe  # noqa: E402
+
+SETTINGS = {  # label -> qat keys
+    "fp32 batch 8 (the old loop's setting)": {"precision": "fp32", "compile": False, "batch": 8},
+    "bf16 batch 8": {"precision": "bf16", "compile": False, "batch": 8},
+    "bf16 batch 32": {"precision": "bf16", "compile": False, "batch": 32},
+    "bf16 batch 32 compiled": {"precision": "bf16", "compile": True, "batch": 32},
+    "bf16 batch 64 (micro 32) compiled": {"precision": "bf16", "compile": True, "batch": 64, "micro_batch": 32},
+}
+SHAPES = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                            num_key_value_heads=32, vocab_size=32000)}
+
+
+def load(args):
+    if args.shape:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**SHAPES[args.shape], num_hidden_layers=args.layers, max_position_embeddings=4096,
+                             tie_word_embeddings=False)
+        with torch.device("cpu"):
+            model = LlamaForCausalLM(config).eval()
+        return model, torch.randint(0, config.vocab_size, (256, 512), generator=torch.Generator().manual_seed(0))
+    from hypercompress.data import calibration_samples, read_text, tokenize
+    from hypercompress.models import load_model
+
+    loaded = load_model(args.model)
+    ids = tokenize(loaded.tokenizer, read_text(args.calib))
+    return loaded.model, calibration_samples(ids, 256, 512, 0)
+
+
+def measure(model, windows, keys: dict, args) -> dict:
+    from hypercompress.methods.qat.method import Qat  # noqa: F401  (registered)
+
+    student = copy.deepcopy(model)
+    stage = {"method": "qat", "bits": 3, "group_size": 64, "block_steps": 0, "steps": args.steps,
+             "teacher_fraction": 0, **keys}
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    tick = time.perf_counter()
+    report = compress(student, Recipe.from_list([stage], where="train_speed"), windows, device=args.device)
+    wall = time.perf_counter() - tick
+    trained = report["stages"][0]["training"]["end_to_end"]
+    params = sum(p.numel() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0
+    return {"settings": stage, **trained, "stage_seconds": round(wall, 2), "peak_gpu_bytes": peak,
+            "gib_per_billion_params": peak / 2**30 / (params / 1e9)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--shape", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--calib", default="../shared/data/wikitext2_valid_tokenized.txt")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--only", nargs="*", help="labels of SETTINGS to run (default: all)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    model, windows = load(args)
+    rows = {}
+    for label, keys in SETTINGS.items():
+        if args.only and label not in args.only:
+            continue
+        try:
+            rows[label] = measure(model, windows, keys, args)
+        except Exception as exc:  # a setting that fails (out of memory, a compiler error) is a row too
+            rows[label] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print(label, json.dumps(rows[label]), flush=True)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": args.shape or args.model, "layers": args.layers if args.shape
+                                          else None, "device": device, "torch": torch.__version__, "rows": rows},
+                                         indent=1))
+
+
+if __name__ == "__main__":
+    main()
