@@ -43,7 +43,7 @@ def main() -> None:
     result = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
               "fingerprint_s": round(time.perf_counter() - start, 3),
               "parameters": sum(p.numel() for p in teacher.parameters())}
-    for kind, static in (("static", True), ("dynamic", False)):
+    for kind, static in (("dynamic", False), ("static", True)):
         corpus.static_cache_ok = lambda _teacher, ok=static: ok
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

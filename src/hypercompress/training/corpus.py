@@ -10,10 +10,10 @@ domain; the teacher samples as much text as the budget asks, from prompts cut ou
   calibration rows in a fresh seeded permutation per cycle, o drawn uniformly from [0, T - prompt_tokens]
   by the same seeded generator, so prompts start anywhere in the text, not only at window starts.
 - Dedup: a window is dropped when it equals a kept one, when one token fills over half of its sampled
-  part, when its sampled part is a loop (fewer than half of its 8-grams distinct), or when 90% or more
-  of its 8-grams already occur in the kept windows (a memorised passage written again). 8-grams with a
-  hash divisible by 8 stand for a window's 8-grams once it has 256 or more (shift-invariant sampling:
-  the seen set costs ~8 bytes per teacher token). Dropped windows are written again with new prompts,
+  part or that part is a loop (fewer than half of its 8-grams distinct; both judged on parts of 16
+  tokens or more), or when 90% or more of its sampled part's 8-grams already occur in the kept windows
+  (a memorised passage written again). Once a part has 256 or more 8-grams, those whose hash is
+  divisible by 8 stand for all (shift-invariant sampling: the seen set costs ~8 bytes per token). Dropped windows are written again with new prompts,
   at most EXTRA_ROUNDS more times; a budget still unmet then gives fewer windows and a warning.
 - Cache: `<dir>/corpus-<key>.safetensors` holding one int64 tensor "windows" (M, length) and, in its
   header metadata, JSON: key, teacher fingerprint, settings, statistics. See `corpus_key`.
@@ -71,7 +71,7 @@ def corpus_key(fingerprint: str, prompts: torch.Tensor, settings: dict[str, Any]
     and the device are left out on purpose: they change which sample is drawn, not its distribution,
     so a corpus written on a GPU with batch 64 serves a CPU run with batch 8."""
     digest = hashlib.sha256(f"corpus-v{FORMAT}|{fingerprint}|{tuple(prompts.shape)}|".encode())
-    digest.update(prompts.to(torch.int64).contiguous().numpy().tobytes())
+    digest.update(prompts.to("cpu", torch.int64).contiguous().numpy().tobytes())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -106,7 +106,7 @@ def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: i
     count = math.ceil(tokens / length)
     if path.exists():
         try:
-            windows = read_corpus(path, fingerprint, key, vocab, length, count)
+            windows = _read_corpus(path, fingerprint, key, vocab, length, count)
             if progress is not None:
                 progress(windows.numel(), count * length, f"read from {path}")
             return windows
@@ -262,7 +262,7 @@ class _Unreadable(Exception):
     """A cache file that is not a corpus of this teacher and these settings (the message says why)."""
 
 
-def read_corpus(path: Path, fingerprint: str, key: str, vocab: int, length: int, count: int) -> torch.Tensor:
+def _read_corpus(path: Path, fingerprint: str, key: str, vocab: int, length: int, count: int) -> torch.Tensor:
     """The (m, length) int64 windows of a cache file, 1 <= m <= count, ids in [0, vocab). The header is
     read and checked (size bounded, one I64 tensor of a shape that fits the file exactly) before any
     tensor byte is. A file of another model (fingerprint) is a UserError; anything else wrong raises
