@@ -3,6 +3,7 @@ on a 7B-shaped model, per engine setting, through the same `qat` stage a user's 
 
     python benchmarks/train_speed.py --model smollm2-135m --device cuda --steps 30 --out results/train_speed.json
     python benchmarks/train_speed.py --shape llama2-7b --layers 4 --device cuda --steps 10 --out R.json
+    python benchmarks/train_speed.py --shape smollm2-135m --device cuda --out R.json   # random weights, no GGUF
 
 For each setting (precision, compile, batch, micro-batch) a fresh copy of the model gets the stage
 [{"method": "qat", "bits": 3, "group_size": 64, "block_steps": 0, "steps": S, ...}] on random-offset
@@ -35,16 +36,19 @@ SETTINGS = {  # label -> qat keys
     "bf16 batch 32 compiled": {"precision": "bf16", "compile": True, "batch": 32},
     "bf16 batch 64 (micro 32) compiled": {"precision": "bf16", "compile": True, "batch": 64, "micro_batch": 32},
 }
-SHAPES = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                            num_key_value_heads=32, vocab_size=32000)}
+SHAPES = {  # random weights of the published shapes (layers: --layers, default all)
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                      vocab_size=32000, num_hidden_layers=32, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=49152, num_hidden_layers=30, tie_word_embeddings=True)}
 
 
 def load(args):
     if args.shape:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(**SHAPES[args.shape], num_hidden_layers=args.layers, max_position_embeddings=4096,
-                             tie_word_embeddings=False)
+        shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
+        config = LlamaConfig(**shape, max_position_embeddings=4096)
         with torch.device("cpu"):
             model = LlamaForCausalLM(config).eval()
         return model, torch.randint(0, config.vocab_size, (256, 512), generator=torch.Generator().manual_seed(0))
@@ -78,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--shape", choices=sorted(SHAPES))
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=0, help="blocks of --shape (0: all)")
     parser.add_argument("--calib", default="../shared/data/wikitext2_valid_tokenized.txt")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=30)
