@@ -1,4 +1,4 @@
-"""Throughput of teacher_corpus (the teacher writing its own training corpus), static vs dynamic KV cache.
+"""Throughput of teacher_corpus (the teacher writing its own training corpus).
 
     PYTHONPATH=src python benchmarks/corpus_speed.py [--model smollm2-135m] [--windows 16] [--batch 16]
         [--length 512] [--device cpu]
@@ -43,8 +43,7 @@ def main() -> None:
     result = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
               "fingerprint_s": round(time.perf_counter() - start, 3),
               "parameters": sum(p.numel() for p in teacher.parameters())}
-    for kind, static in (("dynamic", False), ("static", True)):
-        corpus.static_cache_ok = lambda _teacher, ok=static: ok
+    for kind in ("decode",):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             out = corpus.teacher_corpus(teacher, prompts, tokens=args.windows * args.length, length=args.length,

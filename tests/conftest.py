@@ -35,6 +35,21 @@ def make_model(arch: str) -> torch.nn.Module:
     return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
 
 
+@pytest.fixture(autouse=True, scope="session")
+def corpus_cache_in_a_temporary_folder(tmp_path_factory):
+    """Teacher-written corpora (training/corpus.py) are cached under $HYPERCOMPRESS_CACHE: never the
+    user's home during the tests (subprocesses inherit it)."""
+    import os
+
+    saved = os.environ.get("HYPERCOMPRESS_CACHE")
+    os.environ["HYPERCOMPRESS_CACHE"] = str(tmp_path_factory.mktemp("hypercompress-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("HYPERCOMPRESS_CACHE", None)
+    else:
+        os.environ["HYPERCOMPRESS_CACHE"] = saved
+
+
 def message_lines(stderr: str) -> list[str]:
     """The non-empty lines of a command's stderr without its progress lines ('[    3 s] loading ...',
     cli/progress.py): the error or warning lines a test checks."""

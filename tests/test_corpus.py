@@ -11,7 +11,7 @@ from conftest import make_model
 
 from hypercompress.errors import UserError
 from hypercompress.training import corpus
-from hypercompress.training.corpus import teacher_corpus, training_windows
+from hypercompress.training.corpus import mixed_picks, teacher_corpus
 
 LENGTH, PROMPT = 24, 8
 
@@ -32,10 +32,19 @@ def write(model, prompts, tmp_path, **kw):
 
 
 def count_generate(monkeypatch, model):
+    """Every decode call on `model` (the teacher's sampling loop), recorded."""
     calls = []
-    original = model.generate
-    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(k) or original(*a, **k))
+    original = corpus.decode
+    monkeypatch.setattr(corpus, "decode", lambda teacher, **k: (calls.append(k) if teacher is model else None)
+                        or original(teacher, **k))
     return calls
+
+
+def patch_decode(monkeypatch, model, replace):
+    """corpus.decode on `model` replaced by replace(input_ids=..., original=...) (its other keys passed on)."""
+    original = corpus.decode
+    monkeypatch.setattr(corpus, "decode", lambda teacher, **k: replace(
+        original=lambda **kk: original(teacher, **kk), **k))
 
 
 def only_file(folder):
@@ -61,37 +70,22 @@ def test_shape_dtype_determinism_and_prompts_from_the_text(llama, prompts, tmp_p
     assert notes[-1][:2] == (5 * LENGTH, 5 * LENGTH) and "tok/s" in notes[-1][2]
 
 
-def test_static_cache_is_asked_for(llama, prompts, tmp_path, monkeypatch):
-    calls = count_generate(monkeypatch, llama)
-    write(llama, prompts, tmp_path)
-    assert calls and all(k["generation_config"].cache_implementation == "static" for k in calls)
-
-
-def test_gpt2_and_a_model_refusing_the_static_cache_fall_back(prompts, tmp_path, monkeypatch):
+def test_gpt2_writes_a_corpus_and_top_p_narrows_the_choice(prompts, tmp_path):
     gpt2 = make_model("gpt2")
     assert write(gpt2, prompts, tmp_path / "gpt2").shape == (5, LENGTH)
-    original, seen = gpt2.generate, []
-
-    def refuse_static(*args, **kwargs):
-        seen.append(kwargs["generation_config"].cache_implementation)
-        if seen[-1] == "static":
-            raise ValueError("this model does not support a static cache")
-        return original(*args, **kwargs)
-    monkeypatch.setattr(gpt2, "generate", refuse_static)
-    assert write(gpt2, prompts, tmp_path / "refused").shape == (5, LENGTH)
-    assert seen[0] == "static" and set(seen[1:]) == {None}
-    with open(only_file(tmp_path / "refused"), "rb") as handle:
-        header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-    assert json.loads(header["__metadata__"][corpus.META])["stats"]["cache_implementation"] == "dynamic"
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(200, 1)
+    drawn = corpus._draw(logits, 1.0, 0.9, torch.Generator().manual_seed(0))
+    assert set(drawn.flatten().tolist()) == {0, 1}  # p = 0.72, 0.26, 0.01, ...: top-p 0.9 keeps the first two
+    assert set(corpus._draw(logits, 1.0, 0.5, torch.Generator().manual_seed(0)).flatten().tolist()) == {0}
 
 
 def test_dedup_drops_copies_loops_and_single_tokens_then_writes_more(llama, prompts, tmp_path, monkeypatch):
     """A teacher whose first batches hold a copy, a loop and a one-token window: those are dropped and
     replaced by later rounds; the windows returned are distinct and none is degenerate."""
-    original, batches = llama.generate, []
+    batches = []
 
-    def degenerate(*args, **kwargs):
-        out = original(*args, **kwargs)
+    def degenerate(original, **kwargs):
+        out = original(**kwargs)
         batches.append(out)
         if len(batches) == 2:
             out = out.clone()
@@ -102,7 +96,7 @@ def test_dedup_drops_copies_loops_and_single_tokens_then_writes_more(llama, prom
             out[0, PROMPT:] = 9                                            # one repeated token
             out[1, PROMPT:] = batches[0][1, PROMPT:]                       # a new prompt, the same text
         return out
-    monkeypatch.setattr(llama, "generate", degenerate)
+    patch_decode(monkeypatch, llama, degenerate)
     out = write(llama, prompts, tmp_path, tokens=6 * LENGTH)
     assert out.shape == (6, LENGTH) and len(batches) == 5  # round 1: 3 calls keep 2 of 6; round 2: 2 calls
     assert len({tuple(w.tolist()) for w in out}) == 6 and torch.equal(out[:2], batches[0])
@@ -110,14 +104,14 @@ def test_dedup_drops_copies_loops_and_single_tokens_then_writes_more(llama, prom
 
 
 def test_rounds_are_bounded_and_an_all_duplicate_teacher_is_an_error(llama, prompts, tmp_path, monkeypatch):
-    monkeypatch.setattr(llama, "generate", lambda input_ids, **k: torch.cat(
+    patch_decode(monkeypatch, llama, lambda input_ids, **k: torch.cat(
         [input_ids, torch.full((input_ids.shape[0], LENGTH - PROMPT), 7)], 1))
     with pytest.raises(UserError, match="every window"):
         write(llama, prompts, tmp_path)
     calls = []
     copies = lambda input_ids, **k: calls.append(1) or torch.cat(  # noqa: E731
         [input_ids, torch.arange(LENGTH - PROMPT).repeat(input_ids.shape[0], 1)], 1)
-    monkeypatch.setattr(llama, "generate", copies)  # distinct only through the prompt, then near-copies
+    patch_decode(monkeypatch, llama, copies)  # distinct only through the prompt, then near-copies
     with pytest.warns(UserWarning, match="only"):
         out = write(llama, prompts, tmp_path / "few")
     assert 1 <= out.shape[0] < 5 and len(calls) <= 3 + corpus.EXTRA_ROUNDS * 3
@@ -214,17 +208,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert corpus.default_cache_dir().parts[-3:] == (".cache", "hypercompress", "corpus")
 
 
-def test_training_windows_mix_at_the_share():
-    calibration = torch.arange(30 * 4).view(30, 4)
-    written = -torch.arange(1, 41 * 4 + 1).view(41, 4)
-    mixed = training_windows(calibration, written, 0.25)
-    assert mixed.shape == (40, 4) and int((mixed[:, 0] < 0).sum()) == 10  # round(0.25 * 30 / 0.75)
-    assert torch.equal(mixed, training_windows(calibration, written, 0.25))
-    assert torch.equal(training_windows(calibration, written, 0.0), calibration)
-    short = training_windows(calibration, written[:5], 0.5)  # too little corpus: calibration trimmed
-    assert short.shape == (10, 4) and int((short[:, 0] < 0).sum()) == 5
+def test_mixed_picks_draw_the_corpus_at_the_share():
+    picks = mixed_picks(20_000, 30, 400, 0.25, torch.Generator().manual_seed(0))
+    assert picks.min() >= 0 and picks.max() < 430
+    assert abs(float((picks >= 30).float().mean()) - 0.25) < 0.015  # the share, whatever the pool sizes
+    assert set(picks[picks < 30].tolist()) == set(range(30)) and len(set(picks[picks >= 30].tolist())) > 390
+    again = mixed_picks(20_000, 30, 400, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(picks, again)
+    assert mixed_picks(100, 30, 400, 0.0, torch.Generator()).max() < 30
+    assert mixed_picks(100, 30, 0, 0.5, torch.Generator()).max() < 30
     for share in (1.0, -0.1):
         with pytest.raises(UserError, match="share"):
-            training_windows(calibration, written, share)
-    with pytest.raises(UserError, match="differ"):
-        training_windows(calibration, written[:, :3], 0.5)
+            mixed_picks(10, 30, 400, share, torch.Generator())

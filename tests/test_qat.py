@@ -16,7 +16,7 @@ from hypercompress.layers import QuantLinear
 from hypercompress.layers.quant_embedding import QuantEmbedding, TiedHead
 from hypercompress.methods.qat import block_ap as block_ap_module
 from hypercompress.methods.qat.fake_quant import FakeQuantLinear
-from hypercompress.methods.qat.method import Qat, QatConfig, training_mix
+from hypercompress.methods.qat.method import Qat, QatConfig, block_windows, training_data
 from hypercompress.methods.rtn import RTN, RtnConfig
 from hypercompress.recipe import Recipe
 
@@ -70,7 +70,7 @@ def test_the_stored_model_computes_what_the_trained_one_did():
     method = Qat(QatConfig(bits=3, group_size=32, embedding_bits=4, block_steps=0, steps=3, lr=1e-3))
     fakes = method._fake_quantize(model, [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
                                           and "layers" in n])
-    method._end_to_end(model, tied_llama(128), calib(), fakes, "cpu", None, False, None)
+    method._end_to_end(model, tied_llama(128), calib(), None, fakes, "cpu", None, False, None)
     ids = calib(2, 16, seed=3)
     with torch.no_grad():
         trained = model(ids).logits
@@ -98,13 +98,19 @@ def test_after_a_rotation_the_teacher_is_the_rotated_model(monkeypatch):
     assert seen["gap"] < 0.02  # an 8-bit grid of the same (rotated) weights; unrotated they differ by ~0.2
 
 
-def test_the_training_mix_holds_teacher_written_windows():
+def test_the_training_data_holds_the_corpus_the_teacher_writes(tmp_path):
     teacher = make_model("llama")
-    windows = training_mix(teacher, calib(6, 24), 0.5, seed=0)
-    assert windows.shape == (12, 24)
+    config = QatConfig(teacher_fraction=0.5, corpus_tokens=10 * 24, corpus_cache=str(tmp_path))
+    windows, mix = training_data(teacher, calib(6, 24), config, "cpu")
+    assert windows.shape == (16, 24) and mix == (6, 0.5)
     assert torch.equal(windows[:6], calib(6, 24))
-    assert torch.equal(windows[6:, :8], calib(6, 24)[:, :8])  # the prompts; the rest the teacher wrote
-    assert not torch.equal(windows[6:, 8:], calib(6, 24)[:, 8:])
+    assert len(list(tmp_path.glob("corpus-*.safetensors"))) == 1  # cached for the next run
+    again, _ = training_data(teacher, calib(6, 24), config, "cpu")
+    assert torch.equal(again, windows)
+    picked = block_windows(windows, mix, 4, seed=0)
+    assert picked.shape == (4, 24)
+    plain, none = training_data(teacher, calib(6, 24), QatConfig(teacher_fraction=0), "cpu")
+    assert none is None and torch.equal(plain, calib(6, 24))
 
 
 @pytest.mark.parametrize("values,needle", [({"bits": 1}, "bits"), ({"block_steps": 0, "steps": 0}, "nothing"),

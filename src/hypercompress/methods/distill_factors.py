@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..training.distill import DistillSettings, distill, teacher_samples, train_norms
+from ..training.distill import DistillSettings, distill, train_norms
 from ..training.engine import TrainingConfig
 from ..errors import UserError
 from ..layers import LowRankLinear, QuantLinear, SparseLinear
@@ -70,6 +70,15 @@ class DistillConfig(TrainingConfig, MethodConfig):
         check(self.data in ("calib", "teacher"), f"data={self.data!r}: calib or teacher")
         self.check_engine(self.batch)
         check_tracking(self)
+
+
+def _written_windows(teacher: nn.Module, calib: torch.Tensor, device: str, seed: int, progress) -> torch.Tensor:
+    """As many windows as `calib` holds, written by the teacher from openings of them (cached corpus)."""
+    from ..training.corpus import teacher_corpus
+
+    return teacher_corpus(teacher, calib, tokens=calib.numel(), length=calib.shape[1], seed=seed, device=device,
+                          batch=256 if str(device).startswith("cuda") else 16,
+                          progress=(lambda d, t, note: progress(d, t, f"corpus | {note}")) if progress else None)
 
 
 def _train(module: nn.Module, key: str, params: dict[str, nn.Parameter], name: str) -> None:
@@ -141,7 +150,7 @@ class Distill(WholeModelMethod):
                             "or quantization stage before it (or set lora_rank for sparse layers)")
         model.to(device)
         teacher.to(device)
-        windows = calib if c.data == "calib" else teacher_samples(teacher, calib, calib.shape[1], c.seed)
+        windows = calib if c.data == "calib" else _written_windows(teacher, calib, device, c.seed, progress)
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
                                    optimizer=c.optimizer, engine=c.engine())
         with Tracker.of("distill", c) as tracker:

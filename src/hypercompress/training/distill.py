@@ -32,6 +32,7 @@ from torch import nn
 from .. import parallel
 from ..errors import UserError
 from ..tracking import Tracker, learning_rates
+from .corpus import mixed_picks
 from .engine import Clock, Engine, compile_blocks, cosine, frozen_teacher, uncompile_blocks
 from .kl import chunked_kl, kl_to_teacher
 
@@ -109,8 +110,11 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             progress: TrainProgress | None = None,
             after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
             lr_factor: Callable[[str], float] | None = None,
-            tracker: Tracker | None = None) -> list[dict[str, float]]:
+            tracker: Tracker | None = None, mix: tuple[int, float] | None = None) -> list[dict[str, float]]:
     """Train `params` (by name) so that `student` matches `teacher` on `windows` (N, T) token ids.
+    `mix` = (n, share): the first n windows are calibration text, the rest teacher-written, and each
+    window of a step is a written one with probability `share` (corpus.mixed_picks); else all
+    windows are drawn alike.
 
     Returns the history: one dict per step (loss, kl, local, stability, tokens (seen so far),
     tokens_per_second, lr: the first parameter group's learning rate of that step); each also goes
@@ -155,8 +159,9 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             for group in optimizer.param_groups:  # this step's rate: cosine over the (possibly shortened) run
                 group["lr"] = group["base_lr"] * cosine(step / clock.steps)
             rates = learning_rates(optimizer)
-            picks = torch.randint(0, windows.shape[0], (settings.batch,),
-                                  generator=torch.Generator().manual_seed(settings.seed * 1_000_003 + step))
+            generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+            picks = torch.randint(0, windows.shape[0], (settings.batch,), generator=generator) if mix is None \
+                else mixed_picks(settings.batch, mix[0], windows.shape[0] - mix[0], mix[1], generator)
             optimizer.zero_grad(set_to_none=True)
             sums = torch.zeros(4, device=device)
             for chunk in list(picks.split(micro))[rank::processes]:  # this process's micro-batches
@@ -293,18 +298,3 @@ def _restore(directory: Path, params, optimizer) -> tuple[int, float]:
                 optimizer.state[p] = {"step": torch.tensor(float(step)), **state}
     seconds = state.get("seconds", 0.0)
     return step, float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
-
-
-def teacher_samples(teacher: nn.Module, prompts: torch.Tensor, length: int, seed: int = 0,
-                    prompt_tokens: int = 8) -> torch.Tensor:
-    """Training windows written by the teacher: each row of `prompts` (N, T) gives its first
-    `prompt_tokens` tokens, the teacher samples the rest (temperature 1, no truncation) up to
-    `length`; seeded. (N, length) token ids. Data that is the teacher's own distribution, not the
-    calibration text's, guards against fitting one domain."""
-    torch.manual_seed(seed)
-    device = next(teacher.parameters()).device
-    with torch.no_grad():
-        out = teacher.generate(prompts[:, :prompt_tokens].to(device), do_sample=True, top_k=0, top_p=1.0,
-                               temperature=1.0, max_new_tokens=length - prompt_tokens,
-                               min_new_tokens=length - prompt_tokens, pad_token_id=0)
-    return out[:, :length].cpu()

@@ -9,9 +9,12 @@ input embedding (and the lm_head tied to it) is trained the same way, a dense on
    original block's output (`block_steps` per block);
 2. end to end: latent weights, scales, the embedding and the norms trained on distill.py's loss
    (KL to the original's next-token distribution + per-block hidden-state matching), `steps` steps.
-Data: the calibration windows plus windows the original model writes itself from their first
-tokens, `teacher_fraction` of the mix (0.5: as many written windows as calibration ones), so the
-recovery does not fit the calibration text's domain alone. The result is stored as the usual
+Data: the calibration windows plus a corpus the original model writes itself from openings of
+them (training/corpus.py: `corpus_tokens`, deduplicated, cached on disk under a content hash and
+reused by later runs); training draws a written window with probability `teacher_fraction`, so
+the recovery does not fit the calibration text's domain alone. Block-AP trains on `block_windows`
+of that mix. Precision, compilation, micro-batches and the token / time budgets are the training
+engine's keys (training/engine.py). The result is stored as the usual
 QuantLinear / QuantEmbedding codes (the same bytes as RTN or GPTQ at these settings), so every
 exporter and kernel applies. Checkpoints after each block and during the end-to-end phase; a
 killed run resumes. Runs on --device cuda and under torchrun (parallel.py).
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from ...config import MethodConfig, check
-from ...training.distill import DistillSettings, distill, run_summary, teacher_samples, train_norms
+from ...training.distill import DistillSettings, distill, run_summary, train_norms
 from ...training.engine import TrainingConfig
 from ...errors import UserError
 from ...layers.quant_embedding import QuantEmbedding, TiedHead
@@ -59,7 +62,12 @@ class QatConfig(TrainingConfig, MethodConfig):
     batch: int = 8                # windows per step (both phases); the frontier rows' setting
     local_weight: float = 0.1     # end to end: per-block hidden-state matching
     train_norms: bool = True      # end to end: the norms' weights too (stored in float16 anyway)
-    teacher_fraction: float = 0.5  # share of teacher-written windows in the training mix
+    teacher_fraction: float = 0.5  # share of teacher-written windows in what training draws
+    corpus_tokens: int = 0        # tokens the teacher writes (0: the calibration windows' count x share / (1 - share))
+    corpus_cache: str | None = None  # folder of cached corpora (default ~/.cache/hypercompress/corpus or
+                                     # $HYPERCOMPRESS_CACHE/corpus), or one .safetensors corpus file
+    corpus_batch: int = 0         # sequences the teacher writes at once (0: 256 on CUDA, 16 on a CPU)
+    block_windows: int = 128      # windows Block-AP trains each block on (drawn from the mix)
     tf32: bool = True             # on CUDA, train with TF32 matmuls (tensor cores; 10-bit mantissa inputs,
                                   # float32 accumulation); the caller's setting is restored afterwards
     log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
@@ -83,19 +91,44 @@ class QatConfig(TrainingConfig, MethodConfig):
             check(getattr(self, key) > 0, f"{key}={getattr(self, key)}: must be positive")
         check(self.local_weight >= 0, f"local_weight={self.local_weight}: must be >= 0 (0 turns it off)")
         check(0 <= self.teacher_fraction < 1, f"teacher_fraction={self.teacher_fraction}: must be in [0, 1)")
+        for key in ("corpus_tokens", "corpus_batch"):
+            check(getattr(self, key) >= 0, f"{key}={getattr(self, key)}: must be >= 1 (or 0: the default)")
+        check(self.block_windows >= 1, f"block_windows={self.block_windows}: must be >= 1")
         self.check_engine(self.batch)
         check_tracking(self)
 
 
-def training_mix(teacher: nn.Module, calib: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """(N + W, T) windows: the N calibration windows, then W = round(N f / (1 - f)) windows the
-    teacher writes from their first 8 tokens (prompts cycled), so written windows are `fraction`
-    of the mix."""
-    written = round(calib.shape[0] * fraction / (1 - fraction))
-    if written == 0:
-        return calib
-    prompts = calib[torch.arange(written) % calib.shape[0]]
-    return torch.cat([calib, teacher_samples(teacher, prompts, calib.shape[1], seed)])
+def training_data(teacher: nn.Module, calib: torch.Tensor, c: "QatConfig", device: str,
+                  progress=None) -> tuple[torch.Tensor, tuple[int, float] | None]:
+    """(windows, mix): the N calibration windows followed by the corpus the teacher writes from
+    openings of them (training/corpus.py: `corpus_tokens` tokens, default N x L x f / (1 - f) for the
+    share f = `teacher_fraction`; temperature 1, top-p 1; cached under its content hash in
+    `corpus_cache`), and the share at which training draws the written ones (None: no corpus)."""
+    if c.teacher_fraction == 0:
+        return calib, None
+    from ...training.corpus import teacher_corpus
+
+    tokens = c.corpus_tokens or round(calib.numel() * c.teacher_fraction / (1 - c.teacher_fraction))
+    cache = c.corpus_cache
+    explicit = cache is not None and cache.endswith(".safetensors")
+    corpus = teacher_corpus(teacher, calib, tokens=max(tokens, calib.shape[1]), length=calib.shape[1], seed=c.seed,
+                            batch=c.corpus_batch or (256 if str(device).startswith("cuda") else 16),
+                            cache_dir=None if explicit else cache, cache_file=cache if explicit else None,
+                            device=device, progress=progress)
+    return torch.cat([calib, corpus]), (calib.shape[0], c.teacher_fraction)
+
+
+def block_windows(windows: torch.Tensor, mix: tuple[int, float] | None, count: int, seed: int) -> torch.Tensor:
+    """Block-AP's windows: `count` rows drawn from the training mix at its share (all rows when
+    there are fewer): every block's inputs are held for them, so their number is bounded."""
+    if windows.shape[0] <= count:
+        return windows
+    from ...training.corpus import mixed_picks
+
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(windows.shape[0], generator=generator)[:count] if mix is None else \
+        mixed_picks(count, mix[0], windows.shape[0] - mix[0], mix[1], generator)
+    return windows[picks]
 
 
 @register("qat", QatConfig)
@@ -116,10 +149,12 @@ class Qat(WholeModelMethod):
         precision = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = c.tf32 and str(device).startswith("cuda")
         try:
-            windows = training_mix(teacher, calib, c.teacher_fraction, c.seed)  # seeded: a resume writes the same
+            windows, mix = training_data(teacher, calib, c, device,  # seeded and cached: a resume reads the same
+                                         (lambda d, t, note: progress(d, t, f"corpus | {note}")) if progress else None)
             tick = time.perf_counter()
             if c.block_steps:
-                block_ap(model, teacher, windows, {n: f for n, f in fakes.items() if not f.embedding},
+                block_ap(model, teacher, block_windows(windows, mix, c.block_windows, c.seed),
+                         {n: f for n, f in fakes.items() if not f.embedding},
                          steps=c.block_steps, batch=c.batch, lr=c.block_lr, scale_lr=c.block_lr * c.scale_lr_factor,
                          seed=c.seed, device=device, checkpoint_dir=None if saved is None else saved / "blocks",
                          resume=resume,
@@ -127,7 +162,7 @@ class Qat(WholeModelMethod):
                          tracker=tracker, autocast=c.engine().autocast(device))
             self._block_ap_seconds = time.perf_counter() - tick
             if c.steps:
-                self._end_to_end(model, teacher, windows, fakes, device, saved, resume, progress, tracker)
+                self._end_to_end(model, teacher, windows, mix, fakes, device, saved, resume, progress, tracker)
         finally:
             tracker.close()
             torch.backends.cuda.matmul.allow_tf32 = precision  # as the caller had it (evaluation in float32)
@@ -137,7 +172,9 @@ class Qat(WholeModelMethod):
         asked = c.engine().steps(c.steps, c.batch * windows.shape[1])
         self.training_report = {"end_to_end": run_summary(self.history, asked) if c.steps else None,
                                 "block_ap_seconds": round(self._block_ap_seconds, 2),
-                                "windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1])}
+                                "calibration_windows": int(calib.shape[0]),
+                                "corpus_windows": int(windows.shape[0] - calib.shape[0]),
+                                "corpus_share": mix[1] if mix else 0.0, "window_tokens": int(windows.shape[1])}
 
     def _fake_quantize(self, model: nn.Module, names: list[str]) -> dict[str, FakeQuantLinear]:
         """Selected linears (and the input embedding, see the module docstring) -> FakeQuantLinear."""
@@ -175,7 +212,7 @@ class Qat(WholeModelMethod):
             _put(model, head_name, FakeTiedHead(fakes[embed_name]))
         return fakes
 
-    def _end_to_end(self, model, teacher, windows, fakes, device, saved, resume, progress,
+    def _end_to_end(self, model, teacher, windows, mix, fakes, device, saved, resume, progress,
                     tracker: Tracker | None = None) -> None:
         c = self.config
         params: dict[str, nn.Parameter] = {}
@@ -192,7 +229,7 @@ class Qat(WholeModelMethod):
         self.history = distill(model, teacher, windows, params, lambda: None, settings, device,
                 None if saved is None else saved / "e2e", resume,
                 (lambda d, t, note: progress(d, t, f"end-to-end | {note}")) if progress else None, lr_factor=grid,
-                tracker=tracker)
+                tracker=tracker, mix=mix)
 
     @staticmethod
     def _store(model: nn.Module, fakes: dict[str, FakeQuantLinear]) -> None:
