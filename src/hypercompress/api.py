@@ -44,7 +44,8 @@ def _refuse_non_finite_weights(model: nn.Module) -> None:
 def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None,
              progress: Progress | None = None, *, device: str = "cpu", batch_size: int = 8,
              checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
-             after_stage: Callable[[nn.Module], dict[str, Any]] | None = None) -> dict[str, Any]:
+             after_stage: Callable[[nn.Module], dict[str, Any]] | None = None,
+             train_calib: torch.Tensor | None = None) -> dict[str, Any]:
     """Compress `model` in place with every stage of `recipe`; returns a report per stage.
 
     calib: calibration token windows (N, L), needed by methods with `needs_calibration`; those run
@@ -57,7 +58,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     passes; a whole-model stage reads all of it first. Tensors no stage compresses are rounded to the artifact's 16-bit storage precision, so the
     returned model and its saved artifact give identical logits. Each stage's report holds the
     model's size after it (stored bits, weights computed with); `after_stage(model)` may add more
-    (the CLI measures perplexity and KL there).
+    (the CLI measures perplexity and KL there). `train_calib` (M, L): the windows whole-model stages
+    that train (qat, distill, hypernet) learn from, when they should see more than `calib` (the
+    workflow gives them every window of the calibration text); default `calib`.
     """
     if progress is not None and not takes_positional(progress, 5):  # written before the note existed
         progress = _without_note(progress)
@@ -98,7 +101,8 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
         start, block_seconds = time.perf_counter(), None
         if isinstance(methods[0], WholeModelMethod):
-            _whole_model(model, stages[0], first, teacher, calib, device, progress, checkpoint, resume,
+            data = train_calib if getattr(methods[0], "trains", False) and train_calib is not None else calib
+            _whole_model(model, stages[0], first, teacher, data, device, progress, checkpoint, resume,
                          methods[0], list(routes))
             peak = peak_memory_bytes(device)
         elif methods[0].needs_calibration:

@@ -40,8 +40,10 @@ from .registry import get_method
 from .streaming import is_streamed, load_streamed, materialize_all
 from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .targets import planned_recipe
+from .training.engine import recovery_defaults
 
 EVAL_LEN = 512  # tokens per evaluation window (capped to the model's position limit)
+DISTILL_STEPS = 600  # recovery steps of --distill on a CPU (on CUDA a token budget: recovery_defaults)
 Say = Callable[[str], None]                    # a line of what was decided
 
 
@@ -62,7 +64,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
              calib: str | Path | torch.Tensor | None = None, *, tokenizer: Any = None,
              method: str | None = None, overrides: Sequence[str] = (),
              target_bpw: float | None = None, target_ratio: float | None = None,
-             out: str | Path | None = None, distill: bool = False, distill_steps: int = 600,
+             out: str | Path | None = None, distill: bool = False, distill_steps: int | None = None,
+             train_tokens: int | None = None, max_minutes: float | None = None, corpus_cache: str | None = None,
              lossless: int | None = None, calib_samples: int = 32, calib_len: int = 512,
              calib_batch: int = 8, seed: int = 0, device: str = "cpu", resume: bool = False,
              eval_text: str | Path | None = None, eval_windows: int = 16, stream_blocks: bool = False,
@@ -83,7 +86,13 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     out: artifact folder to write (must not exist or be empty); None keeps the result in memory.
         A calibrated run checkpoints after every block into OUT.checkpoint (`resume` continues it).
     distill: with a size target, recover quality against the original (qat on quantized plans,
-        factor distillation below the quantization floor) for `distill_steps` steps.
+        factor distillation below the quantization floor): `distill_steps` steps (default 600), or
+        on CUDA by default a token budget sized to the model (training/engine.recovery_defaults:
+        44 M tokens for SmolLM2-135M, batch 32) capped at 10 minutes.
+    train_tokens / max_minutes: the token and wall-time budgets of every trained stage (qat,
+        distill): the planned recovery's or a recipe's (a stage's own value wins for a recipe);
+        corpus_cache: where the corpus the teacher writes is cached (a folder, or one .safetensors
+        file; default $HYPERCOMPRESS_CACHE/corpus or ~/.cache/hypercompress/corpus).
     lossless: zstd level 1..22 for the stored tensors, 0 off (size targets default to 10).
     eval_text: measure perplexity / KL after every branch on `eval_windows` windows of 512 tokens.
     stream_blocks: read a local HF directory's blocks from its safetensors files one at a time
@@ -116,6 +125,9 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         check_output_folder(out_path)  # refused now, not after the compression
     if distill and target is None:
         raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
+    _check_budgets(distill_steps, train_tokens, max_minutes)
+    if corpus_cache is not None and not str(corpus_cache).endswith(".safetensors") and Path(corpus_cache).is_file():
+        raise UserError(f"--corpus-cache {corpus_cache} is a file; pass a folder or a .safetensors corpus file")
     if target is not None and lossless is None:
         lossless = 10
     lossless = lossless or None
@@ -149,6 +161,10 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     net, tokenizer = _loaded(model, tokenizer, stream_blocks)
     progress(f"loading {source}", 1, 1)
     load_seconds = time.perf_counter() - start
+    if corpus_cache is not None and str(corpus_cache).endswith(".safetensors"):
+        from .training.corpus import check_corpus_file
+
+        check_corpus_file(corpus_cache, net)  # another model's corpus: refused before any work
     original_params = count_params(net)
     samples = None
     if calibrated:
@@ -170,13 +186,18 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         if is_streamed(net):
             say("note: the size target's planner runs the whole original: it is read into RAM now")
             materialize_all(net)
-        plan, allocation = planned_recipe(net, target, samples, distill_steps if distill else 0,
+        plan, allocation = planned_recipe(net, target, samples, (distill_steps or DISTILL_STEPS) if distill else 0,
                                           lossless, device, say=say, progress=progress)
-    plan = _with_tracking(plan, log_dir, wandb_project)
+        if distill and distill_steps is None:  # the recovery's defaults for this model and device
+            plan = _with_keys(plan, recovery_defaults(original_params, device), override=True, last_only=True)
+    plan = _with_keys(plan, {"log_dir": log_dir, "wandb_project": wandb_project})
+    plan = _with_keys(plan, {"train_tokens": train_tokens, "max_minutes": max_minutes, "corpus_cache": corpus_cache},
+                      override=True)
+    train_calib = _training_windows(plan, net, tokenizer, calib_text, calib_len) if calibrated else None
     report = apply_recipe(net, plan, samples, progress=lambda stage, label, done, total, note="":
                           progress(f"stage {stage}: {label}", done, total, note), device=device, batch_size=calib_batch,
                           checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
-                          keep_checkpoint=True, after_stage=meter)
+                          keep_checkpoint=True, after_stage=meter, train_calib=train_calib)
     compress_seconds = time.perf_counter() - tick
     progress("checking the stored size, KV cache and FLOPs", 0, 1)
     if target is not None:
@@ -270,19 +291,45 @@ def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
     return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
 
 
-def _with_tracking(plan: Recipe, log_dir: str | None, wandb_project: str | None) -> Recipe:
-    """The recipe with `log_dir` / `wandb_project` set on every trained stage that has the key and
-    leaves it unset (a stage's own value wins)."""
-    if log_dir is None and wandb_project is None:
-        return plan
+def _with_keys(plan: Recipe, values: dict[str, Any], override: bool = False, last_only: bool = False) -> Recipe:
+    """The recipe with each non-None value set on every stage that has the key: where the stage
+    leaves it unset (tracking: a stage's own folder wins), or, `override`, whatever it holds (the
+    run's budgets; the recovery stage a size target appended, `last_only`)."""
     from .recipe import _valid_keys
 
+    values = {k: v for k, v in values.items() if v is not None}
+    if not values:
+        return plan
     stages = plan.to_list()
-    for stage in stages:
-        for key, value in (("log_dir", log_dir), ("wandb_project", wandb_project)):
-            if value is not None and key in _valid_keys(stage) and stage.get(key) is None:
+    for index, stage in enumerate(stages):
+        if last_only and index != len(stages) - 1:
+            continue
+        keys = _valid_keys(stage)
+        for key, value in values.items():
+            if key in keys and (override or not stage.get(key)):
                 stage[key] = value
-    return Recipe.from_list(stages, where="recipe with --log-dir/--wandb-project")
+    return Recipe.from_list(stages, where="recipe with the run's training options")
+
+
+def _check_budgets(steps: int | None, tokens: int | None, minutes: float | None) -> None:
+    """Bad budgets are refused before any work."""
+    if steps is not None and steps < 1:
+        raise UserError(f"--distill-steps {steps}: must be at least 1")
+    if tokens is not None and tokens < 1:
+        raise UserError(f"--train-tokens {tokens}: must be at least 1 (e.g. 20000000); leave it out for the default")
+    if minutes is not None and not (minutes > 0 and minutes < float("inf")):
+        raise UserError(f"--max-minutes {minutes}: must be a positive number of minutes (e.g. 10)")
+
+
+def _training_windows(plan: Recipe, model: nn.Module, tokenizer: Any, text: str | None,
+                      length: int) -> torch.Tensor | None:
+    """Every non-overlapping window of `length` tokens of the calibration text, for the stages that
+    train (qat, distill, hypernet): they see all of it, the layer-wise stages --calib-samples
+    windows. None without a trained stage or a text."""
+    trained = any(getattr(get_method(s.method).method_cls, "trains", False) for s in plan.stages)
+    if not trained or text is None or tokenizer is None:
+        return None
+    return windows(tokenize(tokenizer, text), min(length, position_limit(model.config) or length))
 
 
 def _log_summary(summary: dict[str, Any], plan: Recipe, log_dir: str | None, wandb_project: str | None) -> list[str]:

@@ -45,8 +45,16 @@ def compress(
     distill: bool = typer.Option(False, "--distill", help="with a size target: recovery against the original "
                                  "(quantized plans: qat trains the codes' latent weights and scales; below the "
                                  "quantization floor: distill trains the low-rank factors and scales)"),
-    distill_steps: int = typer.Option(600, "--distill-steps", min=1,
-                                       help="distillation steps (8 x calib-len tokens each)"),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps",
+                                                help="recovery steps of --distill (default: on a CPU 600 steps "
+                                                "of 8 windows; on CUDA a token budget sized to the model)"),
+    train_tokens: Optional[int] = typer.Option(None, "--train-tokens", help="token budget of every trained "
+                                               "stage (--distill's recovery, or qat/distill in a recipe)"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="wall-time budget of each trained "
+                                                "stage's training, in minutes (--distill on CUDA: 10)"),
+    corpus_cache: Optional[str] = typer.Option(None, "--corpus-cache", help="folder (or one .safetensors file) "
+                                               "caching the corpus the original writes for training (default "
+                                               "$HYPERCOMPRESS_CACHE/corpus or ~/.cache/hypercompress/corpus)"),
     eval_text: Optional[str] = typer.Option(None, "--eval", help="evaluation text: perplexity / KL after "
                                             "every branch in the summary (e.g. ../shared/data/wikitext2_test.txt)"),
     stream_blocks: bool = typer.Option(False, "--stream-blocks", help="read a model directory's blocks from "
@@ -71,6 +79,7 @@ def compress(
     with section_progress() as update:
         result = run_compress(model, recipe, calib, method=method, overrides=overrides, target_bpw=target_bpw,
                               target_ratio=target_ratio, out=out, distill=distill, distill_steps=distill_steps,
+                              train_tokens=train_tokens, max_minutes=max_minutes, corpus_cache=corpus_cache,
                               lossless=lossless, calib_samples=calib_samples, calib_len=calib_len,
                               calib_batch=calib_batch, seed=seed, device=device, resume=resume,
                               eval_text=eval_text, eval_windows=eval_windows, stream_blocks=stream_blocks,
@@ -88,6 +97,14 @@ def _print(summary: dict) -> None:
     print_branch_table(console, summary["branches"], summary["original_params"],
                        Path(summary["out"]) / "model.safetensors", f"compressed {summary['model']} -> {summary['out']}",
                        summary["protocol"], seconds=seconds)
+    for stage in summary["stages"]:
+        run = (stage.get("training") or {}).get("end_to_end")
+        if run:
+            console.print(f"{stage['method']} trained {run['steps']} steps: {run['tokens']:,} tokens seen at "
+                          f"{run['tokens_per_second']:,.0f} tok/s in {run['seconds']:.0f} s"
+                          + (" (stopped by --max-minutes)" if run.get("stopped_by_time") else "")
+                          + f"; corpus {stage['training'].get('corpus_windows', 0):,} windows written by the "
+                          f"original, drawn at share {stage['training'].get('corpus_share', 0):g}")
     kv = summary["kv_cache_bytes_per_token"]
     flops = summary["flops_per_token"]
     console.print(f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> {kv['after']:,.0f} bytes"

@@ -54,6 +54,7 @@ class WholeModelMethod(abc.ABC):
     name: str = ""
     needs_calibration: bool = True
     whole_model: bool = True
+    trains: bool = False  # a training stage: given every calibration window, not --calib-samples
     # resume: a later stage's layer-wise checkpoint restores every stored module; a method whose
     # result also lies elsewhere (trained norms) says False, one that is deterministic and cheap
     # (block surgery) says replay_on_resume = True and is run again before that restore

@@ -107,6 +107,7 @@ def _train_embedding(model: nn.Module, params: dict[str, nn.Parameter]) -> list[
 
 @register("distill", DistillConfig)
 class Distill(WholeModelMethod):
+    trains = True  # learns from every calibration window (api.compress's train_calib)
     restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,

@@ -274,6 +274,48 @@ class _Unreadable(Exception):
     """A cache file that is not a corpus of this teacher and these settings (the message says why)."""
 
 
+def _read_header(handle, size: int) -> tuple[int, dict, dict]:
+    """(header length, header, our metadata) of an open corpus file of `size` bytes, bounded and
+    checked before anything else is read; _Unreadable otherwise."""
+    head = handle.read(8)
+    claimed = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 2 <= claimed <= min(MAX_HEADER, size - 8):
+        raise _Unreadable("no safetensors header")
+    try:
+        header = json.loads(handle.read(claimed))
+        meta = json.loads(header["__metadata__"][META])
+        for k in ("shape", "dtype", "data_offsets"):
+            header["windows"][k]
+    except (ValueError, KeyError, TypeError):
+        raise _Unreadable("not a corpus file of this version") from None
+    if not isinstance(meta, dict) or set(header) != {"__metadata__", "windows"} or meta.get("format") != FORMAT:
+        raise _Unreadable("not a corpus file of this version")
+    return claimed, header, meta
+
+
+def _same_model(path: Path, meta: dict, fingerprint: str) -> None:
+    if meta.get("fingerprint") != fingerprint:
+        raise UserError(f"corpus cache {path} was written by another model (fingerprint "
+                        f"{str(meta.get('fingerprint'))[:12]}, not {fingerprint[:12]}); delete it or "
+                        "pass --corpus-cache DIR of this model")
+
+
+def check_corpus_file(path: str | Path, teacher: torch.nn.Module) -> None:
+    """Before any work: a corpus file named by the user (`--corpus-cache FILE.safetensors`) that exists
+    must be one of ours, written by this model (a missing one is written there). UserError otherwise."""
+    path = user_path(path)
+    if not path.exists():
+        return
+    try:
+        if not path.is_file():
+            raise _Unreadable("not a regular file")
+        with open(path, "rb") as handle:
+            _, _, meta = _read_header(handle, path.stat().st_size)
+    except (_Unreadable, OSError) as exc:
+        raise UserError(f"corpus cache {path} cannot be used ({exc}); delete it or pass another file") from None
+    _same_model(path, meta, model_fingerprint(teacher))
+
+
 def _read_corpus(path: Path, fingerprint: str, key: str, vocab: int, length: int, count: int) -> torch.Tensor:
     """The (m, length) int64 windows of a cache file, 1 <= m <= count, ids in [0, vocab). The header is
     read and checked (size bounded, one I64 tensor of a shape that fits the file exactly) before any
@@ -283,22 +325,9 @@ def _read_corpus(path: Path, fingerprint: str, key: str, vocab: int, length: int
         raise _Unreadable("not a regular file")
     size = path.stat().st_size
     with open(path, "rb") as handle:
-        head = handle.read(8)
-        claimed = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= claimed <= min(MAX_HEADER, size - 8):
-            raise _Unreadable("no safetensors header")
-        try:
-            header = json.loads(handle.read(claimed))
-            meta = json.loads(header["__metadata__"][META])
-            shape, dtype, offsets = (header["windows"][k] for k in ("shape", "dtype", "data_offsets"))
-        except (ValueError, KeyError, TypeError):
-            raise _Unreadable("not a corpus file of this version") from None
-        if not isinstance(meta, dict) or set(header) != {"__metadata__", "windows"} or meta.get("format") != FORMAT:
-            raise _Unreadable("not a corpus file of this version")
-        if meta.get("fingerprint") != fingerprint:
-            raise UserError(f"corpus cache {path} was written by another model (fingerprint "
-                            f"{str(meta.get('fingerprint'))[:12]}, not {fingerprint[:12]}); delete it or "
-                            "pass --corpus-cache DIR of this model")
+        claimed, header, meta = _read_header(handle, size)
+        shape, dtype, offsets = (header["windows"][k] for k in ("shape", "dtype", "data_offsets"))
+        _same_model(path, meta, fingerprint)
         if meta.get("key") != key:
             raise _Unreadable(f"written with other settings: {json.dumps(meta.get('settings'))[:300]}")
         if not (dtype == "I64" and isinstance(shape, list) and len(shape) == 2 and shape[1] == length

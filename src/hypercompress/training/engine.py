@@ -149,3 +149,22 @@ class TrainingConfig:
 
     def check_engine(self, batch: int) -> None:
         self.engine().validate(batch)
+
+
+RECOVERY_SECONDS = 8 * 60  # what the default token budget on CUDA aims at (the time budget caps it)
+RECOVERY_MINUTES = 10.0    # the default time budget on CUDA
+# tokens/s x parameters of qat end to end, bf16 compiled, batch 32 on an H100 (SmolLM2-135M's shape:
+# 92,700 tok/s, benchmarks/train_speed.py); a step's work grows with the parameters
+TOKEN_RATE_X_PARAMS = 92_700 * 134_515_008
+
+
+def recovery_defaults(params: int, device: str) -> dict[str, object]:
+    """The engine keys of the recovery stage `compress --distill` appends, when the user set none:
+    on CUDA batch 32 and a token budget the measured speed trains in about RECOVERY_SECONDS
+    (44 M tokens for SmolLM2-135M), capped by RECOVERY_MINUTES of wall time, and a corpus of an
+    eighth of those tokens written by the teacher; on a CPU nothing (the stage's step count)."""
+    if not str(device).startswith("cuda"):
+        return {}
+    tokens = max(1_000_000, round(RECOVERY_SECONDS * TOKEN_RATE_X_PARAMS / max(params, 1), -6))
+    return {"batch": 32, "train_tokens": int(tokens), "max_minutes": RECOVERY_MINUTES,
+            "corpus_tokens": int(tokens // 8)}

@@ -133,6 +133,7 @@ def block_windows(windows: torch.Tensor, mix: tuple[int, float] | None, count: i
 
 @register("qat", QatConfig)
 class Qat(WholeModelMethod):
+    trains = True  # learns from every calibration window (api.compress's train_calib)
     restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
