@@ -137,8 +137,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
         optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0,
                                       fused=str(device).startswith("cuda"))
     processes, rank = parallel.world(), parallel.rank()
-    micro = engine.micro_batch or settings.batch
-    if (settings.batch // micro) % processes:
+    micro = engine.micro_batch or max(settings.batch // processes, 1)  # the same micro_batch: the same steps
+    if settings.batch % micro or (settings.batch // micro) % processes:  # on one process and on several
         raise UserError(f"batch {settings.batch} in micro-batches of {micro} does not split over {processes} "
                         f"processes; use a batch of a multiple of {micro * processes}")
     start, seconds_before = 0, 0.0

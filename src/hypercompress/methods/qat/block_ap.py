@@ -8,8 +8,9 @@ over calibration batches (hidden states (b, T, d)), so each block also corrects 
 blocks before it left (as GPTQ's layer-wise pass propagates it). The next block's inputs are then
 the trained block's outputs. Blocks run through the one calibration runner's capture
 (calibration.capture_block_inputs: each block's own mask and rotary arguments). AdamW, cosine
-decay to 10%, gradient-norm clipping at 1; batches drawn by a generator seeded with (seed, block,
-step). Under a launcher each process takes its own batch of every step and gradients are averaged.
+decay to 10%, gradient-norm clipping at 1; each step's micro-batches drawn by a generator seeded
+with (seed, block, step). Under a launcher each process takes its share of a step's micro-batches
+and the gradients are summed: with the same micro_batch, one process and several take the same steps.
 Each step's loss, tokens_per_second and learning rates (lr: latent weights, lr_1: scales and zeros)
 go to the tracker under "<prefix>/block_ap", counted over all blocks (block b's step s is
 b * steps + s), with the block's index.
@@ -42,7 +43,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
              steps: int, batch: int, lr: float, scale_lr: float, seed: int = 0, device: str = "cpu",
              checkpoint_dir: Path | None = None, resume: bool = False,
              progress: Callable[[int, int, str], None] | None = None,
-             tracker: Tracker | None = None, autocast=None) -> list[float]:
+             tracker: Tracker | None = None, autocast=None, micro_batch: int = 0) -> list[float]:
     """Train the FakeQuantLinears `fakes` (name -> module inside `student`'s blocks) block by block
     against `teacher` on `windows` (N, T) token ids, `steps` AdamW steps of `batch` windows per block
     (latent weights at `lr`, scales and zeros at `scale_lr`), each forward under `autocast` (a context
@@ -53,13 +54,14 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
     spec = arch_of(student.config.model_type)
     student_blocks, teacher_blocks = student.get_submodule(spec.blocks), teacher.get_submodule(spec.blocks)
     processes = parallel.world()
-    if batch % processes:
-        raise UserError(f"qat batch {batch} does not split over {processes} processes; use a multiple of {processes}")
-    share = batch // processes
+    micro = micro_batch or batch // processes  # windows per forward: the same micro_batch gives the same steps
+    if batch % micro or (batch // micro) % processes:  # on one process and on several
+        raise UserError(f"qat batch {batch} in micro-batches of {micro} does not split over {processes} processes; "
+                        f"use a batch of a multiple of {micro * processes}")
     windows = windows.to(next(teacher.parameters()).device)  # where the models are (the runner keeps them on CPU)
     with torch.no_grad():
-        target_in, calls = capture_block_inputs(teacher, windows, share)
-        student_in, _ = capture_block_inputs(student, windows, share)
+        target_in, calls = capture_block_inputs(teacher, windows, micro)
+        student_in, _ = capture_block_inputs(student, windows, micro)
     calls = calls.to(device)
     done = _restore(checkpoint_dir, student_blocks, fakes, spec.blocks) if resume and checkpoint_dir else 0
     errors: list[float] = []
@@ -71,7 +73,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
         trained = {n: m for n, m in fakes.items() if n.startswith(f"{spec.blocks}.{index}.")}
         if trained and index >= done:
             errors.append(_train_block(student_block, index, calls, student_in, target_out, trained, steps, lr,
-                                       scale_lr, seed, device, tracker, autocast))
+                                       scale_lr, seed, device, tracker, autocast, batch // micro))
             if checkpoint_dir is not None and parallel.is_main():
                 _save(checkpoint_dir, index, trained)
         with torch.no_grad():
@@ -85,7 +87,11 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
 
 
 def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale_lr, seed, device,
-                 tracker: Tracker | None = None, autocast=None) -> float:
+                 tracker: Tracker | None = None, autocast=None, chunks: int = 1) -> float:
+    """`steps` steps on block `index`; each step draws `chunks` captured micro-batches (seeded with
+    (seed, block, step), the same on every process), this process takes its share of them, and the
+    loss is the mean over the step's windows of each window's relative output error, so the summed
+    gradients are the one-process step's. Returns the last step's loss."""
     weights = [m.weight for m in trained.values()]
     grids = [p for m in trained.values() for n, p in m.named_parameters() if n in ("scales", "zeros")]
     frozen = [(p, p.requires_grad) for p in block.parameters() if all(p is not q for q in weights + grids)]
@@ -98,27 +104,31 @@ def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale
     error = float("nan")
     for step in range(steps):
         tick = time.perf_counter()
-        picks = torch.randint(0, len(inputs), (processes,),
+        picks = torch.randint(0, len(inputs), (chunks,),
                               generator=torch.Generator().manual_seed((seed * 1_000_003 + index) * 1_000_003 + step))
-        pick = int(picks[rank])
-        target = targets[pick].to(device).float()
-        with autocast if autocast is not None else contextlib.nullcontext():
-            out = calls.run(block, index, pick, inputs[pick].to(device)).float()
-        loss = (out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12)
-        value = parallel.mean(loss.detach()[None])[0].item()
-        if not math.isfinite(value):
-            raise UserError(f"qat diverged in block {index} at step {step} (loss {value}); lower lr")
+        windows = sum(inputs[int(p)].shape[0] for p in picks)
         optimizer.zero_grad(set_to_none=True)
         rates = learning_rates(optimizer)
-        loss.backward()
+        total = torch.zeros(1, device=device)
+        for pick in picks[rank::processes].tolist():
+            target = targets[pick].to(device).float()
+            with autocast if autocast is not None else contextlib.nullcontext():
+                out = calls.run(block, index, pick, inputs[pick].to(device)).float()
+            per_window = (out - target).pow(2).flatten(1).mean(1) / target.pow(2).flatten(1).mean(1).clamp_min(1e-12)
+            loss = per_window.sum() / windows
+            loss.backward()
+            total += loss.detach()
+        value = parallel.total(total)[0].item()
+        if not math.isfinite(value):
+            raise UserError(f"qat diverged in block {index} at step {step} (loss {value}); lower lr")
         if processes > 1:
-            parallel.average_gradients(weights + grids)
+            parallel.sum_gradients(weights + grids)
         torch.nn.utils.clip_grad_norm_(weights + grids, 1.0)
         optimizer.step()
         schedule.step()
         error = value
         if tracker is not None:
-            tokens = target.shape[0] * target.shape[1] * processes
+            tokens = windows * targets[0].shape[1]
             tracker.log({"loss": value, "tokens_per_second": tokens / (time.perf_counter() - tick), "block": index,
                          **rates}, index * steps + step + 1, prefix=f"{tracker.prefix}/block_ap")
     for p, flag in frozen:

@@ -160,7 +160,7 @@ class Qat(WholeModelMethod):
                          seed=c.seed, device=device, checkpoint_dir=None if saved is None else saved / "blocks",
                          resume=resume,
                          progress=(lambda d, t, note: progress(d, t, f"block-ap | {note}")) if progress else None,
-                         tracker=tracker, autocast=c.engine().autocast(device))
+                         tracker=tracker, autocast=c.engine().autocast(device), micro_batch=c.micro_batch)
             self._block_ap_seconds = time.perf_counter() - tick
             if c.steps:
                 self._end_to_end(model, teacher, windows, mix, fakes, device, saved, resume, progress, tracker)

@@ -1,0 +1,124 @@
+"""The training engine (training/): the chunked KL equals the plain one in value and gradient; micro-
+batches accumulate to the whole batch's step; bf16 training lands near fp32; the token budget sets the
+steps and the time budget shortens the schedule; bad budgets are one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import make_model, message_lines, tied_llama
+from hypercompress.cli import app
+from hypercompress.errors import UserError
+from hypercompress.training import engine as engine_module
+from hypercompress.training.distill import DistillSettings, distill
+from hypercompress.training.engine import Clock, Engine, recovery_defaults
+from hypercompress.training.kl import chunked_kl, kl_to_teacher
+
+
+def test_chunked_kl_equals_the_plain_kl_in_value_and_gradients():
+    torch.manual_seed(0)
+    h_s = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w_s = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(37, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64)
+    plain = kl_to_teacher(h_t @ w_t.t(), h_s @ w_s.t())
+    plain.backward()
+    want = (h_s.grad.clone(), w_s.grad.clone())
+    h_s.grad = w_s.grad = None
+    chunked = chunked_kl(h_s, w_s, h_t, w_t, chunk=8)  # five chunks, the last of 5 positions
+    (2.0 * chunked).backward()
+    assert torch.allclose(chunked.double(), plain.double(), rtol=1e-5)
+    assert torch.allclose(h_s.grad, 2 * want[0], rtol=1e-4, atol=1e-8)
+    assert torch.allclose(w_s.grad, 2 * want[1], rtol=1e-4, atol=1e-8)
+    with pytest.raises(ValueError, match="shapes"):
+        chunked_kl(h_s, w_s[:, :8], h_t, w_t)
+
+
+def _trained(model, teacher, engine: Engine, steps=3, batch=4, seed=0):
+    student = copy.deepcopy(model)
+    params = {n: p for n, p in student.named_parameters() if n.endswith("mlp.down_proj.weight")}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    windows = torch.randint(1, 120, (8, 16), generator=torch.Generator().manual_seed(1))
+    history = distill(student, teacher, windows, params, lambda: None,
+                      DistillSettings(steps, batch, 1e-2, seed=seed, engine=engine), "cpu")
+    return history, {n: p.detach().clone() for n, p in params.items()}
+
+
+def test_micro_batches_accumulate_to_the_whole_batch_step():
+    model, teacher = make_model("llama"), make_model("llama")
+    torch.manual_seed(5)
+    for p in teacher.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    whole, a = _trained(model, teacher, Engine(precision="fp32"))
+    micro, b = _trained(model, teacher, Engine(precision="fp32", micro_batch=1))
+    assert [round(h["loss"], 5) for h in whole] == [round(h["loss"], 5) for h in micro]
+    assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)  # the steps move them by ~2e-2
+    assert whole[-1]["tokens"] == 3 * 4 * 16 and all(h["tokens_per_second"] > 0 for h in whole)
+
+
+def test_bf16_training_lands_near_the_fp32_reference_and_the_teacher_is_left_alone():
+    model, teacher = make_model("llama"), make_model("llama")
+    for p in teacher.parameters():
+        p.data.add_(0.05 * torch.randn_like(p, generator=None))
+    before = {n: p.clone() for n, p in teacher.state_dict().items()}
+    ref, a = _trained(model, teacher, Engine(precision="fp32"))
+    half, b = _trained(model, teacher, Engine(precision="bf16"))
+    assert all(t.dtype == torch.float32 for t in b.values())  # float32 masters
+    assert abs(half[0]["kl"] - ref[0]["kl"]) < 0.05 * ref[0]["kl"] + 1e-3
+    for n in a:  # the same updates up to bf16 rounding (Adam's normalisation magnifies tiny gradients)
+        start = dict(model.named_parameters())[n]
+        assert torch.cosine_similarity((a[n] - start).flatten(), (b[n] - start).flatten(), 0) > 0.9
+    assert abs(half[-1]["loss"] - ref[-1]["loss"]) < 0.05 * ref[-1]["loss"]
+    assert all(torch.equal(before[n], t) and t.dtype == torch.float32 for n, t in teacher.state_dict().items())
+
+
+def test_the_token_budget_sets_the_steps():
+    model, teacher = tied_llama(128), tied_llama(128)
+    history, _ = _trained(model, teacher, Engine(precision="fp32", train_tokens=5 * 4 * 16 - 10), steps=100)
+    assert len(history) == 5 and history[-1]["tokens"] == 5 * 64
+
+
+def test_the_time_budget_shortens_the_schedule(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: now[0])
+    clock = Clock(steps=1000, max_minutes=1.0)
+    for step in range(1, 50):
+        now[0] += 2.0  # 2 s a step: 30 steps fit in the minute
+        planned = clock.planned(step)
+        if now[0] >= 60:
+            break
+    assert clock.shortened and planned <= 31 and planned == step
+    assert Clock(steps=10, max_minutes=0).planned(3) == 10  # no limit
+
+
+def test_defaults_on_cuda_scale_with_the_model_and_a_cpu_keeps_the_step_count():
+    small, large = recovery_defaults(134_515_008, "cuda"), recovery_defaults(6_738_000_000, "cuda")
+    assert small["train_tokens"] > 10 * large["train_tokens"] and small["max_minutes"] == 10
+    assert small["corpus_tokens"] == small["train_tokens"] // 8
+    assert recovery_defaults(134_515_008, "cpu") == {}
+
+
+@pytest.mark.parametrize("engine, needle", [(Engine(micro_batch=3), "micro_batch"),
+                                            (Engine(train_tokens=-1), "train_tokens"),
+                                            (Engine(max_minutes=-1.0), "max_minutes"),
+                                            (Engine(precision="fp8"), "precision")])
+def test_bad_engine_settings_are_refused_by_name(engine, needle):
+    with pytest.raises(UserError, match=needle):
+        engine.validate(batch=4)
+
+
+@pytest.mark.parametrize("option, needle", [(["--train-tokens", "0"], "--train-tokens"),
+                                            (["--max-minutes", "0"], "--max-minutes"),
+                                            (["--max-minutes", "-3"], "--max-minutes")])
+def test_bad_budgets_are_one_line_errors_before_any_work(model_dirs, calib_file, tmp_path, option, needle):
+    result = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--target-bpw", "4", "--distill",
+                                      "--calib", str(calib_file), "--out", str(tmp_path / "out"), *option])
+    lines = message_lines(result.output)
+    assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.output
+    assert not (tmp_path / "out").exists()
