@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.models import load_model
-from hypercompress.planner import allocate, linear_options, measure_sensitivity, plan_bits, plan_recipe
+from hypercompress.planning.mixed_bits import allocate, linear_options, measure_sensitivity, plan_bits, plan_recipe
 from hypercompress.recipe import PlanTarget, Recipe, load_recipe_file
 
 
@@ -82,13 +82,13 @@ def test_the_probe_moves_its_captured_block_arguments_to_the_samples_device(mode
     """The capture keeps block arguments (masks, rotary tables) on the CPU; the probe must move them
     to where its samples and blocks are (on a GPU they stayed behind and the rotary product failed)."""
     from hypercompress import calibration
-    from hypercompress.planner import _TailRunner
+    from hypercompress.planning.sensitivity import TailRunner
 
     moved, real_to = [], calibration.BlockCalls.to
     monkeypatch.setattr(calibration.BlockCalls, "to", lambda self, device: moved.append(device) or real_to(self, device))
     model = load_model(str(model_dirs["llama"])).model
     samples = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))
-    runner = _TailRunner(model, samples, 2)
+    runner = TailRunner(model, samples, 2)
     assert moved == [samples.device]
     assert all(t.device == samples.device for batches in runner.calls.calls for args, kwargs in batches
                for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))

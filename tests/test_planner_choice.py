@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from hypercompress import planner_choice
-from hypercompress.planner import Plan, plan_bits
-from hypercompress.planner_fit import stored_bpw
+from hypercompress.planning import choice as planner_choice
+from hypercompress.planning.mixed_bits import Plan, plan_bits
+from hypercompress.planning.fit import stored_bpw
 
 from conftest import tied_llama
 
@@ -51,11 +51,11 @@ def test_the_plan_is_kept_when_nothing_beats_it():
 
 def test_plans_do_not_depend_on_the_machine_s_fastest_dtype(monkeypatch):
     """Sensitivities in float32 whatever the machine multiplies fastest (bf16 made plans differ)."""
-    from hypercompress import planner
+    from hypercompress.planning import sensitivity
 
     model = tied_llama(256)
     reference = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
-    monkeypatch.setattr(planner, "fastest_dtype", lambda device="cpu": torch.bfloat16)
+    monkeypatch.setattr(sensitivity, "fastest_dtype", lambda device="cpu": torch.bfloat16)
     again = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
     assert again.allocation == reference.allocation and again.sensitivity == reference.sensitivity
 
@@ -65,7 +65,7 @@ def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypat
     scores best, the planned recipe starts with `rotate` and its file stays within the target."""
     from conftest import make_model
     from hypercompress.artifact import stored_bytes
-    from hypercompress.targets import planned_recipe
+    from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
     from hypercompress.recipe import PlanTarget
 
@@ -104,9 +104,9 @@ def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
     plan (every candidate, the kept one too) is fit to target / QAT_CODE_GROWTH, without it to the target."""
     from hypercompress.api import compress
     from hypercompress.artifact import stored_bytes
-    from hypercompress.targets import planned_recipe
+    from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
-    from hypercompress.planner import QAT_CODE_GROWTH
+    from hypercompress.planning.mixed_bits import QAT_CODE_GROWTH
     from hypercompress.recipe import PlanTarget, Recipe
 
     def stored(distill_steps: int) -> tuple[float, list]:

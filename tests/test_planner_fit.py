@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from conftest import make_tokenizer, tied_llama, message_lines
 from hypercompress.cli import app
 from hypercompress.errors import UserError
-from hypercompress.planner import allocate, plan_bits
-from hypercompress.planner_fit import fit_plan_to_file, stored_bpw
+from hypercompress.planning.mixed_bits import allocate, plan_bits
+from hypercompress.planning.fit import fit_plan_to_file, stored_bpw
 
 EMBEDDING = "model.embed_tokens"
 LOSSLESS = 10  # the CLI's default for size targets
@@ -107,7 +107,7 @@ def test_pipeline_target_between_plans_is_refused_with_sizes_that_land():
     """Below the quantization floor the pipeline's sizes step by a block's rank (0.18 bpw here): 3.0
     was accepted 2.4% under; now refused, and each size named lands."""
     from conftest import make_model
-    from hypercompress.pipeline import fit_pipeline
+    from hypercompress.planning.hybrid import fit_pipeline
 
     model, calib = make_model("llama"), torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match="plans nearest it store") as refused:
@@ -132,8 +132,8 @@ def test_the_written_file_may_land_under_the_target_but_not_over_it():
 
 
 def test_under_the_tensor_bit_floor_the_lossless_smallest_plan_may_still_fit():
-    from hypercompress.planner import floor_bpw
-    from hypercompress.planner_fit import smallest_file_fits
+    from hypercompress.planning.mixed_bits import floor_bpw
+    from hypercompress.planning.fit import smallest_file_fits
 
     model = tied_llama(256)
     floor = floor_bpw(model, 32)

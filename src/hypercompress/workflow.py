@@ -39,7 +39,7 @@ from .recipe import PlanTarget, Recipe, load_recipe_file
 from .registry import get_method
 from .streaming import is_streamed, load_streamed, materialize_all
 from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
-from .targets import planned_recipe
+from .planning.target import planned_recipe
 
 EVAL_LEN = 512  # tokens per evaluation window (capped to the model's position limit)
 Say = Callable[[str], None]                    # a line of what was decided
@@ -297,7 +297,7 @@ def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
     """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
     the planner fits its RTN size trials to [target - 2%, target], and the written codes may code a
     little differently, so the file is checked again. A file further under the target is kept with
-    a note: a distill plan leaves qat's trained codes room to code larger (planner.QAT_CODE_GROWTH),
+    a note: a distill plan leaves qat's trained codes room to code larger (planning.mixed_bits.QAT_CODE_GROWTH),
     and codes that trained less than that room leave it unused."""
     ratio = bpw / target.bits_per_weight
     if ratio > 1.02:

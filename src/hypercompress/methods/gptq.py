@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..layers.quant_linear import QuantLinear
+from ..layers.quant_linear import QuantLinear, resolve_group_size
 from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
 from .damping import DAMP_RANGE
 from .gptq_solver import gptq_solve
-from .rtn import RtnConfig, resolve_group_size
+from .rtn import RtnConfig
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The planner never loses to a uniform recipe of the same size: both are compressed, the better kept.
 
 A mixed plan is chosen from single-module RTN sensitivities and a joint RTN measurement
-(planner.py); the final codes are GPTQ's, whose gains differ by option (largest at 2-3 bits), so a
+(mixed_bits.py); the final codes are GPTQ's, whose gains differ by option (largest at 2-3 bits), so a
 plan that wins under RTN can lose under GPTQ to one bit-width everywhere (SmolLM2 at 3.0 bpw: the
 plan 119 against uniform w3 g64 113, issue 14). So the largest uniform recipes whose files fit the
 target (every block linear at one (bits, group) option, the embedding at the largest option that
@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .arch import arch_of
-from .modules import count_params
-from .planner import Plan, _candidates, linear_options, option_label, plan_recipe
+from ..arch import arch_of
+from ..modules import count_params
+from .mixed_bits import Plan, candidate_options, linear_options, option_label, plan_recipe
 
 UNIFORM_KEPT = 2     # uniform candidates compressed beside the plan
 TRIAL_WINDOWS = 8    # calibration windows each trial's GPTQ sees (the final run sees them all)
@@ -38,7 +38,7 @@ ROTATED = "rotated: planned"  # the plan after `rotate`, on models rotate keeps 
 
 def rotation_keeps_size(model: nn.Module) -> bool:
     """Whether `rotate` leaves the stored size alone: an RMSNorm architecture whose lm_head is untied."""
-    from .methods.rotation import ROTATABLE
+    from ..methods.rotation import ROTATABLE
 
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     return (model.config.model_type in ROTATABLE and head is not None
@@ -56,13 +56,14 @@ def uniform_plans(model: nn.Module, target_bpw: float, group: int, embedding: st
     option below 8 bits (largest first), the largest embedding option that fits; the file of each is
     predicted as its tensor bits x `coding_ratio` (file / tensor bits of the fitted plan) and then
     measured by the planner's RTN size trial. At most UNIFORM_KEPT plans."""
-    from .planner_fit import stored_bpw
+    from .fit import stored_bpw
 
     params = count_params(model)
-    candidates, embed_name, costs, fixed = _candidates(model, group, embedding)
+    candidates, embed_name, costs, fixed = candidate_options(model, group, embedding)
     linears = [n for n in candidates if n != embed_name]
     found: list[Plan] = []
-    for option in sorted((o for o in linear_options(group) if o[0] < 8),
+    offered = [o for o in linear_options(group) if o[0] < 8 and all(o in candidates[n] for n in linears)]
+    for option in sorted(offered,
                          key=lambda o: -sum(costs[n][o] for n in linears)):
         linear_bits = fixed + sum(costs[n][option] for n in linears)
         for choice in sorted(candidates[embed_name], key=lambda o: -costs[embed_name][o]):
@@ -93,11 +94,11 @@ def choose(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tenso
     calibration windows (with fewer than TRIAL_WINDOWS + 1, the first half calibrates the trials and
     the rest scores them). progress(done, total, note) as the trials' layer-wise passes go: done /
     total count blocks over all trials, the note names the running trial."""
-    from .api import compress
-    from .artifact import stored_bytes
-    from .distill import kl_to_teacher
-    from .planner_fit import stored_bpw
-    from .recipe import Recipe
+    from ..api import compress
+    from ..artifact import stored_bytes
+    from ..distill import kl_to_teacher
+    from .fit import stored_bpw
+    from ..recipe import Recipe
 
     split = min(TRIAL_WINDOWS, max(1, samples.shape[0] // 2))
     check = samples[split:split + CHECK_WINDOWS] if samples.shape[0] > 1 else samples

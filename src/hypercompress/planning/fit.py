@@ -1,6 +1,6 @@
 """Fitting a budget plan to the file it writes: land a size target within a tolerance, or refuse it.
 
-The planner (planner.py) counts tensor bits; the artifact's file also holds the safetensors header
+The planner (mixed_bits.py) counts tensor bits; the artifact's file also holds the safetensors header
 and, with the lossless stage, is smaller than its tensors by a ratio that depends on the plan. And the
 sizes a plan can reach are discrete: each module takes one of a few options, so on a model whose
 storage is dominated by a few large modules (a big embedding) they cluster, with gaps between. The
@@ -23,9 +23,9 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import nn
 
-from .errors import UserError
-from .modules import count_params
-from .planner import Plan, _candidates, plan_bits, plan_recipe
+from ..errors import UserError
+from ..modules import count_params
+from .mixed_bits import Plan, candidate_options, plan_bits, plan_recipe
 
 SECANT_TRIALS = 3       # trials that may take the secant step; bisection after them
 BUDGET_RESOLUTION = 1e-3  # bpw: a bracket of planning budgets this narrow is closed
@@ -42,9 +42,9 @@ class Trial:
 def stored_bpw(model: nn.Module, plan: Plan, embedding: str, lossless: int | None) -> float:
     """Bits per original weight of the model.safetensors the plan writes (header and lossless coding
     included), measured on an RTN-compressed copy."""
-    from .api import compress
-    from .artifact import stored_bytes
-    from .recipe import Recipe
+    from ..api import compress
+    from ..artifact import stored_bytes
+    from ..recipe import Recipe
 
     trial = copy.deepcopy(model)
     stages = [{k: v for k, v in s.items() if k != "act_order"} | ({"method": "rtn"} if s["method"] == "gptq" else {})
@@ -59,7 +59,7 @@ def smallest_file_fits(model: nn.Module, target_bpw: float, group: int, embeddin
     (under the tensor-bit floor, the lossless stage can bring it there)."""
     if not lossless:
         return False
-    _, _, costs, fixed = _candidates(model, group, embedding)
+    _, _, costs, fixed = candidate_options(model, group, embedding)
     allocation = {n: min(c, key=c.get) for n, c in costs.items()}
     smallest = Plan(allocation, {}, fixed + sum(costs[n][o] for n, o in allocation.items()), count_params(model))
     return stored_bpw(model, smallest, embedding, lossless) <= target_bpw
@@ -75,7 +75,7 @@ def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: t
     re-plan). Raises UserError naming the sizes reached nearest the target when no plan lands there.
     """
     params = count_params(model)
-    _, _, costs, fixed = _candidates(model, group, embedding)
+    _, _, costs, fixed = candidate_options(model, group, embedding)
     smallest = (fixed + sum(min(c.values()) for c in costs.values())) / params
     largest = (fixed + sum(max(c.values()) for c in costs.values())) / params
     first = plan

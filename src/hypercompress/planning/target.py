@@ -1,7 +1,7 @@
 """Size targets: the recipe that brings a model to a whole-model bits-per-weight target as stored.
 
-The planner route (planner.py, planner_fit.py, planner_choice.py) above the quantization floor, the
-hybrid pipeline (pipeline.py) below it; the CLI's `compress --target-bpw` and the benchmarks call it.
+The planner route (sensitivity.py, mixed_bits.py, size_table.py, fit.py, choice.py) above the quantization floor, the
+hybrid pipeline (hybrid.py) below it; the CLI's `compress --target-bpw` and the benchmarks call it.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import UserError
-from .recipe import PlanTarget, Recipe
+from ..errors import UserError
+from ..recipe import PlanTarget, Recipe
 
-from .progress import Progress, no_progress
+from ..progress import Progress, no_progress
 
 Say = Callable[[str], None]
 SENSITIVITY = "planning: sensitivity (RTN, KL per module and option)"
@@ -33,16 +33,16 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     samples: (N, T) calibration token ids. Above the quantization floor: measure sensitivities on the
     first 256 tokens of one calibration window, plan per-module options, fit the plan to the file it
     writes (header and lossless stage counted), then keep it or the best uniform recipe of that size,
-    whichever GPTQ trials measure better (planner_choice.py); below it: the hybrid pipeline
-    (pipeline.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
-    planner.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total,
+    whichever GPTQ trials measure better (choice.py); below it: the hybrid pipeline
+    (hybrid.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
+    mixed_bits.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total,
     note)` the long steps as they run (sections SENSITIVITY, JOINT, SIZE_FIT, TRIALS or PIPELINE). Raises UserError for a target no plan of this model can meet."""
     say = say or (lambda _line: None)
     progress = progress or no_progress
-    from .pipeline import fit_pipeline
-    from .planner import QAT_CODE_GROWTH, floor_bpw, option_label, plan_bits, qat_stage
-    from .planner_choice import candidate_stages, choose
-    from .planner_fit import fit_plan_to_file, smallest_file_fits
+    from .hybrid import fit_pipeline
+    from .mixed_bits import QAT_CODE_GROWTH, floor_bpw, option_label, plan_bits, qat_stage
+    from .choice import candidate_stages, choose
+    from .fit import fit_plan_to_file, smallest_file_fits
 
     floor = floor_bpw(model, target.group_size)
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
