@@ -199,12 +199,13 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops}
     documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": source, "recipe": plan.to_list(), "protocol": protocol,
+        "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),
         "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
         "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
         "flops_per_token": flops})
     if out_path is None or not parallel.is_main():  # the other processes of a launched run hold the same model
         size = artifact.stored_bytes(net, lossless)
-        summary.update(_totals(net, size, original_params),
+        summary.update(_totals(net, size, original_params), allocation=_with_measured_size(allocation, size),
                        branches=branch_rows(report["stages"], original_params, baseline, size, lossless))
         if parallel.is_main():
             progress("logging the summary", 0, 1)
@@ -219,11 +220,23 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     manifest = read_manifest_fields(path)  # just written: the totals, without verifying it twice
     summary.update(manifest["totals"], out=str(path),
                    compression_ratio_vs_16bit=16 / manifest["totals"]["bits_per_weight"],
+                   allocation=_with_measured_size(allocation, manifest["totals"]["safetensors_bytes"]),
                    branches=json.loads((path / SUMMARY_JSON).read_text())["branches"])
     progress("writing the artifact", 1, 1)
     summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
     _finish(summary, timeline)
     return CompressResult(net, tokenizer, path, summary)
+
+
+def _with_measured_size(allocation: dict[str, Any] | None, safetensors_bytes: int) -> dict[str, Any] | None:
+    """How a size target was planned, with the written file's bytes beside the size table's
+    prediction (the planner's RTN codes; the final codes are GPTQ's or trained)."""
+    table = (allocation or {}).get("size_table")
+    if not table or not table.get("predicted_rtn_bytes"):
+        return allocation
+    measured = {"measured_bytes": safetensors_bytes,
+                "measured_over_predicted": safetensors_bytes / table["predicted_rtn_bytes"]}
+    return {**allocation, "size_table": {**table, **measured}}
 
 
 def _finish(summary: dict[str, Any], timeline: Timeline) -> None:

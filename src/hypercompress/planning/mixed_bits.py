@@ -59,6 +59,7 @@ class Plan:
     params: int
     joint_kl: float = float("nan")      # measured KL of the chosen plan (all modules RTN at once)
     candidates: dict[str, float] | None = None  # measured joint KL of each candidate plan
+    predicted_bytes: int | None = None  # model.safetensors of its RTN codes, from the size table
 
     @property
     def bits_per_weight(self) -> float:
