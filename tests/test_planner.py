@@ -116,6 +116,14 @@ def test_cli_target_bpw_writes_an_artifact_near_the_target(model_dirs, calib_fil
     manifest = json.loads((out / "hypercompress.json").read_text())
     assert manifest["totals"]["tensor_bits"] / manifest["original_params"] <= 6.0
     assert manifest["recipe"][0]["method"] == "rtn"
+    summary = json.loads((out / "summary.json").read_text())  # the planning evidence, kept with the artifact
+    planned = summary["allocation"]
+    assert summary["target_bpw"] == 6.0 and planned["route"] == "planner"
+    assert set(planned["options"]) == set(planned["sensitivity_kl"]) and planned["trial_kl"]["planned"] >= 0
+    table = planned["size_table"]
+    assert table["measured_bytes"] == manifest["totals"]["safetensors_bytes"]
+    assert table["predicted_bytes_at_most"] >= table["predicted_rtn_bytes"] > 0
+    assert abs(table["measured_over_predicted"] - 1) < 0.05  # GPTQ's codes store what RTN's do, near enough
     planfile = tmp_path / "plan.yaml"
     planfile.write_text("target_bpw: 6\ngroup_size: 32\n")
     viafile = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--recipe", str(planfile),
