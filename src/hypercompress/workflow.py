@@ -308,8 +308,9 @@ def _log_summary(summary: dict[str, Any], plan: Recipe, log_dir: str | None, wan
 
 def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
     """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
-    the planner fits its RTN size trials to [target - 2%, target], and the written codes may code a
-    little differently, so the file is checked again. A file further under the target is kept with
+    the planner fits its size table's file (RTN codes, with room for GPTQ's: planning.size_table.
+    GPTQ_CODE_GROWTH) to [target - 2%, target], and the written codes may code a little differently,
+    so the file is checked again. A file further under the target is kept with
     a note: a distill plan leaves qat's trained codes room to code larger (planning.mixed_bits.QAT_CODE_GROWTH),
     and codes that trained less than that room leave it unused."""
     ratio = bpw / target.bits_per_weight
