@@ -62,7 +62,7 @@ def run_ours(model, tokenizer, spec, calib, work):
     tick = time.perf_counter()
     lossless = None
     if isinstance(spec["ours"], dict):  # a size target: planned as `compress --target-bpw` plans (timed too)
-        from hypercompress.targets import planned_recipe
+        from hypercompress.planning.target import planned_recipe
         from hypercompress.recipe import PlanTarget
 
         lossless = 10  # what size targets store

@@ -10,7 +10,7 @@
 1. uniform GPTQ: the largest uniform recipe (every block linear at one bits/group option, the
    embedding at the largest option that fits) whose file stores at most the target;
 2. planner: what `compress --target-bpw T` keeps (its mixed plan, or that uniform recipe when
-   GPTQ trials measure it better: planner_choice.py);
+   GPTQ trials measure it better: planning/choice.py);
 3. planner + qat: the same with `--distill`, the recovery stage being `qat` (Block-AP, then end to
    end; calibration windows plus as many teacher-written ones).
 `--route rotate`: `rotate`, then GPTQ w{bits} g64 on the block linears, RTN w{bits} g64 on the untied
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hypercompress import artifact  # noqa: E402
 from hypercompress.api import compress  # noqa: E402
 from hypercompress.artifact import round_to_storage  # noqa: E402
-from hypercompress.targets import planned_recipe  # noqa: E402
+from hypercompress.planning.target import planned_recipe  # noqa: E402
 from hypercompress.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.eval.domains import describe, stdlib_docs_text  # noqa: E402
@@ -263,7 +263,7 @@ def rotate_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
 
 def uniform_rows(teacher, tokenizer, texts, params, args) -> list[dict]:
     """GPTQ with one (bits, group) for every block linear, the embedding RTN at one option, then qat."""
-    from hypercompress.planner import option_label
+    from hypercompress.planning.mixed_bits import option_label
 
     linear, embedding = (tuple(int(x) for x in v.split(",")) for v in (args.linear, args.embedding))
     stages = [{"method": "rtn", "bits": embedding[0], "group_size": embedding[1], "targets": [r"^model\.embed_tokens$"]},

@@ -5,7 +5,7 @@
 
 Each row is what `hypercompress compress smollm2-135m --target-ratio R [--distill]` does: the recipe
 planned for the target (the budget planner above the quantization floor, the pipeline of
-src/hypercompress/pipeline.py below it), compression, the lossless stage (zstd 10), the artifact
+src/hypercompress/planning/hybrid.py below it), compression, the lossless stage (zstd 10), the artifact
 saved, reloaded and evaluated (whole WikiText-2 test, seq_len 512, KL and top-1 vs the original).
 With --distill-steps N a ratio gives two rows from one compression: the artifact as stored just
 before the distillation stage (no recovery) and after it. Also: weights the model computes with,
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hypercompress import artifact  # noqa: E402
 from hypercompress.api import _passes, compress  # noqa: E402
 from hypercompress.artifact import round_to_storage  # noqa: E402
-from hypercompress.targets import planned_recipe  # noqa: E402
+from hypercompress.planning.target import planned_recipe  # noqa: E402
 from hypercompress.errors import UserError  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.modules import effective_weights  # noqa: E402

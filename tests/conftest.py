@@ -111,3 +111,20 @@ def calib_file(tmp_path_factory) -> Path:
 def tokens() -> torch.Tensor:
     generator = torch.Generator().manual_seed(3)
     return torch.randint(1, 121, (2, 32), generator=generator)
+
+
+def rtn_trial_bpw(model: torch.nn.Module, plan, embedding: str, lossless: int | None) -> float:
+    """Bits per original weight of the model.safetensors a planner plan writes with RTN codes,
+    measured: a copy compressed by the plan's recipe (RTN in place of GPTQ) and serialized."""
+    import copy
+
+    from hypercompress.api import compress
+    from hypercompress.artifact import stored_bytes
+    from hypercompress.modules import count_params
+    from hypercompress.planning.mixed_bits import plan_recipe
+    from hypercompress.recipe import Recipe
+
+    trial = copy.deepcopy(model)
+    stages = [{k: v for k, v in s.items() if k != "act_order"} | {"method": "rtn"} for s in plan_recipe(plan, embedding)]
+    compress(trial, Recipe.from_list(stages))
+    return stored_bytes(trial, lossless) * 8 / count_params(model)

@@ -13,7 +13,7 @@ from hypercompress.errors import UserError
 from hypercompress.methods.base import LayerwiseMethod
 from hypercompress.models import load_model
 from hypercompress.modules import count_params
-from hypercompress.planner import _TailRunner
+from hypercompress.planning.sensitivity import TailRunner
 from hypercompress.recipe import Recipe
 
 from conftest import ARCHS
@@ -152,7 +152,7 @@ def test_planner_pass_uses_each_blocks_mask():
     """The sensitivity pass's reference log-probs (cached block inputs) equal the model's own."""
     model, _ = _mixed_attention_models()["qwen2-sliding"]
     ids = calib()[:, :24]
-    runner = _TailRunner(model, ids, batch=6)
+    runner = TailRunner(model, ids, batch=6)
     with torch.no_grad():
         expected = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
     assert torch.allclose(runner.reference[0], expected, atol=1e-5)

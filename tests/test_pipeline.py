@@ -13,7 +13,7 @@ from hypercompress import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.modules import count_params
-from hypercompress.pipeline import SATURATED_KL, embedding_rank_key, fit_pipeline, plan_pipeline
+from hypercompress.planning.hybrid import SATURATED_KL, embedding_rank_key, fit_pipeline, plan_pipeline
 from hypercompress.recipe import Recipe
 
 from conftest import make_model, tied_llama
@@ -173,7 +173,7 @@ def test_no_plan_has_a_rank_past_the_break_even_rank():
     from hypercompress.arch import block_linear_names
     from hypercompress.methods.svd import max_useful_rank
     from hypercompress.modules import linear_weight
-    from hypercompress.pipeline import BeyondReach
+    from hypercompress.planning.hybrid import BeyondReach
 
     model = big_vocab_model()
     cap = min(max_useful_rank(*linear_weight(model.get_submodule(n)).shape) for n in block_linear_names(model))

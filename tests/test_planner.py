@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.models import load_model
-from hypercompress.planner import allocate, linear_options, measure_sensitivity, plan_bits, plan_recipe
+from hypercompress.planning.mixed_bits import allocate, linear_options, measure_sensitivity, plan_bits, plan_recipe
 from hypercompress.recipe import PlanTarget, Recipe, load_recipe_file
 
 
@@ -82,13 +82,13 @@ def test_the_probe_moves_its_captured_block_arguments_to_the_samples_device(mode
     """The capture keeps block arguments (masks, rotary tables) on the CPU; the probe must move them
     to where its samples and blocks are (on a GPU they stayed behind and the rotary product failed)."""
     from hypercompress import calibration
-    from hypercompress.planner import _TailRunner
+    from hypercompress.planning.sensitivity import TailRunner
 
     moved, real_to = [], calibration.BlockCalls.to
     monkeypatch.setattr(calibration.BlockCalls, "to", lambda self, device: moved.append(device) or real_to(self, device))
     model = load_model(str(model_dirs["llama"])).model
     samples = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))
-    runner = _TailRunner(model, samples, 2)
+    runner = TailRunner(model, samples, 2)
     assert moved == [samples.device]
     assert all(t.device == samples.device for batches in runner.calls.calls for args, kwargs in batches
                for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor))
@@ -116,6 +116,14 @@ def test_cli_target_bpw_writes_an_artifact_near_the_target(model_dirs, calib_fil
     manifest = json.loads((out / "hypercompress.json").read_text())
     assert manifest["totals"]["tensor_bits"] / manifest["original_params"] <= 6.0
     assert manifest["recipe"][0]["method"] == "rtn"
+    summary = json.loads((out / "summary.json").read_text())  # the planning evidence, kept with the artifact
+    planned = summary["allocation"]
+    assert summary["target_bpw"] == 6.0 and planned["route"] == "planner"
+    assert set(planned["options"]) == set(planned["sensitivity_kl"]) and planned["trial_kl"]["planned"] >= 0
+    table = planned["size_table"]
+    assert table["measured_bytes"] == manifest["totals"]["safetensors_bytes"]
+    assert table["predicted_bytes_at_most"] >= table["predicted_rtn_bytes"] > 0
+    assert abs(table["measured_over_predicted"] - 1) < 0.05  # GPTQ's codes store what RTN's do, near enough
     planfile = tmp_path / "plan.yaml"
     planfile.write_text("target_bpw: 6\ngroup_size: 32\n")
     viafile = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--recipe", str(planfile),

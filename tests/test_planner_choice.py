@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from hypercompress import planner_choice
-from hypercompress.planner import Plan, plan_bits
-from hypercompress.planner_fit import stored_bpw
+from hypercompress.planning import choice as planner_choice
+from hypercompress.planning.mixed_bits import MixedBitsPlanner, Plan, plan_bits
+from hypercompress.planning.size_table import SizeTable
 
-from conftest import tied_llama
+from conftest import rtn_trial_bpw, tied_llama
 
 EMBEDDING = "model.embed_tokens"
 
@@ -18,12 +18,18 @@ def samples(n=6, length=32, vocab=200):
     return torch.randint(1, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
+def uniforms(model, target: float) -> list[Plan]:
+    planner = MixedBitsPlanner(model, samples()[:1], 32, EMBEDDING)
+    return planner_choice.uniform_plans(planner, SizeTable(model, planner.candidates, None), target)
+
+
 def test_uniform_candidates_are_the_largest_that_fit_the_file():
     model = tied_llama(256)
-    plans = planner_choice.uniform_plans(model, 5.0, 32, EMBEDDING, None, coding_ratio=1.0)
+    planner = MixedBitsPlanner(model, samples()[:1], 32, EMBEDDING)
+    plans = planner_choice.uniform_plans(planner, SizeTable(model, planner.candidates, None), 5.0)
     assert 1 <= len(plans) <= planner_choice.UNIFORM_KEPT
     for plan in plans:
-        assert stored_bpw(model, plan, EMBEDDING, None) <= 5.0
+        assert rtn_trial_bpw(model, plan, EMBEDDING, None) <= 5.0
         assert len({o for n, o in plan.allocation.items() if n != EMBEDDING}) == 1  # one option for every linear
     first = {o for n, o in plans[0].allocation.items() if n != EMBEDDING}.pop()
     assert first == (4, 32)  # the largest linear option below 8 bits that fits beside some embedding
@@ -35,27 +41,27 @@ def test_a_plan_worse_than_a_uniform_recipe_is_replaced(monkeypatch):
     names = list(good.allocation)
     # a plan of the same size that spends its bits badly: the embedding at 8 bits, every linear at 2
     bad = Plan({n: ((8, -1) if n == EMBEDDING else (2, -1)) for n in names}, {}, good.planned_bits, good.params)
-    chosen, scores, _ = planner_choice.choose(model, bad, 5.0, samples(), 32, EMBEDDING, None)
+    chosen, scores, _ = planner_choice.choose(model, bad, uniforms(model, 5.0), 5.0, samples(), EMBEDDING, None)
     assert chosen is not bad and len(scores) >= 2
     assert scores["planned"] > min(scores.values())
     kept = min(scores, key=scores.get)
-    assert kept.startswith("uniform") and stored_bpw(model, chosen, EMBEDDING, None) <= 5.0
+    assert kept.startswith("uniform") and rtn_trial_bpw(model, chosen, EMBEDDING, None) <= 5.0
 
 
 def test_the_plan_is_kept_when_nothing_beats_it():
     model = tied_llama(256)
     plan = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
-    chosen, scores, _ = planner_choice.choose(model, plan, 5.0, samples(), 32, EMBEDDING, None)
+    chosen, scores, _ = planner_choice.choose(model, plan, uniforms(model, 5.0), 5.0, samples(), EMBEDDING, None)
     assert (chosen is plan) == (scores["planned"] <= min(scores.values()))
 
 
 def test_plans_do_not_depend_on_the_machine_s_fastest_dtype(monkeypatch):
     """Sensitivities in float32 whatever the machine multiplies fastest (bf16 made plans differ)."""
-    from hypercompress import planner
+    from hypercompress.planning import sensitivity
 
     model = tied_llama(256)
     reference = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
-    monkeypatch.setattr(planner, "fastest_dtype", lambda device="cpu": torch.bfloat16)
+    monkeypatch.setattr(sensitivity, "fastest_dtype", lambda device="cpu": torch.bfloat16)
     again = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
     assert again.allocation == reference.allocation and again.sensitivity == reference.sensitivity
 
@@ -65,14 +71,14 @@ def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypat
     scores best, the planned recipe starts with `rotate` and its file stays within the target."""
     from conftest import make_model
     from hypercompress.artifact import stored_bytes
-    from hypercompress.targets import planned_recipe
+    from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
     from hypercompress.recipe import PlanTarget
 
     model = make_model("llama")  # untied lm_head
     assert planner_choice.rotation_keeps_size(model) and not planner_choice.rotation_keeps_size(tied_llama(256))
     plan = plan_bits(model, 5.0, samples(vocab=128)[:1, :16], group=32, embedding=EMBEDDING)
-    _, scores, candidates = planner_choice.choose(model, plan, 5.0, samples(vocab=128), 32, EMBEDDING, None)
+    _, scores, candidates = planner_choice.choose(model, plan, [], 5.0, samples(vocab=128), EMBEDDING, None)
     assert planner_choice.ROTATED in scores and candidates[planner_choice.ROTATED] is plan
     assert planner_choice.candidate_stages(planner_choice.ROTATED, plan, EMBEDDING)[0] == {"method": "rotate"}
 
@@ -95,7 +101,7 @@ def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypat
 def test_a_tied_model_is_not_tried_rotated():
     model = tied_llama(256)
     plan = plan_bits(model, 5.0, samples()[:1], group=32, embedding=EMBEDDING)
-    _, scores, _ = planner_choice.choose(model, plan, 5.0, samples(), 32, EMBEDDING, None)
+    _, scores, _ = planner_choice.choose(model, plan, uniforms(model, 5.0), 5.0, samples(), EMBEDDING, None)
     assert planner_choice.ROTATED not in scores
 
 
@@ -104,9 +110,9 @@ def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
     plan (every candidate, the kept one too) is fit to target / QAT_CODE_GROWTH, without it to the target."""
     from hypercompress.api import compress
     from hypercompress.artifact import stored_bytes
-    from hypercompress.targets import planned_recipe
+    from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
-    from hypercompress.planner import QAT_CODE_GROWTH
+    from hypercompress.planning.mixed_bits import QAT_CODE_GROWTH
     from hypercompress.recipe import PlanTarget, Recipe
 
     def stored(distill_steps: int) -> tuple[float, list]:

@@ -12,11 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import make_tokenizer, tied_llama, message_lines
+from conftest import make_tokenizer, message_lines, rtn_trial_bpw, tied_llama
 from hypercompress.cli import app
 from hypercompress.errors import UserError
-from hypercompress.planner import allocate, plan_bits
-from hypercompress.planner_fit import fit_plan_to_file, stored_bpw
+from hypercompress.modules import count_params
+from hypercompress.planning.fit import fit_plan_to_file
+from hypercompress.planning.mixed_bits import MixedBitsPlanner, allocate
+from hypercompress.planning.size_table import SizeTable
 
 EMBEDDING = "model.embed_tokens"
 LOSSLESS = 10  # the CLI's default for size targets
@@ -32,14 +34,20 @@ def coarse_model() -> torch.nn.Module:
 def coarse():
     model = coarse_model()
     samples = torch.randint(1, 8192, (1, 32), generator=torch.Generator().manual_seed(0))
-    sensitivity = plan_bits(model, 4.0, samples, 64, EMBEDDING).sensitivity
-    return model, samples, sensitivity
+    planner = MixedBitsPlanner(model, samples, 64, EMBEDDING)
+    return model, planner, SizeTable(model, planner.candidates, LOSSLESS)
 
 
 def fit(coarse, target: float):
-    model, samples, sensitivity = coarse
-    plan = plan_bits(model, target, samples, 64, EMBEDDING, sensitivity=sensitivity)
-    return fit_plan_to_file(model, plan, target, samples, 64, EMBEDDING, LOSSLESS)
+    _, planner, table = coarse
+    return fit_plan_to_file(planner, table, target)
+
+
+def stored_bpw(model, plan, embedding, lossless) -> float:
+    """The file's bpw, measured (a compressed copy), and the size table's prediction of it: equal."""
+    measured = rtn_trial_bpw(model, plan, embedding, lossless)
+    assert plan.predicted_bytes * 8 / count_params(model) == measured
+    return measured
 
 
 def hinted_targets(message: str) -> list[float]:
@@ -107,7 +115,7 @@ def test_pipeline_target_between_plans_is_refused_with_sizes_that_land():
     """Below the quantization floor the pipeline's sizes step by a block's rank (0.18 bpw here): 3.0
     was accepted 2.4% under; now refused, and each size named lands."""
     from conftest import make_model
-    from hypercompress.pipeline import fit_pipeline
+    from hypercompress.planning.hybrid import fit_pipeline
 
     model, calib = make_model("llama"), torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match="plans nearest it store") as refused:
@@ -132,11 +140,13 @@ def test_the_written_file_may_land_under_the_target_but_not_over_it():
 
 
 def test_under_the_tensor_bit_floor_the_lossless_smallest_plan_may_still_fit():
-    from hypercompress.planner import floor_bpw
-    from hypercompress.planner_fit import smallest_file_fits
+    from hypercompress.planning.fit import smallest_file_fits
+    from hypercompress.planning.mixed_bits import floor_bpw
 
     model = tied_llama(256)
     floor = floor_bpw(model, 32)
-    assert not smallest_file_fits(model, floor * 0.99, 32, EMBEDDING, None)  # no lossless stage: the floor holds
-    assert smallest_file_fits(model, floor * 1.5, 32, EMBEDDING, 10)
-    assert not smallest_file_fits(model, floor * 0.2, 32, EMBEDDING, 10)
+    planner = MixedBitsPlanner(model, torch.zeros(1, 8, dtype=torch.long), 32, EMBEDDING)
+    plain, coded = SizeTable(model, planner.candidates, None), SizeTable(model, planner.candidates, 10)
+    assert not smallest_file_fits(planner, plain, floor * 0.99)  # no lossless stage: the floor holds
+    assert smallest_file_fits(planner, coded, floor * 1.5)
+    assert not smallest_file_fits(planner, coded, floor * 0.2)

@@ -13,7 +13,7 @@ from hypercompress.api import compress
 from hypercompress.artifact import storage_bits
 from hypercompress.cli import app
 from hypercompress.errors import UserError
-from hypercompress.planner import plan_bits
+from hypercompress.planning.mixed_bits import plan_bits
 from hypercompress.recipe import PlanTarget, Recipe
 
 CALIB = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ YAML form (a list of stages, or a mapping with `stages:`)::
 `--set rtn.key=value` (method name) narrows it to some stages.
 
 A planner recipe is a mapping instead: `target_bpw: 3.0` (or `target_ratio: 5.33`) and optionally
-`group_size: 64`; the budget planner (planner.py) turns it into stages for the model at hand.
+`group_size: 64`; the budget planner (planning/) turns it into stages for the model at hand.
 """
 
 from __future__ import annotations

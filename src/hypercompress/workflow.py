@@ -39,7 +39,7 @@ from .recipe import PlanTarget, Recipe, load_recipe_file
 from .registry import get_method
 from .streaming import is_streamed, load_streamed, materialize_all
 from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
-from .targets import planned_recipe
+from .planning.target import planned_recipe
 from .training.engine import recovery_defaults
 
 EVAL_LEN = 512  # tokens per evaluation window (capped to the model's position limit)
@@ -220,12 +220,13 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops}
     documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": source, "recipe": plan.to_list(), "protocol": protocol,
+        "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),
         "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
         "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
         "flops_per_token": flops})
     if out_path is None or not parallel.is_main():  # the other processes of a launched run hold the same model
         size = artifact.stored_bytes(net, lossless)
-        summary.update(_totals(net, size, original_params),
+        summary.update(_totals(net, size, original_params), allocation=_with_measured_size(allocation, size),
                        branches=branch_rows(report["stages"], original_params, baseline, size, lossless))
         if parallel.is_main():
             progress("logging the summary", 0, 1)
@@ -240,11 +241,23 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     manifest = read_manifest_fields(path)  # just written: the totals, without verifying it twice
     summary.update(manifest["totals"], out=str(path),
                    compression_ratio_vs_16bit=16 / manifest["totals"]["bits_per_weight"],
+                   allocation=_with_measured_size(allocation, manifest["totals"]["safetensors_bytes"]),
                    branches=json.loads((path / SUMMARY_JSON).read_text())["branches"])
     progress("writing the artifact", 1, 1)
     summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
     _finish(summary, timeline)
     return CompressResult(net, tokenizer, path, summary)
+
+
+def _with_measured_size(allocation: dict[str, Any] | None, safetensors_bytes: int) -> dict[str, Any] | None:
+    """How a size target was planned, with the written file's bytes beside the size table's
+    prediction (the planner's RTN codes; the final codes are GPTQ's or trained)."""
+    table = (allocation or {}).get("size_table")
+    if not table or not table.get("predicted_rtn_bytes"):
+        return allocation
+    measured = {"measured_bytes": safetensors_bytes,
+                "measured_over_predicted": safetensors_bytes / table["predicted_rtn_bytes"]}
+    return {**allocation, "size_table": {**table, **measured}}
 
 
 def _finish(summary: dict[str, Any], timeline: Timeline) -> None:
@@ -342,9 +355,10 @@ def _log_summary(summary: dict[str, Any], plan: Recipe, log_dir: str | None, wan
 
 def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
     """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
-    the planner fits its RTN size trials to [target - 2%, target], and the written codes may code a
-    little differently, so the file is checked again. A file further under the target is kept with
-    a note: a distill plan leaves qat's trained codes room to code larger (planner.QAT_CODE_GROWTH),
+    the planner fits its size table's file (RTN codes, with room for GPTQ's: planning.size_table.
+    GPTQ_CODE_GROWTH) to [target - 2%, target], and the written codes may code a little differently,
+    so the file is checked again. A file further under the target is kept with
+    a note: a distill plan leaves qat's trained codes room to code larger (planning.mixed_bits.QAT_CODE_GROWTH),
     and codes that trained less than that room leave it unused."""
     ratio = bpw / target.bits_per_weight
     if ratio > 1.02:

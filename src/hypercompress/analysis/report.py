@@ -1,7 +1,7 @@
 """`analyze(model, samples, out=DIR)`: where a model's bits go, written as report.md + PNGs + JSON.
 
 Sections: weight statistics (weights.py), the planner's sensitivity and Fisher importance
-(planner.plan_bits, flow.fisher_importance), per-layer rate-distortion against the Gaussian bound
+(planning.mixed_bits.plan_bits, flow.fisher_importance), per-layer rate-distortion against the Gaussian bound
 (layer_rd.py), information flow (flow.block_flow). Every figure and table names the text, the
 windows and the dtype it was measured on (`protocol`).
 """
@@ -101,8 +101,8 @@ def _topology(model, samples, device) -> dict | None:
 
 
 def _planner_sensitivity(model, samples, device, say) -> dict:
-    """{module: {option: KL}}: the planner's probe (planner.plan_bits) on the first window's 256 tokens."""
-    from ..planner import option_label, plan_bits
+    """{module: {option: KL}}: the planner's probe (planning.mixed_bits.plan_bits) on the first window's 256 tokens."""
+    from ..planning.mixed_bits import option_label, plan_bits
 
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     plan = plan_bits(model, 8.0, samples[:1, :256], 64, embedding, device=device,

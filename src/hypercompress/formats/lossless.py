@@ -39,13 +39,26 @@ def byte_planes(tensor: torch.Tensor) -> list[bytes]:
     return [bytes(plane.numpy().tobytes()) for plane in grouped]
 
 
-def encode(tensor: torch.Tensor, level: int = 10) -> tuple[torch.Tensor, dict[str, Any]]:
-    """A tensor -> (uint8 blob, entry). Each plane is zstd-coded unless that would not shrink it."""
+def coded_planes(tensor: torch.Tensor, level: int = 10) -> list[tuple[str, bytes]]:
+    """(codec, bytes) of each byte plane as `encode` stores it: zstd-coded unless that would not
+    shrink it. zstandard releases the GIL while it codes, so threads may code tensors side by side."""
     compressor = _zstd().ZstdCompressor(level=level, threads=0, write_checksum=True)
-    chunks, planes = [], []
+    out = []
     for plane in byte_planes(tensor):
         coded = compressor.compress(plane)
-        codec, data = ("zstd", coded) if len(coded) < len(plane) else ("raw", plane)
+        out.append(("zstd", coded) if len(coded) < len(plane) else ("raw", plane))
+    return out
+
+
+def coded_nbytes(tensor: torch.Tensor, level: int = 10) -> int:
+    """Length of the blob `encode(tensor, level)` makes, without making it."""
+    return sum(len(data) for _, data in coded_planes(tensor, level))
+
+
+def encode(tensor: torch.Tensor, level: int = 10) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A tensor -> (uint8 blob, entry). Each plane is zstd-coded unless that would not shrink it."""
+    chunks, planes = [], []
+    for codec, data in coded_planes(tensor, level):
         chunks.append(data)
         planes.append([codec, len(data)])
     blob = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if chunks else \

@@ -15,10 +15,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..formats.packing import pack_codes, packed_nbytes, unpack_codes
 from ..modules import CompressedModule
 
 SCALE_DTYPE = torch.float16
+
+
+def resolve_group_size(name: str, in_features: int, group_size: int) -> int:
+    """Input columns per scale of a quantized layout: `group_size`, or `in_features` for -1 (one
+    group per row). Raises UserError naming `name` and the group sizes that would do when
+    `group_size` does not divide `in_features` (every group holds the same number of columns)."""
+    group = in_features if group_size == -1 else group_size
+    if in_features % group:
+        divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
+        raise UserError(
+            f"{name}: group_size {group} does not divide in_features {in_features}; "
+            f"use one that does ({', '.join(map(str, divisors)) or 'e.g. -1'}) or -1 for whole rows"
+        )
+    return group
 
 
 def fit_grid(groups: torch.Tensor, bits: int, symmetric: bool, zero_point: str):

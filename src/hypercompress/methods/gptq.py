@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..layers.quant_linear import QuantLinear
+from ..layers.quant_linear import QuantLinear, resolve_group_size
 from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
 from .damping import DAMP_RANGE
 from .gptq_solver import gptq_solve
-from .rtn import RtnConfig, resolve_group_size
+from .rtn import RtnConfig
 
 
 @dataclass
@@ -65,13 +65,19 @@ class HessianMethod(LayerwiseMethod):
         return 2 * self._sums.pop(name) / self._counts.pop(name)
 
 
+def gptq_module(name: str, layer: nn.Module, hessian: torch.Tensor, c: GptqConfig) -> QuantLinear:
+    """`layer` (nn.Linear or Conv1D, on any device) quantized by GPTQ with `c` against `hessian`
+    (in, in) of its inputs: a QuantLinear on the CPU. UserError for a group that does not divide
+    the input width or a Hessian no damping makes positive definite."""
+    weight = linear_weight(layer)
+    group = resolve_group_size(name, weight.shape[1], c.group_size)
+    codes, scale, zero = gptq_solve(weight, hessian, c.bits, group, c.symmetric,
+                                    c.zero_point, c.act_order, c.damp, c.block_size, layer=name)
+    return QuantLinear.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), linear_bias(layer),
+                                  c.bits, c.symmetric, c.zero_point)
+
+
 @register("gptq", GptqConfig)
 class GPTQ(HessianMethod):
     def compress(self, name: str, layer: nn.Module) -> QuantLinear:
-        c = self.config
-        weight = linear_weight(layer)
-        group = resolve_group_size(name, weight.shape[1], c.group_size)
-        codes, scale, zero = gptq_solve(weight, self.hessian(name), c.bits, group, c.symmetric,
-                                        c.zero_point, c.act_order, c.damp, c.block_size, layer=name)
-        return QuantLinear.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), linear_bias(layer),
-                                      c.bits, c.symmetric, c.zero_point)
+        return gptq_module(name, layer, self.hessian(name), self.config)

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..errors import UserError
 from ..layers.quant_embedding import QuantEmbedding
-from ..layers.quant_linear import QuantLinear, fit_grid, quantize_to_grid
+from ..layers.quant_linear import QuantLinear, fit_grid, quantize_to_grid, resolve_group_size
 from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
@@ -44,17 +43,6 @@ def smallest_useful_group(bits: int, symmetric: bool, zero_point: str) -> int:
     ('int') or 16 ('float') bits, i.e. bits + overhead / g per weight (QuantLinear's layout)."""
     overhead = 16 + (0 if symmetric else bits if zero_point == "int" else 16)
     return overhead // (16 - bits) + 1
-
-
-def resolve_group_size(name: str, in_features: int, group_size: int) -> int:
-    group = in_features if group_size == -1 else group_size
-    if in_features % group:
-        divisors = [d for d in (32, 64, 96, 128, 192, 256) if in_features % d == 0]
-        raise UserError(
-            f"{name}: group_size {group} does not divide in_features {in_features}; "
-            f"use one that does ({', '.join(map(str, divisors)) or 'e.g. -1'}) or -1 for whole rows"
-        )
-    return group
 
 
 @register("rtn", RtnConfig)

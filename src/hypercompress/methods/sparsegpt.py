@@ -9,12 +9,12 @@ from torch import nn
 
 from ..config import check
 from ..errors import UserError
+from ..layers.quant_linear import resolve_group_size
 from ..layers.sparse_linear import SparseLinear
 from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .damping import DAMP_RANGE
 from .gptq import HessianMethod
-from .rtn import resolve_group_size
 from .sparsegpt_solver import sparsegpt_solve
 from .sparsity import SparsityConfig
 

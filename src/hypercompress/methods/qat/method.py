@@ -34,12 +34,12 @@ from ...training.distill import DistillSettings, distill, run_summary, train_nor
 from ...training.engine import TrainingConfig
 from ...errors import UserError
 from ...layers.quant_embedding import QuantEmbedding, TiedHead
-from ...layers.quant_linear import QuantLinear
+from ...layers.quant_linear import QuantLinear, resolve_group_size
 from ...modules import LINEAR_TYPES, CompressedModule, linear_weight
 from ...registry import register
 from ...tracking import Tracker, check_tracking
 from ..base import WholeModelMethod
-from ..rtn import resolve_group_size, smallest_useful_group
+from ..rtn import smallest_useful_group
 from .block_ap import block_ap
 from .fake_quant import FakeQuantLinear, FakeTiedHead
 

@@ -1,7 +1,7 @@
 """Size targets: the recipe that brings a model to a whole-model bits-per-weight target as stored.
 
-The planner route (planner.py, planner_fit.py, planner_choice.py) above the quantization floor, the
-hybrid pipeline (pipeline.py) below it; the CLI's `compress --target-bpw` and the benchmarks call it.
+The planner route (sensitivity.py, mixed_bits.py, size_table.py, fit.py, choice.py) above the quantization floor, the
+hybrid pipeline (hybrid.py) below it; the CLI's `compress --target-bpw` and the benchmarks call it.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import UserError
-from .recipe import PlanTarget, Recipe
+from ..errors import UserError
+from ..recipe import PlanTarget, Recipe
 
-from .progress import Progress, no_progress
+from ..progress import Progress, no_progress
 
 Say = Callable[[str], None]
 SENSITIVITY = "planning: sensitivity (RTN, KL per module and option)"
 JOINT = "planning: whole-model KL of the candidate plans (RTN)"
-SIZE_FIT = "planning: fitting the plan to the file (RTN size trials)"
+SIZE_FIT = "planning: fitting the plan to the file (size table: RTN codes per module and option)"
 TRIALS = "planning: planned vs uniform recipes (GPTQ trials)"
 PIPELINE = "planning: fitting the pipeline to the target (trial compressions)"
 
@@ -33,21 +33,27 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     samples: (N, T) calibration token ids. Above the quantization floor: measure sensitivities on the
     first 256 tokens of one calibration window, plan per-module options, fit the plan to the file it
     writes (header and lossless stage counted), then keep it or the best uniform recipe of that size,
-    whichever GPTQ trials measure better (planner_choice.py); below it: the hybrid pipeline
-    (pipeline.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
-    planner.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total,
+    whichever GPTQ trials measure better (choice.py); below it: the hybrid pipeline
+    (hybrid.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
+    mixed_bits.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total,
     note)` the long steps as they run (sections SENSITIVITY, JOINT, SIZE_FIT, TRIALS or PIPELINE). Raises UserError for a target no plan of this model can meet."""
     say = say or (lambda _line: None)
     progress = progress or no_progress
-    from .pipeline import fit_pipeline
-    from .planner import QAT_CODE_GROWTH, floor_bpw, option_label, plan_bits, qat_stage
-    from .planner_choice import candidate_stages, choose
-    from .planner_fit import fit_plan_to_file, smallest_file_fits
+    from .choice import candidate_stages, choose, uniform_plans
+    from .fit import fit_plan_to_file, smallest_file_fits
+    from .hybrid import fit_pipeline
+    from .mixed_bits import QAT_CODE_GROWTH, MixedBitsPlanner, option_label, qat_stage
+    from .size_table import GPTQ_CODE_GROWTH, SizeTable
 
-    floor = floor_bpw(model, target.group_size)
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
-    if target.bits_per_weight < floor and not smallest_file_fits(model, target.bits_per_weight, target.group_size,
-                                                                 embedding, lossless):
+    planner = MixedBitsPlanner(model, samples[:1, :256], target.group_size, embedding, device=device,
+                               progress=lambda done, total, phase="": progress(JOINT if phase == "joint" else SENSITIVITY,
+                                                                                done, total))
+    floor = planner.floor_bits / planner.params
+    growth = GPTQ_CODE_GROWTH if lossless is not None else 1.0  # GPTQ's codes code a little larger than RTN's
+    table = SizeTable(model, planner.candidates, lossless)
+    if target.bits_per_weight < floor and not smallest_file_fits(planner, table, target.bits_per_weight, growth):
+        del table, planner
         progress(PIPELINE, 0, 1)
         pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless, device=device,
                                 progress=lambda done, most, note: progress(PIPELINE, done, most, note))
@@ -60,20 +66,21 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     # qat's trained codes code larger than the planned ones: its plans leave them that room
     fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
     progress(SENSITIVITY, 0, 1, "the original's logits on the probe window")
-    plan = plan_bits(model, max(fit_bpw, floor), samples[:1, :256], target.group_size, embedding,
-                     progress=lambda done, total, phase="": progress(JOINT if phase == "joint" else SENSITIVITY,
-                                                                     done, total), device=device)
+    plan = planner.plan(max(fit_bpw, floor))
     progress(SIZE_FIT, 0, 1)
     try:
-        plan = fit_plan_to_file(model, plan, fit_bpw, samples[:1, :256], target.group_size,
-                                embedding, lossless, device=device,
+        plan = fit_plan_to_file(planner, table, fit_bpw, plan, growth=growth,
                                 progress=lambda done, most: progress(SIZE_FIT, done, most, "at most"))
     except UserError as error:
         if not distill_steps:
             raise
         raise UserError(f"{error} (with --distill the plan is fit to the target / {QAT_CODE_GROWTH}, "
                         f"{fit_bpw:.4f} bpw, since qat's trained codes code up to that much larger)") from None
-    plan, scores, candidates = choose(model, plan, fit_bpw, samples, target.group_size, embedding, lossless, device,
+    planner.release()
+    progress(TRIALS, 0, 1, "sizing the uniform candidates")
+    uniforms = uniform_plans(planner, table, fit_bpw, growth, plan.predicted_bytes * 8 / plan.planned_bits)
+    fitted = plan
+    plan, scores, candidates = choose(model, plan, uniforms, fit_bpw, samples, embedding, lossless, device,
                                       progress=lambda done, total, note="": progress(TRIALS, done, total, note))
     chosen = min(scores, key=lambda label: (scores[label], label != "planned"))
     say("GPTQ trials, KL on calibration windows they did not see: "
@@ -88,14 +95,19 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     room = f" (the target {target.bits_per_weight:.3f} / {QAT_CODE_GROWTH}: room for qat's codes)" if distill_steps else ""
     say(f"plan for {fit_bpw:.3f} bpw as stored{room}: {plan.bits_per_weight:.3f} bpw of tensors "
                   f"planned | {summary}")
-    allocation = {"route": "planner", "planned_bits_per_weight": plan.bits_per_weight,
+    allocation = {"route": "planner", "target_bpw": target.bits_per_weight, "fit_bpw": fit_bpw,
+                  "planned_bits_per_weight": plan.bits_per_weight,
                   "notes": [summary.replace(" | ", "; "), f"kept: {chosen}"]
                   + ([f"quantization-aware distillation {distill_steps} steps"] if distill_steps else []),
                   "trial_kl": scores,
                   "trial_recipes": {label: candidate_stages(label, p, embedding) for label, p in candidates.items()},
                   "options": {n: option_label(o) for n, o in plan.allocation.items()},
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
-                                     for n, s in plan.sensitivity.items()}}
+                                     for n, s in planner.sensitivity.items()},
+                  "joint_kl": fitted.candidates or {},
+                  "size_table": {"predicted_rtn_bytes": plan.predicted_bytes, "gptq_code_growth": growth,
+                                 "predicted_bytes_at_most": int(plan.predicted_bytes * growth),
+                                 "lossless": lossless}}
     stages = candidate_stages(chosen, plan, embedding)
     if distill_steps:  # latent weights, scales, the embedding and norms trained through the codes
         stages.append(qat_stage(distill_steps))

@@ -1,31 +1,28 @@
 """Fitting a budget plan to the file it writes: land a size target within a tolerance, or refuse it.
 
-The planner (planner.py) counts tensor bits; the artifact's file also holds the safetensors header
+The planner (mixed_bits.py) counts tensor bits; the artifact's file also holds the safetensors header
 and, with the lossless stage, is smaller than its tensors by a ratio that depends on the plan. And the
 sizes a plan can reach are discrete: each module takes one of a few options, so on a model whose
 storage is dominated by a few large modules (a big embedding) they cluster, with gaps between. The
-search below therefore works on the file's size, measured: each trial stores an RTN trial of the plan
-(data-free, in seconds; GPTQ's codes of the same bits code alike) as the artifact would, and the
-planning budget (bpw of tensor bits) is moved until a trial lands in [target x (1 - tolerance),
-target]; first by the secant step budget x target / stored, then by bisection of the bracket of
-budgets whose plans store under and over the target. When the bracket closes without a hit, the
-target lies in a gap, and the refusal names the nearest sizes found on each side, every one of them
-a size a plan reaches (so a target there is met).
+search below therefore works on the file's size, predicted exactly by the size table (size_table.py:
+the bytes RTN codes of the plan store, header and lossless coding included; GPTQ's codes of the same
+grid code alike, within the `growth` room the caller gives), and the planning budget (bpw of tensor
+bits) is moved until a plan lands in [target x (1 - tolerance), target]; first by the secant step
+budget x target / stored, then by bisection of the bracket of budgets whose plans store under and
+over the target. When the bracket closes without a hit, the target lies in a gap, and the refusal
+names the nearest sizes found on each side, every one of them a size a plan reaches (so a target
+there is met).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
-import torch
-from torch import nn
-
-from .errors import UserError
-from .modules import count_params
-from .planner import Plan, _candidates, plan_bits, plan_recipe
+from ..errors import UserError
+from .mixed_bits import MixedBitsPlanner, Plan
+from .size_table import SizeTable
 
 SECANT_TRIALS = 3       # trials that may take the secant step; bisection after them
 BUDGET_RESOLUTION = 1e-3  # bpw: a bracket of planning budgets this narrow is closed
@@ -39,57 +36,45 @@ class Trial:
     stored: float
 
 
-def stored_bpw(model: nn.Module, plan: Plan, embedding: str, lossless: int | None) -> float:
-    """Bits per original weight of the model.safetensors the plan writes (header and lossless coding
-    included), measured on an RTN-compressed copy."""
-    from .api import compress
-    from .artifact import stored_bytes
-    from .recipe import Recipe
-
-    trial = copy.deepcopy(model)
-    stages = [{k: v for k, v in s.items() if k != "act_order"} | ({"method": "rtn"} if s["method"] == "gptq" else {})
-              for s in plan_recipe(plan, embedding)]
-    compress(trial, Recipe.from_list(stages, where="planned recipe (size trial)"))
-    return stored_bytes(trial, lossless) * 8 / count_params(model)
+def smallest_allocation(planner: MixedBitsPlanner) -> dict:
+    """Every planned module at its cheapest option (in tensor bits)."""
+    return {n: min(c, key=c.get) for n, c in planner.costs.items()}
 
 
-def smallest_file_fits(model: nn.Module, target_bpw: float, group: int, embedding: str,
-                       lossless: int | None) -> bool:
+def smallest_file_fits(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float, growth: float = 1.0) -> bool:
     """Whether the plan of every module at its fewest bits writes a file of at most `target_bpw`
-    (under the tensor-bit floor, the lossless stage can bring it there)."""
-    if not lossless:
+    (its size-table bytes x `growth`; under the tensor-bit floor only the lossless stage can bring
+    it there, so without it: False)."""
+    if table.lossless is None:
         return False
-    _, _, costs, fixed = _candidates(model, group, embedding)
-    allocation = {n: min(c, key=c.get) for n, c in costs.items()}
-    smallest = Plan(allocation, {}, fixed + sum(costs[n][o] for n, o in allocation.items()), count_params(model))
-    return stored_bpw(model, smallest, embedding, lossless) <= target_bpw
+    return table.bits_per_weight(smallest_allocation(planner)) * growth <= target_bpw
 
 
-def fit_plan_to_file(model: nn.Module, plan: Plan, target_bpw: float, samples: torch.Tensor, group: int,
-                     embedding: str, lossless: int | None, tolerance: float = 0.02, trials: int = 14,
-                     device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> Plan:
-    """A plan whose file stores between target_bpw x (1 - tolerance) and target_bpw bits per weight;
-    progress(trials measured, at most `trials`) after each size trial.
+def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float, plan: Plan | None = None,
+                     tolerance: float = 0.02, trials: int = 14, growth: float = 1.0,
+                     progress: Callable[[int, int], None] | None = None) -> Plan:
+    """A plan whose file, as the size table predicts it x `growth` (the room left for codes that
+    code larger than RTN's: GPTQ's, qat's), stores between target_bpw x (1 - tolerance) and
+    target_bpw bits per weight; its `predicted_bytes` is the table's (RTN) prediction.
+    progress(plans sized, at most `trials`) after each.
 
-    `plan` is the planner's plan for the budget `target_bpw` (its sensitivities are reused for every
-    re-plan). Raises UserError naming the sizes reached nearest the target when no plan lands there.
+    `plan`: the planner's plan for the budget `target_bpw`, if already made. Raises UserError naming
+    the sizes reached nearest the target when no plan lands there.
     """
-    params = count_params(model)
-    _, _, costs, fixed = _candidates(model, group, embedding)
-    smallest = (fixed + sum(min(c.values()) for c in costs.values())) / params
-    largest = (fixed + sum(max(c.values()) for c in costs.values())) / params
-    first = plan
+    smallest, largest = planner.floor_bits / planner.params, planner.ceiling_bits / planner.params
 
     def replan(budget: float) -> Plan:
-        if budget == target_bpw:
-            return first
+        if budget == target_bpw and plan is not None:
+            return plan
         # a budget under the tensor-bit floor: the smallest plan (its lossless-coded file may fit)
-        return plan_bits(model, max(budget, smallest), samples, group, embedding, sensitivity=first.sensitivity,
-                         device=device)
+        return planner.plan(max(budget, smallest))
 
-    return fit_budget(replan, lambda p: stored_bpw(model, p, embedding, lossless), lambda p: p.bits_per_weight,
-                      lambda p: tuple(sorted(p.allocation.items())), target_bpw, (smallest, largest),
-                      tolerance, trials, progress=progress)
+    def stored(candidate: Plan) -> float:
+        candidate.predicted_bytes = table.file_bytes(candidate.allocation)
+        return candidate.predicted_bytes * 8 / planner.params * growth
+
+    return fit_budget(replan, stored, lambda p: p.bits_per_weight, lambda p: tuple(sorted(p.allocation.items())),
+                      target_bpw, (smallest, largest), tolerance, trials, progress=progress)
 
 
 def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], planned: Callable[[Any], float],

@@ -8,7 +8,7 @@ modules each stage creates (counted from empty modules of the planned layout), s
 before anything is compressed:
 
 1. Above the quantization floor (every module at 2-bit codes, one scale per row) the budget planner
-   (planner.py) allocates bits; this module handles targets below it.
+   (mixed_bits.py) allocates bits; this module handles targets below it.
 2. Embedding: of the options whose storage stays within `EMBEDDING_SHARE` of the budget (4-, 3- or
    2-bit rows, factors of rank 256 down to 1), the one of lowest measured KL to the original on a
    calibration window (the tied lm_head follows it), or, when every option's KL is past
@@ -36,10 +36,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .arch import arch_of, block_linear_names
-from .errors import UserError
-from .layers.low_rank_embedding import LowRankEmbedding
-from .modules import count_params, linear_weight
+from ..arch import arch_of, block_linear_names
+from ..errors import UserError
+from ..layers.low_rank_embedding import LowRankEmbedding
+from ..modules import count_params, linear_weight
 
 EMBEDDING_SHARE = 0.5   # the embedding may take at most this fraction of the whole budget
 SATURATED_KL = 2.0      # nats: an embedding option this bad is ranked by its table's error instead
@@ -69,7 +69,7 @@ class PipelinePlan:
 
 def useful_embedding_options(embedding: nn.Embedding) -> list[tuple]:
     """EMBEDDING_LADDER without the factorizations at or past their break-even rank (a small table)."""
-    from .methods.factor_embedding import max_useful_rank
+    from ..methods.factor_embedding import max_useful_rank
 
     vocab, dim = embedding.weight.shape
     return [o for o in EMBEDDING_LADDER if o[0] == "rtn" or o[1] <= max_useful_rank(vocab, dim, o[2])]
@@ -77,10 +77,10 @@ def useful_embedding_options(embedding: nn.Embedding) -> list[tuple]:
 
 def embedding_bits(embedding: nn.Embedding, option: tuple) -> int:
     """Exact storage of the embedding under an EMBEDDING_LADDER option."""
-    from .planner import _quant_bits
+    from .mixed_bits import quant_bits
 
     if option[0] == "rtn":
-        return _quant_bits(embedding, (option[1], -1))
+        return quant_bits(embedding, (option[1], -1))
     vocab, dim = embedding.weight.shape
     return LowRankEmbedding(vocab, dim, option[1], option[2]).storage_bits()
 
@@ -90,9 +90,9 @@ def embedding_score(model: nn.Module, name: str, option: tuple, ids: torch.Tenso
                     ) -> tuple[float, float]:
     """(KL(original || model with only the embedding compressed by `option`) on `ids`, the original's
     logits there being `reference`; the table's relative error ||E - E'||_F / ||E||_F)."""
-    from .api import compress
-    from .training.kl import kl_to_teacher
-    from .recipe import Recipe
+    from ..api import compress
+    from ..recipe import Recipe
+    from ..training.kl import kl_to_teacher
 
     trial = copy.deepcopy(model)
     compress(trial, Recipe.from_list([embedding_stage(name, option)]))
@@ -139,8 +139,8 @@ class _Layout:
 
 
 def _layout(model: nn.Module) -> _Layout:
-    from .artifact import storage_bits
-    from .methods.svd import max_useful_rank
+    from ..artifact import storage_bits
+    from ..methods.svd import max_useful_rank
 
     spec = arch_of(model.config.model_type)
     embedding = model.get_input_embeddings()
@@ -290,16 +290,16 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
     does not change the size; whitened on 4 calibration windows, for speed: the sizes are those of
     the final factors, their coded bytes nearly so) and counts the bytes the artifact file would have
     (safetensors header and the lossless stage included); the planning budget is searched
-    (planner_fit.fit_budget) until the file lands within [target x (1 - tolerance), target], else the
+    (fit.fit_budget) until the file lands within [target x (1 - tolerance), target], else the
     target is refused naming the sizes reached nearest it; the trials calibrate on `device`. The
     smallest plan is measured first: a target under the file it stores is refused as beyond reach,
     naming that size. Returns the plan, `reached_bpw` set."""
     import json
 
-    from .api import compress
-    from .artifact import stored_bytes
-    from .planner_fit import HEADROOM, Trial, _ask, _size, fit_budget
-    from .recipe import Recipe
+    from ..api import compress
+    from ..artifact import stored_bytes
+    from .fit import HEADROOM, Trial, _ask, _size, fit_budget
+    from ..recipe import Recipe
 
     measured, params = {}, count_params(model)
     done = [0]

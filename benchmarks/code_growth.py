@@ -1,0 +1,59 @@
+"""How much larger GPTQ's codes code than RTN's under the lossless stage (planning/size_table.py's
+GPTQ_CODE_GROWTH): SmolLM2-135M, every block linear at one option (the embedding RTN 4-bit rows in
+both), the size table's RTN prediction against the file of GPTQ codes (act_order, damp 0.01, the
+planner's trial Hessians on `--windows` calibration windows of 512 tokens), zstd 10.
+
+    python benchmarks/code_growth.py [--windows 8] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CALIB_TEXT  # noqa: E402
+
+from hypercompress.artifact import stored_bytes  # noqa: E402
+from hypercompress.data import calibration_samples, read_text, tokenize  # noqa: E402
+from hypercompress.models import load_model  # noqa: E402
+from hypercompress.planning.mixed_bits import MixedBitsPlanner, Plan  # noqa: E402
+from hypercompress.planning.size_table import SizeTable  # noqa: E402
+from hypercompress.planning.trials import shared_gptq, trial_model  # noqa: E402
+
+OPTIONS = ((2, 64), (3, -1), (3, 64), (4, 64))
+LEVEL = 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    loaded = load_model("smollm2-135m")
+    model = loaded.model
+    samples = calibration_samples(tokenize(loaded.tokenizer, read_text(CALIB_TEXT)), args.windows, 512, 0)
+    planner = MixedBitsPlanner(model, samples[:1, :256], 64)
+    table = SizeTable(model, planner.candidates, LEVEL)
+    linears = [n for n in planner.candidates if n != planner.embedding]
+    tick = time.perf_counter()
+    solved = shared_gptq(model, {(n, o) for n in linears for o in OPTIONS}, samples)
+    rows = []
+    for option in OPTIONS:
+        allocation = {**{n: option for n in linears}, planner.embedding: (4, -1)}
+        plan = Plan(allocation, {}, 0, planner.params)
+        rtn = table.file_bytes(allocation)
+        gptq = stored_bytes(trial_model(model, plan, planner.embedding, solved), LEVEL)
+        rows.append({"option": option, "rtn_bytes": rtn, "gptq_bytes": gptq, "gptq_over_rtn": gptq / rtn})
+        print(f"w{option[0]}{'row' if option[1] == -1 else f'g{option[1]}'}: RTN {rtn:,} B, GPTQ {gptq:,} B, "
+              f"GPTQ / RTN {gptq / rtn:.5f}", flush=True)
+    print(f"{time.perf_counter() - tick:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"windows": args.windows, "level": LEVEL, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
