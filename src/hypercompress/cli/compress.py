@@ -51,7 +51,8 @@ def compress(
     train_tokens: Optional[int] = typer.Option(None, "--train-tokens", help="token budget of every trained "
                                                "stage (--distill's recovery, or qat/distill in a recipe)"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="wall-time budget of each trained "
-                                                "stage's training, in minutes (--distill on CUDA: 10)"),
+                                                "stage's training loop (qat: end to end), in minutes (--distill on "
+                                                "CUDA: 10)"),
     corpus_cache: Optional[str] = typer.Option(None, "--corpus-cache", help="folder (or one .safetensors file) "
                                                "caching the corpus the original writes for training (default "
                                                "$HYPERCOMPRESS_CACHE/corpus or ~/.cache/hypercompress/corpus)"),

@@ -13,7 +13,8 @@ Micro-batches: `micro_batch` windows per forward and backward, gradients accumul
 on one process or several). Windows are packed: each is `L` consecutive tokens of running text
 or of the teacher's own writing, no padding.
 Budgets: `train_tokens` fixes the number of steps (tokens / (batch x L)); `max_minutes` bounds the
-wall time: once the measured speed says the steps will not fit, the schedule is shortened to the
+wall time of the training loop (qat's end-to-end phase; its corpus and Block-AP are timed apart in
+its report): once the measured speed says the steps will not fit, the schedule is shortened to the
 steps that do (the cosine decay still ends at its floor) and training stops there. A run whose
 token budget fits its time budget is deterministic; one stopped by time says so in its history.
 """
@@ -142,7 +143,7 @@ class TrainingConfig:
     compile: bool | None = None    # compile the decoder blocks (None: on CUDA)
     micro_batch: int = 0           # windows per forward / backward, gradients accumulated (0: the batch)
     train_tokens: int = 0          # end-to-end token budget (0: `steps` decides)
-    max_minutes: float = 0.0       # wall-time budget of the stage's training (0: none)
+    max_minutes: float = 0.0       # wall-time budget of the training loop (qat: end to end; 0: none)
 
     def engine(self) -> Engine:
         return Engine(self.precision, self.compile, self.micro_batch, self.train_tokens, self.max_minutes)
@@ -152,19 +153,25 @@ class TrainingConfig:
 
 
 RECOVERY_SECONDS = 8 * 60  # what the default token budget on CUDA aims at (the time budget caps it)
-RECOVERY_MINUTES = 10.0    # the default time budget on CUDA
-# tokens/s x parameters of qat end to end, bf16 compiled, batch 32 on an H100 (SmolLM2-135M's shape:
-# 92,700 tok/s, benchmarks/train_speed.py); a step's work grows with the parameters
-TOKEN_RATE_X_PARAMS = 92_700 * 134_515_008
+RECOVERY_MINUTES = 10.0    # the default time budget of the end-to-end loop on CUDA
+# tokens/s x parameters of qat end to end (bf16, compiled blocks, batch 32) measured on an H100 with
+# SmolLM2-135M through `compress --recipe recipes/gptq-w3g64-qat-1min.yaml`: 113,180 tok/s
+# (benchmarks/results/qat_engine_w3g64.json); a step's work grows with the parameters
+TOKEN_RATE_X_PARAMS = 113_180 * 134_515_008
+# the teacher's corpus: 1.5 M tokens for SmolLM2-135M (written at 8-11 K tok/s, batch 256, on that
+# H100: about 2.5 minutes once, then read from the cache), fewer for larger models
+CORPUS_TOKENS_X_PARAMS = 1_500_000 * 134_515_008
 
 
 def recovery_defaults(params: int, device: str) -> dict[str, object]:
     """The engine keys of the recovery stage `compress --distill` appends, when the user set none:
     on CUDA batch 32 and a token budget the measured speed trains in about RECOVERY_SECONDS
-    (44 M tokens for SmolLM2-135M), capped by RECOVERY_MINUTES of wall time, and a corpus of an
-    eighth of those tokens written by the teacher; on a CPU nothing (the stage's step count)."""
+    (54 M tokens for SmolLM2-135M), capped at RECOVERY_MINUTES of wall time, and a corpus the
+    teacher writes of CORPUS_TOKENS_X_PARAMS / params tokens (1.5 M for SmolLM2-135M); on a CPU
+    nothing (the stage's step count)."""
     if not str(device).startswith("cuda"):
         return {}
-    tokens = max(1_000_000, round(RECOVERY_SECONDS * TOKEN_RATE_X_PARAMS / max(params, 1), -6))
-    return {"batch": 32, "train_tokens": int(tokens), "max_minutes": RECOVERY_MINUTES,
-            "corpus_tokens": int(tokens // 8)}
+    params = max(params, 1)
+    tokens = max(1_000_000, round(RECOVERY_SECONDS * TOKEN_RATE_X_PARAMS / params, -6))
+    corpus = max(100_000, round(CORPUS_TOKENS_X_PARAMS / params, -5))
+    return {"batch": 32, "train_tokens": int(tokens), "max_minutes": RECOVERY_MINUTES, "corpus_tokens": int(corpus)}

@@ -140,7 +140,6 @@ class Qat(WholeModelMethod):
               resume=False) -> None:
         c = self.config
         self.history: list[dict[str, float]] = []
-        self._started = time.perf_counter()
         torch.manual_seed(c.seed)
         fakes = self._fake_quantize(model, names)
         saved = None if checkpoint_dir is None else Path(checkpoint_dir)
@@ -150,9 +149,10 @@ class Qat(WholeModelMethod):
         precision = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = c.tf32 and str(device).startswith("cuda")
         try:
+            tick = time.perf_counter()
             windows, mix = training_data(teacher, calib, c, device,  # seeded and cached: a resume reads the same
                                          (lambda d, t, note: progress(d, t, f"corpus | {note}")) if progress else None)
-            tick = time.perf_counter()
+            self._corpus_seconds, tick = time.perf_counter() - tick, time.perf_counter()
             if c.block_steps:
                 block_ap(model, teacher, block_windows(windows, mix, c.block_windows, c.seed),
                          {n: f for n, f in fakes.items() if not f.embedding},
@@ -172,6 +172,7 @@ class Qat(WholeModelMethod):
         self._store(model, fakes)
         asked = c.engine().steps(c.steps, c.batch * windows.shape[1])
         self.training_report = {"end_to_end": run_summary(self.history, asked) if c.steps else None,
+                                "corpus_seconds": round(self._corpus_seconds, 2),
                                 "block_ap_seconds": round(self._block_ap_seconds, 2),
                                 "calibration_windows": int(calib.shape[0]),
                                 "corpus_windows": int(windows.shape[0] - calib.shape[0]),
@@ -222,9 +223,7 @@ class Qat(WholeModelMethod):
                 params[f"{name}.{key}"] = param
         if c.train_norms:
             train_norms(model, params)
-        engine = c.engine()
-        if engine.max_minutes:  # the stage's budget: what Block-AP left of it
-            engine.max_minutes = max(engine.max_minutes - (time.perf_counter() - self._started) / 60, 1e-3)
+        engine = c.engine()  # max_minutes bounds this phase's training loop (corpus and Block-AP are timed apart)
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, engine=engine)
         grid = lambda name: c.scale_lr_factor if name.endswith((".scales", ".zeros")) else 1.0  # noqa: E731
         self.history = distill(model, teacher, windows, params, lambda: None, settings, device,
