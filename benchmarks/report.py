@@ -253,7 +253,35 @@ def _scale(data: dict) -> list[str]:
     return section(data)
 
 
-SECTIONS = {"scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
+def _training_engine(data: dict) -> list[str]:
+    """benchmarks/train_speed.py tables and the CLI run of recipes/gptq-w3g64-qat-1min.yaml."""
+    parts = [f"## {data['title']}", "", f"- card: {data['card']}", ""]
+    for block in data["speed"]:
+        parts += [f"### {block['model']}", "", f"- command: `{block['command']}`",
+                  "- tok/s: over the steps after the first (which compiles); GiB per billion: peak GPU memory / "
+                  "the model's parameters", "",
+                  "| setting | tok/s | tokens seen | final KL | peak GPU GiB | GiB per billion params |", "|---|---|---|---|---|---|"]
+        for label, row in block["rows"].items():
+            if "error" in row:
+                parts.append(f"| {label} | error: {row['error']} | | | | |")
+                continue
+            parts.append(f"| {label} | {row['tokens_per_second']:,.0f} | {row['tokens']:,} | {row['final_kl']:.4f} | "
+                         f"{row['peak_gpu_bytes'] / 2**30:.1f} | {row['gib_per_billion_params']:.1f} |")
+        parts.append("")
+    run = data["run"]
+    qat = next(s["training"] for s in run["stages"] if s.get("training"))
+    e2e, ev = qat["end_to_end"], run["evaluation_first_64"]
+    parts += ["### The real model through the CLI", "", f"- command: `{run['command']}`",
+              f"- protocol: {ev['protocol']}", "",
+              "| stored bpw | ppl (first 64) | KL | top-1 | end-to-end tokens | tok/s | stopped by time | corpus s "
+              "| Block-AP s | compress wall s |", "|---|---|---|---|---|---|---|---|---|---|",
+              f"| {run['bits_per_weight']:.3f} | {ev['ppl']:.2f} | {ev['kl']:.4f} | {ev['top1']:.4f} | {e2e['tokens']:,} | "
+              f"{e2e['tokens_per_second']:,.0f} | {e2e['stopped_by_time']} | {qat.get('corpus_seconds', 'n/a')} | "
+              f"{qat['block_ap_seconds']} | {run['wall_seconds']:.0f} |", ""]
+    return parts
+
+
+SECTIONS = {"training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
             "lm_eval_tasks": _lm_eval_tasks}
 
