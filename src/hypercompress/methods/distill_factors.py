@@ -52,6 +52,7 @@ class DistillConfig(TrainingConfig, MethodConfig):
     relora_every: int = 0           # merge adapters into their base and restart them every N steps
     optimizer: str = "adamw"        # or "adafactor"
     data: str = "calib"             # or "teacher": windows sampled from the teacher
+    compile: bool | None = False    # compiled blocks are measured for qat only (README, training engine)
     log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
     wandb_project: str | None = None  # also log to this W&B project (package wandb; offline unless WANDB_MODE says)
     wandb_dir: str | None = None      # W&B run files here (default: log_dir, else the working directory)

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...arch import arch_of, block_linear_names
 from ...training.distill import DistillSettings, distill
+from ...training.engine import Engine
 from ...errors import UserError
 from ...modules import CompressedModule, linear_bias, linear_weight, replace_module
 from ...registry import register
@@ -90,7 +91,10 @@ class Hypernet(WholeModelMethod):
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         params = {n: p for n, p in generator.named_parameters()}
-        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed)
+        # bf16 autocast on CUDA (the generator itself runs in float32); blocks not compiled: a generated
+        # layer's weights change every step, which the engine's compiled path was not measured with
+        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
+                                   engine=Engine(compile=False))
         refresh = generator.install_lazy if c.checkpoint_generator else lambda: generator.install(generator())
         self.history = distill(model, teacher, calib, params, refresh, settings, device,
                 None if checkpoint_dir is None else Path(checkpoint_dir) / "hypernet", resume,
