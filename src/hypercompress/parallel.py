@@ -86,11 +86,7 @@ def _reduce_gradients(params: Iterable[torch.nn.Parameter], mean: bool) -> None:
 @torch.no_grad()
 def mean(values: torch.Tensor) -> torch.Tensor:
     """values (k,) averaged over the processes (for the training log)."""
-    if not active():
-        return values
-    values = values.clone()
-    dist.all_reduce(values)
-    return values / world()
+    return total(values) / world() if active() else values
 
 
 @torch.no_grad()
