@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 
-def _cli(*args: str, log: Path) -> list[str]:
+def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hypercompress", *args]
 
 
@@ -36,12 +36,12 @@ def _pipeline(target: str, args, work: Path) -> list[list[str]]:
     out, common = work / f"bpw{target}", ["--teacher", args.model, "--device", args.device, "--no-keep"]
     return [
         _cli("compress", args.model, "--target-bpw", target, "--distill", "--calib", args.calib, "--device",
-             args.device, "--seed", "0", "--out", str(out), "--json", str(work / f"compress-{target}.json"), log=work),
+             args.device, "--seed", "0", "--out", str(out), "--json", str(work / f"compress-{target}.json")),
         _cli("evaluate", str(out), "--data", args.test, "--max-windows", "64", *common, "--json",
-             str(work / f"eval64-{target}.json"), log=work),
-        _cli("evaluate", str(out), "--data", args.test, *common, "--json", str(work / f"eval-{target}.json"), log=work),
+             str(work / f"eval64-{target}.json")),
+        _cli("evaluate", str(out), "--data", args.test, *common, "--json", str(work / f"eval-{target}.json")),
         _cli("evaluate", str(out), "--data", str(work / "docs.txt"), *common, "--json",
-             str(work / f"docs-{target}.json"), log=work),
+             str(work / f"docs-{target}.json")),
     ]
 
 
@@ -54,11 +54,10 @@ def run(args) -> None:
     (work / "docs.txt").write_text(docs)
     base = ["--device", args.device, "--no-keep"]
     originals = [_cli("evaluate", args.model, "--data", args.test, "--max-windows", "64", *base, "--json",
-                      str(work / "orig-eval64.json"), log=work),
-                 _cli("evaluate", args.model, "--data", args.test, *base, "--json", str(work / "orig-eval.json"),
-                      log=work),
+                      str(work / "orig-eval64.json")),
+                 _cli("evaluate", args.model, "--data", args.test, *base, "--json", str(work / "orig-eval.json")),
                  _cli("evaluate", args.model, "--data", str(work / "docs.txt"), *base, "--json",
-                      str(work / "orig-docs.json"), log=work)]
+                      str(work / "orig-docs.json"))]
     chains = {t: _pipeline(t, args, work) for t in args.targets}
     chains["original"] = originals
     procs, logs, started = {}, {}, time.time()
