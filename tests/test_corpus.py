@@ -27,7 +27,7 @@ def prompts():
 
 
 def write(model, prompts, tmp_path, **kw):
-    settings = dict(tokens=5 * LENGTH, length=LENGTH, prompt_tokens=PROMPT, batch=2, cache_dir=tmp_path)
+    settings = dict(tokens=5 * LENGTH, length=LENGTH, prompt_tokens=PROMPT, batch=8, cache_dir=tmp_path)
     return teacher_corpus(model, prompts, **{**settings, **kw})
 
 
@@ -97,7 +97,7 @@ def test_dedup_drops_copies_loops_and_single_tokens_then_writes_more(llama, prom
             out[1, PROMPT:] = batches[0][1, PROMPT:]                       # a new prompt, the same text
         return out
     patch_decode(monkeypatch, llama, degenerate)
-    out = write(llama, prompts, tmp_path, tokens=6 * LENGTH)
+    out = write(llama, prompts, tmp_path, tokens=6 * LENGTH, batch=2)
     assert out.shape == (6, LENGTH) and len(batches) == 5  # round 1: 3 calls keep 2 of 6; round 2: 2 calls
     assert len({tuple(w.tolist()) for w in out}) == 6 and torch.equal(out[:2], batches[0])
     assert all(int(torch.bincount(w[PROMPT:]).max()) <= (LENGTH - PROMPT) // 2 for w in out)
@@ -107,13 +107,13 @@ def test_rounds_are_bounded_and_an_all_duplicate_teacher_is_an_error(llama, prom
     patch_decode(monkeypatch, llama, lambda input_ids, **k: torch.cat(
         [input_ids, torch.full((input_ids.shape[0], LENGTH - PROMPT), 7)], 1))
     with pytest.raises(UserError, match="every window"):
-        write(llama, prompts, tmp_path)
+        write(llama, prompts, tmp_path, batch=2)
     calls = []
     copies = lambda input_ids, **k: calls.append(1) or torch.cat(  # noqa: E731
         [input_ids, torch.arange(LENGTH - PROMPT).repeat(input_ids.shape[0], 1)], 1)
     patch_decode(monkeypatch, llama, copies)  # distinct only through the prompt, then near-copies
     with pytest.warns(UserWarning, match="only"):
-        out = write(llama, prompts, tmp_path / "few")
+        out = write(llama, prompts, tmp_path / "few", batch=2)
     assert 1 <= out.shape[0] < 5 and len(calls) <= 3 + corpus.EXTRA_ROUNDS * 3
 
 

@@ -162,7 +162,7 @@ def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 16) -> float:
     device = next(itertools.chain(model.parameters(), model.buffers())).device
     cache = DynamicCache(config=model.config)
     ids = torch.ones(1, tokens, dtype=torch.long, device=device)
-    model(input_ids=ids, use_cache=True, **{_cache_keyword(model): cache})
+    model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
@@ -171,7 +171,7 @@ def kv_cache_bytes_per_token(model: nn.Module, tokens: int = 16) -> float:
     return total / tokens
 
 
-def _cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str:
     """The forward's name for the cache argument: `cache` since transformers 5.x (which warns that
     `past_key_values` is deprecated), `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -192,13 +192,15 @@ def decode(teacher: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, t
     cache wrote 2,650 tok/s (benchmarks/corpus_speed.py); its per-step machinery, not the model, was
     the cost. On CUDA the forward runs under bf16 autocast (the teacher the engine trains against
     is bf16 too)."""
-    device = input_ids.device
+    from ..layers.latent_kv import cache_keyword
+
+    device, keyword = input_ids.device, cache_keyword(teacher)  # `cache` (transformers 5.2x) or `past_key_values`
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     tokens, step_input, cache = [input_ids], input_ids, None
     with torch.inference_mode(), autocast:
         for _ in range(new_tokens):
-            out = teacher(input_ids=step_input, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            out = teacher(input_ids=step_input, use_cache=True, logits_to_keep=1, **{keyword: cache})
+            cache = getattr(out, keyword)
             step_input = _draw(out.logits[:, -1].float(), temperature, top_p, generator)
             tokens.append(step_input)
     return torch.cat(tokens, 1)
