@@ -122,3 +122,24 @@ def test_bad_budgets_are_one_line_errors_before_any_work(model_dirs, calib_file,
     lines = message_lines(result.output)
     assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", [["--train-tokens", "100"], ["--max-minutes", "1"], ["--distill-steps", "5"]])
+def test_a_training_option_on_a_run_that_trains_nothing_is_refused(model_dirs, tmp_path, option):
+    result = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--method", "rtn",
+                                      "--out", str(tmp_path / "out"), *option])
+    lines = message_lines(result.output)
+    assert result.exit_code == 2 and len(lines) == 1 and option[0] in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_distill_refusal_names_targets_that_allow_for_qat_s_room():
+    """With --distill the search runs on target / QAT_CODE_GROWTH: the targets it names are the
+    sizes it found times that factor, so asking for one is not refused again."""
+    from hypercompress.planning.fit import Trial, unreachable_message
+    from hypercompress.planning.mixed_bits import QAT_CODE_GROWTH
+
+    message = unreachable_message(3.9, 0.02, Trial(None, 3.70), Trial(None, 4.20), hint_scale=QAT_CODE_GROWTH)
+    asked = [float(v) for v in __import__("re").findall(r"--target-bpw (\d+\.\d+)", message)]
+    assert asked[0] >= 3.70 * QAT_CODE_GROWTH and asked[0] / QAT_CODE_GROWTH <= 3.70 * 1.001
+    assert asked[1] >= 4.20 * QAT_CODE_GROWTH

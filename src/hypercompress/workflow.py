@@ -126,6 +126,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     if distill and target is None:
         raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
     _check_budgets(distill_steps, train_tokens, max_minutes)
+    _check_trained(plan, target is not None and distill, train_tokens=train_tokens, max_minutes=max_minutes,
+                   corpus_cache=corpus_cache, distill_steps=distill_steps)
     if corpus_cache is not None and not str(corpus_cache).endswith(".safetensors") and Path(corpus_cache).is_file():
         raise UserError(f"--corpus-cache {corpus_cache} is a file; pass a folder or a .safetensors corpus file")
     if target is not None and lossless is None:
@@ -332,6 +334,23 @@ def _check_budgets(steps: int | None, tokens: int | None, minutes: float | None)
         raise UserError(f"--train-tokens {tokens}: must be at least 1 (e.g. 20000000); leave it out for the default")
     if minutes is not None and not (minutes > 0 and minutes < float("inf")):
         raise UserError(f"--max-minutes {minutes}: must be a positive number of minutes (e.g. 10)")
+
+
+def _check_trained(plan: Recipe | None, distilled: bool, **options: Any) -> None:
+    """A training option given to a run whose recipe trains nothing is refused, not ignored."""
+    given = [k for k, v in options.items() if v is not None]
+    if not given:
+        return
+    keys = {"train_tokens": "train_tokens", "max_minutes": "max_minutes", "corpus_cache": "corpus_cache",
+            "distill_steps": None}
+    for key in given:
+        flag = "--" + key.replace("_", "-")
+        if distilled:
+            continue
+        if keys[key] is None or plan is None or not any(
+                keys[key] in get_method(s.method).config_cls.field_names() for s in plan.stages):
+            raise UserError(f"{flag} sets the training of a qat or distill stage, and this run has none; add "
+                            f"--distill to a size target, a qat stage to the recipe, or drop {flag}")
 
 
 def _training_windows(plan: Recipe, model: nn.Module, tokenizer: Any, text: str | None,

@@ -41,3 +41,9 @@ def quiet_libraries(verbose: bool) -> None:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     if not sys.warnoptions:  # -W or PYTHONWARNINGS given: the user chose which warnings to see
         warnings.filterwarnings("ignore", module=_OTHER_MODULES)
+    warnings.formatwarning = _one_line  # ours (a corpus cache written again, ...): "warning: ..." only
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI prints it: one line, no source location."""
+    return f"warning: {message}\n"

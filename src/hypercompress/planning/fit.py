@@ -52,14 +52,15 @@ def smallest_file_fits(planner: MixedBitsPlanner, table: SizeTable, target_bpw: 
 
 def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float, plan: Plan | None = None,
                      tolerance: float = 0.02, trials: int = 14, growth: float = 1.0,
-                     progress: Callable[[int, int], None] | None = None) -> Plan:
+                     progress: Callable[[int, int], None] | None = None, hint_scale: float = 1.0) -> Plan:
     """A plan whose file, as the size table predicts it x `growth` (the room left for codes that
     code larger than RTN's: GPTQ's, qat's), stores between target_bpw x (1 - tolerance) and
     target_bpw bits per weight; its `predicted_bytes` is the table's (RTN) prediction.
     progress(plans sized, at most `trials`) after each.
 
     `plan`: the planner's plan for the budget `target_bpw`, if already made. Raises UserError naming
-    the sizes reached nearest the target when no plan lands there.
+    the sizes reached nearest the target when no plan lands there, and the targets to ask for
+    instead: those sizes x `hint_scale` (the caller's target is `target_bpw` x hint_scale).
     """
     smallest, largest = planner.floor_bits / planner.params, planner.ceiling_bits / planner.params
 
@@ -74,13 +75,13 @@ def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: fl
         return candidate.predicted_bytes * 8 / planner.params * growth
 
     return fit_budget(replan, stored, lambda p: p.bits_per_weight, lambda p: tuple(sorted(p.allocation.items())),
-                      target_bpw, (smallest, largest), tolerance, trials, progress=progress)
+                      target_bpw, (smallest, largest), tolerance, trials, progress=progress, hint_scale=hint_scale)
 
 
 def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], planned: Callable[[Any], float],
                key: Callable[[Any], Hashable], target_bpw: float, bounds: tuple[float, float],
                tolerance: float = 0.02, trials: int = 14, under: Trial | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Any:
+               progress: Callable[[int, int], None] | None = None, hint_scale: float = 1.0) -> Any:
     """The search of the module docstring, for any planner: `replan(budget)` gives the plan for a
     planning budget in bpw (None: no plan that small), `stored(plan)` its file's bpw, `planned(plan)`
     its planned bpw, `key(plan)` an identity (a plan met again is not measured again); `bounds` the
@@ -120,7 +121,7 @@ def fit_budget(replan: Callable[[float], Any], stored: Callable[[Any], float], p
             break  # the target lies between two neighbouring plans
         inside = guess is not None and bracket[0] < guess < bracket[1]
         budget = guess if attempt < SECANT_TRIALS and inside else (bracket[0] + bracket[1]) / 2
-    raise UserError(unreachable_message(target_bpw, tolerance, under, over))
+    raise UserError(unreachable_message(target_bpw, tolerance, under, over, hint_scale))
 
 
 def _size(bpw: float) -> str:
@@ -142,15 +143,19 @@ def _ask(stored: float, bound: str = "", headroom: float = 1.0) -> str:
     return f"at {bound} --target-bpw {bpw:.3f} (a --target-ratio of at {other} {ratio:.2f})"
 
 
-def unreachable_message(target_bpw: float, tolerance: float, under: Trial | None, over: Trial | None) -> str:
-    """The refusal: what the target is, the sizes reached nearest it on each side, what to ask for."""
+def unreachable_message(target_bpw: float, tolerance: float, under: Trial | None, over: Trial | None,
+                        hint_scale: float = 1.0) -> str:
+    """The refusal: what the target is, the sizes reached nearest it on each side, what to ask for
+    (a size x `hint_scale`: the user's target when the search ran on target / hint_scale)."""
     head = (f"target {_size(target_bpw)}: no plan's file lands within {tolerance:.0%} "
             f"at or under it")
     if under is None:
         return (f"{head}: it is beyond reach, the smallest plan stores {_size(over.stored)}; "
-                f"ask for {_ask(over.stored, 'least', HEADROOM)}" if over else f"{head}; ask for a larger target")
+                f"ask for {_ask(over.stored * hint_scale, 'least', HEADROOM)}" if over
+                else f"{head}; ask for a larger target")
     if over is None:
         return (f"{head}: it is beyond reach, the largest plan stores {_size(under.stored)}; "
-                f"ask for {_ask(under.stored, 'most')}")
+                f"ask for {_ask(under.stored * hint_scale, 'most')}")
     return (f"{head}: the plans nearest it store {_size(under.stored)} and {_size(over.stored)} (the sizes of this "
-            f"model's plans step coarsely here); ask for {_ask(under.stored)} or {_ask(over.stored, headroom=HEADROOM)}")
+            f"model's plans step coarsely here); ask for {_ask(under.stored * hint_scale)} or "
+            f"{_ask(over.stored * hint_scale, headroom=HEADROOM)}")

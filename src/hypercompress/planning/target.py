@@ -70,12 +70,14 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     progress(SIZE_FIT, 0, 1)
     try:
         plan = fit_plan_to_file(planner, table, fit_bpw, plan, growth=growth,
-                                progress=lambda done, most: progress(SIZE_FIT, done, most, "at most"))
+                                progress=lambda done, most: progress(SIZE_FIT, done, most, "at most"),
+                                hint_scale=target.bits_per_weight / fit_bpw)
     except UserError as error:
         if not distill_steps:
             raise
         raise UserError(f"{error} (with --distill the plan is fit to the target / {QAT_CODE_GROWTH}, "
-                        f"{fit_bpw:.4f} bpw, since qat's trained codes code up to that much larger)") from None
+                        f"{fit_bpw:.4f} bpw, since qat's trained codes code up to that much larger; the "
+                        f"targets named allow for that)") from None
     planner.release()
     progress(TRIALS, 0, 1, "sizing the uniform candidates")
     uniforms = uniform_plans(planner, table, fit_bpw, growth, plan.predicted_bytes * 8 / plan.planned_bits)

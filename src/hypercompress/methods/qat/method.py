@@ -22,6 +22,7 @@ killed run resumes. Runs on --device cuda and under torchrun (parallel.py).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,8 @@ class QatConfig(TrainingConfig, MethodConfig):
     local_weight: float = 0.1     # end to end: per-block hidden-state matching
     train_norms: bool = True      # end to end: the norms' weights too (stored in float16 anyway)
     teacher_fraction: float = 0.5  # share of teacher-written windows in what training draws
-    corpus_tokens: int = 0        # tokens the teacher writes (0: the calibration windows' count x share / (1 - share))
+    corpus_tokens: int = 0        # tokens the teacher writes (0: default_corpus_tokens: the calibration windows'
+                                  # count x share / (1 - share), at most what training draws)
     corpus_cache: str | None = None  # folder of cached corpora (default ~/.cache/hypercompress/corpus or
                                      # $HYPERCOMPRESS_CACHE/corpus), or one .safetensors corpus file
     corpus_batch: int = 0         # sequences the teacher writes at once (0: 256 on CUDA, 16 on a CPU)
@@ -108,7 +110,7 @@ def training_data(teacher: nn.Module, calib: torch.Tensor, c: "QatConfig", devic
         return calib, None
     from ...training.corpus import teacher_corpus
 
-    tokens = c.corpus_tokens or round(calib.numel() * c.teacher_fraction / (1 - c.teacher_fraction))
+    tokens = c.corpus_tokens or default_corpus_tokens(calib, c)
     cache = c.corpus_cache
     explicit = cache is not None and cache.endswith(".safetensors")
     corpus = teacher_corpus(teacher, calib, tokens=max(tokens, calib.shape[1]), length=calib.shape[1], seed=c.seed,
@@ -116,6 +118,18 @@ def training_data(teacher: nn.Module, calib: torch.Tensor, c: "QatConfig", devic
                             cache_dir=None if explicit else cache, cache_file=cache if explicit else None,
                             device=device, progress=progress)
     return torch.cat([calib, corpus]), (calib.shape[0], c.teacher_fraction)
+
+
+def default_corpus_tokens(calib: torch.Tensor, c: "QatConfig") -> int:
+    """Tokens the teacher writes when `corpus_tokens` is 0: as many windows as make written text
+    `teacher_fraction` of the calibration windows' count, but never more than training can draw
+    (each of its steps x batch windows, and Block-AP's `block_windows`, is a written one with that
+    probability): 3 steps of 8 windows need 12 written windows, not one per calibration window."""
+    share, length = c.teacher_fraction, calib.shape[1]
+    balanced = round(calib.shape[0] * share / (1 - share))
+    drawn = (c.engine().steps(c.steps, c.batch * length) * c.batch if c.steps else 0) \
+        + (c.block_windows if c.block_steps else 0)
+    return max(1, min(balanced, math.ceil(drawn * share))) * length
 
 
 def block_windows(windows: torch.Tensor, mix: tuple[int, float] | None, count: int, seed: int) -> torch.Tensor:
