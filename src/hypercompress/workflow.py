@@ -341,14 +341,12 @@ def _check_trained(plan: Recipe | None, distilled: bool, **options: Any) -> None
     given = [k for k, v in options.items() if v is not None]
     if not given:
         return
-    keys = {"train_tokens": "train_tokens", "max_minutes": "max_minutes", "corpus_cache": "corpus_cache",
-            "distill_steps": None}
-    for key in given:
+    if distilled:
+        return
+    for key in given:  # distill_steps only goes with --distill; the others are stage keys
         flag = "--" + key.replace("_", "-")
-        if distilled:
-            continue
-        if keys[key] is None or plan is None or not any(
-                keys[key] in get_method(s.method).config_cls.field_names() for s in plan.stages):
+        if key == "distill_steps" or plan is None or not any(
+                key in get_method(s.method).config_cls.field_names() for s in plan.stages):
             raise UserError(f"{flag} sets the training of a qat or distill stage, and this run has none; add "
                             f"--distill to a size target, a qat stage to the recipe, or drop {flag}")
 

@@ -103,9 +103,8 @@ class QatConfig(TrainingConfig, MethodConfig):
 def training_data(teacher: nn.Module, calib: torch.Tensor, c: "QatConfig", device: str,
                   progress=None) -> tuple[torch.Tensor, tuple[int, float] | None]:
     """(windows, mix): the N calibration windows followed by the corpus the teacher writes from
-    openings of them (training/corpus.py: `corpus_tokens` tokens, default N x L x f / (1 - f) for the
-    share f = `teacher_fraction`; temperature 1, top-p 1; cached under its content hash in
-    `corpus_cache`), and the share at which training draws the written ones (None: no corpus)."""
+    openings of them (training/corpus.py: `corpus_tokens` tokens, default `default_corpus_tokens`;
+    temperature 1, top-p 1; cached under its content hash in `corpus_cache`), and the share at which training draws the written ones (None: no corpus)."""
     if c.teacher_fraction == 0:
         return calib, None
     from ...training.corpus import teacher_corpus
