@@ -217,6 +217,17 @@ class StageRouter(LayerwiseMethod):
     def compress(self, name: str, layer: nn.Module):
         return self.routes[name].compress(name, layer)
 
+    def compress_many(self, names: list[str], layer_of: Callable[[str], nn.Module]):
+        """GPTQ stages' linears fed one input are solved together across stages (a planned
+        recipe's per-option stages: q at w3, k and v at w4 in one pass); the rest one by one."""
+        from .methods.gptq import GPTQ, solve_shared
+
+        shared = {n: self.routes[n] for n in names if type(self.routes[n]) is GPTQ}
+        yield from solve_shared(shared, layer_of)
+        for name in names:
+            if name not in shared:
+                yield name, self.routes[name].compress(name, layer_of(name))
+
 
 def _passes(recipe: Recipe) -> list[list[int]]:
     """Stage indices grouped into passes: consecutive calibrated stages share one layer-wise pass

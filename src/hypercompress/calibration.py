@@ -191,9 +191,9 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
             finally:
                 for handle in handles:
                     handle.remove()
-            for name in targets:
-                layer = uncompressed(model, name, stage)
-                replace_module(model, name, method.compress(name, layer).to(device))
+            # the method may solve several at once (GPTQ: linears fed one input share one pass)
+            for name, module in method.compress_many(list(targets), lambda n: uncompressed(model, n, stage)):
+                replace_module(model, name, module.to(device))
         hiddens = [calls.run(block, index, batch, h.to(device)).cpu() for batch, h in enumerate(hiddens)]
         blocks[index].to("cpu")
         if checkpoint is not None:

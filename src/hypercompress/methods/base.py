@@ -40,8 +40,9 @@ class LayerwiseMethod(abc.ABC):
 
     def compress_many(self, names: list[str], layer_of: Callable[[str], nn.Module]
                       ) -> Iterator[tuple[str, CompressedModule]]:
-        """(name, replacement) for every name (data-free methods); layer_of(name) gives the layer.
-        A method that fits many layers at once (kan) overrides this; the order may differ."""
+        """(name, replacement) for every name; layer_of(name) gives the layer. The layer-wise pass
+        calls it with one block's observed linears, a data-free stage with all of its selection.
+        A method that fits many layers at once (kan, gptq) overrides this; the order may differ."""
         for name in names:
             yield name, self.compress(name, layer_of(name))
 

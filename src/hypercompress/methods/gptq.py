@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from ..modules import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
 from .damping import DAMP_RANGE
-from .gptq_solver import gptq_solve
+from .gptq_solver import gptq_solve, gptq_solve_shared
 from .rtn import RtnConfig
 
 
@@ -77,7 +78,51 @@ def gptq_module(name: str, layer: nn.Module, hessian: torch.Tensor, c: GptqConfi
                                   c.bits, c.symmetric, c.zero_point)
 
 
+def gptq_modules_shared(entries: list[tuple[str, nn.Module, int, int]], hessian: torch.Tensor,
+                        c: GptqConfig) -> list[QuantLinear]:
+    """GPTQ of linears fed one input (q/k/v, gate/up), each at (bits, group) options of its own, in
+    one act-order pass against their shared `hessian` (gptq_solver.gptq_solve_shared): entries
+    [(name, layer, bits, group)] -> a QuantLinear each (on the CPU), as gptq_module with `c`'s
+    grid and solver settings and act_order gives them up to float rounding. Without act_order each
+    entry is solved alone."""
+    if not c.act_order:
+        return [gptq_module(name, layer, hessian, GptqConfig(**{**vars(c), "bits": bits, "group_size": group}))
+                for name, layer, bits, group in entries]
+    parts = [(linear_weight(layer), bits, resolve_group_size(name, linear_weight(layer).shape[1], group))
+             for name, layer, bits, group in entries]
+    solved = gptq_solve_shared(parts, hessian, c.symmetric, c.zero_point, c.damp, c.block_size,
+                               layer=" / ".join(sorted({e[0] for e in entries})))
+    return [QuantLinear.from_codes(codes.cpu(), scale.cpu(), zero.cpu(), linear_bias(layer), bits, c.symmetric,
+                                   c.zero_point)
+            for (_name, layer, bits, _group), (codes, scale, zero) in zip(entries, solved)]
+
+
+def solve_shared(routes: dict[str, "GPTQ"], layer_of: Callable[[str], nn.Module]
+                 ) -> Iterator[tuple[str, QuantLinear]]:
+    """(name, QuantLinear) for every linear of `routes` (name -> the GPTQ stage that quantizes it,
+    its Hessian accumulated there): the linears whose Hessians are equal (fed one input) and whose
+    stages share solver settings are solved in one pass (gptq_modules_shared), each at its own
+    stage's bits and group size. layer_of(name) gives the layer."""
+    groups: list[tuple[tuple, torch.Tensor, GptqConfig, list[str]]] = []
+    for name, method in routes.items():
+        c, hessian = method.config, method.hessian(name)
+        key = (c.symmetric, c.zero_point, c.damp, c.block_size, c.act_order)
+        match = next((g for g in groups if g[0] == key and g[1].shape == hessian.shape
+                      and torch.equal(g[1], hessian)), None)
+        if match is None:
+            groups.append((key, hessian, c, [name]))
+        else:
+            match[3].append(name)
+    for _key, hessian, c, names in groups:
+        entries = [(n, layer_of(n), routes[n].config.bits, routes[n].config.group_size) for n in names]
+        yield from zip(names, gptq_modules_shared(entries, hessian, c))
+
+
 @register("gptq", GptqConfig)
 class GPTQ(HessianMethod):
     def compress(self, name: str, layer: nn.Module) -> QuantLinear:
         return gptq_module(name, layer, self.hessian(name), self.config)
+
+    def compress_many(self, names: list[str], layer_of: Callable[[str], nn.Module]
+                      ) -> Iterator[tuple[str, QuantLinear]]:
+        return solve_shared({name: self for name in names}, layer_of)

@@ -91,6 +91,53 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetri
     return codes.reshape(rows, cols // group, group), scale, zero
 
 
+def gptq_solve_shared(parts: list[tuple[torch.Tensor, int, int]], H: torch.Tensor, symmetric: bool = False,
+                      zero_point: str = "int", damp: float = 0.01, block_size: int = 128,
+                      layer: str = "layer") -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Act-order GPTQ of several weights against one Hessian in one pass: what `gptq_solve` with
+    act_order=True gives each part, up to float rounding.
+
+    parts: [(W (rows_i, cols), bits_i, group_i)], every W with the same cols (H is (cols, cols)):
+    linears fed one input (q/k/v, gate/up) and the options a planner tries for each. GPTQ solves
+    every row on its own against the shared H and static grids (fitted on W before any update) do
+    not depend on the updates, so the rows of all parts are stacked and solved together: one
+    factorization of H and one pass over its columns instead of one per part. Returns
+    [(codes (rows_i, cols // group_i, group_i), scale, zero (rows_i, cols // group_i, 1))]."""
+    cols = H.shape[0]
+    zp = "float" if (not symmetric and zero_point == "float") else "int"
+    grids, col_scale, col_zero, maxq = [], [], [], []
+    for W, bits, group in parts:
+        scale, zero = _grids(W.float(), group, bits, symmetric, zero_point)
+        grids.append((scale, zero))
+        col_scale.append(scale.expand(-1, -1, group).reshape(W.shape[0], cols))
+        col_zero.append(zero.expand(-1, -1, group).reshape(W.shape[0], cols))
+        maxq.append(torch.full((W.shape[0], 1), float((1 << bits) - 1), device=W.device))
+    W, H, perm = _prepare(torch.cat([p[0] for p in parts]), H, True)
+    scales, zeros, maxq = torch.cat(col_scale)[:, perm], torch.cat(col_zero)[:, perm], torch.cat(maxq)
+    U = inverse_cholesky(H, damp, layer)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            s, z, w = scales[:, col: col + 1], zeros[:, col: col + 1], W1[:, i: i + 1]
+            q = torch.minimum(torch.round((w - z) / s if zp == "float" else w / s + z).clamp(min=0), maxq)
+            codes[:, col: col + 1] = q
+            err = (w - dequantize(q, s, z, zp)) / U1[i, i]
+            W1[:, i:] -= err * U1[i: i + 1, i:]
+            Err1[:, i: i + 1] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]
+    out, start = [], 0
+    for (part, _bits, group), (scale, zero) in zip(parts, grids):
+        rows = part.shape[0]
+        out.append((codes[start: start + rows].reshape(rows, cols // group, group), scale, zero))
+        start += rows
+    return out
+
+
 def gptq_reference(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool = False,
                    zero_point: str = "int", act_order: bool = False, damp: float = 0.01):
     """The slow, obvious OBQ-order version: explicit H_F^-1, updated by removing one column at a

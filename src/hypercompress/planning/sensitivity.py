@@ -50,6 +50,7 @@ class TailRunner:
         for hook in hooks:
             hook.remove()
         self.reference = self.log_probs()
+        self.reference_probs = [r.exp() for r in self.reference]  # every KL reads them: taken once
 
     def _observer(self, name: str):
         def hook(module, args, output):
@@ -82,7 +83,6 @@ def measure_sensitivity(model: nn.Module, candidates: dict[str, tuple[Option, ..
     option (3-bit rows where offered) and scaled to the others by output error (module docstring);
     `exact` measures every option of every module instead."""
     runner = runner or TailRunner(model, samples, batch, observe=block_modules(model, candidates))
-    reference = runner.reference
     positions = samples.shape[0] * samples.shape[1]
     result: dict[str, dict[Option, float]] = {}
     measured = {n: (opts if exact or n not in runner.gram else (_anchor(opts),)) for n, opts in candidates.items()}
@@ -96,7 +96,7 @@ def measure_sensitivity(model: nn.Module, candidates: dict[str, tuple[Option, ..
         for option in options:
             quantized = _rtn_weight(weight, *option).to(original.dtype)
             layer.weight.data.copy_(quantized.t() if transposed else quantized)
-            result[name][option] = _kl(reference, runner.log_probs(name), positions)
+            result[name][option] = _kl(runner, runner.log_probs(name), positions)
             layer.weight.data.copy_(original)
             done += 1
             if progress:
@@ -114,9 +114,10 @@ def block_modules(model: nn.Module, names) -> tuple[str, ...]:
     return tuple(n for n in names if n.startswith(prefix))
 
 
-def _kl(reference: list[torch.Tensor], log_probs: list[torch.Tensor], positions: int) -> float:
-    """Mean KL(reference || log_probs) over `positions`, clamped at 0 (rounding noise)."""
-    kl = sum((r.exp() * (r - s)).sum(-1).sum().item() for r, s in zip(reference, log_probs))
+def _kl(runner: TailRunner, log_probs: list[torch.Tensor], positions: int) -> float:
+    """Mean KL(the runner's reference || log_probs) over `positions`, clamped at 0 (rounding noise)."""
+    kl = sum((p * (r - s)).sum(-1).sum().item()
+             for p, r, s in zip(runner.reference_probs, runner.reference, log_probs))
     return max(kl / positions, 0.0)
 
 
@@ -130,7 +131,7 @@ def joint_kl(model: nn.Module, runner: "TailRunner", allocation: dict[str, Optio
         quantized = _rtn_weight(linear_weight(layer), *option).to(layer.weight.dtype)
         layer.weight.data.copy_(quantized.t() if Conv1D and isinstance(layer, Conv1D) else quantized)
     first = min(allocation, key=lambda n: (n.startswith(runner.prefix), n))  # anything before block 0 first
-    kl = _kl(runner.reference, runner.log_probs(first), runner.samples.numel())
+    kl = _kl(runner, runner.log_probs(first), runner.samples.numel())
     for name, weight in originals.items():
         model.get_submodule(name).weight.data.copy_(weight)
     return kl

@@ -29,9 +29,10 @@ def shared_gptq(model: nn.Module, wanted: set[tuple[str, Option]], samples: torc
                 ) -> dict[tuple[str, Option], QuantLinear]:
     """{(module, option): its GPTQ QuantLinear (act_order, damp 0.01, as the planned stages run)}
     for every wanted pair of block linears, against Hessians of the original model's inputs on
-    `samples` (N, T) token ids, `batch` windows per forward. Only the block at hand sits on
+    `samples` (N, T) token ids, `batch` windows per forward; the linears fed one input and all their
+    options are solved in one pass (gptq_modules_shared). Only the block at hand sits on
     `device`; the model is left as it was (on the CPU). progress(blocks done) after each block."""
-    from ..methods.gptq import GPTQ, GptqConfig, gptq_module
+    from ..methods.gptq import GPTQ, GptqConfig, gptq_modules_shared
 
     blocks = model.get_submodule(arch_of(model.config.model_type).blocks)
     prefix = f"{arch_of(model.config.model_type).blocks}."
@@ -53,11 +54,18 @@ def shared_gptq(model: nn.Module, wanted: set[tuple[str, Option]], samples: torc
         finally:
             for handle in handles:
                 handle.remove()
+        shared: list[tuple[torch.Tensor, list[str]]] = []  # linears fed one input share one Hessian
         for name in names:
-            hessian, layer = grams.hessian(name), model.get_submodule(name)
-            for bits, group in options[name]:
-                solved[(name, (bits, group))] = gptq_module(name, layer, hessian,
-                                                            GptqConfig(bits=bits, group_size=group, act_order=True))
+            hessian = grams.hessian(name)
+            match = next((group for h, group in shared if h.shape == hessian.shape and torch.equal(h, hessian)), None)
+            if match is None:
+                shared.append((hessian, [name]))
+            else:
+                match.append(name)
+        for hessian, group in shared:
+            entries = [(n, model.get_submodule(n), bits, size) for n in group for bits, size in options[n]]
+            for (name, _layer, bits, size), module in zip(entries, gptq_modules_shared(entries, hessian, GptqConfig())):
+                solved[(name, (bits, size))] = module
         block.to("cpu")
         if progress:
             progress(index + 1)
