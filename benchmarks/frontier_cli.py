@@ -1,8 +1,8 @@
 """The SmolLM2-135M frontier made with the CLI a user types, defaults only (issue 27).
 
     python benchmarks/frontier_cli.py run --model M.gguf --calib valid.txt --test test.txt --device cuda \
-        --targets 4.0 3.0 2.5 2.0 --work DIR       # one pipeline per target, run side by side
-    python benchmarks/frontier_cli.py report DIR/frontier_cli.json   # -> markdown rows
+        --targets 4.0 3.0 2.5 2.0 --work DIR       # one pipeline per target, one at a time
+    python benchmarks/frontier_cli.py report DIR/frontier_cli.json [MORE.json]  # -> results/frontier_cli.json
 
 Per target T, exactly these commands (subprocesses, the installed CLI):
     hypercompress compress M --target-bpw T --distill --calib valid.txt --device cuda --seed 0 --out A --json C.json
@@ -13,8 +13,12 @@ and the original once on test.txt (64 and all windows) and docs.txt. docs.txt is
 Python standard-library docstrings (eval/domains.py). `domain_gap` = (relative NLL rise on docs) /
 (relative NLL rise on all WikiText-2 test windows): how much more the model loses off its calibration
 domain. Wall minutes per step come from each compress's own time table; tokens seen and tok/s from
-its qat stage report. Pipelines that share one GPU each train at a share of its speed: the run says
-how many ran together.
+its qat stage report. By default one compress runs at a time (`--side-by-side 1`), as a user's run
+would have the card to itself (the evaluations, a few GPU-seconds each, run beside the next compress); pipelines that share one GPU each train at a share of its speed, and
+the run records how many ran together, the card and the versions.
+
+`report` merges the runs' files (a target's row from the last file that holds it) into
+benchmarks/results/frontier_cli.json, rendered into RESULTS.md by benchmarks/report.py.
 """
 
 from __future__ import annotations
@@ -58,8 +62,7 @@ def run(args) -> None:
                  _cli("evaluate", args.model, "--data", args.test, *base, "--json", str(work / "orig-eval.json")),
                  _cli("evaluate", args.model, "--data", str(work / "docs.txt"), *base, "--json",
                       str(work / "orig-docs.json"))]
-    chains = {t: _pipeline(t, args, work) for t in args.targets}
-    chains["original"] = originals
+    chains = {"original": originals, **{t: _pipeline(t, args, work) for t in args.targets}}
     procs, logs, started = {}, {}, time.time()
     step = {name: 0 for name in chains}
     while True:
@@ -67,6 +70,10 @@ def run(args) -> None:
             proc = procs.get(name)
             if proc is not None and proc.poll() is None:
                 continue
+            compressing = sum(1 for n, p in procs.items() if p is not None and p.poll() is None and n != name
+                              and n != "original" and step[n] == 1)
+            if proc is None and name != "original" and compressing >= args.side_by_side:
+                continue  # its compress waits for the card (evaluations of finished ones run beside)
             if proc is not None:
                 logs[name].write(f"\n[exit {proc.returncode} after {time.time() - started:.0f} s]\n")
                 if proc.returncode != 0:
@@ -82,7 +89,8 @@ def run(args) -> None:
         if all(p is None for p in procs.values()):
             break
         time.sleep(2)
-    result = {"targets": args.targets, "side_by_side": len(args.targets), "docs": describe(docs), "rows": {}}
+    result = {"targets": args.targets, "side_by_side": args.side_by_side, "docs": describe(docs),
+              "machine": _machine(), "rows": {}}
     for name in ["original", *args.targets]:
         prefix = "orig-" if name == "original" else ""
         suffix = "" if name == "original" else f"-{name}"
@@ -95,36 +103,88 @@ def run(args) -> None:
     (work / "frontier_cli.json").write_text(json.dumps(result, indent=1, default=str))
 
 
+def _machine() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"card": card, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
 def _nll(evaluation: dict | None) -> float | None:
     return math.log(evaluation["ppl"]) if evaluation and evaluation.get("ppl") else None
 
 
-def report(path: str) -> None:
-    data = json.loads(Path(path).read_text())
+COMMAND = ("hypercompress compress smollm2-135m --target-bpw {target} --distill --calib "
+           "../shared/data/wikitext2_valid_tokenized.txt --device cuda --seed 0 --out OUT")
+
+
+def row_of(data: dict, name: str) -> dict:
+    """One target's measured row from a run file: the numbers the compress and evaluate JSONs hold."""
     rows = data["rows"]
     base_test, base_docs = _nll(rows["original"]["eval"]), _nll(rows["original"]["docs"])
-    print("| target | stored bpw | ppl first 64 | ppl all | KL | top-1 | domain gap | wall min (planning, qat) "
-          "| tokens seen | tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in data["targets"]:
-        row = rows[name]
-        c = row["compress"]
-        if not c:
-            print(f"| {name} | failed: see log-{name}.txt | | | | | | | | |")
-            continue
-        qat = next((s.get("training") for s in c["stages"] if s.get("training")), {}) or {}
-        e2e = qat.get("end_to_end") or {}
-        timeline = {r["step"]: r["seconds"] for r in c.get("timeline", [])}
-        planning = sum(v for k, v in timeline.items() if k.startswith("planning"))
-        qat_seconds = sum(v for k, v in timeline.items() if "qat" in k)
-        test, docs = _nll(row["eval"]), _nll(row["docs"])
-        gap = ((docs - base_docs) / base_docs) / ((test - base_test) / base_test) if None not in (
-            test, docs, base_test, base_docs) and test != base_test else float("nan")
-        e64 = row["eval64"] or {}
-        print(f"| {name} | {c['bits_per_weight']:.3f} | {e64.get('ppl', float('nan')):.2f} | "
-              f"{(row['eval'] or {}).get('ppl', float('nan')):.2f} | {e64.get('kl', float('nan')):.3f} | "
-              f"{e64.get('top1', float('nan')):.3f} | {gap:.2f}x | {c['wall_seconds'] / 60:.1f} ({planning / 60:.1f}, "
-              f"{qat_seconds / 60:.1f}) | {e2e.get('tokens', 0):,} | {e2e.get('tokens_per_second', 0):,.0f} |")
+    row, c = rows[name], rows[name]["compress"]
+    qat = next((s.get("training") for s in c["stages"] if s.get("training")), {}) or {}
+    e2e = qat.get("end_to_end") or {}
+    timeline = {r["step"]: r["seconds"] for r in c.get("timeline", [])}
+    test, docs = _nll(row["eval"]), _nll(row["docs"])
+    gap = ((docs - base_docs) / base_docs) / ((test - base_test) / base_test) if None not in (
+        test, docs, base_test, base_docs) and test != base_test else None
+    e64 = row["eval64"] or {}
+    return {"target": name, "command": COMMAND.format(target=name), "stored_bpw": c["bits_per_weight"],
+            "ppl_first_64": e64.get("ppl"), "ppl_all": (row["eval"] or {}).get("ppl"), "kl": e64.get("kl"),
+            "top1": e64.get("top1"), "domain_gap": gap, "wall_seconds": c["wall_seconds"],
+            "planning_seconds": sum(v for k, v in timeline.items() if k.startswith("planning")),
+            "qat_seconds": sum(v for k, v in timeline.items() if "qat" in k),
+            "corpus_seconds": qat.get("corpus_seconds"), "tokens_seen": e2e.get("tokens"),
+            "tokens_per_second": e2e.get("tokens_per_second"), "stopped_by_time": e2e.get("stopped_by_time"),
+            "plan": (c.get("allocation") or {}).get("notes"), "machine": data.get("machine"),
+            "side_by_side": data.get("side_by_side"),
+            "original": {"ppl_first_64": (rows["original"]["eval64"] or {}).get("ppl"),
+                         "ppl_all": (rows["original"]["eval"] or {}).get("ppl")}}
+
+
+def report(paths: list[str]) -> None:
+    """Merge run files into benchmarks/results/frontier_cli.json (a target's row from the last file
+    that finished it) and print its markdown rows."""
+    merged: dict[str, dict] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        for name in data["targets"]:
+            if data["rows"].get(name, {}).get("compress"):
+                merged[name] = row_of(data, name)
+    out = Path(__file__).resolve().parent / "results" / "frontier_cli.json"
+    rows = [merged[t] for t in sorted(merged, key=float, reverse=True)]
+    out.write_text(json.dumps({"title": "The frontier through the CLI a user types (issue 27)", "rows": rows},
+                              indent=1))
+    print("\n".join(section({"title": "", "rows": rows})))
+
+
+def section(data: dict) -> list[str]:
+    """RESULTS.md rows of benchmarks/results/frontier_cli.json."""
+    parts = [f"## {data['title']}", "", "- per target: `" + COMMAND + "`, then `hypercompress evaluate OUT "
+             "--teacher smollm2-135m --device cuda` on WikiText-2 test (first 64 and all windows) and on the "
+             "second domain (Python standard-library docstrings): `python benchmarks/frontier_cli.py run` / "
+             "`report` (on the GPU host the same GGUF file is passed by its path)", "- gap: relative NLL rise on the second domain / on all WikiText-2 test windows", "",
+             "| target | stored bpw | ppl first 64 | ppl all | KL | top-1 | gap | wall min | planning min | corpus s "
+             "| qat min | tokens seen | tok/s | card, pipelines at once |", "|" + "---|" * 14]
+    fmt = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
+    for r in data["rows"]:
+        m = r.get("machine") or {}
+        parts.append(
+            f"| {r['target']} | {fmt(r['stored_bpw'], '{:.3f}')} | {fmt(r['ppl_first_64'], '{:.2f}')} | "
+            f"{fmt(r['ppl_all'], '{:.2f}')} | {fmt(r['kl'], '{:.3f}')} | {fmt(r['top1'], '{:.3f}')} | "
+            f"{fmt(r['domain_gap'], '{:.2f}x')} | {r['wall_seconds'] / 60:.1f} | {r['planning_seconds'] / 60:.1f} | "
+            f"{fmt(r['corpus_seconds'], '{:.0f}')} | {r['qat_seconds'] / 60:.1f} | {fmt(r['tokens_seen'], '{:,}')} | "
+            f"{fmt(r['tokens_per_second'], '{:,.0f}')} | {m.get('card', '?')} (torch {m.get('torch', '?')}), "
+            f"{r.get('side_by_side')} |")
+    if data["rows"]:
+        o = data["rows"][0]["original"]
+        parts += ["", f"- original: ppl first 64 {fmt(o['ppl_first_64'], '{:.2f}')}, all {fmt(o['ppl_all'], '{:.2f}')}"]
+    return parts + [""]
 
 
 def main() -> None:
@@ -137,10 +197,11 @@ def main() -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--targets", nargs="+", default=["4.0", "3.0", "2.5", "2.0"])
     r.add_argument("--work", required=True)
+    r.add_argument("--side-by-side", type=int, default=1, help="pipelines at once on the one card")
     p = sub.add_parser("report")
-    p.add_argument("file")
+    p.add_argument("files", nargs="+")
     args = parser.parse_args()
-    run(args) if args.command == "run" else report(args.file)
+    run(args) if args.command == "run" else report(args.files)
 
 
 if __name__ == "__main__":

@@ -253,6 +253,12 @@ def _scale(data: dict) -> list[str]:
     return section(data)
 
 
+def _frontier_cli(data: dict) -> list[str]:
+    from frontier_cli import section
+
+    return section(data)
+
+
 def _training_engine(data: dict) -> list[str]:
     """benchmarks/train_speed.py tables and the CLI run of recipes/gptq-w3g64-qat-1min.yaml."""
     parts = [f"## {data['title']}", "", f"- card: {data['card']}", ""]
@@ -281,7 +287,7 @@ def _training_engine(data: dict) -> list[str]:
     return parts
 
 
-SECTIONS = {"training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
+SECTIONS = {"frontier_cli": _frontier_cli, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
             "lm_eval_tasks": _lm_eval_tasks}
 
