@@ -13,8 +13,9 @@ and the original once on test.txt (64 and all windows) and docs.txt. docs.txt is
 Python standard-library docstrings (eval/domains.py). `domain_gap` = (relative NLL rise on docs) /
 (relative NLL rise on all WikiText-2 test windows): how much more the model loses off its calibration
 domain. Wall minutes per step come from each compress's own time table; tokens seen and tok/s from
-its qat stage report. By default one compress runs at a time (`--side-by-side 1`), as a user's run
-would have the card to itself (the evaluations, a few GPU-seconds each, run beside the next compress); pipelines that share one GPU each train at a share of its speed, and
+its qat stage report. By default one pipeline runs at a time (`--side-by-side 1`: the original's
+evaluations, then each target's compress and evaluations), as a user's run would have the card and
+the host's cores to itself; pipelines that share one GPU each train at a share of its speed, and
 the run records how many ran together, the card and the versions.
 
 `report` merges the runs' files (a target's row from the last file that holds it) into
@@ -70,10 +71,9 @@ def run(args) -> None:
             proc = procs.get(name)
             if proc is not None and proc.poll() is None:
                 continue
-            compressing = sum(1 for n, p in procs.items() if p is not None and p.poll() is None and n != name
-                              and n != "original" and step[n] == 1)
-            if proc is None and name != "original" and compressing >= args.side_by_side:
-                continue  # its compress waits for the card (evaluations of finished ones run beside)
+            running = sum(1 for n, p in procs.items() if p is not None and p.poll() is None and n != name)
+            if proc is None and running >= args.side_by_side:
+                continue  # a pipeline not yet started waits for a free place
             if proc is not None:
                 logs[name].write(f"\n[exit {proc.returncode} after {time.time() - started:.0f} s]\n")
                 if proc.returncode != 0:
@@ -110,8 +110,9 @@ def _machine() -> dict:
     import transformers
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"card": card, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "commit": commit or None, "date": time.strftime("%Y-%m-%d")}
 
 
 def _nll(evaluation: dict | None) -> float | None:
@@ -149,18 +150,18 @@ def row_of(data: dict, name: str) -> dict:
 
 def report(paths: list[str]) -> None:
     """Merge run files into benchmarks/results/frontier_cli.json (a target's row from the last file
-    that finished it) and print its markdown rows."""
-    merged: dict[str, dict] = {}
+    that finished it; rows of targets no file holds are kept) and print its markdown rows."""
+    out = Path(__file__).resolve().parent / "results" / "frontier_cli.json"
+    merged = {r["target"]: r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         for name in data["targets"]:
             if data["rows"].get(name, {}).get("compress"):
                 merged[name] = row_of(data, name)
-    out = Path(__file__).resolve().parent / "results" / "frontier_cli.json"
     rows = [merged[t] for t in sorted(merged, key=float, reverse=True)]
-    out.write_text(json.dumps({"title": "The frontier through the CLI a user types (issue 27)", "rows": rows},
-                              indent=1))
-    print("\n".join(section({"title": "", "rows": rows})))
+    data = {"title": "The SmolLM2-135M frontier through the CLI a user types (issue 27)", "rows": rows}
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print("\n".join(section(data)))
 
 
 def section(data: dict) -> list[str]:
@@ -170,7 +171,7 @@ def section(data: dict) -> list[str]:
              "second domain (Python standard-library docstrings): `python benchmarks/frontier_cli.py run` / "
              "`report` (on the GPU host the same GGUF file is passed by its path)", "- gap: relative NLL rise on the second domain / on all WikiText-2 test windows", "",
              "| target | stored bpw | ppl first 64 | ppl all | KL | top-1 | gap | wall min | planning min | corpus s "
-             "| qat min | tokens seen | tok/s | card, pipelines at once |", "|" + "---|" * 14]
+             "| qat min | tokens seen | tok/s | card, pipelines at once | commit, date |", "|" + "---|" * 15]
     fmt = lambda v, f: "n/a" if v is None else f.format(v)  # noqa: E731
     for r in data["rows"]:
         m = r.get("machine") or {}
@@ -180,7 +181,7 @@ def section(data: dict) -> list[str]:
             f"{fmt(r['domain_gap'], '{:.2f}x')} | {r['wall_seconds'] / 60:.1f} | {r['planning_seconds'] / 60:.1f} | "
             f"{fmt(r['corpus_seconds'], '{:.0f}')} | {r['qat_seconds'] / 60:.1f} | {fmt(r['tokens_seen'], '{:,}')} | "
             f"{fmt(r['tokens_per_second'], '{:,.0f}')} | {m.get('card', '?')} (torch {m.get('torch', '?')}), "
-            f"{r.get('side_by_side')} |")
+            f"{r.get('side_by_side')} | {m.get('commit') or '?'}, {m.get('date') or '?'} |")
     if data["rows"]:
         o = data["rows"][0]["original"]
         parts += ["", f"- original: ppl first 64 {fmt(o['ppl_first_64'], '{:.2f}')}, all {fmt(o['ppl_all'], '{:.2f}')}"]

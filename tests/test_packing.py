@@ -25,3 +25,13 @@ def test_out_of_range_codes_are_refused():
         pack_codes(torch.tensor([16]), 4)
     with pytest.raises(ValueError):
         unpack_codes(torch.zeros(3, dtype=torch.uint8), 4, 4)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_equals_the_bit_matrix_reference(bits):
+    from hypercompress.formats.packing import pack_codes_reference
+
+    generator = torch.Generator().manual_seed(bits)
+    for count in (0, 1, 7, 8, 9, 1000, 4097):
+        codes = torch.randint(0, 1 << bits, (count,), generator=generator)
+        assert torch.equal(pack_codes(codes, bits), pack_codes_reference(codes, bits)), (bits, count)

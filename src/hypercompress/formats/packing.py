@@ -23,7 +23,20 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1).to(torch.int64).cpu()
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
-    values = flat.numpy().astype(np.uint8)
+    values = flat.numpy().astype(np.uint64)
+    count = values.size
+    values = np.concatenate([values, np.zeros(-count % 8, np.uint64)]).reshape(-1, 8)
+    # 8 codes of b bits are one 8b-bit number, MSB first: its b bytes, most significant first
+    word = np.zeros(values.shape[0], np.uint64)
+    for i in range(8):
+        word |= values[:, i] << np.uint64(bits * (7 - i))
+    stream = np.stack([(word >> np.uint64(8 * (bits - 1 - j))) & np.uint64(0xFF) for j in range(bits)], axis=1)
+    return torch.from_numpy(stream.astype(np.uint8).reshape(-1)[: packed_nbytes(count, bits)].copy())
+
+
+def pack_codes_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The obvious bit-matrix packing `pack_codes` must equal (tests)."""
+    values = codes.reshape(-1).to(torch.int64).cpu().numpy().astype(np.uint8)
     bit_matrix = np.unpackbits(values[:, None], axis=1)[:, 8 - bits:]  # (N, bits), MSB first
     return torch.from_numpy(np.packbits(bit_matrix.reshape(-1)).copy())
 

@@ -7,7 +7,8 @@ beyond float16's range) and each planned module's own (packed codes, scales, zer
 With the lossless stage every tensor is byte-grouped and zstd-coded on its own into one U8 blob
 (formats/lossless.py), so the coded bytes of separate tensors add up exactly. Hence a plan's file
 size is a sum of table entries, each module x option RTN-quantized and its tensors coded once
-(lazily, on first use, coded on `workers` threads: zstandard releases the GIL), plus the untouched
+(lazily, on first use, on `workers` threads, one per core by default: torch and zstandard release
+the GIL), plus the untouched
 tensors' bytes, plus the header computed for exactly the names, dtypes and shapes the plan stores
 (`safetensors_file_bytes`, checked against safetensors' own writer in tests/test_size_table.py).
 
@@ -19,6 +20,7 @@ writes.
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
@@ -96,10 +98,11 @@ class SizeTable:
     of each module at each option, its tensors coded as the artifact codes them.
     """
 
-    def __init__(self, model: nn.Module, modules: Iterable[str], lossless: int | None, workers: int = 2):
+    def __init__(self, model: nn.Module, modules: Iterable[str], lossless: int | None, workers: int | None = None):
         from ..artifact import tensors_to_save
 
-        self.model, self.lossless, self.workers = model, lossless, workers
+        self.model, self.lossless = model, lossless
+        self.workers = workers or max(2, min(32, os.cpu_count() or 2))
         self.modules = tuple(modules)
         self.params = count_params(model)
         self.entries: dict[tuple[str, Option], tuple[StoredTensor, ...]] = {}
@@ -127,8 +130,8 @@ class SizeTable:
         return {f"{name}.{key}": t.detach().contiguous().cpu() for key, t in module.state_dict().items()}
 
     def fill(self, pairs: Iterable[tuple[str, Option]]) -> None:
-        """Compute the entries of (module, option) pairs not yet in the table: each module quantized
-        here while the pool codes the ones before it."""
+        """Compute the entries of (module, option) pairs not yet in the table, each pair quantized
+        and coded on one of the pool's threads."""
         missing = list(dict.fromkeys(p for p in pairs if p not in self.entries))
         if not missing:
             return
@@ -136,16 +139,14 @@ class SizeTable:
             for pair in missing:
                 self.entries[pair] = tuple(stored_tensor(n, t) for n, t in self._quantized(*pair).items())
             return
-        level = self.lossless
+        def coded(pair: tuple[str, Option]) -> tuple[StoredTensor, ...]:
+            tensors = self._quantized(*pair)
+            return tuple(StoredTensor(n, "U8", (size,), size)
+                         for n, size in ((n, lossless_codec.coded_nbytes(t, self.lossless)) for n, t in tensors.items()))
+
         with ThreadPoolExecutor(self.workers) as pool:
-            pending = []
-            for pair in missing:
-                tensors = self._quantized(*pair)
-                pending.append((pair, list(tensors), [pool.submit(lossless_codec.coded_nbytes, t, level)
-                                                      for t in tensors.values()]))
-            for pair, names, futures in pending:
-                self.entries[pair] = tuple(StoredTensor(n, "U8", (f.result(),), f.result())
-                                           for n, f in zip(names, futures))
+            for pair, entry in zip(missing, pool.map(coded, missing)):
+                self.entries[pair] = entry
 
     def file_bytes(self, allocation: dict[str, Option]) -> int:
         """Exact bytes of the model.safetensors an RTN compression of `allocation` writes (every
