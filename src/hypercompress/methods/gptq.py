@@ -103,19 +103,28 @@ def solve_shared(routes: dict[str, "GPTQ"], layer_of: Callable[[str], nn.Module]
     its Hessian accumulated there): the linears whose Hessians are equal (fed one input) and whose
     stages share solver settings are solved in one pass (gptq_modules_shared), each at its own
     stage's bits and group size. layer_of(name) gives the layer."""
-    groups: list[tuple[tuple, torch.Tensor, GptqConfig, list[str]]] = []
-    for name, method in routes.items():
-        c, hessian = method.config, method.hessian(name)
-        key = (c.symmetric, c.zero_point, c.damp, c.block_size, c.act_order)
-        match = next((g for g in groups if g[0] == key and g[1].shape == hessian.shape
-                      and torch.equal(g[1], hessian)), None)
-        if match is None:
-            groups.append((key, hessian, c, [name]))
-        else:
-            match[3].append(name)
-    for _key, hessian, c, names in groups:
+    settings = lambda c: (c.symmetric, c.zero_point, c.damp, c.block_size, c.act_order)  # noqa: E731
+    keyed = [((settings(m.config), m.hessian(n)), n) for n, m in routes.items()]
+    for (_key, hessian), names in shared_inputs(keyed, lambda a, b: a[0] == b[0] and same_hessian(a[1], b[1])):
         entries = [(n, layer_of(n), routes[n].config.bits, routes[n].config.group_size) for n in names]
-        yield from zip(names, gptq_modules_shared(entries, hessian, c))
+        yield from zip(names, gptq_modules_shared(entries, hessian, routes[names[0]].config))
+
+
+def same_hessian(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two Hessians are one (linears fed the same input accumulate equal sums)."""
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def shared_inputs(keyed: list[tuple[object, str]], same) -> list[tuple[object, list[str]]]:
+    """[(key, names)]: the names grouped by `same(key, key)`, in first-seen order."""
+    groups: list[tuple[object, list[str]]] = []
+    for key, name in keyed:
+        match = next((g for g in groups if same(g[0], key)), None)
+        if match is None:
+            groups.append((key, [name]))
+        else:
+            match[1].append(name)
+    return groups
 
 
 @register("gptq", GptqConfig)

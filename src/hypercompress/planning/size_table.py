@@ -89,6 +89,11 @@ def safetensors_file_bytes(tensors: Iterable[StoredTensor], metadata: dict[str, 
     return 8 + safetensors_header_bytes(tensors, metadata) + sum(t.nbytes for t in tensors)
 
 
+def _cores() -> int:
+    """The cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+
+
 class SizeTable:
     """Bytes of the model.safetensors any allocation of `modules` writes (module -> (bits, group)).
 
@@ -102,7 +107,7 @@ class SizeTable:
         from ..artifact import tensors_to_save
 
         self.model, self.lossless = model, lossless
-        self.workers = workers or max(2, min(32, os.cpu_count() or 2))
+        self.workers = workers or max(2, min(32, _cores()))
         self.modules = tuple(modules)
         self.params = count_params(model)
         self.entries: dict[tuple[str, Option], tuple[StoredTensor, ...]] = {}
@@ -140,9 +145,11 @@ class SizeTable:
                 self.entries[pair] = tuple(stored_tensor(n, t) for n, t in self._quantized(*pair).items())
             return
         def coded(pair: tuple[str, Option]) -> tuple[StoredTensor, ...]:
-            tensors = self._quantized(*pair)
-            return tuple(StoredTensor(n, "U8", (size,), size)
-                         for n, size in ((n, lossless_codec.coded_nbytes(t, self.lossless)) for n, t in tensors.items()))
+            entries = []
+            for name, tensor in self._quantized(*pair).items():
+                size = lossless_codec.coded_nbytes(tensor, self.lossless)
+                entries.append(StoredTensor(name, "U8", (size,), size))
+            return tuple(entries)
 
         with ThreadPoolExecutor(self.workers) as pool:
             for pair, entry in zip(missing, pool.map(coded, missing)):

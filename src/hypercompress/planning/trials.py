@@ -32,7 +32,7 @@ def shared_gptq(model: nn.Module, wanted: set[tuple[str, Option]], samples: torc
     `samples` (N, T) token ids, `batch` windows per forward; the linears fed one input and all their
     options are solved in one pass (gptq_modules_shared). Only the block at hand sits on
     `device`; the model is left as it was (on the CPU). progress(blocks done) after each block."""
-    from ..methods.gptq import GPTQ, GptqConfig, gptq_modules_shared
+    from ..methods.gptq import GPTQ, GptqConfig, gptq_modules_shared, same_hessian, shared_inputs
 
     blocks = model.get_submodule(arch_of(model.config.model_type).blocks)
     prefix = f"{arch_of(model.config.model_type).blocks}."
@@ -54,15 +54,8 @@ def shared_gptq(model: nn.Module, wanted: set[tuple[str, Option]], samples: torc
         finally:
             for handle in handles:
                 handle.remove()
-        shared: list[tuple[torch.Tensor, list[str]]] = []  # linears fed one input share one Hessian
-        for name in names:
-            hessian = grams.hessian(name)
-            match = next((group for h, group in shared if h.shape == hessian.shape and torch.equal(h, hessian)), None)
-            if match is None:
-                shared.append((hessian, [name]))
-            else:
-                match.append(name)
-        for hessian, group in shared:
+        # linears fed one input share one Hessian: solved together
+        for hessian, group in shared_inputs([(grams.hessian(n), n) for n in names], same_hessian):
             entries = [(n, model.get_submodule(n), bits, size) for n in group for bits, size in options[n]]
             for (name, _layer, bits, size), module in zip(entries, gptq_modules_shared(entries, hessian, GptqConfig())):
                 solved[(name, (bits, size))] = module
