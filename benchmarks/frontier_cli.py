@@ -90,7 +90,7 @@ def run(args) -> None:
             break
         time.sleep(2)
     result = {"targets": args.targets, "side_by_side": args.side_by_side, "docs": describe(docs),
-              "machine": _machine(), "rows": {}}
+              "machine": _machine(args.commit), "rows": {}}
     for name in ["original", *args.targets]:
         prefix = "orig-" if name == "original" else ""
         suffix = "" if name == "original" else f"-{name}"
@@ -103,14 +103,20 @@ def run(args) -> None:
     (work / "frontier_cli.json").write_text(json.dumps(result, indent=1, default=str))
 
 
-def _machine() -> dict:
+def _machine(commit: str | None = None) -> dict:
+    """The card, versions, commit (`commit`, else git's; None outside a git checkout) and date of a run."""
     import platform
 
     import torch
     import transformers
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = None
     return {"card": card, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "commit": commit or None, "date": time.strftime("%Y-%m-%d")}
 
@@ -199,6 +205,7 @@ def main() -> None:
     r.add_argument("--targets", nargs="+", default=["4.0", "3.0", "2.5", "2.0"])
     r.add_argument("--work", required=True)
     r.add_argument("--side-by-side", type=int, default=1, help="pipelines at once on the one card")
+    r.add_argument("--commit", help="the commit run, where the tree is not a git checkout (a GPU host's copy)")
     p = sub.add_parser("report")
     p.add_argument("files", nargs="+")
     args = parser.parse_args()
