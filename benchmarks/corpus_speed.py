@@ -1,11 +1,13 @@
 """Throughput of teacher_corpus (the teacher writing its own training corpus).
 
-    PYTHONPATH=src python benchmarks/corpus_speed.py [--model smollm2-135m] [--windows 16] [--batch 16]
-        [--length 512] [--device cpu]
+    PYTHONPATH=src python benchmarks/corpus_speed.py [--model smollm2-135m] [--windows 16] [--batch 16 ...]
+        [--length 512] [--device cpu] [--random-shape]
 
 Prompts: 64 windows of `length` tokens of the WikiText-2 validation text; each corpus run writes into a
-fresh temporary cache folder (nothing reused). Prints the fingerprint time and, per cache kind, the
-generated (sampled) tokens per second over the whole call, as JSON.
+fresh temporary cache folder (nothing reused). Prints the fingerprint time and, per batch size, the
+seconds of the whole call, as JSON. `--random-shape`: a model of SmolLM2-135M's configuration with
+random weights and random prompt ids (decode speed does not depend on the weights; no model file
+needs to travel to a GPU host). Several `--batch` values are measured one after another.
 """
 
 from __future__ import annotations
@@ -30,30 +32,45 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--windows", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, nargs="+", default=[16])
+    parser.add_argument("--random-shape", action="store_true")
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--text", default=str(VALID))
     args = parser.parse_args()
-    loaded = load_model(args.model, device=args.device)
-    teacher = loaded.model
-    prompts = windows(tokenize(loaded.tokenizer, Path(args.text).read_text()[:2_000_000]), args.length, 64)
+    if args.random_shape:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                             tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)
+        teacher = LlamaForCausalLM(config).eval().to(args.device)
+        prompts = torch.randint(0, config.vocab_size, (64, args.length))
+        args.model = "random weights, SmolLM2-135M's configuration"
+    else:
+        loaded = load_model(args.model, device=args.device)
+        teacher = loaded.model
+        prompts = windows(tokenize(loaded.tokenizer, Path(args.text).read_text()[:2_000_000]), args.length, 64)
     start = time.perf_counter()
     corpus.model_fingerprint(teacher)
     result = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
               "fingerprint_s": round(time.perf_counter() - start, 3),
               "parameters": sum(p.numel() for p in teacher.parameters())}
-    for kind in ("decode",):
+    for batch in args.batch:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             out = corpus.teacher_corpus(teacher, prompts, tokens=args.windows * args.length, length=args.length,
-                                        batch=args.batch, cache_dir=tmp)
+                                        batch=batch, cache_dir=tmp, device=args.device)
             seconds = time.perf_counter() - start
             with safe_open(str(next(Path(tmp).glob("*.safetensors"))), framework="pt") as handle:
                 meta = json.loads(handle.metadata()[corpus.META])
-        stats = meta["stats"]
-        result[kind] = {"seconds": round(seconds, 2), "windows": out.shape[0], "stats": stats}
-        print(json.dumps({kind: result[kind]}), flush=True)
+        key = f"batch {batch}"
+        result[key] = {"seconds": round(seconds, 2), "windows": out.shape[0], "stats": meta["stats"],
+                       "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None}
+        print(json.dumps({key: result[key]}), flush=True)
     print(json.dumps(result, indent=1))
 
 
