@@ -44,6 +44,26 @@ def _grids(W: torch.Tensor, group: int, bits: int, symmetric: bool, zero_point: 
     return fit_grid(W.reshape(rows, cols // group, group), bits, symmetric, zero_point)
 
 
+def _sweep(W: torch.Tensor, U: torch.Tensor, block: int, column) -> torch.Tensor:
+    """GPTQ's column sweep with lazy block updates, in place on W (rows, cols); U: the upper Cholesky
+    factor of H^-1. column(col, i, W1) -> (codes, dequantized), each (rows, 1), of column `col` (the
+    i-th of the block W1, updated so far). Returns the codes (rows, cols) in W's column order."""
+    cols = W.shape[1]
+    codes = torch.zeros_like(W)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            q, dequantized = column(i1 + i, i, W1)
+            codes[:, i1 + i: i1 + i + 1] = q
+            err = (W1[:, i: i + 1] - dequantized) / U1[i, i]
+            W1[:, i:] -= err * U1[i: i + 1, i:]
+            Err1[:, i: i + 1] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes
+
+
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetric: bool = False,
                zero_point: str = "int", act_order: bool = False, damp: float = 0.01,
                block_size: int = 128, layer: str = "layer"):
@@ -65,27 +85,19 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group: int, symmetri
         zero = torch.zeros_like(scale)
     W, H, perm = _prepare(W, H, act_order)
     U = inverse_cholesky(H, damp, layer)
-    codes = torch.zeros(rows, cols, device=W.device)
     order = perm.tolist() if perm is not None else range(cols)  # read once: no device sync per column
-    block = group * max(1, block_size // group)  # whole groups per block: grids see updated weights
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            orig = order[col]
-            g = orig // group
-            if not static and orig % group == 0:
-                s, z = fit_grid(W1[:, i: i + group].unsqueeze(1), bits, symmetric, zero_point)
-                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
-            w = W1[:, i: i + 1]
-            q = quantize_to_grid(w, scale[:, g], zero[:, g], bits, zp)
-            codes[:, col] = q[:, 0]
-            err = (w - dequantize(q, scale[:, g], zero[:, g], zp)) / U1[i, i]
-            W1[:, i:] -= err * U1[i: i + 1, i:]
-            Err1[:, i: i + 1] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    def column(col: int, i: int, W1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        orig = order[col]
+        g = orig // group
+        if not static and orig % group == 0:
+            s, z = fit_grid(W1[:, i: i + group].unsqueeze(1), bits, symmetric, zero_point)
+            scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+        q = quantize_to_grid(W1[:, i: i + 1], scale[:, g], zero[:, g], bits, zp)
+        return q, dequantize(q, scale[:, g], zero[:, g], zp)
+
+    # whole groups per block: grids fitted at a group's first column see the updated weights
+    codes = _sweep(W, U, group * max(1, block_size // group), column)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes.reshape(rows, cols // group, group), scale, zero
@@ -115,21 +127,13 @@ def gptq_solve_shared(parts: list[tuple[torch.Tensor, int, int]], H: torch.Tenso
     W, H, perm = _prepare(torch.cat([p[0] for p in parts]), H, True)
     scales, zeros, maxq = torch.cat(col_scale)[:, perm], torch.cat(col_zero)[:, perm], torch.cat(maxq)
     U = inverse_cholesky(H, damp, layer)
-    codes = torch.zeros_like(W)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = i1 + i
-            s, z, w = scales[:, col: col + 1], zeros[:, col: col + 1], W1[:, i: i + 1]
-            q = torch.minimum(torch.round((w - z) / s if zp == "float" else w / s + z).clamp(min=0), maxq)
-            codes[:, col: col + 1] = q
-            err = (w - dequantize(q, s, z, zp)) / U1[i, i]
-            W1[:, i:] -= err * U1[i: i + 1, i:]
-            Err1[:, i: i + 1] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]
+
+    def column(col: int, i: int, W1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, z, w = scales[:, col: col + 1], zeros[:, col: col + 1], W1[:, i: i + 1]
+        q = torch.minimum(torch.round((w - z) / s if zp == "float" else w / s + z).clamp(min=0), maxq)
+        return q, dequantize(q, s, z, zp)
+
+    codes = _sweep(W, U, block_size, column)[:, torch.argsort(perm)]
     out, start = [], 0
     for (part, _bits, group), (scale, zero) in zip(parts, grids):
         rows = part.shape[0]
