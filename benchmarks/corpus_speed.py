@@ -1,13 +1,15 @@
 """Throughput of teacher_corpus (the teacher writing its own training corpus).
 
     PYTHONPATH=src python benchmarks/corpus_speed.py [--model smollm2-135m] [--windows 16] [--batch 16 ...]
-        [--length 512] [--device cpu] [--random-shape]
+        [--decoder static dynamic] [--length 512] [--device cpu] [--random-shape] [--out results/X.json]
 
 Prompts: 64 windows of `length` tokens of the WikiText-2 validation text; each corpus run writes into a
 fresh temporary cache folder (nothing reused). Prints the fingerprint time and, per batch size, the
 seconds of the whole call, as JSON. `--random-shape`: a model of SmolLM2-135M's configuration with
 random weights and random prompt ids (decode speed does not depend on the weights; no model file
-needs to travel to a GPU host). Several `--batch` values are measured one after another.
+needs to travel to a GPU host). Every (`--decoder`, `--batch`) pair is measured one after another:
+static = training/decode.py's StaticDecoder (compiled with CUDA graphs on CUDA; its compile time is in
+the call's seconds), dynamic = its reference loop `decode`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--text", default=str(VALID))
+    parser.add_argument("--decoder", nargs="+", choices=["static", "dynamic"], default=["static"])
+    parser.add_argument("--out", help="also write the result JSON here")
     args = parser.parse_args()
     if args.random_shape:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -57,21 +61,28 @@ def main() -> None:
     result = {"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
               "fingerprint_s": round(time.perf_counter() - start, 3),
               "parameters": sum(p.numel() for p in teacher.parameters())}
-    for batch in args.batch:
+    runs = [(decoder, batch) for decoder in args.decoder for batch in args.batch]
+    for decoder, batch in runs:
         with tempfile.TemporaryDirectory() as tmp:
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             out = corpus.teacher_corpus(teacher, prompts, tokens=args.windows * args.length, length=args.length,
-                                        batch=batch, cache_dir=tmp, device=args.device)
+                                        batch=batch, cache_dir=tmp, device=args.device,
+                                        static_cache=decoder == "static")
             seconds = time.perf_counter() - start
             with safe_open(str(next(Path(tmp).glob("*.safetensors"))), framework="pt") as handle:
                 meta = json.loads(handle.metadata()[corpus.META])
-        key = f"batch {batch}"
+        key = f"{decoder} batch {batch}"
         result[key] = {"seconds": round(seconds, 2), "windows": out.shape[0], "stats": meta["stats"],
                        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None}
         print(json.dumps({key: result[key]}), flush=True)
+    result["machine"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                         "card": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+                         "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from conftest import make_model
 from hypercompress.errors import UserError
 from hypercompress.training import corpus
 from hypercompress.training.corpus import mixed_picks, teacher_corpus
+from hypercompress.training.decode import StaticDecoder, draw, kv_bytes_per_sequence
 
 LENGTH, PROMPT = 24, 8
 
@@ -74,9 +75,9 @@ def test_gpt2_writes_a_corpus_and_top_p_narrows_the_choice(prompts, tmp_path):
     gpt2 = make_model("gpt2")
     assert write(gpt2, prompts, tmp_path / "gpt2").shape == (5, LENGTH)
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(200, 1)
-    drawn = corpus._draw(logits, 1.0, 0.9, torch.Generator().manual_seed(0))
+    drawn = draw(logits, 1.0, 0.9, torch.Generator().manual_seed(0))
     assert set(drawn.flatten().tolist()) == {0, 1}  # p = 0.72, 0.26, 0.01, ...: top-p 0.9 keeps the first two
-    assert set(corpus._draw(logits, 1.0, 0.5, torch.Generator().manual_seed(0)).flatten().tolist()) == {0}
+    assert set(draw(logits, 1.0, 0.5, torch.Generator().manual_seed(0)).flatten().tolist()) == {0}
 
 
 def test_dedup_drops_copies_loops_and_single_tokens_then_writes_more(llama, prompts, tmp_path, monkeypatch):
@@ -220,3 +221,44 @@ def test_mixed_picks_draw_the_corpus_at_the_share():
     for share in (1.0, -0.1):
         with pytest.raises(UserError, match="share"):
             mixed_picks(10, 30, 400, share, torch.Generator())
+
+
+def test_the_static_decoder_writes_what_the_reference_loop_writes(llama):
+    """StaticDecoder (one static cache reused batch after batch; uncompiled on a CPU) samples the same
+    tokens as decode's dynamic-cache loop from the same generator, for a full batch and for a short one
+    (padded to the batch, first rows returned)."""
+    opening = torch.randint(1, 120, (4, PROMPT), generator=torch.Generator().manual_seed(1))
+    decoder = StaticDecoder(llama, batch=4, length=LENGTH, device="cpu", compiled=False)
+    for rows in (4, 4, 3):  # the second call reuses (resets) the cache the first filled
+        generator, reference = torch.Generator().manual_seed(rows), torch.Generator().manual_seed(rows)
+        static = decoder(opening[:rows], LENGTH - PROMPT, 1.0, 1.0, generator)
+        if rows == 4:
+            expected = corpus.decode(llama, input_ids=opening, new_tokens=LENGTH - PROMPT, temperature=1.0,
+                                     top_p=1.0, generator=reference)
+            assert torch.equal(static, expected)
+        assert static.shape == (rows, LENGTH) and torch.equal(static[:, :PROMPT], opening[:rows])
+    assert decoder.static and not decoder.compiled
+
+
+def test_the_static_decoder_falls_back_with_a_warning_and_the_corpus_says_which_loop_wrote_it(
+        llama, prompts, tmp_path, monkeypatch):
+    out = write(llama, prompts, tmp_path / "static", static_cache=True)
+    meta = json.loads(__import__("safetensors").safe_open(str(only_file(tmp_path / "static")), "pt").metadata()[corpus.META])
+    assert out.shape == (5, LENGTH) and meta["stats"]["decoder"] == "static"
+
+    def broken(self, *args):
+        raise NotImplementedError("no static cache for this model")
+    monkeypatch.setattr(StaticDecoder, "_forward", broken)
+    with pytest.warns(UserWarning, match="static-cache decoding failed .*dynamic cache"):
+        out = write(llama, prompts, tmp_path / "fallback", static_cache=True)
+    assert out.shape == (5, LENGTH)
+    assert torch.equal(out, write(llama, prompts, tmp_path / "dynamic", static_cache=False))  # the reference loop's
+
+
+def test_the_default_batch_and_the_cache_size_per_sequence():
+    from transformers import LlamaConfig
+
+    smollm2 = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3)
+    assert kv_bytes_per_sequence(smollm2, 512) == 2 * 30 * 3 * 64 * 512 * 2  # 11.8 MB in bfloat16
+    assert corpus.default_batch(make_model("llama"), 512, "cpu") == 16

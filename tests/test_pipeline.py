@@ -128,16 +128,23 @@ def test_the_planner_route_is_fitted_to_the_stored_file(ratio, model_dirs, text_
 
 def test_distill_above_the_floor_appends_qat(model_dirs, text_file, tmp_path):
     result = run("compress", model_dirs["llama"], "--target-ratio", 2, "--distill", "--distill-steps", 2,
+                 "--set", "qat.teacher_fraction=0", "--set", "qat.block_steps=1",
                  "--calib", text_file, "--calib-samples", 2, "--calib-len", 32, "--out", tmp_path / "x")
     assert result.exit_code == 0, result.output
     recipe = json.loads((tmp_path / "x" / artifact.MANIFEST).read_text())["recipe"]
     assert recipe[0]["method"] != "asvd" and recipe[-1]["method"] == "qat"  # the planner's route, trained
+    assert recipe[-1]["teacher_fraction"] == 0 and recipe[-1]["block_steps"] == 1  # --set on the recovery stage
 
 
 @pytest.mark.parametrize("args, needles", [
     (["--target-ratio", 1000], ["beyond reach", "--target-ratio of at most"]),
     (["--method", "rtn", "--distill"], ["--distill goes with"]),
     (["--method", "rtn", "--lossless", 30], ["zstd levels"]),
+    (["--target-ratio", 2, "--set", "qat.corpus_tokens=5"], ["qat.corpus_tokens=5", "add --distill"]),
+    (["--target-ratio", 2, "--distill", "--set", "qat.no_such_key=1"], ["no stage has key 'no_such_key'"]),
+    (["--target-ratio", 2, "--distill", "--set", "qat.corpus_tokens=many"], ["corpus_tokens: expected int"]),
+    (["--target-ratio", 2, "--distill", "--set", "qat.bits=2"], ["the plan decides", "qat.corpus_tokens"]),
+    (["--target-ratio", 2, "--set", "lr=1"], ["only group_size=G", "qat.KEY=VALUE"]),
 ])
 def test_bad_pipeline_requests(args, needles, model_dirs, text_file, tmp_path):
     result = run("compress", model_dirs["llama"], *args, "--calib", text_file, "--calib-samples", 2,

@@ -79,7 +79,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     recipe: a Recipe, a YAML recipe file, or a list of stage dicts; or `method` (one method with its
         defaults); or `target_bpw` (whole-model bits per weight as stored, the file's every byte
         counted) / `target_ratio` (16 / bpw): exactly one of the three kinds. `overrides`: "key=value"
-        or "STAGE.key=value" strings applied to the recipe (with a target only "group_size=G").
+        or "STAGE.key=value" strings applied to the recipe (with a target only "group_size=G" and,
+        with `distill`, the recovery stage's training keys: "qat.KEY=VALUE" / "distill.KEY=VALUE").
     calib: calibration text file (never the evaluation text) or (N, L) int64 token windows; methods
         with `needs_calibration` and size targets need it. `calib_samples` windows of `calib_len`
         tokens are drawn from a text with `seed`.
@@ -115,7 +116,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     timeline = Timeline("checking the options")
     say = say or (lambda _line: None)
     progress = timeline.track(progress or no_progress)
-    target, plan = _target_or_recipe(recipe, method, overrides, target_bpw, target_ratio)
+    target, plan, recovery_overrides = _target_or_recipe(recipe, method, overrides, target_bpw, target_ratio)
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
         raise UserError(f"output {out_path} already exists and is not empty; pass a new --out path")
@@ -125,6 +126,9 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         check_output_folder(out_path)  # refused now, not after the compression
     if distill and target is None:
         raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
+    if recovery_overrides and not distill:
+        raise UserError(f"--set {recovery_overrides[0]}: sets the recovery stage, which only --distill adds; "
+                        "add --distill or drop it")
     _check_budgets(distill_steps, train_tokens, max_minutes)
     _check_trained(plan, target is not None and distill, train_tokens=train_tokens, max_minutes=max_minutes,
                    corpus_cache=corpus_cache, distill_steps=distill_steps)
@@ -192,6 +196,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                                           lossless, device, say=say, progress=progress)
         if distill and distill_steps is None:  # the recovery's defaults for this model and device
             plan = _with_keys(plan, recovery_defaults(original_params, device), override=True, last_only=True)
+        plan = _recovery_overrides(plan, recovery_overrides, say)
     plan = _with_keys(plan, {"log_dir": log_dir, "wandb_project": wandb_project})
     plan = _with_keys(plan, {"train_tokens": train_tokens, "max_minutes": max_minutes, "corpus_cache": corpus_cache},
                       override=True)
@@ -269,15 +274,16 @@ def _finish(summary: dict[str, Any], timeline: Timeline) -> None:
     summary["wall_seconds"] = round(timeline.wall_seconds, 3)
 
 
-def _target_or_recipe(recipe, method, overrides, bpw, ratio) -> tuple[PlanTarget | None, Recipe | None]:
-    """(size target, None) or (None, recipe with the overrides applied); UserError for a bad mix."""
+def _target_or_recipe(recipe, method, overrides, bpw, ratio) -> tuple[PlanTarget | None, Recipe | None, list[str]]:
+    """(size target, None, the recovery stage's overrides) or (None, recipe with the overrides applied,
+    []); UserError for a bad mix."""
     overrides = list(overrides)
     if bpw is not None or ratio is not None:
         if bpw is not None and ratio is not None:
             raise UserError("--target-bpw and --target-ratio were both given; pass only one of them")
         if recipe is not None or method is not None:
             raise UserError("--target-bpw/--target-ratio plan their own recipe; drop --recipe/--method")
-        return _with_group(PlanTarget.from_values(bpw, ratio, where="--target-bpw/--target-ratio"), overrides), None
+        return _with_group(PlanTarget.from_values(bpw, ratio, where="--target-bpw/--target-ratio"), overrides)
     if (recipe is None) == (method is None):
         raise UserError("give exactly one of --recipe FILE or --method NAME (or a size target instead: "
                         "--target-bpw or --target-ratio); pass one of them")
@@ -290,20 +296,45 @@ def _target_or_recipe(recipe, method, overrides, bpw, ratio) -> tuple[PlanTarget
     else:
         plan = load_recipe_file(recipe)
     if isinstance(plan, PlanTarget):
-        return _with_group(plan, overrides), None
-    return None, plan.with_overrides(overrides)
+        return _with_group(plan, overrides)
+    return None, plan.with_overrides(overrides), []
 
 
-def _with_group(target: PlanTarget, overrides: list[str]) -> PlanTarget:
-    """A target accepts one override: group_size=G (the size of the grouped options)."""
-    group = target.group_size
+RECOVERY_METHODS = ("qat", "distill")  # the stages --distill appends to a planned recipe
+PLANNED_KEYS = ("bits", "group_size", "symmetric", "zero_point", "embedding_bits", "targets", "ignore")
+
+
+def _with_group(target: PlanTarget, overrides: list[str]) -> tuple[PlanTarget, None, list[str]]:
+    """A target accepts group_size=G (the size of the grouped options) and, for the recovery stage
+    --distill appends, qat.KEY=VALUE / distill.KEY=VALUE (checked here against that method's keys,
+    applied once the plan is made)."""
+    group, recovery = target.group_size, []
     for item in overrides:
         key, _, value = item.partition("=")
+        scope = key.rpartition(".")[0]
+        if scope in RECOVERY_METHODS:
+            if key.rpartition(".")[2] in PLANNED_KEYS:
+                raise UserError(f"--set {item}: the plan decides each module's grid and what the recovery "
+                                "trains; set its training keys only (e.g. qat.corpus_tokens), or use --recipe")
+            Recipe.single(scope).with_overrides([item])  # an unknown key or a bad value is refused now
+            recovery.append(item)
+            continue
         if key != "group_size":
-            raise UserError(f"--set {item}: with a size target only group_size can be set; drop the other "
-                            "--set values or use --recipe")
+            raise UserError(f"--set {item}: with a size target only group_size=G and the recovery stage's "
+                            "qat.KEY=VALUE or distill.KEY=VALUE can be set; drop the other --set values or use --recipe")
         group = value
-    return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size")
+    return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size"), None, recovery
+
+
+def _recovery_overrides(plan: Recipe, overrides: list[str], say: Say) -> Recipe:
+    """The planned recipe with --set qat.KEY / distill.KEY applied to its recovery stage (the last);
+    one naming the other recovery method is skipped with a note."""
+    last = plan.stages[-1].method if plan.stages else None
+    used = [item for item in overrides if item.partition("=")[0].rpartition(".")[0] == last]
+    for item in overrides:
+        if item not in used:
+            say(f"note: --set {item} not applied: this plan's recovery stage is {last}")
+    return plan.with_overrides(used) if used else plan
 
 
 def _with_keys(plan: Recipe, values: dict[str, Any], override: bool = False, last_only: bool = False) -> Recipe:

@@ -30,7 +30,7 @@ def compress(
                                                help="plan mixed bit-widths for this whole-model bpw"),
     target_ratio: Optional[float] = typer.Option(None, "--target-ratio",
                                                  help="plan for this size ratio vs 16-bit (bpw = 16 / R)"),
-    overrides: list[str] = typer.Option([], "--set", help="override: key=value or STAGE.key=value"),
+    overrides: list[str] = typer.Option([], "--set", help="override: key=value or STAGE.key=value (with a size target: group_size=G, and with --distill the recovery's qat.KEY=VALUE)"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text (never the test text)"),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="calibration windows"),
     calib_len: int = typer.Option(512, "--calib-len", min=2, help="tokens per calibration window"),

@@ -18,8 +18,9 @@ domain; the teacher samples as much text as the budget asks, from prompts cut ou
 - Cache: `<dir>/corpus-<key>.safetensors` holding one int64 tensor "windows" (M, length) and, in its
   header metadata, JSON: key, teacher fingerprint, settings, statistics. See `corpus_key`.
 
-Sampling is `decode`'s batched loop with a key/value cache (generate was 35x slower here).
-Throughput (generated tokens/s): benchmarks/corpus_speed.py.
+Sampling (training/decode.py): on CUDA `StaticDecoder` (a static key/value cache reused batch after
+batch, the bfloat16 teacher, the one-token step compiled with CUDA graphs), elsewhere `decode`'s
+batched loop on a dynamic cache. Throughput (generated tokens/s): benchmarks/corpus_speed.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UserError, user_path
+from .decode import StaticDecoder, decode, default_batch
 
 FORMAT, PROMPT_RULE, EXTRA_ROUNDS, NGRAM = 1, 1, 4, 8
 MAX_HEADER = 1 << 20  # a safetensors header larger than this is not one of ours
@@ -80,16 +82,17 @@ def corpus_key(fingerprint: str, prompts: torch.Tensor, settings: dict[str, Any]
 
 def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: int, length: int,
                    temperature: float = 1.0, top_p: float = 1.0, prompt_tokens: int | None = None,
-                   batch: int = 16, seed: int = 0, cache_dir: str | Path | None = None,
+                   batch: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                    cache_file: str | Path | None = None, device: str | torch.device | None = None,
-                   progress: Progress | None = None) -> torch.Tensor:
+                   progress: Progress | None = None, static_cache: bool | None = None) -> torch.Tensor:
     """(M, length) int64 windows the teacher wrote, M = ceil(tokens / length) (fewer, with a warning,
     only when EXTRA_ROUNDS rounds of rewriting could not replace the duplicates; see the module doc).
 
     teacher: a transformers causal LM (eval mode). prompts: (N, T) int64 calibration token windows,
     T >= prompt_tokens. tokens: the budget in tokens; length: window length in tokens (prompt included);
-    prompt_tokens: real tokens opening each window (default min(32, length // 2)); batch: sequences per
-    generate call; seed: CPU runs are bit-for-bit repeatable; device: where prompts go (default: the
+    prompt_tokens: real tokens opening each window (default min(32, length // 2)); batch: sequences
+    written at once (default `decode.default_batch`: 16 on a CPU, up to 1024 on CUDA as memory allows);
+    static_cache: write with `StaticDecoder` (default: on CUDA) instead of `decode`; seed: CPU runs are bit-for-bit repeatable; device: where prompts go (default: the
     teacher's). Cache: `cache_file` names the file exactly (a file of another model or settings, or an
     unreadable one, is a UserError); otherwise `cache_dir` (default `default_cache_dir()`) holds files
     named by `corpus_key`, and an unreadable one is written again with a warning.
@@ -97,6 +100,8 @@ def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: i
     Raises UserError for tokens <= 0, length < 2, temperature <= 0, top_p outside (0, 1], a bad
     prompt tensor or prompt_tokens, batch < 1, or when every written window was a duplicate."""
     vocab = teacher.get_input_embeddings().num_embeddings
+    run_on = torch.device(device) if device is not None else next(teacher.parameters()).device
+    batch = default_batch(teacher, length, run_on) if batch is None else batch
     prompt_tokens = _check(prompts, tokens, length, temperature, top_p, prompt_tokens, batch, vocab)
     settings = {"tokens": int(tokens), "length": int(length), "prompt_tokens": prompt_tokens,
                 "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed),
@@ -116,8 +121,9 @@ def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: i
             if explicit:
                 raise UserError(f"corpus cache {path} cannot be used ({exc}); delete it or pass another file") from None
             warnings.warn(f"corpus cache {path} cannot be used ({exc}); writing it again", stacklevel=2)
+    static = run_on.type == "cuda" if static_cache is None else static_cache
     windows, stats = _write(teacher, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed,
-                            device, progress)
+                            run_on, progress, static)
     _save(path, windows, {"format": FORMAT, "key": key, "fingerprint": fingerprint, "settings": settings,
                           "stats": stats}, explicit)
     return windows
@@ -149,9 +155,20 @@ def _check(prompts, tokens, length, temperature, top_p, prompt_tokens, batch, vo
     return prompt_tokens
 
 
-def _write(teacher, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed, device, progress):
+def _write(teacher, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed, device, progress,
+           static):
     """(windows (m, length), stats): generation rounds until `count` windows survive dedup."""
-    device = torch.device(device) if device is not None else next(teacher.parameters()).device
+    decoder = StaticDecoder(teacher, batch, length, device) if static else None
+    try:
+        return _rounds(teacher, decoder, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed,
+                       device, progress)
+    finally:
+        if decoder is not None:
+            decoder.close()
+
+
+def _rounds(teacher, decoder, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed, device,
+            progress):
     order = _PromptRule(prompts, prompt_tokens, seed)
     dedup = _Dedup(prompt_tokens)
     kept, written, calls, start = [], 0, 0, time.perf_counter()
@@ -160,7 +177,7 @@ def _write(teacher, prompts, count, length, prompt_tokens, temperature, top_p, b
         for first in range(0, need, batch):
             size = min(batch, need - first)
             opening = order.take(size).to(device)
-            out = _sample(teacher, opening, length - prompt_tokens, temperature, top_p, seed, calls)
+            out = _sample(teacher, opening, length - prompt_tokens, temperature, top_p, seed, calls, decoder)
             if out.shape != (size, length):
                 raise RuntimeError(f"decode returned {tuple(out.shape)}, not ({size}, {length})")
             calls, written = calls + 1, written + size * (length - prompt_tokens)
@@ -180,50 +197,21 @@ def _write(teacher, prompts, count, length, prompt_tokens, temperature, top_p, b
     seconds = time.perf_counter() - start
     stats = {"windows": len(kept), "dropped": dedup.dropped, "generated_tokens": written, "calls": calls,
              "seconds": round(seconds, 3), "tokens_per_second": round(written / max(seconds, 1e-9), 1),
-             "batch": batch, "device": str(device)}
+             "batch": batch, "device": str(device),
+             "decoder": "dynamic" if decoder is None else "static, compiled" if decoder.compiled else "static"}
     return torch.stack(kept), stats
 
 
-def decode(teacher: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, temperature: float, top_p: float,
-           generator: torch.Generator) -> torch.Tensor:
-    """(B, P) prompts -> (B, P + new_tokens): the teacher samples `new_tokens` tokens after each prompt,
-    batched, reusing its key/value cache (one prefill, then one token per forward). A plain loop over
-    the model's forward, not `generate`: on an H100, SmolLM2-135M, batch 256, generate with a static
-    cache wrote 2,650 tok/s (benchmarks/corpus_speed.py); its per-step machinery, not the model, was
-    the cost. On CUDA the forward runs under bf16 autocast (the teacher the engine trains against
-    is bf16 too)."""
-    from ..layers.latent_kv import cache_keyword
-
-    device, keyword = input_ids.device, cache_keyword(teacher)  # `cache` (transformers 5.2x) or `past_key_values`
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    tokens, step_input, cache = [input_ids], input_ids, None
-    with torch.inference_mode(), autocast:
-        for _ in range(new_tokens):
-            out = teacher(input_ids=step_input, use_cache=True, logits_to_keep=1, **{keyword: cache})
-            cache = getattr(out, keyword)
-            step_input = _draw(out.logits[:, -1].float(), temperature, top_p, generator)
-            tokens.append(step_input)
-    return torch.cat(tokens, 1)
-
-
-def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """(B, V) logits -> (B, 1) token ids sampled at `temperature` from the smallest set of tokens whose
-    probability reaches `top_p` (all of them at 1.0)."""
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        ordered, index = probs.sort(-1, descending=True)
-        outside = ordered.cumsum(-1) - ordered >= top_p  # the first token is always kept
-        probs = torch.zeros_like(probs).scatter_(-1, index, ordered.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)
-
-
-def _sample(teacher, opening, new, temperature, top_p, seed, call) -> torch.Tensor:
-    """(B, P + new) from `decode`, seeded per call: the same seed and call give the same tokens."""
+def _sample(teacher, opening, new, temperature, top_p, seed, call, decoder=None) -> torch.Tensor:
+    """(B, P + new) from `decoder` (a StaticDecoder) or `decode`, seeded per call: the same seed,
+    call and decoder give the same tokens."""
     call_seed = int.from_bytes(hashlib.sha256(f"{seed}:{call}".encode()).digest()[:7], "little")
     generator = torch.Generator(device=opening.device).manual_seed(call_seed)
     was_training = teacher.training
     teacher.eval()
     try:
+        if decoder is not None:
+            return decoder(opening, new, temperature, top_p, generator)
         return decode(teacher, input_ids=opening, new_tokens=new, temperature=temperature, top_p=top_p,
                       generator=generator)
     finally:

@@ -68,7 +68,8 @@ class QatConfig(TrainingConfig, MethodConfig):
                                   # count x share / (1 - share), at most what training draws)
     corpus_cache: str | None = None  # folder of cached corpora (default ~/.cache/hypercompress/corpus or
                                      # $HYPERCOMPRESS_CACHE/corpus), or one .safetensors corpus file
-    corpus_batch: int = 0         # sequences the teacher writes at once (0: 256 on CUDA, 16 on a CPU)
+    corpus_batch: int = 0         # sequences the teacher writes at once (0: decode.default_batch: 16 on a
+                                  # CPU, on CUDA up to 1024 as the free memory allows)
     block_windows: int = 128      # windows Block-AP trains each block on (drawn from the mix)
     tf32: bool = True             # on CUDA, train with TF32 matmuls (tensor cores; 10-bit mantissa inputs,
                                   # float32 accumulation); the caller's setting is restored afterwards
@@ -113,7 +114,7 @@ def training_data(teacher: nn.Module, calib: torch.Tensor, c: "QatConfig", devic
     cache = c.corpus_cache
     explicit = cache is not None and cache.endswith(".safetensors")
     corpus = teacher_corpus(teacher, calib, tokens=max(tokens, calib.shape[1]), length=calib.shape[1], seed=c.seed,
-                            batch=c.corpus_batch or (256 if str(device).startswith("cuda") else 16),
+                            batch=c.corpus_batch or None,
                             cache_dir=None if explicit else cache, cache_file=cache if explicit else None,
                             device=device, progress=progress)
     return torch.cat([calib, corpus]), (calib.shape[0], c.teacher_fraction)
