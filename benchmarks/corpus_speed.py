@@ -74,7 +74,10 @@ def main() -> None:
             with safe_open(str(next(Path(tmp).glob("*.safetensors"))), framework="pt") as handle:
                 meta = json.loads(handle.metadata()[corpus.META])
         key = f"{decoder} batch {batch}"
-        result[key] = {"seconds": round(seconds, 2), "windows": out.shape[0], "stats": meta["stats"],
+        stats = meta["stats"]
+        steady = stats["generated_tokens"] / max(stats["seconds"] - stats.get("warmup_seconds", 0.0), 1e-9)
+        result[key] = {"seconds": round(seconds, 2), "windows": out.shape[0], "stats": stats,
+                       "tokens_per_second_after_warmup": round(steady, 1),
                        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None}
         print(json.dumps({key: result[key]}), flush=True)
     result["machine"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,

@@ -198,7 +198,8 @@ def _rounds(teacher, decoder, prompts, count, length, prompt_tokens, temperature
     stats = {"windows": len(kept), "dropped": dedup.dropped, "generated_tokens": written, "calls": calls,
              "seconds": round(seconds, 3), "tokens_per_second": round(written / max(seconds, 1e-9), 1),
              "batch": batch, "device": str(device),
-             "decoder": "dynamic" if decoder is None else "static, compiled" if decoder.compiled else "static"}
+             "decoder": "dynamic" if decoder is None else "static, compiled" if decoder.compiled else "static",
+             "warmup_seconds": round(decoder.warmup_seconds, 3) if decoder is not None else 0.0}
     return torch.stack(kept), stats
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import warnings
 
 import torch
@@ -102,7 +103,7 @@ class StaticDecoder:
         self.compiled = cuda if compiled is None else compiled
         self.step = torch.compile(self._forward, mode="reduce-overhead", dynamic=False) if self.compiled \
             else self._forward
-        self.static = True
+        self.static, self.steps, self.warmup_seconds = True, 0, 0.0  # warm-up: the first 2 compiled steps
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, cache_position=positions,
@@ -139,9 +140,15 @@ class StaticDecoder:
                 token = draw(logits.float(), temperature, top_p, generator)
                 tokens.append(token)
                 if index + 1 < new_tokens:
+                    tick = time.perf_counter()
                     if self.compiled:
                         torch.compiler.cudagraph_mark_step_begin()
                     logits = self.step(token, self.positions[prompt + index: prompt + index + 1])
+                    if self.compiled and self.steps < 2:  # compilation, then the CUDA graph's capture
+                        if self.device.type == "cuda":
+                            torch.cuda.synchronize(self.device)
+                        self.warmup_seconds += time.perf_counter() - tick
+                    self.steps += 1
         return torch.cat(tokens, 1)
 
     def close(self) -> None:
