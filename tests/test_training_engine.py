@@ -143,3 +143,23 @@ def test_a_distill_refusal_names_targets_that_allow_for_qat_s_room():
     asked = [float(v) for v in __import__("re").findall(r"--target-bpw (\d+\.\d+)", message)]
     assert asked[0] >= 3.70 * QAT_CODE_GROWTH and asked[0] / QAT_CODE_GROWTH <= 3.70 * 1.001
     assert asked[1] >= 4.20 * QAT_CODE_GROWTH
+
+
+def test_the_bf16_teacher_copy_casts_parameters_keeps_buffers_ties_and_the_original():
+    from conftest import make_model
+
+    from hypercompress.training.engine import cast_copy
+
+    for arch in ("llama", "gpt2"):
+        model = make_model(arch)
+        before = {n: t.clone() for n, t in model.state_dict().items()}
+        copy = cast_copy(model, "cpu", torch.bfloat16)
+        assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+        assert not any(p.requires_grad for p in copy.parameters())
+        assert all(b.dtype == o.dtype for b, o in zip(copy.buffers(), model.buffers()))  # RoPE stays float32
+        assert (copy.get_output_embeddings().weight is copy.get_input_embeddings().weight) == \
+            (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+        assert all(torch.equal(before[n], t) and t.dtype == torch.float32 for n, t in model.state_dict().items()
+                   if t.is_floating_point())
+        ids = torch.randint(1, 120, (2, 8))
+        assert torch.allclose(copy(ids).logits.float(), model(ids).logits, atol=0.05)

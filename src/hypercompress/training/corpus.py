@@ -25,7 +25,6 @@ batched loop on a dynamic cache. Throughput (generated tokens/s): benchmarks/cor
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -92,8 +91,8 @@ def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: i
     T >= prompt_tokens. tokens: the budget in tokens; length: window length in tokens (prompt included);
     prompt_tokens: real tokens opening each window (default min(32, length // 2)); batch: sequences
     written at once (default `decode.default_batch`: 16 on a CPU, up to 1024 on CUDA as memory allows);
-    static_cache: write with `StaticDecoder` (default: on CUDA) instead of `decode`; seed: CPU runs are bit-for-bit repeatable; device: where prompts go (default: the
-    teacher's). Cache: `cache_file` names the file exactly (a file of another model or settings, or an
+    static_cache: write with `StaticDecoder` (default: on CUDA) instead of `decode`; seed: CPU runs
+    are bit-for-bit repeatable; device: where prompts go (default: the teacher's). Cache: `cache_file` names the file exactly (a file of another model or settings, or an
     unreadable one, is a UserError); otherwise `cache_dir` (default `default_cache_dir()`) holds files
     named by `corpus_key`, and an unreadable one is written again with a warning.
     progress(done_tokens, total_tokens, note): kept tokens so far, note gives throughput (tok/s).

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 import warnings
 
@@ -93,10 +92,11 @@ class StaticDecoder:
         from transformers import StaticCache
 
         from ..layers.latent_kv import cache_keyword
+        from .engine import cast_copy
 
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.model = copy.deepcopy(teacher).to(device=self.device, dtype=torch.bfloat16).eval() if cuda else teacher
+        self.model = cast_copy(teacher, self.device, torch.bfloat16).eval() if cuda else teacher
         self.batch, self.length, self.keyword = batch, length, cache_keyword(teacher)
         self.cache = StaticCache(config=teacher.config, max_cache_len=length)
         self.positions = torch.arange(length, device=self.device)

@@ -77,9 +77,24 @@ def frozen_teacher(teacher: nn.Module, engine: Engine, device: str) -> nn.Module
     """The teacher as the loop runs it: a bfloat16 copy under bf16 precision (the caller's model is
     left as it was), else the model itself; compiled block by block when the engine compiles."""
     if engine.dtype(device) == torch.bfloat16:
-        teacher = copy.deepcopy(teacher).to(device=device, dtype=torch.bfloat16)
+        teacher = cast_copy(teacher, device, torch.bfloat16)
     teacher.eval()
     return teacher
+
+
+def cast_copy(model: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of `model` on `device` whose floating-point parameters are `dtype` (frozen), each
+    cast straight from the original, so no full-precision duplicate is ever held (a 7B float32 model
+    on the GPU needs 14 GB more for a bfloat16 copy, not 28 + 14). Buffers keep their dtype (RoPE
+    inverse frequencies stay float32, as from_pretrained(dtype=bfloat16) leaves them)."""
+    memo = {}
+    for parameter in model.parameters():
+        if id(parameter) not in memo:
+            value = parameter.detach().to(device=device, dtype=dtype if parameter.is_floating_point() else None)
+            memo[id(parameter)] = nn.Parameter(value, requires_grad=False)
+    for buffer in model.buffers():
+        memo.setdefault(id(buffer), buffer.detach().to(device))
+    return copy.deepcopy(model, memo)
 
 
 def compile_blocks(model: nn.Module, engine: Engine, device: str) -> None:
