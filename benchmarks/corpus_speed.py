@@ -1,7 +1,8 @@
 """Throughput of teacher_corpus (the teacher writing its own training corpus).
 
     PYTHONPATH=src python benchmarks/corpus_speed.py [--model smollm2-135m] [--windows 16] [--batch 16 ...]
-        [--decoder static dynamic] [--length 512] [--device cpu] [--random-shape] [--out results/X.json]
+        [--decoder static dynamic] [--length 512] [--device cpu] [--random-shape] [--out RUN.json]
+    python benchmarks/corpus_speed.py report RUN.json ...   # -> results/corpus_speed.json (RESULTS.md)
 
 Prompts: 64 windows of `length` tokens of the WikiText-2 validation text; each corpus run writes into a
 fresh temporary cache folder (nothing reused). Prints the fingerprint time and, per batch size, the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +32,46 @@ from hypercompress.training import corpus
 VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 
 
+def report(paths: list[str]) -> None:
+    """Merge run files (each: one invocation's JSON with its command, machine and rows) into
+    benchmarks/results/corpus_speed.json, in the order given."""
+    runs = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rows = {k: v for k, v in data.items() if isinstance(v, dict) and "stats" in v}
+        runs.append({"command": data.get("command"), "model": data["model"], "machine": data.get("machine"),
+                     "note": data.get("note"), "rows": rows})
+    out = Path(__file__).resolve().parent / "results" / "corpus_speed.json"
+    out.write_text(json.dumps({"title": "How fast the original writes its training corpus (training/decode.py)",
+                               "runs": runs}, indent=1))
+    print("\n".join(section(json.loads(out.read_text()))))
+
+
+def section(data: dict) -> list[str]:
+    """The RESULTS.md section of results/corpus_speed.json."""
+    parts = [f"## {data['title']}", "",
+             "- tok/s after warm-up: generated tokens / (seconds - the first two compiled steps' seconds, i.e. "
+             "compilation and CUDA-graph capture); whole-call tok/s includes them", ""]
+    for run in data["runs"]:
+        m = run["machine"] or {}
+        parts += [f"- `{run['command']}` ({run['model']}; {m.get('card')}, torch {m.get('torch')}, transformers "
+                  f"{m.get('transformers')}, commit {m.get('commit')}, {m.get('date')})"
+                  + (f"; note: {run['note']}" if run.get("note") else ""), "",
+                  "| decoder, batch | windows | generated tokens | warm-up s | tok/s after warm-up | whole-call tok/s "
+                  "| peak GPU GiB |", "|---|---|---|---|---|---|---|"]
+        for label, row in run["rows"].items():
+            st, peak = row["stats"], row.get("peak_gpu_bytes")
+            parts.append(f"| {label} | {row['windows']:,} | {st['generated_tokens']:,} | {st.get('warmup_seconds', 0):.1f} "
+                         f"| {row['tokens_per_second_after_warmup']:,.0f} | {st['tokens_per_second']:,.0f} | "
+                         f"{'n/a' if peak is None else f'{peak / 2**30:.1f}'} |")
+        parts.append("")
+    return parts
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:
+        report(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--windows", type=int, default=16)
@@ -80,6 +121,7 @@ def main() -> None:
                        "tokens_per_second_after_warmup": round(steady, 1),
                        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None}
         print(json.dumps({key: result[key]}), flush=True)
+    result["command"] = "python benchmarks/corpus_speed.py " + " ".join(sys.argv[1:])
     result["machine"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                          "card": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
                          "date": time.strftime("%Y-%m-%d")}

@@ -259,6 +259,12 @@ def _frontier_cli(data: dict) -> list[str]:
     return section(data)
 
 
+def _corpus_speed(data: dict) -> list[str]:
+    from corpus_speed import section
+
+    return section(data)
+
+
 def _training_engine(data: dict) -> list[str]:
     """benchmarks/train_speed.py tables and the CLI run of recipes/gptq-w3g64-qat-1min.yaml."""
     parts = [f"## {data['title']}", "", f"- card: {data['card']}", ""]
@@ -287,7 +293,7 @@ def _training_engine(data: dict) -> list[str]:
     return parts
 
 
-SECTIONS = {"frontier_cli": _frontier_cli, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
+SECTIONS = {"frontier_cli": _frontier_cli, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
             "lm_eval_tasks": _lm_eval_tasks}
 
