@@ -11,10 +11,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast)
+                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 WORDS = [f"w{i}" for i in range(120)]
-ARCHS = ["llama", "gpt2"]
+ARCHS = ["llama", "gpt2", "qwen3"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -31,6 +31,11 @@ def make_model(arch: str) -> torch.nn.Module:
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=256, tie_word_embeddings=False)
         return LlamaForCausalLM(config).eval()
+    if arch == "qwen3":  # per-head q/k RMSNorms, head_dim (32) not hidden / heads (16), tied head
+        config = Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                             max_position_embeddings=256, tie_word_embeddings=True)
+        return Qwen3ForCausalLM(config).eval()
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
 

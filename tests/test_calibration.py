@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from hypercompress import artifact
 from hypercompress.api import compress
+from hypercompress.arch import arch_of
 from hypercompress.calibration import capture_block_inputs, run_layerwise
 from hypercompress.errors import UserError
 from hypercompress.methods.base import LayerwiseMethod
@@ -35,13 +36,14 @@ def test_block_inputs_reproduce_the_model(arch, model_dirs):
     samples = calib()
     hiddens, calls = capture_block_inputs(model, samples, batch_size=4)
     assert [h.shape[0] for h in hiddens] == [4, 2]
-    blocks = model.model.layers if arch == "llama" else model.transformer.h
+    spec = arch_of(model.config.model_type)
+    blocks = model.get_submodule(spec.blocks)
     hidden = hiddens[0]
     with torch.no_grad():
         for index, block in enumerate(blocks):
             hidden = calls.run(block, index, 0, hidden)
         expected = model(samples[:4], output_hidden_states=True).hidden_states[-1]
-    norm = model.model.norm if arch == "llama" else model.transformer.ln_f
+    norm = model.get_submodule(spec.final_norm)
     assert torch.allclose(norm(hidden), expected, atol=1e-5)
 
 

@@ -14,7 +14,7 @@ from gguf.quants import dequantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM)
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import hypercompress
 from hypercompress.errors import UserError
@@ -49,10 +49,14 @@ def tiny(arch: str, tied: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "gpt2":  # n_positions 1024: transformers' GGUF loader reads context_length as n_ctx
         return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)).eval()
-    cls, config = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}[arch]
+    cls, config = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config),
+                   "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[arch]
+    # Qwen3: head_dim is not hidden / heads; 128, Qwen3Config's default, because transformers' GGUF
+    # loader (5.25) does not read qwen3.attention.key_length (llama.cpp does)
+    extra = {"head_dim": 128} if arch == "qwen3" else {}
     return cls(config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=50000.0, tie_word_embeddings=tied)).eval()
+                      rope_theta=50000.0, tie_word_embeddings=tied, **extra)).eval()
 
 
 def make_artifact(tmp_path, bpe, stages, arch="llama", tied=False):
@@ -61,6 +65,10 @@ def make_artifact(tmp_path, bpe, stages, arch="llama", tied=False):
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 torch.nn.init.normal_(proj.bias, std=0.1)
+    if arch == "qwen3":  # q/k norm weights away from 1, so their copies are checked too
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
     params = count_params(model)
     recipe = Recipe.from_list(stages)
     hypercompress.compress(model, recipe)
@@ -156,6 +164,19 @@ def test_tied_qwen2_quant_embedding_and_gpt2(tmp_path, bpe):
                                                           "type": "Q4_1", "exact": True}
     assert report["tensors"]["position_embd.weight"]["type"] == "F32" and "output.weight" not in report["tensors"]
     ours, theirs = logits_pair(artifact, tmp_path / "g" / "gguf")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_qwen3_with_q_k_norms_and_its_own_head_dim(tmp_path, bpe):
+    artifact = make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4, "group_size": 32,
+                                              "zero_point": "float"}], arch="qwen3", tied=True)
+    report = export(artifact, "gguf", tmp_path / "gguf")
+    assert report["tensors"]["blk.0.attn_q_norm.weight"]["type"] == "F32"
+    assert report["tensors"]["blk.0.attn_q.weight"] == {**report["tensors"]["blk.0.attn_q.weight"],
+                                                        "type": "Q4_1", "exact": True}
+    meta, _ = fields(tmp_path / "gguf" / "model.gguf")
+    assert meta["general.architecture"] == "qwen3" and meta["qwen3.attention.key_length"] == 128
+    ours, theirs = logits_pair(artifact, tmp_path / "gguf")
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 

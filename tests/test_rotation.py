@@ -35,14 +35,27 @@ def test_the_rotation_is_orthogonal(dim):
     assert torch.equal(Q, orthogonal_matrix(dim, seed=3))
 
 
-@pytest.mark.parametrize("build", [lambda: make_model("llama"), tied_llama])
+def qwen3_with_scaled_norms():
+    """Qwen3: every norm's scale away from 1, its per-head q/k norms' too (they act after q/k_proj,
+    which the rotation leaves alone, so they keep their scales)."""
+    model = make_model("qwen3")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1.0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+@pytest.mark.parametrize("build", [lambda: make_model("llama"), tied_llama, qwen3_with_scaled_norms])
 def test_rotation_leaves_the_logits_unchanged_in_float(build, tokens):
     model = build()
+    head_norms = {n: p.clone() for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n}
     before = model(tokens).logits
     rotate_residual(model, seed=0)
     after = model(tokens).logits
     assert torch.allclose(after, before, rtol=0, atol=1e-4 * before.abs().max().item())
-    assert all(torch.all(p == 1) for n, p in model.named_parameters() if "norm" in n)  # folded
+    assert all(torch.all(p == 1) for n, p in model.named_parameters() if "norm" in n and n not in head_norms)  # folded
+    assert all(torch.equal(p, head_norms[n]) for n, p in model.named_parameters() if n in head_norms)
     assert model.lm_head.weight is not model.model.embed_tokens.weight  # untied: the head folds the norm
 
 

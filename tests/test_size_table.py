@@ -48,7 +48,7 @@ def random_plans(model, group: int, count: int, seed: int) -> tuple[list[Plan], 
     return plans, embedding
 
 
-@pytest.mark.parametrize("arch", ["tied", "llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["tied", "llama", "gpt2", "qwen3"])
 @pytest.mark.parametrize("lossless", [None, 10])
 def test_the_table_predicts_the_saved_file_exactly(arch, lossless, tmp_path):
     model = tied_llama(256) if arch == "tied" else make_model(arch)

@@ -10,6 +10,7 @@ import torch
 
 from hypercompress import artifact
 from hypercompress.api import compress
+from hypercompress.arch import arch_of
 from hypercompress.errors import UserError
 from hypercompress.methods.structured.importance import measure
 from hypercompress.methods.structured.surgery import (drop_blocks, flops_per_token, keep_channels,
@@ -24,41 +25,43 @@ IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def blocks(model):
-    return model.model.layers if model.config.model_type == "llama" else model.transformer.h
+    return model.get_submodule(arch_of(model.config.model_type).blocks)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
 def test_removing_channels_equals_zeroing_their_down_columns(arch):
     model = make_model(arch)
     reference = copy.deepcopy(model)
-    inner = 128 if arch == "llama" else 256  # gpt2: n_inner = 4 x n_embd
+    spec = arch_of(model.config.model_type)
+    inner = 256 if spec.conv1d else 128  # gpt2: n_inner = 4 x n_embd
     keep = [torch.arange(0, inner, 3) for _ in range(2)]
     with torch.no_grad():
         for block in blocks(reference):
-            down = block.mlp.down_proj.weight if arch == "llama" else block.mlp.c_proj.weight
+            down = block.get_submodule(spec.mlp_down).weight
             gone = torch.ones(inner, dtype=torch.bool)
             gone[keep[0]] = False
-            if arch == "llama":
-                down[:, gone] = 0
-            else:
+            if spec.conv1d:  # Conv1D keeps (in_features, out_features)
                 down[gone] = 0
+            else:
+                down[:, gone] = 0
     keep_channels(model, keep)
-    assert model.config.to_dict()["intermediate_size" if arch == "llama" else "n_inner"] == keep[0].numel()
+    assert model.config.to_dict()[spec.intermediate_key] == keep[0].numel()
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_removing_a_head_group_equals_zeroing_its_query_heads_output():
-    model = make_model("llama")  # 4 query heads, 2 key/value heads, head_dim 16
+@pytest.mark.parametrize("arch, head_dim", [("llama", 16), ("qwen3", 32)])  # qwen3: per-head q/k norms
+def test_removing_a_head_group_equals_zeroing_its_query_heads_output(arch, head_dim):
+    model = make_model(arch)  # 4 query heads, 2 key/value heads
     reference = copy.deepcopy(model)
     with torch.no_grad():
         for block in blocks(reference):
-            block.self_attn.o_proj.weight[:, :32] = 0  # group 0 = query heads 0, 1
+            block.self_attn.o_proj.weight[:, :2 * head_dim] = 0  # group 0 = query heads 0, 1
     keep_groups(model, [torch.tensor([1]), torch.tensor([1])])
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, 16)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, head_dim)
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
 def test_dropping_a_block_equals_skipping_it(arch):
     model = make_model(arch)
     reference = copy.deepcopy(model)

@@ -1,11 +1,13 @@
-"""The per-architecture table: where the blocks are and which linears each block holds.
+"""The per-architecture table: where the blocks are, which linears each block holds, how it
+normalizes and what each export calls it.
 
-Architectures differ only here; every other file is architecture-agnostic.
+Architectures differ only here; every other file is architecture-agnostic. A new family is one row
+(checklist: docs/new_family.md).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -27,6 +29,21 @@ class ArchSpec:
     # model surgery (analysis/erasure): every module that adds to the residual stream
     residual_writers: tuple[str, ...] = ()     # inside one block: its output rows live in the residual
     embeddings: tuple[str, ...] = ()           # dotted paths of the embedding tables (token first)
+    # normalization: "rms" (RMSNorm, no mean subtracted) or "layer" (LayerNorm); pre-norm blocks whose
+    # norms' outputs are read by these linears (rotation folds each norm's scale into its readers)
+    norm: str = "rms"
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    head_norms: tuple[str, ...] = ()   # per-head norms inside attention (Qwen3's q_norm, k_norm): they act
+                                       # after q/k_proj, so a rotation of the residual leaves them alone
+    # GGUF: gguf.MODEL_ARCH member, and whether Q/K rows are permuted as convert_hf_to_gguf.py's LlamaModel does
+    gguf_arch: str | None = None
+    gguf_permute_qk: bool = False
+
+    @property
+    def rotatable(self) -> bool:
+        """Whether a rotation of the residual stream folds in exactly (methods/rotation.py): RMSNorm
+        pre-norm blocks whose norm readers are known."""
+        return self.norm == "rms" and bool(self.norm_readers)
 
 
 _LLAMA_LIKE = ArchSpec(
@@ -41,12 +58,17 @@ _LLAMA_LIKE = ArchSpec(
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     residual_writers=("self_attn.o_proj", "mlp.down_proj"),
     embeddings=("model.embed_tokens",),
+    norm_readers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                  ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+    gguf_arch="LLAMA", gguf_permute_qk=True,
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
+    "qwen2": replace(_LLAMA_LIKE, gguf_arch="QWEN2", gguf_permute_qk=False),
+    "qwen3": replace(_LLAMA_LIKE, head_norms=("self_attn.q_norm", "self_attn.k_norm"), gguf_arch="QWEN3",
+                     gguf_permute_qk=False),
     "gpt2": ArchSpec(
         blocks="transformer.h",
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
@@ -58,8 +80,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         intermediate_key="n_inner",
         residual_writers=("attn.c_proj", "mlp.c_proj"),
         embeddings=("transformer.wte", "transformer.wpe"),
+        norm="layer",
+        gguf_arch="GPT2",
     ),
 }
+
+
+def rotatable_types() -> list[str]:
+    """The model types whose residual stream can be rotated (ArchSpec.rotatable), sorted."""
+    return sorted(t for t, spec in ARCHITECTURES.items() if spec.rotatable)
+
+
+def norm_of(spec: ArchSpec, reader: str) -> str | None:
+    """The norm (relative name) whose output the block linear `reader` reads, or None."""
+    return next((norm for norm, readers in spec.norm_readers if reader in readers), None)
 
 
 def arch_of(model_type: str) -> ArchSpec:

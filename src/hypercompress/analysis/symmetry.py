@@ -19,24 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..arch import blocks_of
+from ..arch import ArchSpec, arch_of, blocks_of, norm_of
 from .weights import outlier_stats
 
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
-WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+def _readers(spec: ArchSpec) -> tuple[str, ...]:
+    """The block linears that read the residual stream through a norm (the arch table's)."""
+    return tuple(reader for _, readers in spec.norm_readers for reader in readers)
 
 
-def _folded(block: nn.Module, leaf: str) -> torch.Tensor:
+def _folded(block: nn.Module, leaf: str, spec: ArchSpec) -> torch.Tensor:
     """A linear's weight as the rotation sees it: a reader's with its RMSNorm scale folded in."""
-    from ..methods.rotation import NORM_READERS
-
     weight = block.get_submodule(leaf).weight.detach().float()
-    norm = next((n for n, readers in NORM_READERS.items() if leaf in readers), None)
+    norm = norm_of(spec, leaf)
     return weight * block.get_submodule(norm).weight.detach().float()[None, :] if norm else weight
 
 
 def _mean_outliers(model: nn.Module, leaves: tuple[str, ...]) -> dict:
-    stats = [outlier_stats(_folded(block, leaf)) for block in blocks_of(model) for leaf in leaves]
+    spec = arch_of(model.config.model_type)
+    stats = [outlier_stats(_folded(block, leaf, spec)) for block in blocks_of(model) for leaf in leaves]
     return {k: sum(s[k] for s in stats) / len(stats) for k in ("kurtosis", "max_over_median")}
 
 
@@ -52,14 +53,16 @@ def _stream_outliers(model: nn.Module, samples: torch.Tensor, device: str) -> di
 def rotation_outliers(model: nn.Module, samples: torch.Tensor, device: str = "cpu") -> dict | None:
     """{"readers"|"writers"|"stream": {"before": stats, "after": stats}} for a rotatable (RMSNorm,
     llama-like) model, None otherwise. The model is not changed (a copy is rotated)."""
-    from ..methods.rotation import ROTATABLE, rotate_residual
+    from ..methods.rotation import rotate_residual
 
-    if model.config.model_type not in ROTATABLE:
+    if not arch_of(model.config.model_type).rotatable:
         return None
+    spec = arch_of(model.config.model_type)
+    readers, writers = _readers(spec), spec.residual_writers
     rotated = copy.deepcopy(model)
     rotate_residual(rotated, seed=0)
-    return {"readers": {"before": _mean_outliers(model, READERS), "after": _mean_outliers(rotated, READERS)},
-            "writers": {"before": _mean_outliers(model, WRITERS), "after": _mean_outliers(rotated, WRITERS)},
+    return {"readers": {"before": _mean_outliers(model, readers), "after": _mean_outliers(rotated, readers)},
+            "writers": {"before": _mean_outliers(model, writers), "after": _mean_outliers(rotated, writers)},
             "stream": {"before": _stream_outliers(model, samples, device),
                        "after": _stream_outliers(rotated, samples, device)}}
 

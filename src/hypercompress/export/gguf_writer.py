@@ -45,9 +45,6 @@ from .dense import densify
 from .gguf_tensors import Encoded, encode, parse_type, permute_rows, quant_grid
 
 FILE = "model.gguf"
-# model_type -> (GGUF architecture, permute Q/K rows like convert_hf_to_gguf.py's LlamaModel)
-ARCHS = {"llama": (MODEL_ARCH.LLAMA, True), "mistral": (MODEL_ARCH.LLAMA, True),
-         "qwen2": (MODEL_ARCH.QWEN2, False), "gpt2": (MODEL_ARCH.GPT2, False)}
 FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTLY_F16,
               T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
               T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, T.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
@@ -58,6 +55,19 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPLITS = {_QWEN2_SPLIT: "qwen2", _LLAMA3_SPLIT: "llama-bpe"}
+
+
+def gguf_arch(model_type: str) -> tuple[MODEL_ARCH, bool]:
+    """(GGUF architecture, permute Q/K rows) of a model type, from the arch table (arch.py);
+    UserError naming the exportable ones otherwise."""
+    from ..arch import ARCHITECTURES
+
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None or spec.gguf_arch is None:
+        exportable = sorted(t for t, s in ARCHITECTURES.items() if s.gguf_arch)
+        raise UserError(f"architecture '{model_type}' cannot be exported to GGUF here; "
+                        f"supported: {', '.join(exportable)} (use --format hf for the others)")
+    return MODEL_ARCH[spec.gguf_arch], spec.gguf_permute_qk
 
 
 def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: str | None = None,
@@ -72,10 +82,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: 
     an architecture, rope scaling, tokenizer or gguf_type GGUF (or this writer) cannot hold.
     """
     config = model.config
-    if config.model_type not in ARCHS:
-        raise UserError(f"architecture '{config.model_type}' cannot be exported to GGUF here; "
-                        f"supported: {', '.join(ARCHS)} (use --format hf for the others)")
-    arch, permute = ARCHS[config.model_type]
+    arch, permute = gguf_arch(config.model_type)
     requested = parse_type(gguf_type)
     rope = _rope(config) if arch != MODEL_ARCH.GPT2 else None
     vocab_size = int(config.vocab_size)

@@ -15,8 +15,9 @@ two dividing d and R_m a seeded random orthogonal matrix (QR of a Gaussian), row
 
 A tied lm_head is untied first: the final norm's scale folds into the head but not into the
 embedding, so the two matrices differ afterwards (the head's table is then stored, and counted).
-Only RMSNorm architectures (llama, mistral, qwen2) are rotated; GPT-2's LayerNorm subtracts the mean,
-which a rotation does not commute with, and is refused.
+Only RMSNorm pre-norm architectures (arch.ArchSpec.rotatable: llama, mistral, qwen2, qwen3) are
+rotated; GPT-2's LayerNorm subtracts the mean, which a rotation does not commute with, and is refused.
+Qwen3's per-head q/k norms act after q_proj/k_proj, whose outputs a residual rotation leaves unchanged.
 """
 
 from __future__ import annotations
@@ -26,17 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..arch import arch_of
+from ..arch import arch_of, rotatable_types
 from ..config import MethodConfig, check
 from ..errors import UserError
 from ..modules import CompressedModule
 from ..registry import register
 from .base import WholeModelMethod
 
-# RMSNorm -> the linears (relative to a block) that read its output, for llama-like blocks
-NORM_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
-ROTATABLE = {"llama", "mistral", "qwen2"}
 
 
 @dataclass
@@ -70,9 +67,9 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
     or a model that already holds compressed modules."""
     model_type = model.config.model_type
     spec = arch_of(model_type)
-    if model_type not in ROTATABLE:
+    if not spec.rotatable:
         raise UserError(f"rotate: {model_type} normalizes with LayerNorm (mean subtracted), which a rotation "
-                        f"does not commute with; rotate supports {', '.join(sorted(ROTATABLE))}")
+                        f"does not commute with; rotate supports {', '.join(rotatable_types())}")
     if any(isinstance(m, CompressedModule) for m in model.modules()):
         raise UserError("rotate changes dense weights: put it first in the recipe, before any compressing stage")
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -81,7 +78,7 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
         model.config.tie_word_embeddings = False
     Q = orthogonal_matrix(embedding.weight.shape[1], seed)
     for block in model.get_submodule(spec.blocks):
-        for norm, readers in NORM_READERS.items():
+        for norm, readers in spec.norm_readers:
             _fold_and_rotate(block.get_submodule(norm), [block.get_submodule(r) for r in readers], Q)
         for name in spec.residual_writers:  # the arch table's writers of the residual stream
             writer = block.get_submodule(name)

@@ -50,10 +50,11 @@ ROTATED = "rotated: planned"  # the plan after `rotate`, on models rotate keeps 
 
 def rotation_keeps_size(model: nn.Module) -> bool:
     """Whether `rotate` leaves the stored size alone: an RMSNorm architecture whose lm_head is untied."""
-    from ..methods.rotation import ROTATABLE
+    from ..arch import ARCHITECTURES
 
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    return (model.config.model_type in ROTATABLE and head is not None
+    spec = ARCHITECTURES.get(model.config.model_type)
+    return (spec is not None and spec.rotatable and head is not None
             and getattr(head, "weight", None) is not getattr(embedding, "weight", None))
 
 
