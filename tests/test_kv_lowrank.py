@@ -20,22 +20,38 @@ CALIB = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0
 IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-def latent(**config):
-    model = make_model("llama")  # 2 key/value heads of 16: 32 keys + 32 values per token and layer
+def qwen3_with_scaled_head_norms():
+    """Qwen3 (2 key/value heads of 32) whose per-head q/k norms scale: the latent path must apply them."""
+    model = make_model("qwen3")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "q_norm" in name or "k_norm" in name:
+                parameter.normal_(1.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+BUILD = {"llama": lambda: make_model("llama"),  # 2 key/value heads of 16: 32 keys + 32 values per token and layer
+         "qwen3": qwen3_with_scaled_head_norms}
+
+
+def latent(arch="llama", **config):
+    model = BUILD[arch]()
     compress(model, Recipe.from_list([{"method": "kv_lowrank", **config}]), CALIB)
     return model
 
 
-def test_full_rank_reproduces_the_dense_model():
-    dense, model = make_model("llama"), latent(rank=64)  # 2 x 32: nothing dropped
+@pytest.mark.parametrize("arch, rank", [("llama", 64), ("qwen3", 64)])  # min(keys + values, width): nothing dropped
+def test_full_rank_reproduces_the_dense_model(arch, rank):
+    dense, model = BUILD[arch](), latent(arch, rank=rank)
     torch.testing.assert_close(model(IDS).logits, dense(IDS).logits, atol=2e-3, rtol=1e-3)
     prompt = IDS[:1, :5]
     assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False),
                        dense.generate(prompt, max_new_tokens=6, do_sample=False))
 
 
-def test_incremental_decoding_equals_the_full_forward():
-    model = latent(keep=0.25)
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_incremental_decoding_equals_the_full_forward(arch):
+    model = latent(arch, keep=0.25)
     cache = DynamicCache(config=model.config)
     first = model(IDS[:, :12], past_key_values=cache, use_cache=True).logits
     rest = model(IDS[:, 12:], past_key_values=cache, use_cache=True).logits

@@ -33,7 +33,7 @@ class ArchSpec:
     # norms' outputs are read by these linears (rotation folds each norm's scale into its readers)
     norm: str = "rms"
     norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    head_norms: tuple[str, ...] = ()   # per-head norms inside attention (Qwen3's q_norm, k_norm): they act
+    head_norms: tuple[str, ...] = ()   # (q norm, k norm) over each head's head_dim (Qwen3): they act
                                        # after q/k_proj, so a rotation of the residual leaves them alone
     # GGUF: gguf.MODEL_ARCH member, and whether Q/K rows are permuted as convert_hf_to_gguf.py's LlamaModel does
     gguf_arch: str | None = None

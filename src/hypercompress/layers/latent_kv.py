@@ -123,14 +123,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def latent_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                              cache=None, position_ids: torch.Tensor | None = None, **kwargs):
     """Llama-family attention whose cache holds the latent c = A x and each token's position:
-    q as usual; keys and values expanded from every cached latent, keys rotated at their positions.
+    q as usual; keys and values expanded from every cached latent, keys rotated at their positions;
+    per-head q/k norms (the arch table's head_norms, Qwen3's q_norm / k_norm) applied to each head
+    before RoPE, as the model's own attention does.
     hidden_states (b, s, D) -> (attention output (b, s, D), attention weights or None)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
+    q_norm, k_norm = _head_norms(self)
     batch, length = hidden_states.shape[:2]
     d = self.head_dim
-    query = self.q_proj(hidden_states).view(batch, length, -1, d).transpose(1, 2)
+    query = q_norm(self.q_proj(hidden_states).view(batch, length, -1, d)).transpose(1, 2)
     cos, sin = position_embeddings
     query = query * cos.unsqueeze(1) + _rotate_half(query) * sin.unsqueeze(1)
     latent = self.k_proj.latent(hidden_states)                                   # (b, s, r)
@@ -143,7 +146,7 @@ def latent_attention_forward(self, hidden_states: torch.Tensor, position_embeddi
         latent, positions = cache.update(latent, positions, self.layer_idx, kwargs=kwargs)
     latent, every = latent[:, 0], positions[:, 0, :, 0].round().long()           # (b, S, r), (b, S)
     total = latent.shape[1]
-    key = self.k_proj.expand(latent).view(batch, total, -1, d).transpose(1, 2)  # (b, n_kv, S, d)
+    key = k_norm(self.k_proj.expand(latent).view(batch, total, -1, d)).transpose(1, 2)  # (b, n_kv, S, d)
     value = self.v_proj.expand(latent).view(batch, total, -1, d).transpose(1, 2)
     cos_all, sin_all = self._rotary[0](latent, every)
     key = key * cos_all.unsqueeze(1) + _rotate_half(key) * sin_all.unsqueeze(1)
@@ -152,6 +155,17 @@ def latent_attention_forward(self, hidden_states: torch.Tensor, position_embeddi
                              dropout=0.0 if not self.training else self.attention_dropout,
                              scaling=self.scaling, **kwargs)
     return self.o_proj(output.reshape(batch, length, -1).contiguous()), weights
+
+
+def _head_norms(attention: nn.Module) -> tuple[Any, Any]:
+    """(q norm, k norm) of an attention module: its per-head norms the arch table names
+    (ArchSpec.head_norms, relative to a block: "self_attn.q_norm", "self_attn.k_norm"), else identities."""
+    from ..arch import arch_of
+
+    names = arch_of(attention.config.model_type).head_norms
+    if not names:
+        return nn.Identity(), nn.Identity()
+    return tuple(attention.get_submodule(name.partition(".")[2]) for name in names)
 
 
 @torch.no_grad()
