@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
+                          Olmo2ForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 WORDS = [f"w{i}" for i in range(120)]
-ARCHS = ["llama", "gpt2", "qwen3"]
+ARCHS = ["llama", "gpt2", "qwen3", "olmo2"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -36,6 +36,11 @@ def make_model(arch: str) -> torch.nn.Module:
                              num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                              max_position_embeddings=256, tie_word_embeddings=True)
         return Qwen3ForCausalLM(config).eval()
+    if arch == "olmo2":  # norms after the sublayers, q/k norms over all heads
+        config = Olmo2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        return Olmo2ForCausalLM(config).eval()
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
 

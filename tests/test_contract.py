@@ -25,7 +25,7 @@ QUICK = {"hypernet": {"warm_steps": 5, "steps": 5}, "kan": {"steps": 3}, "distil
 BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
 AFTER = {"rotate": [{"method": "rtn", "bits": 4, "group_size": 32}]}  # rotate compresses nothing by itself
 STRUCTURAL = {"structured"}  # shrink the model itself: no compressed module, fewer dense tensors
-ARCH_ONLY = {"kv_lowrank": {"llama", "qwen3"},  # GPT-2 fuses k and v into c_attn (the refusal is tested apart)
+ARCH_ONLY = {"kv_lowrank": {"llama", "qwen3", "olmo2"},  # GPT-2 fuses k and v into c_attn (the refusal is tested apart)
              "rotate": {"llama", "qwen3"}}  # GPT-2's LayerNorm does not commute with a rotation (tested apart)
 
 

@@ -20,9 +20,10 @@ CALIB = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0
 IDS = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-def qwen3_with_scaled_head_norms():
-    """Qwen3 (2 key/value heads of 32) whose per-head q/k norms scale: the latent path must apply them."""
-    model = make_model("qwen3")
+def scaled_head_norms(arch):
+    """Qwen3 (2 key/value heads of 32; per-head q/k norms) or OLMo-2 (q/k norms over all heads) whose
+    q/k norms scale: the latent path must apply them as the model's attention does."""
+    model = make_model(arch)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "q_norm" in name or "k_norm" in name:
@@ -31,7 +32,7 @@ def qwen3_with_scaled_head_norms():
 
 
 BUILD = {"llama": lambda: make_model("llama"),  # 2 key/value heads of 16: 32 keys + 32 values per token and layer
-         "qwen3": qwen3_with_scaled_head_norms}
+         "qwen3": lambda: scaled_head_norms("qwen3"), "olmo2": lambda: scaled_head_norms("olmo2")}
 
 
 def latent(arch="llama", **config):
@@ -40,7 +41,7 @@ def latent(arch="llama", **config):
     return model
 
 
-@pytest.mark.parametrize("arch, rank", [("llama", 64), ("qwen3", 64)])  # min(keys + values, width): nothing dropped
+@pytest.mark.parametrize("arch, rank", [("llama", 64), ("qwen3", 64), ("olmo2", 64)])  # min(keys + values, width): nothing dropped
 def test_full_rank_reproduces_the_dense_model(arch, rank):
     dense, model = BUILD[arch](), latent(arch, rank=rank)
     torch.testing.assert_close(model(IDS).logits, dense(IDS).logits, atol=2e-3, rtol=1e-3)
@@ -49,7 +50,7 @@ def test_full_rank_reproduces_the_dense_model(arch, rank):
                        dense.generate(prompt, max_new_tokens=6, do_sample=False))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "olmo2"])
 def test_incremental_decoding_equals_the_full_forward(arch):
     model = latent(arch, keep=0.25)
     cache = DynamicCache(config=model.config)

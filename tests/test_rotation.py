@@ -80,6 +80,11 @@ def test_a_rotated_and_quantized_model_saves_and_reloads_exactly(tmp_path, token
     assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
 
 
+def test_a_post_norm_family_is_refused_by_what_it_lacks():
+    with pytest.raises(UserError, match="olmo2 normalizes after its sublayers .*rotate supports llama, mistral, qwen2, qwen3"):
+        rotate_residual(make_model("olmo2"))
+
+
 def test_rotation_is_refused_where_it_is_not_exact():
     with pytest.raises(UserError, match="LayerNorm"):
         rotate_residual(make_model("gpt2"))

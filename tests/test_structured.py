@@ -28,7 +28,7 @@ def blocks(model):
     return model.get_submodule(arch_of(model.config.model_type).blocks)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "olmo2"])
 def test_removing_channels_equals_zeroing_their_down_columns(arch):
     model = make_model(arch)
     reference = copy.deepcopy(model)
@@ -49,6 +49,11 @@ def test_removing_channels_equals_zeroing_their_down_columns(arch):
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_heads_whose_norm_spans_every_head_are_not_pruned():
+    with pytest.raises(UserError, match="olmo2's q/k norms normalize all heads together"):
+        compress(make_model("olmo2"), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
+
+
 @pytest.mark.parametrize("arch, head_dim", [("llama", 16), ("qwen3", 32)])  # qwen3: per-head q/k norms
 def test_removing_a_head_group_equals_zeroing_its_query_heads_output(arch, head_dim):
     model = make_model(arch)  # 4 query heads, 2 key/value heads
@@ -61,7 +66,7 @@ def test_removing_a_head_group_equals_zeroing_its_query_heads_output(arch, head_
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "olmo2"])
 def test_dropping_a_block_equals_skipping_it(arch):
     model = make_model(arch)
     reference = copy.deepcopy(model)

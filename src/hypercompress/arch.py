@@ -33,8 +33,10 @@ class ArchSpec:
     # norms' outputs are read by these linears (rotation folds each norm's scale into its readers)
     norm: str = "rms"
     norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    head_norms: tuple[str, ...] = ()   # (q norm, k norm) over each head's head_dim (Qwen3): they act
-                                       # after q/k_proj, so a rotation of the residual leaves them alone
+    head_norms: tuple[str, ...] = ()   # (q norm, k norm) after q/k_proj (Qwen3, OLMo-2); a rotation of
+                                       # the residual leaves their inputs alone
+    head_norm_span: str = "head"       # "head": over each head's head_dim (Qwen3); "all": over the whole
+                                       # projection, every head together (OLMo-2: heads cannot be pruned)
     # GGUF: gguf.MODEL_ARCH member, and whether Q/K rows are permuted as convert_hf_to_gguf.py's LlamaModel does
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
@@ -69,6 +71,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": replace(_LLAMA_LIKE, gguf_arch="QWEN2", gguf_permute_qk=False),
     "qwen3": replace(_LLAMA_LIKE, head_norms=("self_attn.q_norm", "self_attn.k_norm"), gguf_arch="QWEN3",
                      gguf_permute_qk=False),
+    # OLMo-2: norms after the sublayers (post_attention_layernorm, post_feedforward_layernorm), so no
+    # linear reads a norm (nothing to rotate) and o_proj / down_proj outputs are normalized before the
+    # residual add (no exact residual writers for surgery); q/k norms over all heads; transformers'
+    # GGUF loader does not read olmo2, so the GGUF export is not offered
+    "olmo2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), head_norms=("self_attn.q_norm", "self_attn.k_norm"),
+                     head_norm_span="all", gguf_arch=None, gguf_permute_qk=False),
     "gpt2": ArchSpec(
         blocks="transformer.h",
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
@@ -124,6 +132,10 @@ def residual_writer_names(model: nn.Module) -> tuple[list[str], list[str]]:
     """(embedding tables, block writers): the full names of every module whose output is added to
     the residual stream, e.g. (["model.embed_tokens"], ["model.layers.0.self_attn.o_proj", ...])."""
     spec = arch_of(model.config.model_type)
+    if not spec.residual_writers:
+        raise UserError(f"{model.config.model_type} normalizes its sublayers' outputs before adding them to "
+                        "the residual stream (post-norm), so an edit folded into its linears would not stay exact; "
+                        f"edits support {', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.residual_writers))}")
     count = len(model.get_submodule(spec.blocks))
     return list(spec.embeddings), [f"{spec.blocks}.{i}.{leaf}" for i in range(count) for leaf in spec.residual_writers]
 

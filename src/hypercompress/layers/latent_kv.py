@@ -130,10 +130,16 @@ def latent_attention_forward(self, hidden_states: torch.Tensor, position_embeddi
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
-    q_norm, k_norm = _head_norms(self)
+    q_norm, k_norm, whole = _head_norms(self)
     batch, length = hidden_states.shape[:2]
     d = self.head_dim
-    query = q_norm(self.q_proj(hidden_states).view(batch, length, -1, d)).transpose(1, 2)
+
+    def heads(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:  # (b, s, n d) -> (b, n, s, d), normed
+        x = norm(x) if whole else x
+        x = x.view(x.shape[0], x.shape[1], -1, d)
+        return (x if whole else norm(x)).transpose(1, 2)
+
+    query = heads(self.q_proj(hidden_states), q_norm)
     cos, sin = position_embeddings
     query = query * cos.unsqueeze(1) + _rotate_half(query) * sin.unsqueeze(1)
     latent = self.k_proj.latent(hidden_states)                                   # (b, s, r)
@@ -146,8 +152,8 @@ def latent_attention_forward(self, hidden_states: torch.Tensor, position_embeddi
         latent, positions = cache.update(latent, positions, self.layer_idx, kwargs=kwargs)
     latent, every = latent[:, 0], positions[:, 0, :, 0].round().long()           # (b, S, r), (b, S)
     total = latent.shape[1]
-    key = k_norm(self.k_proj.expand(latent).view(batch, total, -1, d)).transpose(1, 2)  # (b, n_kv, S, d)
-    value = self.v_proj.expand(latent).view(batch, total, -1, d).transpose(1, 2)
+    key = heads(self.k_proj.expand(latent), k_norm)                              # (b, n_kv, S, d)
+    value = heads(self.v_proj.expand(latent), nn.Identity())
     cos_all, sin_all = self._rotary[0](latent, every)
     key = key * cos_all.unsqueeze(1) + _rotate_half(key) * sin_all.unsqueeze(1)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
@@ -157,15 +163,17 @@ def latent_attention_forward(self, hidden_states: torch.Tensor, position_embeddi
     return self.o_proj(output.reshape(batch, length, -1).contiguous()), weights
 
 
-def _head_norms(attention: nn.Module) -> tuple[Any, Any]:
-    """(q norm, k norm) of an attention module: its per-head norms the arch table names
-    (ArchSpec.head_norms, relative to a block: "self_attn.q_norm", "self_attn.k_norm"), else identities."""
+def _head_norms(attention: nn.Module) -> tuple[Any, Any, bool]:
+    """(q norm, k norm, whether they span all heads) of an attention module: the q/k norms the arch
+    table names (ArchSpec.head_norms, relative to a block: "self_attn.q_norm", "self_attn.k_norm";
+    head_norm_span), else identities."""
     from ..arch import arch_of
 
-    names = arch_of(attention.config.model_type).head_norms
-    if not names:
-        return nn.Identity(), nn.Identity()
-    return tuple(attention.get_submodule(name.partition(".")[2]) for name in names)
+    spec = arch_of(attention.config.model_type)
+    if not spec.head_norms:
+        return nn.Identity(), nn.Identity(), False
+    q_norm, k_norm = (attention.get_submodule(name.partition(".")[2]) for name in spec.head_norms)
+    return q_norm, k_norm, spec.head_norm_span == "all"
 
 
 @torch.no_grad()

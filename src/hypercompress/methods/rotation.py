@@ -68,8 +68,10 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
     model_type = model.config.model_type
     spec = arch_of(model_type)
     if not spec.rotatable:
-        raise UserError(f"rotate: {model_type} normalizes with LayerNorm (mean subtracted), which a rotation "
-                        f"does not commute with; rotate supports {', '.join(rotatable_types())}")
+        why = ("normalizes with LayerNorm (mean subtracted), which a rotation does not commute with"
+               if spec.norm == "layer" else "normalizes after its sublayers (post-norm), so no linear reads a "
+               "norm a rotation could fold into")
+        raise UserError(f"rotate: {model_type} {why}; rotate supports {', '.join(rotatable_types())}")
     if any(isinstance(m, CompressedModule) for m in model.modules()):
         raise UserError("rotate changes dense weights: put it first in the recipe, before any compressing stage")
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()

@@ -65,6 +65,10 @@ class Structured(WholeModelMethod):
         if c.head_groups_keep < 1 and spec.attention is None:
             raise UserError(f"head_groups_keep: attention heads of {model.config.model_type} are fused "
                             "(one c_attn); prune its blocks or MLP channels instead")
+        if c.head_groups_keep < 1 and spec.head_norms and spec.head_norm_span == "all":
+            raise UserError(f"head_groups_keep: {model.config.model_type}'s q/k norms normalize all heads "
+                            "together, so removing heads would rescale the kept ones; prune its blocks or MLP "
+                            "channels instead")
         model.to(device)
         scores = measure(model, calib[: c.samples].to(device))
         model.to("cpu")
