@@ -26,7 +26,7 @@ BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
 AFTER = {"rotate": [{"method": "rtn", "bits": 4, "group_size": 32}]}  # rotate compresses nothing by itself
 STRUCTURAL = {"structured"}  # shrink the model itself: no compressed module, fewer dense tensors
 ARCH_ONLY = {"kv_lowrank": {"llama", "qwen3", "olmo2"},  # GPT-2 fuses k and v into c_attn (the refusal is tested apart)
-             "rotate": {"llama", "qwen3"}}  # GPT-2's LayerNorm does not commute with a rotation (tested apart)
+             "rotate": {"llama", "qwen3", "phi3"}}  # GPT-2's LayerNorm does not commute with a rotation (tested apart)
 
 
 def calibration(seed=0):

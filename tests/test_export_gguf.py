@@ -13,8 +13,8 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import hypercompress
 from hypercompress.errors import UserError
@@ -50,10 +50,11 @@ def tiny(arch: str, tied: bool = False) -> torch.nn.Module:
     if arch == "gpt2":  # n_positions 1024: transformers' GGUF loader reads context_length as n_ctx
         return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4)).eval()
     cls, config = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config),
-                   "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[arch]
+                   "qwen3": (Qwen3ForCausalLM, Qwen3Config), "phi3": (Phi3ForCausalLM, Phi3Config)}[arch]
     # Qwen3: head_dim is not hidden / heads; 128, Qwen3Config's default, because transformers' GGUF
     # loader (5.25) does not read qwen3.attention.key_length (llama.cpp does)
-    extra = {"head_dim": 128} if arch == "qwen3" else {}
+    extra = {"qwen3": {"head_dim": 128},  # Phi3Config's default special ids lie past this vocabulary
+             "phi3": {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}}.get(arch, {})
     return cls(config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       rope_theta=50000.0, tie_word_embeddings=tied, **extra)).eval()
@@ -176,6 +177,17 @@ def test_qwen3_with_q_k_norms_and_its_own_head_dim(tmp_path, bpe):
                                                         "type": "Q4_1", "exact": True}
     meta, _ = fields(tmp_path / "gguf" / "model.gguf")
     assert meta["general.architecture"] == "qwen3" and meta["qwen3.attention.key_length"] == 128
+    ours, theirs = logits_pair(artifact, tmp_path / "gguf")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_phi3_with_fused_qkv_and_gate_up(tmp_path, bpe):
+    artifact = make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4, "group_size": 32,
+                                              "zero_point": "float"}], arch="phi3")
+    report = export(artifact, "gguf", tmp_path / "gguf")
+    assert report["tensors"]["blk.0.attn_qkv.weight"] == {**report["tensors"]["blk.0.attn_qkv.weight"],
+                                                          "type": "Q4_1", "exact": True}
+    assert report["tensors"]["blk.0.ffn_up.weight"]["type"] == "Q4_1"  # gate_up_proj, fused as llama.cpp keeps it
     ours, theirs = logits_pair(artifact, tmp_path / "gguf")
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 

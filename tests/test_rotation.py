@@ -35,10 +35,10 @@ def test_the_rotation_is_orthogonal(dim):
     assert torch.equal(Q, orthogonal_matrix(dim, seed=3))
 
 
-def qwen3_with_scaled_norms():
-    """Qwen3: every norm's scale away from 1, its per-head q/k norms' too (they act after q/k_proj,
-    which the rotation leaves alone, so they keep their scales)."""
-    model = make_model("qwen3")
+def with_scaled_norms(arch):
+    """Every norm's scale away from 1; Qwen3's per-head q/k norms too (they act after q/k_proj, which
+    the rotation leaves alone, so they keep their scales); Phi-3's fused qkv / gate_up read the norms."""
+    model = make_model(arch)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:
@@ -46,7 +46,8 @@ def qwen3_with_scaled_norms():
     return model
 
 
-@pytest.mark.parametrize("build", [lambda: make_model("llama"), tied_llama, qwen3_with_scaled_norms])
+@pytest.mark.parametrize("build", [lambda: make_model("llama"), tied_llama, lambda: with_scaled_norms("qwen3"),
+                                   lambda: with_scaled_norms("phi3")])
 def test_rotation_leaves_the_logits_unchanged_in_float(build, tokens):
     model = build()
     head_norms = {n: p.clone() for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n}

@@ -22,6 +22,7 @@ class ArchSpec:
     conv1d: bool = False        # GPT-2's Conv1D keeps weights as (in_features, out_features)
     # structured pruning (methods/structured): which linears carry MLP channels and attention heads
     mlp_up: tuple[str, ...] = ()        # their output rows are the MLP channels
+    mlp_gate_up: str = ""               # one fused linear whose rows are [gate channels; up channels] (Phi-3)
     mlp_down: str = ""                  # its input columns are the MLP channels
     attention: tuple[str, str, str, str] | None = None  # separate q, k, v, o projections (GQA-aware)
     layers_key: str = "num_hidden_layers"      # config keys rewritten when blocks / channels go
@@ -77,6 +78,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # GGUF loader does not read olmo2, so the GGUF export is not offered
     "olmo2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), head_norms=("self_attn.q_norm", "self_attn.k_norm"),
                      head_norm_span="all", gguf_arch=None, gguf_permute_qk=False),
+    # Phi-3 / Phi-4-mini: q, k, v fused in qkv_proj (no head pruning, no kv_lowrank: attention=None),
+    # gate and up fused in gate_up_proj (rows [gate; up], each intermediate_size)
+    "phi3": ArchSpec(
+        blocks="model.layers",
+        linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+        final_norm="model.norm",
+        mlp_gate_up="mlp.gate_up_proj",
+        mlp_down="mlp.down_proj",
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+        embeddings=("model.embed_tokens",),
+        norm_readers=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        gguf_arch="PHI3",
+    ),
     "gpt2": ArchSpec(
         blocks="transformer.h",
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),

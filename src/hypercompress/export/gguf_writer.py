@@ -86,7 +86,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: 
     requested = parse_type(gguf_type)
     rope = _rope(config) if arch != MODEL_ARCH.GPT2 else None
     vocab_size = int(config.vocab_size)
-    vocab = _vocab(tokenizer, vocab_size)
+    vocab = _vocab(tokenizer, vocab_size, config)
     grids, bits = {}, {}
     for name, module in model.named_modules():
         kind = getattr(module, "kind", None)
@@ -229,9 +229,10 @@ def _pre_tokenizer(spec: dict[str, Any]) -> str | None:
     return None
 
 
-def _vocab(tokenizer, vocab_size: int):
+def _vocab(tokenizer, vocab_size: int, config=None):
     """(tokens, token types, pre-tokenizer name, SpecialVocab with merges, special ids and add-BOS/EOS
-    flags) as convert_hf_to_gguf.py's `_set_vocab_gpt2` builds them; ids the tokenizer does not use
+    flags) as convert_hf_to_gguf.py's `_set_vocab_gpt2` builds them (special ids from the tokenizer,
+    then, as the converter reads the model folder, from the model's config); ids the tokenizer does not use
     are "[PAD<id>]" tokens of type UNUSED. Raises UserError for a tokenizer GGUF's "gpt2" model
     cannot hold."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -269,6 +270,8 @@ def _vocab(tokenizer, vocab_size: int):
             types.append(gguf.TokenType.NORMAL)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
+        if config is not None:  # config.json: the converter's fallback for bos / eos / pad ids
+            config.to_json_file(str(Path(tmp) / "config.json"))
         special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise UserError(f"tokenizer {what} has no BPE merges; re-create the artifact with its tokenizer.json")

@@ -63,8 +63,8 @@ class Structured(WholeModelMethod):
         if c.drop_layers >= layers:
             raise UserError(f"drop_layers={c.drop_layers}: the model has {layers} blocks; keep at least one")
         if c.head_groups_keep < 1 and spec.attention is None:
-            raise UserError(f"head_groups_keep: attention heads of {model.config.model_type} are fused "
-                            "(one c_attn); prune its blocks or MLP channels instead")
+            raise UserError(f"head_groups_keep: the query, key and value heads of {model.config.model_type} "
+                            "are fused in one linear; prune its blocks or MLP channels instead")
         if c.head_groups_keep < 1 and spec.head_norms and spec.head_norm_span == "all":
             raise UserError(f"head_groups_keep: {model.config.model_type}'s q/k norms normalize all heads "
                             "together, so removing heads would rescale the kept ones; prune its blocks or MLP "

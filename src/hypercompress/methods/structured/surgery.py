@@ -68,6 +68,10 @@ def keep_channels(model: nn.Module, keep: list[torch.Tensor]) -> None:
     for block, index in zip(blocks, keep):
         for name in spec.mlp_up:
             replace_module(block, name, slice_linear(block.get_submodule(name), rows=index))
+        if spec.mlp_gate_up:  # rows [gate; up]: the channel's gate row and its up row
+            inner = getattr(model.config, spec.intermediate_key)
+            replace_module(block, spec.mlp_gate_up, slice_linear(block.get_submodule(spec.mlp_gate_up),
+                                                                 rows=torch.cat([index, index + inner])))
         replace_module(block, spec.mlp_down, slice_linear(block.get_submodule(spec.mlp_down), cols=index))
     setattr(model.config, spec.intermediate_key, int(keep[0].numel()))
 
