@@ -15,7 +15,7 @@ two dividing d and R_m a seeded random orthogonal matrix (QR of a Gaussian), row
 
 A tied lm_head is untied first: the final norm's scale folds into the head but not into the
 embedding, so the two matrices differ afterwards (the head's table is then stored, and counted).
-Only RMSNorm pre-norm architectures (arch.ArchSpec.rotatable: llama, mistral, qwen2, qwen3) are
+Only RMSNorm pre-norm architectures (arch.ArchSpec.rotatable: llama, mistral, qwen2, qwen3, phi3) are
 rotated; GPT-2's LayerNorm subtracts the mean, which a rotation does not commute with, and is refused.
 Qwen3's per-head q/k norms act after q_proj/k_proj, whose outputs a residual rotation leaves unchanged.
 """
