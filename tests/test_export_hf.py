@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import hypercompress
 from hypercompress.cli import app
 
+from conftest import make_tokenizer
 from test_cli import assert_one_line_error
 
 runner = CliRunner()
@@ -93,3 +94,30 @@ def test_export_bad_inputs_leave_nothing(artifacts, tmp_path):
     taken.mkdir()
     (taken / "file").write_text("x")
     assert_one_line_error(run("export", artifacts["llama"], "--format", "hf", "--out", taken), "already exists")
+
+
+def test_llama3_rope_scaling_survives_compress_reload_and_hf_export(tmp_path, tokens):
+    """Llama-3.x's "llama3" RoPE scaling lives in the config: the artifact and the HF export keep it
+    (same logits); the GGUF export, which would need llama.cpp's rope_freqs tensor, refuses by name."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         rope_parameters=scaling)).eval()
+    model.save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    assert run("compress", tmp_path / "src", "--method", "rtn", "--set", "bits=4", "--set", "group_size=32",
+               "--out", tmp_path / "a").exit_code == 0
+    compressed, _ = hypercompress.load(tmp_path / "a", fast=False)
+    assert compressed.config.rope_parameters["rope_type"] == "llama3"
+    assert run("export", tmp_path / "a", "--format", "hf", "--dtype", "float32", "--out", tmp_path / "hf").exit_code == 0
+    dense = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    long = torch.randint(1, 121, (1, 200), generator=torch.Generator().manual_seed(0))  # past the original 64
+    with torch.inference_mode():
+        expected = compressed(long).logits
+        assert torch.allclose(dense(long).logits, expected, atol=1e-4 * expected.abs().max().item())
+    result = run("export", tmp_path / "a", "--format", "gguf", "--out", tmp_path / "gguf")
+    assert result.exit_code == 2 and "rope scaling 'llama3'" in result.output and not (tmp_path / "gguf").exists()
