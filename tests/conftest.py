@@ -11,11 +11,11 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
-                          Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast, Qwen3Config,
-                          Qwen3ForCausalLM)
+                          Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM,
+                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 WORDS = [f"w{i}" for i in range(120)]
-ARCHS = ["llama", "gpt2", "qwen3", "olmo2", "phi3"]
+ARCHS = ["llama", "gpt2", "qwen3", "olmo2", "phi3", "phi"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -47,6 +47,11 @@ def make_model(arch: str) -> torch.nn.Module:
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                             pad_token_id=0, bos_token_id=1, eos_token_id=1)
         return Phi3ForCausalLM(config).eval()
+    if arch == "phi":  # Phi-2: parallel attention and MLP, LayerNorm with biases, RoPE over half of each head
+        config = PhiConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                           partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        return PhiForCausalLM(config).eval()
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
 

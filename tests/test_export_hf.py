@@ -33,14 +33,15 @@ def artifacts(model_dirs, tmp_path_factory):
                         ("gpt2", ["--method", "svd", "--set", "rank=8"]),
                         ("qwen3", ["--method", "rtn", "--set", "bits=3", "--set", "group_size=16"]),
                         ("olmo2", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=16"]),
-                        ("phi3", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=32"])):
+                        ("phi3", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=32"]),
+                        ("phi", ["--method", "svd", "--set", "rank=8"])):
         result = run("compress", model_dirs[arch], *stage, "--out", base / arch)
         assert result.exit_code == 0, result.output
         made[arch] = base / arch
     return made
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "olmo2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "olmo2", "phi3", "phi"])
 def test_hf_export_loads_anywhere_with_the_artifacts_weights(arch, artifacts, tokens, tmp_path):
     out = tmp_path / "hf"
     result = run("export", artifacts[arch], "--format", "hf", "--dtype", "float32", "--out", out)

@@ -96,6 +96,11 @@ def test_artifact_reloads_with_the_latent_cache(tmp_path):
     assert kv_cache_bytes_per_token(reloaded) == kv_cache_bytes_per_token(model)
 
 
+def test_a_family_whose_attention_the_latent_cache_does_not_reproduce_is_refused():
+    with pytest.raises(UserError, match="phi's attention .*RoPE over part of each head"):
+        compress(make_model("phi"), Recipe.from_list([{"method": "kv_lowrank"}]), CALIB)
+
+
 def test_fused_or_compressed_projections_are_refused():
     with pytest.raises(UserError, match="fuses"):
         compress(make_model("gpt2"), Recipe.from_list([{"method": "kv_lowrank"}]), CALIB)

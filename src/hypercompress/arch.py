@@ -41,6 +41,9 @@ class ArchSpec:
     # GGUF: gguf.MODEL_ARCH member, and whether Q/K rows are permuted as convert_hf_to_gguf.py's LlamaModel does
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
+    # kv_lowrank's latent attention (layers/latent_kv.py) reproduces this family's attention: separate
+    # q/k/v/o, RoPE over whole heads (Phi-2 rotates part of each head: no)
+    latent_kv: bool = True
 
     @property
     def rotatable(self) -> bool:
@@ -90,6 +93,20 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         embeddings=("model.embed_tokens",),
         norm_readers=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
         gguf_arch="PHI3",
+    ),
+    # Phi-2 / Phi-1.5: attention and MLP in parallel from one LayerNorm (biases everywhere, the head's
+    # too), RoPE over part of each head; transformers' GGUF loader does not read phi2
+    "phi": ArchSpec(
+        blocks="model.layers",
+        linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"),
+        final_norm="model.final_layernorm",
+        mlp_up=("mlp.fc1",),
+        mlp_down="mlp.fc2",
+        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
+        residual_writers=("self_attn.dense", "mlp.fc2"),
+        embeddings=("model.embed_tokens",),
+        norm="layer",
+        latent_kv=False,
     ),
     "gpt2": ArchSpec(
         blocks="transformer.h",

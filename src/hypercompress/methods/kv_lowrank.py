@@ -50,6 +50,9 @@ class KvLowRank(WholeModelMethod):
         spec = arch_of(model.config.model_type)
         if spec.attention is None:
             raise UserError(f"kv_lowrank needs separate k_proj / v_proj; {model.config.model_type} fuses them")
+        if not spec.latent_kv:
+            raise UserError(f"kv_lowrank: {model.config.model_type}'s attention (RoPE over part of each head) is "
+                            "not the one its latent cache reproduces; use another method for its k_proj / v_proj")
         blocks = model.get_submodule(spec.blocks)
         pairs = [(f"{spec.blocks}.{i}.{spec.attention[1]}", f"{spec.blocks}.{i}.{spec.attention[2]}")
                  for i in range(len(blocks))]
