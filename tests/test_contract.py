@@ -10,6 +10,7 @@ import torch
 import hypercompress
 from hypercompress import artifact
 from hypercompress.api import compress
+from hypercompress.errors import UserError
 from hypercompress.models import load_model
 from hypercompress.modules import CompressedModule, count_params
 from hypercompress.recipe import Recipe
@@ -25,8 +26,10 @@ QUICK = {"hypernet": {"warm_steps": 5, "steps": 5}, "kan": {"steps": 3}, "distil
 BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
 AFTER = {"rotate": [{"method": "rtn", "bits": 4, "group_size": 32}]}  # rotate compresses nothing by itself
 STRUCTURAL = {"structured"}  # shrink the model itself: no compressed module, fewer dense tensors
-ARCH_ONLY = {"kv_lowrank": {"llama", "qwen3", "olmo2"},  # GPT-2 fuses k and v into c_attn (the refusal is tested apart)
-             "rotate": {"llama", "qwen3", "phi3"}}  # GPT-2's LayerNorm does not commute with a rotation (tested apart)
+# the families a method works on; on the others it refuses by name (asserted below): kv_lowrank needs
+# separate k/v and a llama-family attention, rotate RMSNorm pre-norm blocks
+ARCH_ONLY = {"kv_lowrank": {"llama", "qwen3", "olmo2"}, "rotate": {"llama", "qwen3", "phi3"}}
+REFUSALS = {"kv_lowrank": "kv_lowrank", "rotate": "rotate: .* normalizes"}
 
 
 def calibration(seed=0):
@@ -52,7 +55,10 @@ def test_registry_lists_the_built_in_methods():
 @pytest.mark.parametrize("method", METHODS)
 def test_method_contract(method, arch, model_dirs, tokens, tmp_path):
     if arch not in ARCH_ONLY.get(method, {arch}):
-        pytest.skip(f"{method} does not apply to {arch}")
+        with pytest.raises(UserError, match=REFUSALS[method]):
+            compressed_artifact(model_dirs[arch], method, tmp_path / "a")
+        assert not (tmp_path / "a").exists()
+        return
     dense = load_model(str(model_dirs[arch])).model
     dense_bits = artifact.storage_bits(dense)
     model = compressed_artifact(model_dirs[arch], method, tmp_path / "a")
