@@ -54,15 +54,21 @@ def test_heads_whose_norm_spans_every_head_are_not_pruned():
         compress(make_model("olmo2"), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
 
 
-@pytest.mark.parametrize("arch, head_dim", [("llama", 16), ("qwen3", 32)])  # qwen3: per-head q/k norms
+@pytest.mark.parametrize("arch, head_dim", [("llama", 16), ("qwen3", 32), ("phi", 16)])  # qwen3: per-head q/k norms
 def test_removing_a_head_group_equals_zeroing_its_query_heads_output(arch, head_dim):
-    model = make_model(arch)  # 4 query heads, 2 key/value heads
+    model = make_model(arch)  # 4 query heads; llama, qwen3: 2 key/value heads, phi: 4
+    per_group = model.config.num_attention_heads // model.config.num_key_value_heads
     reference = copy.deepcopy(model)
+    o_name = arch_of(model.config.model_type).attention[3]
+    width = per_group * head_dim  # the o_proj columns of one group's query heads
     with torch.no_grad():
-        for block in blocks(reference):
-            block.self_attn.o_proj.weight[:, :2 * head_dim] = 0  # group 0 = query heads 0, 1
+        for block in blocks(reference):  # every group but group 1 silenced
+            weight = block.get_submodule(o_name).weight
+            weight[:, :width] = 0
+            weight[:, 2 * width:] = 0
     keep_groups(model, [torch.tensor([1]), torch.tensor([1])])
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, head_dim)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == \
+        (per_group, 1, head_dim)
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -123,8 +129,9 @@ def test_impossible_requests_are_one_line_errors(stages, message):
         compress(make_model("llama"), Recipe.from_list(stages), CALIB)
 
 
-def test_fused_gpt2_heads_and_empty_configs_are_refused():
-    with pytest.raises(UserError, match="fused"):
-        compress(make_model("gpt2"), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
+def test_fused_gpt2_and_phi3_heads_and_empty_configs_are_refused():
+    for arch in ("gpt2", "phi3"):
+        with pytest.raises(UserError, match="fused in one linear"):
+            compress(make_model(arch), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
     with pytest.raises(UserError, match="removes nothing"):
         Recipe.from_list([{"method": "structured", "mlp_keep": 1.0}])
