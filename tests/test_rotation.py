@@ -82,7 +82,7 @@ def test_a_rotated_and_quantized_model_saves_and_reloads_exactly(tmp_path, token
 
 
 def test_a_post_norm_family_is_refused_by_what_it_lacks():
-    with pytest.raises(UserError, match="olmo2 normalizes after its sublayers .*rotate supports llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UserError, match="olmo2 normalizes after its sublayers .*rotate supports llama, mistral, phi3, qwen2, qwen3"):
         rotate_residual(make_model("olmo2"))
 
 
