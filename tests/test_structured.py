@@ -135,3 +135,20 @@ def test_fused_gpt2_and_phi3_heads_and_empty_configs_are_refused():
             compress(make_model(arch), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
     with pytest.raises(UserError, match="removes nothing"):
         Recipe.from_list([{"method": "structured", "mlp_keep": 1.0}])
+
+
+@pytest.mark.parametrize("arch, stage", [("olmo2", ["--method", "structured", "--set", "head_groups_keep=0.5"]),
+                                         ("phi3", ["--method", "kv_lowrank"]), ("phi", ["--method", "rotate"])])
+def test_a_family_a_stage_refuses_leaves_nothing_and_calibrates_nothing(arch, stage, model_dirs, calib_file, tmp_path):
+    """Refused right after loading: no OUT, no OUT.checkpoint, no calibration progress."""
+    from typer.testing import CliRunner
+
+    from hypercompress.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compress", str(model_dirs[arch]), *stage, "--calib", str(calib_file),
+                                      "--calib-samples", "2", "--calib-len", "32", "--out", str(out)])
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert result.exit_code == 2 and len(lines) == 1 and arch in lines[0], result.output
+    assert "calibration windows" not in result.output and "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())

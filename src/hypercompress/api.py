@@ -41,6 +41,15 @@ def _refuse_non_finite_weights(model: nn.Module) -> None:
                             "are finite (check or re-download its files)")
 
 
+def check_stages(model: nn.Module, recipe: Recipe) -> None:
+    """Every whole-model stage's check_model on `model` (UserError naming the family and the reason):
+    run before any work, by compress and by the workflow right after loading."""
+    for stage in recipe.stages:
+        method = get_method(stage.method).method_cls(stage.config)
+        if isinstance(method, WholeModelMethod):
+            method.check_model(model)
+
+
 def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None,
              progress: Progress | None = None, *, device: str = "cpu", batch_size: int = 8,
              checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
@@ -69,6 +78,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     if any(getattr(get_method(s.method).method_cls, "whole_model", False) for s in recipe.stages):
         materialize_all(model)  # a streamed model: whole-model stages (and their teacher) need every weight
     _refuse_non_finite_weights(model)
+    check_stages(model, recipe)  # a family a stage cannot handle is refused before any checkpoint is written
     # whole-model methods distil against the model as it was before the first stage that changes
     # its function (exact changes of basis, rotate, come before it, so hidden states compare)
     needs_teacher = any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)

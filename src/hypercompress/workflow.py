@@ -22,7 +22,7 @@ from torch import nn
 
 from . import artifact, parallel
 from .atomic import check_output_folder
-from .api import compress as apply_recipe
+from .api import check_stages, compress as apply_recipe
 from .arch import check_length, position_limit
 from .calibration import peak_memory_bytes
 from .artifact_reader import read_manifest_fields
@@ -167,6 +167,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     net, tokenizer = _loaded(model, tokenizer, stream_blocks)
     progress(f"loading {source}", 1, 1)
     load_seconds = time.perf_counter() - start
+    if plan is not None:
+        check_stages(net, plan)  # a stage that cannot handle this family: refused before calibration
     if corpus_cache is not None and str(corpus_cache).endswith(".safetensors"):
         from .training.corpus import check_corpus_file
 

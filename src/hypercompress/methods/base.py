@@ -68,6 +68,11 @@ class WholeModelMethod(abc.ABC):
     def __init__(self, config: MethodConfig):
         self.config = config
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise UserError (one line, the reason and the fix) for a model this method cannot handle
+        whatever the data: compress calls it for every stage before any work (api.check_stages), so a
+        refused run writes nothing. Default: every model is accepted."""
+
     @abc.abstractmethod
     def apply(self, model: nn.Module, names: list[str], teacher: nn.Module, calib: torch.Tensor, *,
               device: str = "cpu", progress=None, checkpoint_dir=None, resume: bool = False) -> None:

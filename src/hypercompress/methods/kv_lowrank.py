@@ -44,15 +44,19 @@ class KvLowRankConfig(MethodConfig):
 class KvLowRank(WholeModelMethod):
     needs_teacher = False
 
-    def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
-              resume=False) -> None:
-        c = self.config
+    def check_model(self, model) -> None:
         spec = arch_of(model.config.model_type)
         if spec.attention is None:
             raise UserError(f"kv_lowrank needs separate k_proj / v_proj; {model.config.model_type} fuses them")
         if not spec.latent_kv:
             raise UserError(f"kv_lowrank: {model.config.model_type}'s attention (RoPE over part of each head) is "
                             "not the one its latent cache reproduces; use another method for its k_proj / v_proj")
+
+    def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
+              resume=False) -> None:
+        c = self.config
+        spec = arch_of(model.config.model_type)
+        self.check_model(model)
         blocks = model.get_submodule(spec.blocks)
         pairs = [(f"{spec.blocks}.{i}.{spec.attention[1]}", f"{spec.blocks}.{i}.{spec.attention[2]}")
                  for i in range(len(blocks))]

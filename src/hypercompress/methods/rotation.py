@@ -59,12 +59,8 @@ def orthogonal_matrix(dim: int, seed: int) -> torch.Tensor:
     return signs[:, None] * torch.kron(hadamard / power ** 0.5, q)
 
 
-@torch.no_grad()
-def rotate_residual(model: nn.Module, seed: int = 0) -> None:
-    """Fold the norms' scales into their readers, untie the head, and rotate the residual stream
-    by orthogonal_matrix(hidden_size, seed), in place. Logits are unchanged up to rounding (the
-    products are formed in float64). Raises UserError for an architecture without RMSNorm blocks
-    or a model that already holds compressed modules."""
+def check_rotatable(model: nn.Module) -> None:
+    """UserError naming why a family's residual stream cannot be rotated exactly (arch table)."""
     model_type = model.config.model_type
     spec = arch_of(model_type)
     if not spec.rotatable:
@@ -72,6 +68,16 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
                if spec.norm == "layer" else "normalizes after its sublayers (post-norm), so no linear reads a "
                "norm a rotation could fold into")
         raise UserError(f"rotate: {model_type} {why}; rotate supports {', '.join(rotatable_types())}")
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, seed: int = 0) -> None:
+    """Fold the norms' scales into their readers, untie the head, and rotate the residual stream
+    by orthogonal_matrix(hidden_size, seed), in place. Logits are unchanged up to rounding (the
+    products are formed in float64). Raises UserError for an architecture without RMSNorm blocks
+    or a model that already holds compressed modules."""
+    spec = arch_of(model.config.model_type)
+    check_rotatable(model)
     if any(isinstance(m, CompressedModule) for m in model.modules()):
         raise UserError("rotate changes dense weights: put it first in the recipe, before any compressing stage")
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -110,6 +116,9 @@ class Rotate(WholeModelMethod):
     needs_teacher = False
     replay_on_resume = True
     exact = True
+
+    def check_model(self, model) -> None:
+        check_rotatable(model)
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:

@@ -52,14 +52,10 @@ class Structured(WholeModelMethod):
     needs_teacher = False
     replay_on_resume = True  # its surgery is not in a checkpoint's modules; deterministic, so re-run
 
-    def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
-              resume=False) -> None:
+    def check_model(self, model) -> None:
         c = self.config
         spec = arch_of(model.config.model_type)
         layers = len(model.get_submodule(spec.blocks))
-        if any(isinstance(model.get_submodule(n), CompressedModule) for n in block_linear_names(model)):
-            raise UserError("structured slices dense layers: put it first in the recipe, before the "
-                            "stages that quantize, prune or factorize them")
         if c.drop_layers >= layers:
             raise UserError(f"drop_layers={c.drop_layers}: the model has {layers} blocks; keep at least one")
         if c.head_groups_keep < 1 and spec.attention is None:
@@ -69,6 +65,15 @@ class Structured(WholeModelMethod):
             raise UserError(f"head_groups_keep: {model.config.model_type}'s q/k norms normalize all heads "
                             "together, so removing heads would rescale the kept ones; prune its blocks or MLP "
                             "channels instead")
+
+    def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
+              resume=False) -> None:
+        c = self.config
+        spec = arch_of(model.config.model_type)
+        if any(isinstance(model.get_submodule(n), CompressedModule) for n in block_linear_names(model)):
+            raise UserError("structured slices dense layers: put it first in the recipe, before the "
+                            "stages that quantize, prune or factorize them")
+        self.check_model(model)
         model.to(device)
         scores = measure(model, calib[: c.samples].to(device))
         model.to("cpu")
