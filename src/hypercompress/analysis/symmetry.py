@@ -55,9 +55,9 @@ def rotation_outliers(model: nn.Module, samples: torch.Tensor, device: str = "cp
     llama-like) model, None otherwise. The model is not changed (a copy is rotated)."""
     from ..methods.rotation import rotate_residual
 
-    if not arch_of(model.config.model_type).rotatable:
-        return None
     spec = arch_of(model.config.model_type)
+    if not spec.rotatable:
+        return None
     readers, writers = _readers(spec), spec.residual_writers
     rotated = copy.deepcopy(model)
     rotate_residual(rotated, seed=0)

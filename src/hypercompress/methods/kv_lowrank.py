@@ -56,7 +56,7 @@ class KvLowRank(WholeModelMethod):
               resume=False) -> None:
         c = self.config
         spec = arch_of(model.config.model_type)
-        self.check_model(model)
+        self.check_model(model)  # again for callers of apply itself (compress checked it first)
         blocks = model.get_submodule(spec.blocks)
         pairs = [(f"{spec.blocks}.{i}.{spec.attention[1]}", f"{spec.blocks}.{i}.{spec.attention[2]}")
                  for i in range(len(blocks))]

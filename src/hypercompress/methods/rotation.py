@@ -35,7 +35,6 @@ from ..registry import register
 from .base import WholeModelMethod
 
 
-
 @dataclass
 class RotateConfig(MethodConfig):
     seed: int = 0  # the random signs and the non-power-of-two factor of Q
@@ -76,8 +75,8 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
     by orthogonal_matrix(hidden_size, seed), in place. Logits are unchanged up to rounding (the
     products are formed in float64). Raises UserError for an architecture without RMSNorm blocks
     or a model that already holds compressed modules."""
-    spec = arch_of(model.config.model_type)
     check_rotatable(model)
+    spec = arch_of(model.config.model_type)
     if any(isinstance(m, CompressedModule) for m in model.modules()):
         raise UserError("rotate changes dense weights: put it first in the recipe, before any compressing stage")
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
