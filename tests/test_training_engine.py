@@ -100,7 +100,8 @@ def test_the_time_budget_shortens_the_schedule(monkeypatch):
 def test_defaults_on_cuda_scale_with_the_model_and_a_cpu_keeps_the_step_count():
     small, large = recovery_defaults(134_515_008, "cuda"), recovery_defaults(6_738_000_000, "cuda")
     assert small["train_tokens"] > 10 * large["train_tokens"] and small["max_minutes"] == 10
-    assert small["corpus_tokens"] == 1_500_000 and small["train_tokens"] == 54_000_000
+    assert small["corpus_tokens"] == 3_000_000 and small["train_tokens"] == 54_000_000
+    assert small["teacher_fraction"] == large["teacher_fraction"] == 0.9
     assert recovery_defaults(134_515_008, "cpu") == {}
 
 

@@ -23,6 +23,7 @@ from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
 from .registry import get_method
 from .streaming import materialize_all
+from .training.teacher import check_teacher_model, check_teacher_stages
 
 # progress(stage_index, label, done, total, note) (a 4-argument one gets no note): label names the stage (or the stages one layer-wise
 # pass runs together, pass_label), done/total count its blocks or modules or steps, note says what
@@ -54,7 +55,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
              progress: Progress | None = None, *, device: str = "cpu", batch_size: int = 8,
              checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
              after_stage: Callable[[nn.Module], dict[str, Any]] | None = None,
-             train_calib: torch.Tensor | None = None) -> dict[str, Any]:
+             train_calib: torch.Tensor | None = None, distill_teacher: nn.Module | None = None) -> dict[str, Any]:
     """Compress `model` in place with every stage of `recipe`; returns a report per stage.
 
     calib: calibration token windows (N, L), needed by methods with `needs_calibration`; those run
@@ -70,6 +71,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     (the CLI measures perplexity and KL there). `train_calib` (M, L): the windows whole-model stages
     that train (qat, distill, hypernet) learn from, when they should see more than `calib` (the
     workflow gives them every window of the calibration text); default `calib`.
+    `distill_teacher`: another model sharing the tokenizer that the trained stages (qat, distill;
+    every trained stage must be one of them) distil from instead of the original
+    (training/teacher.py; the caller checks the tokenizers, workflow.compress does).
     """
     if progress is not None and not takes_positional(progress, 5):  # written before the note existed
         progress = _without_note(progress)
@@ -79,6 +83,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         materialize_all(model)  # a streamed model: whole-model stages (and their teacher) need every weight
     _refuse_non_finite_weights(model)
     check_stages(model, recipe)  # a family a stage cannot handle is refused before any checkpoint is written
+    if distill_teacher is not None:
+        check_teacher_stages(get_method(s.method).method_cls for s in recipe.stages)
+        check_teacher_model(model, distill_teacher)
     # whole-model methods distil against the model as it was before the first stage that changes
     # its function (exact changes of basis, rotate, come before it, so hidden states compare)
     needs_teacher = any(getattr(cls := get_method(s.method).method_cls, "whole_model", False)
@@ -87,7 +94,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     checkpoint = None
     resume_stage = None  # the stage whose layer-wise pass the checkpoint holds a position of
     if checkpoint_dir is not None:
-        checkpoint = Checkpoint(Path(checkpoint_dir), _fingerprint(model, recipe, calib))
+        checkpoint = Checkpoint(Path(checkpoint_dir), _fingerprint(model, recipe, calib, distill_teacher))
         checkpoint.start(resume)
         resume_stage = checkpoint.stage() if resume else None
         _check_resume_stage(recipe, resume_stage, checkpoint.dir)
@@ -112,6 +119,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         start, block_seconds = time.perf_counter(), None
         if isinstance(methods[0], WholeModelMethod):
             data = train_calib if getattr(methods[0], "trains", False) and train_calib is not None else calib
+            methods[0].distill_teacher = distill_teacher if methods[0].takes_distill_teacher else None
             _whole_model(model, stages[0], first, teacher, data, device, progress, checkpoint, resume,
                          methods[0], list(routes))
             peak = peak_memory_bytes(device)
@@ -277,11 +285,17 @@ def _routes(model: nn.Module, group: list[int], stages, methods, resumed: bool =
     return routes
 
 
-def _fingerprint(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None) -> str:
-    """Identifies (model config, recipe, calibration tokens) so a checkpoint resumes only its run."""
+def _fingerprint(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None,
+                 distill_teacher: nn.Module | None = None) -> str:
+    """Identifies (model config, recipe, calibration tokens, another teacher's weights) so a
+    checkpoint resumes only its run."""
     digest = hashlib.sha256()
     digest.update(model.config.to_json_string(use_diff=False).encode())
     digest.update(json.dumps(recipe.to_list(), sort_keys=True).encode())
     if calib is not None:
         digest.update(calib.numpy().tobytes())
+    if distill_teacher is not None:
+        from .training.corpus import model_fingerprint
+
+        digest.update(f"teacher:{model_fingerprint(distill_teacher)}".encode())
     return digest.hexdigest()

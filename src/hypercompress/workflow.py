@@ -41,6 +41,7 @@ from .streaming import is_streamed, load_streamed, materialize_all
 from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .planning.target import planned_recipe
 from .training.engine import recovery_defaults
+from .training.teacher import check_shared_tokenizer, check_teacher_model, check_teacher_stages
 
 EVAL_LEN = 512  # tokens per evaluation window (capped to the model's position limit)
 DISTILL_STEPS = 600  # recovery steps of --distill on a CPU (on CUDA a token budget: recovery_defaults)
@@ -70,6 +71,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
              calib_batch: int = 8, seed: int = 0, device: str = "cpu", resume: bool = False,
              eval_text: str | Path | None = None, eval_windows: int = 16, stream_blocks: bool = False,
              log_dir: str | None = None, wandb_project: str | None = None,
+             teacher: str | nn.Module | None = None, teacher_tokenizer: Any = None,
              say: Say | None = None, progress: Progress | None = None) -> CompressResult:
     """Compress `model` with a recipe, one method, or a planned recipe for a size target.
 
@@ -89,7 +91,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     distill: with a size target, recover quality against the original (qat on quantized plans,
         factor distillation below the quantization floor): `distill_steps` steps (default 600), or
         on CUDA by default a token budget sized to the model (training/engine.recovery_defaults:
-        44 M tokens for SmolLM2-135M, batch 32) capped at 10 minutes.
+        54 M tokens for SmolLM2-135M, batch 32, a 3 M-token corpus drawn at share 0.9) capped at 10 minutes.
     train_tokens / max_minutes: the token and wall-time budgets of every trained stage (qat,
         distill): the planned recovery's or a recipe's (a stage's own value wins for a recipe);
         corpus_cache: where the corpus the teacher writes is cached (a folder, or one .safetensors
@@ -102,6 +104,11 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     log_dir / wandb_project: TensorBoard folder / Weights & Biases project (offline unless WANDB_MODE
         says otherwise) for every trained stage that does not name its own (losses, KL, tokens/s,
         learning rate per step) and for the summary at the end (tracking.py).
+    teacher: another model sharing the tokenizer (a source like `model`, or a loaded nn.Module with its
+        `teacher_tokenizer`) that the trained stages distil from instead of the original: the
+        recovery --distill adds, or a recipe's qat / distill stages (training/teacher.py: KL alone,
+        its own written corpus; a larger model of the family: Llama-3 8B -> 1B, Phi-2 -> Phi-1.5).
+        Refused before any work when its tokenizer differs or no stage trains.
     device: "cpu" or "cuda[:i]": where each block is calibrated. `say(line)` receives decisions,
         `progress(section, done, total, note)` every long step as it runs (progress.py).
 
@@ -130,6 +137,11 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         raise UserError(f"--set {recovery_overrides[0]}: sets the recovery stage, which only --distill adds; "
                         "add --distill or drop it")
     _check_budgets(distill_steps, train_tokens, max_minutes)
+    if teacher is not None:
+        if target is not None and not distill:
+            raise UserError("--teacher is what --distill's recovery distils from; add --distill or drop --teacher")
+        if plan is not None:
+            check_teacher_stages(get_method(s.method).method_cls for s in plan.stages)
     _check_trained(plan, target is not None and distill, train_tokens=train_tokens, max_minutes=max_minutes,
                    corpus_cache=corpus_cache, distill_steps=distill_steps)
     if corpus_cache is not None and not str(corpus_cache).endswith(".safetensors") and Path(corpus_cache).is_file():
@@ -166,13 +178,14 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     progress(f"loading {source}", 0, 1)
     net, tokenizer = _loaded(model, tokenizer, stream_blocks)
     progress(f"loading {source}", 1, 1)
+    distill_teacher = _loaded_teacher(teacher, teacher_tokenizer, net, tokenizer, calib_len, progress)
     load_seconds = time.perf_counter() - start
     if plan is not None:
         check_stages(net, plan)  # a stage that cannot handle this family: refused before calibration
     if corpus_cache is not None and str(corpus_cache).endswith(".safetensors"):
         from .training.corpus import check_corpus_file
 
-        check_corpus_file(corpus_cache, net)  # another model's corpus: refused before any work
+        check_corpus_file(corpus_cache, distill_teacher or net)  # another model's corpus: refused before any work
     original_params = count_params(net)
     samples = None
     if calibrated:
@@ -206,7 +219,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     report = apply_recipe(net, plan, samples, progress=lambda stage, label, done, total, note="":
                           progress(f"stage {stage}: {label}", done, total, note), device=device, batch_size=calib_batch,
                           checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
-                          keep_checkpoint=True, after_stage=meter, train_calib=train_calib)
+                          keep_checkpoint=True, after_stage=meter, train_calib=train_calib,
+                          distill_teacher=distill_teacher)
     compress_seconds = time.perf_counter() - tick
     progress("checking the stored size, KV cache and FLOPs", 0, 1)
     if target is not None:
@@ -226,6 +240,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
                "peak_host_rss_bytes": peak_memory_bytes("cpu"), "streamed": stream_blocks,
                "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
+               "teacher": None if teacher is None else teacher if isinstance(teacher, str) else type(teacher).__name__,
                "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops}
     documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": source, "recipe": plan.to_list(), "protocol": protocol,
@@ -438,6 +453,25 @@ def _loaded(model: str | nn.Module, tokenizer: Any, stream: bool) -> tuple[nn.Mo
         raise UserError(f"model must be a source name/path or a loaded nn.Module, not {type(model).__name__}")
     loaded = load_model(model)
     return loaded.model, loaded.tokenizer
+
+
+def _loaded_teacher(teacher: str | nn.Module | None, teacher_tokenizer: Any, model: nn.Module, tokenizer: Any,
+                    calib_len: int, progress: Progress) -> nn.Module | None:
+    """Another teacher loaded (a source) and checked against the model: a supported family with an
+    output layer, finite weights, the same tokenizer, windows of `calib_len` within its positions."""
+    if teacher is None:
+        return None
+    name = teacher if isinstance(teacher, str) else type(teacher).__name__
+    progress(f"loading the teacher {name}", 0, 1)
+    try:
+        net, teacher_tokenizer = _loaded(teacher, teacher_tokenizer, False)
+    except UserError as exc:
+        raise UserError(f"--teacher: {exc}") from None
+    progress(f"loading the teacher {name}", 1, 1)
+    rows = check_teacher_model(model, net)
+    check_shared_tokenizer(tokenizer, teacher_tokenizer, rows)
+    check_length(net.config, calib_len, "--calib-len (the teacher's positions)")
+    return net.eval().requires_grad_(False)
 
 
 def _samples(model: nn.Module, tokenizer: Any, calib, text: str | None, count: int, length: int,

@@ -65,6 +65,9 @@ def compress(
                                           "and of the summary (needs tensorboard)"),
     wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="the same to a Weights & Biases "
                                                 "project (offline unless WANDB_MODE says otherwise; needs wandb)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="distil from this model instead of the "
+                                          "original (same tokenizer, e.g. a larger model of the family): "
+                                          "--distill's recovery or a recipe's qat / distill stages"),
     eval_windows: int = typer.Option(16, "--eval-windows", min=1,
                                       help="windows of --eval measured per branch (512 tokens, or the "
                                       "model's position limit when shorter)"),
@@ -73,6 +76,8 @@ def compress(
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     quiet_libraries(verbose)
     check_hub_model(model)  # offline or unreachable: one line now, before the library loads
+    if teacher is not None:
+        check_hub_model(teacher)
     from ..workflow import compress as run_compress
 
     check_output_file(report_json)  # refused now, not after the compression
@@ -84,7 +89,7 @@ def compress(
                               lossless=lossless, calib_samples=calib_samples, calib_len=calib_len,
                               calib_batch=calib_batch, seed=seed, device=device, resume=resume,
                               eval_text=eval_text, eval_windows=eval_windows, stream_blocks=stream_blocks,
-                              log_dir=log_dir, wandb_project=wandb_project,
+                              log_dir=log_dir, wandb_project=wandb_project, teacher=teacher,
                               say=console.print, progress=update)
     if result.out is None:  # another process of a launched run: the main one writes and prints
         return
@@ -104,8 +109,9 @@ def _print(summary: dict) -> None:
             console.print(f"{stage['method']} trained {run['steps']} steps: {run['tokens']:,} tokens seen at "
                           f"{run['tokens_per_second']:,.0f} tok/s in {run['seconds']:.0f} s"
                           + (" (stopped by --max-minutes)" if run.get("stopped_by_time") else "")
-                          + f"; corpus {stage['training'].get('corpus_windows', 0):,} windows written by the "
-                          f"original, drawn at share {stage['training'].get('corpus_share', 0):g}")
+                          + f"; corpus {stage['training'].get('corpus_windows', 0):,} windows written by "
+                          f"{'the teacher' if summary.get('teacher') else 'the original'}, drawn at share "
+                          f"{stage['training'].get('corpus_share', 0):g}")
     kv = summary["kv_cache_bytes_per_token"]
     flops = summary["flops_per_token"]
     console.print(f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> {kv['after']:,.0f} bytes"

@@ -64,6 +64,10 @@ class WholeModelMethod(abc.ABC):
     # an exact change of basis (rotate): the model computes the same function after it, so the
     # teacher of later stages is taken after it (its hidden states in the student's basis)
     exact: bool = False
+    # a trained method that can distil from another model sharing the tokenizer (training/teacher.py):
+    # api.compress sets distill_teacher before apply; None: the model's own original
+    takes_distill_teacher: bool = False
+    distill_teacher: nn.Module | None = None
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -72,6 +76,13 @@ class WholeModelMethod(abc.ABC):
         """Raise UserError (one line, the reason and the fix) for a model this method cannot handle
         whatever the data: compress calls it for every stage before any work (api.check_stages), so a
         refused run writes nothing. Default: every model is accepted."""
+
+    def training_teacher(self, teacher: nn.Module) -> tuple[nn.Module, bool]:
+        """(the model the end-to-end loss matches and whose corpus it trains on, whether that is
+        another model than the original): distill_teacher when set, else `teacher`."""
+        if self.distill_teacher is not None:
+            return self.distill_teacher, True
+        return teacher, False
 
     @abc.abstractmethod
     def apply(self, model: nn.Module, names: list[str], teacher: nn.Module, calib: torch.Tensor, *,

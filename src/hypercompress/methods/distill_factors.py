@@ -11,7 +11,8 @@ Trains, by distill.py's loss (KL on logits + per-block output matching + activat
   one's B and its A's per-row scales and offsets (the codes stay), a quantized one's scales;
 - the norms' weights (`train_norms`).
 Data: the calibration windows, or windows the teacher writes itself from their first tokens
-(`data: teacher`). AdamW by default, Adafactor (`optimizer: adafactor`) to save memory. Everything
+(`data: teacher`). The teacher is the original, or another model sharing the tokenizer
+(api.compress's distill_teacher, `--teacher`; training/teacher.py: KL alone). AdamW by default, Adafactor (`optimizer: adafactor`) to save memory. Everything
 is trained in float32 and stored back in its stored dtype (float16), so the artifact's size does
 not change unless adapters were added.
 """
@@ -27,6 +28,7 @@ from torch import nn
 from ..config import MethodConfig, check
 from ..training.distill import DistillSettings, distill, train_norms
 from ..training.engine import TrainingConfig
+from ..training.teacher import written_vocabulary
 from ..errors import UserError
 from ..layers import LowRankLinear, QuantLinear, SparseLinear
 from ..layers.lora import LoRALinear
@@ -73,12 +75,14 @@ class DistillConfig(TrainingConfig, MethodConfig):
         check_tracking(self)
 
 
-def _written_windows(teacher: nn.Module, calib: torch.Tensor, device: str, seed: int, progress) -> torch.Tensor:
-    """As many windows as `calib` holds, written by the teacher from openings of them (cached corpus)."""
+def _written_windows(teacher: nn.Module, calib: torch.Tensor, device: str, seed: int, progress,
+                     vocab: int | None = None) -> torch.Tensor:
+    """As many windows as `calib` holds, written by the teacher from openings of them (cached corpus;
+    ids below `vocab` when given)."""
     from ..training.corpus import teacher_corpus
 
     return teacher_corpus(teacher, calib, tokens=calib.numel(), length=calib.shape[1], seed=seed, device=device,
-                          batch=256 if str(device).startswith("cuda") else 16,
+                          batch=256 if str(device).startswith("cuda") else 16, vocab=vocab,
                           progress=(lambda d, t, note: progress(d, t, f"corpus | {note}")) if progress else None)
 
 
@@ -109,6 +113,7 @@ def _train_embedding(model: nn.Module, params: dict[str, nn.Parameter]) -> list[
 @register("distill", DistillConfig)
 class Distill(WholeModelMethod):
     trains = True  # learns from every calibration window (api.compress's train_calib)
+    takes_distill_teacher = True  # the loss and written windows from another model (training/teacher.py)
     restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
@@ -150,11 +155,13 @@ class Distill(WholeModelMethod):
         if not stored:
             raise UserError("distill finds nothing to train among the selected modules: put an svd/asvd "
                             "or quantization stage before it (or set lora_rank for sparse layers)")
+        teacher, external = self.training_teacher(teacher)
         model.to(device)
         teacher.to(device)
-        windows = calib if c.data == "calib" else _written_windows(teacher, calib, device, c.seed, progress)
+        windows = calib if c.data == "calib" else _written_windows(teacher, calib, device, c.seed, progress,
+                                                                   written_vocabulary(model, teacher))
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
-                                   optimizer=c.optimizer, engine=c.engine())
+                                   optimizer=c.optimizer, engine=c.engine(), match_blocks=not external)
         with Tracker.of("distill", c) as tracker:
             distill(model, teacher, windows, params, lambda: None, settings, device,
                     saved, resume, progress,

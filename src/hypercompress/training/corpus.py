@@ -83,7 +83,8 @@ def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: i
                    temperature: float = 1.0, top_p: float = 1.0, prompt_tokens: int | None = None,
                    batch: int | None = None, seed: int = 0, cache_dir: str | Path | None = None,
                    cache_file: str | Path | None = None, device: str | torch.device | None = None,
-                   progress: Progress | None = None, static_cache: bool | None = None) -> torch.Tensor:
+                   progress: Progress | None = None, static_cache: bool | None = None,
+                   vocab: int | None = None) -> torch.Tensor:
     """(M, length) int64 windows the teacher wrote, M = ceil(tokens / length) (fewer, with a warning,
     only when EXTRA_ROUNDS rounds of rewriting could not replace the duplicates; see the module doc).
 
@@ -96,15 +97,18 @@ def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: i
     unreadable one, is a UserError); otherwise `cache_dir` (default `default_cache_dir()`) holds files
     named by `corpus_key`, and an unreadable one is written again with a warning.
     progress(done_tokens, total_tokens, note): kept tokens so far, note gives throughput (tok/s).
+    vocab: write only ids below it (another teacher's padded rows beyond a student's; training/teacher.py).
     Raises UserError for tokens <= 0, length < 2, temperature <= 0, top_p outside (0, 1], a bad
     prompt tensor or prompt_tokens, batch < 1, or when every written window was a duplicate."""
-    vocab = teacher.get_input_embeddings().num_embeddings
+    rows = teacher.get_input_embeddings().num_embeddings
+    limit = vocab if vocab is not None and vocab < rows else None
+    vocab = limit or rows
     run_on = torch.device(device) if device is not None else next(teacher.parameters()).device
     batch = default_batch(teacher, length, run_on) if batch is None else batch
     prompt_tokens = _check(prompts, tokens, length, temperature, top_p, prompt_tokens, batch, vocab)
     settings = {"tokens": int(tokens), "length": int(length), "prompt_tokens": prompt_tokens,
                 "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed),
-                "prompt_rule": PROMPT_RULE}
+                "prompt_rule": PROMPT_RULE, **({"vocab": limit} if limit else {})}
     fingerprint = model_fingerprint(teacher)
     key = corpus_key(fingerprint, prompts, settings)
     explicit = cache_file is not None
@@ -122,7 +126,7 @@ def teacher_corpus(teacher: torch.nn.Module, prompts: torch.Tensor, *, tokens: i
             warnings.warn(f"corpus cache {path} cannot be used ({exc}); writing it again", stacklevel=2)
     static = run_on.type == "cuda" if static_cache is None else static_cache
     windows, stats = _write(teacher, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed,
-                            run_on, progress, static)
+                            run_on, progress, static, limit)
     _save(path, windows, {"format": FORMAT, "key": key, "fingerprint": fingerprint, "settings": settings,
                           "stats": stats}, explicit)
     return windows
@@ -155,19 +159,19 @@ def _check(prompts, tokens, length, temperature, top_p, prompt_tokens, batch, vo
 
 
 def _write(teacher, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed, device, progress,
-           static):
+           static, vocab=None):
     """(windows (m, length), stats): generation rounds until `count` windows survive dedup."""
     decoder = StaticDecoder(teacher, batch, length, device) if static else None
     try:
         return _rounds(teacher, decoder, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed,
-                       device, progress)
+                       device, progress, vocab)
     finally:
         if decoder is not None:
             decoder.close()
 
 
 def _rounds(teacher, decoder, prompts, count, length, prompt_tokens, temperature, top_p, batch, seed, device,
-            progress):
+            progress, vocab=None):
     order = _PromptRule(prompts, prompt_tokens, seed)
     dedup = _Dedup(prompt_tokens)
     kept, written, calls, start = [], 0, 0, time.perf_counter()
@@ -176,7 +180,7 @@ def _rounds(teacher, decoder, prompts, count, length, prompt_tokens, temperature
         for first in range(0, need, batch):
             size = min(batch, need - first)
             opening = order.take(size).to(device)
-            out = _sample(teacher, opening, length - prompt_tokens, temperature, top_p, seed, calls, decoder)
+            out = _sample(teacher, opening, length - prompt_tokens, temperature, top_p, seed, calls, decoder, vocab)
             if out.shape != (size, length):
                 raise RuntimeError(f"decode returned {tuple(out.shape)}, not ({size}, {length})")
             calls, written = calls + 1, written + size * (length - prompt_tokens)
@@ -202,7 +206,7 @@ def _rounds(teacher, decoder, prompts, count, length, prompt_tokens, temperature
     return torch.stack(kept), stats
 
 
-def _sample(teacher, opening, new, temperature, top_p, seed, call, decoder=None) -> torch.Tensor:
+def _sample(teacher, opening, new, temperature, top_p, seed, call, decoder=None, vocab=None) -> torch.Tensor:
     """(B, P + new) from `decoder` (a StaticDecoder) or `decode`, seeded per call: the same seed,
     call and decoder give the same tokens."""
     call_seed = int.from_bytes(hashlib.sha256(f"{seed}:{call}".encode()).digest()[:7], "little")
@@ -211,9 +215,9 @@ def _sample(teacher, opening, new, temperature, top_p, seed, call, decoder=None)
     teacher.eval()
     try:
         if decoder is not None:
-            return decoder(opening, new, temperature, top_p, generator)
+            return decoder(opening, new, temperature, top_p, generator, vocab)
         return decode(teacher, input_ids=opening, new_tokens=new, temperature=temperature, top_p=top_p,
-                      generator=generator)
+                      generator=generator, vocab=vocab)
     finally:
         teacher.train(was_training)
 

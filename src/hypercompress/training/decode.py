@@ -23,11 +23,12 @@ MAX_BATCH = 1024        # sequences written at once on CUDA (benchmarks/corpus_s
 
 
 def decode(teacher: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, temperature: float, top_p: float,
-           generator: torch.Generator) -> torch.Tensor:
+           generator: torch.Generator, vocab: int | None = None) -> torch.Tensor:
     """(B, P) prompts -> (B, P + new_tokens): the teacher samples `new_tokens` tokens after each prompt,
     batched, reusing its key/value cache (one prefill, then one token per forward). A plain loop over
     the model's forward, not `generate` (whose per-step machinery cost more than the model on an H100).
-    On CUDA the forward runs under bf16 autocast (the teacher the engine trains against is bf16 too)."""
+    On CUDA the forward runs under bf16 autocast (the teacher the engine trains against is bf16 too).
+    `vocab`: sample among the first `vocab` ids only (a student's rows; default all)."""
     from ..layers.latent_kv import cache_keyword
 
     device, keyword = input_ids.device, cache_keyword(teacher)  # `cache` (transformers 5.2x) or `past_key_values`
@@ -37,7 +38,7 @@ def decode(teacher: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, t
         for _ in range(new_tokens):
             out = teacher(input_ids=step_input, use_cache=True, logits_to_keep=1, **{keyword: cache})
             cache = getattr(out, keyword)
-            step_input = draw(out.logits[:, -1].float(), temperature, top_p, generator)
+            step_input = draw(out.logits[:, -1, :vocab].float(), temperature, top_p, generator)
             tokens.append(step_input)
     return torch.cat(tokens, 1)
 
@@ -111,15 +112,15 @@ class StaticDecoder:
         return out.logits[:, -1]
 
     def __call__(self, input_ids: torch.Tensor, new_tokens: int, temperature: float, top_p: float,
-                 generator: torch.Generator) -> torch.Tensor:
+                 generator: torch.Generator, vocab: int | None = None) -> torch.Tensor:
         """(B, P) prompts, B <= batch -> (B, P + new_tokens), as `decode`; P + new_tokens <= length."""
         rows, prompt = input_ids.shape
         if not self.static:
             return decode(self.model, input_ids=input_ids, new_tokens=new_tokens, temperature=temperature,
-                          top_p=top_p, generator=generator)
+                          top_p=top_p, generator=generator, vocab=vocab)
         full = input_ids[torch.arange(self.batch, device=input_ids.device) % rows]
         try:
-            return self._write(full, prompt, new_tokens, temperature, top_p, generator)[:rows]
+            return self._write(full, prompt, new_tokens, temperature, top_p, generator, vocab)[:rows]
         except Exception as exc:  # noqa: BLE001 - third-party model code: fall back to the reference loop
             if self.compiled:
                 warnings.warn(f"the compiled decoding step failed ({type(exc).__name__}: {str(exc)[:200]}); "
@@ -129,15 +130,15 @@ class StaticDecoder:
                 warnings.warn(f"static-cache decoding failed ({type(exc).__name__}: {str(exc)[:200]}); "
                               "writing the corpus with a dynamic cache (slower)", stacklevel=2)
                 self.static = False
-            return self(input_ids, new_tokens, temperature, top_p, generator)
+            return self(input_ids, new_tokens, temperature, top_p, generator, vocab)
 
-    def _write(self, input_ids, prompt, new_tokens, temperature, top_p, generator) -> torch.Tensor:
+    def _write(self, input_ids, prompt, new_tokens, temperature, top_p, generator, vocab) -> torch.Tensor:
         tokens = [input_ids]
         with torch.no_grad():  # not inference_mode: the cache tensors are reset in place between batches
             self.cache.reset()
             logits = self._forward(input_ids, self.positions[:prompt])  # prefill, uncompiled
             for index in range(new_tokens):
-                token = draw(logits.float(), temperature, top_p, generator)
+                token = draw(logits[:, :vocab].float(), temperature, top_p, generator)
                 tokens.append(token)
                 if index + 1 < new_tokens:
                     tick = time.perf_counter()

@@ -54,6 +54,7 @@ class DistillSettings:
     checkpoint_every: int = 0  # steps between checkpoints; 0: every CHECKPOINT_SECONDS of training
     optimizer: str = "adamw"   # or "adafactor" (factored second moments: low memory, Shazeer & Stern 2018)
     engine: Engine = field(default_factory=Engine)  # precision, compilation, micro-batches, budgets
+    match_blocks: bool = True  # the local and stability terms (False: KL alone, for another teacher)
 
 
 def train_norms(model: nn.Module, params: dict[str, nn.Parameter]) -> None:
@@ -96,14 +97,20 @@ def head_matrix(model: nn.Module) -> torch.Tensor | None:
 
 
 def _kl_sum(student, teacher, student_out, teacher_out, dtype) -> torch.Tensor:
-    """Sum over windows of each window's mean KL(teacher || student) over its predicted positions."""
+    """Sum over windows of each window's mean KL(teacher || student) over its predicted positions,
+    over the vocabulary rows both output layers hold (another teacher may pad its own to more:
+    training/teacher.py)."""
     h_s, h_t = student_out.hidden_states[-1][:, :-1], teacher_out.hidden_states[-1][:, :-1]
     windows = h_s.shape[0]
     w_s, w_t = head_matrix(student), head_matrix(teacher)
     if w_s is not None and w_t is not None:
-        kl = chunked_kl(h_s.reshape(-1, h_s.shape[-1]), w_s, h_t.reshape(-1, h_t.shape[-1]), w_t, dtype=dtype)
+        rows = min(w_s.shape[0], w_t.shape[0])
+        kl = chunked_kl(h_s.reshape(-1, h_s.shape[-1]), w_s[:rows], h_t.reshape(-1, h_t.shape[-1]), w_t[:rows],
+                        dtype=dtype)
     else:  # full logits through the head modules
-        kl = kl_to_teacher(teacher.get_output_embeddings()(h_t), student.get_output_embeddings()(h_s))
+        z_t, z_s = teacher.get_output_embeddings()(h_t), student.get_output_embeddings()(h_s)
+        rows = min(z_t.shape[-1], z_s.shape[-1])
+        kl = kl_to_teacher(z_t[..., :rows], z_s[..., :rows])
     return kl * windows
 
 
@@ -232,8 +239,10 @@ def _accumulate(student, teacher, batch, refresh, settings: DistillSettings, dty
     with engine.autocast(device):
         out = student.base_model(input_ids=batch, output_hidden_states=True, use_cache=False)
     kl = _kl_sum(student, teacher, out, target, dtype)
-    local, stability = window_block_losses(target.hidden_states, out.hidden_states)
-    local, stability = local.sum(), stability.sum()
+    if settings.match_blocks:
+        local, stability = (loss.sum() for loss in window_block_losses(target.hidden_states, out.hidden_states))
+    else:  # KL alone (another teacher's blocks do not compare with the student's: training/teacher.py)
+        local = stability = torch.zeros((), device=kl.device)
     loss = kl + settings.local_weight * local + settings.stability_weight * stability
     (loss / settings.batch).backward()
     return torch.stack([loss, kl, local, stability]).detach()

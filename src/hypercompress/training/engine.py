@@ -173,20 +173,25 @@ RECOVERY_MINUTES = 10.0    # the default time budget of the end-to-end loop on C
 # SmolLM2-135M through `compress --recipe recipes/gptq-w3g64-qat-1min.yaml`: 113,180 tok/s
 # (benchmarks/results/qat_engine_w3g64.json); a step's work grows with the parameters
 TOKEN_RATE_X_PARAMS = 113_180 * 134_515_008
-# the teacher's corpus: 1.5 M tokens for SmolLM2-135M (written at 8-11 K tok/s, batch 256, on that
-# H100: about 2.5 minutes once, then read from the cache), fewer for larger models
-CORPUS_TOKENS_X_PARAMS = 1_500_000 * 134_515_008
+# the teacher's corpus: 3 M tokens for SmolLM2-135M (training/decode.StaticDecoder writes ~30 K tok/s
+# at batch 1,024 on that H100: under 2 minutes with warm-up, once, then read from the cache), fewer for
+# larger models; drawn at share RECOVERY_TEACHER_FRACTION. Of three settings at 3.0 bpw (share 0.5 +
+# 1.5 M tokens, 0.9 + 1.5 M, 0.9 + 3 M) this one lost the least on held-out validation text and a
+# second domain together (benchmarks/recovery_data.py, results/recovery_data.json)
+CORPUS_TOKENS_X_PARAMS = 3_000_000 * 134_515_008
+RECOVERY_TEACHER_FRACTION = 0.9
 
 
 def recovery_defaults(params: int, device: str) -> dict[str, object]:
     """The engine keys of the recovery stage `compress --distill` appends, when the user set none:
     on CUDA batch 32 and a token budget the measured speed trains in about RECOVERY_SECONDS
     (54 M tokens for SmolLM2-135M), capped at RECOVERY_MINUTES of wall time, and a corpus the
-    teacher writes of CORPUS_TOKENS_X_PARAMS / params tokens (1.5 M for SmolLM2-135M); on a CPU
-    nothing (the stage's step count)."""
+    teacher writes of CORPUS_TOKENS_X_PARAMS / params tokens (3 M for SmolLM2-135M), drawn at share
+    RECOVERY_TEACHER_FRACTION (0.9); on a CPU nothing (the stage's step count and share)."""
     if not str(device).startswith("cuda"):
         return {}
     params = max(params, 1)
     tokens = max(1_000_000, round(RECOVERY_SECONDS * TOKEN_RATE_X_PARAMS / params, -6))
     corpus = max(100_000, round(CORPUS_TOKENS_X_PARAMS / params, -5))
-    return {"batch": 32, "train_tokens": int(tokens), "max_minutes": RECOVERY_MINUTES, "corpus_tokens": int(corpus)}
+    return {"batch": 32, "train_tokens": int(tokens), "max_minutes": RECOVERY_MINUTES, "corpus_tokens": int(corpus),
+            "teacher_fraction": RECOVERY_TEACHER_FRACTION}

@@ -64,10 +64,11 @@ class _ChunkedKL(torch.autograd.Function):
 def chunked_kl(h_student: torch.Tensor, w_student: torch.Tensor, h_teacher: torch.Tensor, w_teacher: torch.Tensor,
                chunk: int = CHUNK, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Mean over positions of KL(softmax(h_t W_t^T) || softmax(h_s W_s^T)), differentiable in the
-    student's h_s (P, D) and W_s (V, D); the teacher's h_t (P, D) and W_t (V, D) are constants.
+    student's h_s (P, D) and W_s (V, D); the teacher's h_t (P, D_t) and W_t (V, D_t) are constants
+    (D_t: another teacher's width, training/teacher.py).
     Logits are formed in `dtype` (default h_s's) `chunk` positions at a time, softmaxes in float32.
     Returns a float32 scalar (nats per position)."""
-    if h_student.shape != h_teacher.shape or w_student.shape[1] != h_student.shape[1] \
+    if h_student.shape[0] != h_teacher.shape[0] or w_student.shape[1] != h_student.shape[1] \
             or w_teacher.shape[1] != h_teacher.shape[1] or w_student.shape[0] != w_teacher.shape[0]:
         raise ValueError(f"chunked_kl: shapes h_s {tuple(h_student.shape)}, W_s {tuple(w_student.shape)}, "
                          f"h_t {tuple(h_teacher.shape)}, W_t {tuple(w_teacher.shape)} do not match")

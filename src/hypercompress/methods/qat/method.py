@@ -18,6 +18,8 @@ engine's keys (training/engine.py). The result is stored as the usual
 QuantLinear / QuantEmbedding codes (the same bytes as RTN or GPTQ at these settings), so every
 exporter and kernel applies. Checkpoints after each block and during the end-to-end phase; a
 killed run resumes. Runs on --device cuda and under torchrun (parallel.py).
+Another teacher (api.compress's distill_teacher, `--teacher`; training/teacher.py) writes the corpus
+and is matched end to end by KL alone; Block-AP still rebuilds the blocks of the original.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 from ...config import MethodConfig, check
 from ...training.distill import DistillSettings, distill, run_summary, train_norms
 from ...training.engine import TrainingConfig
+from ...training.teacher import written_vocabulary
 from ...errors import UserError
 from ...layers.quant_embedding import QuantEmbedding, TiedHead
 from ...layers.quant_linear import QuantLinear, resolve_group_size
@@ -102,10 +105,11 @@ class QatConfig(TrainingConfig, MethodConfig):
 
 
 def training_data(teacher: nn.Module, calib: torch.Tensor, c: "QatConfig", device: str,
-                  progress=None) -> tuple[torch.Tensor, tuple[int, float] | None]:
+                  progress=None, vocab: int | None = None) -> tuple[torch.Tensor, tuple[int, float] | None]:
     """(windows, mix): the N calibration windows followed by the corpus the teacher writes from
     openings of them (training/corpus.py: `corpus_tokens` tokens, default `default_corpus_tokens`;
-    temperature 1, top-p 1; cached under its content hash in `corpus_cache`), and the share at which training draws the written ones (None: no corpus)."""
+    temperature 1, top-p 1; ids below `vocab` when given; cached under its content hash in
+    `corpus_cache`), and the share at which training draws the written ones (None: no corpus)."""
     if c.teacher_fraction == 0:
         return calib, None
     from ...training.corpus import teacher_corpus
@@ -116,7 +120,7 @@ def training_data(teacher: nn.Module, calib: torch.Tensor, c: "QatConfig", devic
     corpus = teacher_corpus(teacher, calib, tokens=max(tokens, calib.shape[1]), length=calib.shape[1], seed=c.seed,
                             batch=c.corpus_batch or None,
                             cache_dir=None if explicit else cache, cache_file=cache if explicit else None,
-                            device=device, progress=progress)
+                            device=device, progress=progress, vocab=vocab)
     return torch.cat([calib, corpus]), (calib.shape[0], c.teacher_fraction)
 
 
@@ -148,6 +152,7 @@ def block_windows(windows: torch.Tensor, mix: tuple[int, float] | None, count: i
 @register("qat", QatConfig)
 class Qat(WholeModelMethod):
     trains = True  # learns from every calibration window (api.compress's train_calib)
+    takes_distill_teacher = True  # end to end and the corpus from another model (Block-AP: the original)
     restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
@@ -157,15 +162,18 @@ class Qat(WholeModelMethod):
         torch.manual_seed(c.seed)
         fakes = self._fake_quantize(model, names)
         saved = None if checkpoint_dir is None else Path(checkpoint_dir)
+        target, external = self.training_teacher(teacher)
         model.to(device)
         teacher.to(device)
+        target.to(device)
         tracker = Tracker.of("qat", c)  # Block-AP under qat/block_ap, end to end under qat
         precision = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = c.tf32 and str(device).startswith("cuda")
         try:
             tick = time.perf_counter()
-            windows, mix = training_data(teacher, calib, c, device,  # seeded and cached: a resume reads the same
-                                         (lambda d, t, note: progress(d, t, f"corpus | {note}")) if progress else None)
+            windows, mix = training_data(target, calib, c, device,  # seeded and cached: a resume reads the same
+                                         (lambda d, t, note: progress(d, t, f"corpus | {note}")) if progress else None,
+                                         written_vocabulary(model, target))
             self._corpus_seconds, tick = time.perf_counter() - tick, time.perf_counter()
             if c.block_steps:
                 block_ap(model, teacher, block_windows(windows, mix, c.block_windows, c.seed),
@@ -177,12 +185,14 @@ class Qat(WholeModelMethod):
                          tracker=tracker, autocast=c.engine().autocast(device), micro_batch=c.micro_batch)
             self._block_ap_seconds = time.perf_counter() - tick
             if c.steps:
-                self._end_to_end(model, teacher, windows, mix, fakes, device, saved, resume, progress, tracker)
+                self._end_to_end(model, target, windows, mix, fakes, device, saved, resume, progress, tracker,
+                                 match_blocks=not external)
         finally:
             tracker.close()
             torch.backends.cuda.matmul.allow_tf32 = precision  # as the caller had it (evaluation in float32)
             model.to("cpu")
             teacher.to("cpu")
+            target.to("cpu")
         self._store(model, fakes)
         asked = c.engine().steps(c.steps, c.batch * windows.shape[1])
         self.training_report = {"end_to_end": run_summary(self.history, asked) if c.steps else None,
@@ -190,7 +200,8 @@ class Qat(WholeModelMethod):
                                 "block_ap_seconds": round(self._block_ap_seconds, 2),
                                 "calibration_windows": int(calib.shape[0]),
                                 "corpus_windows": int(windows.shape[0] - calib.shape[0]),
-                                "corpus_share": mix[1] if mix else 0.0, "window_tokens": int(windows.shape[1])}
+                                "corpus_share": mix[1] if mix else 0.0, "window_tokens": int(windows.shape[1]),
+                                "teacher": "another model" if external else "the original"}
 
     def _fake_quantize(self, model: nn.Module, names: list[str]) -> dict[str, FakeQuantLinear]:
         """Selected linears (and the input embedding, see the module docstring) -> FakeQuantLinear."""
@@ -229,7 +240,7 @@ class Qat(WholeModelMethod):
         return fakes
 
     def _end_to_end(self, model, teacher, windows, mix, fakes, device, saved, resume, progress,
-                    tracker: Tracker | None = None) -> None:
+                    tracker: Tracker | None = None, match_blocks: bool = True) -> None:
         c = self.config
         params: dict[str, nn.Parameter] = {}
         for name, fake in fakes.items():
@@ -238,7 +249,8 @@ class Qat(WholeModelMethod):
         if c.train_norms:
             train_norms(model, params)
         engine = c.engine()  # max_minutes bounds this phase's training loop (corpus and Block-AP are timed apart)
-        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, engine=engine)
+        settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, engine=engine,
+                                   match_blocks=match_blocks)
         grid = lambda name: c.scale_lr_factor if name.endswith((".scales", ".zeros")) else 1.0  # noqa: E731
         self.history = distill(model, teacher, windows, params, lambda: None, settings, device,
                 None if saved is None else saved / "e2e", resume,
