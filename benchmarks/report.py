@@ -259,6 +259,12 @@ def _frontier_cli(data: dict) -> list[str]:
     return section(data)
 
 
+def _recovery_data(data: dict) -> list[str]:
+    from recovery_data import section
+
+    return section(data)
+
+
 def _corpus_speed(data: dict) -> list[str]:
     from corpus_speed import section
 
@@ -293,7 +299,7 @@ def _training_engine(data: dict) -> list[str]:
     return parts
 
 
-SECTIONS = {"frontier_cli": _frontier_cli, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
+SECTIONS = {"frontier_cli": _frontier_cli, "recovery_data": _recovery_data, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
             "lm_eval_tasks": _lm_eval_tasks}
 
