@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
                           Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM,
                           PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
 
 WORDS = [f"w{i}" for i in range(120)]
-ARCHS = ["llama", "gpt2", "qwen3", "olmo2", "phi3", "phi"]
+ARCHS = ["llama", "gpt2", "qwen3", "olmo2", "phi3", "phi", "gemma2", "gemma3"]
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -52,6 +53,14 @@ def make_model(arch: str) -> torch.nn.Module:
                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                            partial_rotary_factor=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=1)
         return PhiForCausalLM(config).eval()
+    if arch in ("gemma2", "gemma3"):  # sandwich norms (1 + w), scaled embedding, tied head; Gemma 2 soft-caps
+        # its logits (a cap of 3 here, so the cap bends random logits), Gemma 3 has per-head q/k norms
+        settings = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                        sliding_window=16, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        if arch == "gemma2":
+            return Gemma2ForCausalLM(Gemma2Config(**settings, final_logit_softcapping=3.0)).eval()
+        return Gemma3ForCausalLM(Gemma3TextConfig(**settings)).eval()
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
 

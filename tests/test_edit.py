@@ -165,6 +165,7 @@ def test_an_artifact_keeps_its_recipe_and_kinds(tmp_path, model_dirs, text_file)
     ("binary", "not UTF-8 text"),
     ("short", "fewer than one window of --eval-len"),
     ("post-norm", "olmo2 normalizes its sublayers' outputs"),
+    ("sandwich-norm", "gemma2 normalizes its sublayers' outputs"),
 ])
 def test_bad_inputs_get_one_line_and_write_nothing(tmp_path, model_dirs, text_file, case, needle):
     concept, contrast = _write(tmp_path / "c.txt", CONCEPT), _write(tmp_path / "n.txt", CONTRAST)
@@ -185,8 +186,8 @@ def test_bad_inputs_get_one_line_and_write_nothing(tmp_path, model_dirs, text_fi
     elif case == "short":
         text_file = tmp_path / "short.txt"
         text_file.write_text("w1 w2 w3 w4 w5\n")
-    elif case == "post-norm":
-        model = str(model_dirs["olmo2"])
+    elif case in ("post-norm", "sandwich-norm"):
+        model = str(model_dirs["olmo2" if case == "post-norm" else "gemma2"])
     else:
         extra = ["--kl-budget", "1e-9"]  # no direction fits: an artifact would be the source again
     out = tmp_path / "edited"

@@ -210,7 +210,7 @@ def test_refusals_are_one_line_user_errors(tmp_path, bpe, model_dirs):
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match=r"--gguf-type Q3_K: .* one of F32, F16"):
         write(model, bpe, {}, tmp_path, gguf_type="Q3_K")
-    for family in ("opt", "olmo2", "phi"):  # unknown; known, but no GGUF reader here to check the file with
+    for family in ("opt", "olmo2", "phi", "gemma2", "gemma3_text"):  # unknown; known, but no GGUF reader here
         other = types.SimpleNamespace(config=types.SimpleNamespace(model_type=family))
         with pytest.raises(UserError, match=rf"architecture '{family}' cannot be exported to GGUF.*qwen3"):
             write(other, bpe, {}, tmp_path)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import hypercompress
 from hypercompress.cli import app
 
-from conftest import make_tokenizer
+from conftest import ARCHS, make_tokenizer
 from test_cli import assert_one_line_error
 
 runner = CliRunner()
@@ -34,20 +34,22 @@ def artifacts(model_dirs, tmp_path_factory):
                         ("qwen3", ["--method", "rtn", "--set", "bits=3", "--set", "group_size=16"]),
                         ("olmo2", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=16"]),
                         ("phi3", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=32"]),
-                        ("phi", ["--method", "svd", "--set", "rank=8"])):
+                        ("phi", ["--method", "svd", "--set", "rank=8"]),
+                        ("gemma2", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=16"]),
+                        ("gemma3", ["--method", "factor_embedding", "--set", "rank=8", "--set", "targets=embed_tokens$"])):  # the scaled embedding
         result = run("compress", model_dirs[arch], *stage, "--out", base / arch)
         assert result.exit_code == 0, result.output
         made[arch] = base / arch
     return made
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3", "olmo2", "phi3", "phi"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_hf_export_loads_anywhere_with_the_artifacts_weights(arch, artifacts, tokens, tmp_path):
     out = tmp_path / "hf"
     result = run("export", artifacts[arch], "--format", "hf", "--dtype", "float32", "--out", out)
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == arch and "quantization_config" not in config
+    assert config["model_type"] == {"gemma3": "gemma3_text"}.get(arch, arch) and "quantization_config" not in config
     dense = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     compressed, _ = hypercompress.load(artifacts[arch], fast=False)
     with torch.inference_mode():

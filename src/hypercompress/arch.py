@@ -42,7 +42,7 @@ class ArchSpec:
     gguf_arch: str | None = None
     gguf_permute_qk: bool = False
     # kv_lowrank's latent attention (layers/latent_kv.py) reproduces this family's attention: separate
-    # q/k/v/o, RoPE over whole heads (Phi-2 rotates part of each head: no)
+    # q/k/v/o, RoPE over whole heads, every layer global, scores not capped (Phi-2, Gemma: no)
     latent_kv: bool = True
 
     @property
@@ -81,6 +81,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # GGUF loader does not read olmo2, so the GGUF export is not offered
     "olmo2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), head_norms=("self_attn.q_norm", "self_attn.k_norm"),
                      head_norm_span="all", gguf_arch=None, gguf_permute_qk=False),
+    # Gemma 2 / Gemma 3 (text): a norm after each sublayer as well as before ("sandwich": o_proj's and
+    # down_proj's outputs are normalized before the residual add, so nothing rotates exactly and no
+    # linear writes the residual directly); RMSNorm scales by 1 + weight (stored as w - 1: no table
+    # code reads a norm's weight once no linear reads a norm); the embedding scales its rows by
+    # sqrt(hidden) in its forward (modules.carry_embedding_scale hands that to a compressed embedding);
+    # Gemma 2 soft-caps its logits (modules.head_logits) and attention scores, both alternate sliding-
+    # window and global layers (kv_lowrank's latent attention reproduces neither); Gemma 3 adds per-head
+    # q/k norms; transformers' GGUF loader reads neither family
+    "gemma2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), gguf_arch=None, gguf_permute_qk=False,
+                      latent_kv=False),
+    "gemma3_text": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), gguf_arch=None, gguf_permute_qk=False,
+                           latent_kv=False, head_norms=("self_attn.q_norm", "self_attn.k_norm")),
     # Phi-3 / Phi-4-mini: q, k, v fused in qkv_proj (no head pruning, no kv_lowrank: attention=None),
     # gate and up fused in gate_up_proj (rows [gate; up], each intermediate_size)
     "phi3": ArchSpec(

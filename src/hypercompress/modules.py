@@ -193,13 +193,43 @@ def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
     return layer
 
 
+def carry_embedding_scale(old: nn.Module | None, new: nn.Module) -> None:
+    """A scaled embedding (Gemma 2/3: its forward multiplies the rows by `embed_scale`, sqrt(hidden))
+    hands the scale to the module replacing it, as its `output_scale` (QuantEmbedding,
+    LowRankEmbedding, qat's training module); a module that cannot scale is refused, and so is an
+    embedding subclass computing more than a lookup without saying how (UserError)."""
+    if isinstance(old, nn.Embedding):
+        scale = getattr(old, "embed_scale", None)
+        if scale is None and type(old).forward is not nn.Embedding.forward:
+            raise UserError(f"{type(old).__name__} computes more than a table lookup, which a compressed "
+                            "embedding would drop; leave the embedding out of the targets")
+    else:
+        scale = getattr(old, "output_scale", None)
+    if scale is None or float(scale) == 1.0 or new is old:
+        return
+    if not hasattr(new, "output_scale"):
+        raise UserError(f"the embedding scales its rows by {float(scale):g} and {type(new).__name__} cannot; "
+                        "leave the embedding out of the targets")
+    new.output_scale = float(scale)
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., D) final hidden states (after the final norm) -> (..., V) logits as the model's forward
+    makes them: its output layer, then the soft-capping of Gemma 2 (cap x tanh(z / cap)) when set."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` at `name` (adding it if the parent has no such child, e.g. a generator at the root).
     Replacing an embedding that the lm_head shares replaces the head too, with a TiedHead reading
-    the new module, so the tie (and single storage) is kept."""
+    the new module, so the tie (and single storage) is kept; a scaled embedding's scale goes to
+    the new module (carry_embedding_scale)."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, leaf, None)
+    carry_embedding_scale(old, new)
     setattr(parent, leaf, new)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(old, nn.Embedding) and head is not None and getattr(head, "weight", None) is old.weight:

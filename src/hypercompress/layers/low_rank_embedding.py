@@ -20,6 +20,7 @@ from ..modules import CompressedModule
 class LowRankEmbedding(CompressedModule):
     kind = "low_rank_embedding"
     own_path = "rows and logits through the rank-r factors"
+    output_scale = 1.0  # rows x this (a scaled embedding's, Gemma: modules.carry_embedding_scale)
     compute_dtype = torch.float32  # dtype of the looked-up rows; artifact.load sets it
 
     def __init__(self, vocab: int, dim: int, rank: int, bits: int = 16):
@@ -70,7 +71,8 @@ class LowRankEmbedding(CompressedModule):
         return (self.factor_a() @ self.up.float()).to(dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return (F.embedding(ids, self.factor_a()) @ self.up.float()).to(self.compute_dtype)
+        rows = F.embedding(ids, self.factor_a()) @ self.up.float()
+        return (rows * self.output_scale if self.output_scale != 1.0 else rows).to(self.compute_dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., D) -> (..., V) = x E^T, through the rank-r bottleneck."""

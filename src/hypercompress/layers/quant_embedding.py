@@ -34,6 +34,7 @@ class QuantEmbedding(QuantLinear):
     kind = "quant_embedding"
     own_path = "rows dequantized at lookup"  # a tied head builds its own path from the codes
     compute_dtype = torch.float32  # dtype of the looked-up rows; artifact.load sets it
+    output_scale = 1.0  # rows x this (a scaled embedding's, Gemma: modules.carry_embedding_scale)
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows for token ids (any shape) -> (*ids.shape, dim)."""
@@ -58,7 +59,8 @@ class QuantEmbedding(QuantLinear):
         return weight.reshape(*ids.shape, self.in_features)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.rows(ids, self.compute_dtype)
+        rows = self.rows(ids, self.compute_dtype)
+        return rows * self.output_scale if self.output_scale != 1.0 else rows
 
     def misfit(self, original: nn.Module | None) -> str | None:
         return embedding_misfit(self, original)

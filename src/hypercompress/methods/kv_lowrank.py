@@ -49,8 +49,9 @@ class KvLowRank(WholeModelMethod):
         if spec.attention is None:
             raise UserError(f"kv_lowrank needs separate k_proj / v_proj; {model.config.model_type} fuses them")
         if not spec.latent_kv:
-            raise UserError(f"kv_lowrank: {model.config.model_type}'s attention (RoPE over part of each head) is "
-                            "not the one its latent cache reproduces; use another method for its k_proj / v_proj")
+            raise UserError(f"kv_lowrank: {model.config.model_type}'s attention (RoPE over part of each head, "
+                            "sliding windows or soft-capped scores) is not the one its latent cache reproduces; "
+                            "use another method for its k_proj / v_proj")
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from ..arch import arch_of
 from ..calibration import capture_block_inputs
 from ..layers.quant_linear import dequantize, fit_grid, quantize_to_grid, resolve_group_size
-from ..modules import Conv1D, linear_weight
+from ..modules import Conv1D, head_logits, linear_weight
 
 Option = tuple[int, int]  # (bits, group size); group -1: one group per row
 
@@ -69,7 +69,7 @@ class TailRunner:
         for batch, hidden in enumerate(self.inputs[start]):
             for index in range(start, len(self.blocks)):
                 hidden = self.calls.run(self.blocks[index], index, batch, hidden)
-            out.append(F.log_softmax(self.model.get_output_embeddings()(self.norm(hidden)).float(), -1))
+            out.append(F.log_softmax(head_logits(self.model, self.norm(hidden)).float(), -1))
         return out
 
 

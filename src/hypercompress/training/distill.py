@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import parallel
 from ..errors import UserError
+from ..modules import head_logits
 from ..tracking import Tracker, learning_rates
 from .corpus import mixed_picks
 from .engine import Clock, Engine, compile_blocks, cosine, frozen_teacher, uncompile_blocks
@@ -108,7 +109,7 @@ def _kl_sum(student, teacher, student_out, teacher_out, dtype) -> torch.Tensor:
         kl = chunked_kl(h_s.reshape(-1, h_s.shape[-1]), w_s[:rows], h_t.reshape(-1, h_t.shape[-1]), w_t[:rows],
                         dtype=dtype)
     else:  # full logits through the head modules
-        z_t, z_s = teacher.get_output_embeddings()(h_t), student.get_output_embeddings()(h_s)
+        z_t, z_s = head_logits(teacher, h_t), head_logits(student, h_s)  # soft-capped where the model caps
         rows = min(z_t.shape[-1], z_s.shape[-1])
         kl = kl_to_teacher(z_t[..., :rows], z_s[..., :rows])
     return kl * windows

@@ -94,10 +94,13 @@ class FakeQuantLinear(nn.Module):
         """W_hat as an output layer's (V, D) matrix (training/distill.py's chunked KL), or None with a bias."""
         return None if self.embedding or self.bias is not None else self.quantized_weight()
 
+    output_scale = 1.0  # an embedding's rows x this (Gemma's scaled embedding: modules.carry_embedding_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.quantized_weight()
         if self.embedding:
-            return F.embedding(x, weight)
+            rows = F.embedding(x, weight)
+            return rows * self.output_scale if self.output_scale != 1.0 else rows
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     @torch.no_grad()

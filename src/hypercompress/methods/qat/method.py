@@ -39,7 +39,7 @@ from ...training.teacher import written_vocabulary
 from ...errors import UserError
 from ...layers.quant_embedding import QuantEmbedding, TiedHead
 from ...layers.quant_linear import QuantLinear, resolve_group_size
-from ...modules import LINEAR_TYPES, CompressedModule, linear_weight
+from ...modules import LINEAR_TYPES, CompressedModule, carry_embedding_scale, linear_weight
 from ...registry import register
 from ...tracking import Tracker, check_tracking
 from ..base import WholeModelMethod
@@ -271,5 +271,9 @@ class Qat(WholeModelMethod):
 
 
 def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    """`module` at `name` without replace_module's tied-head rewiring (qat ties its own heads); a
+    scaled embedding's scale is carried over all the same."""
     parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    carry_embedding_scale(getattr(parent, leaf, None), module)
+    setattr(parent, leaf, module)
