@@ -46,6 +46,13 @@ def test_override_targets_as_comma_list():
     assert recipe.stages[1].ignore == ["layers\\.0\\.", "layers\\.1\\.q"]
 
 
+def test_override_targets_as_a_yaml_list_is_a_list_not_one_bracketed_regex():
+    recipe = two_stages().with_overrides(["1.targets=['embed_tokens$', 'q_proj']"])
+    assert recipe.stages[1].targets == ["embed_tokens$", "q_proj"]
+    with pytest.raises(UserError, match=r"not a list of regex strings; write targets=a,b"):
+        two_stages().with_overrides(["1.targets=[1, 2]"])
+
+
 @pytest.mark.parametrize("override, needle", [
     ("svd.bits=3", "no stage has key 'bits'"),
     ("keep=1.5", "keep=1.5"),

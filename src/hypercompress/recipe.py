@@ -162,8 +162,23 @@ class Recipe:
                     + ", ".join(sorted({k for s in stages for k in _valid_keys(s)}))
                 )
             for i in hits:
-                stages[i][key] = value.split(",") if key in SELECTION_KEYS else value
+                stages[i][key] = _selection(item, value) if key in SELECTION_KEYS else value
         return Recipe.from_list(stages, where="recipe after --set")
+
+
+def _selection(item: str, value: str) -> list[str]:
+    """targets / ignore from --set: comma-separated regexes (`targets=q_proj,k_proj`) or a YAML list
+    (`targets=['embed_tokens$']`; taken as one regex, its brackets would be a character class that
+    selects nearly every module)."""
+    if value.lstrip().startswith("["):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = None
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise UserError(f"--set {item}: not a list of regex strings; write targets=a,b or targets=['a','b']")
+        return parsed
+    return value.split(",")
 
 
 def _valid_keys(stage: dict[str, Any]) -> list[str]:
