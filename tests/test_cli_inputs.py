@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hypercompress import workflow
+from hypercompress import models, workflow
 from hypercompress.eval import evaluation
 
 from test_cli import assert_one_line_error, run
@@ -17,6 +17,7 @@ def no_loading(monkeypatch):
         raise AssertionError("the model was loaded before the input was checked")
     monkeypatch.setattr(workflow, "load_model", fail)
     monkeypatch.setattr(evaluation, "load_model", fail)
+    monkeypatch.setattr(models, "load_model", fail)  # analyze and edit import it when they run
 
 
 @pytest.mark.parametrize("option, value", [
@@ -42,22 +43,38 @@ def test_missing_option_is_one_line(model_dirs):
     assert_one_line_error(run("compress", model_dirs["llama"], "--method", "rtn"), "--out")
 
 
-def test_outputs_under_a_file_are_refused_before_loading(model_dirs, text_file, tmp_path, no_loading):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    model = model_dirs["llama"]
+@pytest.mark.parametrize("place", ["under a file", "under a link to nowhere"])
+def test_every_output_option_is_refused_before_loading(place, model_dirs, text_file, tmp_path, no_loading):
+    """Each command's every output option, pointed at a place nothing can be created in."""
+    if place == "under a file":
+        blocker, needle = tmp_path / "a-file", "a-file"
+        blocker.write_text("not a folder")
+    else:
+        blocker, needle = tmp_path / "gone", "link to a missing place"
+        blocker.symlink_to(tmp_path / "missing-folder")
+    model, left = model_dirs["llama"], sorted(p.name for p in tmp_path.iterdir())
     cases = [
-        (["compress", model, "--method", "rtn", "--out", blocker / "art"], ["--out", "a-file"]),
-        (["compress", model, "--method", "rtn", "--out", tmp_path / "art", "--json", blocker / "r.json"],
-         ["--json", "a-file"]),
-        (["evaluate", model, "--data", text_file, "--json", blocker / "r.json"], ["--json", "a-file"]),
-        (["evaluate", model, "--data", text_file, "--json", tmp_path], ["--json", "is a folder"]),
-        (["export", tmp_path / "no-artifact", "--format", "hf", "--out", blocker / "x"], ["--out", "a-file"]),
-        (["plot", tmp_path, "--out", blocker / "rd.png"], ["--out", "a-file"]),
+        (["compress", model, "--method", "rtn", "--out", blocker / "art"], "--out"),
+        (["compress", model, "--method", "rtn", "--out", tmp_path / "art", "--json", blocker / "r.json"], "--json"),
+        (["evaluate", model, "--data", text_file, "--json", blocker / "r.json"], "--json"),
+        (["export", tmp_path / "no-artifact", "--format", "hf", "--out", blocker / "x"], "--out"),
+        (["export", tmp_path / "no-artifact", "--format", "hf", "--out", tmp_path / "x", "--json", blocker / "r.json"],
+         "--json"),
+        (["inspect", tmp_path / "no-artifact", "--json", blocker / "r.json"], "--json"),
+        (["analyze", model, "--calib", text_file, "--out", blocker / "report"], "--out"),
+        (["edit", model, "--concept", text_file, "--contrast", text_file, "--unrelated", text_file,
+          "--out", blocker / "edited"], "--out"),
+        (["plot", tmp_path, "--out", blocker / "rd.png"], "--out"),
     ]
-    for args, needles in cases:
-        assert_one_line_error(run(*args), *needles)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], args
+    for args, option in cases:
+        assert_one_line_error(run(*args), option, needle)
+        assert sorted(p.name for p in tmp_path.iterdir()) == left, args
+
+
+def test_a_json_path_that_is_a_folder_is_refused(model_dirs, text_file, tmp_path, no_loading):
+    assert_one_line_error(run("evaluate", model_dirs["llama"], "--data", text_file, "--json", tmp_path),
+                          "--json", "is a folder")
+    assert_one_line_error(run("inspect", tmp_path / "no-artifact", "--json", tmp_path), "--json", "is a folder")
 
 
 def test_lengths_beyond_the_position_limit_are_refused(model_dirs, calib_file, text_file, tmp_path):

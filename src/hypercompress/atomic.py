@@ -180,11 +180,24 @@ def check_output_file(path: Path | None, option: str = "--json") -> None:
 
 
 def _check_creatable(path: Path, option: str) -> None:
+    """UserError unless `path` (and its missing folders) can be created: the nearest existing folder
+    is writable, no missing folder on the way is a link to nowhere, and a file made there and removed
+    at once proves it (os.access answers yes for root in /proc and on some read-only mounts)."""
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():
+            raise UserError(f"{option} {path}: {ancestor} is a link to a missing place ({os.readlink(ancestor)}); "
+                            "pass a path in a writable folder")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise UserError(f"{option} {path}: {ancestor} is a file, not a folder; pass a path in a writable folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"{option} {path}: the folder {ancestor} is not writable; pass a path in a "
                         "writable folder")
+    try:
+        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".hypercompress-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: nothing can be created in {ancestor} ({exc.strerror}); pass a path in "
+                        "a writable folder") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..atomic import refuse_existing
+from ..atomic import check_output_folder, refuse_existing
 from ..hub import check_hub_model
 from .common import console, err_console, one_line_errors, section_progress
 from .quiet import VERBOSE, quiet_libraries
@@ -36,6 +36,7 @@ def analyze(
     from ..models import load_model
 
     refuse_existing(out)
+    check_output_folder(out)  # refused now, not after the analysis
     text = read_text(calib)
     with err_console.status(f"loading {model}"):
         loaded = load_model(model, device=None)

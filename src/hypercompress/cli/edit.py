@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..atomic import refuse_existing
+from ..atomic import check_output_folder, refuse_existing
 from ..errors import UserError
 from ..hub import check_hub_model
 from .common import console, err_console, one_line_errors, section_progress
@@ -57,6 +57,7 @@ def edit(
     from ..models import load_model
 
     refuse_existing(out)
+    check_output_folder(out)  # refused now, not after the edit
     check_method(method)
     texts = {"--concept": read_text(concept), "--contrast": read_text(contrast)}
     lines = {option: example_lines(text, option.removeprefix("--") + f" file {path}")

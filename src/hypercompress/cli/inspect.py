@@ -13,6 +13,7 @@ import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.table import Table
 
+from ..atomic import check_output_file
 from ..errors import UserError
 from .common import console, one_line_errors, write_json
 
@@ -92,8 +93,7 @@ def inspect(
     from .. import artifact
     from .tables import print_branch_table
 
-    if json_path is not None and json_path.is_dir():
-        raise UserError(f"--json {json_path} is a directory; pass a file path such as {json_path / 'inspect.json'}")
+    check_output_file(json_path)  # a folder, or a place nothing can be written: refused before reading
     summary = artifact_summary(path, warn=lambda message: typer.echo(f"warning: {message}", err=True))
     _print_overview(summary)
     _print_quality(summary)
