@@ -69,10 +69,40 @@ def _dataset_text(spec: str) -> str:
     return "\n\n".join(rows["text"])
 
 
+TOKENIZE_CHARS = 1 << 20  # characters per tokenizer call: a fast tokenizer given one 50 MB line at once
+                          # holds several GiB (offsets, pre-token splits) and a Python list of its ids
+
+
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """The whole text as one 1-D LongTensor of token ids, without special tokens."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """The whole text as one 1-D LongTensor of token ids, without special tokens, tokenized in
+    pieces of about TOKENIZE_CHARS characters (memory bounded whatever the text's lines). Each piece
+    ends where a word ends and the next begins with a space, where pre-tokenizers (byte-level BPE,
+    SentencePiece's Metaspace, whitespace) split anyway, so the ids are those of one call; a piece
+    with no such place in 1 MiB is cut before other whitespace, else where it is."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = _piece_end(text, start, TOKENIZE_CHARS)
+        ids = tokenizer(text[start:end], add_special_tokens=False, verbose=False)["input_ids"]
+        pieces.append(torch.tensor(ids, dtype=torch.long))
+        start = end
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def _piece_end(text: str, start: int, size: int) -> int:
+    """The end of the piece from `start`: len(text) when the rest fits `size`, else the last place
+    before start + size where a non-space character is followed by a space (else by any whitespace)."""
+    limit = start + size
+    if limit >= len(text):
+        return len(text)
+    cut = text.rfind(" ", start + 1, limit + 1)
+    while cut > start and text[cut - 1].isspace():
+        cut = text.rfind(" ", start + 1, cut)
+    if cut > start:
+        return cut
+    for cut in range(limit, start, -1):
+        if text[cut].isspace() and not text[cut - 1].isspace():
+            return cut
+    return limit
 
 
 def windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
