@@ -182,6 +182,27 @@ def test_non_finite_weights_are_refused_at_save(tmp_path):
     assert not (tmp_path / "nan").exists()
 
 
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json"])
+def test_transformers_does_not_read_a_config_linked_to_a_huge_file(valid, tmp_path, name):
+    """After import hypercompress, transformers' own config readers are bounded too: a config file
+    linked to an 8 GiB sparse file is refused naming it, before a byte is read."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    import hypercompress.hf_integration  # noqa: F401  (what using any Auto class does)
+
+    path = copy(valid, "llama", tmp_path)
+    huge = tmp_path / "huge.json"
+    huge.touch()
+    os.truncate(huge, 8 << 30)
+    (path / name).unlink(missing_ok=True)
+    (path / name).symlink_to(huge)
+    with pytest.raises(UserError, match=rf"{name} is 8,589,934,592 bytes, over the 67,108,864 a config file may hold"):
+        if name == "config.json":
+            AutoModelForCausalLM.from_pretrained(path)
+        else:
+            GenerationConfig.from_pretrained(path)
+
+
 def test_inspect_json_to_a_directory_is_a_one_line_error(valid, tmp_path):
     run = subprocess.run([*CLI, "inspect", str(valid["llama"]),
                           "--json", str(tmp_path)], capture_output=True, text=True, timeout=300)

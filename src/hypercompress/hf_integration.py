@@ -13,6 +13,7 @@ returns `hypercompress.load(dir, dtype, device)`: the compressed modules on that
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -86,9 +87,42 @@ class HypercompressForCausalLM(PreTrainedModel):
 
 
 def register() -> None:
-    """Make transformers' Auto classes know artifacts (idempotent)."""
+    """Make transformers' Auto classes know artifacts (idempotent), and bound the config files they
+    read (_bounded_config_reader)."""
     AutoConfig.register(MODEL_TYPE, HypercompressConfig, exist_ok=True)
     AutoModelForCausalLM.register(HypercompressConfig, HypercompressForCausalLM, exist_ok=True)
+    _bounded_config_reader()
+
+
+def _bounded_config_reader() -> None:
+    """transformers reads config.json (and generation_config.json) whole before it knows whose it is:
+    one linked to an 8 GiB file exhausts memory before our class is reached. Once hypercompress is
+    imported, such a file over MAX_DOCUMENT_BYTES (64 MiB; real ones are kilobytes) is refused in one
+    line naming it (UserError) before a byte is read; others are read exactly as transformers does."""
+    from transformers import GenerationConfig
+
+    for owner in (PreTrainedConfig, GenerationConfig):
+        original = getattr(owner.__dict__.get("_dict_from_json_file"), "__func__", None)
+        if original is not None and not getattr(original, "bounded", False):  # another layout, or done
+            owner._dict_from_json_file = classmethod(_bounded(original))
+
+
+def _bounded(original):
+    def bounded(cls, json_file):
+        from .artifact_reader import MAX_DOCUMENT_BYTES
+        from .errors import UserError
+
+        try:
+            size = os.stat(json_file).st_size
+        except OSError:
+            size = 0  # transformers names the missing file itself
+        if size > MAX_DOCUMENT_BYTES:
+            raise UserError(f"{json_file} is {size:,} bytes, over the {MAX_DOCUMENT_BYTES:,} a config file may "
+                            "hold; check the file (a link to something else?) or re-create the model folder")
+        return original(cls, json_file)
+
+    bounded.bounded = True
+    return bounded
 
 
 register()  # importing this module (hypercompress does when transformers loads its Auto classes) registers
