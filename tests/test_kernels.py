@@ -159,3 +159,35 @@ def test_two_four_detection():
     assert is_two_four(keep)
     assert not is_two_four(torch.ones(1, 8, dtype=torch.bool))
     assert DenseLinear(torch.eye(4), None, torch.float32).accepts(torch.randn(4))
+
+
+def _quantized(out_features: int, in_features: int, bits: int, group: int, symmetric: bool, seed: int):
+    from hypercompress.layers.quant_linear import fit_grid, quantize_to_grid
+
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    groups = weight.view(out_features, in_features // group, group)
+    scale, zero = fit_grid(groups, bits, symmetric, "int")
+    codes = quantize_to_grid(groups, scale, zero, bits, "int")
+    return QuantLinear.from_codes(codes, scale, zero, None, bits, symmetric, "int")
+
+
+@pytest.mark.parametrize("out_features", [8, 24, 50, 168, 257, 50257])
+@pytest.mark.parametrize("in_features", [32, 48, 96, 160])
+def test_every_kernel_takes_odd_shapes_or_declines(out_features, in_features):
+    """Shapes the kernels do not pack (out / in not multiples of 8, 16, 32, 64, 128; vocabularies of
+    50257 rows) cross every kind and compute dtype on the CPU: each layer runs its fast path or the
+    dense one, and computes what its dense weight does."""
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(1))
+    kinds = [(bits, group, symmetric) for bits in (2, 3, 4) for group in (16, 32, in_features) for symmetric in
+             (False, True) if in_features % group == 0] + [(8, in_features, True), (8, 16, False)]
+    if out_features > 1000:
+        kinds = [(4, 16, False), (4, in_features, False), (8, in_features, True)]  # a vocabulary (a tied head)
+    for bits, group, symmetric in kinds:
+        layer = _quantized(out_features, in_features, bits, group, symmetric, seed=out_features + bits)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            backend = layer.prepare_fast(dtype)
+            expected = torch.nn.functional.linear(x.to(dtype), layer.dense_weight(dtype)).float()
+            got = layer(x.to(dtype)).float()
+            tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+            assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()), \
+                (out_features, in_features, bits, group, symmetric, dtype, backend)

@@ -39,10 +39,12 @@ def int4_supported(device: torch.device, dtype: torch.dtype, out_features: int, 
             return "the CUDA int4 kernel computes in bfloat16 only"
         if torch.cuda.get_device_capability(device)[0] < 8 or out_features % 8:
             return "needs compute capability 8.0 and out_features divisible by 8"
-        return None
+        return None  # (N % 8, K % (tiles x 16), group: checked above; the CUDA packing's whole contract)
     if device.type == "cpu":
         if dtype == torch.float32:  # measured (2-core EPYC): 4096 x 11008 at 1 token 38 ms vs 8 ms
             return "the CPU int4 kernel is 5-8x slower than dense in float32 (use bfloat16)"
+        if out_features % 16:  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+            return f"out_features {out_features} is no multiple of 16 (the CPU int4 packing)"
         return None if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else "torch too old"
     return f"no int4 kernel for {device.type}"
 
