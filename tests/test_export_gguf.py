@@ -219,3 +219,31 @@ def test_refusals_are_one_line_user_errors(tmp_path, bpe, model_dirs):
         export(make_artifact(tmp_path / "w", make_tokenizer(), [{"method": "rtn", "bits": 4}],
                              arch="llama"), "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_no_export_writes_a_tensor_beyond_its_type(tmp_path, bpe):
+    """An artifact keeps a dense norm (1e5) and an untied lm_head entry (1e5) in float32: the GGUF
+    export writes that head as F32 (GGUF types are per tensor) and refuses a --gguf-type that
+    stores with float16 scales; the hf and compressed-tensors exports refuse --dtype float16
+    naming the tensor; nothing is left behind; wider types export finite."""
+    model = tiny("llama")
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.fill_(1e5)
+        model.lm_head.weight[0, 0] = 1e5
+    recipe = Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}])
+    hypercompress.compress(model, recipe)
+    artifact = hypercompress.save(model, bpe, tmp_path / "wide", recipe=recipe.to_list(), original_params=1)
+    report = export(artifact, "gguf", tmp_path / "gguf")
+    assert report["tensors"]["output.weight"]["type"] == "F32"
+    _, tensors = fields(tmp_path / "gguf" / "model.gguf")
+    for name, tensor in tensors.items():
+        if tensor.tensor_type.name in ("F32", "F16"):
+            assert np.isfinite(np.asarray(tensor.data, dtype=np.float32)).all(), name
+    with pytest.raises(UserError, match=r"tensor lm_head.weight holds values beyond float16's range .*Q8_0"):
+        export(artifact, "gguf", tmp_path / "q8", gguf_type="Q8_0")
+    for fmt in ("hf", "compressed-tensors"):
+        with pytest.raises(UserError, match=r"holds values beyond float16's range .*--dtype bfloat16"):
+            export(artifact, fmt, tmp_path / f"{fmt}-16", dtype="float16")
+        assert not (tmp_path / f"{fmt}-16").exists()
+    export(artifact, "hf", tmp_path / "hf-32", dtype="float32")
+    assert not (tmp_path / "q8").exists()

@@ -52,7 +52,7 @@ from torch import nn
 from ..errors import UserError
 from ..formats.packing import unpack_codes
 from ..modules import CompressedModule, StoredModule
-from .dense import densify
+from .dense import check_range, densify
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMAT = "pack-quantized"
@@ -111,6 +111,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
         linear.quantization_scheme = scheme
         linear.quantization_status = QuantizationStatus.COMPRESSED
     densify(model, DTYPES[dtype])  # fallbacks and tied heads dense; every float tensor to dtype
+    check_range(model, dtype)
     # one grid: target the class, as llm-compressor does (every other nn.Linear lands in ignore);
     # several: each group targets its exact module names
     for key, scheme in schemes.items():

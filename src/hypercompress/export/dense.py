@@ -74,3 +74,15 @@ def densify(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def check_range(model: nn.Module, dtype: str) -> None:
+    """After densify: UserError naming the first tensor that `dtype` could not hold (the artifact's
+    tensors are finite, so an inf after the cast is an overflow: float16 ends at 65504), before
+    anything is written."""
+    from ..errors import UserError
+
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"tensor {name} holds values beyond {dtype}'s range (float16 ends at 65504); pass "
+                            "--dtype bfloat16 or --dtype float32")

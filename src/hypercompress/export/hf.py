@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .dense import densify
+from .dense import check_range, densify
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -24,6 +24,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: the hf export writes one of {', '.join(DTYPES)}; pass one of them")
     densify(model, DTYPES[dtype])
+    check_range(model, dtype)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.dtype = DTYPES[dtype]
@@ -32,3 +33,4 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
     size = sum(p.stat().st_size for p in Path(out_dir).glob("*.safetensors"))
     return {"dtype": dtype, "safetensors_bytes": size,
             "note": "dense weights: every compressed module expanded, as large as the original"}
+
