@@ -28,6 +28,33 @@ def test_missing_tensor_is_refused_by_name(model_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_float_weight_labelled_as_integers_is_refused_by_name(model_dirs, tmp_path):
+    """The header says I32 for the float embedding (same byte size, so safetensors accepts it):
+    transformers would cast the integers in; the plain and the streamed loader refuse it by name."""
+    import json
+    import struct
+
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], source)
+    raw = (source / "model.safetensors").read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    header["model.embed_tokens.weight"]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    assert len(text) == size
+    (source / "model.safetensors").write_bytes(raw[:8] + text + raw[8 + size:])
+    needle = r"stores model\.embed_tokens\.weight as I32, not a float type"
+    with pytest.raises(UserError, match=needle):
+        load_model(str(source))
+    from hypercompress.streaming import load_streamed
+
+    with pytest.raises(UserError, match=needle):
+        load_streamed(str(source))
+    result = run("compress", source, "--method", "rtn", "--out", tmp_path / "out")
+    assert_one_line_error(result, "model.embed_tokens.weight as I32")
+    assert not (tmp_path / "out").exists()
+
+
 class _RunsCode:
     def __init__(self, marker):
         self.marker = marker

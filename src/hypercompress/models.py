@@ -102,6 +102,10 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
         arch_of(config.model_type)
+        if kind == "directory" and getattr(config, "quantization_config", None) is None:
+            from .streaming import check_float_weights
+
+            check_float_weights(sorted(Path(location).glob("*.safetensors")))
         model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
                                                            **kwargs)
         _refuse_incomplete(spec, info)

@@ -127,6 +127,8 @@ def load_streamed(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.M
     shapes = {n: tuple(t.shape) for n, t in _tensors(model)}
     files = _tensor_files(directory)
     _check_headers(directory, files, shapes, model)
+    if getattr(config, "quantization_config", None) is None:
+        check_float_weights(sorted(set(files.values())))
     lazy = LazyWeights(directory, files, dtype)
     model.hypercompress_lazy = lazy
     outside = [n for n, t in _tensors(model) if t.device.type == "meta" and not n.startswith(f"{spec.blocks}.")]
@@ -207,6 +209,29 @@ def _check_headers(directory: Path, files: dict[str, Path], shapes: dict[str, tu
                             "check or re-download it") from None
     for name in tied:
         files.pop(name, None)  # read once, through the tensor it is tied to
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' float dtype names
+
+
+def check_float_weights(files: list[Path]) -> None:
+    """UserError naming the first `.weight` / `.bias` tensor whose safetensors header gives a non-float
+    dtype (I32 for a float parameter of the same size: transformers would cast the integers in and
+    compress values of ~1e9 without a word). Headers only; for checkpoints without a quantization
+    config, whose weights are all floats."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    dtype = handle.get_slice(name).get_dtype()
+                    if name.endswith((".weight", ".bias")) and dtype not in FLOAT_DTYPES:
+                        raise UserError(f"{file.name} stores {name} as {dtype}, not a float type, for a float "
+                                        "parameter: the file is corrupt or mislabelled; re-download the model files")
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"{file} is not a readable safetensors file ({type(exc).__name__}); "
+                            "check or re-download it") from None
 
 
 def _computed_buffer(model: nn.Module, name: str) -> bool:
