@@ -124,3 +124,31 @@ def test_llama3_rope_scaling_survives_compress_reload_and_hf_export(tmp_path, to
         assert torch.allclose(dense(long).logits, expected, atol=1e-4 * expected.abs().max().item())
     result = run("export", tmp_path / "a", "--format", "gguf", "--out", tmp_path / "gguf")
     assert result.exit_code == 2 and "rope scaling 'llama3'" in result.output and not (tmp_path / "gguf").exists()
+
+
+def test_save_pretrained_of_a_compressed_model_refuses_and_says_how(artifacts, tmp_path, tokens):
+    """A model loaded from an artifact (or compressed in memory, or a deep copy of either) refuses
+    save_pretrained / push_to_hub in one line instead of writing a plain config over compressed
+    tensors (transformers would reload that as a random model); densified, it saves as usual."""
+    import copy
+
+    from hypercompress.api import compress
+    from hypercompress.errors import UserError
+    from hypercompress.export.dense import densify
+    from hypercompress.recipe import Recipe
+
+    from conftest import make_model
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(artifacts["llama"])
+    compressed = make_model("llama")
+    compress(compressed, Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}]))
+    for model in (loaded, compressed, copy.deepcopy(loaded)):
+        for call in (model.save_pretrained, model.push_to_hub):
+            with pytest.raises(UserError, match=r"would write a plain config over compressed tensors.*hypercompress"):
+                call(str(tmp_path / "plain"))
+    assert not (tmp_path / "plain").exists()
+    expected = loaded(tokens).logits
+    densify(loaded, torch.float32)
+    loaded.save_pretrained(tmp_path / "dense")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert torch.allclose(again(tokens).logits, expected, atol=1e-4 * expected.abs().max().item())

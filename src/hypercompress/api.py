@@ -17,7 +17,8 @@ from .artifact import round_to_storage, storage_bits
 from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
-from .modules import CompressedModule, effective_weights, replace_module, select_linears, uncompressed
+from .modules import (CompressedModule, effective_weights, guard_plain_saves, replace_module, select_linears,
+                      uncompressed)
 from .progress import takes_positional
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
@@ -150,6 +151,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
                        **(after_stage(model) if after_stage else {})})
     materialize_all(model)  # a streamed model: what no stage compressed, read as it is stored
     round_to_storage(model)  # the model in memory is the model the artifact stores
+    guard_plain_saves(model)  # save_pretrained would write a plain config over compressed tensors
     if checkpoint is not None and not keep_checkpoint:
         checkpoint.remove()
     return {"stages": report}

@@ -25,7 +25,7 @@ from .errors import UserError, user_path
 from .formats import lossless as lossless_codec
 from .hf_integration import wrapper_config
 from .kernels import prepare_model
-from .modules import StoredModule, replace_module
+from .modules import StoredModule, guard_plain_saves, replace_module
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "load", "read_config", "read_manifest", "save"]
 STORAGE_DTYPE = torch.float16  # dtype of every tensor no method compressed
@@ -245,6 +245,7 @@ def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: 
                         f"{_first_line(exc)}); re-create the artifact") from None
     model.to(resolve_device(device))
     model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
+    guard_plain_saves(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # files transformers parses; hashed, so only a resealed edit gets here

@@ -213,6 +213,38 @@ def carry_embedding_scale(old: nn.Module | None, new: nn.Module) -> None:
     new.output_scale = float(scale)
 
 
+SAVE_ADVICE = ("save it with hypercompress.save(model, tokenizer, DIR) (an artifact that transformers loads after "
+               "import hypercompress) or, from an artifact, `hypercompress export ARTIFACT --format hf`")
+
+
+def guard_plain_saves(model: nn.Module) -> None:
+    """The model's save_pretrained / push_to_hub, while it holds compressed modules, raise a one-line
+    UserError naming the way that keeps it (SAVE_ADVICE) instead of writing a plain config over
+    compressed tensors, which transformers reloads as a randomly initialised model. Once no
+    compressed module is left (the hf export densifies first) they work as the class's own."""
+    import types
+
+    for method, guard in (("save_pretrained", _guarded_save_pretrained), ("push_to_hub", _guarded_push_to_hub)):
+        if hasattr(type(model), method):  # bound methods: a deepcopy or pickle of the model keeps its own
+            setattr(model, method, types.MethodType(guard, model))
+
+
+def _refuse_while_compressed(model: nn.Module, method: str) -> None:
+    if any(isinstance(m, CompressedModule) for m in model.modules()):
+        raise UserError(f"{method} would write a plain config over compressed tensors, which transformers "
+                        f"reloads as a random model; {SAVE_ADVICE}")
+
+
+def _guarded_save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    _refuse_while_compressed(model, "save_pretrained")
+    return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def _guarded_push_to_hub(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    _refuse_while_compressed(model, "push_to_hub")
+    return type(model).push_to_hub(model, *args, **kwargs)
+
+
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """(..., D) final hidden states (after the final norm) -> (..., V) logits as the model's forward
     makes them: its output layer, then the soft-capping of Gemma 2 (cap x tanh(z / cap)) when set."""
