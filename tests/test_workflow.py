@@ -148,3 +148,28 @@ def test_a_bad_tracking_destination_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(workflow, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(UserError, match="W&B project name"):
         hypercompress.compress("smollm2-135m", method="rtn", wandb_project="a/b")
+
+
+EMBED_RTN = {"method": "rtn", "bits": 4, "group_size": 32, "targets": [r"^model\.embed_tokens$"]}
+LINEAR_RTN = {"method": "rtn", "bits": 4, "group_size": 32}
+
+
+def test_compressing_a_compressed_model_counts_against_the_original_and_keeps_its_history(model_dirs, tmp_path):
+    """Two steps (an artifact compressed again, or a returned model compressed again) store and
+    report what one step with both stages does: the same bytes at the same bpw, the whole recipe."""
+    one = hypercompress.compress(str(model_dirs["llama"]), [EMBED_RTN, LINEAR_RTN], out=tmp_path / "one")
+    first = hypercompress.compress(str(model_dirs["llama"]), [LINEAR_RTN], out=tmp_path / "first")
+    second = hypercompress.compress(str(tmp_path / "first"), [EMBED_RTN], out=tmp_path / "second")
+    in_memory = hypercompress.compress(make_model("llama"), [LINEAR_RTN], tokenizer=make_tokenizer())
+    again = hypercompress.compress(in_memory.model, [EMBED_RTN], tokenizer=make_tokenizer(), out=tmp_path / "again")
+    manifests = {name: json.loads((tmp_path / name / "hypercompress.json").read_text())
+                 for name in ("one", "second", "again")}
+    for name, manifest in manifests.items():
+        assert manifest["original_params"] == first.summary["original_params"], name
+        assert [s["method"] for s in manifest["recipe"]] == ["rtn", "rtn"], name
+        assert manifest["totals"]["bits_per_weight"] == pytest.approx(one.summary["bits_per_weight"]), name
+    assert second.summary["bits_per_weight"] == pytest.approx(one.summary["bits_per_weight"])
+    with pytest.raises(UserError, match="size target plans from the original model's weights.*pass the original"):
+        hypercompress.compress(str(tmp_path / "first"), None, target_bpw=4.0, calib=torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(UserError, match="already compressed .*compressed before"):
+        hypercompress.compress(str(tmp_path / "first"), [LINEAR_RTN])

@@ -246,6 +246,7 @@ def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     model.to(resolve_device(device))
     model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
     guard_plain_saves(model)
+    model.hypercompress_source = {"original_params": manifest["original_params"], "recipe": manifest["recipe"]}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:  # files transformers parses; hashed, so only a resealed edit gets here

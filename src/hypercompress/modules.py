@@ -188,8 +188,8 @@ def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
     materialize(model, f"{blocks}{name[len(blocks):].split('.')[0]}." if name.startswith(blocks) else f"{name}.")
     layer = model.get_submodule(name)
     if isinstance(layer, CompressedModule) or not isinstance(layer, (*LINEAR_TYPES, nn.Embedding)):
-        raise UserError(f"stage {stage}: '{name}' is already compressed by an earlier stage; "
-                        "narrow this stage's targets or add it to ignore")
+        raise UserError(f"stage {stage}: '{name}' is already compressed (by an earlier stage, or in the model "
+                        "compressed before: an artifact); narrow this stage's targets or add it to ignore")
     return layer
 
 

@@ -187,6 +187,12 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
 
         check_corpus_file(corpus_cache, distill_teacher or net)  # another model's corpus: refused before any work
     original_params = count_params(net)
+    history = getattr(net, "hypercompress_source", None)  # compressed before: an artifact, or an earlier call
+    if history is not None:
+        if target is not None:
+            raise UserError("a size target plans from the original model's weights, and this model was compressed "
+                            f"before ({' -> '.join(s['method'] for s in history['recipe'])}); pass the original model")
+        original_params = history["original_params"]  # sizes stay counted against the original
     samples = None
     if calibrated:
         progress("drawing calibration windows", 0, 1)
@@ -222,6 +228,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                           keep_checkpoint=True, after_stage=meter, train_calib=train_calib,
                           distill_teacher=distill_teacher)
     compress_seconds = time.perf_counter() - tick
+    recorded = (history["recipe"] if history else []) + plan.to_list()  # the whole history from the original
+    net.hypercompress_source = {"original_params": original_params, "recipe": recorded}  # for a next call
     progress("checking the stored size, KV cache and FLOPs", 0, 1)
     if target is not None:
         try:
@@ -235,7 +243,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     flops = {"before": flops_before, "after": flops_per_token(net), "context": 512}
     progress("checking the stored size, KV cache and FLOPs", 1, 1)
     summary = {"model": source, "out": str(out_path) if out_path is not None else None,
-               "recipe": plan.to_list(), "stages": report["stages"], "original_params": original_params,
+               "recipe": recorded, "stages": report["stages"], "original_params": original_params,
                "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
                "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
                "peak_host_rss_bytes": peak_memory_bytes("cpu"), "streamed": stream_blocks,
@@ -243,7 +251,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                "teacher": None if teacher is None else teacher if isinstance(teacher, str) else type(teacher).__name__,
                "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops}
     documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
-        "model": source, "recipe": plan.to_list(), "protocol": protocol,
+        "model": source, "recipe": recorded, "protocol": protocol,
         "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),
         "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
         "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
@@ -258,7 +266,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         _finish(summary, timeline)
         return CompressResult(net, tokenizer, None, summary)
     progress("writing the artifact", 0, 1)
-    path = artifact.save(net, tokenizer, out_path, recipe=plan.to_list(), original_params=original_params,
+    path = artifact.save(net, tokenizer, out_path, recipe=recorded, original_params=original_params,
                          extra={"source_model": source, "seed": seed}, lossless=lossless, documents=documents_of)
     if checkpoint_dir is not None:
         discard(checkpoint_dir)  # only once the artifact is complete
