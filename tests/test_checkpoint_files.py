@@ -31,13 +31,14 @@ def calib():
 
 
 def killed_after_first_block(monkeypatch, start) -> None:
-    """Run start() with the checkpoint writer dying at its 5th write: run.json, block 0 (its new
-    modules, the hidden states, state), then before block 1's files."""
+    """Run start() with the checkpoint writer dying at its 6th write: run.json, stages.json (the
+    finished rtn pass's row), block 0 (its new modules, the hidden states, state), then before block
+    1's files."""
     real, calls = checkpoint_module.replace_file, []
 
     def replace_file(path, write):
         calls.append(path)
-        if len(calls) == 5:
+        if len(calls) == 6:
             raise Killed
         real(path, write)
 
@@ -133,6 +134,9 @@ CORRUPTIONS = {
     "1000 bytes flipped in the tensors": (lambda f: flip_bytes(tensors_file(f)), "does not match the sha256"),
     "digest edited": (lambda f: set_state(f, sha256="0" * 64), "does not match the sha256"),
     "written by an earlier version": (earlier_version, "records no sha256"),
+    "stage rows of another shape": (lambda f: (f / "stages.json").write_text(
+        json.dumps({"fingerprint": state(f)["fingerprint"], "rows": {"0": {"stage": 5}}})), "stage rows"),
+    "stage rows not JSON": (lambda f: (f / "stages.json").write_text('{"rows": '), "unreadable"),
 }
 
 
@@ -170,7 +174,7 @@ def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, 
 
     def replace_file(path, write):
         calls.append(path)
-        if len(calls) == 4:  # run.json, distill step 2 (tensors, state), then dies before step 4
+        if len(calls) == 5:  # run.json, stages.json (rtn's row), distill step 2 (tensors, state), then before step 4
             raise Killed
         real(path, write)
 

@@ -79,9 +79,10 @@ def reference(model_dirs, calib_file, tmp_path_factory):
 
 def test_sigkill_inside_a_checkpoint_write_then_resume(reference, model_dirs, calib_file, tmp_path):
     out = tmp_path / "art"
-    # file renames: run.json, block 0's new modules, hidden states and state, then block 1's: killed
-    # after block 1's modules and hidden-states files are in place but before state.json points to them
-    child = killed_child("checkpoint", 7, args(model_dirs, calib_file, tmp_path, out))
+    # file renames: run.json, stages.json (the rtn pass's row), block 0's new modules, hidden states and
+    # state, then block 1's: killed after block 1's modules and hidden-states files are in place but
+    # before state.json points to them
+    child = killed_child("checkpoint", 8, args(model_dirs, calib_file, tmp_path, out))
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     folder = tmp_path / "art.checkpoint"
     assert not out.exists() and json.loads((folder / "state.json").read_text())["block"] == 0
@@ -110,7 +111,7 @@ def test_sigkill_inside_the_artifact_write_then_resume(reference, model_dirs, ca
 
 def test_a_failed_resume_keeps_the_checkpoint(reference, model_dirs, calib_file, tmp_path, monkeypatch):
     out = tmp_path / "art"
-    child = killed_child("checkpoint", 6, args(model_dirs, calib_file, tmp_path, out))  # block 1's hidden states
+    child = killed_child("checkpoint", 7, args(model_dirs, calib_file, tmp_path, out))  # block 1's hidden states
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     orphans = list((tmp_path / "art.checkpoint").glob(".tensors-*.tmp-*"))
     assert len(orphans) == 1  # the file being written when the child died

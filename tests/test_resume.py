@@ -116,3 +116,32 @@ def test_a_resume_killed_again_still_resumes(model_dirs, tmp_path, monkeypatch):
         run(model_dirs[arch], stages, out, resume=True)
     kill_at_write(monkeypatch, None)
     assert (run(model_dirs[arch], stages, out, resume=True) / artifact.WEIGHTS).read_bytes() == reference
+
+
+def run_workflow(model_dir, stages, out, resume=False):
+    import hypercompress
+
+    return hypercompress.compress(str(model_dir), stages, calib(), calib_batch=2, out=out, resume=resume).out
+
+
+@pytest.mark.parametrize("kind", ["tied-embedding", "gptq-then-qat"])
+def test_every_file_of_a_resumed_artifact_is_byte_identical(kind, model_dirs, tmp_path, monkeypatch):
+    """Through the user's path (summary.json, summary.md and the manifest included): a kill at every
+    checkpoint write, the stage rows' own file among them, then --resume, writes the artifact of an
+    uninterrupted run, every file byte for byte (a skipped pass still has its row in the summary)."""
+    arch, stages = RECIPES[kind]
+    writes = kill_at_write(monkeypatch, None)
+    reference = run_workflow(model_dirs[arch], stages, tmp_path / "reference")
+    expected = {p.name: p.read_bytes() for p in sorted(reference.iterdir())}
+    assert "summary.json" in expected and "summary.md" in expected
+    for k, after in [(k, False) for k in range(1, len(writes) + 1)] + [(len(writes), True)]:
+        out = tmp_path / f"killed-{k}-{after}"
+        kill_at_write(monkeypatch, k, after)
+        with pytest.raises(Killed):
+            run_workflow(model_dirs[arch], stages, out)
+        kill_at_write(monkeypatch, None)
+        resumed = run_workflow(model_dirs[arch], stages, out, resume=True)
+        got = {p.name: p.read_bytes() for p in sorted(resumed.iterdir())}
+        assert got.keys() == expected.keys(), (k, after)
+        differing = [name for name in expected if got[name] != expected[name]]
+        assert not differing, f"{kind}: killed at write {k} ({after}) of {writes}: {differing} differ"

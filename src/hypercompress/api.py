@@ -101,6 +101,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         _check_resume_stage(recipe, resume_stage, checkpoint.dir)
     restored = None
     report = []
+    kept_rows = checkpoint.rows() if checkpoint is not None and resume_stage is not None else {}
     for group in _passes(recipe):
         first = group[0]
         if needs_teacher and teacher is None and not getattr(get_method(recipe.stages[first].method).method_cls,
@@ -110,6 +111,8 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
             if _replayed_on_resume(recipe.stages[first].method):
                 _whole_model(model, recipe.stages[first], first, teacher, calib, device, progress,
                              checkpoint, resume)
+            if first in kept_rows:  # reported as the uninterrupted run did
+                report.append(kept_rows[first])
             continue  # the other stages' modules come back with the checkpoint
         if resume_stage is not None and first == resume_stage:
             restored = checkpoint.load(model)
@@ -143,12 +146,15 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
                 if progress:
                     progress(first, label, done + 1, len(routes), name)
             peak = peak_memory_bytes("cpu")
-        report.append({"stage": first, "stages": group, "method": label, "modules": len(routes),
-                       "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
-                       **({"block_seconds": block_seconds} if block_seconds is not None else {}),
-                       **_training_report(methods[0]),
-                       "storage_bits": storage_bits(model), "weights": effective_weights(model),
-                       **(after_stage(model) if after_stage else {})})
+        row = {"stage": first, "stages": group, "method": label, "modules": len(routes),
+               "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
+               **({"block_seconds": block_seconds} if block_seconds is not None else {}),
+               **_training_report(methods[0]),
+               "storage_bits": storage_bits(model), "weights": effective_weights(model),
+               **(after_stage(model) if after_stage else {})}
+        report.append(row)
+        if checkpoint is not None:
+            checkpoint.record_row(first, row)  # a resume that skips this pass reports it all the same
     materialize_all(model)  # a streamed model: what no stage compressed, read as it is stored
     round_to_storage(model)  # the model in memory is the model the artifact stores
     guard_plain_saves(model)  # save_pretrained would write a plain config over compressed tensors

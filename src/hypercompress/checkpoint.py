@@ -10,6 +10,8 @@ Layout of `OUT.checkpoint/`:
   modules-S-B-XXXX.safetensors   the stored modules new since the pass's previous save (a pass
                             writes each module once: the parts of a 7B run add up to its size,
                             not to its size times the blocks / 2)
+  stages.json               {"fingerprint", "rows"}: the report row of every finished pass, by its first
+                            stage, so a resumed run that skips a pass still reports it
   stageN/...                whole-model stages' own checkpoints (distill.py writes them, the same
                             way: a tensors file, then a state.json naming it with its size and digest)
 
@@ -47,7 +49,7 @@ from .registry import stored_kinds as module_kinds
 from .modules import StoredModule, replace_module
 
 FORMAT = 3  # 2: state.json records the tensors file's sha256; 3: modules in incremental part files
-STATE, RUN = "state.json", "run.json"
+STATE, RUN, ROWS = "state.json", "run.json", "stages.json"
 MAX_JSON_BYTES = 64 * 2**20  # a state.json larger than this is not one of ours
 # what tensors.safetensors was called before format 1 (a killed save of that layout could tear it)
 LEGACY_TENSORS = "tensors.safetensors"
@@ -185,6 +187,28 @@ class Checkpoint:
             if (self.dir / name).is_file():
                 return read_json(self.dir / name, self.dir).get("fingerprint")
         return None
+
+    def record_row(self, stage: int, row: dict[str, Any]) -> None:
+        """Keep finished pass `stage`'s report row (ROWS), so that a resumed run that skips the pass
+        reports it as an uninterrupted run does; process 0 only."""
+        if not parallel.is_main():
+            return
+        self.claim()
+        rows = self.rows()
+        rows[stage] = json.loads(json.dumps(row, default=str))
+        save_json(self.dir / ROWS, {"fingerprint": self.fingerprint, "rows": {str(k): v for k, v in rows.items()}})
+
+    def rows(self) -> dict[int, dict[str, Any]]:
+        """{stage: report row} of the passes this run finished (checked; {} when none were kept)."""
+        if not (self.dir / ROWS).exists():
+            return {}
+        data = read_json(self.dir / ROWS, self.dir)
+        rows = data.get("rows")
+        if data.get("fingerprint") != self.fingerprint or not isinstance(rows, dict) or not all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, dict) and v.get("stage") == int(k)
+                for k, v in rows.items()):
+            raise unreadable(self.dir, f"{ROWS} does not hold this run's stage rows")
+        return {int(k): v for k, v in rows.items()}
 
     def stage(self) -> int | None:
         """The stage of the saved layer-wise position, or None when there is none (checked)."""
