@@ -195,3 +195,51 @@ def test_only_gits_complaint_is_held_back(outside_git, capfd):
     print("restored", file=sys.stderr)
     err = capfd.readouterr().err
     assert "before\n" in err and "after\n" in err and "restored" in err and "not a git repository" not in err
+
+
+def _code_folders(root, task_dir, marker):
+    """Three task folders that would run code (each creates `marker`): a !function module, an include
+    of a YAML (with its Python) outside the folder, and a template reaching os through Jinja."""
+    config = yaml.safe_load((task_dir / "tiny" / "tiny_mc.yaml").read_text())
+    config["dataset_kwargs"] = {"data_files": {"test": str(task_dir / "tiny" / "data" / "test.jsonl")}}
+    config.pop("tag", None)
+    code = f"def process_docs(docs):\n    open({str(marker)!r}, 'w').close()\n    return docs\n"
+    folders = {}
+    fn = root / "fn"
+    fn.mkdir()
+    (fn / "utils.py").write_text(code)
+    (fn / "fn.yaml").write_text(yaml.safe_dump({**config, "task": "fn_task"}) + "process_docs: !function utils.process_docs\n")
+    folders["fn_task"] = fn
+    other, inc = root / "other", root / "inc"
+    other.mkdir()
+    inc.mkdir()
+    (other / "utils.py").write_text(code)
+    (other / "x.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "task"})
+                                  + "process_docs: !function utils.process_docs\n")
+    (inc / "inc.yaml").write_text(yaml.safe_dump({"task": "inc_task", "include": "../other/x.yaml"}))
+    folders["inc_task"] = inc
+    jinja = root / "jinja"
+    jinja.mkdir()
+    template = "{{ lipsum.__globals__['os'].system('touch " + str(marker) + "') }} {{question}}"
+    (jinja / "j.yaml").write_text(yaml.safe_dump({**config, "task": "jinja_task", "doc_to_text": template}))
+    folders["jinja_task"] = jinja
+    return folders
+
+
+@pytest.mark.parametrize("task, needle", [("fn_task", "runs Python from its folder (!function utils.process_docs"),
+                                          ("inc_task", "outside --task-dir"),
+                                          ("jinja_task", "a template reaches Python")])
+def test_a_task_folder_runs_no_code_unless_trusted(task, needle, task_dir, tmp_path, no_loading):
+    marker = tmp_path / "ran"
+    folder = _code_folders(tmp_path, task_dir, marker)[task]
+    result = run("evaluate", "smollm2-135m", "--tasks", task, "--task-dir", folder, "--limit", 2)
+    assert_one_line_error(result, needle, "--trust-task-code")
+    assert not marker.exists()
+
+
+def test_a_trusted_task_folder_runs_its_code(task_dir, tmp_path):
+    marker = tmp_path / "ran"
+    folder = _code_folders(tmp_path, task_dir, marker)["fn_task"]
+    result = hypercompress.evaluate(make_model("llama"), tokenizer=make_tokenizer(), tasks="fn_task",
+                                    task_dir=folder, limit=2, trust_task_code=True)
+    assert marker.exists() and result.tasks["fn_task"]["docs"] == 2

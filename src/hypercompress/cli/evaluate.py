@@ -36,6 +36,9 @@ def evaluate(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", min=0, help="examples per context "
                                               "(default: the task YAML's, else 0)"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="the first N docs of each task"),
+    trust_task_code: bool = typer.Option(False, "--trust-task-code", help="let --task-dir run its code: "
+                                         "!function modules, includes outside the folder, unsandboxed "
+                                         "templates (only for a folder you trust)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda: where the model runs (an "
                                "artifact's compressed layers take that device's kernels)"),
@@ -58,7 +61,8 @@ def evaluate(
     with section_progress() as update:
         result = evaluate_model(model, data=data, seq_len=seq_len, max_windows=max_windows, teacher=teacher,
                                 batch_size=batch_size, dtype=compute, device=device, tasks=tasks,
-                                task_dir=task_dir, num_fewshot=num_fewshot, limit=limit, progress=update,
+                                task_dir=task_dir, num_fewshot=num_fewshot, limit=limit,
+                                trust_task_code=trust_task_code, progress=update,
                                 keep=keep and is_artifact_dir(model), warn=_warn)
     _print(result)
     if result.kept_in:

@@ -60,8 +60,8 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
              teacher: nn.Module | str | None = None, batch_size: int = 4, dtype: torch.dtype | None = None,
              device: str | None = None, tasks: str | Sequence[str] | None = None,
              task_dir: str | os.PathLike[str] | None = None, num_fewshot: int | None = None,
-             limit: int | None = None, progress: Progress | None = None, keep: bool = False,
-             warn: Warn | None = None) -> Evaluation:
+             limit: int | None = None, trust_task_code: bool = False, progress: Progress | None = None,
+             keep: bool = False, warn: Warn | None = None) -> Evaluation:
     """Measure `model` on a text (perplexity, and KL / top-1 against `teacher`) and on lm-eval tasks.
 
     model: a loaded causal LM (nn.Module, e.g. from hypercompress.load; pass its `tokenizer`) or a
@@ -76,7 +76,9 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
     tasks: lm-eval task names ('a,b' or a list) from `task_dir`, a folder of task YAMLs with local data
         (eval.harness); `num_fewshot` examples per context (None: the YAML's, else 0), the first
         `limit` docs per task (None: all). Scored through lm-eval's HFLM over the model in memory
-        (a transformers PreTrainedModel, as load_model and hypercompress.load give).
+        (a transformers PreTrainedModel, as load_model and hypercompress.load give). A task folder
+        is code lm-eval would run: a task naming Python (`!function`) or including a YAML outside
+        the folder is refused, and templates render in Jinja's sandbox, unless `trust_task_code`.
     progress(section, done, total, note): called as models load and batches run (progress.py);
         the result's `timeline` lists the seconds of each step, adding up to `wall_seconds`.
     keep: also keep the result with the artifact `model` names (its evaluations.json, eval/kept.py;
@@ -105,7 +107,7 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         raise UserError(f"--num-fewshot {num_fewshot} is negative; pass 0 or more")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit} must be at least 1; pass 1 or more")
-    task_list = _tasks(tasks, task_dir)
+    task_list = _tasks(tasks, task_dir, trust_task_code)
     student, tokenizer, compute, where = _student(model, tokenizer, dtype, device, progress)
     result = Evaluation(model=_label(model), data=label, teacher=_label(teacher) if teacher is not None else None,
                         dtype=str(compute).removeprefix("torch."), device=where,
@@ -117,7 +119,7 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         from .harness import task_accuracy, tasks_protocol
 
         progress("lm-eval tasks", 0, 1)
-        result.tasks = task_accuracy(student, tokenizer, task_list, num_fewshot, limit, batch_size)
+        result.tasks = task_accuracy(student, tokenizer, task_list, num_fewshot, limit, batch_size, trust_task_code)
         result.tasks_protocol = tasks_protocol(result.tasks, str(task_dir), limit, batch_size, result.dtype, where)
         progress("lm-eval tasks", 1, 1)
     if keep:
@@ -146,7 +148,8 @@ def _text(text: str | None, data: str | os.PathLike[str] | None) -> tuple[str | 
     return None, None
 
 
-def _tasks(tasks: str | Sequence[str] | None, task_dir: str | os.PathLike[str] | None) -> dict | None:
+def _tasks(tasks: str | Sequence[str] | None, task_dir: str | os.PathLike[str] | None,
+           trust_code: bool = False) -> dict | None:
     """The loaded lm-eval tasks, or None; refuses tasks without a folder and a folder without tasks."""
     if tasks is None and task_dir is None:
         return None
@@ -157,7 +160,7 @@ def _tasks(tasks: str | Sequence[str] | None, task_dir: str | os.PathLike[str] |
         raise UserError("--task-dir needs --tasks, the names of tasks in that folder to run")
     from .harness import load_tasks
 
-    return load_tasks(task_dir, tasks)
+    return load_tasks(task_dir, tasks, trust_code)
 
 
 def _label(model: nn.Module | str) -> str:

@@ -8,6 +8,13 @@ hub's), refuses a task whose data is not local before anything loads, then build
 the Hugging Face hub switched off. `task_accuracy` runs lm-eval's `simple_evaluate` through its HFLM
 wrapper around the model as it is in memory (an artifact's compressed modules, no re-save).
 
+A task folder is third-party input that lm-eval would run as code: a `!function module.name` tag
+imports a Python file, an `include:` may reach a YAML (and its Python) outside the folder, and
+templates render in a plain Jinja environment where `{{ lipsum.__globals__ ... }}` reaches `os`.
+Unless the caller passes `trust_code` (`--trust-task-code`), `load_tasks` refuses the first two
+before anything is imported (`check_task_code`), and templates render in Jinja's sandbox
+(`sandboxed_templates`: attribute access to Python internals is a SecurityError, one line).
+
 Metrics are lm-eval's: for a multiple-choice doc with choices c_i, acc = 1 when the gold choice has
 the highest log-likelihood sum_t log p(c_i,t | context, c_i,<t), acc_norm the same after dividing
 each by len(c_i) in characters; a task's value is the mean over its docs, stderr the sample standard
@@ -52,12 +59,14 @@ def task_names(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
-def load_tasks(task_dir: str | os.PathLike[str], tasks: str | Sequence[str]) -> dict[str, Any]:
+def load_tasks(task_dir: str | os.PathLike[str], tasks: str | Sequence[str],
+               trust_code: bool = False) -> dict[str, Any]:
     """{name: lm-eval Task with its docs loaded} for the named tasks of `task_dir`, in the given order.
 
     Raises UserError when the folder is missing, a name is not a task there (the folder's tasks are
-    listed), a task's data is not local (it would read the hub) or a listed file is missing, or
-    lm-eval cannot build the task (bad YAML, template or data file; its first line is quoted)."""
+    listed), a task's data is not local (it would read the hub) or a listed file is missing, a task
+    would run code and `trust_code` is off (check_task_code), or lm-eval cannot build the task (bad
+    YAML, template or data file; its first line is quoted)."""
     names = task_names(tasks)
     folder = user_path(task_dir).absolute()  # a task loads from inside its own folder (chdir)
     if not folder.is_dir():
@@ -76,10 +85,76 @@ def load_tasks(task_dir: str | os.PathLike[str], tasks: str | Sequence[str]) -> 
             raise UserError(f"--tasks {name}: {what} in {task_dir}; the folder's tasks: {', '.join(known) or 'none'} "
                             "(a YAML lm-eval cannot parse is skipped)")
         check_local_data(name, entry.cfg or {}, Path(entry.yaml_path).parent)
+        if not trust_code:
+            check_task_code(name, Path(entry.yaml_path), folder)
     built = {}
     for name in names:
-        built[name] = _build(manager, name, Path(index[name].yaml_path).parent)
+        built[name] = _build(manager, name, Path(index[name].yaml_path).parent, trust_code)
     return built
+
+
+MAX_TASK_YAML_BYTES = 4 << 20  # a task YAML is a few kB
+TRUST_HINT = "pass --trust-task-code (Python: trust_task_code=True) only for a folder you trust"
+
+
+def check_task_code(name: str, yaml_path: Path, folder: Path) -> None:
+    """UserError when task `name`'s YAML, or one it includes, names Python to run (`!function`) or
+    includes a YAML outside `folder`. Reads each YAML (bounded) with a safe loader that records the
+    tags instead of importing anything."""
+    import yaml
+
+    class Recorder(yaml.SafeLoader):
+        functions: list[str] = []
+
+    def record(loader, node):
+        Recorder.functions.append(str(loader.construct_scalar(node)))
+        return ""
+
+    Recorder.add_constructor("!function", record)
+    root, pending, seen = folder.resolve(), [yaml_path], set()
+    while pending:
+        path = pending.pop().resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        if root not in path.parents:
+            raise UserError(f"task {name} includes {path}, outside --task-dir {folder}; {TRUST_HINT}")
+        if not path.is_file() or path.stat().st_size > MAX_TASK_YAML_BYTES:
+            raise UserError(f"task {name}: {path} is missing, not a file or over {MAX_TASK_YAML_BYTES:,} bytes; "
+                            "check the task folder")
+        Recorder.functions = []
+        try:
+            config = yaml.load(path.read_text(encoding="utf-8", errors="replace"), Loader=Recorder)  # noqa: S506
+        except yaml.YAMLError as exc:
+            raise UserError(f"task {name}: {path.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if Recorder.functions:
+            raise UserError(f"task {name} runs Python from its folder (!function {Recorder.functions[0]} in "
+                            f"{path.name}), which lm-eval would import; {TRUST_HINT}")
+        includes = config.get("include") if isinstance(config, dict) else None
+        for include in includes if isinstance(includes, list) else [includes] if includes else []:
+            pending.append(path.parent / str(include))
+
+
+@contextmanager
+def sandboxed_templates(trust_code: bool = False) -> Iterator[None]:
+    """lm-eval's template environment swapped for Jinja's immutable sandbox (same settings and
+    filters) meanwhile, unless `trust_code`: a template reaching Python internals raises
+    jinja2's SecurityError instead of running; restored afterwards."""
+    if trust_code:
+        yield
+        return
+    import lm_eval.utils as utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    original = utils.env
+    sandbox = ImmutableSandboxedEnvironment(loader=original.loader, undefined=original.undefined,
+                                            keep_trailing_newline=original.keep_trailing_newline)
+    sandbox.filters.update(original.filters)
+    utils.env = sandbox
+    try:
+        yield
+    finally:
+        utils.env = original
 
 
 def check_local_data(name: str, config: dict[str, Any], base: Path) -> None:
@@ -119,10 +194,11 @@ def _patterns(files: Any) -> list[str]:
     return [str(f) for f in files]
 
 
-def _build(manager: Any, name: str, base: Path) -> Any:
-    """The task built by lm-eval with its data loaded, relative paths read from `base`, hub off."""
+def _build(manager: Any, name: str, base: Path, trust_code: bool = False) -> Any:
+    """The task built by lm-eval with its data loaded, relative paths read from `base`, hub off,
+    templates sandboxed unless `trust_code`."""
     try:
-        with _working_folder(base), offline(), _quiet_datasets():
+        with _working_folder(base), offline(), _quiet_datasets(), sandboxed_templates(trust_code):
             return manager.load([name])["tasks"][name]
     except UserError:
         raise
@@ -130,6 +206,9 @@ def _build(manager: Any, name: str, base: Path) -> Any:
         while exc.__cause__ is not None or exc.__context__ is not None:  # the root cause names the problem
             exc = exc.__cause__ or exc.__context__
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if type(exc).__name__ == "SecurityError":  # jinja2.sandbox stopped a template
+            raise UserError(f"task {name}: a template reaches Python ({first}), which the sandbox stops; "
+                            f"{TRUST_HINT}") from None
         raise UserError(f"task {name}: lm-eval could not load it ({type(exc).__name__}: {first}); "
                         "check its YAML and data files") from None
 
@@ -221,21 +300,28 @@ def _pass_on(read_end: int, target: int) -> None:
 
 
 def task_accuracy(model: nn.Module, tokenizer: Any, tasks: dict[str, Any], num_fewshot: int | None = None,
-                  limit: int | None = None, batch_size: int = 4) -> dict[str, dict[str, Any]]:
+                  limit: int | None = None, batch_size: int = 4, trust_code: bool = False) -> dict[str, dict[str, Any]]:
     """{task: {metric: value, metric_stderr: value, ..., num_fewshot, docs, docs_available}} from
     lm-eval's simple_evaluate over HFLM(model) (tasks from `load_tasks`; metrics in [0, 1]).
 
     num_fewshot: examples in each context (None: the YAML's, else 0); limit: the first N docs of each
-    task (None: all)."""
+    task (None: all); templates render sandboxed unless `trust_code`. A template the sandbox stops
+    is a UserError naming the task folder's code."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     nothing_more = TaskManager(include_defaults=False)  # the tasks are built: no catalogue to index (14k YAMLs)
-    with offline(), _without_git_complaint():
-        out = lm_eval.simple_evaluate(model=harness_model, tasks=list(tasks.values()), num_fewshot=num_fewshot,
-                                      limit=limit, log_samples=False, task_manager=nothing_more)
+    from jinja2.exceptions import SecurityError
+
+    try:
+        with offline(), _without_git_complaint(), sandboxed_templates(trust_code):
+            out = lm_eval.simple_evaluate(model=harness_model, tasks=list(tasks.values()), num_fewshot=num_fewshot,
+                                          limit=limit, log_samples=False, task_manager=nothing_more)
+    except SecurityError as exc:
+        raise UserError(f"a task template reaches Python ({str(exc).splitlines()[0][:200]}), which the sandbox "
+                        f"stops; {TRUST_HINT}") from None
     results = {}
     for name in tasks:
         metrics = {}
