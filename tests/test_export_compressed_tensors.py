@@ -10,9 +10,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
+from conftest import ARCHS, make_model, make_tokenizer
 from safetensors import safe_open
 
+import hypercompress
 from hypercompress import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
@@ -191,3 +192,23 @@ def test_split_fused_projections_are_noted(tmp_path):
     report = export(make_artifact(tmp_path / "a", stages), "compressed-tensors", tmp_path / "ct")
     assert len(report["config_groups"]) == 2
     assert any("2 differ (e.g. model.layers.0.self_attn.q_proj/k_proj/v_proj)" in n for n in report["notes"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_family_exports_and_loads_through_transformers(arch, tmp_path, tokens):
+    """Symmetric 4-bit groups of 16 (every tiny family's widths divide them): transformers' own
+    compressed-tensors loader rebuilds each family (Phi-3's fused projections and Gemma's scaled
+    embedding included) with the artifact's logits; GPT-2's Conv1D linears are refused by name."""
+    model, tokenizer = make_model(arch), make_tokenizer()
+    recipe = Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 16, "symmetric": True}])
+    compress(model, recipe)
+    source = artifact.save(model, tokenizer, tmp_path / "a", recipe=recipe.to_list(), original_params=1)
+    if arch == "gpt2":
+        with pytest.raises(UserError, match="not GPT-2's Conv1D; export it with --format gguf"):
+            export(source, "compressed-tensors", tmp_path / "ct")
+        return
+    export(source, "compressed-tensors", tmp_path / "ct")
+    ours, _ = hypercompress.load(source, fast=False)
+    theirs = load_exported(tmp_path / "ct")
+    expected = logits(ours, tokens)
+    assert torch.allclose(logits(theirs, tokens), expected, atol=ATOL * max(1.0, expected.abs().max().item()))
