@@ -88,7 +88,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # sqrt(hidden) in its forward (modules.carry_embedding_scale hands that to a compressed embedding);
     # Gemma 2 soft-caps its logits (modules.head_logits) and attention scores, both alternate sliding-
     # window and global layers (kv_lowrank's latent attention reproduces neither); Gemma 3 adds per-head
-    # q/k norms; transformers' GGUF loader reads neither family
+    # q/k norms; the GGUF writer does not write them yet (llama.cpp stores their norms as 1 + weight and
+    # needs the soft-cap and window keys), so that export refuses
     "gemma2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), gguf_arch=None, gguf_permute_qk=False,
                       latent_kv=False),
     "gemma3_text": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), gguf_arch=None, gguf_permute_qk=False,
