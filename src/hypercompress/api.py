@@ -201,6 +201,8 @@ def _whole_model(model, stage, first, teacher, calib, device, progress, checkpoi
         raise UserError(f"method '{stage.method}' trains on calibration text; pass --calib FILE")
     if checkpoint is not None:
         checkpoint.claim()
+    if progress:  # the stage's time starts now (its first own report may come after minutes of setup)
+        progress(first, stage.method, 0, 1, "starting")
     method.apply(model, names, teacher, calib, device=device,
                  progress=(lambda done, total, note: progress(first, stage.method, done, total, note))
                  if progress else None,

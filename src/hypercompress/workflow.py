@@ -168,7 +168,9 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                         "avoids; drop --eval and run 'hypercompress evaluate OUT --teacher MODEL' afterwards")
     calibrated = target is not None or any(get_method(s.method).method_cls.needs_calibration for s in plan.stages)
     if calibrated and calib is None:
-        raise UserError("this recipe calibrates (gptq, ...): pass --calib FILE "
+        needing = "a size target plans on it" if target is not None else "stages that learn from it: " + ", ".join(
+            dict.fromkeys(s.method for s in plan.stages if get_method(s.method).method_cls.needs_calibration))
+        raise UserError(f"this run needs calibration text ({needing}): pass --calib FILE "
                         "(e.g. ../shared/data/wikitext2_valid_tokenized.txt; never the test text)")
     calib_text = read_text(calib) if calib is not None and not isinstance(calib, torch.Tensor) else None
     evaluation = read_text(eval_text) if eval_text is not None else None

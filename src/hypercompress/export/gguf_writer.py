@@ -163,8 +163,7 @@ def _tensors(model, arch, permute: bool, grids: dict, bits: dict, requested, for
         if data.ndim == 1 or gguf_name.startswith("position_embd"):
             enc = Encoded(T.F32, np.ascontiguousarray(data, dtype=np.float32), True, 0.0)
         else:
-            enc = encode(data, bits.get(owner, 16), grids.get(owner), requested, force)
-            enc = _within_range(enc, data, key, requested)
+            enc = _wide(data, key, requested) or encode(data, bits.get(owner, 16), grids.get(owner), requested, force)
         if permute and gguf_name.startswith("blk.") and ".attn_q." in gguf_name:
             enc.data = permute_rows(enc.data, heads, heads)
         elif permute and gguf_name.startswith("blk.") and ".attn_k." in gguf_name:
@@ -176,13 +175,13 @@ def _tensors(model, arch, permute: bool, grids: dict, bits: dict, requested, for
 F16_MAX = 65504.0  # the largest float16 (GGUF's F16 tensors and the scales of its block types)
 
 
-def _within_range(enc: Encoded, data: np.ndarray, key: str, requested: T | None) -> Encoded:
-    """`enc`, unless `data` holds values float16 cannot (F16, and the float16 scales of the block
-    types): then F32, which GGUF keeps per tensor, or a UserError naming the tensor when
-    --gguf-type asked for a float16-based type."""
-    if enc.qtype in (T.F32, T.BF16) or float(np.abs(data).max(initial=0.0)) <= F16_MAX:
-        return enc
-    if requested is not None and requested not in (T.F32, T.BF16):
+def _wide(data: np.ndarray, key: str, requested: T | None) -> Encoded | None:
+    """For `data` holding values float16 cannot (F16, and the float16 scales of the block types),
+    before anything is cast: F32, which GGUF keeps per tensor, or a UserError naming the tensor when
+    --gguf-type asked for a float16-based type. None for every other tensor (`encode` then)."""
+    if float(np.abs(data).max(initial=0.0)) <= F16_MAX or requested in (T.F32, T.BF16):
+        return None
+    if requested is not None:
         raise UserError(f"tensor {key} holds values beyond float16's range (65504), which {requested.name} "
                         "stores with; pass --gguf-type F32 or BF16, or leave --gguf-type out")
     return Encoded(T.F32, np.ascontiguousarray(data, dtype=np.float32), True, 0.0)
