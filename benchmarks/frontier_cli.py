@@ -188,6 +188,7 @@ def section(data: dict) -> list[str]:
             f"{fmt(r['corpus_seconds'], '{:.0f}')} | {r['qat_seconds'] / 60:.1f} | {fmt(r['tokens_seen'], '{:,}')} | "
             f"{fmt(r['tokens_per_second'], '{:,.0f}')} | {m.get('card', '?')} (torch {m.get('torch', '?')}), "
             f"{r.get('side_by_side')} | {m.get('commit') or '?'}, {m.get('date') or '?'} |")
+    parts += [f"- {r['target']}: {r['note']}" for r in data["rows"] if r.get("note")]
     if data["rows"]:
         o = data["rows"][0]["original"]
         parts += ["", f"- original: ppl first 64 {fmt(o['ppl_first_64'], '{:.2f}')}, all {fmt(o['ppl_all'], '{:.2f}')}"]
