@@ -17,8 +17,8 @@ from .artifact import round_to_storage, storage_bits
 from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
-from .modules import (CompressedModule, effective_weights, guard_plain_saves, replace_module, select_linears,
-                      uncompressed)
+from .modules import (CompressedModule, effective_weights, first_non_finite, guard_plain_saves, replace_module,
+                      select_linears, uncompressed)
 from .progress import takes_positional
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
@@ -37,10 +37,10 @@ def _refuse_non_finite_weights(model: nn.Module) -> None:
     """A NaN or inf weight would be rounded into a finite code (or spread through a solver) without
     a word: refuse the model, naming the first such tensor (the stored modules of an earlier run are
     checked when they are saved)."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"the model's tensor {name} holds inf or nan; compress a model whose weights "
-                            "are finite (check or re-download its files)")
+    name = first_non_finite(model)
+    if name is not None:
+        raise UserError(f"the model's tensor {name} holds inf or nan; compress a model whose weights "
+                        "are finite (check or re-download its files)")
 
 
 def check_stages(model: nn.Module, recipe: Recipe) -> None:

@@ -193,6 +193,15 @@ def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
     return layer
 
 
+def first_non_finite(model: nn.Module) -> str | None:
+    """The name of the first floating tensor of `model`'s state dict holding inf or nan (tensors on
+    the meta device, not yet read, are skipped), or None."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def carry_embedding_scale(old: nn.Module | None, new: nn.Module) -> None:
     """A scaled embedding (Gemma 2/3: its forward multiplies the rows by `embed_scale`, sqrt(hidden))
     hands the scale to the module replacing it, as its `output_scale` (QuantEmbedding,

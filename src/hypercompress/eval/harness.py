@@ -103,14 +103,12 @@ def check_task_code(name: str, yaml_path: Path, folder: Path) -> None:
     tags instead of importing anything."""
     import yaml
 
+    functions: list[str] = []  # the !function tags of the file being read
+
     class Recorder(yaml.SafeLoader):
-        functions: list[str] = []
+        pass
 
-    def record(loader, node):
-        Recorder.functions.append(str(loader.construct_scalar(node)))
-        return ""
-
-    Recorder.add_constructor("!function", record)
+    Recorder.add_constructor("!function", lambda loader, node: functions.append(str(loader.construct_scalar(node))))
     root, pending, seen = folder.resolve(), [yaml_path], set()
     while pending:
         path = pending.pop().resolve()
@@ -122,13 +120,13 @@ def check_task_code(name: str, yaml_path: Path, folder: Path) -> None:
         if not path.is_file() or path.stat().st_size > MAX_TASK_YAML_BYTES:
             raise UserError(f"task {name}: {path} is missing, not a file or over {MAX_TASK_YAML_BYTES:,} bytes; "
                             "check the task folder")
-        Recorder.functions = []
+        functions.clear()
         try:
             config = yaml.load(path.read_text(encoding="utf-8", errors="replace"), Loader=Recorder)  # noqa: S506
         except yaml.YAMLError as exc:
             raise UserError(f"task {name}: {path.name} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if Recorder.functions:
-            raise UserError(f"task {name} runs Python from its folder (!function {Recorder.functions[0]} in "
+        if functions:
+            raise UserError(f"task {name} runs Python from its folder (!function {functions[0]} in "
                             f"{path.name}), which lm-eval would import; {TRUST_HINT}")
         includes = config.get("include") if isinstance(config, dict) else None
         for include in includes if isinstance(includes, list) else [includes] if includes else []:

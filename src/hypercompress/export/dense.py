@@ -14,7 +14,7 @@ import types
 import torch
 from torch import nn
 
-from ..modules import CompressedModule, Conv1D, StoredModule
+from ..modules import CompressedModule, Conv1D, StoredModule, first_non_finite
 
 
 def _dense_linear(module: CompressedModule, was_conv1d: bool, dtype: torch.dtype) -> nn.Module:
@@ -82,7 +82,7 @@ def check_range(model: nn.Module, dtype: str) -> None:
     anything is written."""
     from ..errors import UserError
 
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"tensor {name} holds values beyond {dtype}'s range (float16 ends at 65504); pass "
-                            "--dtype bfloat16 or --dtype float32")
+    name = first_non_finite(model)
+    if name is not None:
+        raise UserError(f"tensor {name} holds values beyond {dtype}'s range (float16 ends at 65504); pass "
+                        "--dtype bfloat16 or --dtype float32")

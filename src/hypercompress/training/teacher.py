@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import torch
 from torch import nn
 
 from ..errors import UserError
+from ..modules import first_non_finite
 
 
 def check_teacher_stages(methods: Iterable[Any]) -> None:
@@ -52,9 +52,9 @@ def check_teacher_model(student: nn.Module, teacher: nn.Module) -> int:
             raise UserError(f"the {who} has no output layer to read next-token distributions from; "
                             "pass a causal language model")
         rows.append(int(weight.shape[0]))
-    for name, tensor in teacher.state_dict().items():
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"the teacher's tensor {name} holds inf or nan; pass a teacher whose weights are finite")
+    name = first_non_finite(teacher)
+    if name is not None:
+        raise UserError(f"the teacher's tensor {name} holds inf or nan; pass a teacher whose weights are finite")
     return min(rows)
 
 
