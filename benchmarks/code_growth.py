@@ -1,9 +1,11 @@
 """How much larger GPTQ's codes code than RTN's under the lossless stage (planning/size_table.py's
 GPTQ_CODE_GROWTH): SmolLM2-135M, every block linear at one option (the embedding RTN 4-bit rows in
 both), the size table's RTN prediction against the file of GPTQ codes (act_order, damp 0.01, the
-planner's trial Hessians on `--windows` calibration windows of 512 tokens), zstd 10.
+planner's trial Hessians on `--windows` calibration windows of 512 tokens), zstd 10. Per option: the
+whole file's ratio and the linears' own (the file's extra bytes over the linears' RTN bytes), which
+planning/size_table.GPTQ_CODE_GROWTH holds.
 
-    python benchmarks/code_growth.py [--windows 8] [--json out.json]
+    python benchmarks/code_growth.py [--windows 8] [--json benchmarks/results/code_growth.json]
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CALIB_TEXT  # noqa: E402
+from common import CALIB_TEXT, machine  # noqa: E402
 
 from hypercompress.artifact import stored_bytes  # noqa: E402
 from hypercompress.data import calibration_samples, read_text, tokenize  # noqa: E402
@@ -46,13 +48,37 @@ def main() -> None:
         allocation = {**{n: option for n in linears}, planner.embedding: (4, -1)}
         plan = Plan(allocation, {}, 0, planner.params)
         rtn = table.file_bytes(allocation)
+        # the linears' own RTN bytes: what the size table grows by the option's allowance
+        rtn_linears = sum(t.nbytes for n in linears for t in table.entries[(n, option)])
         gptq = stored_bytes(trial_model(model, plan, planner.embedding, solved), LEVEL)
-        rows.append({"option": option, "rtn_bytes": rtn, "gptq_bytes": gptq, "gptq_over_rtn": gptq / rtn})
+        linear_growth = 1 + (gptq - rtn) / rtn_linears
+        rows.append({"option": list(option), "rtn_bytes": rtn, "gptq_bytes": gptq, "gptq_over_rtn": gptq / rtn,
+                     "rtn_linear_bytes": rtn_linears, "linear_growth": linear_growth})
         print(f"w{option[0]}{'row' if option[1] == -1 else f'g{option[1]}'}: RTN {rtn:,} B, GPTQ {gptq:,} B, "
-              f"GPTQ / RTN {gptq / rtn:.5f}", flush=True)
+              f"GPTQ / RTN {gptq / rtn:.5f} (the linears' own bytes: {linear_growth:.5f})", flush=True)
     print(f"{time.perf_counter() - tick:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"windows": args.windows, "level": LEVEL, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"title": TITLE, "windows": args.windows, "level": LEVEL, "machine": machine(),
+                                         "rows": rows}, indent=2) + "\n")
+
+
+TITLE = "How much larger GPTQ's codes code than RTN's under the lossless stage (the planner's GPTQ_CODE_GROWTH)"
+
+
+def section(data: dict) -> list[str]:
+    """RESULTS.md rows of benchmarks/results/code_growth.json."""
+    parts = [f"## {data['title']}", "",
+             f"- command: `python benchmarks/code_growth.py --windows {data['windows']} --json "
+             "benchmarks/results/code_growth.json` (SmolLM2-135M, every block linear at one option, the embedding "
+             f"RTN 4-bit rows; zstd {data['level']})", f"- machine: {data['machine']}",
+             "- linears' growth: (GPTQ file - RTN file) / the linears' RTN bytes + 1; planning/size_table.py "
+             "holds these rounded up by 0.1-0.2 points", "",
+             "| option | RTN file B | GPTQ file B | file ratio | linears' growth |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        bits, group = r["option"]
+        parts.append(f"| w{bits}{'row' if group == -1 else f'g{group}'} | {r['rtn_bytes']:,} | {r['gptq_bytes']:,} | "
+                     f"{r['gptq_over_rtn']:.5f} | {r['linear_growth']:.5f} |")
+    return parts + [""]
 
 
 if __name__ == "__main__":

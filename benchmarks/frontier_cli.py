@@ -51,7 +51,7 @@ def _pipeline(target: str, args, work: Path) -> list[list[str]]:
 
 
 def run(args) -> None:
-    from hypercompress.eval.domains import describe, stdlib_docs_text
+    from hypercompress.eval.domains import stdlib_docs_text
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -76,6 +76,7 @@ def run(args) -> None:
                 continue  # a pipeline not yet started waits for a free place
             if proc is not None:
                 logs[name].write(f"\n[exit {proc.returncode} after {time.time() - started:.0f} s]\n")
+                _write_result(args, work, docs)
                 if proc.returncode != 0:
                     step[name] = len(chain)  # a failed step ends its pipeline
             if step[name] < len(chain):
@@ -89,6 +90,14 @@ def run(args) -> None:
         if all(p is None for p in procs.values()):
             break
         time.sleep(2)
+    _write_result(args, work, docs)
+
+
+def _write_result(args, work: Path, docs: str) -> None:
+    """DIR/frontier_cli.json from the files the pipelines wrote so far (a step not run: None), written
+    after every finished step, so a run cut short still holds its finished rows."""
+    from hypercompress.eval.domains import describe
+
     result = {"targets": args.targets, "side_by_side": args.side_by_side, "docs": describe(docs),
               "machine": _machine(args.commit), "rows": {}}
     for name in ["original", *args.targets]:
@@ -100,7 +109,9 @@ def run(args) -> None:
             path = work / file
             row[key] = json.loads(path.read_text()) if path.exists() else None
         result["rows"][name] = row
-    (work / "frontier_cli.json").write_text(json.dumps(result, indent=1, default=str))
+    partial = work / "frontier_cli.json.part"
+    partial.write_text(json.dumps(result, indent=1, default=str))
+    partial.replace(work / "frontier_cli.json")
 
 
 def _machine(commit: str | None = None) -> dict:
@@ -156,13 +167,14 @@ def row_of(data: dict, name: str) -> dict:
 
 def report(paths: list[str]) -> None:
     """Merge run files into benchmarks/results/frontier_cli.json (a target's row from the last file
-    that finished it; rows of targets no file holds are kept) and print its markdown rows."""
+    that finished its whole pipeline; rows of targets no file holds are kept) and print its markdown rows."""
     out = Path(__file__).resolve().parent / "results" / "frontier_cli.json"
     merged = {r["target"]: r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         for name in data["targets"]:
-            if data["rows"].get(name, {}).get("compress"):
+            row = data["rows"].get(name) or {}
+            if all(row.get(k) for k in ("compress", "eval64", "eval", "docs")):  # a finished pipeline
                 merged[name] = row_of(data, name)
     rows = [merged[t] for t in sorted(merged, key=float, reverse=True)]
     data = {"title": "The SmolLM2-135M frontier through the CLI a user types (issue 27)", "rows": rows}

@@ -265,6 +265,12 @@ def _recovery_data(data: dict) -> list[str]:
     return section(data)
 
 
+def _code_growth(data: dict) -> list[str]:
+    from code_growth import section
+
+    return section(data)
+
+
 def _corpus_speed(data: dict) -> list[str]:
     from corpus_speed import section
 
@@ -299,7 +305,7 @@ def _training_engine(data: dict) -> list[str]:
     return parts
 
 
-SECTIONS = {"frontier_cli": _frontier_cli, "recovery_data": _recovery_data, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
+SECTIONS = {"code_growth": _code_growth, "frontier_cli": _frontier_cli, "recovery_data": _recovery_data, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
             "lm_eval_tasks": _lm_eval_tasks}
 

@@ -75,3 +75,25 @@ def test_the_table_codes_each_module_option_once():
     assert table.entries == entries and len(entries) == len(plans[0].allocation)
     with pytest.raises(KeyError):
         table.file_bytes({n: o for n, o in list(plans[1].allocation.items())[1:]})
+
+
+def test_the_bound_gives_the_grown_modules_their_options_room():
+    from hypercompress.planning.size_table import GPTQ_CODE_GROWTH, code_growth
+
+    model = tied_llama(256)
+    plans, embedding = random_plans(model, 32, 2, seed=3)
+    allocation = plans[0].allocation
+    linears = [n for n in allocation if n != embedding]
+    coded = SizeTable(model, allocation, 10, grown=linears)
+    exact = coded.file_bytes(allocation)
+    room = sum(t.nbytes * (code_growth(allocation[n]) - 1) for n in linears for t in coded.entries[(n, allocation[n])])
+    assert coded.bound_bytes(allocation) - exact == pytest.approx(room, abs=len(linears) * 4)
+    assert coded.bound_bytes(allocation) >= exact
+    # nothing grows without GPTQ's modules or without the lossless stage (same bytes as RTN then)
+    assert SizeTable(model, allocation, 10).bound_bytes(allocation) == exact
+    plain = SizeTable(model, allocation, None, grown=linears)
+    assert plain.bound_bytes(allocation) == plain.file_bytes(allocation)
+    # each option its measured growth, the largest for one not measured
+    assert code_growth((2, 64)) == GPTQ_CODE_GROWTH[(2, 64)]
+    assert code_growth((5, 17)) == max(GPTQ_CODE_GROWTH.values())
+    assert all(g >= 1 for g in GPTQ_CODE_GROWTH.values())

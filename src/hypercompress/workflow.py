@@ -291,6 +291,8 @@ def _with_measured_size(allocation: dict[str, Any] | None, safetensors_bytes: in
         return allocation
     measured = {"measured_bytes": safetensors_bytes,
                 "measured_over_predicted": safetensors_bytes / table["predicted_rtn_bytes"]}
+    if table.get("predicted_bytes_at_most"):  # <= 1: the file kept within the room planned for GPTQ's codes
+        measured["measured_over_bound"] = safetensors_bytes / table["predicted_bytes_at_most"]
     return {**allocation, "size_table": {**table, **measured}}
 
 
@@ -430,8 +432,8 @@ def _log_summary(summary: dict[str, Any], plan: Recipe, log_dir: str | None, wan
 
 def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
     """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
-    the planner fits its size table's file (RTN codes, with room for GPTQ's: planning.size_table.
-    GPTQ_CODE_GROWTH) to [target - 2%, target], and the written codes may code a little differently,
+    the planner fits its size table's file (RTN codes, with room for GPTQ's per option:
+    planning.size_table.GPTQ_CODE_GROWTH) to [target - 2%, target], and the written codes may code a little differently,
     so the file is checked again. A file further under the target is kept with
     a note: a distill plan leaves qat's trained codes room to code larger (planning.mixed_bits.QAT_CODE_GROWTH),
     and codes that trained less than that room leave it unused."""

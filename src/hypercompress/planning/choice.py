@@ -63,9 +63,9 @@ def candidate_stages(label: str, plan: Plan, embedding: str) -> list[dict]:
     return ([{"method": "rotate"}] if label == ROTATED else []) + plan_recipe(plan, embedding)
 
 
-def uniform_plans(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float, growth: float = 1.0,
+def uniform_plans(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float,
                   coding_ratio: float = 1.0) -> list[Plan]:
-    """The largest uniform plans whose files store at most `target_bpw` (size-table bytes x `growth`):
+    """The largest uniform plans whose files store at most `target_bpw` (the size table's bound):
     for each block-linear option below 8 bits that every linear takes (largest first), the largest
     embedding option that fits. Combinations whose tensor bits x `coding_ratio` (file / tensor bits
     of the fitted plan) lie more than FIT_SLACK over the target are not sized. At most UNIFORM_KEPT."""
@@ -81,7 +81,7 @@ def uniform_plans(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float
                 continue
             plan = Plan({**{n: option for n in linears}, embedding: choice}, {}, planned, params)
             plan.predicted_bytes = table.file_bytes(plan.allocation)
-            if plan.predicted_bytes * 8 / params * growth <= target_bpw:
+            if table.bound_bits_per_weight(plan.allocation) <= target_bpw:
                 found.append(plan)
                 break
         if len(found) == UNIFORM_KEPT:

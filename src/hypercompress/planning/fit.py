@@ -6,7 +6,7 @@ sizes a plan can reach are discrete: each module takes one of a few options, so 
 storage is dominated by a few large modules (a big embedding) they cluster, with gaps between. The
 search below therefore works on the file's size, predicted exactly by the size table (size_table.py:
 the bytes RTN codes of the plan store, header and lossless coding included; GPTQ's codes of the same
-grid code alike, within the `growth` room the caller gives), and the planning budget (bpw of tensor
+grid code alike, within the room its `bound_bytes` gives them), and the planning budget (bpw of tensor
 bits) is moved until a plan lands in [target x (1 - tolerance), target]; first by the secant step
 budget x target / stored, then by bisection of the bracket of budgets whose plans store under and
 over the target. When the bracket closes without a hit, the target lies in a gap, and the refusal
@@ -41,20 +41,20 @@ def smallest_allocation(planner: MixedBitsPlanner) -> dict:
     return {n: min(c, key=c.get) for n, c in planner.costs.items()}
 
 
-def smallest_file_fits(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float, growth: float = 1.0) -> bool:
+def smallest_file_fits(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float) -> bool:
     """Whether the plan of every module at its fewest bits writes a file of at most `target_bpw`
-    (its size-table bytes x `growth`; under the tensor-bit floor only the lossless stage can bring
-    it there, so without it: False)."""
+    (its size table's bound; under the tensor-bit floor only the lossless stage can bring it there,
+    so without it: False)."""
     if table.lossless is None:
         return False
-    return table.bits_per_weight(smallest_allocation(planner)) * growth <= target_bpw
+    return table.bound_bits_per_weight(smallest_allocation(planner)) <= target_bpw
 
 
 def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float, plan: Plan | None = None,
-                     tolerance: float = 0.02, trials: int = 14, growth: float = 1.0,
+                     tolerance: float = 0.02, trials: int = 14,
                      progress: Callable[[int, int], None] | None = None, hint_scale: float = 1.0) -> Plan:
-    """A plan whose file, as the size table predicts it x `growth` (the room left for codes that
-    code larger than RTN's: GPTQ's, qat's), stores between target_bpw x (1 - tolerance) and
+    """A plan whose file, as the size table bounds it (`bound_bytes`: RTN's bytes plus the room left
+    for GPTQ's codes), stores between target_bpw x (1 - tolerance) and
     target_bpw bits per weight; its `predicted_bytes` is the table's (RTN) prediction.
     progress(plans sized, at most `trials`) after each.
 
@@ -72,7 +72,7 @@ def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: fl
 
     def stored(candidate: Plan) -> float:
         candidate.predicted_bytes = table.file_bytes(candidate.allocation)
-        return candidate.predicted_bytes * 8 / planner.params * growth
+        return table.bound_bits_per_weight(candidate.allocation)
 
     return fit_budget(replan, stored, lambda p: p.bits_per_weight, lambda p: tuple(sorted(p.allocation.items())),
                       target_bpw, (smallest, largest), tolerance, trials, progress=progress, hint_scale=hint_scale)

@@ -43,16 +43,16 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     from .fit import fit_plan_to_file, smallest_file_fits
     from .hybrid import fit_pipeline
     from .mixed_bits import QAT_CODE_GROWTH, MixedBitsPlanner, option_label, qat_stage
-    from .size_table import GPTQ_CODE_GROWTH, SizeTable
+    from .size_table import SizeTable
 
     embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     planner = MixedBitsPlanner(model, samples[:1, :256], target.group_size, embedding, device=device,
                                progress=lambda done, total, phase="": progress(JOINT if phase == "joint" else SENSITIVITY,
                                                                                 done, total))
     floor = planner.floor_bits / planner.params
-    growth = GPTQ_CODE_GROWTH if lossless is not None else 1.0  # GPTQ's codes code a little larger than RTN's
-    table = SizeTable(model, planner.candidates, lossless)
-    if target.bits_per_weight < floor and not smallest_file_fits(planner, table, target.bits_per_weight, growth):
+    # GPTQ writes the block linears' codes, which code a little larger than RTN's (the table's bound)
+    table = SizeTable(model, planner.candidates, lossless, grown=[n for n in planner.candidates if n != embedding])
+    if target.bits_per_weight < floor and not smallest_file_fits(planner, table, target.bits_per_weight):
         del table, planner
         progress(PIPELINE, 0, 1)
         pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless, device=device,
@@ -69,7 +69,7 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     plan = planner.plan(max(fit_bpw, floor))
     progress(SIZE_FIT, 0, 1)
     try:
-        plan = fit_plan_to_file(planner, table, fit_bpw, plan, growth=growth,
+        plan = fit_plan_to_file(planner, table, fit_bpw, plan,
                                 progress=lambda done, most: progress(SIZE_FIT, done, most, "at most"),
                                 hint_scale=target.bits_per_weight / fit_bpw)
     except UserError as error:
@@ -80,7 +80,7 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
                         f"targets named allow for that)") from None
     planner.release()
     progress(TRIALS, 0, 1, "sizing the uniform candidates")
-    uniforms = uniform_plans(planner, table, fit_bpw, growth, plan.predicted_bytes * 8 / plan.planned_bits)
+    uniforms = uniform_plans(planner, table, fit_bpw, plan.predicted_bytes * 8 / plan.planned_bits)
     fitted = plan
     plan, scores, candidates = choose(model, plan, uniforms, fit_bpw, samples, embedding, lossless, device,
                                       progress=lambda done, total, note="": progress(TRIALS, done, total, note))
@@ -107,8 +107,8 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
                   "sensitivity_kl": {n: {option_label(o): v for o, v in s.items()}
                                      for n, s in planner.sensitivity.items()},
                   "joint_kl": fitted.candidates or {},
-                  "size_table": {"predicted_rtn_bytes": plan.predicted_bytes, "gptq_code_growth": growth,
-                                 "predicted_bytes_at_most": int(plan.predicted_bytes * growth),
+                  "size_table": {"predicted_rtn_bytes": plan.predicted_bytes,
+                                 "predicted_bytes_at_most": table.bound_bytes(plan.allocation),
                                  "lossless": lossless}}
     stages = candidate_stages(chosen, plan, embedding)
     if distill_steps:  # latent weights, scales, the embedding and norms trained through the codes
