@@ -282,6 +282,7 @@ def _training_engine(data: dict) -> list[str]:
     parts = [f"## {data['title']}", "", f"- card: {data['card']}", ""]
     for block in data["speed"]:
         parts += [f"### {block['model']}", "", f"- command: `{block['command']}`",
+                  f"- made: commit {block.get('commit', 'n/a')}, {block.get('date', 'n/a')}, torch {block.get('torch', 'n/a')}",
                   "- tok/s: over the steps after the first (which compiles); GiB per billion: peak GPU memory / "
                   "the model's parameters", "",
                   "| setting | tok/s | tokens seen | final KL | peak GPU GiB | GiB per billion params |", "|---|---|---|---|---|---|"]

@@ -150,3 +150,51 @@ def test_under_the_tensor_bit_floor_the_lossless_smallest_plan_may_still_fit():
     assert not smallest_file_fits(planner, plain, floor * 0.99)  # no lossless stage: the floor holds
     assert smallest_file_fits(planner, coded, floor * 1.5)
     assert not smallest_file_fits(planner, coded, floor * 0.2)
+
+
+class _Families:
+    """A planner of two families whose files grow finely with the budget in each, at different
+    rates: family (2, 2) stores budget x 1.0, family (3, 3) budget x 1.2; (3, 3)'s joint KL is the
+    lower. At a target of 3.0 bpw, budgets near 2.5 give (3, 3) plans near 3.0 and budgets near 3.0
+    give (2, 2) plans near 3.0: both land, and (3, 3) wins by KL."""
+    params, ceiling_bits, progress = 1000, 8000, None
+    rate = {(2, 2): 1.0, (3, 3): 1.2}
+    kl = {(2, 2): 0.5, (3, 3): 0.3}
+
+    def family_floor_bits(self, floors):
+        return 1000 if floors in self.rate else None
+
+    def draft(self, budget, floors):
+        from hypercompress.planning.mixed_bits import Plan
+        return Plan({"m": (floors, round(budget, 6))}, {}, round(budget * self.params), self.params)
+
+    def measure(self, allocation):
+        return self.kl[allocation["m"][0]]
+
+
+class _FamilyTable:
+    def file_bytes(self, allocation):
+        return 0
+
+    def bound_bits_per_weight(self, allocation):
+        floors, budget = allocation["m"]
+        return budget * _Families.rate[floors]
+
+
+def test_each_family_is_fit_on_its_own_and_the_least_kl_wins():
+    plan = fit_plan_to_file(_Families(), _FamilyTable(), 3.0)
+    floors, budget = plan.allocation["m"]
+    assert floors == (3, 3) and 0.98 * 3.0 <= budget * 1.2 <= 3.0
+    assert plan.candidates == {"linears>=2,embedding>=2": 0.5, "linears>=3,embedding>=3": 0.3}
+    assert plan.joint_kl == 0.3
+
+
+def test_targets_land_and_the_least_kl_family_wins(coarse):
+    """On the coarse model, targets some families' plans reach land, and the plan chosen is the least
+    joint KL of the families that landed (several do)."""
+    _, planner, table = coarse
+    for target in (2.6, 3.1, 3.6, 4.2):
+        plan = fit(coarse, target)
+        assert len(plan.candidates) >= 2
+        assert 0.98 * target <= table.bound_bits_per_weight(plan.allocation) <= target
+        assert plan.joint_kl == min(plan.candidates.values())

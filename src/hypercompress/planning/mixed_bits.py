@@ -196,6 +196,39 @@ class MixedBitsPlanner:
         """Free the probe (a float32 copy of the model and its cached block inputs)."""
         self.runner = None
 
+    def draft(self, target_bpw: float, floors: tuple[int, int]) -> Plan | None:
+        """The knapsack's allocation within `target_bpw` x params tensor bits among the options of at
+        least `floors` = (bits of the block linears, bits of the embedding) (FLOORS); None when even
+        those options' cheapest do not fit. Its joint KL is not measured (`measure`)."""
+        budget = int(target_bpw * self.params) - self.fixed
+        linear_floor, embed_floor = floors
+        allowed = {n: {o: c for o, c in self.costs[n].items()
+                       if o[0] >= (embed_floor if n == self.embedding else linear_floor)} for n in self.costs}
+        if any(not c for c in allowed.values()) or sum(min(c.values()) for c in allowed.values()) > budget:
+            return None
+        self._probe()
+        allocation = allocate(allowed, self.sensitivity, budget)
+        planned = self.fixed + sum(self.costs[n][o] for n, o in allocation.items())
+        return Plan(allocation, self.sensitivity, planned, self.params)
+
+    def family_floor_bits(self, floors: tuple[int, int]) -> int | None:
+        """Tensor bits of the smallest plan of the family `floors` (None: no option of some module
+        is allowed)."""
+        linear_floor, embed_floor = floors
+        least = [min((c for o, c in self.costs[n].items()
+                      if o[0] >= (embed_floor if n == self.embedding else linear_floor)), default=None)
+                 for n in self.costs]
+        return None if None in least else self.fixed + sum(least)
+
+    def measure(self, allocation: dict[str, Option]) -> float:
+        """The joint KL of `allocation` (every module RTN-quantized at once, on the probe window),
+        memoized."""
+        key = tuple(sorted(allocation.items()))
+        if key not in self.joint:
+            runner = self._probe()
+            self.joint[key] = joint_kl(runner.model, runner, allocation)
+        return self.joint[key]
+
     def plan(self, target_bpw: float) -> Plan:
         """The plan of least measured joint KL whose tensor bits fit `target_bpw` x params.
         UserError when even every module at its cheapest option does not fit."""
@@ -204,34 +237,34 @@ class MixedBitsPlanner:
             raise UserError(f"--target-bpw {target_bpw}: the smallest plan (every module at its fewest "
                             f"bits: 2-bit codes, one scale per row) is "
                             f"{self.floor_bits / self.params:.3f} bpw; ask for at least that")
-        runner = self._probe()
-        costs, sensitivity = self.costs, self.sensitivity
         # Single-module KLs add up only while errors are small: many modules at 2 bits compound far
         # beyond the sum. So plans are built with the fewest bits allowed at 2, 3 and 4 (linears) and
         # 2, 3, 4 (embedding), and the one whose *measured* whole-plan KL is lowest wins.
         drafts: list[tuple[dict[str, Option], tuple[int, int]]] = []
-        for linear_floor, embed_floor in itertools.product((2, 3, 4), (2, 3, 4)):
-            allowed = {n: {o: c for o, c in costs[n].items()
-                           if o[0] >= (embed_floor if n == self.embedding else linear_floor)} for n in costs}
-            if any(not c for c in allowed.values()) or sum(min(c.values()) for c in allowed.values()) > budget:
-                continue
-            allocation = allocate(allowed, sensitivity, budget)
-            if all(allocation != d[0] for d in drafts):
-                drafts.append((allocation, (linear_floor, embed_floor)))
+        for floors in FLOORS:
+            draft = self.draft(target_bpw, floors)
+            if draft is not None and all(draft.allocation != d[0] for d in drafts):
+                drafts.append((draft.allocation, floors))
         if not drafts:  # only the unrestricted options fit
-            drafts.append((allocate(costs, sensitivity, budget), (2, 2)))
+            self._probe()
+            drafts.append((allocate(self.costs, self.sensitivity, budget), (2, 2)))
         plans = []
         for done, (allocation, floors) in enumerate(drafts):
-            key = tuple(sorted(allocation.items()))
-            if key not in self.joint:
-                self.joint[key] = joint_kl(runner.model, runner, allocation)
-            plans.append((self.joint[key], allocation, floors))
+            plans.append((self.measure(allocation), allocation, floors))
             if self.progress:
                 self.progress(done + 1, len(drafts), "joint")
         measured, allocation, floors = min(plans, key=lambda p: p[0])
-        planned = self.fixed + sum(costs[n][o] for n, o in allocation.items())
-        return Plan(allocation, sensitivity, planned, self.params, measured,
-                    {f"linears>={a},embedding>={b}": kl for kl, _, (a, b) in plans})
+        planned = self.fixed + sum(self.costs[n][o] for n, o in allocation.items())
+        return Plan(allocation, self.sensitivity, planned, self.params, measured,
+                    {family_label(f): kl for kl, _, f in plans})
+
+
+FLOORS: tuple[tuple[int, int], ...] = tuple(itertools.product((2, 3, 4), (2, 3, 4)))
+"""The families of plans: (fewest bits of a block linear, fewest bits of the embedding)."""
+
+
+def family_label(floors: tuple[int, int]) -> str:
+    return f"linears>={floors[0]},embedding>={floors[1]}"
 
 
 def plan_bits(model: nn.Module, target_bpw: float, samples: torch.Tensor, group: int = 64,

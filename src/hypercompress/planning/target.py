@@ -66,10 +66,8 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     # qat's trained codes code larger than the planned ones: its plans leave them that room
     fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
     progress(SENSITIVITY, 0, 1, "the original's logits on the probe window")
-    plan = planner.plan(max(fit_bpw, floor))
-    progress(SIZE_FIT, 0, 1)
     try:
-        plan = fit_plan_to_file(planner, table, fit_bpw, plan,
+        plan = fit_plan_to_file(planner, table, fit_bpw,
                                 progress=lambda done, most: progress(SIZE_FIT, done, most, "at most"),
                                 hint_scale=target.bits_per_weight / fit_bpw)
     except UserError as error:
