@@ -26,7 +26,7 @@ from hypercompress.planning.mixed_bits import MixedBitsPlanner, Plan  # noqa: E4
 from hypercompress.planning.size_table import SizeTable  # noqa: E402
 from hypercompress.planning.trials import shared_gptq, trial_model  # noqa: E402
 
-OPTIONS = ((2, 64), (3, -1), (3, 64), (4, 64))
+OPTIONS = ((2, -1), (2, 64), (3, -1), (3, 64), (4, -1), (4, 64), (8, -1))
 LEVEL = 10
 
 

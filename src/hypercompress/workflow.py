@@ -443,6 +443,9 @@ def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
                         f"{target.bits_per_weight:.4f} bpw ({16 / target.bits_per_weight:.2f}x) by more than 2% "
                         f"(the written file codes unlike the planner's size trial); ask for a target near "
                         f"{bpw:.3f} bpw, e.g. --target-bpw {bpw:.3f}")
+    if ratio > 1:
+        say(f"note: the file stores {bpw:.4f} bpw, {ratio - 1:.2%} over the target {target.bits_per_weight:.4f} "
+            f"(its codes coded larger than the planner's allowance; within the 2% compress accepts)")
     if ratio < 0.98:
         say(f"note: the file stores {bpw:.4f} bpw, {1 - ratio:.1%} under the target "
             f"{target.bits_per_weight:.4f} (the codes coded smaller than the planner allowed for)")

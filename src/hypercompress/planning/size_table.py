@@ -33,16 +33,20 @@ from ..formats import lossless as lossless_codec
 from ..modules import count_params
 from .sensitivity import Option
 
-GPTQ_CODE_GROWTH: dict[Option, float] = {(2, 64): 1.028, (3, -1): 1.010, (3, 64): 1.003, (4, 64): 1.002}
+GPTQ_CODE_GROWTH: dict[Option, float] = {(2, -1): 1.118, (2, 64): 1.028, (3, -1): 1.010, (3, 64): 1.003,
+                                          (4, -1): 1.004, (4, 64): 1.002, (8, -1): 1.001}
 """Per (bits, group) option, how much larger GPTQ's codes of a block linear code under zstd than the
 same linear's RTN codes (which the size table counts), measured on SmolLM2-135M by `python
-benchmarks/code_growth.py` (every linear at one option; benchmarks/results/code_growth.json: 1.0261,
-1.0082, 1.0021, 1.0014 of the linears' own bytes), rounded up by 0.1-0.2 points: 2-bit codes spread
-the most. A grown module's table bytes are taken x its option's growth when a plan is
-fit, so its file lands in [target - 2%, target]; an option not measured takes the largest growth
-measured. Every planned artifact records the ratio it met (summary.json:
-allocation.size_table.measured_over_predicted). Without the lossless stage the two store the same
-bytes (same tensors, dtypes and shapes)."""
+benchmarks/code_growth.py` (every linear at one option; benchmarks/results/code_growth.json: 2-bit
+rows 1.1166, w2 g64 1.0261, 3-bit rows 1.0082, w3 g64 1.0021, 4-bit rows 1.0027, w4 g64 1.0014,
+8-bit rows 1.0001 of the linears' own bytes), rounded up by 0.1-0.2 points. RTN's 2-bit rows code
+small (a min-max grid over a whole row leaves most weights in its two middle levels), GPTQ's spread
+over all four. A module's growth varies around its option's mean, so a plan's file may land a
+little under or over its bound. A grown module's table bytes are taken x its option's growth when a
+plan is fit, so its file lands near [target - 2%, target]; an option not measured takes the largest
+growth measured. Every planned artifact records the ratios it met (summary.json:
+allocation.size_table.measured_over_predicted, measured_over_bound). Without the lossless stage the
+two store the same bytes (same tensors, dtypes and shapes)."""
 
 
 def code_growth(option: Option) -> float:
