@@ -115,7 +115,9 @@ def test_cli_target_bpw_writes_an_artifact_near_the_target(model_dirs, calib_fil
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "hypercompress.json").read_text())
     assert manifest["totals"]["tensor_bits"] / manifest["original_params"] <= 6.0
-    assert manifest["recipe"][0]["method"] == "rtn"
+    # the plan's recipe (its embedding's RTN stage first), or the same plan after `rotate` when the
+    # trials keep the rotated candidate
+    assert [s["method"] for s in manifest["recipe"][:2]] in (["rtn", "gptq"], ["rotate", "rtn"])
     summary = json.loads((out / "summary.json").read_text())  # the planning evidence, kept with the artifact
     planned = summary["allocation"]
     assert summary["target_bpw"] == 6.0 and planned["route"] == "planner"
