@@ -200,3 +200,30 @@ def test_targets_land_and_the_least_kl_family_wins(coarse):
         assert len(plan.candidates) >= 2
         assert 0.98 * target <= table.bound_bits_per_weight(plan.allocation) <= target
         assert plan.joint_kl == min(plan.candidates.values())
+
+
+def test_a_target_under_the_smallest_plans_file_takes_the_pipeline_even_above_the_tensor_bit_floor(
+        model_dirs, calib_file, tmp_path):
+    """The smallest quantization plan's file (GPTQ's room and the header counted) may store more than
+    the tensor-bit floor: a target between the two was refused as beyond reach while the pipeline
+    reaches it."""
+    from hypercompress.models import load_model
+    from hypercompress.planning.fit import smallest_allocation
+
+    model = load_model(str(model_dirs["llama"])).model
+    samples = torch.randint(1, 121, (1, 32), generator=torch.Generator().manual_seed(0))
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    planner = MixedBitsPlanner(model, samples, 32, embedding)
+    table = SizeTable(model, planner.candidates, LOSSLESS, grown=[n for n in planner.candidates if n != embedding])
+    floor, smallest = planner.floor_bits / planner.params, table.bound_bits_per_weight(smallest_allocation(planner))
+    assert floor < smallest, (floor, smallest)  # the case exists on this model
+    target = round((floor + smallest) / 2, 3)
+    out = tmp_path / "between"
+    result = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--target-bpw", str(target),
+                                      "--set", "group_size=32", "--calib", str(calib_file),
+                                      "--calib-samples", "4", "--calib-len", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    planned = json.loads((out / "summary.json").read_text())["allocation"]
+    manifest = json.loads((out / "hypercompress.json").read_text())
+    assert planned["route"] == "pipeline"
+    assert manifest["totals"]["safetensors_bytes"] * 8 / manifest["original_params"] <= target * 1.02

@@ -47,10 +47,7 @@ def smallest_allocation(planner: MixedBitsPlanner) -> dict:
 
 def smallest_file_fits(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float) -> bool:
     """Whether the plan of every module at its fewest bits writes a file of at most `target_bpw`
-    (its size table's bound; under the tensor-bit floor only the lossless stage can bring it there,
-    so without it: False)."""
-    if table.lossless is None:
-        return False
+    (its size table's bound: header, lossless stage and GPTQ's room counted)."""
     return table.bound_bits_per_weight(smallest_allocation(planner)) <= target_bpw
 
 

@@ -30,10 +30,11 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     """The recipe that brings `model` to `target` (whole-model bits per weight as stored), and how it
     was chosen (route, planned bpw, notes, trial KLs, options, sensitivities).
 
-    samples: (N, T) calibration token ids. Above the quantization floor: measure sensitivities on the
+    samples: (N, T) calibration token ids. When the smallest quantization plan's file (every module at
+    its fewest bits, as the size table bounds it) fits the target: measure sensitivities on the
     first 256 tokens of one calibration window, plan per-module options, fit the plan to the file it
     writes (header and lossless stage counted), then keep it or the best uniform recipe of that size,
-    whichever GPTQ trials measure better (choice.py); below it: the hybrid pipeline
+    whichever GPTQ trials measure better (choice.py); else: the hybrid pipeline
     (hybrid.py). `distill_steps` > 0 appends a qat stage and fits the plan to target /
     mixed_bits.QAT_CODE_GROWTH. `say(line)` receives what was decided, `progress(section, done, total,
     note)` the long steps as they run (sections SENSITIVITY, JOINT, SIZE_FIT, TRIALS or PIPELINE). Raises UserError for a target no plan of this model can meet."""
@@ -52,19 +53,19 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     floor = planner.floor_bits / planner.params
     # GPTQ writes the block linears' codes, which code a little larger than RTN's (the table's bound)
     table = SizeTable(model, planner.candidates, lossless, grown=[n for n in planner.candidates if n != embedding])
-    if target.bits_per_weight < floor and not smallest_file_fits(planner, table, target.bits_per_weight):
+    # qat's trained codes code larger than the planned ones: its plans leave them that room
+    fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
+    if not smallest_file_fits(planner, table, fit_bpw):  # no quantization plan is that small: the pipeline
         del table, planner
         progress(PIPELINE, 0, 1)
         pipeline = fit_pipeline(model, target.bits_per_weight, samples, distill_steps, lossless, device=device,
                                 progress=lambda done, most, note: progress(PIPELINE, done, most, note))
         progress(PIPELINE, 1, 1)
-        say(f"pipeline for {target.bits_per_weight:.4f} bpw (below the quantization floor "
-                      f"{floor:.3f}): {pipeline.reached_bpw:.4f} bpw as stored | " + " | ".join(pipeline.notes))
+        say(f"pipeline for {target.bits_per_weight:.4f} bpw (below the smallest quantization plan's file; "
+            f"tensor-bit floor {floor:.3f}): {pipeline.reached_bpw:.4f} bpw as stored | " + " | ".join(pipeline.notes))
         return (Recipe.from_list(pipeline.stages, where="pipeline recipe"),
                 {"route": "pipeline", "planned_bits_per_weight": pipeline.reached_bpw,
                  "quantization_floor_bpw": floor, "notes": pipeline.notes})
-    # qat's trained codes code larger than the planned ones: its plans leave them that room
-    fit_bpw = target.bits_per_weight / QAT_CODE_GROWTH if distill_steps else target.bits_per_weight
     progress(SENSITIVITY, 0, 1, "the original's logits on the probe window")
     try:
         plan = fit_plan_to_file(planner, table, fit_bpw,
