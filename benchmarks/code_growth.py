@@ -39,27 +39,23 @@ def main() -> None:
     model = loaded.model
     samples = calibration_samples(tokenize(loaded.tokenizer, read_text(CALIB_TEXT)), args.windows, 512, 0)
     planner = MixedBitsPlanner(model, samples[:1, :256], 64)
+    table = SizeTable(model, planner.candidates, LEVEL)
     linears = [n for n in planner.candidates if n != planner.embedding]
-    plain = SizeTable(model, planner.candidates, LEVEL)  # RTN codes of every module
-    table = SizeTable(model, planner.candidates, LEVEL, grown=linears)  # the planner's: the linears dithered
     tick = time.perf_counter()
     solved = shared_gptq(model, {(n, o) for n in linears for o in OPTIONS}, samples)
     rows = []
     for option in OPTIONS:
         allocation = {**{n: option for n in linears}, planner.embedding: (4, -1)}
         plan = Plan(allocation, {}, 0, planner.params)
-        rtn, table_bytes = plain.file_bytes(allocation), table.file_bytes(allocation)
-        # the linears' own bytes in the table: what the option's allowance grows
-        table_linears = sum(t.nbytes for n in linears for t in table.entries[(n, option)])
-        rtn_linears = sum(t.nbytes for n in linears for t in plain.entries[(n, option)])
+        rtn = table.file_bytes(allocation)
+        # the linears' own RTN bytes: what the size table grows by the option's allowance
+        rtn_linears = sum(t.nbytes for n in linears for t in table.entries[(n, option)])
         gptq = stored_bytes(trial_model(model, plan, planner.embedding, solved), LEVEL)
-        linear_growth = 1 + (gptq - table_bytes) / table_linears
-        rows.append({"option": list(option), "rtn_bytes": rtn, "table_bytes": table_bytes, "gptq_bytes": gptq,
-                     "gptq_over_rtn": gptq / rtn, "rtn_linear_growth": 1 + (gptq - rtn) / rtn_linears,
-                     "table_linear_bytes": table_linears, "linear_growth": linear_growth})
-        print(f"w{option[0]}{'row' if option[1] == -1 else f'g{option[1]}'}: RTN {rtn:,} B, table (dithered) "
-              f"{table_bytes:,} B, GPTQ {gptq:,} B; the linears' GPTQ over RTN {rows[-1]['rtn_linear_growth']:.5f}, "
-              f"over the table {linear_growth:.5f}", flush=True)
+        linear_growth = 1 + (gptq - rtn) / rtn_linears
+        rows.append({"option": list(option), "rtn_bytes": rtn, "gptq_bytes": gptq, "gptq_over_rtn": gptq / rtn,
+                     "rtn_linear_bytes": rtn_linears, "linear_growth": linear_growth})
+        print(f"w{option[0]}{'row' if option[1] == -1 else f'g{option[1]}'}: RTN {rtn:,} B, GPTQ {gptq:,} B, "
+              f"GPTQ / RTN {gptq / rtn:.5f} (the linears' own bytes: {linear_growth:.5f})", flush=True)
     print(f"{time.perf_counter() - tick:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({"title": TITLE, "windows": args.windows, "level": LEVEL, "machine": machine(),
@@ -73,18 +69,15 @@ def section(data: dict) -> list[str]:
     """RESULTS.md rows of benchmarks/results/code_growth.json."""
     parts = [f"## {data['title']}", "",
              f"- command: `python benchmarks/code_growth.py --windows {data['windows']} --json "
-             "benchmarks/results/code_growth.json` (SmolLM2-135M, every block linear at one option, GPTQ on "
-             f"{data['windows']} calibration windows, the embedding RTN 4-bit rows; zstd {data['level']})",
-             f"- machine: {data['machine']}",
-             "- table: the planner's size table, the linears' codes dithered (RTN of the weight plus one grid step "
-             "of uniform noise); growth: (GPTQ file - table file) / the linears' table bytes + 1, which "
-             "planning/size_table.py holds rounded up; over RTN: the same against plain RTN codes", "",
-             "| option | RTN file B | table file B | GPTQ file B | linears' GPTQ over RTN | linears' growth over the table |",
-             "|---|---|---|---|---|---|"]
+             "benchmarks/results/code_growth.json` (SmolLM2-135M, every block linear at one option, the embedding "
+             f"RTN 4-bit rows; zstd {data['level']})", f"- machine: {data['machine']}",
+             "- linears' growth: (GPTQ file - RTN file) / the linears' RTN bytes + 1; planning/size_table.py "
+             "holds these rounded up to the next 0.1 point", "",
+             "| option | RTN file B | GPTQ file B | file ratio | linears' growth |", "|---|---|---|---|---|"]
     for r in data["rows"]:
         bits, group = r["option"]
-        parts.append(f"| w{bits}{'row' if group == -1 else f'g{group}'} | {r['rtn_bytes']:,} | {r['table_bytes']:,} | "
-                     f"{r['gptq_bytes']:,} | {r['rtn_linear_growth']:.5f} | {r['linear_growth']:.5f} |")
+        parts.append(f"| w{bits}{'row' if group == -1 else f'g{group}'} | {r['rtn_bytes']:,} | {r['gptq_bytes']:,} | "
+                     f"{r['gptq_over_rtn']:.5f} | {r['linear_growth']:.5f} |")
     return parts + [""]
 
 

@@ -217,19 +217,13 @@ def test_a_target_under_the_smallest_plans_file_takes_the_pipeline_even_above_th
     table = SizeTable(model, planner.candidates, LOSSLESS, grown=[n for n in planner.candidates if n != embedding])
     floor, smallest = planner.floor_bits / planner.params, table.bound_bits_per_weight(smallest_allocation(planner))
     assert floor < smallest, (floor, smallest)  # the case exists on this model
-    for step in (0.1, 0.5, 0.9):
-        target = round(floor + (smallest - floor) * step, 3)
-        out = tmp_path / f"between{step}"
-        result = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--target-bpw", str(target),
-                                          "--set", "group_size=32", "--calib", str(calib_file),
-                                          "--calib-samples", "4", "--calib-len", "64", "--out", str(out)])
-        assert "beyond reach" not in result.output, result.output  # the planner's refusal: not its route
-        assert "fitting the pipeline to the target" in result.output, result.output
-        if result.exit_code == 2:  # the pipeline's sizes step coarsely too: its own refusal, naming them
-            assert "plans nearest it store" in result.output
-            continue
-        assert result.exit_code == 0, result.output
-        planned = json.loads((out / "summary.json").read_text())["allocation"]
-        manifest = json.loads((out / "hypercompress.json").read_text())
-        assert planned["route"] == "pipeline"
-        assert manifest["totals"]["safetensors_bytes"] * 8 / manifest["original_params"] <= target * 1.02
+    target = round((floor + smallest) / 2, 3)
+    out = tmp_path / "between"
+    result = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--target-bpw", str(target),
+                                      "--set", "group_size=32", "--calib", str(calib_file),
+                                      "--calib-samples", "4", "--calib-len", "64", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    planned = json.loads((out / "summary.json").read_text())["allocation"]
+    manifest = json.loads((out / "hypercompress.json").read_text())
+    assert planned["route"] == "pipeline"
+    assert manifest["totals"]["safetensors_bytes"] * 8 / manifest["original_params"] <= target * 1.02
