@@ -201,9 +201,7 @@ class MixedBitsPlanner:
         least `floors` = (bits of the block linears, bits of the embedding) (FLOORS); None when even
         those options' cheapest do not fit. Its joint KL is not measured (`measure`)."""
         budget = int(target_bpw * self.params) - self.fixed
-        linear_floor, embed_floor = floors
-        allowed = {n: {o: c for o, c in self.costs[n].items()
-                       if o[0] >= (embed_floor if n == self.embedding else linear_floor)} for n in self.costs}
+        allowed = self._allowed(floors)
         if any(not c for c in allowed.values()) or sum(min(c.values()) for c in allowed.values()) > budget:
             return None
         self._probe()
@@ -214,11 +212,14 @@ class MixedBitsPlanner:
     def family_floor_bits(self, floors: tuple[int, int]) -> int | None:
         """Tensor bits of the smallest plan of the family `floors` (None: no option of some module
         is allowed)."""
+        allowed = self._allowed(floors)
+        return None if not all(allowed.values()) else self.fixed + sum(min(c.values()) for c in allowed.values())
+
+    def _allowed(self, floors: tuple[int, int]) -> dict[str, dict[Option, int]]:
+        """Each module's options (and costs) of at least `floors` = (linears' bits, embedding's bits)."""
         linear_floor, embed_floor = floors
-        least = [min((c for o, c in self.costs[n].items()
-                      if o[0] >= (embed_floor if n == self.embedding else linear_floor)), default=None)
-                 for n in self.costs]
-        return None if None in least else self.fixed + sum(least)
+        return {n: {o: c for o, c in self.costs[n].items()
+                    if o[0] >= (embed_floor if n == self.embedding else linear_floor)} for n in self.costs}
 
     def measure(self, allocation: dict[str, Option]) -> float:
         """The joint KL of `allocation` (every module RTN-quantized at once, on the probe window),
