@@ -191,6 +191,16 @@ def test_each_family_is_fit_on_its_own_and_the_least_kl_wins():
     assert plan.joint_kl == 0.3
 
 
+def test_the_fit_progress_counts_families_and_ends_at_its_total():
+    calls = []
+    fit_plan_to_file(_Families(), _FamilyTable(), 3.0, progress=lambda *call: calls.append(call))
+    assert {total for _, total, _ in calls} == {2}  # the two families _Families offers
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and done[-1] == 2 and all(d <= 2 for d in done)
+    sized = [int(note.split()[0]) for _, _, note in calls]
+    assert sized == sorted(sized) and sized[-1] >= 2
+
+
 def test_targets_land_and_the_least_kl_family_wins(coarse):
     """On the coarse model, targets some families' plans reach land, and the plan chosen is the least
     joint KL of the families that landed (several do)."""

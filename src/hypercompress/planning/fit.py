@@ -52,7 +52,7 @@ def smallest_file_fits(planner: MixedBitsPlanner, table: SizeTable, target_bpw: 
 
 
 def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: float, tolerance: float = 0.02,
-                     trials: int = 14, progress: Callable[[int, int], None] | None = None,
+                     trials: int = 14, progress: Callable[[int, int, str], None] | None = None,
                      hint_scale: float = 1.0) -> Plan:
     """The plan of least measured joint KL among those whose files, as the size table bounds them
     (`bound_bytes`: RTN's bytes plus the room left for GPTQ's codes), store between target_bpw x
@@ -63,22 +63,23 @@ def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: fl
     is fit on its own, by the search of the module docstring over its planning budget: within a
     family the file grows in fine steps with the budget, while the planner's pick among families at
     one budget (by joint KL) jumps between their sizes, leaving gaps no budget lands in. Families
-    whose plans cannot land are skipped. progress(plans sized, at most) after each. Raises UserError
+    whose plans cannot land are skipped. progress(families searched, families, "k plans sized") after
+    each plan sized and each family. Raises UserError
     naming the sizes reached nearest the target over every family when none lands, and the targets
     to ask for instead: those sizes x `hint_scale` (the caller's target is `target_bpw` x hint_scale).
     """
     params = planner.params
     families = [(f, bits) for f in FLOORS if (bits := planner.family_floor_bits(f)) is not None]
-    most, done = trials * len(families), [0]
+    searched, sized = [0], [0]
     landed: dict[tuple, tuple[tuple[int, int], Plan]] = {}
     under: Trial | None = None
     over: Trial | None = None
 
     def stored(candidate: Plan) -> float:
         candidate.predicted_bytes = table.file_bytes(candidate.allocation)
-        done[0] += 1
+        sized[0] += 1
         if progress:
-            progress(min(done[0], most), most)
+            progress(searched[0], len(families), f"{sized[0]} plans sized")
         return table.bound_bits_per_weight(candidate.allocation)
 
     for floors, floor_bits in families:
@@ -94,8 +95,11 @@ def fit_plan_to_file(planner: MixedBitsPlanner, table: SizeTable, target_bpw: fl
         except Unreached as missed:
             under = _nearer(under, missed.under, lambda t: t.stored)
             over = _nearer(over, missed.over, lambda t: -t.stored)
-            continue
-        landed.setdefault(_key(plan), (floors, plan))
+        else:
+            landed.setdefault(_key(plan), (floors, plan))
+        searched[0] += 1
+        if progress:
+            progress(searched[0], len(families), f"{sized[0]} plans sized")
     if not landed:
         raise UserError(unreachable_message(target_bpw, tolerance, under, over, hint_scale))
     scores = {}

@@ -69,7 +69,7 @@ def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, 
     progress(SENSITIVITY, 0, 1, "the original's logits on the probe window")
     try:
         plan = fit_plan_to_file(planner, table, fit_bpw,
-                                progress=lambda done, most: progress(SIZE_FIT, done, most, "at most"),
+                                progress=lambda done, families, note: progress(SIZE_FIT, done, families, note),
                                 hint_scale=target.bits_per_weight / fit_bpw)
     except UserError as error:
         if not distill_steps:
