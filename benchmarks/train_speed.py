@@ -4,12 +4,18 @@ on a 7B-shaped model, per engine setting, through the same `qat` stage a user's 
     python benchmarks/train_speed.py --model smollm2-135m --device cuda --steps 30 --out results/train_speed.json
     python benchmarks/train_speed.py --shape llama2-7b --layers 4 --device cuda --steps 10 --out R.json
     python benchmarks/train_speed.py --shape smollm2-135m --device cuda --out R.json   # random weights, no GGUF
+    python benchmarks/train_speed.py --plan mixed --only "bf16 batch 32 compiled" --device cuda --out R.json
 
 For each setting (precision, compile, batch, micro-batch) a fresh copy of the model gets the stage
 [{"method": "qat", "bits": 3, "group_size": 64, "block_steps": 0, "steps": S, ...}] on random-offset
 windows of 512 tokens of the calibration text (or random tokens for the shaped model), and the loop's
 stage report gives tokens/s (over the steps after the first, which compiles) and tokens seen; peak GPU memory is read after the run and divided by the trained
-parameters (billions). A 7B shape is measured with `--layers` of its 32 blocks (the whole model's
+parameters (billions). `--plan mixed` trains a mixed plan instead of 3-bit g64 everywhere: RTN first
+stores the embedding at w4 g64 and the block linears at the options and counts of the planner's SmolLM2
+plan at 4.0 bpw (w4 rows x73, w4 g64 x113, w8 rows x24, spread over the blocks by a seeded shuffle),
+and qat trains those codes; blocks then differ in layout, and each row records the graphs dynamo
+compiled and whether it ran past its recompile limit (`--recompile-limit N` sets that limit after
+the engine raised it, to measure the engine as it was). A 7B shape is measured with `--layers` of its 32 blocks (the whole model's
 float32 latents and AdamW moments alone would be 84 GB): memory per billion parameters carries over.
 """
 
@@ -60,22 +66,69 @@ def load(args):
     return loaded.model, calibration_samples(ids, 256, 512, 0)
 
 
+MIXED_PLAN = {(4, -1): 73, (4, 64): 113, (8, -1): 24}  # the planner's SmolLM2 plan at 4.0 bpw (block linears)
+
+
+def mixed_stages(model) -> list[dict]:
+    """RTN stages storing the embedding at w4 g64 and the block linears at MIXED_PLAN's options and
+    counts (scaled to the model's linears), spread over the blocks by a shuffle seeded 0."""
+    import random
+    import re
+
+    from hypercompress.arch import arch_of
+
+    blocks = arch_of(model.config.model_type).blocks
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(blocks)]
+    total = sum(MIXED_PLAN.values())
+    options = [o for o, count in MIXED_PLAN.items() for _ in range(round(count * len(linears) / total))]
+    options = (options + [options[-1]] * len(linears))[:len(linears)]
+    random.Random(0).shuffle(options)
+    embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    stages = [{"method": "rtn", "bits": 4, "group_size": 64, "targets": [f"^{re.escape(embedding)}$"]}]
+    for option in MIXED_PLAN:
+        names = [n for n, o in zip(linears, options) if o == option]
+        stages.append({"method": "rtn", "bits": option[0], "group_size": option[1],
+                       "targets": [f"^{re.escape(n)}$" for n in names]})
+    return stages
+
+
 def measure(model, windows, keys: dict, args) -> dict:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
     from hypercompress.methods.qat.method import Qat  # noqa: F401  (registered)
 
     student = copy.deepcopy(model)
     stage = {"method": "qat", "bits": 3, "group_size": 64, "block_steps": 0, "steps": args.steps,
              "teacher_fraction": 0, **keys}
+    stages = [stage]
+    if args.plan == "mixed":
+        compress(student, Recipe.from_list(mixed_stages(student), where="train_speed"), windows[:1], device="cpu")
+        stage = {k: v for k, v in stage.items() if k not in ("bits", "group_size")}  # trains the stored codes
+        stages = [stage]
+    if args.recompile_limit:  # after the engine raised it: the engine as it was
+        import hypercompress.training.distill as distill_module
+        from hypercompress.training.engine import compile_blocks
+
+        def compile_at_limit(*a, **k):
+            compile_blocks(*a, **k)
+            torch._dynamo.config.recompile_limit = args.recompile_limit
+        distill_module.compile_blocks = compile_at_limit
+    torch._dynamo.reset()
+    counters.clear()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     tick = time.perf_counter()
-    report = compress(student, Recipe.from_list([stage], where="train_speed"), windows, device=args.device)
+    report = compress(student, Recipe.from_list(stages, where="train_speed"), windows, device=args.device)
     wall = time.perf_counter() - tick
     trained = report["stages"][0]["training"]["end_to_end"]
     params = sum(p.numel() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else 0
-    return {"settings": stage, **trained, "stage_seconds": round(wall, 2), "peak_gpu_bytes": peak,
-            "gib_per_billion_params": peak / 2**30 / (params / 1e9)}
+    past_limit = any("recompile" in key.lower() and "limit" in key.lower() for key in counters["unimplemented"])
+    return {"settings": stage, "plan": args.plan, **trained, "stage_seconds": round(wall, 2), "peak_gpu_bytes": peak,
+            "gib_per_billion_params": peak / 2**30 / (params / 1e9),
+            "graphs": counters["stats"].get("unique_graphs", 0), "past_recompile_limit": past_limit,
+            "recompile_limit": torch._dynamo.config.recompile_limit}
 
 
 def main() -> None:
@@ -87,6 +140,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", nargs="*", help="labels of SETTINGS to run (default: all)")
+    parser.add_argument("--plan", choices=("uniform", "mixed"), default="uniform")
+    parser.add_argument("--recompile-limit", type=int, default=0, help="dynamo's limit after the engine set it")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model, windows = load(args)
@@ -101,7 +156,7 @@ def main() -> None:
         print(label, json.dumps(rows[label]), flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.shape or args.model, "layers": args.layers if args.shape
+    Path(args.out).write_text(json.dumps({"model": args.shape or args.model, "plan": args.plan, "layers": args.layers if args.shape
                                           else None, "device": device, "torch": torch.__version__, "rows": rows},
                                          indent=1))
 

@@ -47,6 +47,9 @@ class FakeQuantLinear(nn.Module):
         else:
             self.register_buffer("zeros", zero)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        # the top code 2^b - 1 as a tensor, not a Python int: a compiled block (training/engine.py)
+        # then serves modules of any bit width with one graph instead of recompiling per width
+        self.register_buffer("top_code", torch.tensor(float((1 << bits) - 1)), persistent=False)
         self.out_features, self.in_features = weight.shape
 
     @classmethod
@@ -81,14 +84,14 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         """W_hat (out, in) float32, differentiable in W, s (and m)."""
-        maxq = (1 << self.bits) - 1
         groups = self.weight.view(self.out_features, -1, self.group_size)
         scale, zero = self._grid()
+        top = self.top_code
         if self.zero_point == "float":
             level = _straight_through((groups - zero) / scale, torch.round((groups - zero) / scale))
-            return (level.clamp(0, maxq) * scale + zero).reshape_as(self.weight)
+            return (level.clamp(0, top) * scale + zero).reshape_as(self.weight)
         level = _straight_through(groups / scale + zero, torch.round(groups / scale + zero))
-        return ((level.clamp(0, maxq) - zero) * scale).reshape_as(self.weight)
+        return ((level.clamp(0, top) - zero) * scale).reshape_as(self.weight)
 
     def logit_matrix(self) -> torch.Tensor | None:
         """W_hat as an output layer's (V, D) matrix (training/distill.py's chunked KL), or None with a bias."""
