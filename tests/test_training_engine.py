@@ -164,3 +164,47 @@ def test_the_bf16_teacher_copy_casts_parameters_keeps_buffers_ties_and_the_origi
                    if t.is_floating_point())
         ids = torch.randint(1, 120, (2, 8))
         assert torch.allclose(copy(ids).logits.float(), model(ids).logits, atol=0.05)
+
+
+def test_modules_differing_only_in_bit_width_share_one_compiled_graph():
+    """Compiled blocks of a mixed plan share one graph whatever their modules' bit widths (the top
+    code is a tensor), so a plan mixing widths does not run dynamo past its recompile limit."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from hypercompress.methods.qat.fake_quant import FakeQuantLinear
+
+    class Block(torch.nn.Module):
+        def __init__(self, bits):
+            super().__init__()
+            self.proj = FakeQuantLinear.from_dense(torch.nn.Linear(64, 32, bias=False), bits, 32)
+
+        def forward(self, x):
+            return self.proj(x).sum()
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(2, 64)
+    for bits in (2, 3, 4, 8):
+        block = Block(bits)
+        block.compile(backend="eager", dynamic=False)
+        block(x).backward()
+        assert block.proj.weight.grad is not None
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiling_the_blocks_leaves_dynamo_room_for_a_graph_per_block():
+    import torch._dynamo
+
+    from hypercompress.training.engine import Engine, compile_blocks, uncompile_blocks
+
+    model = make_model("llama")
+    blocks = len(model.model.layers)
+    before = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8
+        compile_blocks(model, Engine(compile=True), "cpu")
+        assert torch._dynamo.config.recompile_limit >= 2 * blocks + 8
+        uncompile_blocks(model)
+    finally:
+        torch._dynamo.config.recompile_limit = before

@@ -86,12 +86,12 @@ class FakeQuantLinear(nn.Module):
         """W_hat (out, in) float32, differentiable in W, s (and m)."""
         groups = self.weight.view(self.out_features, -1, self.group_size)
         scale, zero = self._grid()
-        top = self.top_code
+        top, bottom = self.top_code, self.top_code.new_zeros(())  # tensor bounds: no graph break, no sync
         if self.zero_point == "float":
             level = _straight_through((groups - zero) / scale, torch.round((groups - zero) / scale))
-            return (level.clamp(0, top) * scale + zero).reshape_as(self.weight)
+            return (torch.clamp(level, bottom, top) * scale + zero).reshape_as(self.weight)
         level = _straight_through(groups / scale + zero, torch.round(groups / scale + zero))
-        return ((level.clamp(0, top) - zero) * scale).reshape_as(self.weight)
+        return ((torch.clamp(level, bottom, top) - zero) * scale).reshape_as(self.weight)
 
     def logit_matrix(self) -> torch.Tensor | None:
         """W_hat as an output layer's (V, D) matrix (training/distill.py's chunked KL), or None with a bias."""
