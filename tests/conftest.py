@@ -11,12 +11,14 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Olmo2Config,
-                          Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, PhiConfig, PhiForCausalLM,
-                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Olmo2Config, Olmo2ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 WORDS = [f"w{i}" for i in range(120)]
-ARCHS = ["llama", "gpt2", "qwen3", "olmo2", "phi3", "phi", "gemma2", "gemma3"]
+DENSE_ARCHS = ["llama", "gpt2", "qwen3", "olmo2", "phi3", "phi", "gemma2", "gemma3"]
+ARCHS = [*DENSE_ARCHS, "mixtral", "qwen3_moe", "olmoe"]  # and mixtures of experts (MOE below)
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -24,6 +26,12 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="[UNK]")
+
+
+MOE = {"mixtral": (MixtralConfig, MixtralForCausalLM, {"num_local_experts": 4}),
+       "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, {"num_experts": 4, "moe_intermediate_size": 64,
+                                                          "mlp_only_layers": [1], "head_dim": 16}),
+       "olmoe": (OlmoeConfig, OlmoeForCausalLM, {"num_experts": 4})}
 
 
 def make_model(arch: str) -> torch.nn.Module:
@@ -61,6 +69,13 @@ def make_model(arch: str) -> torch.nn.Module:
         if arch == "gemma2":
             return Gemma2ForCausalLM(Gemma2Config(**settings, final_logit_softcapping=3.0)).eval()
         return Gemma3ForCausalLM(Gemma3TextConfig(**settings)).eval()
+    if arch in MOE:  # 4 experts, 2 per token; Qwen3-MoE's second block a dense MLP (mlp_only_layers)
+        config_class, model_class, settings = MOE[arch]
+        config = config_class(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                              max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                              tie_word_embeddings=False, **settings)
+        return model_class(config).eval()
     config = GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256)
     return GPT2LMHeadModel(config).eval()  # Conv1D weights, tied lm_head
 

@@ -27,9 +27,13 @@ BEFORE = {"distill": [{"method": "svd", "rank": 4}]}
 AFTER = {"rotate": [{"method": "rtn", "bits": 4, "group_size": 32}]}  # rotate compresses nothing by itself
 STRUCTURAL = {"structured"}  # shrink the model itself: no compressed module, fewer dense tensors
 # the families a method works on; on the others it refuses by name (asserted below): kv_lowrank needs
-# separate k/v and a llama-family attention, rotate RMSNorm pre-norm blocks
-ARCH_ONLY = {"kv_lowrank": {"llama", "qwen3", "olmo2"}, "rotate": {"llama", "qwen3", "phi3"}}
-REFUSALS = {"kv_lowrank": "kv_lowrank", "rotate": "rotate: .* normalizes"}
+# separate k/v and a llama-family attention, rotate RMSNorm pre-norm blocks (no experts), hypernet and
+# structured's MLP channels a dense MLP
+DENSE = {"llama", "gpt2", "qwen3", "olmo2", "phi3", "phi", "gemma2", "gemma3"}
+ARCH_ONLY = {"kv_lowrank": {"llama", "qwen3", "olmo2", "mixtral", "qwen3_moe", "olmoe"}, "rotate": {"llama", "qwen3", "phi3"},
+             "hypernet": DENSE, "structured": DENSE}  # (mixtures of experts: tests/test_moe.py prunes blocks and heads)
+REFUSALS = {"kv_lowrank": "kv_lowrank", "rotate": "rotate: .* (normalizes|routes)", "hypernet": "hypernet: .* mixture of experts",
+            "structured": "mlp_keep: .* mixture of experts"}
 
 
 def calibration(seed=0):

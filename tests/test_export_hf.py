@@ -36,7 +36,10 @@ def artifacts(model_dirs, tmp_path_factory):
                         ("phi3", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=32"]),
                         ("phi", ["--method", "svd", "--set", "rank=8"]),
                         ("gemma2", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=16"]),
-                        ("gemma3", ["--method", "factor_embedding", "--set", "rank=8", "--set", "targets=embed_tokens$"])):  # the scaled embedding
+                        ("gemma3", ["--method", "factor_embedding", "--set", "rank=8", "--set", "targets=embed_tokens$"]),  # the scaled embedding
+                        ("mixtral", ["--method", "rtn", "--set", "bits=3", "--set", "group_size=16"]),  # experts fused back
+                        ("qwen3_moe", ["--method", "rtn", "--set", "bits=4", "--set", "group_size=16"]),
+                        ("olmoe", ["--method", "svd", "--set", "rank=8"])):
         result = run("compress", model_dirs[arch], *stage, "--out", base / arch)
         assert result.exit_code == 0, result.output
         made[arch] = base / arch

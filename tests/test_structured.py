@@ -18,7 +18,7 @@ from hypercompress.methods.structured.surgery import (drop_blocks, flops_per_tok
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 
-from conftest import ARCHS, make_model, make_tokenizer
+from conftest import DENSE_ARCHS, make_model, make_tokenizer
 
 CALIB = torch.randint(1, 121, (4, 32), generator=torch.Generator().manual_seed(0))
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -28,7 +28,7 @@ def blocks(model):
     return model.get_submodule(arch_of(model.config.model_type).blocks)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", DENSE_ARCHS)
 def test_removing_channels_equals_zeroing_their_down_columns(arch):
     model = make_model(arch)
     reference = copy.deepcopy(model)
@@ -72,7 +72,7 @@ def test_removing_a_head_group_equals_zeroing_its_query_heads_output(arch, head_
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", DENSE_ARCHS)
 def test_dropping_a_block_equals_skipping_it(arch):
     model = make_model(arch)
     reference = copy.deepcopy(model)

@@ -17,6 +17,7 @@ from .artifact import round_to_storage, storage_bits
 from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
+from .experts import unfuse_experts
 from .modules import (CompressedModule, effective_weights, first_non_finite, guard_plain_saves, replace_module,
                       select_linears, uncompressed)
 from .progress import takes_positional
@@ -83,6 +84,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     if any(getattr(get_method(s.method).method_cls, "whole_model", False) for s in recipe.stages):
         materialize_all(model)  # a streamed model: whole-model stages (and their teacher) need every weight
     _refuse_non_finite_weights(model)
+    unfuse_experts(model)  # a mixture of experts: one linear per expert matrix (experts.py)
     check_stages(model, recipe)  # a family a stage cannot handle is refused before any checkpoint is written
     if distill_teacher is not None:
         check_teacher_stages(get_method(s.method).method_cls for s in recipe.stages)
@@ -120,7 +122,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         methods = [get_method(s.method).method_cls(s.config) for s in stages]
         label = pass_label(stages)
         routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
-        start, block_seconds = time.perf_counter(), None
+        start, block_seconds, expert_tokens = time.perf_counter(), None, None
         if isinstance(methods[0], WholeModelMethod):
             data = train_calib if getattr(methods[0], "trains", False) and train_calib is not None else calib
             methods[0].distill_teacher = distill_teacher if methods[0].takes_distill_teacher else None
@@ -139,6 +141,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
                 batch_size=batch_size, checkpoint=checkpoint, resume_from=resume_from,
                 progress=(lambda done, total: progress(first, label, done, total, "")) if progress else None)
             peak, block_seconds = run["peak_memory_bytes"], run["block_seconds"]
+            expert_tokens = run.get("expert_tokens")
         else:
             made = methods[0].compress_many(list(routes), lambda name: uncompressed(model, name, first))
             for done, (name, module) in enumerate(made):
@@ -149,6 +152,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         row = {"stage": first, "stages": group, "method": label, "modules": len(routes),
                "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
                **({"block_seconds": block_seconds} if block_seconds is not None else {}),
+               **({"expert_tokens": expert_tokens} if expert_tokens is not None else {}),
                **_training_report(methods[0]),
                "storage_bits": storage_bits(model), "weights": effective_weights(model),
                **(after_stage(model) if after_stage else {})}

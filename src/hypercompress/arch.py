@@ -44,6 +44,11 @@ class ArchSpec:
     # kv_lowrank's latent attention (layers/latent_kv.py) reproduces this family's attention: separate
     # q/k/v/o, RoPE over whole heads, every layer global, scores not capped (Phi-2, Gemma: no)
     latent_kv: bool = True
+    # a mixture of experts: the relative name of a sparse MLP's fused experts in a block (transformers'
+    # gate_up_proj (E, 2I, D) and down_proj (E, D, I)), which experts.py turns into one linear per expert
+    # matrix ("{experts}.{e}.gate_up_proj", "{experts}.{e}.down_proj"); its router (kept in 16 bits)
+    experts: str = ""
+    router: str = ""
 
     @property
     def rotatable(self) -> bool:
@@ -137,6 +142,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
 }
 
+# Mixtures of experts (Mixtral, Qwen3-MoE, OLMoE): attention as their dense relatives, the MLP a router
+# over experts. Block linears: the attention's, a dense block's MLP (Qwen3-MoE's mlp_only_layers), and
+# every expert's two (experts.py). Not rotated (the router and every expert read the post-attention
+# norm: not folded here), no MLP channel pruning, no edits (the experts write the residual per token
+# as routed), no GGUF writer for experts yet.
+_MOE = replace(_LLAMA_LIKE, mlp_up=(), mlp_down="", residual_writers=(), norm_readers=(), gguf_arch=None,
+               gguf_permute_qk=False, experts="mlp.experts", router="mlp.gate")
+ARCHITECTURES.update({
+    "mixtral": _MOE,
+    "qwen3_moe": replace(_MOE, head_norms=("self_attn.q_norm", "self_attn.k_norm")),
+    "olmoe": replace(_MOE, head_norms=("self_attn.q_norm", "self_attn.k_norm"), head_norm_span="all"),
+})
+
 
 def rotatable_types() -> list[str]:
     """The model types whose residual stream can be rotated (ArchSpec.rotatable), sorted."""
@@ -163,13 +181,29 @@ def blocks_of(model: nn.Module) -> nn.ModuleList:
 
 
 def block_linear_names(model: nn.Module) -> list[str]:
-    """Full names of every block linear, in block order: e.g. model.layers.3.mlp.up_proj."""
+    """Full names of every block linear, in block order: e.g. model.layers.3.mlp.up_proj; in a
+    mixture of experts the linears each block has (a sparse or a dense MLP) and, once experts.py
+    unfused them, every expert's: model.layers.3.mlp.experts.5.down_proj."""
     spec = arch_of(model.config.model_type)
-    return [
-        f"{spec.blocks}.{i}.{leaf}"
-        for i in range(len(model.get_submodule(spec.blocks)))
-        for leaf in spec.linears
-    ]
+    blocks = model.get_submodule(spec.blocks)
+    if not spec.experts:
+        return [f"{spec.blocks}.{i}.{leaf}" for i in range(len(blocks)) for leaf in spec.linears]
+    names = []
+    for i, block in enumerate(blocks):
+        prefix = f"{spec.blocks}.{i}."
+        names += [prefix + leaf for leaf in spec.linears if _has(block, leaf)]
+        experts = _has(block, spec.experts)
+        if isinstance(experts, nn.ModuleList):  # unfused (experts.ExpertLinears)
+            names += [f"{prefix}{spec.experts}.{e}.{leaf}" for e in range(len(experts))
+                      for leaf in ("gate_up_proj", "down_proj")]
+    return names
+
+
+def _has(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def residual_writer_names(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -177,8 +211,9 @@ def residual_writer_names(model: nn.Module) -> tuple[list[str], list[str]]:
     the residual stream, e.g. (["model.embed_tokens"], ["model.layers.0.self_attn.o_proj", ...])."""
     spec = arch_of(model.config.model_type)
     if not spec.residual_writers:
-        raise UserError(f"{model.config.model_type} normalizes its sublayers' outputs before adding them to "
-                        "the residual stream (post-norm), so an edit folded into its linears would not stay exact; "
+        why = ("routes each token to its own experts, which write the residual stream" if spec.experts else
+               "normalizes its sublayers' outputs before adding them to the residual stream (post-norm)")
+        raise UserError(f"{model.config.model_type} {why}, so an edit folded into its linears would not stay exact; "
                         f"edits support {', '.join(sorted(t for t, s in ARCHITECTURES.items() if s.residual_writers))}")
     count = len(model.get_submodule(spec.blocks))
     return list(spec.embeddings), [f"{spec.blocks}.{i}.{leaf}" for i in range(count) for leaf in spec.residual_writers]

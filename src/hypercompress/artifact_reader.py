@@ -322,6 +322,7 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
     from transformers import AutoModelForCausalLM
 
     from .arch import arch_of
+    from .experts import unfuse_experts
     from .modules import replace_module
 
     arch_of(config.model_type)
@@ -329,6 +330,7 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config)
         model.tie_weights()  # init_empty_weights skips it; the stored aliases must match the ties
+        unfuse_experts(model)  # a mixture of experts is stored one linear per expert matrix
     except Exception as exc:  # a hostile config: any failure to build it is a refusal
         raise _fail(path, f"its config does not build a {config.model_type} model ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None

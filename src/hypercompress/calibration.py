@@ -12,6 +12,7 @@ killed run to the byte-identical result.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from torch import nn
 from .arch import arch_of
 from .checkpoint import Checkpoint, unreadable
 from .errors import UserError
+from .experts import ExpertLinears, routing_report
 from .methods.base import LayerwiseMethod
 from .modules import replace_module, uncompressed
 from .streaming import materialize
@@ -157,7 +159,9 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
 
     resume_from: (last finished block, its output hidden states) from a checkpoint.
     A streamed model's blocks are read from its files one at a time (streaming.py).
-    Returns {"seconds", "peak_memory_bytes", "blocks", "block_seconds": wall seconds of each block run}.
+    Returns {"seconds", "peak_memory_bytes", "blocks", "block_seconds": wall seconds of each block run}
+    and, for a mixture of experts, "expert_tokens" (experts.routing_report: the calibration tokens
+    each expert was routed and those added to reach experts.MIN_EXPERT_TOKENS).
     """
     spec = arch_of(model.config.model_type)
     blocks = model.get_submodule(spec.blocks)
@@ -175,6 +179,7 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
         first, hiddens = resume_from[0] + 1, resume_from[1]
     calls = calls.to(device)  # each block's own arguments (the mask of its layer type)
     block_seconds = []
+    expert_tokens: dict[str, list[tuple[int, int]]] = {}
     for index in range(first, len(blocks)):
         tick = time.perf_counter()
         prefix = f"{spec.blocks}.{index}."
@@ -185,9 +190,16 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
             handles = [layer.register_forward_hook(
                 lambda _m, args, _out, name=name: method.observe(name, args[0]))
                 for name, layer in targets.items()]
+            experts = {f"{prefix}{n}": m for n, m in block.named_modules() if isinstance(m, ExpertLinears)
+                       and any(t.startswith(f"{prefix}{n}.") for t in targets)}
             try:
-                for batch, hidden in enumerate(hiddens):
-                    calls.run(block, index, batch, hidden.to(device))
+                with contextlib.ExitStack() as recording:
+                    for module in experts.values():
+                        recording.enter_context(module.calibrating())
+                    for batch, hidden in enumerate(hiddens):
+                        calls.run(block, index, batch, hidden.to(device))
+                    for name, module in experts.items():  # experts routed too few tokens get more
+                        expert_tokens[name] = module.top_up()
             finally:
                 for handle in handles:
                     handle.remove()
@@ -201,8 +213,11 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
         block_seconds.append(round(time.perf_counter() - tick, 3))
         if progress:
             progress(index + 1, len(blocks))
-    return {"seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device),
-            "blocks": len(blocks), "block_seconds": block_seconds}
+    report = {"seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device),
+              "blocks": len(blocks), "block_seconds": block_seconds}
+    if expert_tokens:
+        report["expert_tokens"] = routing_report(expert_tokens)
+    return report
 
 
 def _check_resumed(checkpoint: Checkpoint | None, resume_from: tuple[int, list[torch.Tensor]],

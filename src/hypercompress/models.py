@@ -19,6 +19,7 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError, user_path
+from .experts import unfuse_experts
 from .hub import HUB_ID, hub_cache_only
 
 # built-in name -> (PyPI distribution shipping the file, path of the file inside the distribution)
@@ -125,6 +126,7 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
     if getattr(model, "hf_quantizer", None) is not None:  # (and may be saved like any model)
         model.hf_quantizer = None
     model.eval().requires_grad_(False)
+    unfuse_experts(model)  # a mixture of experts: one linear per expert matrix (experts.py)
     return LoadedModel(model, tokenizer, spec, kind)
 
 

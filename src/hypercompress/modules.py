@@ -245,13 +245,19 @@ def _refuse_while_compressed(model: nn.Module, method: str) -> None:
 
 
 def _guarded_save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from .experts import fused
+
     _refuse_while_compressed(model, "save_pretrained")
-    return type(model).save_pretrained(model, *args, **kwargs)
+    with fused(model):  # unfused experts (experts.py) saved in transformers' own layout
+        return type(model).save_pretrained(model, *args, **kwargs)
 
 
 def _guarded_push_to_hub(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    from .experts import fused
+
     _refuse_while_compressed(model, "push_to_hub")
-    return type(model).push_to_hub(model, *args, **kwargs)
+    with fused(model):
+        return type(model).push_to_hub(model, *args, **kwargs)
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

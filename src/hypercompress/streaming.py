@@ -120,6 +120,9 @@ def load_streamed(source: str, dtype: torch.dtype = torch.float32) -> tuple[nn.M
     except Exception as exc:
         raise UserError(f"could not read {directory / 'config.json'}: {_first_line(exc)}; check the model files") from None
     spec = arch_of(config.model_type)
+    if spec.experts:
+        raise UserError(f"--stream-blocks does not read a mixture of experts ({config.model_type}) yet; "
+                        "load it without --stream-blocks")
     with init_empty_weights(include_buffers=False):  # parameters on meta; rotary tables computed for real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.tie_weights()  # a tied head shares the embedding's parameter before anything is read

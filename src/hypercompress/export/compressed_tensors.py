@@ -81,6 +81,9 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
         raise UserError(f"--dtype {dtype}: the compressed-tensors export writes one of {', '.join(DTYPES)}; pass one of them")
     from ..arch import arch_of
 
+    if arch_of(model.config.model_type).experts:
+        raise UserError(f"the compressed-tensors export does not write a mixture of experts "
+                        f"({model.config.model_type}) yet; export it with --format hf (dense)")
     conv1d = arch_of(model.config.model_type).conv1d
     stored = {n: m for n, m in model.named_modules() if isinstance(m, StoredModule)}
     outer = {n: m for n, m in stored.items() if isinstance(m, CompressedModule)

@@ -14,6 +14,7 @@ import types
 import torch
 from torch import nn
 
+from ..experts import fuse_experts
 from ..modules import CompressedModule, Conv1D, StoredModule, first_non_finite
 
 
@@ -64,6 +65,7 @@ def densify(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     for module in model.modules():  # latent-KV attention: back to the class's own forward
         if isinstance(getattr(module, "forward", None), types.MethodType) and "forward" in vars(module):
             del module.forward
+    fuse_experts(model)  # a mixture of experts: back to transformers' fused layout
     for tensor in [*model.parameters(), *model.buffers()]:
         if tensor.is_floating_point():
             tensor.data = tensor.data.to(dtype)

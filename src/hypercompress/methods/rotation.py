@@ -64,8 +64,9 @@ def check_rotatable(model: nn.Module) -> None:
     spec = arch_of(model_type)
     if not spec.rotatable:
         why = ("normalizes with LayerNorm (mean subtracted), which a rotation does not commute with"
-               if spec.norm == "layer" else "normalizes after its sublayers (post-norm), so no linear reads a "
-               "norm a rotation could fold into")
+               if spec.norm == "layer" else "routes its MLP through experts (folding a rotation into the router "
+               "and every expert is not written)" if spec.experts else "normalizes after its sublayers "
+               "(post-norm), so no linear reads a norm a rotation could fold into")
         raise UserError(f"rotate: {model_type} {why}; rotate supports {', '.join(rotatable_types())}")
 
 

@@ -46,6 +46,12 @@ class Hypernet(WholeModelMethod):
     encoder: SetEncoder | None = None  # after apply: the warm start's encoder (kept in memory only)
     history: list[dict[str, float]] = []  # after apply: the distillation's steps (distill.distill's history)
 
+    def check_model(self, model) -> None:
+        if arch_of(model.config.model_type).experts:
+            raise UserError(f"hypernet: {model.config.model_type} is a mixture of experts, whose blocks hold many "
+                            "linears of one type (the generator makes one per type and block); compress its "
+                            "experts with rtn, gptq or a pruning method instead")
+
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
         c = self.config

@@ -60,8 +60,9 @@ def measure(model: nn.Module, calib: torch.Tensor, batch: int = 4) -> Importance
             channel_sq[i] = channel_sq[i] + args[0].float().pow(2).reshape(-1, args[0].shape[-1]).sum(0)
 
         hooks += [block.register_forward_pre_hook(pre, with_kwargs=True),
-                  block.register_forward_hook(post, with_kwargs=True),
-                  block.get_submodule(spec.mlp_down).register_forward_pre_hook(down)]
+                  block.register_forward_hook(post, with_kwargs=True)]
+        if spec.mlp_down:  # (a mixture of experts has no MLP channels of its own)
+            hooks.append(block.get_submodule(spec.mlp_down).register_forward_pre_hook(down))
         if spec.attention is not None:
             def o_in(module, args, i=i):
                 head_sq[i] = head_sq[i] + args[0].float().pow(2).reshape(-1, args[0].shape[-1]).sum(0)
@@ -76,7 +77,7 @@ def measure(model: nn.Module, calib: torch.Tensor, batch: int = 4) -> Importance
         for hook in hooks:
             hook.remove()
     channels = [(channel_sq[i].sqrt() * linear_weight(blocks[i].get_submodule(spec.mlp_down)).norm(dim=0)).cpu()
-                for i in range(n)]
+                for i in range(n)] if spec.mlp_down else []
     groups = [] if spec.attention is None else [_group_scores(model, spec, blocks[i], head_sq[i]).cpu()
                                                 for i in range(n)]
     return Importance(influence.float() / tokens, channels, groups)

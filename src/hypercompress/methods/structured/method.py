@@ -58,6 +58,9 @@ class Structured(WholeModelMethod):
         layers = len(model.get_submodule(spec.blocks))
         if c.drop_layers >= layers:
             raise UserError(f"drop_layers={c.drop_layers}: the model has {layers} blocks; keep at least one")
+        if c.mlp_keep < 1 and spec.experts:
+            raise UserError(f"mlp_keep: {model.config.model_type}'s MLP is a mixture of experts (channel "
+                            "pruning of experts is not written); prune its blocks or attention heads instead")
         if c.head_groups_keep < 1 and spec.attention is None:
             raise UserError(f"head_groups_keep: the query, key and value heads of {model.config.model_type} "
                             "are fused in one linear; prune its blocks or MLP channels instead")
