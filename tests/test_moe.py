@@ -138,3 +138,29 @@ def test_experts_in_another_layout_are_refused_by_name():
     experts.down_proj = torch.nn.Parameter(experts.down_proj.data[:, :, :8].clone())  # not (E, D, I)
     with pytest.raises(UserError, match="model.layers.0.mlp.experts: experts not in transformers' fused layout"):
         unfuse_experts(model)
+
+
+def test_a_block_whose_hessians_outgrow_the_budget_is_observed_in_groups(monkeypatch):
+    """With room for two 64 x 64 float64 Hessians, GPTQ observes a Mixtral block's linears a few at a
+    time (the block re-run per group): never more statistics than the budget, every linear solved."""
+    from hypercompress import calibration
+    from hypercompress.methods.gptq import GPTQ, GptqConfig
+
+    budget = 2 * 64 * 64 * 8
+    monkeypatch.setattr(calibration, "OBSERVED_BUDGET_BYTES", budget)
+    model = unfuse_experts(make_model("mixtral"))
+    method = GPTQ(GptqConfig(bits=4, group_size=16))
+    live, observe = [], method.observe
+
+    def counted(name, x):
+        observe(name, x)
+        live.append(sum(t.numel() * t.element_size() for t in method._sums.values()))
+    monkeypatch.setattr(method, "observe", counted)
+    passes = []
+    model.model.layers[0].register_forward_pre_hook(lambda *_: passes.append(1))
+    names = hypercompress.arch.block_linear_names(model)
+    calibration.run_layerwise(model, method, names, CALIB, batch_size=6)
+    assert max(live) <= budget
+    assert len(passes) > 2  # several observing passes of block 0, then its output pass
+    assert all(isinstance(model.get_submodule(n), hypercompress.layers.QuantLinear) for n in names)
+    assert torch.isfinite(logits(model)).all()

@@ -246,6 +246,9 @@ class StageRouter(LayerwiseMethod):
     def observe(self, name: str, x: torch.Tensor) -> None:
         self.routes[name].observe(name, x)
 
+    def observed_bytes(self, name: str, layer: nn.Module) -> int:
+        return self.routes[name].observed_bytes(name, layer)
+
     def compress(self, name: str, layer: nn.Module):
         return self.routes[name].compress(name, layer)
 

@@ -30,6 +30,27 @@ from .streaming import materialize
 
 BlockProgress = Callable[[int, int], None]  # (blocks done, blocks total)
 
+OBSERVED_BUDGET_BYTES = 2 * 2**30
+"""The most bytes of statistics (GPTQ's Hessians) a block's observing pass keeps at once: a block
+whose linears need more (a mixture of experts: Mixtral's eight down_proj Hessians alone take 13 GB
+in float64) is observed and compressed in groups, the block re-run for each, so a group sees the
+earlier groups of its block already compressed (as sequential GPTQ does across blocks)."""
+
+
+def observed_groups(targets: dict[str, nn.Module], method: LayerwiseMethod) -> list[dict[str, nn.Module]]:
+    """`targets` (name -> layer, in block order) cut into consecutive groups whose statistics
+    (method.observed_bytes) fit OBSERVED_BUDGET_BYTES; a layer larger than that alone. [] for none."""
+    groups: list[dict[str, nn.Module]] = []
+    size = 0
+    for name, layer in targets.items():
+        need = method.observed_bytes(name, layer)
+        if not groups or size + need > OBSERVED_BUDGET_BYTES:
+            groups.append({})
+            size = 0
+        groups[-1][name] = layer
+        size += need
+    return groups
+
 
 class _StopForward(Exception):
     """Raised by the capture once the last block's arguments are recorded."""
@@ -186,12 +207,12 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
         materialize(model, prefix)  # a streamed model's block, read from its files now
         block = blocks[index].to(device)
         targets = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
-        if targets:
+        for group in observed_groups(targets, method):  # one group, unless the statistics outgrow the budget
             handles = [layer.register_forward_hook(
                 lambda _m, args, _out, name=name: method.observe(name, args[0]))
-                for name, layer in targets.items()]
+                for name, layer in group.items()]
             experts = {f"{prefix}{n}": m for n, m in block.named_modules() if isinstance(m, ExpertLinears)
-                       and any(t.startswith(f"{prefix}{n}.") for t in targets)}
+                       and any(t.startswith(f"{prefix}{n}.") for t in group)}
             try:
                 with contextlib.ExitStack() as recording:
                     for module in experts.values():
@@ -204,7 +225,7 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
                 for handle in handles:
                     handle.remove()
             # the method may solve several at once (GPTQ: linears fed one input share one pass)
-            for name, module in method.compress_many(list(targets), lambda n: uncompressed(model, n, stage)):
+            for name, module in method.compress_many(list(group), lambda n: uncompressed(model, n, stage)):
                 replace_module(model, name, module.to(device))
         hiddens = [calls.run(block, index, batch, h.to(device)).cpu() for batch, h in enumerate(hiddens)]
         blocks[index].to("cpu")

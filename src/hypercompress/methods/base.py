@@ -34,6 +34,11 @@ class LayerwiseMethod(abc.ABC):
         Methods without calibration (needs_calibration False) keep no statistics.
         """
 
+    def observed_bytes(self, name: str, layer: nn.Module) -> int:
+        """Bytes the statistics `observe` keeps for `layer` take until it is compressed (the
+        layer-wise runner observes a block's linears in groups that fit a budget). Default 0."""
+        return 0
+
     @abc.abstractmethod
     def compress(self, name: str, layer: nn.Module) -> CompressedModule:
         """Return the compressed replacement of `layer` (an nn.Linear or GPT-2 Conv1D)."""

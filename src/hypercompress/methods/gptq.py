@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import MethodConfig, check
 from ..layers.quant_linear import QuantLinear, resolve_group_size
-from ..modules import linear_bias, linear_weight
+from ..modules import linear_bias, linear_weight, linear_weight_shape
 from ..registry import register
 from .base import LayerwiseMethod
 from .damping import DAMP_RANGE
@@ -59,6 +59,10 @@ class HessianMethod(LayerwiseMethod):
             self._counts[name] = 0
         self._sums[name] += product
         self._counts[name] += x.numel() // x.shape[-1]
+
+    def observed_bytes(self, name: str, layer: nn.Module) -> int:
+        """The float64 (in, in) sum of X^T X."""
+        return linear_weight_shape(layer)[1] ** 2 * 8
 
     def hessian(self, name: str) -> torch.Tensor:
         """(in, in) float64; frees the accumulator."""
