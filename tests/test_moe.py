@@ -164,3 +164,20 @@ def test_a_block_whose_hessians_outgrow_the_budget_is_observed_in_groups(monkeyp
     assert len(passes) > 2  # several observing passes of block 0, then its output pass
     assert all(isinstance(model.get_submodule(n), hypercompress.layers.QuantLinear) for n in names)
     assert torch.isfinite(logits(model)).all()
+
+
+def test_the_cli_says_how_many_experts_were_short_and_the_artifact_records_the_counts(model_dirs, calib_file,
+                                                                                     tmp_path):
+    from typer.testing import CliRunner
+
+    from hypercompress.cli import app
+
+    result = CliRunner().invoke(app, ["compress", str(model_dirs["mixtral"]), "--method", "gptq", "--set", "bits=4",
+                                      "--set", "group_size=16", "--calib", str(calib_file), "--calib-len", "8",
+                                      "--calib-samples", "4", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert "of 8 experts were routed fewer than 256 calibration tokens" in result.output
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    routing = summary["expert_tokens"]["0"]
+    assert routing["min_tokens"] == 256 and len(routing["experts"]) == 2
+    assert all(routed + added == 32 for per in routing["experts"].values() for routed, added in per)

@@ -241,6 +241,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                 discard(checkpoint_dir)
             raise
     del meter
+    expert_tokens = {str(st["stage"]): st["expert_tokens"] for st in report["stages"] if st.get("expert_tokens")}
+    _say_expert_tokens(expert_tokens, say)
     kv_cache = {"before": kv_before, "after": kv_cache_bytes_per_token(net), "dtype": "float32"}
     flops = {"before": flops_before, "after": flops_per_token(net), "context": 512}
     progress("checking the stored size, KV cache and FLOPs", 1, 1)
@@ -257,7 +259,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),
         "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
         "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
-        "flops_per_token": flops})
+        "flops_per_token": flops, **({"expert_tokens": expert_tokens} if expert_tokens else {})})
     if out_path is None or not parallel.is_main():  # the other processes of a launched run hold the same model
         size = artifact.stored_bytes(net, lossless)
         summary.update(_totals(net, size, original_params), allocation=_with_measured_size(allocation, size),
@@ -428,6 +430,22 @@ def _log_summary(summary: dict[str, Any], plan: Recipe, log_dir: str | None, wan
 
     return log_compress_summary(json.loads(json.dumps(summary, default=str)), plan,
                                 log_dir=log_dir, wandb_project=wandb_project)
+
+
+def _say_expert_tokens(by_stage: dict[str, dict[str, Any]], say: Say) -> None:
+    """One line per calibrated stage of a mixture of experts: how many experts the calibration text
+    routed fewer tokens than the minimum to (those were topped up: experts.py)."""
+    for stage, routing in by_stage.items():
+        counts = [c for per in routing["experts"].values() for c in per]
+        least, fewest = routing["min_tokens"], min(routed for routed, _ in counts)
+        short = sum(1 for routed, _ in counts if routed < least)
+        if short:
+            say(f"stage {stage}: {short} of {len(counts)} experts were routed fewer than {least} calibration tokens "
+                f"(fewest {fewest}); each also saw tokens routed elsewhere, up to {least}; per expert: summary.json "
+                "expert_tokens")
+        else:
+            say(f"stage {stage}: every one of {len(counts)} experts was routed at least {least} calibration tokens "
+                f"(fewest {fewest}); per expert: summary.json expert_tokens")
 
 
 def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
