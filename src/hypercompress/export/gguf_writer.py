@@ -65,8 +65,12 @@ def gguf_arch(model_type: str) -> tuple[MODEL_ARCH, bool]:
     spec = ARCHITECTURES.get(model_type)
     if spec is None or spec.gguf_arch is None:
         exportable = sorted(t for t, s in ARCHITECTURES.items() if s.gguf_arch)
-        raise UserError(f"architecture '{model_type}' cannot be exported to GGUF here; "
-                        f"supported: {', '.join(exportable)} (use --format hf for the others)")
+        why = ("; no GGUF reader here reproduces a mixture of experts (transformers' loader ignores the experts' "
+               "feed-forward length and top-k normalisation), so its file could not be checked"
+               if spec is not None and spec.experts else "")
+        raise UserError(f"architecture '{model_type}' cannot be exported to GGUF here{why}; "
+                        f"supported: {', '.join(exportable)} (use --format hf for the others, then llama.cpp's "
+                        "convert_hf_to_gguf.py)")
     return MODEL_ARCH[spec.gguf_arch], spec.gguf_permute_qk
 
 
