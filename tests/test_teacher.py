@@ -179,3 +179,5 @@ def test_the_cli_refuses_a_bad_teacher_in_one_line_and_writes_nothing(case, need
     assert done.returncode == 2 and len(lines) == 1 and needle in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not out.exists() and not (tmp_path / "out.checkpoint").exists()
+    if case == "missing teacher":  # refused with the options, before the student is loaded
+        assert "loading" not in done.stderr

@@ -64,30 +64,44 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
     return loaded
 
 
-def _load_model(spec: str, dtype: torch.dtype, device: str | None) -> LoadedModel:
+def source_kind(spec: str) -> str:
+    """What a model source names, checked without reading it: "builtin", "gguf", "artifact",
+    "directory" or "hub". UserError (one line, the fix) for a missing file or folder, a folder that
+    is neither a model nor an artifact, or a file that is not a .gguf."""
     if spec in BUILTIN_MODELS:
-        return _from_pretrained(builtin_gguf_path(spec), spec, "builtin", dtype)
+        return "builtin"
     path = user_path(spec)
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file not found: {spec}; pass an existing .gguf file")
-        return _from_pretrained(path, spec, "gguf", dtype)
+        return "gguf"
     if path.is_dir():
         if (path / "hypercompress.json").is_file():
-            from .artifact import load
-            model, tokenizer = load(path, dtype=dtype, device=device or "cpu")
-            return LoadedModel(model, tokenizer, spec, "artifact")
+            return "artifact"
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} has no config.json: not a Hugging Face model directory "
                             "nor a hypercompress artifact")
-        return _from_pretrained(path, spec, "directory", dtype)
+        return "directory"
     if path.exists():
         raise UserError(f"{spec} is a file but not a .gguf; pass a GGUF file, a model directory, "
                         f"a hub id or one of: {', '.join(BUILTIN_MODELS)}")
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):  # cache or download: hypercompress.hub
-        return _from_pretrained(spec, spec, "hub", dtype, cache_only=hub_cache_only(spec))
+        return "hub"
     raise UserError(f"model not found: {spec}; pass a model directory, a .gguf file, a hub id "
                     f"(org/name) or a built-in name ({', '.join(BUILTIN_MODELS)})")
+
+
+def _load_model(spec: str, dtype: torch.dtype, device: str | None) -> LoadedModel:
+    kind = source_kind(spec)
+    if kind == "builtin":
+        return _from_pretrained(builtin_gguf_path(spec), spec, kind, dtype)
+    if kind == "artifact":
+        from .artifact import load
+        model, tokenizer = load(user_path(spec), dtype=dtype, device=device or "cpu")
+        return LoadedModel(model, tokenizer, spec, kind)
+    if kind == "hub":
+        return _from_pretrained(spec, spec, kind, dtype, cache_only=hub_cache_only(spec))
+    return _from_pretrained(user_path(spec), spec, kind, dtype)
 
 
 def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtype,

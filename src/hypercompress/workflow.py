@@ -32,7 +32,7 @@ from .errors import UserError
 from .eval import protocol_text
 from .layers.latent_kv import kv_cache_bytes_per_token
 from .methods.structured.surgery import flops_per_token
-from .models import load_model
+from .models import load_model, source_kind
 from .modules import count_params
 from .progress import Progress, Timeline, no_progress
 from .recipe import PlanTarget, Recipe, load_recipe_file
@@ -140,6 +140,11 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     if teacher is not None:
         if target is not None and not distill:
             raise UserError("--teacher is what --distill's recovery distils from; add --distill or drop --teacher")
+        if isinstance(teacher, str):
+            try:
+                source_kind(teacher)  # a missing path is refused now, not after the student has loaded
+            except UserError as exc:
+                raise UserError(f"--teacher: {exc}") from None
         if plan is not None:
             check_teacher_stages(get_method(s.method).method_cls for s in plan.stages)
     _check_trained(plan, target is not None and distill, train_tokens=train_tokens, max_minutes=max_minutes,
