@@ -285,13 +285,16 @@ def _training_engine(data: dict) -> list[str]:
                   f"- made: commit {block.get('commit', 'n/a')}, {block.get('date', 'n/a')}, torch {block.get('torch', 'n/a')}",
                   "- tok/s: over the steps after the first (which compiles); GiB per billion: peak GPU memory / "
                   "the model's parameters", "",
-                  "| setting | tok/s | tokens seen | final KL | peak GPU GiB | GiB per billion params |", "|---|---|---|---|---|---|"]
+                  "| setting | tok/s | tokens seen | loop s (compiling included) | compiled graphs | final KL | peak GPU GiB "
+                  "| GiB per billion params |", "|---|---|---|---|---|---|---|---|"]
         for label, row in block["rows"].items():
             if "error" in row:
-                parts.append(f"| {label} | error: {row['error']} | | | | |")
+                parts.append(f"| {label} | error: {row['error']} | | | | | | |")
                 continue
-            parts.append(f"| {label} | {row['tokens_per_second']:,.0f} | {row['tokens']:,} | {row['final_kl']:.4f} | "
-                         f"{row['peak_gpu_bytes'] / 2**30:.1f} | {row['gib_per_billion_params']:.1f} |")
+            graphs = "n/a" if "graphs" not in row else f"{row['graphs']}" + (
+                " (past the recompile limit: the rest eager)" if row.get("past_recompile_limit") else "")
+            parts.append(f"| {label} | {row['tokens_per_second']:,.0f} | {row['tokens']:,} | {row['seconds']:.1f} | {graphs} | "
+                         f"{row['final_kl']:.4f} | {row['peak_gpu_bytes'] / 2**30:.1f} | {row['gib_per_billion_params']:.1f} |")
         parts.append("")
     run = data["run"]
     qat = next(s["training"] for s in run["stages"] if s.get("training"))
