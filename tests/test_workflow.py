@@ -169,6 +169,11 @@ def test_compressing_a_compressed_model_counts_against_the_original_and_keeps_it
         assert [s["method"] for s in manifest["recipe"]] == ["rtn", "rtn"], name
         assert manifest["totals"]["bits_per_weight"] == pytest.approx(one.summary["bits_per_weight"]), name
     assert second.summary["bits_per_weight"] == pytest.approx(one.summary["bits_per_weight"])
+    # the branch table starts from the original, then the earlier call's model as loaded, then this call
+    branches = [b["branch"] for b in second.summary["branches"]]
+    assert branches[:2] == ["original (16-bit)", "earlier calls: rtn"] and branches[2].endswith("rtn")
+    loaded = second.summary["branches"][1]
+    assert loaded["bits_per_weight"] == pytest.approx(first.summary["branches"][-1]["bits_per_weight"])
     with pytest.raises(UserError, match="size target plans from the original model's weights.*pass the original"):
         hypercompress.compress(str(tmp_path / "first"), None, target_bpw=4.0, calib=torch.ones(2, 8, dtype=torch.long))
     with pytest.raises(UserError, match="already compressed .*compressed before"):

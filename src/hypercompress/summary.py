@@ -82,13 +82,20 @@ def _module_row(name: str, kind: str, before: int, after: int, bits: int) -> dic
 
 
 def branch_rows(stages: list[dict[str, Any]], params: int, baseline: dict[str, Any] | None,
-                safetensors_bytes: int, lossless: int | None) -> list[dict[str, Any]]:
-    """One row per branch: the original, each stage, and the lossless stage when it ran."""
+                safetensors_bytes: int, lossless: int | None,
+                earlier: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per branch: the original, each stage, and the lossless stage when it ran. A model
+    compressed by earlier calls (`earlier`: {"recipe": their methods, "weights", "storage_bits"} as
+    it was loaded) gets a row for them, which `baseline` (measured on the model as loaded) belongs to;
+    the original's quality is then not known here."""
     def row(branch: str, weights: int, bits: int, quality: dict[str, Any] | None) -> dict[str, Any]:
         return {"branch": branch, "weights": weights, "bytes": bits // 8, "bits_per_weight": bits / params,
                 "ratio_vs_16bit": 16 * params / bits, **{k: (quality or {}).get(k) for k in ("ppl", "kl", "top1")}}
 
-    rows = [row("original (16-bit)", params, 16 * params, baseline)]
+    rows = [row("original (16-bit)", params, 16 * params, None if earlier else baseline)]
+    if earlier:
+        rows.append(row(f"earlier calls: {' -> '.join(earlier['recipe'])}", earlier["weights"],
+                        earlier["storage_bits"], baseline))
     for stage in stages:
         quality = {k: stage.get(k) for k in ("ppl", "kl", "top1")} if "ppl" in stage else None
         rows.append(row(f"{stage['stage']}: {stage['method']}", stage["weights"], stage["storage_bits"], quality))

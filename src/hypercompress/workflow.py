@@ -33,7 +33,7 @@ from .eval import protocol_text
 from .layers.latent_kv import kv_cache_bytes_per_token
 from .methods.structured.surgery import flops_per_token
 from .models import load_model, source_kind
-from .modules import count_params
+from .modules import count_params, effective_weights
 from .progress import Progress, Timeline, no_progress
 from .recipe import PlanTarget, Recipe, load_recipe_file
 from .registry import get_method
@@ -195,11 +195,14 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         check_corpus_file(corpus_cache, distill_teacher or net)  # another model's corpus: refused before any work
     original_params = count_params(net)
     history = getattr(net, "hypercompress_source", None)  # compressed before: an artifact, or an earlier call
+    earlier = None
     if history is not None:
         if target is not None:
             raise UserError("a size target plans from the original model's weights, and this model was compressed "
                             f"before ({' -> '.join(s['method'] for s in history['recipe'])}); pass the original model")
         original_params = history["original_params"]  # sizes stay counted against the original
+        earlier = {"recipe": [s["method"] for s in history["recipe"]], "weights": effective_weights(net),
+                   "storage_bits": artifact.storage_bits(net)}  # its branch row: the model as loaded
     samples = None
     if calibrated:
         progress("drawing calibration windows", 0, 1)
@@ -262,13 +265,13 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": source, "recipe": recorded, "protocol": protocol,
         "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),
-        "branches": branch_rows(report["stages"], original_params, baseline, size, lossless),
+        "branches": branch_rows(report["stages"], original_params, baseline, size, lossless, earlier),
         "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
         "flops_per_token": flops, **({"expert_tokens": expert_tokens} if expert_tokens else {})})
     if out_path is None or not parallel.is_main():  # the other processes of a launched run hold the same model
         size = artifact.stored_bytes(net, lossless)
         summary.update(_totals(net, size, original_params), allocation=_with_measured_size(allocation, size),
-                       branches=branch_rows(report["stages"], original_params, baseline, size, lossless))
+                       branches=branch_rows(report["stages"], original_params, baseline, size, lossless, earlier))
         if parallel.is_main():
             progress("logging the summary", 0, 1)
             summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
