@@ -191,17 +191,18 @@ def block_linear_names(model: nn.Module) -> list[str]:
     names = []
     for i, block in enumerate(blocks):
         prefix = f"{spec.blocks}.{i}."
-        names += [prefix + leaf for leaf in spec.linears if _has(block, leaf)]
-        experts = _has(block, spec.experts)
+        names += [prefix + leaf for leaf in spec.linears if submodule_or_none(block, leaf)]
+        experts = submodule_or_none(block, spec.experts)
         if isinstance(experts, nn.ModuleList):  # unfused (experts.ExpertLinears)
             names += [f"{prefix}{spec.experts}.{e}.{leaf}" for e in range(len(experts))
                       for leaf in ("gate_up_proj", "down_proj")]
     return names
 
 
-def _has(block: nn.Module, name: str) -> nn.Module | None:
+def submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    """model.get_submodule(name), or None when there is no such module."""
     try:
-        return block.get_submodule(name)
+        return model.get_submodule(name)
     except AttributeError:
         return None
 

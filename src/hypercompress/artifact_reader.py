@@ -321,7 +321,7 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .arch import arch_of
+    from .arch import arch_of, submodule_or_none
     from .experts import unfuse_experts
     from .modules import replace_module
 
@@ -339,7 +339,7 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
     for name in sorted(modules, key=lambda n: (n.count("."), n)):  # outer modules before their bases
         entry = modules[name]
         module = build_stored(entry, f"module {name}", path)
-        present = _submodule(model, name)
+        present = submodule_or_none(model, name)
         if isinstance(present, StoredModule):  # a base its wrapper's layout already built
             if present.kind != module.kind or present.layout() != module.layout():
                 raise _fail(path, f"module {name} differs from the base its wrapper records")
@@ -348,7 +348,7 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
         if problem:
             raise _fail(path, f"module {name} ({entry['kind']}) does not fit the model: {problem}")
         parent = name.rpartition(".")[0]
-        if parent and _submodule(model, parent) is None:
+        if parent and submodule_or_none(model, parent) is None:
             raise _fail(path, f"module {name}: the model has no {parent}")
         replace_module(model, name, module)
     stored = {n for n, m in model.named_modules() if isinstance(m, StoredModule)}
@@ -420,12 +420,6 @@ def _int_range_problem(value: Any, key: str = "") -> str | None:
         return next((p for v in value if (p := _int_range_problem(v, key))), None)
     return None
 
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def expected_tensors(path: Path, model: nn.Module, manifest: dict[str, Any]

@@ -106,17 +106,15 @@ def experts_path(model: nn.Module) -> str:
 
 def _fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(full name, module) of every experts module of the blocks (fused or not)."""
-    from .arch import arch_of
+    from .arch import arch_of, submodule_or_none
 
     spec = arch_of(model.config.model_type)
     if not spec.experts:
         return
     for index, block in enumerate(model.get_submodule(spec.blocks)):
-        try:
-            module = block.get_submodule(spec.experts)
-        except AttributeError:  # a dense block of a family that mixes them (Qwen3-MoE's mlp_only_layers)
-            continue
-        yield f"{spec.blocks}.{index}.{spec.experts}", module
+        module = submodule_or_none(block, spec.experts)
+        if module is not None:  # (not in a dense block of a family that mixes them: Qwen3-MoE's mlp_only_layers)
+            yield f"{spec.blocks}.{index}.{spec.experts}", module
 
 
 def has_unfused_experts(model: nn.Module) -> bool:
