@@ -46,9 +46,9 @@ class ArchSpec:
     latent_kv: bool = True
     # a mixture of experts: the relative name of a sparse MLP's fused experts in a block (transformers'
     # gate_up_proj (E, 2I, D) and down_proj (E, D, I)), which experts.py turns into one linear per expert
-    # matrix ("{experts}.{e}.gate_up_proj", "{experts}.{e}.down_proj"); its router (kept in 16 bits)
+    # matrix ("{experts}.{e}.gate_up_proj", "{experts}.{e}.down_proj"); the router beside them is not a
+    # linear of the block, so no stage selects it and it is stored in 16 bits
     experts: str = ""
-    router: str = ""
 
     @property
     def rotatable(self) -> bool:
@@ -146,9 +146,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 # over experts. Block linears: the attention's, a dense block's MLP (Qwen3-MoE's mlp_only_layers), and
 # every expert's two (experts.py). Not rotated (the router and every expert read the post-attention
 # norm: not folded here), no MLP channel pruning, no edits (the experts write the residual per token
-# as routed), no GGUF writer for experts yet.
+# as routed), no GGUF export (no reader here reproduces experts: export/gguf_writer.gguf_arch says so).
 _MOE = replace(_LLAMA_LIKE, mlp_up=(), mlp_down="", residual_writers=(), norm_readers=(), gguf_arch=None,
-               gguf_permute_qk=False, experts="mlp.experts", router="mlp.gate")
+               gguf_permute_qk=False, experts="mlp.experts")
 ARCHITECTURES.update({
     "mixtral": _MOE,
     "qwen3_moe": replace(_MOE, head_norms=("self_attn.q_norm", "self_attn.k_norm")),

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 MIN_EXPERT_TOKENS = 256
-"""Calibration tokens each expert's linears see at least: the routed ones, topped up with tokens
-routed elsewhere when fewer (a (D, D) Hessian from fewer rows than this is mostly damping)."""
+"""Calibration tokens each expert's linears see at least: its routed ones, topped up with tokens
+routed elsewhere when fewer. A stated floor, not a tuned one: an expert routed a handful of tokens
+(or none) would otherwise get a Hessian that is mostly (or only) damping."""
 
 
 class ExpertMLP(nn.Module):
@@ -95,13 +96,6 @@ class ExpertLinears(nn.ModuleList):
                 expert(inputs[extra])
             counts.append((seen, len(extra)))
         return counts
-
-
-def experts_path(model: nn.Module) -> str:
-    """The relative name of the sparse MLP's experts in a block (arch table), or "" for dense families."""
-    from .arch import arch_of
-
-    return arch_of(model.config.model_type).experts
 
 
 def _fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
