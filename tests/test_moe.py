@@ -181,3 +181,15 @@ def test_the_cli_says_how_many_experts_were_short_and_the_artifact_records_the_c
     routing = summary["expert_tokens"]["0"]
     assert routing["min_tokens"] == 256 and len(routing["experts"]) == 2
     assert all(routed + added == 32 for per in routing["experts"].values() for routed, added in per)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, 5])
+def test_a_config_routing_to_more_experts_than_there_are_is_refused_on_load(top_k, tmp_path):
+    model = make_model("mixtral")
+    model.config.num_experts_per_tok = top_k
+    with pytest.raises(UserError, match=rf"num_experts_per_tok {top_k} in the model's config: .* 1 to 4 "):
+        unfuse_experts(model)
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    with pytest.raises(UserError, match="num_experts_per_tok"):
+        load_model(str(tmp_path / "m"))

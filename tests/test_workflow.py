@@ -178,3 +178,12 @@ def test_compressing_a_compressed_model_counts_against_the_original_and_keeps_it
         hypercompress.compress(str(tmp_path / "first"), None, target_bpw=4.0, calib=torch.ones(2, 8, dtype=torch.long))
     with pytest.raises(UserError, match="already compressed .*compressed before"):
         hypercompress.compress(str(tmp_path / "first"), [LINEAR_RTN])
+
+
+def test_a_stage_that_refuses_its_input_leaves_no_checkpoint_folder(model_dirs, tmp_path):
+    """distill with nothing to train refuses in its stage, after the checkpoint folder was claimed:
+    the empty folder goes too, so the same command (fixed) is not told to --resume."""
+    with pytest.raises(UserError, match="distill finds nothing to train"):
+        hypercompress.compress(str(model_dirs["llama"]), [{"method": "distill", "steps": 1}],
+                               calib=torch.randint(1, 100, (4, 16)), out=tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.checkpoint").exists()

@@ -134,6 +134,10 @@ def unfuse_experts(model: nn.Module) -> nn.Module:
             raise UserError(f"{name}: experts not in transformers' fused layout (gate_up_proj (E, 2I, D), "
                             f"down_proj (E, D, I)); this family's experts are not supported")
         experts, hidden, inner = gate_up.shape[0], gate_up.shape[2], down.shape[2]
+        top_k = getattr(model.config, "num_experts_per_tok", None)
+        if not (isinstance(top_k, int) and 1 <= top_k <= experts):
+            raise UserError(f"num_experts_per_tok {top_k!r} in the model's config: each token must go to 1 to "
+                            f"{experts} of its {experts} experts; fix config.json")
         device, dtype = gate_up.device, gate_up.dtype
         built = []
         for e in range(experts):

@@ -26,7 +26,7 @@ from .api import check_stages, compress as apply_recipe
 from .arch import check_length, position_limit
 from .calibration import peak_memory_bytes
 from .artifact_reader import read_manifest_fields
-from .checkpoint import describe_leftover, discard
+from .checkpoint import RUN, describe_leftover, discard
 from .data import calibration_samples, read_text, tokenize, windows
 from .errors import UserError
 from .eval import protocol_text
@@ -232,11 +232,16 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     plan = _with_keys(plan, {"train_tokens": train_tokens, "max_minutes": max_minutes, "corpus_cache": corpus_cache},
                       override=True)
     train_calib = _training_windows(plan, net, tokenizer, calib_text, calib_len) if calibrated else None
-    report = apply_recipe(net, plan, samples, progress=lambda stage, label, done, total, note="":
-                          progress(f"stage {stage}: {label}", done, total, note), device=device, batch_size=calib_batch,
-                          checkpoint_dir=checkpoint_dir if calibrated else None, resume=resume,
-                          keep_checkpoint=True, after_stage=meter, train_calib=train_calib,
-                          distill_teacher=distill_teacher)
+    try:
+        report = apply_recipe(net, plan, samples, progress=lambda stage, label, done, total, note="":
+                              progress(f"stage {stage}: {label}", done, total, note), device=device,
+                              batch_size=calib_batch, checkpoint_dir=checkpoint_dir if calibrated else None,
+                              resume=resume, keep_checkpoint=True, after_stage=meter, train_calib=train_calib,
+                              distill_teacher=distill_teacher)
+    except UserError:  # a stage refused its input: a checkpoint with nothing in it would only block the next run
+        if checkpoint_dir is not None and checkpoint_dir.is_dir() and {p.name for p in checkpoint_dir.iterdir()} <= {RUN}:
+            discard(checkpoint_dir)
+        raise
     compress_seconds = time.perf_counter() - tick
     recorded = (history["recipe"] if history else []) + plan.to_list()  # the whole history from the original
     net.hypercompress_source = {"original_params": original_params, "recipe": recorded}  # for a next call
@@ -261,7 +266,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
                "peak_host_rss_bytes": peak_memory_bytes("cpu"), "streamed": stream_blocks,
                "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
                "teacher": None if teacher is None else teacher if isinstance(teacher, str) else type(teacher).__name__,
-               "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops}
+               "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops,
+               **({"expert_tokens": expert_tokens} if expert_tokens else {})}
     documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
         "model": source, "recipe": recorded, "protocol": protocol,
         "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),

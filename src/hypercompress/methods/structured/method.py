@@ -66,8 +66,8 @@ class Structured(WholeModelMethod):
                             "are fused in one linear; prune its blocks or MLP channels instead")
         if c.head_groups_keep < 1 and spec.head_norms and spec.head_norm_span == "all":
             raise UserError(f"head_groups_keep: {model.config.model_type}'s q/k norms normalize all heads "
-                            "together, so removing heads would rescale the kept ones; prune its blocks or MLP "
-                            "channels instead")
+                            "together, so removing heads would rescale the kept ones; prune its blocks"
+                            f"{'' if spec.experts else ' or MLP channels'} instead")
 
     def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
               resume=False) -> None:
