@@ -14,8 +14,8 @@ parameters (billions). `--plan mixed` trains a mixed plan instead of 3-bit g64 e
 stores the embedding at w4 g64 and the block linears at the options and counts of the planner's SmolLM2
 plan at 4.0 bpw (w4 rows x73, w4 g64 x113, w8 rows x24, spread over the blocks by a seeded shuffle),
 and qat trains those codes; blocks then differ in layout, and each row records the graphs dynamo
-compiled and whether it ran past its recompile limit (`--recompile-limit N` sets that limit after
-the engine raised it, to measure the engine as it was). A 7B shape is measured with `--layers` of its 32 blocks (the whole model's
+compiled and whether it ran past its recompile limit (RESULTS' "before" rows ran this script on an
+earlier commit's src). A 7B shape is measured with `--layers` of its 32 blocks (the whole model's
 float32 latents and AdamW moments alone would be 84 GB): memory per billion parameters carries over.
 """
 
@@ -106,14 +106,6 @@ def measure(model, windows, keys: dict, args) -> dict:
         compress(student, Recipe.from_list(mixed_stages(student), where="train_speed"), windows[:1], device="cpu")
         stage = {k: v for k, v in stage.items() if k not in ("bits", "group_size")}  # trains the stored codes
         stages = [stage]
-    if args.recompile_limit:  # after the engine raised it: the engine as it was
-        import hypercompress.training.distill as distill_module
-        from hypercompress.training.engine import compile_blocks
-
-        def compile_at_limit(*a, **k):
-            compile_blocks(*a, **k)
-            torch._dynamo.config.recompile_limit = args.recompile_limit
-        distill_module.compile_blocks = compile_at_limit
     torch._dynamo.reset()
     counters.clear()
     if args.device.startswith("cuda"):
@@ -141,7 +133,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", nargs="*", help="labels of SETTINGS to run (default: all)")
     parser.add_argument("--plan", choices=("uniform", "mixed"), default="uniform")
-    parser.add_argument("--recompile-limit", type=int, default=0, help="dynamo's limit after the engine set it")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model, windows = load(args)

@@ -12,7 +12,6 @@ killed run to the byte-identical result.
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import time
 from typing import Any, Callable
@@ -23,7 +22,7 @@ from torch import nn
 from .arch import arch_of
 from .checkpoint import Checkpoint, unreadable
 from .errors import UserError
-from .experts import ExpertLinears, routing_report
+from .experts import ExpertLinears, routed_calibration, routing_report
 from .methods.base import LayerwiseMethod
 from .modules import replace_module, uncompressed
 from .streaming import materialize
@@ -214,13 +213,10 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
             experts = {f"{prefix}{n}": m for n, m in block.named_modules() if isinstance(m, ExpertLinears)
                        and any(t.startswith(f"{prefix}{n}.") for t in group)}
             try:
-                with contextlib.ExitStack() as recording:
-                    for module in experts.values():
-                        recording.enter_context(module.calibrating())
+                with routed_calibration(experts) as counts:  # experts routed too few tokens get more
                     for batch, hidden in enumerate(hiddens):
                         calls.run(block, index, batch, hidden.to(device))
-                    for name, module in experts.items():  # experts routed too few tokens get more
-                        expert_tokens[name] = module.top_up()
+                expert_tokens.update(counts)
             finally:
                 for handle in handles:
                     handle.remove()

@@ -111,6 +111,21 @@ def _fused_experts(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield f"{spec.blocks}.{index}.{spec.experts}", module
 
 
+@contextlib.contextmanager
+def routed_calibration(experts: dict[str, ExpertLinears], minimum: int = MIN_EXPERT_TOKENS
+                       ) -> Iterator[dict[str, list[tuple[int, int]]]]:
+    """While inside, `experts` (name -> module) record their routing; on a normal exit each tops its
+    experts up (ExpertLinears.top_up: run it while the calibration hooks are still attached) and the
+    yielded dict fills with [(tokens routed, tokens added)] per expert, by name."""
+    counts: dict[str, list[tuple[int, int]]] = {}
+    with contextlib.ExitStack() as recording:
+        for module in experts.values():
+            recording.enter_context(module.calibrating())
+        yield counts
+        for name, module in experts.items():
+            counts[name] = module.top_up(minimum)
+
+
 def has_unfused_experts(model: nn.Module) -> bool:
     return any(isinstance(m, ExpertLinears) for m in model.modules())
 
@@ -200,4 +215,4 @@ def routing_report(counts: dict[str, list[tuple[int, int]]], minimum: int = MIN_
 
 
 __all__ = ["MIN_EXPERT_TOKENS", "ExpertLinears", "ExpertMLP", "fuse_experts", "fused",
-           "has_unfused_experts", "routing_report", "unfuse_experts"]
+           "has_unfused_experts", "routed_calibration", "routing_report", "unfuse_experts"]

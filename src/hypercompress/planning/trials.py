@@ -9,7 +9,6 @@ candidate changes the weights and their inputs, so it is compressed on its own (
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Callable
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from ..arch import arch_of
 from ..calibration import capture_block_inputs
-from ..experts import ExpertLinears
+from ..experts import ExpertLinears, routed_calibration
 from ..layers.quant_linear import QuantLinear
 from ..modules import replace_module
 from .mixed_bits import Plan, plan_recipe
@@ -51,14 +50,10 @@ def shared_gptq(model: nn.Module, wanted: set[tuple[str, Option]], samples: torc
         grams = GPTQ(GptqConfig())  # its Hessian accumulation (observe, hessian), as the final pass takes it
         handles = [model.get_submodule(n).register_forward_hook(
             lambda _m, args, _out, name=n: grams.observe(name, args[0])) for n in names]
-        experts = [m for m in block.modules() if isinstance(m, ExpertLinears)] if names else []
+        experts = {n: m for n, m in block.named_modules() if isinstance(m, ExpertLinears)} if names else {}
         try:
-            with contextlib.ExitStack() as recording:  # experts routed too few tokens get more (experts.py)
-                for module in experts:
-                    recording.enter_context(module.calibrating())
+            with routed_calibration(experts):  # experts routed too few tokens get more (experts.py)
                 hiddens = [calls.run(block, index, b, h) for b, h in enumerate(hiddens)]  # the next block's inputs
-                for module in experts:
-                    module.top_up()
         finally:
             for handle in handles:
                 handle.remove()
