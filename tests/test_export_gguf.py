@@ -4,6 +4,8 @@ back (llama.cpp itself is exercised by benchmarks/llamacpp.py)."""
 
 from __future__ import annotations
 
+import json
+import random
 import types
 
 import numpy as np
@@ -11,9 +13,10 @@ import pytest
 import torch
 from gguf import GGUFReader
 from gguf.quants import dequantize
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM,
+                          Gemma3TextConfig, GemmaTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, LlamaTokenizer, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast,
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 import hypercompress
@@ -60,8 +63,26 @@ def tiny(arch: str, tied: bool = False) -> torch.nn.Module:
                       rope_theta=50000.0, tie_word_embeddings=tied, **extra)).eval()
 
 
-def make_artifact(tmp_path, bpe, stages, arch="llama", tied=False):
-    model = tiny(arch, tied)
+def gemma(arch: str, **overrides) -> torch.nn.Module:
+    """A tiny Gemma 2 / 3 at the settings llama.cpp hard-codes and transformers' GGUF loader assumes
+    (head_dim = query_pre_attn_scalar = 256, Gemma 2's caps 50 / 30, the default layer pattern), its
+    norm weights away from 0 so that the stored 1 + w is checked."""
+    torch.manual_seed(0)
+    settings = {**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=256, max_position_embeddings=256,
+                       sliding_window=16, pad_token_id=0, bos_token_id=0, eos_token_id=0), **overrides}
+    if arch == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**settings)).eval()
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**settings)).eval()
+    for name, weight in model.named_parameters():
+        if name.endswith("norm.weight"):
+            torch.nn.init.normal_(weight, std=0.3)
+    return model
+
+
+def make_artifact(tmp_path, bpe, stages, arch="llama", tied=False, model=None):
+    model = tiny(arch, tied) if model is None else model
     if arch == "qwen2":  # nonzero q/k/v biases, so their F32 copies are checked too
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -205,12 +226,12 @@ def test_embedded_tokenizer_encodes_the_same_ids(tmp_path, bpe):
 
 def test_refusals_are_one_line_user_errors(tmp_path, bpe, model_dirs):
     model, _ = hypercompress.load(make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4}]))
-    with pytest.raises(UserError, match=r"WordLevel tokenizer .*byte-level BPE") as info:
+    with pytest.raises(UserError, match=r"WordLevel tokenizer .*byte-level BPE .*SentencePiece BPE") as info:
         write(model, make_tokenizer(), {}, tmp_path)
     assert "\n" not in str(info.value)
     with pytest.raises(UserError, match=r"--gguf-type Q3_K: .* one of F32, F16"):
         write(model, bpe, {}, tmp_path, gguf_type="Q3_K")
-    for family in ("opt", "olmo2", "phi", "gemma2", "gemma3_text"):  # unknown; known, but no GGUF reader here
+    for family in ("opt", "olmo2", "phi"):  # unknown; known, but no GGUF reader here
         other = types.SimpleNamespace(config=types.SimpleNamespace(model_type=family))
         with pytest.raises(UserError, match=rf"architecture '{family}' cannot be exported to GGUF.*qwen3"):
             write(other, bpe, {}, tmp_path)
@@ -247,3 +268,129 @@ def test_no_export_writes_a_tensor_beyond_its_type(tmp_path, bpe):
         assert not (tmp_path / f"{fmt}-16").exists()
     export(artifact, "hf", tmp_path / "hf-32", dtype="float32")
     assert not (tmp_path / "q8").exists()
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_norms_window_and_caps(tmp_path, bpe, arch):
+    """Gemma's norms are stored as llama.cpp keeps them (1 + w), with head_dim, the sliding window and
+    Gemma 2's soft-caps as keys; transformers' GGUF loader gives the artifact's logits (24 tokens pass
+    the window of 16). A config llama.cpp would run differently is refused, nothing written."""
+    artifact = make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4, "group_size": 32,
+                                              "zero_point": "float"}], model=gemma(arch))
+    report = export(artifact, "gguf", tmp_path / "gguf")
+    assert "output.weight" not in report["tensors"] and report["requantized"] == 0
+    assert report["tensors"]["blk.0.attn_q.weight"]["type"] == "Q4_1"
+    meta, tensors = fields(tmp_path / "gguf" / "model.gguf")
+    assert meta["general.architecture"] == arch and meta[f"{arch}.attention.key_length"] == 256
+    assert meta[f"{arch}.attention.sliding_window"] == 16
+    if arch == "gemma2":
+        assert (meta["gemma2.attn_logit_softcapping"], meta["gemma2.final_logit_softcapping"]) == (50.0, 30.0)
+    else:
+        assert "gemma3.attn_logit_softcapping" not in meta and meta["gemma3.rope.freq_base"] == 1e6
+    model, _ = hypercompress.load(artifact)
+    stored = np.asarray(tensors["blk.1.post_ffw_norm.weight"].data)
+    assert np.array_equal(stored, model.model.layers[1].post_feedforward_layernorm.weight.detach().numpy() + 1)
+    ours, theirs = logits_pair(artifact, tmp_path / "gguf")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    refused = {"query_pre_attn_scalar 256 .*1/sqrt\\(16\\)": gemma(arch, head_dim=16),
+               "layer_types": gemma(arch, layer_types=["full_attention", "full_attention"]),
+               "hidden_activation gelu": gemma(arch, hidden_activation="gelu")}
+    if arch == "gemma2":
+        refused["untied lm_head"] = gemma(arch, tie_word_embeddings=False)
+        refused["soft-cap of None"] = gemma(arch, final_logit_softcapping=None)
+    else:
+        refused["sliding-layer RoPE"] = gemma(arch, rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    for i, (why, model) in enumerate(refused.items()):
+        artifact = make_artifact(tmp_path / f"r{i}", bpe, [{"method": "rtn", "bits": 4}], model=model)
+        with pytest.raises(UserError, match=rf"this {model.config.model_type} cannot be exported to GGUF: "
+                                            rf"llama.cpp's {arch} hard-codes .*{why}") as info:
+            export(artifact, "gguf", tmp_path / f"r{i}" / "out")
+        assert "\n" not in str(info.value) and not (tmp_path / f"r{i}" / "out").exists()
+
+
+SPM_LINES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine, 1234 times",
+             "hello world; hello there. The end!"]
+SPM_TEXTS = ["the lazy fox says hello 42", "two  spaces, and a tab\tthere", "caf\u00e9 \u2603 nine dogs"]
+
+
+def sentencepiece(cls, specials: list[str], vocab_size: int = VOCAB, byte_tokens: bool = True):
+    """A SentencePiece-style BPE (spaces as U+2581, byte fallback) trained on three lines, wrapped in
+    transformers' LlamaTokenizer or GemmaTokenizer, which bring their own normalizer and decoder."""
+    core = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    core.normalizer = normalizers.Replace(" ", "\u2581")
+    core.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)] if byte_tokens else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials + byte_pieces, show_progress=False)
+    core.train_from_iterator(SPM_LINES * 10, trainer)
+    spec = json.loads(core.to_str())["model"]
+    # the trainer numbers tokens in merge order; shuffled ids keep a score that follows ids from passing
+    fixed = len(specials) + len(byte_pieces)
+    pieces = sorted(spec["vocab"], key=spec["vocab"].get)
+    moved = pieces[fixed:]
+    random.Random(1).shuffle(moved)
+    vocab = {piece: i for i, piece in enumerate(pieces[:fixed] + moved)}
+    return cls(vocab=vocab, merges=[tuple(m) if not isinstance(m, str) else tuple(m.split(" "))
+                                    for m in spec["merges"]])
+
+
+def llama_cpp_spm(text: str, tokens: list[str], scores: list[float], types: list[int], space_prefix: bool):
+    """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm), written out: characters, then join the
+    adjacent pair whose text is the vocabulary entry of highest score (the leftmost on a tie) until
+    none is; a piece outside the vocabulary becomes its UTF-8 bytes' <0xXX> tokens."""
+    ids = {t: i for i, t in enumerate(tokens) if types[i] in (1, 4)}  # NORMAL, USER_DEFINED
+    symbols = list(((" " if space_prefix else "") + text).replace(" ", "\u2581"))
+    while True:
+        pairs = [(scores[ids[a + b]], -i) for i, (a, b) in enumerate(zip(symbols, symbols[1:])) if a + b in ids]
+        if not pairs:
+            break
+        i = -max(pairs)[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    out = []
+    for piece in symbols:
+        out += [ids[piece]] if piece in ids else [tokens.index(f"<0x{b:02X}>") for b in piece.encode()]
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_sentencepiece_tokenizer_is_embedded_as_llama_cpp_reads_it(tmp_path, arch):
+    """A byte-fallback BPE (Llama-2, Mistral, Gemma) is written as tokenizer.ggml.model "llama": byte
+    and unknown tokens typed, scores in merge order. llama.cpp's algorithm run on the file's tokens
+    and scores and transformers' GGUF tokenizer both give the tokenizer's own ids."""
+    cls, specials = ((LlamaTokenizer, ["<unk>", "<s>", "</s>"]) if arch == "llama"
+                     else (GemmaTokenizer, ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]))
+    tokenizer = sentencepiece(cls, specials, vocab_size=400)
+    model = tiny("llama") if arch == "llama" else gemma("gemma2")
+    model.resize_token_embeddings(400)
+    model.config.update(dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id or 0))
+    artifact = make_artifact(tmp_path, tokenizer, [{"method": "rtn", "bits": 4, "group_size": 32,
+                                                    "zero_point": "float"}], model=model)
+    export(artifact, "gguf", tmp_path / "gguf")
+    reader = GGUFReader(tmp_path / "gguf" / "model.gguf")
+    read = lambda key: reader.fields[key].contents()
+    tokens, scores, types = read("tokenizer.ggml.tokens"), read("tokenizer.ggml.scores"), read("tokenizer.ggml.token_type")
+    assert (read("tokenizer.ggml.model"), read("tokenizer.ggml.add_space_prefix")) == ("llama", arch == "llama")
+    assert types[tokens.index("<0x41>")] == 6 and types[tokens.index("<unk>")] == 2  # BYTE, UNKNOWN
+    assert types[tokenizer.bos_token_id] == 3 and len(tokens) == 400  # CONTROL
+    _, original = hypercompress.load(artifact)
+    back = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
+    rng = random.Random(0)  # words and letters of the training lines shuffled: pieces whose merge order decides
+    words = " ".join(SPM_LINES).split()
+    scrambled = [" ".join(rng.sample(words, 3)) for _ in range(100)]
+    scrambled += ["".join(rng.sample(text, len(text))).strip() for text in scrambled]
+    for text in SPM_TEXTS + scrambled:
+        expected = original(text, add_special_tokens=False)["input_ids"]
+        assert llama_cpp_spm(text, tokens, scores, types, arch == "llama") == expected, text
+        assert back(text, add_special_tokens=False)["input_ids"] == expected, text
+    assert any(tokens[i].startswith("<0x") for text in SPM_TEXTS for i in original(text)["input_ids"])
+    ours, theirs = logits_pair(artifact, tmp_path / "gguf")
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    no_bytes = sentencepiece(cls, specials, vocab_size=120, byte_tokens=False)
+    model = tiny("llama") if arch == "llama" else gemma("gemma2")
+    artifact = make_artifact(tmp_path / "nb", no_bytes, [{"method": "rtn", "bits": 8}], model=model)
+    with pytest.raises(UserError, match=r"falls back to bytes but lacks 256 byte tokens \(<0x00> \.\.\.\); llama.cpp"):
+        export(artifact, "gguf", tmp_path / "nb" / "out")

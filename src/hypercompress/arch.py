@@ -33,6 +33,7 @@ class ArchSpec:
     # normalization: "rms" (RMSNorm, no mean subtracted) or "layer" (LayerNorm); pre-norm blocks whose
     # norms' outputs are read by these linears (rotation folds each norm's scale into its readers)
     norm: str = "rms"
+    norm_offset: float = 0.0           # a norm scales by norm_offset + weight (Gemma: 1, its weight stored as w - 1)
     norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     head_norms: tuple[str, ...] = ()   # (q norm, k norm) after q/k_proj (Qwen3, OLMo-2); a rotation of
                                        # the residual leaves their inputs alone
@@ -93,12 +94,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # sqrt(hidden) in its forward (modules.carry_embedding_scale hands that to a compressed embedding);
     # Gemma 2 soft-caps its logits (modules.head_logits) and attention scores, both alternate sliding-
     # window and global layers (kv_lowrank's latent attention reproduces neither); Gemma 3 adds per-head
-    # q/k norms; the GGUF writer does not write them yet (llama.cpp stores their norms as 1 + weight and
-    # needs the soft-cap and window keys), so that export refuses
-    "gemma2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), gguf_arch=None, gguf_permute_qk=False,
-                      latent_kv=False),
-    "gemma3_text": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), gguf_arch=None, gguf_permute_qk=False,
-                           latent_kv=False, head_norms=("self_attn.q_norm", "self_attn.k_norm")),
+    # q/k norms; GGUF stores each norm's whole scale (1 + w) and llama.cpp hard-codes the layer pattern
+    # and attention scale (export/gguf_hparams.check_gemma refuses configs that differ)
+    "gemma2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), norm_offset=1.0, gguf_arch="GEMMA2",
+                      gguf_permute_qk=False, latent_kv=False),
+    "gemma3_text": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), norm_offset=1.0, gguf_arch="GEMMA3",
+                           gguf_permute_qk=False, latent_kv=False, head_norms=("self_attn.q_norm", "self_attn.k_norm")),
     # Phi-3 / Phi-4-mini: q, k, v fused in qkv_proj (no head pruning, no kv_lowrank: attention=None),
     # gate and up fused in gate_up_proj (rows [gate; up], each intermediate_size)
     "phi3": ArchSpec(

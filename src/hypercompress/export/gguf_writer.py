@@ -9,6 +9,7 @@ convert_hf_to_gguf.py writes for the architecture (LlamaModel / Qwen2Model / GPT
 | llama, mistral | llama | Q, K rows permuted as the converter does (`permute(w, n_head, n_head_kv)`); no sliding window, as there |
 | qwen2 | qwen2 | no permutation (llama.cpp uses NeoX RoPE); q/k/v biases in F32 |
 | gpt2 | gpt2 | Conv1D weights transposed to (out, in); position embeddings in F32 |
+| gemma2, gemma3_text | gemma2, gemma3 | norms stored as 1 + w (Gemma2Model / Gemma3Model there); head_dim, sliding window and Gemma 2's soft-caps as keys; configs llama.cpp would run differently refused (export/gguf_hparams.py) |
 
 Tensors (export/gguf_tensors.py): a quant grid that a GGUF block type holds exactly (group size a
 multiple of 32; 4-bit float zero -> Q4_1, symmetric 2..4-bit -> Q4_0, 5-bit -> Q5_x, 6..7-bit integer
@@ -21,16 +22,15 @@ its relative Frobenius error reported; `force_type` applies `gguf_type` to every
 1-D tensors (norms, biases) are F32. A tied lm_head is not written (llama.cpp and transformers then
 read token_embd.weight).
 
-The tokenizer must be a byte-level BPE (tokenizer.ggml.model "gpt2"): tokens, token types, merges,
-special ids and add-BOS/EOS flags are embedded; tokenizer.ggml.pre names llama.cpp's pre-tokenizer
-for the tokenizer's own pre-tokenizer (ByteLevel alone: "gpt-2"; Digits + ByteLevel: "smollm"; the
-Qwen2 and Llama-3 split regexes: "qwen2", "llama-bpe"). Anything else is refused with a UserError.
+The tokenizer (export/gguf_vocab.py) must be a byte-level BPE (tokenizer.ggml.model "gpt2", with
+tokenizer.ggml.pre naming llama.cpp's pre-tokenizer: ByteLevel alone "gpt-2", Digits + ByteLevel
+"smollm", the Qwen2 and Llama-3 split regexes "qwen2", "llama-bpe") or a SentencePiece BPE with byte
+fallback (Llama-2, Mistral, Gemma: "llama", with scores in merge order); tokens, token types, merges,
+special ids and add-BOS/EOS flags are embedded. Anything else is refused with a UserError.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import torch
 from gguf import GGMLQuantizationType as T, MODEL_ARCH
 
 from ..errors import UserError
+from . import gguf_hparams, gguf_vocab
 from .dense import densify
 from .gguf_tensors import Encoded, encode, parse_type, permute_rows, quant_grid
 
@@ -49,12 +50,7 @@ FILE_TYPES = {T.F32: gguf.LlamaFileType.ALL_F32, T.F16: gguf.LlamaFileType.MOSTL
               T.BF16: gguf.LlamaFileType.MOSTLY_BF16, T.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
               T.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1, T.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
               T.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1, T.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
-# the split regexes of Qwen2's and Llama-3's tokenizer.json -> llama.cpp's pre-tokenizer names
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-SPLITS = {_QWEN2_SPLIT: "qwen2", _LLAMA3_SPLIT: "llama-bpe"}
+
 
 
 def gguf_arch(model_type: str) -> tuple[MODEL_ARCH, bool]:
@@ -88,9 +84,9 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: 
     config = model.config
     arch, permute = gguf_arch(config.model_type)
     requested = parse_type(gguf_type)
-    rope = _rope(config) if arch != MODEL_ARCH.GPT2 else None
+    rope = gguf_hparams.rope(config) if arch != MODEL_ARCH.GPT2 else None
     vocab_size = int(config.vocab_size)
-    vocab = _vocab(tokenizer, vocab_size, config)
+    vocab = gguf_vocab.vocab(tokenizer, vocab_size, config)
     grids, bits = {}, {}
     for name, module in model.named_modules():
         kind = getattr(module, "kind", None)
@@ -99,7 +95,9 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: 
         elif kind == "sparse" and module.bits <= 8:
             bits[name] = module.bits
     densify(model, torch.float32)
-    encoded = _tensors(model, arch, permute, grids, bits, requested, force_type)
+    tied = _tied(model)
+    gguf_hparams.check_gemma(config, arch, rope, tied)
+    encoded = _tensors(model, arch, permute, tied, grids, bits, requested, force_type)
 
     counts = Counter()
     for enc, _ in encoded.values():
@@ -112,15 +110,10 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: 
     name = Path(str(manifest.get("source_model") or "")).name.removesuffix(".gguf")
     if name:
         writer.add_name(name)
-    _hparams(writer, config, arch, rope, vocab_size)
+    gguf_hparams.write(writer, config, arch, rope, vocab_size)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tokens, types, pre, special = vocab
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special.add_to_gguf(writer, quiet=True)
+    vocab.add_to(writer)
     for gguf_name, (enc, _) in encoded.items():
         raw = enc.qtype if enc.data.dtype == np.uint8 else None
         writer.add_tensor(gguf_name, enc.data, raw_dtype=raw)
@@ -138,32 +131,42 @@ def _row_elements(enc: Encoded) -> int:
     return enc.data.shape[-1] // size * block
 
 
-def _tensors(model, arch, permute: bool, grids: dict, bits: dict, requested, force: bool) -> dict[str, tuple]:
+def _tied(model) -> bool:
+    """Whether the densified model's output layer is its embedding table (one tensor)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def _tensors(model, arch, permute: bool, tied: bool, grids: dict, bits: dict, requested,
+             force: bool) -> dict[str, tuple]:
     """Every tensor of the densified model -> {GGUF name: (Encoded, HF name)}, in state-dict order."""
+    from ..arch import arch_of
     from ..modules import Conv1D
 
     config = model.config
     blocks = getattr(config, "num_hidden_layers", None) or config.n_layer
     names = gguf.get_tensor_name_map(arch, blocks)
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    embed_ptr = model.get_input_embeddings().weight.data_ptr()
+    embed_key = next(k for k, t in model.state_dict().items() if t.data_ptr() == embed_ptr)
+    norm_offset = arch_of(config.model_type).norm_offset  # llama.cpp stores a norm's whole scale (Gemma: 1 + w)
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     out: dict[str, tuple] = {}
     for key, tensor in model.state_dict().items():
         if key.endswith((".attn.bias", ".attn.masked_bias")) and arch == MODEL_ARCH.GPT2:
             continue  # GPT-2's causal-mask buffers, skipped by the converter too
+        if tied and key != embed_key and tensor.data_ptr() == embed_ptr:
+            continue  # the tied head: llama.cpp and transformers read token_embd.weight
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError(f"tensor {key} has no GGUF name for {gguf.MODEL_ARCH_NAMES[arch]}; "
                             "this artifact cannot be exported to GGUF (use --format hf)")
-        if gguf_name == "output.weight" and tied:
-            continue
         owner = key.rpartition(".")[0]
         data = tensor.detach().float().numpy()
         if data.ndim == 2 and isinstance(model.get_submodule(owner), Conv1D):
             data = np.ascontiguousarray(data.T)  # Conv1D keeps (in, out); GGUF rows are outputs
+        if norm_offset and data.ndim == 1 and key.endswith("norm.weight"):
+            data = data + np.float32(norm_offset)
         if data.ndim == 1 or gguf_name.startswith("position_embd"):
             enc = Encoded(T.F32, np.ascontiguousarray(data, dtype=np.float32), True, 0.0)
         else:
@@ -189,121 +192,6 @@ def _wide(data: np.ndarray, key: str, requested: T | None) -> Encoded | None:
         raise UserError(f"tensor {key} holds values beyond float16's range (65504), which {requested.name} "
                         "stores with; pass --gguf-type F32 or BF16, or leave --gguf-type out")
     return Encoded(T.F32, np.ascontiguousarray(data, dtype=np.float32), True, 0.0)
-
-
-def _rope(config) -> dict[str, Any]:
-    """{theta, scaling factor or None} from config.rope_parameters (transformers 5) or rope_theta /
-    rope_scaling; refuses scalings the converter needs extra tensors or keys for."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise UserError(f"rope scaling '{kind}' is not written by the GGUF export (default and linear "
-                        "only); use --format hf and llama.cpp's convert_hf_to_gguf.py")
-    return {"theta": float(theta), "linear": float(params["factor"]) if kind == "linear" else None}
-
-
-def _hparams(writer, config, arch, rope, vocab_size: int) -> None:
-    """The hyperparameter keys convert_hf_to_gguf.py writes (TextModel, LlamaModel, GPT2Model)."""
-    if arch == MODEL_ARCH.GPT2:
-        writer.add_block_count(config.n_layer)
-        writer.add_context_length(config.n_positions)  # rows of position_embd (n_ctx may differ)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_feed_forward_length(getattr(config, "n_inner", None) or 4 * config.n_embd)
-        writer.add_head_count(config.n_head)
-        writer.add_layer_norm_eps(config.layer_norm_epsilon)
-        return
-    heads, hidden = config.num_attention_heads, config.hidden_size
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
-    writer.add_rope_freq_base(rope["theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    if head_dim != hidden // heads:  # llama.cpp's default is n_embd / n_head
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    if arch == MODEL_ARCH.LLAMA:
-        writer.add_vocab_size(vocab_size)
-        writer.add_rope_dimension_count(head_dim)
-    if rope["linear"] is not None:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(rope["linear"])
-
-
-def _pre_tokenizer(spec: dict[str, Any]) -> str | None:
-    """llama.cpp's tokenizer.ggml.pre for a tokenizer.json pre-tokenizer, None if unknown."""
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    types = [p.get("type") for p in parts]
-    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"
-    if types == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
-        return SPLITS.get((parts[0].get("pattern") or {}).get("Regex"))
-    return None
-
-
-def _vocab(tokenizer, vocab_size: int, config=None):
-    """(tokens, token types, pre-tokenizer name, SpecialVocab with merges, special ids and add-BOS/EOS
-    flags) as convert_hf_to_gguf.py's `_set_vocab_gpt2` builds them (special ids from the tokenizer,
-    then, as the converter reads the model folder, from the model's config); ids the tokenizer does not use
-    are "[PAD<id>]" tokens of type UNUSED. Raises UserError for a tokenizer GGUF's "gpt2" model
-    cannot hold."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    what = type(tokenizer).__name__
-    if backend is None:
-        raise UserError(f"tokenizer {what} has no tokenizer.json (not a fast tokenizer); the GGUF export "
-                        "needs a byte-level BPE tokenizer (use --format hf)")
-    spec = json.loads(backend.to_str())
-    model_kind = spec["model"]["type"]
-    decoder = (spec.get("decoder") or {}).get("type")
-    if model_kind != "BPE" or decoder != "ByteLevel":
-        raise UserError(f"tokenizer {what} is a {model_kind} tokenizer (decoder {decoder}); GGUF export "
-                        "writes byte-level BPE (GPT-2 style) tokenizers only (use --format hf)")
-    pre = _pre_tokenizer(spec)
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if pre is None or normalizer not in (None, "NFC"):
-        shown = json.dumps(spec.get("pre_tokenizer"))[:120]
-        raise UserError(f"tokenizer pre-tokenizer {shown} (normalizer {normalizer}) matches no llama.cpp "
-                        "pre-tokenizer known here (gpt-2, smollm, qwen2, llama-bpe); use --format hf")
-    ids = {i: t for t, i in tokenizer.get_vocab().items()}
-    if max(ids) >= vocab_size:
-        raise UserError(f"tokenizer id {max(ids)} is beyond the model's vocab_size {vocab_size}; "
-                        "re-create the artifact with a matching tokenizer")
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in ids:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(ids[i])
-        if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        if config is not None:  # config.json: the converter's fallback for bos / eos / pad ids
-            config.to_json_file(str(Path(tmp) / "config.json"))
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise UserError(f"tokenizer {what} has no BPE merges; re-create the artifact with its tokenizer.json")
-    for kind in ("bos", "eos", "unk", "pad"):
-        token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if kind not in special.special_token_ids and token_id is not None:
-            special.special_token_ids[kind] = int(token_id)
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]  # what the tokenizer adds itself
-    full = tokenizer("a")["input_ids"]
-    bos = len(full) > len(plain) and full[:1] == [tokenizer.bos_token_id] != plain[:1]
-    eos = len(full) - len(plain) > bos and full[-1:] == [tokenizer.eos_token_id] != plain[-1:]
-    special.add_special_token.update(bos=bool(bos), eos=bool(eos))
-    return tokens, types, pre, special
 
 
 def _report(encoded: dict[str, tuple], path: Path, file_type) -> dict[str, Any]:
