@@ -148,6 +148,20 @@ def test_a_three_argument_callback_still_works(model_dirs, tmp_path):
     assert any(section.startswith("stage 0: rtn") for section, _, _ in seen)
 
 
+def test_a_stage_books_its_time_from_its_start(model_dirs):
+    """Each pass says it started before its first module: a method whose first module takes minutes
+    (kan) had its time booked under the step before it."""
+    import hypercompress
+
+    seen = []
+    hypercompress.compress(str(model_dirs["llama"]), recipe=[{"method": "rtn", "bits": 4},
+                                                             {"method": "svd", "rank": 4, "targets": ["lm_head"]}],
+                           out=None, progress=lambda section, done, total, note="": seen.append((section, done, note)))
+    for stage in ("stage 0: rtn", "stage 1: svd"):
+        first = next(row for row in seen if row[0] == stage)
+        assert first[1:] == (0, "starting"), (stage, first)
+
+
 def test_a_piped_evaluate_reports_each_step_and_accounts_for_its_time(model_dirs, text_file, tmp_path):
     art = tmp_path / "art"
     assert CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--method", "rtn", "--out", str(art)]

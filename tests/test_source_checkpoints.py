@@ -28,6 +28,20 @@ def test_missing_tensor_is_refused_by_name(model_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_wrongly_shaped_tensor_is_refused_with_both_shapes(model_dirs, tmp_path):
+    """Not transformers' "look at the above report" (a report only its logging shows): the tensor,
+    the file's shape and the config's, in one line."""
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 64)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    result = run("compress", source, "--method", "rtn", "--out", tmp_path / "out")
+    assert_one_line_error(result, "wrongly shaped tensor model.layers.0.self_attn.q_proj.weight (32x64 in the file, "
+                                  "64x64 in the config)")
+    assert "report" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_a_float_weight_labelled_as_integers_is_refused_by_name(model_dirs, tmp_path):
     """The header says I32 for the float embedding (same byte size, so safetensors accepts it):
     transformers would cast the integers in; the plain and the streamed loader refuse it by name."""

@@ -123,6 +123,8 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         label = pass_label(stages)
         routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
         start, block_seconds, expert_tokens = time.perf_counter(), None, None
+        if progress and not isinstance(methods[0], WholeModelMethod):  # (_whole_model says it itself)
+            progress(first, label, 0, 1, "starting")  # the pass's time starts now, not at its first module
         if isinstance(methods[0], WholeModelMethod):
             data = train_calib if getattr(methods[0], "trains", False) and train_calib is not None else calib
             methods[0].distill_teacher = distill_teacher if methods[0].takes_distill_teacher else None

@@ -121,8 +121,10 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
             from .streaming import check_float_weights
 
             check_float_weights(sorted(Path(location).glob("*.safetensors")))
+        # mismatched shapes come back in `info` (refused below, naming the tensor) rather than as
+        # transformers' error pointing at a report only its logging shows
         model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
-                                                           **kwargs)
+                                                           ignore_mismatched_sizes=True, **kwargs)
         _refuse_incomplete(spec, info)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except UserError:
@@ -148,12 +150,19 @@ def _refuse_incomplete(spec: str, info: dict[str, Any]) -> None:
     """UserError naming the first tensor the checkpoint lacks (transformers would initialise it at
     random and only warn) or holds in another shape; `info` is from_pretrained's loading info."""
     for key, problem in (("missing_keys", "lacks"), ("mismatched_keys", "holds a wrongly shaped")):
-        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
-        if names:
-            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        entries = sorted((tuple(k) if isinstance(k, (tuple, list)) else (k,)) for k in info.get(key) or ())
+        if entries:
+            name, *shapes = entries[0]
+            shown = (f" ({_shape(shapes[0])} in the file, {_shape(shapes[1])} in the config)"
+                     if len(shapes) == 2 else "")
+            more = f" (and {len(entries) - 1} more)" if len(entries) > 1 else ""
             raise UserError(f"could not load model '{spec}': the checkpoint {problem} tensor "
-                            f"{names[0]}{more}; pass a complete checkpoint (transformers would fill it with "
-                            "random values)")
+                            f"{name}{shown}{more}; pass a complete checkpoint whose config.json matches its "
+                            "weights (transformers would fill it with random values)")
+
+
+def _shape(shape) -> str:
+    return "x".join(str(int(d)) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
 
 
 def _pickle_files(location: str | Path) -> str:
