@@ -137,3 +137,14 @@ def test_factor_embedding_refuses_a_linear(model_dirs):
     recipe = [{"method": "factor_embedding", "rank": 8, "targets": [r"layers\.0\.mlp\.up_proj$"]}]
     with pytest.raises(UserError, match="not an embedding"):
         compress(model, Recipe.from_list(recipe))
+
+
+@pytest.mark.parametrize("arch, embedding", [("llama", "model.embed_tokens"), ("gpt2", "transformer.wte")])
+def test_factor_embedding_without_targets_factors_the_token_embedding(model_dirs, arch, embedding):
+    """A stage with no targets selects what its method is for: the architecture table's token
+    embedding here (the block linears for every other method), nothing else."""
+    model = load_model(str(model_dirs[arch])).model
+    report = compress(model, Recipe.from_list([{"method": "factor_embedding", "rank": 8}]))
+    assert report["stages"][0]["modules"] == 1
+    assert isinstance(model.get_submodule(embedding), LowRankEmbedding)
+    assert not any(isinstance(m, LowRankEmbedding) for n, m in model.named_modules() if n != embedding)

@@ -202,7 +202,7 @@ def _whole_model(model, stage, first, teacher, calib, device, progress, checkpoi
     replayed on resume); its own checkpoint goes to the checkpoint folder's stage{first}/."""
     if method is None:
         method = get_method(stage.method).method_cls(stage.config)
-        names = select_linears(model, stage.targets, stage.ignore)
+        names = select_linears(model, stage.targets, stage.ignore, method.default_targets)
     if calib is None and method.needs_calibration:
         raise UserError(f"method '{stage.method}' trains on calibration text; pass --calib FILE")
     if checkpoint is not None:
@@ -290,7 +290,7 @@ def _routes(model: nn.Module, group: list[int], stages, methods, resumed: bool =
     its checkpoint finds only those of the blocks still to do (none once all are done)."""
     routes: dict[str, LayerwiseMethod] = {}
     for index, stage, method in zip(group, stages, methods):
-        names = select_linears(model, stage.targets, stage.ignore)
+        names = select_linears(model, stage.targets, stage.ignore, method.default_targets)
         if not names and not resumed:
             raise UserError(f"stage {index} ({stage.method}) selects no module; check its targets/ignore")
         if isinstance(method, LayerwiseMethod):

@@ -151,15 +151,20 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     return aliases
 
 
-def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str]) -> list[str]:
+def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str],
+                   default: str = "linears") -> list[str]:
     """Names of the linear layers a stage compresses.
 
-    targets None means the architecture's block linears; otherwise every Linear/Conv1D/Embedding
-    whose name matches one of the regexes (re.search). Names matching an `ignore` regex are dropped.
-    An lm_head tied to the embedding is refused: target the embedding, and the head follows it.
+    targets None means the method's default: the architecture's block linears (`default`
+    "linears") or its token embedding ("embedding": factor_embedding); otherwise every
+    Linear/Conv1D/Embedding whose name matches one of the regexes (re.search). Names matching an
+    `ignore` regex are dropped. An lm_head tied to the embedding is refused: target the embedding,
+    and the head follows it.
     """
-    arch_of(model.config.model_type)
-    if targets is None:
+    spec = arch_of(model.config.model_type)
+    if targets is None and default == "embedding":
+        names = list(spec.embeddings[:1])
+    elif targets is None:
         names = block_linear_names(model)
     else:
         names = [

@@ -20,6 +20,7 @@ from ..modules import CompressedModule
 class LayerwiseMethod(abc.ABC):
     name: str = ""
     needs_calibration: bool = False
+    default_targets: str = "linears"  # what a stage without targets selects (modules.select_linears)
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -59,6 +60,7 @@ class WholeModelMethod(abc.ABC):
 
     name: str = ""
     needs_calibration: bool = True
+    default_targets: str = "linears"  # what a stage without targets selects (modules.select_linears)
     whole_model: bool = True
     trains: bool = False  # a training stage: given every calibration window, not --calib-samples
     # resume: a later stage's layer-wise checkpoint restores every stored module; a method whose

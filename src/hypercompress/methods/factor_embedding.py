@@ -6,7 +6,7 @@ error. The square root balances A's columns: with A = U_r S_r a row's one scale 
 column and the small components round to noise (measured on SmolLM2's embedding, 4-bit, rank 256:
 relative error 0.239 with S, 0.194 with S^(1/2), truncation alone 0.188).
 A tied lm_head becomes a TiedHead computing logits = (x B^T) A_hat^T (never the (V, D) table), so the
-factors are stored and counted once. Data-free; target the embedding (e.g. '^model\\.embed_tokens$').
+factors are stored and counted once. Data-free; a stage without targets factors the token embedding.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def max_useful_rank(vocab: int, dim: int, bits: int) -> int:
 
 @register("factor_embedding", FactorEmbeddingConfig)
 class FactorEmbedding(LayerwiseMethod):
+    default_targets = "embedding"  # the token embedding, from the architecture table
     def check_modules(self, modules: dict[str, nn.Module]) -> None:
         """Refuse a rank at or past the break-even of a selected embedding (UserError)."""
         c = self.config
