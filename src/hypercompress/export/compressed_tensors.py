@@ -82,8 +82,12 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
     from ..arch import arch_of
 
     if arch_of(model.config.model_type).experts:
+        # transformers (5.x) fuses experts into 3-D parameters that compressed-tensors' quantized
+        # modules do not replace, so no reader here could check the file (llm-compressor's own MoE
+        # checkpoints load in vLLM only: vllm-project/llm-compressor#2699)
         raise UserError(f"the compressed-tensors export does not write a mixture of experts "
-                        f"({model.config.model_type}) yet; export it with --format hf (dense)")
+                        f"({model.config.model_type}): transformers loads no quantized experts, so no reader here "
+                        "could check the file; export it with --format hf (dense)")
     conv1d = arch_of(model.config.model_type).conv1d
     stored = {n: m for n, m in model.named_modules() if isinstance(m, StoredModule)}
     outer = {n: m for n, m in stored.items() if isinstance(m, CompressedModule)
