@@ -191,3 +191,23 @@ def test_every_kernel_takes_odd_shapes_or_declines(out_features, in_features):
             tolerance = 1e-4 if dtype == torch.float32 else 3e-2
             assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()), \
                 (out_features, in_features, bits, group, symmetric, dtype, backend)
+
+
+def test_the_model_compress_returns_runs_the_fast_path(model_dirs, tokens, tmp_path):
+    """The model `hypercompress.compress` hands back takes the fast paths `load` gives the artifact
+    (it ran its reference forwards: 9x slower on the CPU); moved to bfloat16, `prepare` re-binds them."""
+    import hypercompress
+
+    result = hypercompress.compress(str(model_dirs["llama"]), method="rtn", overrides=["group_size=32"],
+                                    out=tmp_path / "a")
+    model = result.model
+    backends = model.hypercompress_backends
+    loaded, _ = artifact.load(tmp_path / "a")
+    assert backends and backends == loaded.hypercompress_backends
+    assert all(isinstance(m._fast, DenseLinear) for m in model.modules() if isinstance(m, QuantLinear))
+    with torch.inference_mode():
+        assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+    model.to(torch.bfloat16)
+    assert set(hypercompress.prepare(model).values()) == set(artifact.load(tmp_path / "a", dtype=torch.bfloat16)[0]
+                                                             .hypercompress_backends.values())
+    assert any(isinstance(getattr(m, "_fast", None), Int4Linear) for m in model.modules())

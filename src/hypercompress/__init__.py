@@ -27,11 +27,12 @@ _EXPORTS = {
     "evaluate": ("eval.evaluation", "evaluate"),
     "save": ("artifact", "save"),
     "load": ("artifact", "load"),
+    "prepare": ("kernels", "prepare"),
     "list_methods": ("registry", "list_methods"),
 }
 _AUTO_MODELS = "transformers.models.auto.modeling_auto"  # where AutoModelForCausalLM lives
 
-__all__ = ["compress", "CompressResult", "apply_recipe", "analyze", "edit", "evaluate", "save", "load", "list_methods"]
+__all__ = ["compress", "CompressResult", "apply_recipe", "analyze", "edit", "evaluate", "save", "load", "prepare", "list_methods"]
 __version__ = "0.1.0"
 
 

@@ -30,6 +30,7 @@ from .checkpoint import RUN, describe_leftover, discard
 from .data import calibration_samples, read_text, tokenize, windows
 from .errors import UserError
 from .eval import protocol_text
+from .kernels import prepare
 from .layers.latent_kv import kv_cache_bytes_per_token
 from .methods.structured.surgery import flops_per_token
 from .models import load_model, source_kind
@@ -55,10 +56,23 @@ class CompressResult:
     bits per weight of the whole model as stored, per-branch perplexity / KL when measured, seconds,
     peak memory in bytes, the recipe run and, for a size target, how it was planned)."""
 
-    model: nn.Module
+    _model: nn.Module = field(repr=False)
     tokenizer: Any
     out: Path | None
     summary: dict[str, Any] = field(default_factory=dict)
+    _prepared: bool = field(default=False, repr=False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The compressed model, float32 on the CPU. On first access every compressed module takes
+        the fastest exact path there (kernels.prepare_model, as `load` does: dense layers dequantized
+        once on a float32 CPU; `model.hypercompress_backends` says which). Moved to another device or
+        dtype, it runs its reference forwards until `hypercompress.prepare(model, dtype)` is called."""
+        if not self._prepared:
+            prepare(self._model)
+            self._prepared = True
+        return self._model
+
 
 
 def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None = None,

@@ -46,3 +46,14 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, workload: str = "decode"
         raise ValueError(f"workload {workload!r}: one of {WORKLOADS}")
     return {name: module.prepare_fast(dtype, workload) for name, module in model.named_modules()
             if isinstance(module, CompressedModule)}
+
+
+def prepare(model: nn.Module, dtype: torch.dtype | None = None, workload: str = "decode") -> dict[str, str]:
+    """Give every compressed module of `model` (as it now sits: call after `model.to(device)`) the
+    fastest exact kernel its device has for activations of `dtype` (default: the dtype of the
+    model's first floating-point parameter); `workload` "decode" or "prefill" (kernels.prepare_model).
+    Returns {module name: backend}, also kept as `model.hypercompress_backends`."""
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    model.hypercompress_backends = prepare_model(model, dtype, workload)
+    return model.hypercompress_backends
