@@ -145,6 +145,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
             peak, block_seconds = run["peak_memory_bytes"], run["block_seconds"]
             expert_tokens = run.get("expert_tokens")
         else:
+            methods[0].run_device = str(device)
             made = methods[0].compress_many(list(routes), lambda name: uncompressed(model, name, first))
             for done, (name, module) in enumerate(made):
                 replace_module(model, name, module)

@@ -21,6 +21,7 @@ class LayerwiseMethod(abc.ABC):
     name: str = ""
     needs_calibration: bool = False
     default_targets: str = "linears"  # what a stage without targets selects (modules.select_linears)
+    run_device: str = "cpu"  # the run's --device (api.compress sets it): where a data-free method computes
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -29,7 +29,7 @@ class KanConfig(MethodConfig):
     lr: float = 1e-2
     batch: int = 4096       # matrix entries per Adam step (the same positions in every matrix fitted together)
     together: int = 32      # matrices of one shape fitted at once (memory: together x batch x 2c x grid)
-    device: str = "cpu"     # where each matrix is fitted (cuda for real models)
+    device: str | None = None  # where each matrix is fitted; None: the run's --device (cuda for real models)
     log_dir: str | None = None        # TensorBoard event files here (package tensorboard)
     wandb_project: str | None = None  # also log to this W&B project (package wandb; offline unless WANDB_MODE says)
     wandb_dir: str | None = None      # W&B run files here (default: log_dir, else the working directory)
@@ -42,7 +42,8 @@ class KanConfig(MethodConfig):
         check(self.lr > 0, f"lr={self.lr}: must be positive")
         check(self.batch >= 1, f"batch={self.batch}: must be >= 1")
         check(self.together >= 1, f"together={self.together}: must be >= 1")
-        check(self.device == "cpu" or self.device.startswith("cuda"), f"device={self.device!r}: cpu or cuda")
+        check(self.device is None or self.device == "cpu" or self.device.startswith("cuda"),
+              f"device={self.device!r}: cpu or cuda")
         check_tracking(self)
 
 
@@ -107,13 +108,15 @@ class Kan(LayerwiseMethod):
         Every Adam step's loss, level, lr and entries_per_second go to the config's tracker under
         "kan", counted over all levels and groups."""
         c = self.config
-        if c.device != "cpu" and not torch.cuda.is_available():
-            raise UserError(f"kan device={c.device}: no CUDA device is available; use device=cpu")
+        device = c.device or self.run_device
+        if device != "cpu" and not torch.cuda.is_available():
+            raise UserError(f"kan device={device}: no CUDA device is available; use device=cpu")
         with Tracker.of("kan", c) as tracker:
             yield from self._fit(names, layer_of, tracker)
 
     def _fit(self, names, layer_of, tracker: Tracker):
         c = self.config
+        device = c.device or self.run_device
 
         def on_step(values: dict[str, float]) -> None:
             self.steps_done += 1
@@ -127,7 +130,7 @@ class Kan(LayerwiseMethod):
                 chunk = group[start:start + c.together]
                 layers = [layer_of(name) for name in chunk]
                 levels = fit_levels(torch.stack([linear_weight(layer) for layer in layers]), c.num_levels,
-                                    (c.hidden,), c.code_dim, c.grid, c.steps, c.lr, c.seed, c.device, c.batch,
+                                    (c.hidden,), c.code_dim, c.grid, c.steps, c.lr, c.seed, device, c.batch,
                                     on_step if tracker.active else None)
                 for m, (name, layer) in enumerate(zip(chunk, layers)):
                     yield name, _kan_linear([field.select(m) for field in levels], layer)
