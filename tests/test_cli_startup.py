@@ -57,7 +57,9 @@ def test_help_imports_neither_torch_nor_transformers(args):
     (["compress", "some/model", "--method", "rtn"], "Missing option '--out'"),
     (["evaluate", "art", "--seq-len", "1"], "--seq-len"),
     (["nonsense"], "No such command"),
-], ids=["missing option", "out of range", "unknown command"])
+    (["compress", "some/model", "--method", "rnt", "--out", "new-out"], "unknown method 'rnt'; available methods: asvd"),
+    (["compress", "some/model", "--method", "rtn", "--out", "."], "already exists and is not empty"),
+], ids=["missing option", "out of range", "unknown command", "misspelt method", "existing --out"])
 def test_a_bad_option_is_one_line_before_any_import(args, needle):
     code, out, err, imported = run_app(args)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -120,3 +122,9 @@ def test_transformers_imported_first_is_registered_at_import(artifact):
     done = fresh_python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "LlamaForCausalLM"
+
+
+def test_the_method_names_known_without_torch_are_the_registered_ones():
+    from hypercompress.registry import BUILTIN_METHODS, list_methods
+
+    assert sorted(BUILTIN_METHODS) == list_methods()

@@ -78,6 +78,8 @@ def test_transformers_decompresses_our_codes(case, tmp_path, tokens, wrong_artif
     source = make_artifact(tmp_path / "a", [{"method": "rtn", **stage}])
     report = export(source, "compressed-tensors", tmp_path / "ct")
     assert report["verified_exact"] == 14 and report["ignore"] == ["lm_head"]
+    # what the file's readers need is said at export time, exactly when transformers needs the option
+    assert any("CompressedTensorsConfig(dequantize=True)" in note for note in report["notes"]) is dequantize
 
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"

@@ -33,12 +33,13 @@ def readme_example() -> str:
 def test_the_readme_example_runs_on_a_tiny_model(model_dirs, calib_file, tmp_path, capsys):
     code = readme_example()
     assert '"smollm2-135m"' in code and "target_bpw=4.0" in code
+    assert 'out="out/smol-4bpw"' in code  # replaced below: the test never writes into the checkout
     # the same call on a tiny model: its source, calibration text, a target it can reach, a short run
     code = (code.replace('"smollm2-135m"', repr(str(model_dirs["llama"])))
                 .replace('"../shared/data/wikitext2_valid_tokenized.txt"', repr(str(calib_file)))
                 .replace("target_bpw=4.0", "target_bpw=6.0, overrides=['group_size=32']")
                 .replace("calib_samples=32, calib_len=512", "calib_samples=2, calib_len=32")
-                .replace('out="smol-4bpw"', f"out={str(tmp_path / 'smol')!r}"))
+                .replace('out="out/smol-4bpw"', f"out={str(tmp_path / 'smol')!r}"))
     scope: dict = {}
     exec(compile(code, "README.md example", "exec"), scope)
     result = scope["result"]

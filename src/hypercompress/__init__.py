@@ -1,7 +1,7 @@
 """hypercompress: make Hugging Face causal LMs smaller and prove what it cost.
 
-    result = hypercompress.compress("smollm2-135m", target_bpw=4.0, calib="valid.txt", out="smol-4bpw")
-    model, tokenizer = hypercompress.load("smol-4bpw")
+    result = hypercompress.compress("smollm2-135m", target_bpw=4.0, calib="valid.txt", out="out/smol-4bpw")
+    model, tokenizer = hypercompress.load("out/smol-4bpw")
 
 `import hypercompress` loads neither torch nor transformers (the command line answers `--help` at
 once): each public name is imported when first used (PEP 562), and the registration with

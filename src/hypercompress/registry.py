@@ -20,6 +20,17 @@ class MethodEntry:
 
 
 _METHODS: dict[str, MethodEntry] = {}
+BUILTIN_METHODS = ("asvd", "distill", "factor_embedding", "gptq", "hypernet", "kan", "kv_lowrank", "qat", "rotate",
+                   "rtn", "sparsegpt", "structured", "svd", "wanda")
+"""The names `hypercompress.methods` registers, known without importing it (and torch): the command
+line refuses a misspelt --method at once (tests/test_cli_startup.py checks the two agree)."""
+
+
+def check_method_name(name: str) -> None:
+    """UserError naming the available methods when `name` is neither built in nor registered."""
+    known = sorted(set(BUILTIN_METHODS) | set(_METHODS))
+    if name not in known:
+        raise UserError(f"unknown method '{name}'; available methods: {', '.join(known)}")
 
 
 def register(name: str, config_cls: type[MethodConfig]) -> Callable[[type], type]:
@@ -37,8 +48,7 @@ def register(name: str, config_cls: type[MethodConfig]) -> Callable[[type], type
 
 def get_method(name: str) -> MethodEntry:
     _load_builtin_methods()
-    if name not in _METHODS:
-        raise UserError(f"unknown method '{name}'; available methods: {', '.join(list_methods())}")
+    check_method_name(name)
     return _METHODS[name]
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import artifact, parallel
-from .atomic import check_output_folder
+from .atomic import check_output_folder, refuse_existing
 from .api import check_stages, compress as apply_recipe
 from .arch import check_length, position_limit
 from .calibration import peak_memory_bytes
@@ -138,9 +138,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     say = say or (lambda _line: None)
     progress = timeline.track(progress or no_progress)
     target, plan, recovery_overrides = _target_or_recipe(recipe, method, overrides, target_bpw, target_ratio)
-    out_path = Path(out) if out is not None else None
-    if out_path is not None and out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
-        raise UserError(f"output {out_path} already exists and is not empty; pass a new --out path")
+    out_path = refuse_existing(out) if out is not None else None
     if lossless is not None and not 0 <= lossless <= 22:
         raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off; pass one of them")
     if out_path is not None:

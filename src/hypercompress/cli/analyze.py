@@ -19,7 +19,7 @@ def analyze(
     calib: str = typer.Option(..., "--calib", help="calibration text (never the test text)"),
     calib_samples: int = typer.Option(8, "--calib-samples", min=1, help="calibration windows"),
     calib_len: int = typer.Option(256, "--calib-len", min=2, help="tokens per calibration window"),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the windows' offsets"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="seed of the windows' offsets"),
     rd_layers: list[str] = typer.Option([], "--rd-layer", help="a linear to measure against the rate-distortion "
                                         "bound (repeatable; default: the first, middle and last blocks' linears)"),
     sensitivity: bool = typer.Option(True, "--sensitivity/--no-sensitivity",

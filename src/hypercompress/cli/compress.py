@@ -11,8 +11,9 @@ from typing import Optional
 
 import typer
 
-from ..atomic import check_output_file
+from ..atomic import check_output_file, check_output_folder, refuse_existing
 from ..hub import check_hub_model
+from ..registry import check_method_name
 from . import STARTED
 from .common import console, one_line_errors, section_progress, write_json
 from .progress import print_time_table, process_seconds
@@ -34,7 +35,7 @@ def compress(
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text (never the test text)"),
     calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="calibration windows"),
     calib_len: int = typer.Option(512, "--calib-len", min=2, help="tokens per calibration window"),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed for sampling and any randomness"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="seed for sampling and any randomness"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda: where each block is calibrated"),
     calib_batch: int = typer.Option(8, "--calib-batch", min=1, help="calibration windows per forward pass"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run from its checkpoint"),
@@ -75,12 +76,15 @@ def compress(
 ) -> None:
     """Compress MODEL with a recipe (or a planned one for a size target); write an artifact."""
     quiet_libraries(verbose)
+    if method is not None:  # a typo answers now, before torch and transformers are imported
+        check_method_name(method)
+    check_output_folder(refuse_existing(out))
+    check_output_file(report_json)  # refused now, not after the compression
     check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     if teacher is not None:
         check_hub_model(teacher)
     from ..workflow import compress as run_compress
 
-    check_output_file(report_json)  # refused now, not after the compression
     started = process_seconds(STARTED)  # the start-up: interpreter, imports, option checks
     with section_progress() as update:
         result = run_compress(model, recipe, calib, method=method, overrides=overrides, target_bpw=target_bpw,

@@ -41,7 +41,7 @@ def edit(
     max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="tokens kept per example line"),
     eval_windows: int = typer.Option(8, "--eval-windows", min=1, help="windows of the unrelated / heldout text"),
     eval_len: int = typer.Option(256, "--eval-len", min=2, help="tokens per window"),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1, help="seed of the fit / held-out split"),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="seed of the fit / held-out split"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     verbose: bool = VERBOSE,
 ) -> None:

@@ -147,6 +147,11 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
                      f"(e.g. {refused[0][0]}, {refused[0][1]}), not compressed in this file")
     if config is None:
         notes.append("no quantized linear: a dense model, written without quantization_config")
+    if any(not key[2] for key in schemes):  # what its readers need (the module docstring's "Loading")
+        notes.append("asymmetric grids: vLLM reads this folder as written; transformers' plain from_pretrained "
+                     "refuses asymmetric pack-quantized files (llm-compressor's own too): pass "
+                     "quantization_config=CompressedTensorsConfig(dequantize=True)"
+                     + ("" if len(schemes) == 1 else f" (checked here with one config group; this file has {len(schemes)})"))
     return {
         "dtype": dtype, "format": FORMAT, "compressed_tensors": compressed_tensors.__version__,
         "config_groups": {

@@ -210,6 +210,7 @@ def _report(encoded: dict[str, tuple], path: Path, file_type) -> dict[str, Any]:
     worst = sorted(approx, key=lambda n: -tensors[n]["rel_error"])
     notes = [f"re-quantized {n} ({tensors[n]['source']}) to {tensors[n]['type']}: relative error "
              f"{tensors[n]['rel_error']:.3g}" for n in worst[:8]]
-    notes += [f"... and {len(worst) - 8} more re-quantized tensors (see --json)"] if len(worst) > 8 else []
+    notes += [f"... and {len(worst) - 8} more re-quantized tensors (each one's type and error: the report's "
+              "\"tensors\", written by --json FILE)"] if len(worst) > 8 else []
     return {"file": FILE, "bytes": size, "file_type": file_type.name, "tensors": tensors,
             "exact": len(exact), "requantized": len(approx), "summary": summary, "notes": notes}
