@@ -36,7 +36,7 @@ from hypercompress.api import compress  # noqa: E402
 from hypercompress.arch import block_linear_names  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.methods.hypernet.config import HypernetConfig  # noqa: E402
-from hypercompress.methods.hypernet.generator import HyperGenerator  # noqa: E402
+from hypercompress.layers.hypernet.generator import HyperGenerator  # noqa: E402
 from hypercompress.methods.hypernet.method import block_linear_grid  # noqa: E402
 from hypercompress.modules import count_params, linear_weight  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402

@@ -125,6 +125,7 @@ def test_transformers_imported_first_is_registered_at_import(artifact):
 
 
 def test_the_method_names_known_without_torch_are_the_registered_ones():
-    from hypercompress.registry import BUILTIN_METHODS, list_methods
+    from hypercompress.methods import list_methods
+    from hypercompress.registry import BUILTIN_METHODS
 
     assert sorted(BUILTIN_METHODS) == list_methods()

@@ -14,7 +14,7 @@ from hypercompress.errors import UserError
 from hypercompress.models import load_model
 from hypercompress.modules import CompressedModule, count_params
 from hypercompress.recipe import Recipe
-from hypercompress.registry import get_method
+from hypercompress.methods import get_method
 
 from conftest import ARCHS
 

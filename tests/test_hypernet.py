@@ -8,9 +8,9 @@ import torch
 from hypercompress import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
-from hypercompress.methods.hypernet.backbone import make_backbone
-from hypercompress.methods.hypernet.generator import HyperGenerator
-from hypercompress.methods.hypernet.linear import GeneratedLinear
+from hypercompress.layers.hypernet.backbone import make_backbone
+from hypercompress.layers.hypernet.generator import HyperGenerator
+from hypercompress.layers.hypernet.linear import GeneratedLinear
 from hypercompress.methods.hypernet.patches import from_patches, to_patches
 from hypercompress.methods.hypernet.set_encoder import SetEncoder
 from hypercompress.models import load_model

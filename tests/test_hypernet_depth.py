@@ -11,8 +11,8 @@ import torch
 from hypercompress import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
-from hypercompress.methods.hypernet.backbone import make_backbone
-from hypercompress.methods.hypernet.generator import HyperGenerator
+from hypercompress.layers.hypernet.backbone import make_backbone
+from hypercompress.layers.hypernet.generator import HyperGenerator
 from hypercompress.methods.hypernet.method import _install, _weight_error, block_linear_grid
 from hypercompress.models import load_model
 from hypercompress.modules import count_params, linear_weight

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from hypercompress.methods.kan import HierarchicalCompressor, decompress_weights
-from hypercompress.methods.kan.compressor import evaluate, fit_levels
-from hypercompress.methods.kan.spline import KANLayer, bspline_basis
+from hypercompress.layers.kan import evaluate
+from hypercompress.layers.kan.spline import KANLayer, bspline_basis
+from hypercompress.methods.kan.compressor import fit_levels
 from hypercompress.models import load_model
 
 

@@ -36,9 +36,34 @@ def test_the_check_catches_a_lazy_relative_import_of_methods(tmp_path):
 
 
 def test_every_stored_kind_is_known_to_the_reader():
-    from hypercompress.registry import stored_kinds
+    from hypercompress.layers import module_kinds
 
-    kinds = stored_kinds()
+    kinds = module_kinds()
     for kind in ("quant", "lowrank", "sparse", "lora", "kan"):
         assert kind in kinds, sorted(kinds)
     assert any(cls.__name__ == "HyperGenerator" for cls in kinds.values())
+
+
+def test_loading_an_artifact_imports_no_method(model_dirs, tmp_path):
+    """Every stored kind lives in layers/, so `hypercompress.load` (in a fresh interpreter) leaves
+    hypercompress.methods out of sys.modules; the check sees a method module when one is imported."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from hypercompress.cli import app
+
+    out = tmp_path / "kan"
+    result = CliRunner().invoke(app, ["compress", str(model_dirs["llama"]), "--method", "kan", "--set", "steps=1",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    probe = ("import sys, hypercompress\n"
+             f"hypercompress.load({str(out)!r})\n"
+             "{extra}"
+             "print(sorted(m for m in sys.modules if m.startswith('hypercompress.methods')))\n")
+    for extra, expect_none in (("", True), ("import hypercompress.methods.rtn\n", False)):
+        done = subprocess.run([sys.executable, "-c", probe.format(extra=extra)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert (done.stdout.strip().splitlines()[-1] == "[]") is expect_none, done.stdout

@@ -28,7 +28,7 @@ _EXPORTS = {
     "save": ("artifact", "save"),
     "load": ("artifact", "load"),
     "prepare": ("kernels", "prepare"),
-    "list_methods": ("registry", "list_methods"),
+    "list_methods": ("methods", "list_methods"),
 }
 _AUTO_MODELS = "transformers.models.auto.modeling_auto"  # where AutoModelForCausalLM lives
 

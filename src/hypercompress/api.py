@@ -23,7 +23,7 @@ from .modules import (CompressedModule, effective_weights, first_non_finite, gua
 from .progress import takes_positional
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
-from .registry import get_method
+from .methods import get_method
 from .streaming import materialize_all
 from .training.teacher import check_teacher_model, check_teacher_stages
 

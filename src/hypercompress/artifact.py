@@ -18,9 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .artifact_reader import (FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, build_stored, file_sha256, read_config,
+from .artifact_reader import (FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, file_sha256, read_config,
                               verify)
 from .atomic import atomic_directory
+from .layers.build import build_stored
 from .errors import UserError, user_path
 from .formats import lossless as lossless_codec
 from .hf_integration import wrapper_config

@@ -21,32 +21,29 @@ changed scale, a swapped code): the file says what it says.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 import math
 import os
 import re
 import stat
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import UserError, user_path
+from .layers.build import MAX_LAYOUT_INT, build_stored
 
 FORMAT_VERSION = 1
 MANIFEST = "hypercompress.json"
 WEIGHTS = "model.safetensors"
 MAX_DOCUMENT_BYTES = 64 << 20  # manifest, config, tokenizer, summary: far above any real one
 MAX_LAYERS = 1024  # decoder layers a config may declare (the largest public models have ~130)
-MAX_LAYOUT_INT = 1 << 31  # any integer in a layout
 SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$"
 MODULE_NAME = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,15}$"
 # files in a model directory that transformers reads when loading the config or tokenizer
@@ -356,70 +353,6 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
     if unlisted:  # e.g. the tied head that replacing the embedding makes, or a wrapper's base
         raise _fail(path, f"module {unlisted[0]} is implied by the others but not listed in the manifest")
     return model
-
-
-def build_stored(entry: dict[str, Any], what: str, path: Path | None = None, nested: bool = False,
-                 device: str = "meta"):
-    """The StoredModule a manifest entry {kind, layout} describes, built after its layout passed its
-    kind's schema (the constructor's signature, strict types) and ranges: on `device` (meta: no
-    memory; "cpu" once the header proved the file holds its tensors), or for a `nested` base (a
-    LoRA's or residual generator's) on the caller's device."""
-    from .registry import stored_kinds as module_kinds
-
-    where = f"artifact {path}: " if path else ""
-    if not isinstance(entry, dict) or set(entry) != {"kind", "layout"} or not isinstance(entry["layout"], dict):
-        raise UserError(f"{where}{what} is not a {{kind, layout}} entry; re-create the artifact")
-    cls = module_kinds().get(entry["kind"])
-    if cls is None:
-        raise UserError(f"{where}{what} has unknown kind {entry['kind']!r}; upgrade hypercompress or "
-                        "re-create the artifact")
-    if nested and getattr(cls, "wraps_base", False):
-        raise UserError(f"{where}{what}: a {cls.kind} cannot be the base of another module; re-create the artifact")
-    layout = entry["layout"]
-    try:
-        _layout_schema(cls).model_validate(layout)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"])
-        raise UserError(f"{where}{what} ({cls.kind}) layout '{key}': {error['msg']}; re-create the artifact") from None
-    problem = _int_range_problem(layout) or cls.layout_problem(layout)
-    if problem:
-        raise UserError(f"{where}{what} ({cls.kind}) layout: {problem}; re-create the artifact")
-    try:
-        if nested:
-            return cls.from_layout(layout)
-        with torch.device(device):
-            return cls.from_layout(layout)
-    except UserError:
-        raise
-    except Exception as exc:  # a layout the checks above let through but the constructor refuses
-        raise UserError(f"{where}{what} ({cls.kind}) layout does not build ({type(exc).__name__}); "
-                        "re-create the artifact") from None
-
-
-@functools.cache
-def _layout_schema(cls: type) -> type[BaseModel]:
-    """A strict pydantic model of `cls.__init__`'s parameters (types from its annotations), every one
-    required: `layout()` writes them all, so a missing one is an edit."""
-    hints = typing.get_type_hints(cls.__init__)
-    fields = {}
-    for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
-        fields[parameter.name] = (hints.get(parameter.name, Any), ...)  # layout() writes every one
-    return create_model(f"{cls.__name__}Layout", __config__=ConfigDict(strict=True, extra="forbid"), **fields)
-
-
-def _int_range_problem(value: Any, key: str = "") -> str | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return None if 0 <= value < MAX_LAYOUT_INT else f"{key or 'a value'} = {value} is out of range"
-    if isinstance(value, dict):
-        items = [] if {"kind", "layout"} <= set(value) else value.items()  # a nested base checks itself
-        return next((p for k, v in items if (p := _int_range_problem(v, str(k)))), None)
-    if isinstance(value, list):
-        return next((p for v in value if (p := _int_range_problem(v, key))), None)
-    return None
-
 
 
 def expected_tensors(path: Path, model: nn.Module, manifest: dict[str, Any]

@@ -42,10 +42,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import parallel
-from .artifact_reader import build_stored, file_sha256
+from .artifact_reader import file_sha256
+from .layers.build import build_stored
 from .atomic import pid_alive, replace_file
 from .errors import UserError
-from .registry import stored_kinds as module_kinds
+from .layers import module_kinds
 from .modules import StoredModule, replace_module
 
 FORMAT = 3  # 2: state.json records the tensors file's sha256; 3: modules in incremental part files

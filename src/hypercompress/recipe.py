@@ -27,7 +27,7 @@ import yaml
 
 from .config import MethodConfig
 from .errors import UserError
-from .registry import get_method
+from .methods import get_method
 
 SELECTION_KEYS = ("targets", "ignore")
 

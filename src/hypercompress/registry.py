@@ -1,6 +1,7 @@
 """The extension point: `@register("name", ConfigCls)` on a method class.
 
-No package walking: `hypercompress.methods` imports every method module explicitly.
+A leaf: it imports no method. `hypercompress.methods` imports every built-in method module explicitly
+(no package walking) and answers `get_method` / `list_methods` once they are registered.
 """
 
 from __future__ import annotations
@@ -44,27 +45,3 @@ def register(name: str, config_cls: type[MethodConfig]) -> Callable[[type], type
         return method_cls
 
     return decorate
-
-
-def get_method(name: str) -> MethodEntry:
-    _load_builtin_methods()
-    check_method_name(name)
-    return _METHODS[name]
-
-
-def list_methods() -> list[str]:
-    _load_builtin_methods()
-    return sorted(_METHODS)
-
-
-def stored_kinds() -> dict[str, type]:
-    """kind -> class of every module an artifact can hold, the methods' own kinds included
-    (layers.module_kinds after the built-in method packages registered theirs)."""
-    _load_builtin_methods()
-    from .layers import module_kinds
-
-    return module_kinds()
-
-
-def _load_builtin_methods() -> None:
-    from . import methods  # noqa: F401  (imports register every built-in method)

@@ -37,7 +37,7 @@ from .models import load_model, source_kind
 from .modules import count_params, effective_weights
 from .progress import Progress, Timeline, no_progress
 from .recipe import PlanTarget, Recipe, load_recipe_file
-from .registry import get_method
+from .methods import get_method
 from .streaming import is_streamed, load_streamed, materialize_all
 from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .planning.target import planned_recipe

@@ -20,12 +20,12 @@ FACTOR_DTYPE = torch.float16
 
 class LoRALinear(CompressedModule):
     kind = "lora"
-    wraps_base = True  # its base may not itself wrap one (artifact_reader.build_stored)
+    wraps_base = True  # its base may not itself wrap one (layers/build.build_stored)
     own_path = "the base's own path + the adapter (two small GEMMs)"
 
     def __init__(self, in_features: int, out_features: int, rank: int, base: dict[str, Any]):
         super().__init__()
-        from ..artifact_reader import build_stored
+        from .build import build_stored
 
         self.in_features, self.out_features, self.rank, self.base_layout = in_features, out_features, rank, base
         self.base = build_stored(base, f"the {self.kind} base", nested=True)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from ...config import MethodConfig, check
 from ...tracking import check_tracking
-from .backbone import BACKBONES, TBPTT_MAMBA
-from .generator import HEADS
+from ...layers.hypernet.backbone import BACKBONES, TBPTT_MAMBA
+from ...layers.hypernet.generator import HEADS
 
 
 @dataclass

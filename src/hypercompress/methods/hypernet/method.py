@@ -31,8 +31,7 @@ from ...registry import register
 from ...tracking import Tracker, learning_rates
 from ..base import WholeModelMethod
 from .config import HypernetConfig
-from .generator import HyperGenerator
-from .linear import GeneratedLinear
+from ...layers.hypernet import GeneratedLinear, HyperGenerator
 from .patches import to_patches
 from .set_encoder import SetEncoder
 

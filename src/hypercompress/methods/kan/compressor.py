@@ -13,14 +13,13 @@ stored in float16 and every decompression computes from those, so what is saved 
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .field import KanField
+from ...layers.kan.field import KanField, evaluate, field_from_layout, layout_of
 
 def fit_levels(weight: torch.Tensor, num_levels: int, hidden_dims: tuple[int, ...], code_dim: int,
                grid: int, steps: int, lr: float, seed: int, device: str = "cpu",
@@ -61,14 +60,6 @@ def fit_levels(weight: torch.Tensor, num_levels: int, hidden_dims: tuple[int, ..
     return levels
 
 
-@torch.no_grad()
-def evaluate(fields) -> torch.Tensor:
-    """Sum of the levels' matrices (M, d_out, d_in), computed in float32 from the stored (float16)
-    fields on the fields' device."""
-    fields = [fields] if isinstance(fields, KanField) else list(fields)
-    return sum(copy.deepcopy(f).float()() for f in fields)
-
-
 class HierarchicalCompressor:
     """KAN hierarchical compression of a state dict (see the module docstring)."""
 
@@ -101,15 +92,6 @@ class HierarchicalCompressor:
             if progress:
                 progress(index + 1, len(names))
         return out
-
-
-def layout_of(field: KanField) -> dict[str, int]:
-    return {"d_out": field.d_out, "d_in": field.d_in, "code_dim": field.code_dim, "hidden": field.hidden,
-            "grid": field.grid}
-
-
-def field_from_layout(layout: dict[str, int]) -> KanField:
-    return KanField(layout["d_out"], layout["d_in"], layout["code_dim"], layout["hidden"], layout["grid"]).half()
 
 
 def decompress_weights(compressed: dict[str, Any]) -> dict[str, torch.Tensor]:

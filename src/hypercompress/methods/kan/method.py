@@ -1,22 +1,20 @@
-"""The registered `kan` method: every selected linear becomes a KanLinear (levels of KanFields)."""
+"""The registered `kan` method: every selected linear becomes a KanLinear (layers/kan: levels of KanFields)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config import MethodConfig, check
 from ...errors import UserError
-from ...layers import register_kind
-from ...modules import CompressedModule, linear_bias, linear_weight
+from ...layers.kan import KanLinear
+from ...modules import linear_bias, linear_weight
 from ...registry import register
 from ...tracking import Tracker, check_tracking
 from ..base import LayerwiseMethod
-from .compressor import evaluate, field_from_layout, fit_levels, layout_of
+from .compressor import fit_levels, layout_of
 
 
 @dataclass
@@ -45,55 +43,6 @@ class KanConfig(MethodConfig):
         check(self.device is None or self.device == "cpu" or self.device.startswith("cuda"),
               f"device={self.device!r}: cpu or cuda")
         check_tracking(self)
-
-
-@register_kind
-class KanLinear(CompressedModule):
-    """W = sum of the levels' KanField matrices (float16 parameters, computed in float32, cached)."""
-
-    kind = "kan"
-
-    def __init__(self, levels: list[dict[str, int]], bias: bool = False):
-        super().__init__()
-        self.levels_layout = levels
-        self.levels = nn.ModuleList(field_from_layout(layout) for layout in levels)
-        self.out_features, self.in_features = levels[0]["d_out"], levels[0]["d_in"]
-        self.register_buffer("bias", torch.zeros(self.out_features, dtype=torch.float16) if bias else None)
-        self._cache: torch.Tensor | None = None
-
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self._cache is None or self._cache.device != self.device():
-            self._cache = evaluate(self.levels)[0]
-        return self._cache.to(dtype)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None  # new parameters: evaluate again
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self.fast_or_none(x)
-        if fast is not None:
-            return fast(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype), bias)
-
-    def layout(self) -> dict[str, Any]:
-        return {"levels": self.levels_layout, "bias": self.bias is not None}
-
-    @classmethod
-    def from_layout(cls, layout: dict[str, Any]) -> "KanLinear":
-        return cls(**layout)
-
-    @classmethod
-    def layout_problem(cls, layout: dict[str, Any]) -> str | None:
-        keys = {"d_out", "d_in", "code_dim", "hidden", "grid"}
-        levels = layout["levels"]
-        if not levels or any(set(level) != keys for level in levels):
-            return f"levels must be a non-empty list of {{{', '.join(sorted(keys))}}}"
-        if any(not 1 <= level[k] <= (1 << 12) for level in levels for k in ("code_dim", "hidden", "grid")):
-            return "code_dim, hidden and grid must be in 1..4096"
-        shapes = {(level["d_out"], level["d_in"]) for level in levels}
-        return None if len(shapes) == 1 and min(next(iter(shapes))) >= 1 else "levels disagree on the shape"
 
 
 @register("kan", KanConfig)

@@ -3,7 +3,7 @@
 a (d_out, c) are learned row codes, b (d_in, c) column codes, the KAN maps the 2c-vector of a
 (row, column) pair to one value. Codes start from the top-c singular vectors of the target (scaled
 into the spline grid), so the first level begins near a rank-c picture of the matrix; later levels
-use finer spline grids on what is left (the coarse-to-fine hierarchy lives in compressor.py).
+use finer spline grids on what is left (the coarse-to-fine fit lives in methods/kan/compressor.py).
 Storage: the codes and the KAN's parameters, nothing per entry.
 
 A field holds `copies` M independent fields of one shape (every tensor has a leading M), so the
@@ -11,6 +11,8 @@ matrices of one type across layers are fitted together; `select(m)` takes one ou
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -63,3 +65,20 @@ class KanField(nn.Module):
         one = KanField(self.d_out, self.d_in, self.code_dim, self.hidden, self.grid).to(self.rows)
         one.load_state_dict({k: v[m:m + 1] for k, v in self.state_dict().items()})
         return one
+
+
+@torch.no_grad()
+def evaluate(fields) -> torch.Tensor:
+    """Sum of the levels' matrices (M, d_out, d_in), computed in float32 from the stored (float16)
+    fields on the fields' device."""
+    fields = [fields] if isinstance(fields, KanField) else list(fields)
+    return sum(copy.deepcopy(f).float()() for f in fields)
+
+
+def layout_of(field: KanField) -> dict[str, int]:
+    return {"d_out": field.d_out, "d_in": field.d_in, "code_dim": field.code_dim, "hidden": field.hidden,
+            "grid": field.grid}
+
+
+def field_from_layout(layout: dict[str, int]) -> KanField:
+    return KanField(layout["d_out"], layout["d_in"], layout["code_dim"], layout["hidden"], layout["grid"]).half()

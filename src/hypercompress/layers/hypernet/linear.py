@@ -14,13 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ...layers import register_kind
 from ...modules import CompressedModule
 
 BIAS_DTYPE = torch.float16
 
 
-@register_kind
 class GeneratedLinear(CompressedModule):
     kind = "generated_linear"
     wraps_base = True
@@ -32,7 +30,7 @@ class GeneratedLinear(CompressedModule):
         self.register_buffer("bias", torch.zeros(out_features, dtype=BIAS_DTYPE) if bias else None)
         self.base_layout = base
         if base is not None:
-            from ...artifact_reader import build_stored
+            from ..build import build_stored
 
             self.base = build_stored(base, f"the {self.kind} base", nested=True)
             if (self.base.out_features, self.base.in_features) != (out_features, in_features):

@@ -43,16 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...layers import register_kind
-from ...modules import StoredModule
 from ...formats import row_codes
+from ...modules import StoredModule
 from .backbone import make_backbone
 from .diffusion_head import DiffusionHead
 
 HEADS = ("mlp", "dit")
 
 
-@register_kind
 class HyperGenerator(StoredModule):
     """Generates the (d_out, d_in) weights of `shapes[t]` for every layer l < num_layers."""
 
@@ -216,7 +214,7 @@ class HyperGenerator(StoredModule):
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "HyperGenerator":
-        return cls(**layout).half()  # stored in float16 (method.py rounds it before saving)
+        return cls(**layout).half()  # stored in float16 (methods/hypernet/method.py rounds it before saving)
 
     @classmethod
     def layout_problem(cls, layout: dict[str, Any]) -> str | None:
