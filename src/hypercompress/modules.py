@@ -11,6 +11,7 @@ import re
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .arch import arch_of, block_linear_names
@@ -74,6 +75,16 @@ class CompressedModule(StoredModule):
 
     _fast = None  # a kernels.paths.FastPath once `prepare_fast` built one
     own_path: ClassVar[str | None] = None  # set by kinds whose forward is already their fast path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features): the prepared fast path when x can take it, else
+        the reference (the dense weight in x's dtype, then one GEMM). Kinds with a cheaper reference
+        (low-rank factors, embeddings) override it."""
+        fast = self.fast_or_none(x)
+        if fast is not None:
+            return fast(x)
+        bias = getattr(self, "bias", None)
+        return F.linear(x, self.dense_weight(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def prepare_fast(self, dtype: torch.dtype, workload: str = "decode") -> str:
         """Build the fastest exact forward for this module's device and compute `dtype` (kernels/);

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
 from ..formats.packing import pack_codes, packed_nbytes, unpack_codes
@@ -145,13 +144,6 @@ class QuantLinear(CompressedModule):
         zero_point = "float" if (not self.symmetric and self.zero_point == "float") else "int"
         weight = dequantize(codes, scale, self._zero(dtype), zero_point)
         return weight.reshape(self.out_features, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self.fast_or_none(x)
-        if fast is not None:
-            return fast(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype), bias)
 
     def code_matrix(self) -> torch.Tensor:
         """The stored codes as an (out_features, in_features) uint8 tensor."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..formats.packing import pack_codes, packed_nbytes, unpack_codes
 from ..modules import CompressedModule
@@ -105,13 +104,6 @@ class SparseLinear(CompressedModule):
             pattern = "2:4" if two_four else "unstructured"
             self._fast.backend = f"{self._fast.backend}: {pattern} on {weight.device.type}, {workload}"
         return self._fast.backend
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self.fast_or_none(x)
-        if fast is not None:
-            return fast(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype), bias)
 
     def layout(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "nnz": self.nnz,

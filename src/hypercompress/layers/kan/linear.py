@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...modules import CompressedModule
@@ -33,13 +32,6 @@ class KanLinear(CompressedModule):
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache = None  # new parameters: evaluate again
         super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fast = self.fast_or_none(x)
-        if fast is not None:
-            return fast(x)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dense_weight(x.dtype), bias)
 
     def layout(self) -> dict[str, Any]:
         return {"levels": self.levels_layout, "bias": self.bias is not None}
