@@ -7,9 +7,7 @@ at once. Each command that loads models quiets the libraries first (cli/quiet.py
 
 from __future__ import annotations
 
-import time
-
-STARTED = time.perf_counter()  # the start-up row of a run's time table counts from here
+from .clock import STARTED  # noqa: F401  (first: the start-up row of a run's time table counts from here)
 
 import typer  # noqa: E402
 

@@ -14,7 +14,7 @@ import typer
 from ..atomic import check_output_file, check_output_folder, refuse_existing
 from ..hub import check_hub_model
 from ..registry import check_method_name
-from . import STARTED
+from .clock import STARTED
 from .common import console, one_line_errors, section_progress, write_json
 from .progress import print_time_table, process_seconds
 from .quiet import VERBOSE, quiet_libraries

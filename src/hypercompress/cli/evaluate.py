@@ -10,7 +10,7 @@ import typer
 
 from ..atomic import check_output_file
 from ..hub import check_hub_model
-from . import STARTED
+from .clock import STARTED
 from .common import console, one_line_errors, parse_dtype, section_progress, write_json
 from .progress import print_time_table, process_seconds
 from .quiet import VERBOSE, quiet_libraries
