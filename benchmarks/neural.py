@@ -38,7 +38,8 @@ from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.methods.hypernet.config import HypernetConfig  # noqa: E402
 from hypercompress.layers.hypernet.generator import HyperGenerator  # noqa: E402
 from hypercompress.methods.hypernet.method import block_linear_grid  # noqa: E402
-from hypercompress.modules import count_params, linear_weight  # noqa: E402
+from hypercompress.layers.base import linear_weight
+from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe  # noqa: E402
 
 EMBEDDING = {2.0: 4, 1.0: 3, 0.5: 2, 0.25: "r32"}  # tied embedding per budget: RTN bits (rows) or a factorization

@@ -12,7 +12,8 @@ from hypercompress import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.models import load_model
-from hypercompress.modules import CompressedModule, count_params
+from hypercompress.layers.base import CompressedModule
+from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 from hypercompress.methods import get_method
 

@@ -15,7 +15,8 @@ from hypercompress.layers.hypernet.backbone import make_backbone
 from hypercompress.layers.hypernet.generator import HyperGenerator
 from hypercompress.methods.hypernet.method import _install, _weight_error, block_linear_grid
 from hypercompress.models import load_model
-from hypercompress.modules import count_params, linear_weight
+from hypercompress.layers.base import linear_weight
+from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 
 from conftest import make_model

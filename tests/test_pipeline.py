@@ -179,7 +179,7 @@ def test_no_plan_has_a_rank_past_the_break_even_rank():
     'set rank to 1..21'."""
     from hypercompress.arch import block_linear_names
     from hypercompress.methods.svd import max_useful_rank
-    from hypercompress.modules import linear_weight
+    from hypercompress.layers.base import linear_weight
     from hypercompress.planning.hybrid import BeyondReach
 
     model = big_vocab_model()

@@ -14,7 +14,7 @@ from torch import nn
 import hypercompress
 from hypercompress import streaming
 from hypercompress.errors import UserError
-from hypercompress.modules import CompressedModule
+from hypercompress.layers.base import CompressedModule
 
 from conftest import make_model, make_tokenizer
 from test_cli import assert_one_line_error, run

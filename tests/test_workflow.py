@@ -13,7 +13,7 @@ import torch
 import hypercompress
 from hypercompress import artifact
 from hypercompress.errors import UserError
-from hypercompress.modules import CompressedModule
+from hypercompress.layers.base import CompressedModule
 from hypercompress.recipe import Recipe
 
 from conftest import make_model, make_tokenizer

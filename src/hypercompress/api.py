@@ -18,8 +18,13 @@ from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
 from .experts import unfuse_experts
-from .modules import (CompressedModule, effective_weights, first_non_finite, guard_plain_saves, replace_module,
-                      select_linears, uncompressed)
+from .layers.base import CompressedModule
+from .modules import (effective_weights,
+                      first_non_finite,
+                      guard_plain_saves,
+                      replace_module,
+                      select_linears,
+                      uncompressed)
 from .progress import takes_positional
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod

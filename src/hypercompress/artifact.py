@@ -26,7 +26,8 @@ from .errors import UserError, user_path
 from .formats import lossless as lossless_codec
 from .hf_integration import wrapper_config
 from .kernels import prepare_model
-from .modules import StoredModule, guard_plain_saves, replace_module
+from .layers.base import StoredModule
+from .modules import guard_plain_saves, replace_module
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "load", "read_config", "read_manifest", "save"]
 STORAGE_DTYPE = torch.float16  # dtype of every tensor no method compressed

@@ -331,7 +331,7 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
     except Exception as exc:  # a hostile config: any failure to build it is a refusal
         raise _fail(path, f"its config does not build a {config.model_type} model ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    from .modules import StoredModule
+    from .layers.base import StoredModule
 
     for name in sorted(modules, key=lambda n: (n.count("."), n)):  # outer modules before their bases
         entry = modules[name]

@@ -47,7 +47,8 @@ from .layers.build import build_stored
 from .atomic import pid_alive, replace_file
 from .errors import UserError
 from .layers import module_kinds
-from .modules import StoredModule, replace_module
+from .layers.base import StoredModule
+from .modules import replace_module
 
 FORMAT = 3  # 2: state.json records the tensors file's sha256; 3: modules in incremental part files
 STATE, RUN, ROWS = "state.json", "run.json", "stages.json"

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .eval import evaluate_windows
-from .modules import CompressedModule, represented_weights
+from .layers.base import CompressedModule
+from .modules import represented_weights
 
 SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 

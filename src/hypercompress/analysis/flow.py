@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import CompressedModule
+from ..layers.base import CompressedModule
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from torch import nn
 from ..layers.quant_linear import QuantLinear, dequantize, fit_grid, quantize_to_grid
 from ..methods.gptq_solver import gptq_solve
 from ..linalg import truncated_svd
-from ..modules import linear_weight
+from ..layers.base import linear_weight
 from .bounds import gaussian_distortion, gaussian_rate, source_spectrum
 
 BITS = (2, 3, 4)

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..modules import CompressedModule, linear_weight
+from ..layers.base import CompressedModule, linear_weight
 
 
 def spectrum_stats(weight: torch.Tensor) -> dict:

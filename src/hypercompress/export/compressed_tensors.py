@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..formats.packing import unpack_codes
-from ..modules import CompressedModule, StoredModule
+from ..layers.base import CompressedModule, StoredModule
 from .dense import check_range, densify
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..experts import fuse_experts
-from ..modules import CompressedModule, Conv1D, StoredModule, first_non_finite
+from ..layers.base import CompressedModule, Conv1D, StoredModule
+from ..modules import first_non_finite
 
 
 def _dense_linear(module: CompressedModule, was_conv1d: bool, dtype: torch.dtype) -> nn.Module:

@@ -141,7 +141,7 @@ def _tensors(model, arch, permute: bool, tied: bool, grids: dict, bits: dict, re
              force: bool) -> dict[str, tuple]:
     """Every tensor of the densified model -> {GGUF name: (Encoded, HF name)}, in state-dict order."""
     from ..arch import arch_of
-    from ..modules import Conv1D
+    from ..layers.base import Conv1D
 
     config = model.config
     blocks = getattr(config, "num_hidden_layers", None) or config.n_layer

@@ -40,7 +40,7 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, workload: str = "decode"
     with inputs on another device or of another dtype falls back to its reference forward (slow,
     never wrong).
     """
-    from ..modules import CompressedModule
+    from ..layers.base import CompressedModule
 
     if workload not in WORKLOADS:
         raise ValueError(f"workload {workload!r}: one of {WORKLOADS}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import CompressedModule
+from .base import CompressedModule
 
 FACTOR_DTYPE = torch.float16
 

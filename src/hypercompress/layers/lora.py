@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..modules import CompressedModule
+from .base import CompressedModule
 
 FACTOR_DTYPE = torch.float16
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import row_codes
-from ..modules import CompressedModule
+from .base import CompressedModule, embedding_misfit
 
 
 class LowRankEmbedding(CompressedModule):
@@ -96,8 +96,6 @@ class LowRankEmbedding(CompressedModule):
         return None if 1 <= bits <= 8 or bits == 16 else f"bits = {bits} (1..8 or 16)"
 
     def misfit(self, original: nn.Module | None) -> str | None:
-        from .quant_embedding import embedding_misfit
-
         return embedding_misfit(self, original)
 
     def extra_repr(self) -> str:

@@ -15,17 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats.packing import unpack_codes
-from ..modules import CompressedModule
+from .base import EMBEDDING_KINDS, LINEAR_TYPES, CompressedModule, embedding_misfit
 from .quant_linear import QuantLinear, dequantize
-
-
-def embedding_misfit(module: CompressedModule, original: nn.Module | None) -> str | None:
-    """An embedding kind replaces an nn.Embedding of (vocab = out_features, dim = in_features)."""
-    if not isinstance(original, nn.Embedding):
-        return f"the model has {type(original).__name__ if original is not None else 'nothing'} there, not an embedding"
-    if tuple(original.weight.shape) != (module.out_features, module.in_features):
-        return f"it is {module.out_features} x {module.in_features}, the embedding is {tuple(original.weight.shape)}"
-    return None
 
 
 class QuantEmbedding(QuantLinear):
@@ -107,15 +98,11 @@ class TiedHead(CompressedModule):
 
     def misfit(self, original: nn.Module | None) -> str | None:
         """The model's output embedding, tied to the input embedding at `source`."""
-        from ..modules import LINEAR_TYPES
-
         return None if isinstance(original, LINEAR_TYPES) else "the model has no output layer there"
 
     def bind(self, model: nn.Module) -> None:
-        from .low_rank_embedding import LowRankEmbedding
-
         source = model.get_submodule(self.source)
-        if not isinstance(source, (QuantEmbedding, LowRankEmbedding)):
+        if getattr(source, "kind", None) not in EMBEDDING_KINDS:
             raise ValueError(f"tied_head source {self.source} is a {type(source).__name__}, not a compressed embedding")
         self._embedding[:] = [source]
 

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..formats.packing import pack_codes, packed_nbytes, unpack_codes
-from ..modules import CompressedModule
+from .base import CompressedModule
 
 SCALE_DTYPE = torch.float16
 

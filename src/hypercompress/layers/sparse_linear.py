@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..formats.packing import pack_codes, packed_nbytes, unpack_codes
-from ..modules import CompressedModule
+from .base import CompressedModule
 from .quant_linear import SCALE_DTYPE, dequantize, grid_problem
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import check
 from ..layers.low_rank import LowRankLinear
-from ..modules import linear_bias, linear_weight
+from ..layers.base import linear_bias, linear_weight
 from ..registry import register
 from .damping import DAMP_RANGE, factorize_damped
 from .gptq import HessianMethod

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig
-from ..modules import CompressedModule
+from ..layers.base import CompressedModule
 
 
 class LayerwiseMethod(abc.ABC):

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import MethodConfig, check
 from ..layers.quant_linear import QuantLinear, resolve_group_size
-from ..modules import linear_bias, linear_weight, linear_weight_shape
+from ..layers.base import linear_bias, linear_weight, linear_weight_shape
 from ..registry import register
 from .base import LayerwiseMethod
 from .damping import DAMP_RANGE

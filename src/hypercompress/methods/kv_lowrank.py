@@ -17,7 +17,8 @@ from ..arch import arch_of
 from ..config import MethodConfig, check
 from ..errors import UserError
 from ..layers.latent_kv import LatentKV, LatentValue
-from ..modules import CompressedModule, linear_bias, linear_weight, replace_module
+from ..layers.base import CompressedModule, linear_bias, linear_weight
+from ..modules import replace_module
 from ..registry import register
 from .asvd import cholesky_whitening, whitened_factors
 from .base import WholeModelMethod

@@ -30,7 +30,7 @@ from torch import nn
 from ..arch import arch_of, rotatable_types
 from ..config import MethodConfig, check
 from ..errors import UserError
-from ..modules import CompressedModule
+from ..layers.base import CompressedModule
 from ..registry import register
 from .base import WholeModelMethod
 

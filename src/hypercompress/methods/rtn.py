@@ -12,7 +12,7 @@ from torch import nn
 from ..config import MethodConfig, check
 from ..layers.quant_embedding import QuantEmbedding
 from ..layers.quant_linear import QuantLinear, fit_grid, quantize_to_grid, resolve_group_size
-from ..modules import linear_bias, linear_weight
+from ..layers.base import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
 

@@ -11,7 +11,7 @@ from ..config import check
 from ..errors import UserError
 from ..layers.quant_linear import resolve_group_size
 from ..layers.sparse_linear import SparseLinear
-from ..modules import linear_bias, linear_weight
+from ..layers.base import linear_bias, linear_weight
 from ..registry import register
 from .damping import DAMP_RANGE
 from .gptq import HessianMethod

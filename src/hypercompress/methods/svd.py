@@ -15,7 +15,7 @@ from ..config import MethodConfig, check
 from ..errors import UserError
 from ..layers.low_rank import LowRankLinear
 from ..linalg import truncated_svd
-from ..modules import linear_bias, linear_weight
+from ..layers.base import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
 

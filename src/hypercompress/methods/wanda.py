@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..layers.sparse_linear import SparseLinear
-from ..modules import linear_bias, linear_weight
+from ..layers.base import linear_bias, linear_weight
 from ..registry import register
 from .base import LayerwiseMethod
 from .sparsity import SparsityConfig, keep_mask

@@ -39,7 +39,8 @@ from torch import nn
 from ..arch import arch_of, block_linear_names
 from ..errors import UserError
 from ..layers.low_rank_embedding import LowRankEmbedding
-from ..modules import count_params, linear_weight
+from ..layers.base import linear_weight
+from ..modules import count_params
 
 EMBEDDING_SHARE = 0.5   # the embedding may take at most this fraction of the whole budget
 SATURATED_KL = 2.0      # nats: an embedding option this bad is ranked by its table's error instead

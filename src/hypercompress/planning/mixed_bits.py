@@ -30,7 +30,8 @@ from ..arch import block_linear_names
 from ..errors import UserError
 from ..layers import QuantEmbedding, QuantLinear
 from ..layers.quant_linear import resolve_group_size
-from ..modules import Conv1D, count_params, linear_weight
+from ..layers.base import Conv1D, linear_weight
+from ..modules import count_params
 from .sensitivity import Option, TailRunner, block_modules, joint_kl, measure_sensitivity
 
 CELLS_PER_MODULE = 128    # resolution of the knapsack over the slack (allocate)

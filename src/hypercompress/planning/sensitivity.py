@@ -24,7 +24,8 @@ from torch import nn
 from ..arch import arch_of
 from ..calibration import capture_block_inputs
 from ..layers.quant_linear import dequantize, fit_grid, quantize_to_grid, resolve_group_size
-from ..modules import Conv1D, head_logits, linear_weight
+from ..layers.base import Conv1D, linear_weight
+from ..modules import head_logits
 
 Option = tuple[int, int]  # (bits, group size); group -1: one group per row
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...formats import row_codes
-from ...modules import StoredModule
+from ..base import StoredModule
 from .backbone import make_backbone
 from .diffusion_head import DiffusionHead
 

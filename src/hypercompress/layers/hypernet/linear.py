@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ...modules import CompressedModule
+from ..base import CompressedModule
 
 BIAS_DTYPE = torch.float16
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...modules import CompressedModule
+from ..base import CompressedModule
 from .field import evaluate, field_from_layout
 
 

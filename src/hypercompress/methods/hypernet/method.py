@@ -26,7 +26,8 @@ from ...arch import arch_of, block_linear_names
 from ...training.distill import DistillSettings, distill
 from ...training.engine import Engine
 from ...errors import UserError
-from ...modules import CompressedModule, linear_bias, linear_weight, replace_module
+from ...layers.base import CompressedModule, linear_bias, linear_weight
+from ...modules import replace_module
 from ...registry import register
 from ...tracking import Tracker, learning_rates
 from ..base import WholeModelMethod

@@ -10,7 +10,7 @@ from torch import nn
 from ...config import MethodConfig, check
 from ...errors import UserError
 from ...layers.kan import KanLinear
-from ...modules import linear_bias, linear_weight
+from ...layers.base import linear_bias, linear_weight
 from ...registry import register
 from ...tracking import Tracker, check_tracking
 from ..base import LayerwiseMethod

@@ -21,7 +21,7 @@ from torch import nn
 
 from ...layers.quant_embedding import QuantEmbedding
 from ...layers.quant_linear import SCALE_DTYPE, QuantLinear, fit_grid
-from ...modules import linear_bias, linear_weight
+from ...layers.base import linear_bias, linear_weight
 
 
 def _straight_through(value: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ from ...training.teacher import written_vocabulary
 from ...errors import UserError
 from ...layers.quant_embedding import QuantEmbedding, TiedHead
 from ...layers.quant_linear import QuantLinear, resolve_group_size
-from ...modules import LINEAR_TYPES, CompressedModule, carry_embedding_scale, linear_weight
+from ...layers.base import LINEAR_TYPES, CompressedModule, linear_weight
+from ...modules import carry_embedding_scale
 from ...registry import register
 from ...tracking import Tracker, check_tracking
 from ..base import WholeModelMethod

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ...arch import ArchSpec, arch_of
-from ...modules import linear_weight
+from ...layers.base import linear_weight
 
 
 @dataclass

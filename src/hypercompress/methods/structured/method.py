@@ -19,7 +19,7 @@ import torch
 from ...arch import arch_of, block_linear_names
 from ...config import MethodConfig, check
 from ...errors import UserError
-from ...modules import CompressedModule
+from ...layers.base import CompressedModule
 from ...registry import register
 from ..base import WholeModelMethod
 from .importance import measure

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ...arch import arch_of
-from ...modules import CompressedModule, replace_module
+from ...layers.base import CompressedModule
+from ...modules import replace_module
 
 try:
     from transformers.pytorch_utils import Conv1D
