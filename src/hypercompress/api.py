@@ -17,19 +17,14 @@ from .artifact import round_to_storage, storage_bits
 from .calibration import peak_memory_bytes, run_layerwise
 from .checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
-from .experts import unfuse_experts
+from .experts import has_unfused_experts, unfuse_experts
 from .layers.base import CompressedModule
-from .modules import (effective_weights,
-                      first_non_finite,
-                      guard_plain_saves,
-                      replace_module,
-                      select_linears,
-                      uncompressed)
+from .modules import effective_weights, first_non_finite, guard_plain_saves, replace_module, select_linears
 from .progress import takes_positional
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
 from .methods import get_method
-from .streaming import materialize_all
+from .streaming import materialize_all, uncompressed
 from .training.teacher import check_teacher_model, check_teacher_stages
 
 # progress(stage_index, label, done, total, note) (a 4-argument one gets no note): label names the stage (or the stages one layer-wise
@@ -90,6 +85,8 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
         materialize_all(model)  # a streamed model: whole-model stages (and their teacher) need every weight
     _refuse_non_finite_weights(model)
     unfuse_experts(model)  # a mixture of experts: one linear per expert matrix (experts.py)
+    if has_unfused_experts(model):  # a plain save_pretrained then writes transformers' fused layout
+        guard_plain_saves(model)
     check_stages(model, recipe)  # a family a stage cannot handle is refused before any checkpoint is written
     if distill_teacher is not None:
         check_teacher_stages(get_method(s.method).method_cls for s in recipe.stages)

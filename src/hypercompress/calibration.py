@@ -24,8 +24,8 @@ from .checkpoint import Checkpoint, unreadable
 from .errors import UserError
 from .experts import ExpertLinears, routed_calibration, routing_report
 from .methods.base import LayerwiseMethod
-from .modules import replace_module, uncompressed
-from .streaming import materialize
+from .modules import replace_module
+from .streaming import materialize, uncompressed
 
 BlockProgress = Callable[[int, int], None]  # (blocks done, blocks total)
 

@@ -134,11 +134,10 @@ def unfuse_experts(model: nn.Module) -> nn.Module:
     """Replace every fused experts module of `model` (arch table: ArchSpec.experts) by ExpertLinears
     holding copies of its weights (on the meta device when the model is: no memory), in place.
     Idempotent; a dense family is returned untouched. Raises UserError for experts whose layout
-    differs from transformers' fused one (gate_up_proj (E, 2I, D), down_proj (E, D, I))."""
+    differs from transformers' fused one (gate_up_proj (E, 2I, D), down_proj (E, D, I)). A model
+    handed back to a user also needs modules.guard_plain_saves (a plain save_pretrained fuses them)."""
     from .errors import UserError
-    from .modules import guard_plain_saves, replace_module
 
-    found = False
     for name, module in list(_fused_experts(model)):
         if isinstance(module, ExpertLinears):
             continue
@@ -165,10 +164,7 @@ def unfuse_experts(model: nn.Module) -> nn.Module:
         # the fused parameters freed (kept as meta placeholders of their shape for fuse_experts)
         module.gate_up_proj = nn.Parameter(torch.empty(gate_up.shape, dtype=dtype, device="meta"), requires_grad=False)
         module.down_proj = nn.Parameter(torch.empty(down.shape, dtype=dtype, device="meta"), requires_grad=False)
-        replace_module(model, name, ExpertLinears(built, module))
-        found = True
-    if found:
-        guard_plain_saves(model)
+        model.set_submodule(name, ExpertLinears(built, module))
     return model
 
 
@@ -181,8 +177,6 @@ def fuse_experts(model: nn.Module) -> nn.Module:
     """Put every ExpertLinears back as the fused module it replaced, holding its experts' dense
     weights (gate_up (E, 2I, D), down (E, D, I); compressed experts reconstructed) in the dtype of
     its first dense linear (else the original's), in place: transformers' own layout and state dict."""
-    from .modules import replace_module
-
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertLinears)]:
         fused = module._fused[0]
         first = module[0].gate_up_proj
@@ -191,7 +185,7 @@ def fuse_experts(model: nn.Module) -> nn.Module:
         down = torch.stack([_dense(e.down_proj) for e in module]).to(dtype)
         fused.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
         fused.down_proj = nn.Parameter(down, requires_grad=False)
-        replace_module(model, name, fused)
+        model.set_submodule(name, fused)
     return model
 
 

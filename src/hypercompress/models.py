@@ -19,8 +19,9 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError, user_path
-from .experts import unfuse_experts
+from .experts import has_unfused_experts, unfuse_experts
 from .hub import HUB_ID, hub_cache_only
+from .modules import guard_plain_saves
 
 # built-in name -> (PyPI distribution shipping the file, path of the file inside the distribution)
 BUILTIN_MODELS = {
@@ -143,6 +144,8 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
         model.hf_quantizer = None
     model.eval().requires_grad_(False)
     unfuse_experts(model)  # a mixture of experts: one linear per expert matrix (experts.py)
+    if has_unfused_experts(model):  # a plain save_pretrained then writes transformers' fused layout
+        guard_plain_saves(model)
     return LoadedModel(model, tokenizer, spec, kind)
 
 

@@ -58,22 +58,6 @@ def select_linears(model: nn.Module, targets: list[str] | None, ignore: list[str
     return names
 
 
-def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
-    """The linear layer `name`, refusing one an earlier stage already compressed (a streamed
-    model's block holding it, or the layer itself outside the blocks, is read from its files
-    first: streaming.materialize)."""
-    from .arch import arch_of
-    from .streaming import materialize
-
-    blocks = f"{arch_of(model.config.model_type).blocks}."
-    materialize(model, f"{blocks}{name[len(blocks):].split('.')[0]}." if name.startswith(blocks) else f"{name}.")
-    layer = model.get_submodule(name)
-    if isinstance(layer, CompressedModule) or not isinstance(layer, (*LINEAR_TYPES, nn.Embedding)):
-        raise UserError(f"stage {stage}: '{name}' is already compressed (by an earlier stage, or in the model "
-                        "compressed before: an artifact); narrow this stage's targets or add it to ignore")
-    return layer
-
-
 def first_non_finite(model: nn.Module) -> str | None:
     """The name of the first floating tensor of `model`'s state dict holding inf or nan (tensors on
     the meta device, not yet read, are skipped), or None."""

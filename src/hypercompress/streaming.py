@@ -28,6 +28,7 @@ from torch import nn
 
 from .arch import arch_of
 from .errors import UserError, user_path
+from .layers.base import LINEAR_TYPES, CompressedModule
 from .modules import tied_parameter_names
 
 INDEX = "model.safetensors.index.json"
@@ -245,3 +246,16 @@ def _computed_buffer(model: nn.Module, name: str) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def uncompressed(model: nn.Module, name: str, stage: int) -> nn.Module:
+    """The linear layer `name`, refusing one an earlier stage already compressed (a streamed
+    model's block holding it, or the layer itself outside the blocks, is read from its files
+    first: streaming.materialize)."""
+    blocks = f"{arch_of(model.config.model_type).blocks}."
+    materialize(model, f"{blocks}{name[len(blocks):].split('.')[0]}." if name.startswith(blocks) else f"{name}.")
+    layer = model.get_submodule(name)
+    if isinstance(layer, CompressedModule) or not isinstance(layer, (*LINEAR_TYPES, nn.Embedding)):
+        raise UserError(f"stage {stage}: '{name}' is already compressed (by an earlier stage, or in the model "
+                        "compressed before: an artifact); narrow this stage's targets or add it to ignore")
+    return layer
