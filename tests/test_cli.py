@@ -221,3 +221,17 @@ def test_a_run_refused_for_its_size_at_the_end_leaves_no_checkpoint(model_dirs, 
     assert not out.exists() and not out.with_name("sized.checkpoint").exists()
     monkeypatch.undo()
     assert run(*args).exit_code == 0
+
+
+def test_evaluate_refuses_a_teacher_that_scores_other_ids(model_dirs, text_file, tmp_path):
+    """A teacher whose vocabulary rows differ is refused in one line before any window is scored (KL
+    and top-1 compare id by id); it was an IndexError / RuntimeError traceback."""
+    from conftest import make_tokenizer, tied_llama
+
+    teacher = tmp_path / "wide-vocab"
+    tied_llama(200).save_pretrained(teacher)
+    make_tokenizer().save_pretrained(teacher)
+    result = run("evaluate", model_dirs["llama"], "--data", text_file, "--seq-len", 32, "--max-windows", 1,
+                 "--teacher", teacher)
+    assert result.exit_code == 2, result.output
+    assert "scores 200 vocabulary rows and the model 128" in result.output and "Traceback" not in result.output

@@ -113,7 +113,7 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
                         dtype=str(compute).removeprefix("torch."), device=where,
                         backends=dict(Counter(getattr(student, "hypercompress_backends", {}).values())))
     if text is not None:
-        reference = _teacher(teacher, compute, where, progress)
+        reference = _teacher(teacher, compute, where, progress, tokenizer, student)
         _perplexity(result, student, tokenizer, text, reference, seq_len, max_windows, batch_size, progress)
     if task_list is not None:
         from .harness import task_accuracy, tasks_protocol
@@ -187,12 +187,27 @@ def _student(model, tokenizer, dtype, device, progress) -> tuple[nn.Module, Any,
     return model, tokenizer, have_dtype, have_device
 
 
-def _teacher(teacher, compute: torch.dtype, device: str, progress: Progress) -> nn.Module | None:
+def _check_teacher(tokenizer, teacher_tokenizer, student: nn.Module, teacher: nn.Module) -> None:
+    """UserError (before any window is scored) unless the teacher shares the student's tokenizer and
+    scores as many vocabulary rows: KL and top-1 compare the two distributions id by id."""
+    from ..training.teacher import check_shared_tokenizer
+
+    rows = [int(m.config.vocab_size) for m in (student, teacher)]
+    check_shared_tokenizer(tokenizer, teacher_tokenizer, min(rows))
+    if rows[0] != rows[1]:
+        raise UserError(f"the teacher scores {rows[1]:,} vocabulary rows and the model {rows[0]:,}; KL and top-1 "
+                        "compare them id by id: pass a teacher with the same output size")
+
+
+def _teacher(teacher, compute: torch.dtype, device: str, progress: Progress, tokenizer=None,
+             student: nn.Module | None = None) -> nn.Module | None:
     if teacher is None or isinstance(teacher, nn.Module):
         return teacher
     progress(f"loading teacher {teacher}", 0, 1)
-    reference = load_model(teacher, dtype=compute, device=device).model
+    loaded = load_model(teacher, dtype=compute, device=device)
+    reference = loaded.model
     progress(f"loading teacher {teacher}", 1, 1)
+    _check_teacher(tokenizer, loaded.tokenizer, student, reference)
     return reference
 
 
