@@ -31,6 +31,19 @@ LLAMA_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 TEXTS = ["the lazy fox says hello 42", "two  spaces, and a tab\tthere", "caf\u00e9 \u2603 nine dogs",
          "the quick brown fox", "hello there. The end!", "stitch the nine times", "dogxfoz jumpz", "1234 5678"]
 RECIPE = [{"method": "rtn", "bits": 4, "group_size": 32, "zero_point": "float"}]
+TITLE = "llama.cpp on our GGUF export of Gemma 2, Gemma 3 and Llama with SentencePiece BPE tokenizers (issue 28)"
+
+
+def section(data: dict) -> list[str]:
+    """The RESULTS.md section of results/llamacpp_families.json."""
+    parts = [f"## {data.get('title', TITLE)}", "", f"- protocol: {' '.join(data['protocol'].split())}",
+             f"- machine: {data['machine']}", f"- command: `{data['command']}` (commit {data['commit']})", "",
+             "| case | export | max abs logit difference | max abs logit | top-1 agreement | tokenization equal |",
+             "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        parts.append(f"| {row['case']} | {row['export']} | {row['max_abs_logit_diff']:.2e} | {row['max_abs_logit']:.3f} | "
+                     f"{row['top1_agreement']:.3f} | {row['tokenization_equal']}/{row['tokenization_strings']} |")
+    return parts + [""]
 
 
 def llama_side(job_file: str, out_file: str) -> None:
@@ -112,7 +125,7 @@ def main() -> None:
     import torch
     import transformers
 
-    result = {"protocol": __doc__.split("\n\n")[-1].strip(), "command": "python benchmarks/llamacpp_families.py",
+    result = {"title": TITLE, "protocol": __doc__.split("\n\n")[-1].strip(), "command": "python benchmarks/llamacpp_families.py",
               "machine": f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
                          f"transformers {transformers.__version__}, gguf {importlib.metadata.version('gguf')}, "
                          f"llama-cpp-python {llama_version}",
