@@ -30,6 +30,24 @@ def test_shipped_recipes_load():
         assert isinstance(loaded, PlanTarget) or loaded.stages, path
 
 
+@pytest.mark.parametrize("text, key, line", [
+    ("- method: rtn\n  bits: 4\n  group_size: 64\n  bits: 2\n", "bits", 4),
+    ("target_bpw: 3.0\ntarget_bpw: 4.0\n", "target_bpw", 2),
+    ("- {method: rtn, bits: 4, bits: 3}\n", "bits", 1),
+])
+def test_a_key_named_twice_is_refused_with_its_line(tmp_path, text, key, line):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"key '{key}' twice in one mapping \\(line {line}\\)"):
+        load_recipe_file(path)
+
+
+def test_the_same_key_in_two_stages_is_fine(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("- method: rtn\n  bits: 4\n- method: gptq\n  bits: 3\n")
+    assert [s.config.bits for s in load_recipe_file(path).stages] == [4, 3]
+
+
 def test_mapping_with_stages_is_accepted():
     assert Recipe.from_list({"stages": [{"method": "rtn"}]}).stages[0].method == "rtn"
 

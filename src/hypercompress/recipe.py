@@ -107,13 +107,39 @@ def load_recipe_file(path: str | Path) -> "Recipe | PlanTarget":
     return Recipe.from_list(data, where=path.name)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a mapping naming one key twice is an error (plain YAML keeps the
+    last value silently, so `bits: 4` then `bits: 2` in one stage would compress at 2 bits unnoticed)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark)
+                if isinstance(key, (str, int, float, bool)):
+                    seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark: Any):
+        super().__init__(f"key {key!r} twice")
+        self.key, self.problem_mark = key, mark
+
+
 def _read_yaml(path: Path) -> Any:
     from .artifact_reader import read_document
 
     if not path.exists():
         raise UserError(f"recipe file not found: {path}; pass an existing YAML file to --recipe")
     try:
-        return yaml.safe_load(read_document(path, limit=1 << 20, fix="pass a YAML recipe file to --recipe"))
+        text = read_document(path, limit=1 << 20, fix="pass a YAML recipe file to --recipe")
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise UserError(f"recipe {path} names key {exc.key!r} twice in one mapping (line "
+                        f"{exc.problem_mark.line + 1}); keep one") from None
     except (yaml.YAMLError, RecursionError) as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" at line {line + 1}" if line is not None else ""
