@@ -42,6 +42,50 @@ def test_a_wrongly_shaped_tensor_is_refused_with_both_shapes(model_dirs, tmp_pat
     assert "report" not in result.stderr and not (tmp_path / "out").exists()
 
 
+def test_both_loaders_word_a_wrong_shape_alike(model_dirs, tmp_path):
+    from hypercompress.streaming import load_streamed
+
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 64)
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    messages = []
+    for loader in (load_model, load_streamed):
+        with pytest.raises(UserError) as caught:
+            loader(str(source))
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    assert "model.layers.0.mlp.up_proj.weight (3x64 in the file" in messages[0]
+
+
+def test_a_config_claiming_a_huge_model_is_refused_before_anything_is_allocated(model_dirs, tmp_path):
+    """config.json says 40,000 blocks over a 2-block checkpoint: transformers would allocate the
+    whole claimed model (gigabytes) before noticing; the headers settle it first, and in little memory."""
+    import json
+    import subprocess
+    import sys
+
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], source)
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = 40_000
+    (source / "config.json").write_text(json.dumps(config))
+    script = ("import resource, sys; from hypercompress.models import load_model; from hypercompress.errors import "
+              "UserError\ntry:\n    load_model(sys.argv[1])\nexcept UserError as e:\n    print(e)\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", script, str(source)], capture_output=True, text=True, timeout=300)
+    message, peak_kib = done.stdout.strip().splitlines()
+    assert "config.json describes 40,000 blocks but the weight files hold 2" in message, done.stdout
+    assert int(peak_kib) < 1_500_000, f"peak RSS {int(peak_kib) / 2**20:.1f} GiB: the claimed model was built"
+    config["num_hidden_layers"], config["intermediate_size"] = 2, 4_000_000  # 1.5e9 parameters, same names
+    (source / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-c", script, str(source)], capture_output=True, text=True, timeout=300)
+    message, peak_kib = done.stdout.strip().splitlines()
+    assert "parameters but the weight files hold" in message, done.stdout
+    assert int(peak_kib) < 1_500_000, f"peak RSS {int(peak_kib) / 2**20:.1f} GiB: the claimed model was allocated"
+
+
 def test_a_float_weight_labelled_as_integers_is_refused_by_name(model_dirs, tmp_path):
     """The header says I32 for the float embedding (same byte size, so safetensors accepts it):
     transformers would cast the integers in; the plain and the streamed loader refuse it by name."""

@@ -119,9 +119,11 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
         config = AutoConfig.from_pretrained(location, **kwargs)
         arch_of(config.model_type)
         if kind == "directory" and getattr(config, "quantization_config", None) is None:
-            from .streaming import check_float_weights
+            from .streaming import check_config_against_headers, check_float_weights
 
-            check_float_weights(sorted(Path(location).glob("*.safetensors")))
+            files = sorted(Path(location).glob("*.safetensors"))
+            check_float_weights(files)
+            check_config_against_headers(spec, config, files)
         # mismatched shapes come back in `info` (refused below, naming the tensor) rather than as
         # transformers' error pointing at a report only its logging shows
         model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
@@ -156,16 +158,14 @@ def _refuse_incomplete(spec: str, info: dict[str, Any]) -> None:
         entries = sorted((tuple(k) if isinstance(k, (tuple, list)) else (k,)) for k in info.get(key) or ())
         if entries:
             name, *shapes = entries[0]
-            shown = (f" ({_shape(shapes[0])} in the file, {_shape(shapes[1])} in the config)"
-                     if len(shapes) == 2 else "")
             more = f" (and {len(entries) - 1} more)" if len(entries) > 1 else ""
+            if len(shapes) == 2:
+                from .streaming import wrong_shape_message
+
+                raise UserError(wrong_shape_message(spec, name, shapes[0], shapes[1], more))
             raise UserError(f"could not load model '{spec}': the checkpoint {problem} tensor "
-                            f"{name}{shown}{more}; pass a complete checkpoint whose config.json matches its "
+                            f"{name}{more}; pass a complete checkpoint whose config.json matches its "
                             "weights (transformers would fill it with random values)")
-
-
-def _shape(shape) -> str:
-    return "x".join(str(int(d)) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
 
 
 def _pickle_files(location: str | Path) -> str:

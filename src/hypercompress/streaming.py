@@ -203,9 +203,7 @@ def _check_headers(directory: Path, files: dict[str, Path], shapes: dict[str, tu
                                         "re-download the model files")
                     shape = tuple(handle.get_slice(name).get_shape())
                     if shape != shapes[name]:
-                        raise UserError(f"could not load model '{directory}': the checkpoint holds a wrongly "
-                                        f"shaped tensor {name} {shape}, the config wants {shapes[name]}; "
-                                        "pass the checkpoint's own config.json")
+                        raise UserError(wrong_shape_message(str(directory), name, shape, shapes[name]))
         except UserError:
             raise
         except Exception as exc:
@@ -213,6 +211,59 @@ def _check_headers(directory: Path, files: dict[str, Path], shapes: dict[str, tu
                             "check or re-download it") from None
     for name in tied:
         files.pop(name, None)  # read once, through the tensor it is tied to
+
+
+def wrong_shape_message(spec: str, name: str, file_shape: Any, config_shape: Any, more: str = "") -> str:
+    """The one-line refusal of a checkpoint tensor whose shape is not the config's (both loaders)."""
+    return (f"could not load model '{spec}': the checkpoint holds a wrongly shaped tensor {name} "
+            f"({_shape(file_shape)} in the file, {_shape(config_shape)} in the config){more}; pass a complete "
+            "checkpoint whose config.json matches its weights")
+
+
+def _shape(shape: Any) -> str:
+    return "x".join(str(int(d)) for d in shape) if isinstance(shape, (tuple, list, torch.Size)) else str(shape)
+
+
+def check_config_against_headers(spec: str, config: Any, files: list[Path]) -> None:
+    """Before a whole-model load allocates anything: UserError when config.json describes a model the
+    safetensors `files` cannot be: more blocks than the files hold, a tensor of the same name in
+    another shape, or over 1.5x the parameters the files hold (a config claiming a huge model would
+    have transformers allocate all of it first). Headers only; the model is built on the meta device
+    (no tensor memory) once its block count is known to be the files'. Names the files hold under
+    other names (transformers' renames) are left to the load's own report."""
+    import re
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    headers: dict[str, tuple] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                headers.update((name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys())
+        except Exception as exc:
+            raise UserError(f"{file} is not a readable safetensors file ({type(exc).__name__}); "
+                            "check or re-download it") from None
+    if not headers:
+        return
+    spec_arch = arch_of(config.model_type)
+    leaf = re.escape(spec_arch.blocks.split(".")[-1])
+    indices = {int(m.group(1)) for name in headers if (m := re.search(rf"(?:^|\.){leaf}\.(\d+)\.", name))}
+    claimed = getattr(config, spec_arch.layers_key, None)
+    if indices and isinstance(claimed, int) and claimed > max(indices) + 1:
+        raise UserError(f"could not load model '{spec}': config.json describes {claimed:,} blocks but the weight "
+                        f"files hold {max(indices) + 1:,}; pass the checkpoint's own config.json")
+    with init_empty_weights(include_buffers=True):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    shapes = {n: tuple(t.shape) for n, t in model.named_parameters()}
+    wanted = sum(p.numel() for p in model.parameters())
+    held = sum(int(torch.Size(shape).numel()) for shape in headers.values())
+    if wanted > 1.5 * held + (1 << 20):
+        raise UserError(f"could not load model '{spec}': config.json describes {wanted:,} parameters but the "
+                        f"weight files hold {held:,} values; pass the checkpoint's own config.json")
+    wrong = next((n for n in headers if n in shapes and headers[n] != shapes[n]), None)
+    if wrong is not None:
+        raise UserError(wrong_shape_message(spec, wrong, headers[wrong], shapes[wrong]))
 
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")  # safetensors' float dtype names
