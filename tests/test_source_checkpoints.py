@@ -132,3 +132,23 @@ def test_pickle_checkpoint_is_refused_without_running_it(model_dirs, tmp_path):
                 else ["--data", source / "config.json"])
         assert_one_line_error(run(command, source, *args), "pytorch_model.bin", "safetensors")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["device", "broken link", "oversized"])
+def test_a_config_json_that_is_not_a_json_file_is_named(model_dirs, tmp_path, kind):
+    """Not "has no config.json" (it has one) and never a read of /dev/zero or of gigabytes."""
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], source)
+    config = source / "config.json"
+    config.unlink()
+    if kind == "device":
+        config.symlink_to("/dev/zero")
+    elif kind == "broken link":
+        config.symlink_to(tmp_path / "nowhere.json")
+    else:
+        with open(config, "wb") as handle:
+            handle.truncate(32 << 20)
+    needle = "over the 16,777,216 a model config can be" if kind == "oversized" else "is not a regular file"
+    result = run("compress", source, "--method", "rtn", "--out", tmp_path / "out")
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "out").exists()

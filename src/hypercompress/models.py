@@ -29,6 +29,9 @@ BUILTIN_MODELS = {
 }
 
 
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes; transformers would read any size whole
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -79,9 +82,16 @@ def source_kind(spec: str) -> str:
     if path.is_dir():
         if (path / "hypercompress.json").is_file():
             return "artifact"
-        if not (path / "config.json").is_file():
+        config = path / "config.json"
+        if not config.is_file():
+            if config.exists() or config.is_symlink():
+                raise UserError(f"{config} is not a regular file (a device, pipe, folder or broken link); "
+                                "pass a model directory whose config.json is a JSON file")
             raise UserError(f"{spec} has no config.json: not a Hugging Face model directory "
                             "nor a hypercompress artifact")
+        if config.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"{config} is {config.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a model "
+                            "config can be; pass the model's own config.json")
         return "directory"
     if path.exists():
         raise UserError(f"{spec} is a file but not a .gguf; pass a GGUF file, a model directory, "
