@@ -280,6 +280,7 @@ def test_gemma_norms_window_and_caps(tmp_path, bpe, arch):
     report = export(artifact, "gguf", tmp_path / "gguf")
     assert "output.weight" not in report["tensors"] and report["requantized"] == 0
     assert report["tensors"]["blk.0.attn_q.weight"]["type"] == "Q4_1"
+    assert not any("does not read" in note for note in report["notes"])
     meta, tensors = fields(tmp_path / "gguf" / "model.gguf")
     assert meta["general.architecture"] == arch and meta[f"{arch}.attention.key_length"] == 256
     assert meta[f"{arch}.attention.sliding_window"] == 16
@@ -309,6 +310,17 @@ def test_gemma_norms_window_and_caps(tmp_path, bpe, arch):
                                             rf"llama.cpp's {arch} hard-codes .*{why}") as info:
             export(artifact, "gguf", tmp_path / f"r{i}" / "out")
         assert "\n" not in str(info.value) and not (tmp_path / f"r{i}" / "out").exists()
+
+
+def test_gemma_settings_transformers_gguf_loader_skips_get_a_note(tmp_path, bpe):
+    """Gemma 2's soft-caps are keys llama.cpp reads, so other caps export; transformers' GGUF loader
+    would assume its defaults (50 / 30), which the report says by name."""
+    artifact = make_artifact(tmp_path, bpe, [{"method": "rtn", "bits": 4}],
+                             model=gemma("gemma2", final_logit_softcapping=20.0))
+    report = export(artifact, "gguf", tmp_path / "gguf")
+    notes = [n for n in report["notes"] if "does not read" in n]
+    assert len(notes) == 1 and "final_logit_softcapping (it assumes 30.0, this model has 20.0)" in notes[0]
+    assert fields(tmp_path / "gguf" / "model.gguf")[0]["gemma2.final_logit_softcapping"] == 20.0
 
 
 SPM_LINES = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine, 1234 times",

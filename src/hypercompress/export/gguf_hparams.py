@@ -48,6 +48,24 @@ def rope(config) -> dict[str, Any]:
             "local": local}
 
 
+# Gemma settings llama.cpp honours (hard-coded or read) but transformers' GGUF loader never reads:
+# it takes its config class's defaults for them (transformers.integrations.ggml.GGUF_CONFIG_MAPPING)
+UNREAD_BY_TRANSFORMERS = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+
+
+def transformers_reader_notes(config, arch: MODEL_ARCH) -> list[str]:
+    """One note per Gemma setting whose value differs from what transformers' GGUF loader would
+    assume (its config class's default): such a file runs right in llama.cpp but not when
+    transformers loads the GGUF itself."""
+    if arch not in GEMMAS:
+        return []
+    defaults = type(config)()
+    return [f"transformers' GGUF loader does not read {key} (it assumes {getattr(defaults, key)}, this model has "
+            f"{getattr(config, key)}): llama.cpp runs the file as this model; in transformers load the artifact "
+            "(hypercompress.load) instead of the GGUF" for key in UNREAD_BY_TRANSFORMERS
+            if getattr(config, key, None) != getattr(defaults, key, None)]
+
+
 def check_gemma(config, arch: MODEL_ARCH, rope_params: dict[str, Any], tied: bool) -> None:
     """UserError naming every setting of a Gemma 2 / 3 config that llama.cpp's architecture
     hard-codes otherwise (table above): its file would run a different model there."""

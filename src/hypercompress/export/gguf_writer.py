@@ -121,7 +121,9 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return _report(encoded, path, file_type)
+    report = _report(encoded, path, file_type)
+    report["notes"] += gguf_hparams.transformers_reader_notes(config, arch)
+    return report
 
 
 def _row_elements(enc: Encoded) -> int:
