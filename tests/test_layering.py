@@ -67,3 +67,91 @@ def test_loading_an_artifact_imports_no_method(model_dirs, tmp_path):
                               timeout=300)
         assert done.returncode == 0, done.stderr
         assert (done.stdout.strip().splitlines()[-1] == "[]") is expect_none, done.stdout
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, for every .py under `root` (a package folder);
+    imports inside functions (lazy) count, and `from . import x` names the submodule x."""
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        name = parts[:-1] if parts[-1] == "__init__" else parts
+        modules[".".join(name)] = (path, ".".join(parts[:-1]))  # the package relative imports start from
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, (path, package) in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {known(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                origin = ".".join(p for p in (base, node.module) if p)
+                targets |= {known(f"{origin}.{a.name}") if f"{origin}.{a.name}" in modules else known(origin)
+                            for a in node.names}
+        graph[name] = {t for t in targets if t and t != name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], 0
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_no_import_circles_in_the_package():
+    """Lazy imports included: a circle tied by an import inside a function is still a circle."""
+    assert cycles(import_graph(PACKAGE)) == []
+
+
+def test_the_circle_check_finds_a_lazy_circle(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "a.py").write_text("from .sub import b\n")
+    (package / "sub" / "b.py").write_text("def f():\n    from .. import c\n")
+    (package / "c.py").write_text("def g():\n    from .a import x\n")
+    (package / "d.py").write_text("from . import a\n")
+    graph = import_graph(package)
+    assert graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.d"] == {"pkg.a"}
+    assert cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]

@@ -147,8 +147,8 @@ def test_a_config_json_that_is_not_a_json_file_is_named(model_dirs, tmp_path, ki
         config.symlink_to(tmp_path / "nowhere.json")
     else:
         with open(config, "wb") as handle:
-            handle.truncate(32 << 20)
-    needle = "over the 16,777,216 a model config can be" if kind == "oversized" else "is not a regular file"
+            handle.truncate(65 << 20)  # sparse: no disk used
+    needle = "over the 67,108,864 a config file may hold" if kind == "oversized" else "is not a regular file"
     result = run("compress", source, "--method", "rtn", "--out", tmp_path / "out")
     assert_one_line_error(result, needle)
     assert not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ from .atomic import atomic_directory
 from .layers.build import build_stored
 from .errors import UserError, user_path
 from .formats import lossless as lossless_codec
-from .hf_integration import wrapper_config
+from .hf_config import wrapper_config
 from .kernels import prepare_model
 from .layers.base import StoredModule
 from .modules import guard_plain_saves, replace_module

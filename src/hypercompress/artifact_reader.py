@@ -286,7 +286,7 @@ def read_config(path: Path):
     hf_integration.py describes), or config.json itself for artifacts written before it."""
     from transformers import AutoConfig
 
-    from .hf_integration import MODEL_TYPE, base_config_of
+    from .hf_config import MODEL_TYPE, base_config_of
 
     try:
         raw = json.loads(read_document(path / "config.json"))

@@ -29,9 +29,6 @@ BUILTIN_MODELS = {
 }
 
 
-MAX_CONFIG_BYTES = 16 << 20  # a config.json is kilobytes; transformers would read any size whole
-
-
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -89,9 +86,6 @@ def source_kind(spec: str) -> str:
                                 "pass a model directory whose config.json is a JSON file")
             raise UserError(f"{spec} has no config.json: not a Hugging Face model directory "
                             "nor a hypercompress artifact")
-        if config.stat().st_size > MAX_CONFIG_BYTES:
-            raise UserError(f"{config} is {config.stat().st_size:,} bytes, over the {MAX_CONFIG_BYTES:,} a model "
-                            "config can be; pass the model's own config.json")
         return "directory"
     if path.exists():
         raise UserError(f"{spec} is a file but not a .gguf; pass a GGUF file, a model directory, "
