@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from anchor_rows import ROWS  # noqa: E402
 
 from hypercompress.eval import evaluate_windows  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
+from hypercompress.sources.models import load_model  # noqa: E402
 from hypercompress.modules import count_params  # noqa: E402
 
 BATCH = 4
@@ -54,7 +54,7 @@ PLAN_INFO: dict = {}  # filled by a planner row: its route, what it kept and the
 
 
 def run_ours(model, tokenizer, spec, calib, work):
-    from hypercompress import artifact
+    from hypercompress.storage import artifact
     from hypercompress.api import compress
     from hypercompress.recipe import Recipe
 

@@ -28,9 +28,9 @@ from anchor_rows import ROWS  # noqa: E402
 from common import CALIB_TEXT, RESULTS, ROOT, eval_windows, machine, write_json  # noqa: E402
 from report import render  # noqa: E402
 
-from hypercompress.data import calibration_samples, read_text, tokenize  # noqa: E402
+from hypercompress.sources.data import calibration_samples, read_text, tokenize  # noqa: E402
 from hypercompress.eval import protocol_text, teacher_log_probs  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
+from hypercompress.sources.models import load_model  # noqa: E402
 from hypercompress.modules import count_params  # noqa: E402
 
 VENV = ROOT / ".venv-anchors"

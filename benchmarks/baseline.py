@@ -19,7 +19,7 @@ from common import eval_windows, machine, run_recipe, write_json  # noqa: E402
 from report import render  # noqa: E402
 
 from hypercompress.eval import protocol_text, teacher_log_probs  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
+from hypercompress.sources.models import load_model  # noqa: E402
 from hypercompress.modules import count_params  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402
 

@@ -19,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CALIB_TEXT, machine  # noqa: E402
 
-from hypercompress.artifact import stored_bytes  # noqa: E402
-from hypercompress.data import calibration_samples, read_text, tokenize  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
+from hypercompress.storage.artifact import stored_bytes  # noqa: E402
+from hypercompress.sources.data import calibration_samples, read_text, tokenize  # noqa: E402
+from hypercompress.sources.models import load_model  # noqa: E402
 from hypercompress.planning.mixed_bits import MixedBitsPlanner, Plan  # noqa: E402
 from hypercompress.planning.size_table import SizeTable  # noqa: E402
 from hypercompress.planning.trials import shared_gptq, trial_model  # noqa: E402

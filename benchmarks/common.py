@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
-from hypercompress.data import read_text, tokenize, windows
+from hypercompress.sources.data import read_text, tokenize, windows
 from hypercompress.eval import evaluate_windows
 from hypercompress.recipe import Recipe
 
@@ -121,8 +121,8 @@ def gpu_run_setup(args):
     """What every run of neural.py / hybrid.py starts from: (teacher in eval mode, tokenizer, its
     parameter count, calibration windows (args.calib_samples x 512, seed 0), test token ids, the
     first args.windows 512-token test windows (0: all))."""
-    from hypercompress.data import calibration_samples
-    from hypercompress.models import load_model
+    from hypercompress.sources.data import calibration_samples
+    from hypercompress.sources.models import load_model
     from hypercompress.modules import count_params
 
     torch.manual_seed(0)

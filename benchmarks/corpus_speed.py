@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from hypercompress.data import tokenize, windows
-from hypercompress.models import load_model
+from hypercompress.sources.data import tokenize, windows
+from hypercompress.sources.models import load_model
 from hypercompress.training import corpus
 
 VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_valid_tokenized.txt"

@@ -66,7 +66,7 @@ def run_llmcompressor(work: Path) -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
 
-    from hypercompress.models import load_model
+    from hypercompress.sources.models import load_model
 
     torch.manual_seed(SEED)
     loaded = load_model("smollm2-135m")
@@ -209,11 +209,11 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from transformers.utils import logging
 
-    from hypercompress import artifact
-    from hypercompress.data import calibration_samples, read_text, tokenize, windows
+    from hypercompress.storage import artifact
+    from hypercompress.sources.data import calibration_samples, read_text, tokenize, windows
     from hypercompress.eval import evaluate_windows
     from hypercompress.export import export
-    from hypercompress.models import load_model
+    from hypercompress.sources.models import load_model
 
     logging.set_verbosity_error()
     work = args.work

@@ -83,8 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     from hypercompress.analysis.edit import edit, example_lines
     from hypercompress.analysis.edit_report import json_safe
-    from hypercompress.data import read_text, tokenize, windows
-    from hypercompress.models import load_model
+    from hypercompress.sources.data import read_text, tokenize, windows
+    from hypercompress.sources.models import load_model
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
 from hypercompress.api import compress  # noqa: E402
-from hypercompress.artifact import round_to_storage  # noqa: E402
+from hypercompress.storage.artifact import round_to_storage  # noqa: E402
 from hypercompress.planning.target import planned_recipe  # noqa: E402
-from hypercompress.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
+from hypercompress.sources.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.eval.domains import describe, stdlib_docs_text  # noqa: E402
 from hypercompress.recipe import PlanTarget, Recipe  # noqa: E402

@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, write_json  # noqa: E402
 
 from hypercompress.arch import block_linear_names  # noqa: E402
-from hypercompress.data import read_text, tokenize, windows  # noqa: E402
+from hypercompress.sources.data import read_text, tokenize, windows  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text, teacher_log_probs  # noqa: E402
 from hypercompress.layers.quant_linear import dequantize, fit_grid, quantize_to_grid  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
+from hypercompress.sources.models import load_model  # noqa: E402
 
 
 def normal_levels(bits: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
 from hypercompress.api import _passes, compress  # noqa: E402
-from hypercompress.artifact import round_to_storage  # noqa: E402
+from hypercompress.storage.artifact import round_to_storage  # noqa: E402
 from hypercompress.planning.target import planned_recipe  # noqa: E402
 from hypercompress.errors import UserError  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402

@@ -62,12 +62,12 @@ def build(args) -> tuple[torch.nn.Module, torch.Tensor]:
     """(teacher model on the CPU in eval mode, calibration windows (N, seq) token ids)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hypercompress.data import calibration_samples, read_text, tokenize
+    from hypercompress.sources.data import calibration_samples, read_text, tokenize
 
     torch.manual_seed(0)
     count = args.batch * 4
     if args.shape == "smollm2":
-        from hypercompress.models import load_model
+        from hypercompress.sources.models import load_model
 
         loaded = load_model(args.model)
         ids = tokenize(loaded.tokenizer, read_text(args.calib_text))

@@ -144,7 +144,7 @@ def main() -> None:
     import hypercompress
     from hypercompress.eval import evaluate_windows, protocol_text
     from hypercompress.export import export
-    from hypercompress.models import load_model
+    from hypercompress.sources.models import load_model
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
 

@@ -26,8 +26,8 @@ from report import render  # noqa: E402
 from task_data import write_task  # noqa: E402
 
 import hypercompress  # noqa: E402
-from hypercompress.data import calibration_samples, read_text, tokenize  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
+from hypercompress.sources.data import calibration_samples, read_text, tokenize  # noqa: E402
+from hypercompress.sources.models import load_model  # noqa: E402
 from hypercompress.modules import count_params  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CALIB_TEXT, machine, write_json  # noqa: E402
 
 from hypercompress.calibration import capture_block_inputs  # noqa: E402
-from hypercompress.data import calibration_samples, read_text, tokenize  # noqa: E402
+from hypercompress.sources.data import calibration_samples, read_text, tokenize  # noqa: E402
 from hypercompress.methods.qat.block_ap import _train_block  # noqa: E402
 from hypercompress.methods.qat.fake_quant import FakeQuantLinear  # noqa: E402
-from hypercompress.models import load_model  # noqa: E402
+from hypercompress.sources.models import load_model  # noqa: E402
 
 RATES = (0.0, 1e-5, 5e-5, 2e-4, 5e-4)
 TRAIN_BATCHES = 1  # of 4 windows; the rest score

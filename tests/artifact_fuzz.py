@@ -67,7 +67,7 @@ def build_artifacts(root: Path) -> dict[str, Path]:
     """The valid artifacts the variants start from (tiny random models of tests/conftest.py)."""
     from conftest import make_model, make_tokenizer
 
-    from hypercompress import artifact
+    from hypercompress.storage import artifact
     from hypercompress.api import compress
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
@@ -396,7 +396,7 @@ def _call(fn):
 
 
 def judge(variant: Path, reference: torch.Tensor, tokens: torch.Tensor, resealed: bool) -> dict:
-    from hypercompress import artifact
+    from hypercompress.storage import artifact
     from hypercompress.cli.inspect import artifact_summary
 
     before = _peak_rss()
@@ -425,7 +425,7 @@ BAD = ("crash", "hang", "memory", "inconsistent", "silent_change")
 
 def run(variants: int, seed: int, workdir: Path) -> dict:
     """Build the artifacts, make `variants` mutated copies (round-robin over them) and judge each."""
-    from hypercompress import artifact
+    from hypercompress.storage import artifact
 
     signal.signal(signal.SIGALRM, _alarm)
     started = time.time()

@@ -164,7 +164,7 @@ def rtn_trial_bpw(model: torch.nn.Module, plan, embedding: str, lossless: int | 
     import copy
 
     from hypercompress.api import compress
-    from hypercompress.artifact import stored_bytes
+    from hypercompress.storage.artifact import stored_bytes
     from hypercompress.modules import count_params
     from hypercompress.planning.mixed_bits import plan_recipe
     from hypercompress.recipe import Recipe

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.modules import count_params
@@ -188,7 +188,7 @@ def test_transformers_does_not_read_a_config_linked_to_a_huge_file(valid, tmp_pa
     linked to an 8 GiB sparse file is refused naming it, before a byte is read."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    import hypercompress.hf_integration  # noqa: F401  (what using any Auto class does)
+    import hypercompress.storage.hf_integration  # noqa: F401  (what using any Auto class does)
 
     path = copy(valid, "llama", tmp_path)
     huge = tmp_path / "huge.json"

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.arch import arch_of
 from hypercompress.calibration import capture_block_inputs, run_layerwise
 from hypercompress.errors import UserError
 from hypercompress.methods.base import LayerwiseMethod
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.planning.sensitivity import TailRunner
 from hypercompress.recipe import Recipe

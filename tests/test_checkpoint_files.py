@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hypercompress import checkpoint as checkpoint_module
+from hypercompress.storage import checkpoint as checkpoint_module
 from hypercompress.api import compress
-from hypercompress.checkpoint import describe_leftover
+from hypercompress.storage.checkpoint import describe_leftover
 from hypercompress.errors import UserError
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.recipe import Recipe
 
 RECIPE = [{"method": "rtn", "bits": 4, "group_size": 32, "targets": [r"^transformer\.wte$"]},

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hypercompress import models, workflow
+from hypercompress.sources import models
+from hypercompress import workflow
 from hypercompress.eval import evaluation
 
 from test_cli import assert_one_line_error, run

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import hypercompress
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.layers.base import CompressedModule
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe

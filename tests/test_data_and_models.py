@@ -3,9 +3,9 @@ import importlib.metadata
 import pytest
 import torch
 
-from hypercompress.data import calibration_samples, read_text, tokenize, windows
+from hypercompress.sources.data import calibration_samples, read_text, tokenize, windows
 from hypercompress.errors import UserError
-from hypercompress.models import builtin_gguf_path, load_model
+from hypercompress.sources.models import builtin_gguf_path, load_model
 
 
 def test_windows_are_non_overlapping_and_drop_the_tail():
@@ -57,8 +57,8 @@ def test_missing_builtin_package_gives_the_pip_command(monkeypatch):
 
 def test_hub_id_is_tried_only_for_org_slash_name(monkeypatch):
     calls = []
-    monkeypatch.setattr("hypercompress.models.hub_cache_only", lambda repo_id: False)  # no request
-    monkeypatch.setattr("hypercompress.models._from_pretrained",
+    monkeypatch.setattr("hypercompress.sources.models.hub_cache_only", lambda repo_id: False)  # no request
+    monkeypatch.setattr("hypercompress.sources.models._from_pretrained",
                         lambda source, spec, kind, dtype, cache_only: calls.append((source, kind)))
     load_model("HuggingFaceTB/SmolLM2-135M")
     assert calls == [("HuggingFaceTB/SmolLM2-135M", "hub")]
@@ -76,7 +76,7 @@ def test_text_inputs_that_are_not_regular_files_are_one_line_errors(tmp_path):
 def test_a_binary_file_passed_as_text_is_refused_and_a_stray_bad_byte_is_not(tmp_path):
     import random as _random
 
-    from hypercompress.data import read_text
+    from hypercompress.sources.data import read_text
     from hypercompress.errors import UserError
 
     binary = tmp_path / "random.bin"
@@ -111,7 +111,7 @@ def _tokenizers():
 def test_tokenizing_in_pieces_gives_the_ids_of_one_call(monkeypatch):
     import random
 
-    import hypercompress.data as data
+    import hypercompress.sources.data as data
 
     rng = random.Random(0)
     text = " ".join(rng.choice(["w1", "word3", "  w7", "é", "日本", "1234", "\n\n", "--", "w2\n"]) for _ in range(3000))
@@ -129,7 +129,7 @@ def test_a_long_one_line_text_is_tokenized_in_bounded_memory():
     from pathlib import Path
 
     script = ("import sys, resource, random; sys.path.insert(0, 'tests'); from conftest import make_tokenizer, WORDS;"
-              "from hypercompress.data import tokenize; t = make_tokenizer(); r = random.Random(0);"
+              "from hypercompress.sources.data import tokenize; t = make_tokenizer(); r = random.Random(0);"
               "text = ' '.join(r.choice(WORDS) for _ in range(1_500_000));"
               "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; ids = tokenize(t, text);"
               "print(ids.numel(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.training.kl import kl_to_teacher
 from hypercompress.errors import UserError

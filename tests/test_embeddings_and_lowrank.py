@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.layers import LowRankEmbedding, QuantEmbedding, TiedHead
 from hypercompress.methods.asvd import ActivationAwareSVD, AsvdConfig
 from hypercompress.methods.svd import SVD, SvdConfig
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hypercompress
-from hypercompress.data import tokenize, windows
+from hypercompress.sources.data import tokenize, windows
 from hypercompress.errors import UserError
 from hypercompress.eval import evaluate_windows
 

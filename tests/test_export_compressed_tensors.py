@@ -14,7 +14,7 @@ from conftest import ARCHS, MOE, make_model, make_tokenizer
 from safetensors import safe_open
 
 import hypercompress
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.export import export

@@ -102,6 +102,38 @@ def test_export_bad_inputs_leave_nothing(artifacts, tmp_path):
     assert_one_line_error(run("export", artifacts["llama"], "--format", "hf", "--out", taken), "already exists")
 
 
+@pytest.mark.parametrize("fmt, option, needle", [
+    ("hf", ["--gguf-type", "Q8_0"], "--gguf-type does not apply to --format hf (its options: --dtype)"),
+    ("gguf", ["--dtype", "float16"], "--dtype does not apply to --format gguf"),
+    ("hf", ["--dense-fallback"], "--dense-fallback does not apply to --format hf"),
+    ("gguf", ["--force-type"], "--force-type needs --gguf-type"),
+])
+def test_an_option_of_another_format_is_refused_not_ignored(artifacts, tmp_path, fmt, option, needle):
+    out = tmp_path / "x"
+    assert_one_line_error(run("export", artifacts["llama"], "--format", fmt, *option, "--out", out), needle)
+    assert not out.exists()
+    from hypercompress.export import export
+    from hypercompress.errors import UserError
+
+    with pytest.raises(UserError, match="does not apply to --format hf"):
+        export(artifacts["llama"], "hf", out, gguf_typo="F32")
+
+
+def test_every_format_option_is_a_writer_parameter_and_a_cli_option():
+    """FORMATS is the one table: a format's options are its writer's keywords, each a CLI flag."""
+    import inspect
+
+    from hypercompress.cli.export import export as cli_export
+    from hypercompress.export import FORMATS, flag, writer
+
+    cli_flags = {f for p in inspect.signature(cli_export).parameters.values()
+                 for f in getattr(p.default, "param_decls", ()) or ()}
+    for fmt, spec in FORMATS.items():
+        keywords = set(list(inspect.signature(writer(fmt)).parameters)[4:])
+        assert keywords == set(spec.options), fmt
+        assert {flag(o) for o in spec.options} <= cli_flags, fmt
+
+
 def test_llama3_rope_scaling_survives_compress_reload_and_hf_export(tmp_path, tokens):
     """Llama-3.x's "llama3" RoPE scaling lives in the config: the artifact and the HF export keep it
     (same logits); the GGUF export, which would need llama.cpp's rope_freqs tensor, refuses by name."""

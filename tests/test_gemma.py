@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import carry_embedding_scale, head_logits
 from hypercompress.recipe import Recipe
 from hypercompress.training.distill import _kl_sum

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.layers.hypernet.backbone import make_backbone
@@ -13,7 +13,7 @@ from hypercompress.layers.hypernet.generator import HyperGenerator
 from hypercompress.layers.hypernet.linear import GeneratedLinear
 from hypercompress.methods.hypernet.patches import from_patches, to_patches
 from hypercompress.methods.hypernet.set_encoder import SetEncoder
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.layers import QuantLinear
 from hypercompress.recipe import Recipe

@@ -8,13 +8,13 @@ import copy
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.layers.hypernet.backbone import make_backbone
 from hypercompress.layers.hypernet.generator import HyperGenerator
 from hypercompress.methods.hypernet.method import _install, _weight_error, block_linear_grid
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.layers.base import linear_weight
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe

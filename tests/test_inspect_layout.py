@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.cli.module_groups import describe, group_rows, natural_key, ranges, sort_rows
 from hypercompress.cli.tables import branch_table, branch_tensor_bytes, file_note, safetensors_header_bytes

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import hypercompress
-from hypercompress import atomic
+from hypercompress.storage import atomic
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 
@@ -31,7 +31,7 @@ RECIPE = """- method: rtn
 # temporary file is written, before the rename) or just before the artifact's folder is renamed
 KILLER = """
 import os, signal, sys
-from hypercompress import atomic
+from hypercompress.storage import atomic
 from hypercompress.cli import app
 where, k, calls = sys.argv[1], int(sys.argv[2]), []
 real_replace, real_sync = os.replace, atomic._sync_tree
@@ -167,7 +167,7 @@ def test_a_kill_inside_a_file_write_leaves_the_old_file(tmp_path):
 def test_a_killed_checkpoint_removal_leaves_no_torn_checkpoint(tmp_path):
     """discard renames the folder away before deleting it; what a killed removal left (its writer
     gone) goes at the next removal of that folder."""
-    from hypercompress.checkpoint import discard
+    from hypercompress.storage.checkpoint import discard
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -9,7 +9,7 @@ from hypercompress.methods.kan import HierarchicalCompressor, decompress_weights
 from hypercompress.layers.kan import evaluate
 from hypercompress.layers.kan.spline import KANLayer, bspline_basis
 from hypercompress.methods.kan.compressor import fit_levels
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 
 
 def test_bspline_bases_partition_unity_inside_the_grid():

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 import hypercompress
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.cli.inspect import artifact_summary
 from hypercompress.errors import UserError
 from hypercompress.eval import kept

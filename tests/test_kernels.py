@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.kernels.int4 import Int4Linear
 from hypercompress.kernels.paths import DenseLinear, is_two_four
 from hypercompress.layers import QuantLinear
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 

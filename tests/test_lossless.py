@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.cli.inspect import artifact_summary
 from hypercompress.errors import UserError
 from hypercompress.formats import lossless
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 

@@ -13,11 +13,11 @@ import torch
 import transformers
 
 import hypercompress
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.experts import MIN_EXPERT_TOKENS, ExpertLinears, fuse_experts, unfuse_experts
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.recipe import Recipe
 
 from conftest import MOE, make_model, make_tokenizer
@@ -122,7 +122,7 @@ def test_methods_that_cannot_handle_experts_refuse_by_name(stage, needle):
 def test_edits_gguf_and_streaming_refuse_a_mixture_by_name(model_dirs, tmp_path):
     from hypercompress.arch import residual_writer_names
     from hypercompress.export.gguf_writer import gguf_arch
-    from hypercompress.streaming import load_streamed
+    from hypercompress.sources.streaming import load_streamed
 
     with pytest.raises(UserError, match="olmoe routes each token to its own experts"):
         residual_writer_names(make_model("olmoe"))

@@ -11,7 +11,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 
 from test_cli import run
 

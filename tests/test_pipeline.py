@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.errors import UserError
 from hypercompress.modules import count_params

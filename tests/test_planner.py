@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from hypercompress.cli import app
 from hypercompress.errors import UserError
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.planning.mixed_bits import allocate, linear_options, measure_sensitivity, plan_bits, plan_recipe
 from hypercompress.recipe import PlanTarget, Recipe, load_recipe_file
 

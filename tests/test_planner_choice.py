@@ -70,7 +70,7 @@ def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypat
     """The rotated plan is a candidate on an untied RMSNorm model (same modules, same options); when it
     scores best, the planned recipe starts with `rotate` and its file stays within the target."""
     from conftest import make_model
-    from hypercompress.artifact import stored_bytes
+    from hypercompress.storage.artifact import stored_bytes
     from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
     from hypercompress.recipe import PlanTarget
@@ -109,7 +109,7 @@ def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
     """qat's trained codes code larger than GPTQ's (planner.QAT_CODE_GROWTH): with --distill the
     plan (every candidate, the kept one too) is fit to target / QAT_CODE_GROWTH, without it to the target."""
     from hypercompress.api import compress
-    from hypercompress.artifact import stored_bytes
+    from hypercompress.storage.artifact import stored_bytes
     from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
     from hypercompress.planning.mixed_bits import QAT_CODE_GROWTH

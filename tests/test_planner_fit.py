@@ -217,7 +217,7 @@ def test_a_target_under_the_smallest_plans_file_takes_the_pipeline_even_above_th
     """The smallest quantization plan's file (GPTQ's room and the header counted) may store more than
     the tensor-bit floor: a target between the two was refused as beyond reach while the pipeline
     reaches it."""
-    from hypercompress.models import load_model
+    from hypercompress.sources.models import load_model
     from hypercompress.planning.fit import smallest_allocation
 
     model = load_model(str(model_dirs["llama"])).model

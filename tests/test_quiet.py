@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 import hypercompress
 from hypercompress.cli import app
-from hypercompress.hub import hub_unreachable, is_hub_id
+from hypercompress.sources.hub import hub_unreachable, is_hub_id
 
 from test_cli import assert_one_line_error, run
 
@@ -81,7 +81,7 @@ def test_a_teacher_from_the_hub_takes_the_same_path(empty_cache, model_dirs, tex
 
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": CLOSED_PORT}], ids=["offline", "unreachable"])
 def test_a_cached_hub_model_loads_from_the_cache(cached_tiny, env):
-    code = "from hypercompress.models import load_model; print(load_model('tiny/llama').kind)"
+    code = "from hypercompress.sources.models import load_model; print(load_model('tiny/llama').kind)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **cached_tiny, **env})
     assert done.returncode == 0, done.stderr

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from hypercompress.errors import UserError
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import select_linears
 from hypercompress.recipe import PlanTarget, Recipe, load_recipe_file
 

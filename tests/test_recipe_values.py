@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import make_model, message_lines
 from hypercompress.api import compress
-from hypercompress.artifact import storage_bits
+from hypercompress.storage.artifact import storage_bits
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.planning.mixed_bits import plan_bits

@@ -8,13 +8,13 @@ import functools
 import pytest
 import torch
 
-from hypercompress import artifact, checkpoint as checkpoint_module
+from hypercompress.storage import artifact, checkpoint as checkpoint_module
 from hypercompress.api import compress
 from hypercompress.training.distill import DistillSettings
 from hypercompress.methods import distill_factors
 from hypercompress.methods.hypernet import method as hypernet_method
 from hypercompress.methods.qat import method as qat_method
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save as serialize
 
 from conftest import make_model, make_tokenizer, tied_llama
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.planning.mixed_bits import Plan, candidate_options, plan_recipe
 from hypercompress.planning.size_table import SizeTable, safetensors_file_bytes, stored_tensor

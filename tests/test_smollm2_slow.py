@@ -13,11 +13,11 @@ import copy
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
-from hypercompress.data import read_text, tokenize, windows
+from hypercompress.sources.data import read_text, tokenize, windows
 from hypercompress.eval import evaluate_windows
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 

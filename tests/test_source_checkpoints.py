@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hypercompress.errors import UserError
-from hypercompress.models import load_model
+from hypercompress.sources.models import load_model
 
 from test_cli import assert_one_line_error, run
 
@@ -43,7 +43,7 @@ def test_a_wrongly_shaped_tensor_is_refused_with_both_shapes(model_dirs, tmp_pat
 
 
 def test_both_loaders_word_a_wrong_shape_alike(model_dirs, tmp_path):
-    from hypercompress.streaming import load_streamed
+    from hypercompress.sources.streaming import load_streamed
 
     source = tmp_path / "model"
     shutil.copytree(model_dirs["llama"], source)
@@ -71,9 +71,10 @@ def test_a_config_claiming_a_huge_model_is_refused_before_anything_is_allocated(
     config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = 40_000
     (source / "config.json").write_text(json.dumps(config))
-    script = ("import resource, sys; from hypercompress.models import load_model; from hypercompress.errors import "
+    # peak RSS from VmHWM (this image's own; ru_maxrss would carry the forking test process's over exec)
+    script = ("import re, sys; from hypercompress.sources.models import load_model; from hypercompress.errors import "
               "UserError\ntry:\n    load_model(sys.argv[1])\nexcept UserError as e:\n    print(e)\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+              "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
     done = subprocess.run([sys.executable, "-c", script, str(source)], capture_output=True, text=True, timeout=300)
     message, peak_kib = done.stdout.strip().splitlines()
     assert "config.json describes 40,000 blocks but the weight files hold 2" in message, done.stdout
@@ -104,7 +105,7 @@ def test_a_float_weight_labelled_as_integers_is_refused_by_name(model_dirs, tmp_
     needle = r"stores model\.embed_tokens\.weight as I32, not a float type"
     with pytest.raises(UserError, match=needle):
         load_model(str(source))
-    from hypercompress.streaming import load_streamed
+    from hypercompress.sources.streaming import load_streamed
 
     with pytest.raises(UserError, match=needle):
         load_streamed(str(source))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import hypercompress
-from hypercompress import streaming
+from hypercompress.sources import streaming
 from hypercompress.errors import UserError
 from hypercompress.layers.base import CompressedModule
 
@@ -153,7 +153,7 @@ def test_bad_stream_requests_are_refused(tmp_path, model_dirs, calib_file, text_
 def test_a_killed_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     """A streamed pass killed after a block resumes from its checkpoint (the finished blocks'
     modules restored, their norms read at the end) to the model an uninterrupted run gives."""
-    from hypercompress import artifact
+    from hypercompress.storage import artifact
     from hypercompress.api import compress
     from hypercompress.recipe import Recipe
 

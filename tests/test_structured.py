@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.api import compress
 from hypercompress.arch import arch_of
 from hypercompress.errors import UserError

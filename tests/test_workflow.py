@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hypercompress
-from hypercompress import artifact
+from hypercompress.storage import artifact
 from hypercompress.errors import UserError
 from hypercompress.layers.base import CompressedModule
 from hypercompress.recipe import Recipe

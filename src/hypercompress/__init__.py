@@ -25,8 +25,8 @@ _EXPORTS = {
     "analyze": ("analysis.report", "analyze"),
     "edit": ("analysis.edit", "edit"),
     "evaluate": ("eval.evaluation", "evaluate"),
-    "save": ("artifact", "save"),
-    "load": ("artifact", "load"),
+    "save": ("storage.artifact", "save"),
+    "load": ("storage.artifact", "load"),
     "prepare": ("kernels", "prepare"),
     "list_methods": ("methods", "list_methods"),
 }
@@ -53,9 +53,9 @@ def __dir__() -> list[str]:
 
 
 def _register_with_transformers() -> None:
-    """AutoModelForCausalLM.from_pretrained(artifact_dir) works (idempotent; hf_integration
+    """AutoModelForCausalLM.from_pretrained(artifact_dir) works (idempotent; storage/hf_integration
     registers when it is imported)."""
-    importlib.import_module(".hf_integration", __name__)
+    importlib.import_module(".storage.hf_integration", __name__)
 
 
 class _ThenRegister(importlib.abc.Loader):

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .arch import arch_of, check_length
-from .artifact import round_to_storage, storage_bits
+from .storage.artifact import round_to_storage, storage_bits
 from .calibration import peak_memory_bytes, run_layerwise
-from .checkpoint import Checkpoint, fix_hint, unreadable
+from .storage.checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
 from .experts import has_unfused_experts, unfuse_experts
 from .layers.base import CompressedModule
@@ -24,7 +24,7 @@ from .progress import takes_positional
 from .recipe import Recipe
 from .methods.base import LayerwiseMethod, WholeModelMethod
 from .methods import get_method
-from .streaming import materialize_all, uncompressed
+from .sources.streaming import materialize_all, uncompressed
 from .training.teacher import check_teacher_model, check_teacher_stages
 
 # progress(stage_index, label, done, total, note) (a 4-argument one gets no note): label names the stage (or the stages one layer-wise

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from .arch import arch_of
-from .checkpoint import Checkpoint, unreadable
+from .storage.checkpoint import Checkpoint, unreadable
 from .errors import UserError
 from .experts import ExpertLinears, routed_calibration, routing_report
 from .methods.base import LayerwiseMethod
 from .modules import replace_module
-from .streaming import materialize, uncompressed
+from .sources.streaming import materialize, uncompressed
 
 BlockProgress = Callable[[int, int], None]  # (blocks done, blocks total)
 
@@ -178,7 +178,7 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
     """Compress `names` (linears inside blocks) block by block with `method`, errors propagated.
 
     resume_from: (last finished block, its output hidden states) from a checkpoint.
-    A streamed model's blocks are read from its files one at a time (streaming.py).
+    A streamed model's blocks are read from its files one at a time (sources/streaming.py).
     Returns {"seconds", "peak_memory_bytes", "blocks", "block_seconds": wall seconds of each block run}
     and, for a mixture of experts, "expert_tokens" (experts.routing_report: the calibration tokens
     each expert was routed and those added to reach experts.MIN_EXPERT_TOKENS).

@@ -130,7 +130,7 @@ class _DuplicateKey(yaml.YAMLError):
 
 
 def _read_yaml(path: Path) -> Any:
-    from .artifact_reader import read_document
+    from .storage.reader import read_document
 
     if not path.exists():
         raise UserError(f"recipe file not found: {path}; pass an existing YAML file to --recipe")

@@ -20,25 +20,26 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import artifact, parallel
-from .atomic import check_output_folder, refuse_existing
+from . import parallel
+from .storage import artifact
+from .storage.atomic import check_output_folder, refuse_existing
 from .api import check_stages, compress as apply_recipe
 from .arch import check_length, position_limit
 from .calibration import peak_memory_bytes
-from .artifact_reader import read_manifest_fields
-from .checkpoint import RUN, describe_leftover, discard
-from .data import calibration_samples, read_text, tokenize, windows
+from .storage.reader import read_manifest_fields
+from .storage.checkpoint import RUN, describe_leftover, discard
+from .sources.data import calibration_samples, read_text, tokenize, windows
 from .errors import UserError
 from .eval import protocol_text
 from .kernels import prepare
 from .layers.latent_kv import kv_cache_bytes_per_token
 from .methods.structured.surgery import flops_per_token
-from .models import load_model, source_kind
+from .sources.models import load_model, source_kind
 from .modules import count_params, effective_weights
 from .progress import Progress, Timeline, no_progress
 from .recipe import PlanTarget, Recipe, load_recipe_file
 from .methods import get_method
-from .streaming import is_streamed, load_streamed, materialize_all
+from .sources.streaming import is_streamed, load_streamed, materialize_all
 from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .planning.target import planned_recipe
 from .training.engine import recovery_defaults
@@ -113,7 +114,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     lossless: zstd level 1..22 for the stored tensors, 0 off (size targets default to 10).
     eval_text: measure perplexity / KL after every branch on `eval_windows` windows of 512 tokens.
     stream_blocks: read a local HF directory's blocks from its safetensors files one at a time
-        (streaming.py): the original is never whole in RAM during layer-wise passes (a size
+        (sources/streaming.py): the original is never whole in RAM during layer-wise passes (a size
         target's planner still reads all of it first); not with eval_text.
     log_dir / wandb_project: TensorBoard folder / Weights & Biases project (offline unless WANDB_MODE
         says otherwise) for every trained stage that does not name its own (losses, KL, tokens/s,

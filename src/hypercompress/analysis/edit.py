@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..arch import blocks_of, residual_writer_names
-from ..atomic import refuse_existing
+from ..storage.atomic import refuse_existing
 from ..errors import UserError
 from ..eval.perplexity import evaluate_windows, teacher_log_probs
 from .edit_report import save_edited
@@ -216,7 +216,7 @@ def edit(model: nn.Module, tokenizer, concept: list[str], contrast: list[str], *
         raise UserError(f"nothing was erased, so no artifact was written: {stopped}; raise --kl-budget, or "
                         "give a contrast that differs from the concept only in the concept")
 
-    from ..artifact import round_to_storage
+    from ..storage.artifact import round_to_storage
 
     round_to_storage(model)  # measure what the artifact will hold
     say("validating", 0, 1)

@@ -19,7 +19,7 @@ def save_edited(model: nn.Module, tokenizer: Any, out: str | Path, report: dict,
     A compressed source keeps its recipe, original parameter count and lossless level (its stored
     kinds were edited in their form); a dense source becomes an artifact of float16 tensors. The
     report goes into the manifest (`edit`) and into edit.md / edit.json."""
-    from ..artifact import save
+    from ..storage.artifact import save
     from ..modules import count_params
 
     manifest = source_manifest or {}

@@ -25,8 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from ..artifact_reader import MANIFEST, read_document, read_manifest_fields
-from ..atomic import replace_file
+from ..storage.reader import MANIFEST, read_document, read_manifest_fields
+from ..storage.atomic import replace_file
 from ..errors import UserError
 
 Series = dict[str, list[tuple[float, float, str]]]  # name -> (bpw, ppl, label)

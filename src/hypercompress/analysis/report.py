@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import block_linear_names, blocks_of
-from ..atomic import atomic_directory, refuse_existing
+from ..storage.atomic import atomic_directory, refuse_existing
 from ..errors import UserError
 from .flow import block_flow, fisher_importance
 from .layer_rd import rate_distortion_report

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from ..atomic import check_output_folder, refuse_existing
-from ..hub import check_hub_model
+from ..storage.atomic import check_output_folder, refuse_existing
+from ..sources.hub import check_hub_model
 from .common import console, err_console, one_line_errors, section_progress
 from .quiet import VERBOSE, quiet_libraries
 
@@ -32,8 +32,8 @@ def analyze(
     check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     from ..analysis.report import analyze as run_analysis
     from ..arch import check_length
-    from ..data import calibration_samples, read_text, tokenize
-    from ..models import load_model
+    from ..sources.data import calibration_samples, read_text, tokenize
+    from ..sources.models import load_model
 
     refuse_existing(out)
     check_output_folder(out)  # refused now, not after the analysis

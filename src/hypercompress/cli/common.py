@@ -20,7 +20,7 @@ except ImportError:
 UsageError = _click_errors.UsageError
 NoArgsIsHelpError = getattr(_click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: no arguments, help
 
-from ..atomic import replace_file
+from ..storage.atomic import replace_file
 from ..errors import UserError
 from .progress import show_progress
 

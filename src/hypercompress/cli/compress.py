@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from ..atomic import check_output_file, check_output_folder, refuse_existing
-from ..hub import check_hub_model
+from ..storage.atomic import check_output_file, check_output_folder, refuse_existing
+from ..sources.hub import check_hub_model
 from ..registry import check_method_name
 from .clock import STARTED
 from .common import console, one_line_errors, section_progress, write_json

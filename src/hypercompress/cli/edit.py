@@ -7,15 +7,15 @@ from typing import Optional
 
 import typer
 
-from ..atomic import check_output_folder, refuse_existing
+from ..storage.atomic import check_output_folder, refuse_existing
 from ..errors import UserError
-from ..hub import check_hub_model
+from ..sources.hub import check_hub_model
 from .common import console, err_console, one_line_errors, section_progress
 from .quiet import VERBOSE, quiet_libraries
 
 
 def _windows(tokenizer, text: str, name: str, length: int, count: int):
-    from ..data import tokenize, windows
+    from ..sources.data import tokenize, windows
 
     ids = tokenize(tokenizer, text)
     if ids.numel() < length:
@@ -52,9 +52,9 @@ def edit(
     from ..analysis.edit import edit as run_edit
     from ..analysis.edit_report import summary_rows
     from ..arch import check_length
-    from ..artifact import read_manifest
-    from ..data import read_text
-    from ..models import load_model
+    from ..storage.artifact import read_manifest
+    from ..sources.data import read_text
+    from ..sources.models import load_model
 
     refuse_existing(out)
     check_output_folder(out)  # refused now, not after the edit

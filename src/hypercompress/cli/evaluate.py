@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from ..atomic import check_output_file
-from ..hub import check_hub_model
+from ..storage.atomic import check_output_file
+from ..sources.hub import check_hub_model
 from .clock import STARTED
 from .common import console, one_line_errors, parse_dtype, section_progress, write_json
 from .progress import print_time_table, process_seconds

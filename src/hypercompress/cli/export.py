@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from ..atomic import check_output_file, check_output_folder, refuse_existing
-from ..errors import UserError
+from ..storage.atomic import check_output_file, check_output_folder, refuse_existing
 from .common import console, err_console, one_line_errors, write_json
 from .quiet import VERBOSE, quiet_libraries
 
@@ -21,24 +20,26 @@ def export(
     out: Path = typer.Option(..., "--out", help="new directory to write"),
     gguf_type: Optional[str] = typer.Option(None, "--gguf-type", help="gguf: the GGML type for "
                                             "tensors no exact type holds (default: per tensor)"),
+    force_type: bool = typer.Option(False, "--force-type", help="gguf: store every 2-D weight as "
+                                    "--gguf-type, exact or not"),
     dense_fallback: bool = typer.Option(False, "--dense-fallback", help="compressed-tensors: write "
-                                        "modules the format cannot hold as dense bfloat16 (ignored by "
+                                        "modules the format cannot hold as dense tensors (ignored by "
                                         "its quantization) instead of refusing"),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="hf: bfloat16 | float16 | float32"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="hf: bfloat16 (default) | float16 | float32; "
+                                        "compressed-tensors: float16 (default) | bfloat16 | float32"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the export report as JSON"),
     verbose: bool = VERBOSE,
 ) -> None:
     """Write the artifact in another runtime's format (atomically; refuses an existing --out)."""
     quiet_libraries(verbose)
-    from ..export import FORMATS, export as run_export
+    from ..export import check_options, export as run_export
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    given = {"gguf_type": gguf_type, "force_type": force_type, "dense_fallback": dense_fallback, "dtype": dtype}
+    options = {name: value for name, value in given.items() if value not in (None, False)}
+    check_options(fmt, options)
     refuse_existing(out)
     check_output_folder(out)
     check_output_file(json_path)
-    options = {"hf": {"dtype": dtype}, "gguf": {"gguf_type": gguf_type} if gguf_type else {},
-               "compressed-tensors": {"dense_fallback": dense_fallback}}[fmt]
     with err_console.status(f"exporting {artifact} as {fmt}"):
         report = run_export(artifact, fmt, out, **options)
     size = report.get("safetensors_bytes") or report.get("bytes")

@@ -13,7 +13,7 @@ import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.table import Table
 
-from ..atomic import check_output_file
+from ..storage.atomic import check_output_file
 from ..errors import UserError
 from .common import console, one_line_errors, write_json
 
@@ -30,7 +30,7 @@ def artifact_summary(path: Path, warn: Any = None) -> dict[str, Any]:
     import functools
     import warnings
 
-    from .. import artifact
+    from ..storage import artifact
     from ..eval.kept import read_kept
     from ..modules import represented_weights
     from .module_groups import model_order, sort_rows
@@ -90,7 +90,7 @@ def inspect(
 ) -> None:
     """Show what an artifact stores: the whole model (file size, bits per weight, recipe, kept
     evaluations), its branches, then its modules grouped across layers (--all: one row each)."""
-    from .. import artifact
+    from ..storage import artifact
     from .tables import print_branch_table
 
     check_output_file(json_path)  # a folder, or a place nothing can be written: refused before reading
@@ -210,7 +210,7 @@ def _print_lossless(coding: dict[str, Any]) -> None:
 
 def _summary(path: Path) -> dict[str, Any]:
     """summary.json if the artifact has one (hashed with it, as every listed file); {} otherwise."""
-    from ..artifact_reader import read_document
+    from ..storage.reader import read_document
     from ..summary import SUMMARY_JSON
 
     file = path / SUMMARY_JSON

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..atomic import check_output_file
+from ..storage.atomic import check_output_file
 from .common import console, one_line_errors
 
 

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..arch import check_length
-from ..data import read_text, tokenize, windows
+from ..sources.data import read_text, tokenize, windows
 from ..errors import UserError, user_path
-from ..models import load_model
+from ..sources.models import load_model
 from .kept import EVALUATIONS, is_artifact_dir, keep_or_warn
 from ..progress import Progress, Timeline, no_progress
 from .perplexity import evaluate_windows, protocol_text
@@ -65,7 +65,7 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
     """Measure `model` on a text (perplexity, and KL / top-1 against `teacher`) and on lm-eval tasks.
 
     model: a loaded causal LM (nn.Module, e.g. from hypercompress.load; pass its `tokenizer`) or a
-        model source for hypercompress.models.load_model (artifact dir, smollm2-135m, .gguf, HF dir,
+        model source for hypercompress.sources.models.load_model (artifact dir, smollm2-135m, .gguf, HF dir,
         hub id), loaded with `dtype` (default float32) on `device` (default cpu). A loaded model is
         evaluated where and as it is: `dtype` / `device`, if given, must match it.
     text: the evaluation text itself; or data: a text file path or a datasets spec NAME:CONFIG:SPLIT

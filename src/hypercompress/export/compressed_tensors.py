@@ -59,7 +59,7 @@ FORMAT = "pack-quantized"
 
 
 def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str = "float16",
-          dense_fallback: bool = False, **_: Any) -> dict[str, Any]:
+          dense_fallback: bool = False) -> dict[str, Any]:
     """Write `model` (an artifact as `artifact.load` returns it) to `out_dir` in compressed-tensors'
     pack-quantized layout: model.safetensors, config.json with `quantization_config`, tokenizer.
 

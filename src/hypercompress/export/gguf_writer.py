@@ -71,7 +71,7 @@ def gguf_arch(model_type: str) -> tuple[MODEL_ARCH, bool]:
 
 
 def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, gguf_type: str | None = None,
-          force_type: bool = False, **_: Any) -> dict[str, Any]:
+          force_type: bool = False) -> dict[str, Any]:
     """Write `out_dir/model.gguf` for a loaded artifact (CPU, float32). `gguf_type` (F32, F16,
     BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): the type of every 2-D weight no GGUF type holds exactly
     (default: per tensor, see gguf_tensors.candidates); `force_type`: of every 2-D weight.

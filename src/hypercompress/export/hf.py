@@ -18,8 +18,7 @@ from .dense import check_range, densify
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str = "bfloat16",
-          **_: Any) -> dict[str, Any]:
+def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str = "bfloat16") -> dict[str, Any]:
     """Save `model` densified to `out_dir` with `save_pretrained`; returns {dtype, bytes}."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: the hf export writes one of {', '.join(DTYPES)}; pass one of them")

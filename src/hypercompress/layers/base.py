@@ -48,7 +48,7 @@ class StoredModule(nn.Module, abc.ABC):
     @classmethod
     def layout_problem(cls, layout: dict[str, Any]) -> str | None:
         """Why a layout (already of the constructor's types, integers in [0, 2**31)) is out of this
-        kind's ranges, or None. The strict reader (artifact_reader.py) asks before building."""
+        kind's ranges, or None. The strict reader (storage/reader.py) asks before building."""
         return None
 
     def misfit(self, original: nn.Module | None) -> str | None:

@@ -104,7 +104,7 @@ def choose(model: nn.Module, plan: Plan, uniforms: list[Plan], target_bpw: float
     `samples` (N, T): the calibration windows (with fewer than TRIAL_WINDOWS + 1, the first half
     calibrates the trials and the rest scores them). Everything runs on `device`.
     progress(done, total, note) as the trials go: the shared pass's blocks, then one per candidate."""
-    from ..artifact import round_to_storage, stored_bytes
+    from ..storage.artifact import round_to_storage, stored_bytes
     from ..training.kl import kl_to_teacher
     from .trials import rotated_trial, shared_gptq, trial_model
 

@@ -140,7 +140,7 @@ class _Layout:
 
 
 def _layout(model: nn.Module) -> _Layout:
-    from ..artifact import storage_bits
+    from ..storage.artifact import storage_bits
     from ..methods.svd import max_useful_rank
 
     spec = arch_of(model.config.model_type)
@@ -298,7 +298,7 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
     import json
 
     from ..api import compress
-    from ..artifact import stored_bytes
+    from ..storage.artifact import stored_bytes
     from .fit import HEADROOM, Trial, _ask, _size, fit_budget
     from ..recipe import Recipe
 

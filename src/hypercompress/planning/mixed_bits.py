@@ -124,7 +124,7 @@ def candidate_options(model: nn.Module, group: int, embedding: str | None = None
     """(options per module: every block linear and the embedding, each option's group dividing the
     module's input width; the embedding's name; exact storage bits per module and option; bits of
     everything the planner does not touch). UserError when `group` divides no block linear's width."""
-    from ..artifact import storage_bits
+    from ..storage.artifact import storage_bits
 
     embed_name = embedding or next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
     offered = {n: linear_options(group) for n in block_linear_names(model)}

@@ -122,7 +122,7 @@ class SizeTable:
 
     def __init__(self, model: nn.Module, modules: Iterable[str], lossless: int | None, workers: int | None = None,
                  grown: Iterable[str] = ()):
-        from ..artifact import tensors_to_save
+        from ..storage.artifact import tensors_to_save
 
         self.model, self.lossless = model, lossless
         self.workers = workers or max(2, min(32, _cores()))

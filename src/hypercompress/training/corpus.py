@@ -342,7 +342,7 @@ def _read_corpus(path: Path, fingerprint: str, key: str, vocab: int, length: int
 def _save(path: Path, windows: torch.Tensor, meta: dict[str, Any], explicit: bool) -> None:
     from safetensors.torch import save_file
 
-    from ..atomic import replace_file
+    from ..storage.atomic import replace_file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         replace_file(path, lambda tmp: save_file({"windows": windows.contiguous()}, str(tmp),

@@ -257,8 +257,8 @@ def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.opt
     describes a complete file); then the older file is deleted."""
     import secrets
 
-    from ..artifact_reader import file_sha256
-    from ..checkpoint import remove_stale, save_json, save_tensors
+    from ..storage.reader import file_sha256
+    from ..storage.checkpoint import remove_stale, save_json, save_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"param.{n}": p.detach().cpu() for n, p in params.items()}
@@ -283,7 +283,7 @@ def _restore(directory: Path, params, optimizer) -> tuple[int, float]:
     tensors restored. Raises
     UserError when the file cannot be read, does not hash to the recorded sha256 or does not fit
     `params`."""
-    from ..checkpoint import _is_index, check_sha256, read_json, read_tensors, tensor_index, unreadable, valid_file_name
+    from ..storage.checkpoint import _is_index, check_sha256, read_json, read_tensors, tensor_index, unreadable, valid_file_name
 
     if not (directory / STATE).exists():
         if (directory / LEGACY).exists():  # an earlier version's checkpoint: no digest to verify

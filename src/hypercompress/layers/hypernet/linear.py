@@ -51,7 +51,7 @@ class GeneratedLinear(CompressedModule):
             return weight if self.base_layout is None else weight + self.base.dense_weight(dtype)
         if self.generated is None:
             raise RuntimeError("GeneratedLinear used before its generator ran (load the artifact with "
-                               "hypercompress.artifact.load, which regenerates the weights)")
+                               "hypercompress.storage.artifact.load, which regenerates the weights)")
         weight = self.generated.to(dtype)
         if self.base_layout is not None:
             weight = weight + self.base.dense_weight(dtype)

@@ -143,8 +143,8 @@ def _tensors(trained: dict[str, FakeQuantLinear]) -> dict[str, torch.Tensor]:
 
 def _save(directory: Path, index: int, trained: dict[str, FakeQuantLinear]) -> None:
     """Block `index`'s trained tensors as a new file, then blocks.json (atomically) naming it."""
-    from ...artifact_reader import file_sha256
-    from ...checkpoint import read_json, save_json, save_tensors
+    from ...storage.reader import file_sha256
+    from ...storage.checkpoint import read_json, save_json, save_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     state = read_json(directory / PROGRESS, directory) if (directory / PROGRESS).exists() else {"files": []}
@@ -158,7 +158,7 @@ def _save(directory: Path, index: int, trained: dict[str, FakeQuantLinear]) -> N
 def _restore(directory: Path, blocks: nn.ModuleList, fakes: dict[str, FakeQuantLinear], prefix: str) -> int:
     """Load every finished block's tensors (each file's size, names, shapes and sha256 checked
     first); returns the number of blocks done (0 without a checkpoint)."""
-    from ...checkpoint import _is_index, check_sha256, read_json, read_tensors, tensor_index, unreadable, \
+    from ...storage.checkpoint import _is_index, check_sha256, read_json, read_tensors, tensor_index, unreadable, \
         valid_file_name
 
     if not (directory / PROGRESS).exists():

@@ -26,10 +26,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .arch import arch_of
-from .errors import UserError, user_path
-from .layers.base import LINEAR_TYPES, CompressedModule
-from .modules import tied_parameter_names
+from ..arch import arch_of
+from ..errors import UserError, user_path
+from ..layers.base import LINEAR_TYPES, CompressedModule
+from ..modules import tied_parameter_names
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -36,8 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from .errors import UserError, user_path
-from .layers.build import MAX_LAYOUT_INT, build_stored
+from ..errors import UserError, user_path
+from ..layers.build import MAX_LAYOUT_INT, build_stored
 
 FORMAT_VERSION = 1
 MANIFEST = "hypercompress.json"
@@ -283,7 +283,7 @@ def _check_hash(path: Path, name: str, digest: str) -> None:
 
 def read_config(path: Path):
     """The source model's config of an artifact: config.json's base_config (the wrapper that
-    hf_integration.py describes), or config.json itself for artifacts written before it."""
+    storage/hf_integration.py describes), or config.json itself for artifacts written before it."""
     from transformers import AutoConfig
 
     from .hf_config import MODEL_TYPE, base_config_of
@@ -300,7 +300,7 @@ def read_config(path: Path):
         except Exception as exc:  # a hostile config.json: any parse error is a refusal
             raise UserError(f"{path / 'config.json'} is not a readable config ({type(exc).__name__}); "
                             "re-create the artifact") from None
-    from .arch import POSITION_KEYS
+    from ..arch import POSITION_KEYS
 
     for key in POSITION_KEYS:  # a length limit the checks read must be a positive count
         value = getattr(config, key, None)
@@ -318,9 +318,9 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from .arch import arch_of, submodule_or_none
-    from .experts import unfuse_experts
-    from .modules import replace_module
+    from ..arch import arch_of, submodule_or_none
+    from ..experts import unfuse_experts
+    from ..modules import replace_module
 
     arch_of(config.model_type)
     try:
@@ -331,7 +331,7 @@ def skeleton(path: Path, config: Any, modules: dict[str, dict[str, Any]]) -> nn.
     except Exception as exc:  # a hostile config: any failure to build it is a refusal
         raise _fail(path, f"its config does not build a {config.model_type} model ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    from .layers.base import StoredModule
+    from ..layers.base import StoredModule
 
     for name in sorted(modules, key=lambda n: (n.count("."), n)):  # outer modules before their bases
         entry = modules[name]
@@ -395,7 +395,7 @@ def _check_header(path: Path, header: dict[str, tuple[str, list[int]]],
         what = f"it lacks tensor {missing[0]}" if missing else f"it holds an unexpected tensor {extra[0]}"
         raise _fail(path, f"{WEIGHTS} does not match its manifest ({what})")
     if coding is not None:
-        from .formats import lossless
+        from ..formats import lossless
 
         if coding["codec"] != lossless.CODEC:
             raise UserError(f"artifact {path} is coded with {coding['codec']!r}, which this hypercompress does "

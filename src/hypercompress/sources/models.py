@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .arch import arch_of
-from .errors import UserError, user_path
-from .experts import has_unfused_experts, unfuse_experts
+from ..arch import arch_of
+from ..errors import UserError, user_path
+from ..experts import has_unfused_experts, unfuse_experts
 from .hub import HUB_ID, hub_cache_only
-from .modules import guard_plain_saves
+from ..modules import guard_plain_saves
 
 # built-in name -> (PyPI distribution shipping the file, path of the file inside the distribution)
 BUILTIN_MODELS = {
@@ -59,7 +59,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
     `device`, there (an artifact then runs its compressed modules through that device's kernels)."""
     loaded = _load_model(spec, dtype, device)
     if device is not None and loaded.kind != "artifact":
-        from .artifact import resolve_device
+        from ..storage.artifact import resolve_device
 
         loaded.model.to(resolve_device(device))
     return loaded
@@ -90,7 +90,7 @@ def source_kind(spec: str) -> str:
     if path.exists():
         raise UserError(f"{spec} is a file but not a .gguf; pass a GGUF file, a model directory, "
                         f"a hub id or one of: {', '.join(BUILTIN_MODELS)}")
-    if HUB_ID.match(spec) and not spec.startswith((".", "/")):  # cache or download: hypercompress.hub
+    if HUB_ID.match(spec) and not spec.startswith((".", "/")):  # cache or download: hypercompress.sources.hub
         return "hub"
     raise UserError(f"model not found: {spec}; pass a model directory, a .gguf file, a hub id "
                     f"(org/name) or a built-in name ({', '.join(BUILTIN_MODELS)})")
@@ -101,7 +101,7 @@ def _load_model(spec: str, dtype: torch.dtype, device: str | None) -> LoadedMode
     if kind == "builtin":
         return _from_pretrained(builtin_gguf_path(spec), spec, kind, dtype)
     if kind == "artifact":
-        from .artifact import load
+        from ..storage.artifact import load
         model, tokenizer = load(user_path(spec), dtype=dtype, device=device or "cpu")
         return LoadedModel(model, tokenizer, spec, kind)
     if kind == "hub":

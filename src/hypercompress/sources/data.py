@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError, user_path
+from ..errors import UserError, user_path
 
 
 MAX_TEXT_BYTES = 1 << 30  # calibration and evaluation texts are read into memory whole

@@ -41,14 +41,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import parallel
-from .artifact_reader import file_sha256
-from .layers.build import build_stored
+from .. import parallel
+from .reader import file_sha256
+from ..layers.build import build_stored
 from .atomic import pid_alive, replace_file
-from .errors import UserError
-from .layers import module_kinds
-from .layers.base import StoredModule
-from .modules import replace_module
+from ..errors import UserError
+from ..layers import module_kinds
+from ..layers.base import StoredModule
+from ..modules import replace_module
 
 FORMAT = 3  # 2: state.json records the tensors file's sha256; 3: modules in incremental part files
 STATE, RUN, ROWS = "state.json", "run.json", "stages.json"

@@ -69,8 +69,8 @@ def _bounded_config_reader() -> None:
 
 def _bounded(original):
     def bounded(cls, json_file):
-        from .artifact_reader import MAX_DOCUMENT_BYTES
-        from .errors import UserError
+        from .reader import MAX_DOCUMENT_BYTES
+        from ..errors import UserError
 
         try:
             size = os.stat(json_file).st_size

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import UserError, user_path
+from ..errors import UserError, user_path
 
 PARTIAL = ".partial-"  # hidden temporary directories: .{out.name}.partial-{host}-{pid}-{random}
 

@@ -2,7 +2,7 @@
 
 The format is specified in docs/FORMAT.md. Saving writes to a temporary directory beside the target
 and renames it; every stored value is finite, and a dense tensor beyond float16's range is stored as
-float32 (recorded, and counted). Loading goes through the strict reader (artifact_reader.py): every
+float32 (recorded, and counted). Loading goes through the strict reader (storage/reader.py): every
 field is checked against the others and the config before a tensor is read with safetensors
 (nothing is ever unpickled).
 """
@@ -18,16 +18,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .artifact_reader import (FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, file_sha256, read_config,
+from .reader import (FORMAT_VERSION, MANIFEST, WEIGHTS, Verified, file_sha256, read_config,
                               verify)
 from .atomic import atomic_directory
-from .layers.build import build_stored
-from .errors import UserError, user_path
-from .formats import lossless as lossless_codec
+from ..layers.build import build_stored
+from ..errors import UserError, user_path
+from ..formats import lossless as lossless_codec
 from .hf_config import wrapper_config
-from .kernels import prepare_model
-from .layers.base import StoredModule
-from .modules import guard_plain_saves, replace_module
+from ..kernels import prepare_model
+from ..layers.base import StoredModule
+from ..modules import guard_plain_saves, replace_module
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "load", "read_config", "read_manifest", "save"]
 STORAGE_DTYPE = torch.float16  # dtype of every tensor no method compressed
@@ -185,7 +185,7 @@ def save(model: nn.Module, tokenizer: Any, out_dir: str | Path, *, recipe: list[
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of an artifact that passed every structural check and hash (artifact_reader.verify)."""
+    """The manifest of an artifact that passed every structural check and hash (reader.verify)."""
     return verify(path).manifest
 
 
@@ -196,7 +196,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     int4 CUDA kernel wants bfloat16), and `model.hypercompress_backends` says which (kernels/).
     `fast=False` keeps every module on its reference forward (dequantize, then a dense GEMM);
     `workload` "prefill" prefers kernels for long inputs (kernels.prepare_model).
-    Every field is checked before a tensor is read (artifact_reader.py); memory: the weights file
+    Every field is checked before a tensor is read (storage/reader.py); memory: the weights file
     plus the model. Nothing is unpickled and no code from the artifact runs.
     Raises UserError for a missing, corrupt, inconsistent or tampered artifact, or a device torch
     cannot use."""

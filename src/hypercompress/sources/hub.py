@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 
-from .errors import UserError, user_path
+from ..errors import UserError, user_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -26,7 +26,7 @@ class HypercompressConfig(PreTrainedConfig):
 
 
 def base_config_of(entry: Any) -> PreTrainedConfig:
-    from .errors import UserError
+    from ..errors import UserError
 
     if not isinstance(entry, dict) or not isinstance(entry.get("model_type"), str):
         raise UserError("the artifact's config.json has no valid base_config; re-create the artifact")
