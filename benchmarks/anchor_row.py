@@ -55,7 +55,7 @@ PLAN_INFO: dict = {}  # filled by a planner row: its route, what it kept and the
 
 def run_ours(model, tokenizer, spec, calib, work):
     from hypercompress.storage import artifact
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.recipe import Recipe
 
     params = count_params(model)
@@ -71,7 +71,7 @@ def run_ours(model, tokenizer, spec, calib, work):
                           "plan_trial_kl": allocation.get("trial_kl")})
     else:
         recipe = Recipe.from_list(spec["ours"])
-    compress(model, recipe, calib, batch_size=8)
+    apply_recipe(model, recipe, calib, batch_size=8)
     seconds = time.perf_counter() - tick
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory(dir=work) as tmp:

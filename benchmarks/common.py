@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.sources.data import read_text, tokenize, windows
 from hypercompress.eval import evaluate_windows
 from hypercompress.recipe import Recipe
@@ -46,7 +46,7 @@ def run_recipe(teacher, tokenizer, recipe: Recipe, original_params: int, chunks,
     """Compress a copy of the teacher, save it, reload the artifact and evaluate the reloaded model."""
     student = copy.deepcopy(teacher)
     tick = time.perf_counter()
-    compress(student, recipe)
+    apply_recipe(student, recipe)
     seconds = time.perf_counter() - tick
     with tempfile.TemporaryDirectory() as tmp:
         path = artifact.save(student, tokenizer, Path(tmp) / "artifact", recipe=recipe.to_list(),

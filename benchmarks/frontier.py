@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
-from hypercompress.api import compress  # noqa: E402
+from hypercompress.apply import apply_recipe  # noqa: E402
 from hypercompress.storage.artifact import round_to_storage  # noqa: E402
 from hypercompress.planning.target import planned_recipe  # noqa: E402
 from hypercompress.sources.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
@@ -131,7 +131,7 @@ def run_stages(label, stages, teacher, tokenizer, texts, params, args, seconds_b
                label_before_last: str | None = None) -> list[dict]:
     """Compress a copy with `stages` and measure it; with `label_before_last`, the model as it is
     before the last stage (its codes before recovery) is measured too, from the same run."""
-    from hypercompress.api import _passes
+    from hypercompress.apply import _passes
 
     student, rows = copy.deepcopy(teacher), []
     recipe = Recipe.from_list(stages)
@@ -160,7 +160,7 @@ def run_stages(label, stages, teacher, tokenizer, texts, params, args, seconds_b
             last[0] = now
             print(f"[{now:7.1f} s] stage {stage} {label}: {done}/{total}", flush=True)
 
-    report = compress(student, recipe, texts.calib, device=args.device, after_stage=before_last,
+    report = apply_recipe(student, recipe, texts.calib, device=args.device, after_stage=before_last,
                       progress=progress)
     measuring = sum(st.get("measure_seconds", 0) for st in report["stages"])
     seconds = seconds_before + time.perf_counter() - tick - measuring

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
-from hypercompress.api import _passes, compress  # noqa: E402
+from hypercompress.apply import _passes, apply_recipe  # noqa: E402
 from hypercompress.storage.artifact import round_to_storage  # noqa: E402
 from hypercompress.planning.target import planned_recipe  # noqa: E402
 from hypercompress.errors import UserError  # noqa: E402
@@ -63,7 +63,7 @@ def measure(ratio: float, teacher, tokenizer, calib, test, args, params: int) ->
             rows.append(artifact_row(snapshot, label, stages[:-1], tick, teacher, tokenizer, test, args, params, before))
         return {}
 
-    compress(student, recipe, calib, device=args.device, after_stage=after_stage)
+    apply_recipe(student, recipe, calib, device=args.device, after_stage=after_stage)
     rows.append(artifact_row(student, label + (f" + distill {args.distill_steps}" if args.distill_steps else ""),
                              stages, tick, teacher, tokenizer, test, args, params, info))
     return rows

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
-from hypercompress.api import compress  # noqa: E402
+from hypercompress.apply import apply_recipe  # noqa: E402
 from hypercompress.arch import block_linear_names  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.methods.hypernet.config import HypernetConfig  # noqa: E402
@@ -55,7 +55,7 @@ def embedding_stage(bits) -> dict:
 def linear_budget_bits(teacher, budget: float) -> tuple[int, int]:
     """Bits left for the block linears at `budget` after the frame, and sum(out + in) over them."""
     frame = copy.deepcopy(teacher).cpu()
-    compress(frame, Recipe.from_list([embedding_stage(EMBEDDING[budget])]))
+    apply_recipe(frame, Recipe.from_list([embedding_stage(EMBEDDING[budget])]))
     shapes = [linear_weight(frame.get_submodule(n)).shape for n in block_linear_names(frame)]
     dense_linear_bits = sum(o * i for o, i in shapes) * 16
     left = int(budget * count_params(teacher)) - (artifact.storage_bits(frame) - dense_linear_bits)
@@ -100,7 +100,7 @@ def measure(label: str, budget: float | None, stages: list[dict], teacher, token
     student = copy.deepcopy(teacher).cpu()
     recipe = Recipe.from_list(stages)
     tick = time.perf_counter()
-    compress(student, recipe, calib, device=device)
+    apply_recipe(student, recipe, calib, device=device)
     seconds = time.perf_counter() - tick
     with tempfile.TemporaryDirectory() as tmp:
         path = artifact.save(student, tokenizer, Path(tmp) / "a", recipe=recipe.to_list(), original_params=params)
@@ -216,7 +216,7 @@ def latent_paths(teacher, tokenizer, calib, test, args, params) -> list[dict]:
     size = hypernet_size(teacher, bits)
     config = HypernetConfig(**size, warm_steps=args.warm_steps, steps=args.steps, batch=8, lr=1e-3)
     student = copy.deepcopy(teacher).cpu()
-    compress(student, Recipe.from_list([embedding_stage(EMBEDDING[budget])]))
+    apply_recipe(student, Recipe.from_list([embedding_stage(EMBEDDING[budget])]))
     method = Hypernet(config)
     names = select_linears(student, None, [])
     method.apply(student, names, copy.deepcopy(teacher).cpu(), calib, device=device)

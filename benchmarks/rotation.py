@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hypercompress import artifact  # noqa: E402
-from hypercompress.api import compress  # noqa: E402
+from hypercompress.apply import apply_recipe  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402
 
@@ -47,7 +47,7 @@ def measure(label: str, stages: list[dict], teacher, tokenizer, calib, test, arg
     tick = time.perf_counter()
     student = copy.deepcopy(teacher)
     recipe = Recipe.from_list(stages)
-    compress(student, recipe, calib, device=args.device)
+    apply_recipe(student, recipe, calib, device=args.device)
     compress_seconds = time.perf_counter() - tick
     with tempfile.TemporaryDirectory() as tmp:
         path = artifact.save(student.cpu(), tokenizer, Path(tmp) / "a", recipe=recipe.to_list(), original_params=params)

@@ -198,7 +198,7 @@ def llama7b_rows(device, dtype, layers: int, batches) -> list[dict]:
     and w3 g128 (int4 path), decode tokens/s and peak memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.kernels import prepare_model
     from hypercompress.recipe import Recipe
 
@@ -210,7 +210,7 @@ def llama7b_rows(device, dtype, layers: int, batches) -> list[dict]:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(dtype).eval()
         if stage:
-            compress(model, Recipe.from_list([{"method": "rtn", "group_size": 128, **stage}]), device="cpu")
+            apply_recipe(model, Recipe.from_list([{"method": "rtn", "group_size": 128, **stage}]), device="cpu")
         model.to(device)
         backends = prepare_model(model, dtype) if stage else {}
         if device.type == "cuda":
@@ -231,7 +231,7 @@ def llama7b_rows(device, dtype, layers: int, batches) -> list[dict]:
 def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str | None) -> list[dict]:
     """SmolLM2-135M end to end: original vs RTN artifacts (fast and reference paths), batch 1."""
     import hypercompress
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.sources.models import load_model
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
@@ -260,7 +260,7 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
     for label, stage in [("rtn w4 g64", {"bits": 4, "group_size": 64}),
                          ("rtn w4 g32 float zero (Q4_1 grid)", {"bits": 4, "group_size": 32, "zero_point": "float"})]:
         student = load_model(source, dtype=torch.float32).model
-        compress(student, Recipe.from_list([{"method": "rtn", **stage}]))
+        apply_recipe(student, Recipe.from_list([{"method": "rtn", **stage}]))
         path = hypercompress.save(student, teacher.tokenizer, out_dir / label.split(" (")[0].replace(" ", "-"),
                                   recipe=[{"method": "rtn", **stage}], original_params=params)
         for fast in (True, False):

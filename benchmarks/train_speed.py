@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hypercompress.api import compress  # noqa: E402
+from hypercompress.apply import apply_recipe  # noqa: E402
 from hypercompress.recipe import Recipe  # noqa: E402
 
 SETTINGS = {  # label -> qat keys
@@ -103,7 +103,7 @@ def measure(model, windows, keys: dict, args) -> dict:
              "teacher_fraction": 0, **keys}
     stages = [stage]
     if args.plan == "mixed":
-        compress(student, Recipe.from_list(mixed_stages(student), where="train_speed"), windows[:1], device="cpu")
+        apply_recipe(student, Recipe.from_list(mixed_stages(student), where="train_speed"), windows[:1], device="cpu")
         stage = {k: v for k, v in stage.items() if k not in ("bits", "group_size")}  # trains the stored codes
         stages = [stage]
     torch._dynamo.reset()
@@ -111,7 +111,7 @@ def measure(model, windows, keys: dict, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     tick = time.perf_counter()
-    report = compress(student, Recipe.from_list(stages, where="train_speed"), windows, device=args.device)
+    report = apply_recipe(student, Recipe.from_list(stages, where="train_speed"), windows, device=args.device)
     wall = time.perf_counter() - tick
     trained = report["stages"][0]["training"]["end_to_end"]
     params = sum(p.numel() for p in model.parameters())

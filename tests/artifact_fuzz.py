@@ -68,7 +68,7 @@ def build_artifacts(root: Path) -> dict[str, Path]:
     from conftest import make_model, make_tokenizer
 
     from hypercompress.storage import artifact
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
 
@@ -79,7 +79,7 @@ def build_artifacts(root: Path) -> dict[str, Path]:
         params = count_params(model)
         recipe = Recipe.from_list(steps)
         calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
-        compress(model, recipe, calib, batch_size=4)
+        apply_recipe(model, recipe, calib, batch_size=4)
         artifact.round_to_storage(model)
         paths[label] = artifact.save(model, make_tokenizer(), root / label, recipe=recipe.to_list(),
                                      original_params=params, lossless=lossless)

@@ -163,7 +163,7 @@ def rtn_trial_bpw(model: torch.nn.Module, plan, embedding: str, lossless: int | 
     measured: a copy compressed by the plan's recipe (RTN in place of GPTQ) and serialized."""
     import copy
 
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.storage.artifact import stored_bytes
     from hypercompress.modules import count_params
     from hypercompress.planning.mixed_bits import plan_recipe
@@ -171,5 +171,5 @@ def rtn_trial_bpw(model: torch.nn.Module, plan, embedding: str, lossless: int | 
 
     trial = copy.deepcopy(model)
     stages = [{k: v for k, v in s.items() if k != "act_order"} | {"method": "rtn"} for s in plan_recipe(plan, embedding)]
-    compress(trial, Recipe.from_list(stages))
+    apply_recipe(trial, Recipe.from_list(stages))
     return stored_bytes(trial, lossless) * 8 / count_params(model)

@@ -73,11 +73,11 @@ def test_ranks_of_a_known_spectrum():
 
 
 def test_code_entropy_of_stored_codes():
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.recipe import Recipe
 
     model = tied_llama(256)
-    compress(model, Recipe.from_list([{"method": "rtn", "bits": 3, "group_size": 32}]))
+    apply_recipe(model, Recipe.from_list([{"method": "rtn", "bits": 3, "group_size": 32}]))
     entropy = code_entropy(model.model.layers[0].mlp.up_proj)
     assert entropy["bits"] == 3 and 0 < entropy["entropy_bits"] <= 3
     assert entropy["codes"] == 128 * 64

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.cli.inspect import artifact_summary
 from hypercompress.errors import UserError
 from hypercompress.layers import QuantLinear
@@ -27,7 +27,7 @@ def saved(model_dirs, tmp_path_factory):
         {"method": "rtn", "bits": 3, "group_size": 32, "targets": [r"mlp\."]},
         {"method": "svd", "keep": 0.4, "targets": [r"attn\."]},
     ])
-    compress(loaded.model, recipe)
+    apply_recipe(loaded.model, recipe)
     path = tmp_path_factory.mktemp("art") / "gpt2-mixed"
     artifact.save(loaded.model, loaded.tokenizer, path, recipe=recipe.to_list(), original_params=params)
     return path, loaded.model, params

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
@@ -28,7 +28,7 @@ RTN = [{"method": "rtn", "bits": 4, "group_size": 32}]
 def save(model, out, steps=RTN):
     params = count_params(model)
     recipe = Recipe.from_list(steps)
-    compress(model, recipe, torch.randint(1, 121, (4, 16), generator=torch.Generator().manual_seed(0)), batch_size=4)
+    apply_recipe(model, recipe, torch.randint(1, 121, (4, 16), generator=torch.Generator().manual_seed(0)), batch_size=4)
     artifact.round_to_storage(model)
     return artifact.save(model, make_tokenizer(), out, recipe=recipe.to_list(), original_params=params)
 
@@ -258,4 +258,4 @@ def test_a_source_model_with_a_nan_weight_is_refused_before_compressing():
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(UserError, match=r"model\.layers\.0\.mlp\.up_proj\.weight"):
-        compress(model, Recipe.from_list(RTN))
+        apply_recipe(model, Recipe.from_list(RTN))

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.arch import arch_of
-from hypercompress.calibration import capture_block_inputs, run_layerwise
+from hypercompress.layerwise import capture_block_inputs, run_layerwise
 from hypercompress.errors import UserError
 from hypercompress.methods.base import LayerwiseMethod
 from hypercompress.sources.models import load_model
@@ -56,7 +56,7 @@ def save(model_dir, out, interrupt_after=None, resume=False):
         if interrupt_after is not None and (stage, done) == interrupt_after:
             raise KeyboardInterrupt
 
-    compress(loaded.model, recipe, calib(), progress, batch_size=4,
+    apply_recipe(loaded.model, recipe, calib(), progress, batch_size=4,
              checkpoint_dir=out.with_name(out.name + ".ckpt"), resume=resume)
     return artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(),
                          original_params=params)
@@ -80,13 +80,13 @@ def test_checkpoint_of_another_run_is_refused(model_dirs, tmp_path):
     loaded = load_model(str(model_dirs["llama"]))
     other = Recipe.from_list([{"method": "gptq", "bits": 2, "group_size": 32}])
     with pytest.raises(UserError, match="another model, recipe or calibration"):
-        compress(loaded.model, other, calib(), checkpoint_dir=tmp_path / "run.ckpt", resume=True)
+        apply_recipe(loaded.model, other, calib(), checkpoint_dir=tmp_path / "run.ckpt", resume=True)
 
 
 def test_calibrated_method_without_data_is_refused(model_dirs):
     loaded = load_model(str(model_dirs["gpt2"]))
     with pytest.raises(UserError, match="needs calibration data"):
-        compress(loaded.model, Recipe.single("gptq"))
+        apply_recipe(loaded.model, Recipe.single("gptq"))
 
 
 def test_gptq_beats_rtn_on_the_tiny_model(model_dirs):
@@ -96,7 +96,7 @@ def test_gptq_beats_rtn_on_the_tiny_model(model_dirs):
     for method in ("rtn", "gptq"):
         dense = load_model(str(model_dirs["llama"])).model
         student = load_model(str(model_dirs["llama"])).model
-        compress(student, Recipe.from_list([{"method": method, "bits": 2, "group_size": 32}]),
+        apply_recipe(student, Recipe.from_list([{"method": method, "bits": 2, "group_size": 32}]),
                  samples, batch_size=6)
         with torch.no_grad():
             errors[method] = (student(samples).logits - dense(samples).logits).pow(2).mean().item()

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hypercompress.storage import checkpoint as checkpoint_module
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.storage.checkpoint import describe_leftover
 from hypercompress.errors import UserError
 from hypercompress.sources.models import load_model
@@ -49,7 +49,7 @@ def killed_after_first_block(monkeypatch, start) -> None:
 
 
 def run(model_dir, folder, resume=False):
-    compress(load_model(str(model_dir)).model, Recipe.from_list(RECIPE), calib(), batch_size=2,
+    apply_recipe(load_model(str(model_dir)).model, Recipe.from_list(RECIPE), calib(), batch_size=2,
              checkpoint_dir=folder, resume=resume)
 
 
@@ -181,7 +181,7 @@ def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, 
     folder = tmp_path / "run.checkpoint"
     monkeypatch.setattr(checkpoint_module, "replace_file", replace_file)
     with pytest.raises(Killed):
-        compress(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder)
+        apply_recipe(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder)
     monkeypatch.setattr(checkpoint_module, "replace_file", real)
     distill = folder / "stage1" / "distill"
     saved = distill / json.loads((distill / "state.json").read_text())["file"]
@@ -200,7 +200,7 @@ def test_an_unreadable_distillation_checkpoint_is_one_error(damage, model_dirs, 
         saved = saved.with_name("distill.safetensors")
     needle = {"1000 bytes flipped": "does not match the sha256", "earlier version": "records no sha256"}
     with pytest.raises(UserError, match="rm -r") as error:
-        compress(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder, resume=True)
+        apply_recipe(load_model(str(model_dirs["llama"])).model, stages, calib(), checkpoint_dir=folder, resume=True)
     assert "\n" not in str(error.value) and saved.is_file()
     assert needle.get(damage, "cannot be resumed") in str(error.value)
 
@@ -252,7 +252,7 @@ def test_a_pass_writes_each_module_once(model_dirs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint_module, "save_tensors", recording)
     folder = tmp_path / "run.checkpoint"
-    compress(load_model(str(model_dirs["gpt2"])).model, Recipe.from_list(RECIPE), calib(), batch_size=2,
+    apply_recipe(load_model(str(model_dirs["gpt2"])).model, Recipe.from_list(RECIPE), calib(), batch_size=2,
              checkpoint_dir=folder, keep_checkpoint=True)
     module_writes = [name for file, names in written if file.startswith("modules-") for name in names]
     assert len(module_writes) == len(set(module_writes)) > 0

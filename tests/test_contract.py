@@ -9,7 +9,7 @@ import torch
 
 import hypercompress
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.sources.models import load_model
 from hypercompress.layers.base import CompressedModule
@@ -47,7 +47,7 @@ def compressed_artifact(model_dir, method, out, seed=0):
     params = count_params(loaded.model)
     recipe = Recipe.from_list(BEFORE.get(method, []) + [{"method": method, **QUICK.get(method, {})}]
                               + AFTER.get(method, []))
-    compress(loaded.model, recipe, calibration(seed), batch_size=4)
+    apply_recipe(loaded.model, recipe, calibration(seed), batch_size=4)
     artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(), original_params=params)
     return loaded.model
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.training.kl import kl_to_teacher
 from hypercompress.errors import UserError
 from hypercompress.layers import LoRALinear
@@ -30,14 +30,14 @@ def kl(model) -> float:
 
 def recovered(**config):
     model = make_model("llama")
-    compress(model, Recipe.from_list([RTN, {"method": "distill", "steps": 30, "lr": 3e-3, **config}]), CALIB)
+    apply_recipe(model, Recipe.from_list([RTN, {"method": "distill", "steps": 30, "lr": 3e-3, **config}]), CALIB)
     return model
 
 
 @pytest.fixture(scope="module")
 def quantized():
     model = make_model("llama")
-    compress(model, Recipe.from_list([RTN]), CALIB)
+    apply_recipe(model, Recipe.from_list([RTN]), CALIB)
     return model
 
 
@@ -58,9 +58,9 @@ def test_training_scales_lowers_kl_and_keeps_codes_and_size(quantized):
 def test_the_compressed_embedding_trains_and_its_artifact_reloads(stage, trained, gain, tmp_path):
     stages = [{**stage, "targets": [r"^model\.embed_tokens$"]}]
     before = make_model("llama")
-    compress(before, Recipe.from_list(stages), CALIB)
+    apply_recipe(before, Recipe.from_list(stages), CALIB)
     model = make_model("llama")
-    compress(model, Recipe.from_list(stages + [{"method": "distill", "steps": 30, "lr": 3e-3,
+    apply_recipe(model, Recipe.from_list(stages + [{"method": "distill", "steps": 30, "lr": 3e-3,
                                                  "train_norms": False}]), CALIB)
     assert kl(model) < gain * kl(before)
     assert artifact.storage_bits(model) == artifact.storage_bits(before)
@@ -86,7 +86,7 @@ def test_lora_adapters_are_stored_counted_and_reload(quantized, tmp_path):
 
 def test_merge_folds_the_adapter_into_the_quantized_codes():
     base = make_model("llama")
-    compress(base, Recipe.from_list([RTN]), CALIB)
+    apply_recipe(base, Recipe.from_list([RTN]), CALIB)
     layer = base.model.layers[0].mlp.up_proj
     adapter = LoRALinear.wrap(layer, 4, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -117,14 +117,14 @@ def test_bad_distill_settings_are_refused(config, message):
 
 def test_nothing_to_train_is_refused():
     with pytest.raises(UserError, match="nothing to train"):
-        compress(make_model("llama"), Recipe.single("distill"), CALIB)
+        apply_recipe(make_model("llama"), Recipe.single("distill"), CALIB)
 
 
 def test_adafactor_state_survives_a_checkpoint(tmp_path):
     from hypercompress.training.distill import DistillSettings, distill
 
     student, teacher = make_model("llama"), make_model("llama")
-    compress(student, Recipe.from_list([{"method": "svd", "rank": 4}]), CALIB)
+    apply_recipe(student, Recipe.from_list([{"method": "svd", "rank": 4}]), CALIB)
     layer = student.model.layers[0].mlp.up_proj
     params = {"U": torch.nn.Parameter(layer.U.float())}
     del layer._buffers["U"]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import hypercompress
 from hypercompress.analysis.erasure import Erasure, fit_erasure, fold_erasure
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.cli import app
 from hypercompress.recipe import Recipe
 
@@ -104,7 +104,7 @@ def test_quantized_and_dense_writers_keep_their_kind():
     """An 8-bit RTN model: the quantized writers stay quantized (codes re-rounded on their own grid,
     little of the functional left); the dense norms are untouched."""
     model = make_model("llama")
-    compress(model, Recipe.from_list([{"method": "rtn", "bits": 8, "group_size": 32}]))
+    apply_recipe(model, Recipe.from_list([{"method": "rtn", "bits": 8, "group_size": 32}]))
     kinds = {n: type(m).__name__ for n, m in model.named_modules()}
     u = torch.nn.functional.normalize(torch.randn(64, dtype=torch.float64), dim=0)
     rows = fold_erasure(model, Erasure(u[:, None], u[None, :], None, "ablation"))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.layers import LowRankEmbedding, QuantEmbedding, TiedHead
 from hypercompress.methods.asvd import ActivationAwareSVD, AsvdConfig
@@ -26,7 +26,7 @@ def test_tied_embedding_is_quantized_once_and_the_head_follows(model_dirs, token
     loaded = load_model(str(model_dirs["gpt2"]))
     params = count_params(loaded.model)
     dense_bits = artifact.storage_bits(loaded.model)
-    compress(loaded.model, Recipe.from_list(EMBED_RECIPE))
+    apply_recipe(loaded.model, Recipe.from_list(EMBED_RECIPE))
     model = loaded.model
     assert isinstance(model.transformer.wte, QuantEmbedding)
     assert isinstance(model.lm_head, TiedHead)
@@ -53,14 +53,14 @@ def test_tied_head_alone_is_refused(model_dirs):
 
     loaded = load_model(str(model_dirs["gpt2"]))
     with pytest.raises(UserError, match="target the embedding"):
-        compress(loaded.model, Recipe.from_list([{"method": "rtn", "targets": ["lm_head"]}]))
+        apply_recipe(loaded.model, Recipe.from_list([{"method": "rtn", "targets": ["lm_head"]}]))
 
 
 def test_untied_embedding_and_head_are_quantized_separately(model_dirs, tokens):
     loaded = load_model(str(model_dirs["llama"]))
     recipe = [{"method": "rtn", "bits": 8, "group_size": 32, "targets": ["embed_tokens", "lm_head"]}]
     dense_logits = loaded.model(tokens).logits
-    compress(loaded.model, Recipe.from_list(recipe))
+    apply_recipe(loaded.model, Recipe.from_list(recipe))
     assert isinstance(loaded.model.model.embed_tokens, QuantEmbedding)
     assert not isinstance(loaded.model.lm_head, TiedHead)
     assert torch.allclose(loaded.model(tokens).logits, dense_logits, atol=0.05)
@@ -112,7 +112,7 @@ def test_factorized_embedding_keeps_the_tie_and_reloads_exactly(model_dirs, toke
     table = model.transformer.wte.weight.detach().clone()
     recipe = [{"method": "factor_embedding", "rank": 16, "bits": bits, "targets": [r"wte$"]}]
     before = artifact.storage_bits(model)
-    compress(model, Recipe.from_list(recipe))
+    apply_recipe(model, Recipe.from_list(recipe))
     embedding = model.transformer.wte
     assert isinstance(embedding, LowRankEmbedding) and isinstance(model.lm_head, TiedHead)
     vocab, dim = table.shape
@@ -136,7 +136,7 @@ def test_factor_embedding_refuses_a_linear(model_dirs):
     model = load_model(str(model_dirs["llama"])).model
     recipe = [{"method": "factor_embedding", "rank": 8, "targets": [r"layers\.0\.mlp\.up_proj$"]}]
     with pytest.raises(UserError, match="not an embedding"):
-        compress(model, Recipe.from_list(recipe))
+        apply_recipe(model, Recipe.from_list(recipe))
 
 
 @pytest.mark.parametrize("arch, embedding", [("llama", "model.embed_tokens"), ("gpt2", "transformer.wte")])
@@ -144,7 +144,7 @@ def test_factor_embedding_without_targets_factors_the_token_embedding(model_dirs
     """A stage with no targets selects what its method is for: the architecture table's token
     embedding here (the block linears for every other method), nothing else."""
     model = load_model(str(model_dirs[arch])).model
-    report = compress(model, Recipe.from_list([{"method": "factor_embedding", "rank": 8}]))
+    report = apply_recipe(model, Recipe.from_list([{"method": "factor_embedding", "rank": 8}]))
     assert report["stages"][0]["modules"] == 1
     assert isinstance(model.get_submodule(embedding), LowRankEmbedding)
     assert not any(isinstance(m, LowRankEmbedding) for n, m in model.named_modules() if n != embedding)

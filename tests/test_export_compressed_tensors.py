@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import hypercompress
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.export import export
 from hypercompress.formats.packing import unpack_codes
@@ -29,7 +29,7 @@ def make_artifact(path, stages, calib=None):
     model, tokenizer = make_model("llama"), make_tokenizer()
     params = count_params(model)
     recipe = Recipe.from_list(stages)
-    compress(model, recipe, calib)
+    apply_recipe(model, recipe, calib)
     return artifact.save(model, tokenizer, path, recipe=recipe.to_list(), original_params=params)
 
 
@@ -203,7 +203,7 @@ def test_every_family_exports_and_loads_through_transformers(arch, tmp_path, tok
     embedding included) with the artifact's logits; GPT-2's Conv1D linears are refused by name."""
     model, tokenizer = make_model(arch), make_tokenizer()
     recipe = Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 16, "symmetric": True}])
-    compress(model, recipe)
+    apply_recipe(model, recipe)
     source = artifact.save(model, tokenizer, tmp_path / "a", recipe=recipe.to_list(), original_params=1)
     if arch == "gpt2":
         with pytest.raises(UserError, match="not GPT-2's Conv1D; export it with --format gguf"):

@@ -167,7 +167,7 @@ def test_save_pretrained_of_a_compressed_model_refuses_and_says_how(artifacts, t
     tensors (transformers would reload that as a random model); densified, it saves as usual."""
     import copy
 
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.errors import UserError
     from hypercompress.export.dense import densify
     from hypercompress.recipe import Recipe
@@ -176,7 +176,7 @@ def test_save_pretrained_of_a_compressed_model_refuses_and_says_how(artifacts, t
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(artifacts["llama"])
     compressed = make_model("llama")
-    compress(compressed, Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}]))
+    apply_recipe(compressed, Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}]))
     for model in (loaded, compressed, copy.deepcopy(loaded)):
         for call in (model.save_pretrained, model.push_to_hub):
             with pytest.raises(UserError, match=r"would write a plain config over compressed tensors.*hypercompress"):

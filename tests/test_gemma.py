@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.sources.models import load_model
 from hypercompress.modules import carry_embedding_scale, head_logits
@@ -38,7 +38,7 @@ def kl(original, model) -> float:
 def test_a_compressed_embedding_keeps_the_scale(arch, stages, tmp_path):
     original, model = make_model(arch), make_model(arch)
     assert float(original.model.embed_tokens.embed_scale) == 8.0  # sqrt(64)
-    compress(model, Recipe.from_list(stages), CALIB)
+    apply_recipe(model, Recipe.from_list(stages), CALIB)
     embedding = model.model.embed_tokens
     assert embedding.output_scale == 8.0
     with torch.no_grad():

@@ -69,7 +69,7 @@ def test_a_planned_recipe_solves_linears_fed_one_input_together_as_one_by_one():
     together writes the codes the one-by-one pass writes."""
     import copy
 
-    from hypercompress.api import StageRouter, compress
+    from hypercompress.apply import StageRouter, apply_recipe
     from hypercompress.layers.quant_linear import QuantLinear
     from hypercompress.methods.base import LayerwiseMethod
     from hypercompress.recipe import Recipe
@@ -83,7 +83,7 @@ def test_a_planned_recipe_solves_linears_fed_one_input_together_as_one_by_one():
         {"method": "gptq", "bits": 2, "group_size": 64, "targets": [r"down_proj$"]}], where="test")
     samples = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     together = copy.deepcopy(model)
-    compress(together, recipe, samples)
+    apply_recipe(together, recipe, samples)
     calls = []
     original = StageRouter.compress_many
 
@@ -94,7 +94,7 @@ def test_a_planned_recipe_solves_linears_fed_one_input_together_as_one_by_one():
     try:
         StageRouter.compress_many = one_by_one
         alone = copy.deepcopy(model)
-        compress(alone, recipe, samples)
+        apply_recipe(alone, recipe, samples)
     finally:
         StageRouter.compress_many = original
     assert calls == [7, 7]  # the patched pass was the one-by-one path, a block at a time

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.layers.hypernet.backbone import make_backbone
 from hypercompress.layers.hypernet.generator import HyperGenerator
@@ -85,7 +85,7 @@ def test_hypernet_learns_and_reloads_exactly(model_dirs, tokens, tmp_path):
     calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
     recipe = Recipe.single("hypernet").with_overrides(["warm_steps=30", "steps=30", "backbone=ssm"])
     events = []
-    compress(model, recipe, calib, progress=lambda i, label, done, total, note: events.append(note))
+    apply_recipe(model, recipe, calib, progress=lambda i, label, done, total, note: events.append(note))
     assert any("kl" in e for e in events) and any("warm start" in e for e in events)
     assert all(isinstance(model.get_submodule(f"model.layers.{l}.mlp.up_proj"), GeneratedLinear) for l in (0, 1))
     logits = model(tokens).logits
@@ -105,7 +105,7 @@ def test_quantized_generator_is_smaller_and_reloads_exactly(model_dirs, tokens, 
     for value_bits in (16, bits):
         model = load_model(str(model_dirs["llama"])).model
         recipe = Recipe.single("hypernet").with_overrides(FAST + [f"value_bits={value_bits}"])
-        compress(model, recipe, calib)
+        apply_recipe(model, recipe, calib)
         sizes[value_bits] = model.hypernet.storage_bits()
     coded = model.hypernet.coded_parameters()
     assert coded and all(p.dtype == torch.float16 for p in coded.values())
@@ -131,7 +131,7 @@ def test_diffusion_head_samples_weights_and_reloads_exactly(model_dirs, tokens, 
     model = loaded.model
     recipe = Recipe.single("hypernet").with_overrides(["head=dit", "warm_steps=120", "steps=0", "dit_steps=3"])
     notes = []
-    compress(model, recipe, calib, progress=lambda i, label, done, total, note: notes.append(note))
+    apply_recipe(model, recipe, calib, progress=lambda i, label, done, total, note: notes.append(note))
     assert any("denoising" in n for n in notes)
     generator = model.hypernet
     assert generator.head == "dit" and not hasattr(generator, "head_u")
@@ -146,7 +146,7 @@ def test_diffusion_head_samples_weights_and_reloads_exactly(model_dirs, tokens, 
     assert torch.equal(reloaded(tokens).logits, logits)  # the seeded sampler is deterministic
     notes.clear()
     distilled = load_model(str(model_dirs["llama"])).model  # distillation differentiates the sampler
-    compress(distilled, Recipe.single("hypernet").with_overrides(["head=dit", "warm_steps=2", "steps=3"]), calib,
+    apply_recipe(distilled, Recipe.single("hypernet").with_overrides(["head=dit", "warm_steps=2", "steps=3"]), calib,
              progress=lambda i, label, done, total, note: notes.append(note))
     assert any("kl" in n for n in notes)
 
@@ -156,11 +156,11 @@ def test_residual_mode_keeps_the_base_and_needs_one(model_dirs, tokens, tmp_path
     model, params = loaded.model, count_params(loaded.model)
     calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match="earlier stage"):
-        compress(load_model(str(model_dirs["llama"])).model,
+        apply_recipe(load_model(str(model_dirs["llama"])).model,
                  Recipe.single("hypernet").with_overrides(["mode=residual", *FAST]), calib)
     recipe = Recipe.from_list([{"method": "rtn", "bits": 2, "group_size": 32},
                                {"method": "hypernet", "mode": "residual", "warm_steps": 5, "steps": 5}])
-    compress(model, recipe, calib)
+    apply_recipe(model, recipe, calib)
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(layer, GeneratedLinear) and isinstance(layer.base, QuantLinear)
     logits = model(tokens).logits
@@ -181,16 +181,16 @@ def test_distilling_svd_factors_lowers_kl_and_keeps_the_size(model_dirs, tokens,
     calib = torch.randint(1, 121, (8, 32), generator=torch.Generator().manual_seed(0))
     teacher = load_model(str(model_dirs["llama"])).model
     plain = load_model(str(model_dirs["llama"])).model
-    compress(plain, Recipe.from_list([{"method": "svd", "rank": 4}]), calib)
+    apply_recipe(plain, Recipe.from_list([{"method": "svd", "rank": 4}]), calib)
     trained = load_model(str(model_dirs["llama"])).model
-    compress(trained, Recipe.from_list([{"method": "svd", "rank": 4},
+    apply_recipe(trained, Recipe.from_list([{"method": "svd", "rank": 4},
                                         {"method": "distill", "steps": 40, "lr": 3e-3}]), calib)
     assert artifact.storage_bits(trained) == artifact.storage_bits(plain)
     with torch.no_grad():
         reference = teacher(calib).logits
         assert kl_to_teacher(reference, trained(calib).logits) < 0.8 * kl_to_teacher(reference, plain(calib).logits)
     with pytest.raises(UserError, match="nothing to train"):
-        compress(load_model(str(model_dirs["llama"])).model, Recipe.single("distill"), calib)
+        apply_recipe(load_model(str(model_dirs["llama"])).model, Recipe.single("distill"), calib)
 
 
 def test_cli_hypernet_compress_inspect_evaluate(model_dirs, calib_file, text_file, tmp_path):

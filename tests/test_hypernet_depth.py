@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.layers.hypernet.backbone import make_backbone
 from hypercompress.layers.hypernet.generator import HyperGenerator
@@ -184,7 +184,7 @@ def test_a_deep_setting_trains_and_reloads_exactly(model_dirs, tokens, tmp_path)
     calib = torch.randint(1, 121, (6, 32), generator=torch.Generator().manual_seed(0))
     recipe = Recipe.single("hypernet").with_overrides(["warm_steps=3", "steps=3", "backbone=ssm", "tbptt=1",
                                                        "checkpoint_generator=true", "grad_checkpointing=true"])
-    compress(model, recipe, calib)
+    apply_recipe(model, recipe, calib)
     assert all(m.maker is None for m in model.modules() if hasattr(m, "maker"))  # back to stored weights
     logits = model(tokens).logits
     assert not torch.equal(logits, teacher(tokens).logits)

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.cli.module_groups import describe, group_rows, natural_key, ranges, sort_rows
 from hypercompress.cli.tables import branch_table, branch_tensor_bytes, file_note, safetensors_header_bytes
 from hypercompress.modules import count_params
@@ -35,7 +35,7 @@ def twelve_layers(tmp_path_factory):
                          tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
     params, recipe = count_params(model), Recipe.from_list(RECIPE)
-    compress(model, recipe, torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0)), batch_size=2)
+    apply_recipe(model, recipe, torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0)), batch_size=2)
     artifact.round_to_storage(model)
     return artifact.save(model, make_tokenizer(), tmp_path_factory.mktemp("twelve") / "art",
                          recipe=recipe.to_list(), original_params=params)

@@ -65,13 +65,13 @@ def test_state_dict_api_round_trips_into_load_state_dict(model_dirs, tokens):
 
 def test_the_runs_device_reaches_kan(model_dirs, monkeypatch):
     """`--device` reaches kan's fits (it kept its own device, default cpu); a stage's own device wins."""
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.errors import UserError
     from hypercompress.recipe import Recipe
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     model = load_model(str(model_dirs["llama"])).model
     with pytest.raises(UserError, match="kan device=cuda: no CUDA device"):
-        compress(model, Recipe.from_list([{"method": "kan", "steps": 1}]), device="cuda")
-    report = compress(model, Recipe.from_list([{"method": "kan", "steps": 1, "device": "cpu"}]), device="cuda")
+        apply_recipe(model, Recipe.from_list([{"method": "kan", "steps": 1}]), device="cuda")
+    report = apply_recipe(model, Recipe.from_list([{"method": "kan", "steps": 1, "device": "cpu"}]), device="cuda")
     assert report["stages"][0]["modules"] == 14

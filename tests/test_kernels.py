@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.kernels.int4 import Int4Linear
 from hypercompress.kernels.paths import DenseLinear, is_two_four
 from hypercompress.layers import QuantLinear
@@ -28,7 +28,7 @@ GRIDS = [
 def _artifact(model_dir, stages, out, calib=None):
     loaded = load_model(str(model_dir))
     recipe = Recipe.from_list(stages)
-    compress(loaded.model, recipe, calib, batch_size=4)
+    apply_recipe(loaded.model, recipe, calib, batch_size=4)
     artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(),
                   original_params=count_params(loaded.model))
     return out

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.layers.latent_kv import kv_cache_bytes_per_token
 from hypercompress.modules import count_params
@@ -37,7 +37,7 @@ BUILD = {"llama": lambda: make_model("llama"),  # 2 key/value heads of 16: 32 ke
 
 def latent(arch="llama", **config):
     model = BUILD[arch]()
-    compress(model, Recipe.from_list([{"method": "kv_lowrank", **config}]), CALIB)
+    apply_recipe(model, Recipe.from_list([{"method": "kv_lowrank", **config}]), CALIB)
     return model
 
 
@@ -98,14 +98,14 @@ def test_artifact_reloads_with_the_latent_cache(tmp_path):
 
 def test_a_family_whose_attention_the_latent_cache_does_not_reproduce_is_refused():
     with pytest.raises(UserError, match="phi's attention .*RoPE over part of each head"):
-        compress(make_model("phi"), Recipe.from_list([{"method": "kv_lowrank"}]), CALIB)
+        apply_recipe(make_model("phi"), Recipe.from_list([{"method": "kv_lowrank"}]), CALIB)
 
 
 def test_fused_or_compressed_projections_are_refused():
     with pytest.raises(UserError, match="fuses"):
-        compress(make_model("gpt2"), Recipe.from_list([{"method": "kv_lowrank"}]), CALIB)
+        apply_recipe(make_model("gpt2"), Recipe.from_list([{"method": "kv_lowrank"}]), CALIB)
     with pytest.raises(UserError, match="before stages"):
-        compress(make_model("llama"), Recipe.from_list([{"method": "rtn", "bits": 4},
+        apply_recipe(make_model("llama"), Recipe.from_list([{"method": "rtn", "bits": 4},
                                                         {"method": "kv_lowrank"}]), CALIB)
 
 

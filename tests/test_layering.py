@@ -155,3 +155,44 @@ def test_the_circle_check_finds_a_lazy_circle(tmp_path):
     graph = import_graph(package)
     assert graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.d"] == {"pkg.a"}
     assert cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+
+
+def design_ranks() -> list[set[str]]:
+    """docs/DESIGN.md's ```ranks block: one rank per line, top first, names comma-separated."""
+    text = (PACKAGE.parents[1] / "docs" / "DESIGN.md").read_text()
+    block = text.split("```ranks\n", 1)[1].split("```", 1)[0]
+    return [{name.strip() for name in line.split(",")} for line in block.strip().splitlines()]
+
+
+def upward_imports(graph: dict[str, set[str]], ranks: list[set[str]]) -> list[str]:
+    """'a -> b' for every import from a module to one of a higher rank (a top-level name missing
+    from the ranks is reported as such)."""
+    rank_of = {name: i for i, names in enumerate(ranks) for name in names}
+
+    def top(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else parts[0]
+
+    problems = sorted({f"{top(m)} is in no rank" for m in graph if top(m) not in rank_of})
+    for module, targets in graph.items():
+        for target in targets:
+            a, b = top(module), top(target)
+            if a in rank_of and b in rank_of and rank_of[b] < rank_of[a]:
+                problems.append(f"{module} -> {target}")
+    return problems
+
+
+def test_imports_point_down_the_ranks_of_docs_design():
+    assert upward_imports(import_graph(PACKAGE), design_ranks()) == []
+
+
+def test_the_rank_check_sees_an_upward_lazy_import(tmp_path):
+    package = tmp_path / "hypercompress"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "errors.py").write_text("def f():\n    from .cli import main\n")
+    (package / "cli.py").write_text("from .errors import f\n")
+    (package / "extra.py").write_text("")
+    ranks = [{"hypercompress", "cli"}, {"errors"}]
+    assert upward_imports(import_graph(package), ranks) == ["extra is in no rank",
+                                                            "hypercompress.errors -> hypercompress.cli"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.cli.inspect import artifact_summary
 from hypercompress.errors import UserError
 from hypercompress.formats import lossless
@@ -58,7 +58,7 @@ def pair(model_dirs, tmp_path_factory):
     """The same RTN-compressed llama saved plain and with the lossless stage."""
     loaded = load_model(str(model_dirs["llama"]))
     recipe = Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}])
-    compress(loaded.model, recipe)
+    apply_recipe(loaded.model, recipe)
     root, params = tmp_path_factory.mktemp("lossless"), count_params(loaded.model)
     plain = artifact.save(loaded.model, loaded.tokenizer, root / "plain", recipe=recipe.to_list(),
                           original_params=params)

@@ -14,7 +14,7 @@ import transformers
 
 import hypercompress
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.experts import MIN_EXPERT_TOKENS, ExpertLinears, fuse_experts, unfuse_experts
 from hypercompress.sources.models import load_model
@@ -48,7 +48,7 @@ def test_unfused_experts_compute_what_the_fused_ones_do(arch):
 @pytest.mark.parametrize("arch", sorted(MOE))
 def test_gptq_calibrates_each_expert_on_its_tokens_and_reports_them(arch, tmp_path):
     model = make_model(arch)
-    report = compress(model, Recipe.from_list([{"method": "gptq", "bits": 4, "group_size": 16}]), CALIB)
+    report = apply_recipe(model, Recipe.from_list([{"method": "gptq", "bits": 4, "group_size": 16}]), CALIB)
     routing = report["stages"][0]["expert_tokens"]
     assert routing["min_tokens"] == MIN_EXPERT_TOKENS
     tokens = CALIB.numel()
@@ -83,7 +83,7 @@ def test_an_expert_no_calibration_token_reaches_is_topped_up_and_solved():
     for block in model.model.layers:
         block.mlp.gate = FirstTwo()
     calib = torch.randint(1, 121, (20, 32), generator=torch.Generator().manual_seed(2))
-    report = compress(model, Recipe.from_list([{"method": "gptq", "bits": 4, "group_size": 16}]), calib)
+    report = apply_recipe(model, Recipe.from_list([{"method": "gptq", "bits": 4, "group_size": 16}]), calib)
     for counts in report["stages"][0]["expert_tokens"]["experts"].values():
         assert [routed for routed, _ in counts[2:]] == [0, 0]
         assert [added for _, added in counts[2:]] == [MIN_EXPERT_TOKENS] * 2
@@ -102,12 +102,12 @@ def test_a_plain_save_of_an_unfused_model_writes_transformers_layout(model_dirs,
 
 def test_blocks_and_heads_are_pruned_and_channels_refused():
     model = make_model("mixtral")
-    compress(model, Recipe.from_list([{"method": "structured", "mlp_keep": 1.0, "head_groups_keep": 0.5,
+    apply_recipe(model, Recipe.from_list([{"method": "structured", "mlp_keep": 1.0, "head_groups_keep": 0.5,
                                        "drop_layers": 1}]), CALIB)
     assert len(model.model.layers) == 1 and model.config.num_key_value_heads == 1
     assert torch.isfinite(logits(model)).all()
     with pytest.raises(UserError, match="mlp_keep: mixtral's MLP is a mixture of experts"):
-        compress(make_model("mixtral"), Recipe.from_list([{"method": "structured"}]), CALIB)
+        apply_recipe(make_model("mixtral"), Recipe.from_list([{"method": "structured"}]), CALIB)
 
 
 @pytest.mark.parametrize("stage, needle", [
@@ -116,7 +116,7 @@ def test_blocks_and_heads_are_pruned_and_channels_refused():
 ])
 def test_methods_that_cannot_handle_experts_refuse_by_name(stage, needle):
     with pytest.raises(UserError, match=needle):
-        compress(make_model("qwen3_moe"), Recipe.from_list([stage]), CALIB)
+        apply_recipe(make_model("qwen3_moe"), Recipe.from_list([stage]), CALIB)
 
 
 def test_edits_gguf_and_streaming_refuse_a_mixture_by_name(model_dirs, tmp_path):
@@ -143,7 +143,7 @@ def test_experts_in_another_layout_are_refused_by_name():
 def test_a_block_whose_hessians_outgrow_the_budget_is_observed_in_groups(monkeypatch):
     """With room for two 64 x 64 float64 Hessians, GPTQ observes a Mixtral block's linears a few at a
     time (the block re-run per group): never more statistics than the budget, every linear solved."""
-    from hypercompress import calibration
+    from hypercompress import layerwise as calibration
     from hypercompress.methods.gptq import GPTQ, GptqConfig
 
     budget = 2 * 64 * 64 * 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.modules import count_params
 from hypercompress.planning.hybrid import SATURATED_KL, embedding_rank_key, fit_pipeline, plan_pipeline
@@ -27,7 +27,7 @@ def test_low_rank_plan_is_exact_and_under_target(arch, target):
     plan = plan_pipeline(make_model(arch), target)
     assert [s["method"] for s in plan.stages][-1] == "asvd" and plan.planned_bpw <= target
     model = make_model(arch)
-    compress(model, Recipe.from_list(plan.stages), CALIB)
+    apply_recipe(model, Recipe.from_list(plan.stages), CALIB)
     assert artifact.storage_bits(model) == plan.planned_bits
 
 
@@ -35,7 +35,7 @@ def test_blocks_are_removed_when_rank_one_does_not_fit():
     plan = plan_pipeline(make_model("llama"), 1.9)
     assert plan.stages[0] == {"method": "structured", "drop_layers": 1, "mlp_keep": 1.0}
     model = make_model("llama")
-    compress(model, Recipe.from_list(plan.stages), CALIB)
+    apply_recipe(model, Recipe.from_list(plan.stages), CALIB)
     assert len(model.model.layers) == 1 and artifact.storage_bits(model) <= plan.planned_bits
 
 
@@ -61,7 +61,7 @@ def test_fit_counts_the_file_with_its_lossless_stage():
     model = make_model("llama")
     plan = fit_pipeline(model, 2.93, CALIB, lossless=10)  # 3.0 lies between plans (one rank step: 0.18 bpw)
     trial = make_model("llama")
-    compress(trial, Recipe.from_list(plan.stages), CALIB)
+    apply_recipe(trial, Recipe.from_list(plan.stages), CALIB)
     assert plan.reached_bpw == artifact.stored_bytes(trial, 10) * 8 / count_params(model)
     assert 2.93 * 0.98 <= plan.reached_bpw <= 2.93
 
@@ -70,7 +70,7 @@ def test_distill_after_block_removal_matches_the_final_hidden_state():
     model = make_model("llama")
     plan = plan_pipeline(make_model("llama"), 1.9, distill_steps=2)
     assert plan.stages[-1]["method"] == "distill"
-    compress(model, Recipe.from_list(plan.stages), CALIB)
+    apply_recipe(model, Recipe.from_list(plan.stages), CALIB)
     assert torch.isfinite(model(CALIB).logits).all()
 
 
@@ -198,7 +198,7 @@ def test_no_plan_has_a_rank_past_the_break_even_rank():
     assert planned > 30
     plan = plan_pipeline(model, 0.5)
     assert not any(s["method"] == "structured" for s in plan.stages)  # every block kept, at rank 21
-    compress(model, Recipe.from_list(plan.stages), CALIB)  # the recipe checks accept it
+    apply_recipe(model, Recipe.from_list(plan.stages), CALIB)  # the recipe checks accept it
     assert artifact.storage_bits(model) == plan.planned_bits
 
 

@@ -81,7 +81,7 @@ def test_plan_hits_the_target_and_becomes_a_recipe(model_dirs):
 def test_the_probe_moves_its_captured_block_arguments_to_the_samples_device(model_dirs, monkeypatch):
     """The capture keeps block arguments (masks, rotary tables) on the CPU; the probe must move them
     to where its samples and blocks are (on a GPU they stayed behind and the rotary product failed)."""
-    from hypercompress import calibration
+    from hypercompress import layerwise as calibration
     from hypercompress.planning.sensitivity import TailRunner
 
     moved, real_to = [], calibration.BlockCalls.to

@@ -92,9 +92,9 @@ def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypat
     recipe, allocation = planned_recipe(model, PlanTarget(5.0, group_size=32), samples(vocab=128), 0, None)
     stages = recipe.to_list()
     assert stages[0]["method"] == "rotate" and allocation["notes"][-1] == f"kept: {planner_choice.ROTATED}"
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     compressed = make_model("llama")
-    compress(compressed, recipe, samples(vocab=128))
+    apply_recipe(compressed, recipe, samples(vocab=128))
     assert stored_bytes(compressed) * 8 <= 5.0 * 1.02 * count_params(make_model("llama"))
 
 
@@ -108,7 +108,7 @@ def test_a_tied_model_is_not_tried_rotated():
 def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
     """qat's trained codes code larger than GPTQ's (planner.QAT_CODE_GROWTH): with --distill the
     plan (every candidate, the kept one too) is fit to target / QAT_CODE_GROWTH, without it to the target."""
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.storage.artifact import stored_bytes
     from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
@@ -120,7 +120,7 @@ def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
         stages = recipe.to_list()
         codes = [s for s in stages if s["method"] != "qat"]
         model = tied_llama(256)
-        compress(model, Recipe.from_list(codes), samples())
+        apply_recipe(model, Recipe.from_list(codes), samples())
         return stored_bytes(model) * 8 / count_params(tied_llama(256)), stages
 
     plain, plain_stages = stored(0)

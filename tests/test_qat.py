@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.training.kl import kl_to_teacher
 from hypercompress.errors import UserError
 from hypercompress.layers import QuantLinear
@@ -54,9 +54,9 @@ def test_training_lowers_the_kl_below_rtn_on_text_it_did_not_see():
     test = calib(4, 32, seed=5)
     reference = model(test).logits
     rtn = copy.deepcopy(model)
-    compress(rtn, Recipe.from_list([{"method": "rtn", "bits": 2, "group_size": 32}]))
+    apply_recipe(rtn, Recipe.from_list([{"method": "rtn", "bits": 2, "group_size": 32}]))
     trained = copy.deepcopy(model)
-    compress(trained, Recipe.from_list([{"method": "qat", "bits": 2, "group_size": 32, "block_steps": 40,
+    apply_recipe(trained, Recipe.from_list([{"method": "qat", "bits": 2, "group_size": 32, "block_steps": 40,
                                          "steps": 40, "lr": 1e-3, "block_lr": 1e-3, "teacher_fraction": 0}]),
              calib(16))
     before, after = (kl_to_teacher(reference, m(test).logits).item() for m in (rtn, trained))
@@ -92,7 +92,7 @@ def test_after_a_rotation_the_teacher_is_the_rotated_model(monkeypatch):
 
     monkeypatch.setattr("hypercompress.methods.qat.method.block_ap", spy)
     model = make_model("llama")
-    compress(model, Recipe.from_list([{"method": "rotate"},
+    apply_recipe(model, Recipe.from_list([{"method": "rotate"},
                                       {"method": "qat", "bits": 8, "group_size": 32, "block_steps": 1, "steps": 0,
                                        "teacher_fraction": 0}]), calib())
     assert seen["gap"] < 0.02  # an 8-bit grid of the same (rotated) weights; unrotated they differ by ~0.2
@@ -146,7 +146,7 @@ def test_the_matmul_precision_is_the_caller_s_again_afterwards(monkeypatch, call
     before = torch.backends.cuda.matmul.allow_tf32  # a computed flag (monkeypatch cannot restore it)
     torch.backends.cuda.matmul.allow_tf32 = caller
     try:
-        compress(make_model("llama"), Recipe.from_list([{"method": "qat", "bits": 4, "group_size": 32,
+        apply_recipe(make_model("llama"), Recipe.from_list([{"method": "qat", "bits": 4, "group_size": 32,
                                                          "block_steps": 1, "steps": 0, "teacher_fraction": 0}]),
                  calib())
         assert seen == [False]  # trained on the CPU: no TF32

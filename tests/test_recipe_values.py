@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_model, message_lines
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.storage.artifact import storage_bits
 from hypercompress.cli import app
 from hypercompress.errors import UserError
@@ -42,7 +42,7 @@ def test_smallest_useful_group_is_accepted():
 def layers_storage(recipe: list[dict]) -> tuple[int, int]:
     model = make_model("llama")
     before = storage_bits(model)
-    compress(model, Recipe.from_list(recipe), CALIB)
+    apply_recipe(model, Recipe.from_list(recipe), CALIB)
     return before, storage_bits(model)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact, checkpoint as checkpoint_module
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.training.distill import DistillSettings
 from hypercompress.methods import distill_factors
 from hypercompress.methods.hypernet import method as hypernet_method
@@ -80,7 +80,7 @@ def run(model_dir, stages, out, resume=False):
     loaded = load_model(str(model_dir))
     params = count_params(loaded.model)
     torch.manual_seed(0)
-    compress(loaded.model, Recipe.from_list(stages), calib(), batch_size=2,
+    apply_recipe(loaded.model, Recipe.from_list(stages), calib(), batch_size=2,
              checkpoint_dir=out.with_name(out.name + ".checkpoint"), resume=resume)
     return artifact.save(loaded.model, loaded.tokenizer, out, recipe=stages, original_params=params)
 

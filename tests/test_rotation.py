@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.methods.rotation import orthogonal_matrix, rotate_residual
 from hypercompress.modules import count_params
@@ -75,7 +75,7 @@ def test_a_rotated_and_quantized_model_saves_and_reloads_exactly(tmp_path, token
     model = tied_llama()
     params = count_params(model)
     recipe = Recipe.from_list([{"method": "rotate"}, {"method": "rtn", "bits": 4, "group_size": 32}])
-    compress(model, recipe)
+    apply_recipe(model, recipe)
     path = artifact.save(model, make_tokenizer(), tmp_path / "a", recipe=recipe.to_list(), original_params=params)
     reloaded, _ = artifact.load(path, fast=False)
     assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
@@ -90,6 +90,6 @@ def test_rotation_is_refused_where_it_is_not_exact():
     with pytest.raises(UserError, match="LayerNorm"):
         rotate_residual(make_model("gpt2"))
     model = make_model("llama")
-    compress(model, Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}]))
+    apply_recipe(model, Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}]))
     with pytest.raises(UserError, match="first in the recipe"):
         rotate_residual(model)

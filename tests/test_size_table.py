@@ -12,7 +12,7 @@ from safetensors.torch import save as serialize
 
 from conftest import make_model, make_tokenizer, tied_llama
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.planning.mixed_bits import Plan, candidate_options, plan_recipe
 from hypercompress.planning.size_table import SizeTable, safetensors_file_bytes, stored_tensor
 from hypercompress.recipe import Recipe
@@ -56,7 +56,7 @@ def test_the_table_predicts_the_saved_file_exactly(arch, lossless, tmp_path):
     table = SizeTable(model, plans[0].allocation, lossless)
     for index, plan in enumerate(plans):
         trial = copy.deepcopy(model)
-        compress(trial, Recipe.from_list(rtn_stages(plan, embedding)))
+        apply_recipe(trial, Recipe.from_list(rtn_stages(plan, embedding)))
         predicted = table.file_bytes(plan.allocation)
         assert predicted == artifact.stored_bytes(trial, lossless), (index, plan.allocation)
         if index == 0:  # and the bytes stored_bytes counts are the bytes written

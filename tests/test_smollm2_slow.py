@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.sources.data import read_text, tokenize, windows
 from hypercompress.eval import evaluate_windows
 from hypercompress.sources.models import load_model
@@ -40,7 +40,7 @@ def compressed_ppl(smollm2, stages, tmp_path):
     loaded, chunks, _ = smollm2
     model = copy.deepcopy(loaded.model)  # the teacher stays untouched for the next test
     recipe = Recipe.from_list(stages)
-    compress(model, recipe)
+    apply_recipe(model, recipe)
     path = artifact.save(model, loaded.tokenizer, tmp_path / "a", recipe=recipe.to_list(),
                          original_params=count_params(loaded.model))
     on_disk = (path / artifact.WEIGHTS).stat().st_size * 8

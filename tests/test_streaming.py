@@ -154,7 +154,7 @@ def test_a_killed_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     """A streamed pass killed after a block resumes from its checkpoint (the finished blocks'
     modules restored, their norms read at the end) to the model an uninterrupted run gives."""
     from hypercompress.storage import artifact
-    from hypercompress.api import compress
+    from hypercompress.apply import apply_recipe
     from hypercompress.recipe import Recipe
 
     from test_checkpoint_files import killed_after_first_block
@@ -166,14 +166,14 @@ def test_a_killed_streamed_run_resumes_to_the_same_bytes(tmp_path, monkeypatch):
 
     def start(resume=False):
         model, tokenizer = streaming.load_streamed(source)
-        compress(model, recipe, calib, batch_size=2, checkpoint_dir=folder, resume=resume)
+        apply_recipe(model, recipe, calib, batch_size=2, checkpoint_dir=folder, resume=resume)
         return model, tokenizer
 
     killed_after_first_block(monkeypatch, start)
     assert folder.is_dir()
     resumed, tokenizer = start(resume=True)
     whole, _ = streaming.load_streamed(source)
-    compress(whole, recipe, calib, batch_size=2)
+    apply_recipe(whole, recipe, calib, batch_size=2)
     for model, name in ((resumed, "resumed"), (whole, "whole")):
         artifact.save(model, tokenizer, tmp_path / name, recipe=recipe.to_list(), original_params=1)
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == \

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypercompress.storage import artifact
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.arch import arch_of
 from hypercompress.errors import UserError
 from hypercompress.methods.structured.importance import measure
@@ -51,7 +51,7 @@ def test_removing_channels_equals_zeroing_their_down_columns(arch):
 
 def test_heads_whose_norm_spans_every_head_are_not_pruned():
     with pytest.raises(UserError, match="olmo2's q/k norms normalize all heads together"):
-        compress(make_model("olmo2"), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
+        apply_recipe(make_model("olmo2"), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
 
 
 @pytest.mark.parametrize("arch, head_dim", [("llama", 16), ("qwen3", 32), ("phi", 16)])  # qwen3: per-head q/k norms
@@ -96,7 +96,7 @@ def test_block_influence_finds_a_block_that_does_nothing():
     assert scores.blocks[1] == pytest.approx(0, abs=1e-6) and scores.blocks[0] > 1e-3
     assert [s.shape for s in scores.channels] == [(128,), (128,)]
     assert [s.shape for s in scores.groups] == [(2,), (2,)]
-    compress(model, Recipe.from_list([{"method": "structured", "drop_layers": 1, "mlp_keep": 1.0}]), CALIB)
+    apply_recipe(model, Recipe.from_list([{"method": "structured", "drop_layers": 1, "mlp_keep": 1.0}]), CALIB)
     assert len(blocks(model)) == 1 and blocks(model)[0].mlp.down_proj.weight.abs().sum() > 0
 
 
@@ -105,7 +105,7 @@ def test_pruned_model_is_smaller_and_reloads(tmp_path):
     params, flops = count_params(model), flops_per_token(model)
     recipe = Recipe.from_list([{"method": "structured", "drop_layers": 1, "mlp_keep": 0.5,
                                 "head_groups_keep": 0.5}])
-    compress(model, recipe, CALIB)
+    apply_recipe(model, recipe, CALIB)
     assert count_params(model) < params and flops_per_token(model) < flops
     path = artifact.save(model, make_tokenizer(), tmp_path / "a", recipe=recipe.to_list(), original_params=params)
     reloaded, _ = artifact.load(path)
@@ -115,7 +115,7 @@ def test_pruned_model_is_smaller_and_reloads(tmp_path):
 
 def test_structured_then_quantization_composes():
     model = make_model("llama")
-    compress(model, Recipe.from_list([{"method": "structured", "mlp_keep": 0.5},
+    apply_recipe(model, Recipe.from_list([{"method": "structured", "mlp_keep": 0.5},
                                       {"method": "rtn", "bits": 4, "group_size": 32}]), CALIB)
     assert torch.isfinite(model(IDS).logits).all()
 
@@ -126,13 +126,13 @@ def test_structured_then_quantization_composes():
 ])
 def test_impossible_requests_are_one_line_errors(stages, message):
     with pytest.raises(UserError, match=message):
-        compress(make_model("llama"), Recipe.from_list(stages), CALIB)
+        apply_recipe(make_model("llama"), Recipe.from_list(stages), CALIB)
 
 
 def test_fused_gpt2_and_phi3_heads_and_empty_configs_are_refused():
     for arch in ("gpt2", "phi3"):
         with pytest.raises(UserError, match="fused in one linear"):
-            compress(make_model(arch), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
+            apply_recipe(make_model(arch), Recipe.from_list([{"method": "structured", "head_groups_keep": 0.5}]), CALIB)
     with pytest.raises(UserError, match="removes nothing"):
         Recipe.from_list([{"method": "structured", "mlp_keep": 1.0}])
 

@@ -12,7 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hypercompress.api import _fingerprint, compress
+from hypercompress.apply import _fingerprint, apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.recipe import Recipe
 from hypercompress.training.kl import chunked_kl, kl_to_teacher
@@ -48,8 +48,8 @@ def teacher():
 @pytest.mark.parametrize("recovery", [QAT, {"method": "distill", "steps": 30, "lr": 3e-3}])
 def test_the_recovery_matches_another_teacher_not_the_original(recovery, teacher):
     own, other = make_model("llama"), make_model("llama")
-    compress(own, Recipe.from_list([RTN, recovery]), CALIB)
-    report = compress(other, Recipe.from_list([RTN, recovery]), CALIB, distill_teacher=teacher)
+    apply_recipe(own, Recipe.from_list([RTN, recovery]), CALIB)
+    report = apply_recipe(other, Recipe.from_list([RTN, recovery]), CALIB, distill_teacher=teacher)
     assert kl_to(teacher, other) < 0.9 * kl_to(teacher, own)
     if recovery["method"] == "qat":
         assert report["stages"][-1]["training"]["teacher"] == "another model"
@@ -78,7 +78,7 @@ def test_chunked_kl_takes_a_teacher_of_another_width():
 ])
 def test_a_teacher_without_a_stage_that_takes_it_is_refused(recipe, needle, teacher):
     with pytest.raises(UserError, match=needle):
-        compress(make_model("llama"), Recipe.from_list(recipe), CALIB, distill_teacher=teacher)
+        apply_recipe(make_model("llama"), Recipe.from_list(recipe), CALIB, distill_teacher=teacher)
 
 
 def test_the_corpus_of_a_teacher_with_more_rows_holds_only_the_students_ids(tmp_path):
@@ -95,7 +95,7 @@ def test_a_teacher_with_a_non_finite_weight_is_refused():
     with torch.no_grad():
         bad.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(UserError, match=r"teacher's tensor model\.layers\.1\.mlp\.up_proj\.weight holds inf or nan"):
-        compress(make_model("llama"), Recipe.from_list([RTN, QAT]), CALIB, distill_teacher=bad)
+        apply_recipe(make_model("llama"), Recipe.from_list([RTN, QAT]), CALIB, distill_teacher=bad)
 
 
 def test_a_checkpoint_of_one_teacher_does_not_resume_with_another(teacher):

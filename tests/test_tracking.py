@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypercompress.api import compress
+from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
 from hypercompress.recipe import Recipe
 from hypercompress.tracking import Tracker, destinations, log_compress_summary
@@ -76,7 +76,7 @@ def run_records(run: Path, keys: list[str], seconds: float = 20.0) -> bytes:
 def train(method: str, tmp_path: Path, **tracking) -> None:
     before, settings, _ = TRAINED[method]
     model = make_model("llama")
-    compress(model, Recipe.from_list([*before, {"method": method, **settings, **tracking}]), CALIB)
+    apply_recipe(model, Recipe.from_list([*before, {"method": method, **settings, **tracking}]), CALIB)
 
 
 @needs_tensorboard
@@ -99,7 +99,7 @@ def test_distill_lr_is_the_configured_schedule(tmp_path):
     pytest.importorskip("tensorboard")
     before, settings, _ = TRAINED["distill"]
     model = make_model("llama")
-    compress(model, Recipe.from_list([*before, {"method": "distill", **settings, "lr": 1e-3,
+    apply_recipe(model, Recipe.from_list([*before, {"method": "distill", **settings, "lr": 1e-3,
                                                 "log_dir": str(tmp_path / "tb")}]), CALIB)
     lr = [v for _, v in scalars(tmp_path / "tb")["distill/lr"]]
     expected = [1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * s / 3))) for s in range(3)]

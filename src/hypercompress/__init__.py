@@ -21,7 +21,7 @@ from typing import Any
 _EXPORTS = {
     "compress": ("workflow", "compress"),
     "CompressResult": ("workflow", "CompressResult"),
-    "apply_recipe": ("api", "compress"),
+    "apply_recipe": ("apply", "apply_recipe"),
     "analyze": ("analysis.report", "analyze"),
     "edit": ("analysis.edit", "edit"),
     "evaluate": ("eval.evaluation", "evaluate"),

@@ -10,7 +10,7 @@ linear sees exactly the tokens routed to it. The router stays as it is (not a li
 no stage selects it, and it is stored in 16 bits). `fuse_experts` puts the fused module back with
 dense weights (exports to formats that read transformers' layout; plain save_pretrained).
 
-Calibration (calibration.run_layerwise): an expert the calibration text rarely routes to would get a
+Calibration (layerwise.run_layerwise): an expert the calibration text rarely routes to would get a
 Hessian from a handful of tokens (or none: GPTQ could not solve it). `ExpertLinears.calibrating()`
 records the tokens each expert is routed; `top_up(minimum)` then feeds every expert routed fewer than
 `minimum` tokens (MIN_EXPERT_TOKENS) that many more of the block's calibration tokens that were

@@ -5,7 +5,7 @@
     result.summary["bits_per_weight"], result.summary["branches"]
 
 `compress` is what `hypercompress compress` runs (the CLI only parses its options, calls this and
-prints the summary); `api.compress` (exported as `hypercompress.apply_recipe`) is the step it calls
+prints the summary); `apply.apply_recipe` (exported as `hypercompress.apply_recipe`) is the step it calls
 to apply a recipe's stages in place.
 """
 
@@ -23,9 +23,9 @@ from torch import nn
 from . import parallel
 from .storage import artifact
 from .storage.atomic import check_output_folder, refuse_existing
-from .api import check_stages, compress as apply_recipe
+from .apply import check_stages, apply_recipe
 from .arch import check_length, position_limit
-from .calibration import peak_memory_bytes
+from .layerwise import peak_memory_bytes
 from .storage.reader import read_manifest_fields
 from .storage.checkpoint import RUN, describe_leftover, discard
 from .sources.data import calibration_samples, read_text, tokenize, windows

@@ -21,7 +21,7 @@ class LayerwiseMethod(abc.ABC):
     name: str = ""
     needs_calibration: bool = False
     default_targets: str = "linears"  # what a stage without targets selects (modules.select_linears)
-    run_device: str = "cpu"  # the run's --device (api.compress sets it): where a data-free method computes
+    run_device: str = "cpu"  # the run's --device (apply.apply_recipe sets it): where a data-free method computes
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -73,7 +73,7 @@ class WholeModelMethod(abc.ABC):
     # teacher of later stages is taken after it (its hidden states in the student's basis)
     exact: bool = False
     # a trained method that can distil from another model sharing the tokenizer (training/teacher.py):
-    # api.compress sets distill_teacher before apply; None: the model's own original
+    # apply.apply_recipe sets distill_teacher before apply; None: the model's own original
     takes_distill_teacher: bool = False
     distill_teacher: nn.Module | None = None
 

@@ -12,7 +12,7 @@ Trains, by distill.py's loss (KL on logits + per-block output matching + activat
 - the norms' weights (`train_norms`).
 Data: the calibration windows, or windows the teacher writes itself from their first tokens
 (`data: teacher`). The teacher is the original, or another model sharing the tokenizer
-(api.compress's distill_teacher, `--teacher`; training/teacher.py: KL alone). AdamW by default, Adafactor (`optimizer: adafactor`) to save memory. Everything
+(apply.apply_recipe's distill_teacher, `--teacher`; training/teacher.py: KL alone). AdamW by default, Adafactor (`optimizer: adafactor`) to save memory. Everything
 is trained in float32 and stored back in its stored dtype (float16), so the artifact's size does
 not change unless adapters were added.
 """
@@ -112,7 +112,7 @@ def _train_embedding(model: nn.Module, params: dict[str, nn.Parameter]) -> list[
 
 @register("distill", DistillConfig)
 class Distill(WholeModelMethod):
-    trains = True  # learns from every calibration window (api.compress's train_calib)
+    trains = True  # learns from every calibration window (apply.apply_recipe's train_calib)
     takes_distill_teacher = True  # the loss and written windows from another model (training/teacher.py)
     restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
 

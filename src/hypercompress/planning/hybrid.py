@@ -91,12 +91,12 @@ def embedding_score(model: nn.Module, name: str, option: tuple, ids: torch.Tenso
                     ) -> tuple[float, float]:
     """(KL(original || model with only the embedding compressed by `option`) on `ids`, the original's
     logits there being `reference`; the table's relative error ||E - E'||_F / ||E||_F)."""
-    from ..api import compress
+    from ..apply import apply_recipe
     from ..recipe import Recipe
     from ..training.kl import kl_to_teacher
 
     trial = copy.deepcopy(model)
-    compress(trial, Recipe.from_list([embedding_stage(name, option)]))
+    apply_recipe(trial, Recipe.from_list([embedding_stage(name, option)]))
     table = model.get_submodule(name).weight.float()
     error = (trial.get_submodule(name).dense_weight() - table).norm() / table.norm()
     return kl_to_teacher(reference, trial(input_ids=ids).logits).item(), error.item()
@@ -297,7 +297,7 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
     naming that size. Returns the plan, `reached_bpw` set."""
     import json
 
-    from ..api import compress
+    from ..apply import apply_recipe
     from ..storage.artifact import stored_bytes
     from .fit import HEADROOM, Trial, _ask, _size, fit_budget
     from ..recipe import Recipe
@@ -313,7 +313,7 @@ def fit_pipeline(model: nn.Module, target_bpw: float, calib: torch.Tensor | None
 
     def stored(plan: PipelinePlan) -> float:
         trial = copy.deepcopy(model)  # a few calibration windows: the factors' values, not their quality
-        compress(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]),
+        apply_recipe(trial, Recipe.from_list([s for s in plan.stages if s["method"] != "distill"]),
                  None if calib is None else calib[:4], device=device)
         plan.reached_bpw = stored_bytes(trial, lossless) * 8 / params
         done[0] += 1

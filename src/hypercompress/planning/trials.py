@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..arch import arch_of
-from ..calibration import capture_block_inputs
+from ..layerwise import capture_block_inputs
 from ..experts import ExpertLinears, routed_calibration
 from ..layers.quant_linear import QuantLinear
 from ..modules import replace_module
@@ -72,11 +72,11 @@ def trial_model(model: nn.Module, plan: Plan, embedding: str, solved: dict[tuple
                 ) -> nn.Module:
     """A copy of `model` compressed as `plan`: its embedding by the plan's RTN stage, every block
     linear by its solved GPTQ module (shared with other trials: read, never changed)."""
-    from ..api import compress
+    from ..apply import apply_recipe
     from ..recipe import Recipe
 
     trial = copy.deepcopy(model)
-    compress(trial, Recipe.from_list(plan_recipe(plan, embedding)[:1], where="planned recipe (trial)"))
+    apply_recipe(trial, Recipe.from_list(plan_recipe(plan, embedding)[:1], where="planned recipe (trial)"))
     for name, option in plan.allocation.items():
         if name != embedding:
             replace_module(trial, name, solved[(name, option)])
@@ -85,9 +85,9 @@ def trial_model(model: nn.Module, plan: Plan, embedding: str, solved: dict[tuple
 
 def rotated_trial(model: nn.Module, stages: list[dict], samples: torch.Tensor, device: str = "cpu") -> nn.Module:
     """A copy of `model` compressed by `stages` (rotate first) on `samples`, as the final run would."""
-    from ..api import compress
+    from ..apply import apply_recipe
     from ..recipe import Recipe
 
     trial = copy.deepcopy(model)
-    compress(trial, Recipe.from_list(stages, where="planned recipe (trial)"), samples, device=device)
+    apply_recipe(trial, Recipe.from_list(stages, where="planned recipe (trial)"), samples, device=device)
     return trial

@@ -3,7 +3,7 @@
 `load_streamed(directory)` builds the model on the meta device (accelerate's `init_empty_weights`:
 no weight allocated), reads every tensor outside the transformer blocks (embeddings, final norm,
 lm_head) and attaches a `LazyWeights` that reads the rest on demand. The layer-wise runner
-(calibration.run_layerwise) calls `materialize(model, "model.layers.i.")` before block i, and the
+(layerwise.run_layerwise) calls `materialize(model, "model.layers.i.")` before block i, and the
 block's linears are replaced by their compressed modules right after, so the original's dense
 blocks never sit in RAM together: peak host memory is about the dense parts outside the blocks,
 one dense block, the calibration activations and the compressed blocks done so far. This is the

@@ -1,7 +1,7 @@
 """Distilling from another model: a different, usually larger teacher that shares the student's tokenizer.
 
 Trained stages (qat, distill) distil against the model's own original by default. Given a
-`distill_teacher` (api.compress; `--teacher MODEL` on the command line), they match its next-token
+`distill_teacher` (apply.apply_recipe; `--teacher MODEL` on the command line), they match its next-token
 distributions instead and it writes their training corpus, as in the knowledge-distillation recipes
 for families of one tokenizer (Llama-3 -> a smaller Llama-3, Phi-2 -> Phi-1.5, GPT-2 -> DistilGPT-2;
 Hinton et al. 2015, Sanh et al. 2019). Per-block hidden-state matching (`local_weight`) and the

@@ -42,7 +42,7 @@ ENCODER_PATCHES = 128  # patches per matrix the encoder reads per step (a random
 
 @register("hypernet", HypernetConfig)
 class Hypernet(WholeModelMethod):
-    trains = True  # learns from every calibration window (api.compress's train_calib)
+    trains = True  # learns from every calibration window (apply.apply_recipe's train_calib)
     encoder: SetEncoder | None = None  # after apply: the warm start's encoder (kept in memory only)
     history: list[dict[str, float]] = []  # after apply: the distillation's steps (distill.distill's history)
 

@@ -7,7 +7,7 @@ output on the original model's inputs:
 over calibration batches (hidden states (b, T, d)), so each block also corrects the error the
 blocks before it left (as GPTQ's layer-wise pass propagates it). The next block's inputs are then
 the trained block's outputs. Blocks run through the one calibration runner's capture
-(calibration.capture_block_inputs: each block's own mask and rotary arguments). AdamW, cosine
+(layerwise.capture_block_inputs: each block's own mask and rotary arguments). AdamW, cosine
 decay to 10%, gradient-norm clipping at 1; each step's micro-batches drawn by a generator seeded
 with (seed, block, step). Under a launcher each process takes its share of a step's micro-batches
 and the gradients are summed: with the same micro_batch, one process and several take the same steps.
@@ -49,7 +49,7 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
     (latent weights at `lr`, scales and zeros at `scale_lr`), each forward under `autocast` (a context
     manager: the engine's bf16 autocast, training/engine.py; None: float32). Returns each block's final relative
     output error. progress(blocks done, blocks, note)."""
-    from ...calibration import capture_block_inputs  # (calibration imports the methods package)
+    from ...layerwise import capture_block_inputs  # (calibration imports the methods package)
 
     spec = arch_of(student.config.model_type)
     student_blocks, teacher_blocks = student.get_submodule(spec.blocks), teacher.get_submodule(spec.blocks)

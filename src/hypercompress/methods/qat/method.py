@@ -18,7 +18,7 @@ engine's keys (training/engine.py). The result is stored as the usual
 QuantLinear / QuantEmbedding codes (the same bytes as RTN or GPTQ at these settings), so every
 exporter and kernel applies. Checkpoints after each block and during the end-to-end phase; a
 killed run resumes. Runs on --device cuda and under torchrun (parallel.py).
-Another teacher (api.compress's distill_teacher, `--teacher`; training/teacher.py) writes the corpus
+Another teacher (apply.apply_recipe's distill_teacher, `--teacher`; training/teacher.py) writes the corpus
 and is matched end to end by KL alone; Block-AP still rebuilds the blocks of the original.
 """
 
@@ -152,7 +152,7 @@ def block_windows(windows: torch.Tensor, mix: tuple[int, float] | None, count: i
 
 @register("qat", QatConfig)
 class Qat(WholeModelMethod):
-    trains = True  # learns from every calibration window (api.compress's train_calib)
+    trains = True  # learns from every calibration window (apply.apply_recipe's train_calib)
     takes_distill_teacher = True  # end to end and the corpus from another model (Block-AP: the original)
     restored_from_modules = False  # it trains norms too, which a layer-wise checkpoint does not hold
 

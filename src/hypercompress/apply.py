@@ -1,4 +1,4 @@
-"""The one verb: compress(model, recipe, calib) applies a recipe's stages in order, in place."""
+"""apply_recipe(model, recipe, calib): a recipe's stages applied in order, in place (the step `hypercompress.compress` calls)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from .arch import arch_of, check_length
 from .storage.artifact import round_to_storage, storage_bits
-from .calibration import peak_memory_bytes, run_layerwise
+from .layerwise import peak_memory_bytes, run_layerwise
 from .storage.checkpoint import Checkpoint, fix_hint, unreadable
 from .errors import UserError
 from .experts import has_unfused_experts, unfuse_experts
@@ -53,7 +53,7 @@ def check_stages(model: nn.Module, recipe: Recipe) -> None:
             method.check_model(model)
 
 
-def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None,
+def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None,
              progress: Progress | None = None, *, device: str = "cpu", batch_size: int = 8,
              checkpoint_dir: str | Path | None = None, resume: bool = False, keep_checkpoint: bool = False,
              after_stage: Callable[[nn.Module], dict[str, Any]] | None = None,
@@ -61,7 +61,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = None
     """Compress `model` in place with every stage of `recipe`; returns a report per stage.
 
     calib: calibration token windows (N, L), needed by methods with `needs_calibration`; those run
-    block by block through `calibration.run_layerwise` on `device`, checkpointing after each block
+    block by block through `layerwise.run_layerwise` on `device`, checkpointing after each block
     into `checkpoint_dir` when given (whole-model stages keep theirs in it too); `resume` restores
     the last checkpoint and goes on from there (a UserError when it belongs to another run or cannot
     be read; the folder is then left as it is). The folder is removed at the end unless
