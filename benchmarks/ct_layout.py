@@ -212,7 +212,7 @@ def main() -> None:
     from hypercompress.storage import artifact
     from hypercompress.sources.data import calibration_samples, read_text, tokenize, windows
     from hypercompress.eval import evaluate_windows
-    from hypercompress.export import export
+    from hypercompress.exporters import export
     from hypercompress.sources.models import load_model
 
     logging.set_verbosity_error()
@@ -237,7 +237,7 @@ def main() -> None:
                                 dtype=dtype)
     same_env = work / "ours-ct-bfloat16-anchors-env"  # our writer under llm-compressor's compressed-tensors
     shutil.rmtree(same_env, ignore_errors=True)
-    subprocess.run([args.anchor_python, "-c", "import sys; from hypercompress.export import export; "
+    subprocess.run([args.anchor_python, "-c", "import sys; from hypercompress.exporters import export; "
                     "export(sys.argv[1], 'compressed-tensors', sys.argv[2], dtype='bfloat16')",
                     str(work / "ours-artifact"), str(same_env)], check=True)
     theirs = work / "llmcompressor"

@@ -8,7 +8,7 @@ Writes benchmarks/results/llamacpp.json (it does not render RESULTS.md).
 
 Steps: smollm2-135m -> RTN w4 g32 with a float16 zero (`hypercompress compress smollm2-135m --method
 rtn --set bits=4 --set group_size=32 --set zero_point=float`, the grid GGUF's Q4_1 holds exactly) ->
-artifact -> `hypercompress.export.export(artifact, "gguf", ...)`. WikiText-2 test is tokenized once by
+artifact -> `hypercompress.exporters.export(artifact, "gguf", ...)`. WikiText-2 test is tokenized once by
 the artifact's tokenizer; the first W non-overlapping 512-token windows go, as token ids in a JSON
 file, to this same script run by the llama.cpp venv's python (`llama-side`), so both sides score
 identical ids (no BOS, no context between windows, 511 predictions per window). Ours:
@@ -143,7 +143,7 @@ def main() -> None:
     import transformers
     import hypercompress
     from hypercompress.eval import evaluate_windows, protocol_text
-    from hypercompress.export import export
+    from hypercompress.exporters import export
     from hypercompress.sources.models import load_model
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
@@ -232,7 +232,7 @@ def main() -> None:
                    f"{100 * gap:+.2f}% vs ours; top-1 agreement with ours {theirs['top1_vs_ours']:.4f}")},
         {"label": "llama.cpp on an F32 GGUF of the same artifact (diagnostic)", "ppl": f32["ppl"],
          "bits_per_weight": (work / "gguf-f32" / "model.gguf").stat().st_size * 8 / params,
-         "command": "python -c \"from hypercompress.export import export; export('ART', 'gguf', 'GGUF', "
+         "command": "python -c \"from hypercompress.exporters import export; export('ART', 'gguf', 'GGUF', "
                     "gguf_type='F32', force_type=True)\"",
          "notes": (f"ppl {100 * (f32['ppl'] / ours['ppl'] - 1):+.3f}% vs ours, top-1 agreement "
                    f"{f32['top1_vs_ours']:.4f}: the Q4_1 file's gap is llama.cpp's Q4_1 x Q8_1 dot "

@@ -69,7 +69,7 @@ def build(work: Path) -> dict:
     from test_export_gguf import gemma, make_artifact, sentencepiece, tiny  # the tests' tiny models
 
     import hypercompress
-    from hypercompress.export import export
+    from hypercompress.exporters import export
 
     jobs, ours = {}, {}
     for arch in ("gemma2", "gemma3", "llama"):

@@ -397,11 +397,11 @@ def _call(fn):
 
 def judge(variant: Path, reference: torch.Tensor, tokens: torch.Tensor, resealed: bool) -> dict:
     from hypercompress.storage import artifact
-    from hypercompress.cli.inspect import artifact_summary
+    from hypercompress.storage.inspection import inspect as inspect_artifact
 
     before = _peak_rss()
     load, logits, load_detail = _call(lambda: artifact.load(variant, fast=False)[0](tokens).logits)
-    inspect, _, inspect_detail = _call(lambda: artifact_summary(variant))
+    inspect, _, inspect_detail = _call(lambda: inspect_artifact(variant))
     grown = _peak_rss() - before
     same = load == "ok" and logits.shape == reference.shape and torch.equal(logits, reference)
     if "crash" in (load, inspect):

@@ -10,7 +10,7 @@ from torch import nn
 
 from hypercompress.storage import artifact
 from hypercompress.apply import apply_recipe
-from hypercompress.cli.inspect import artifact_summary
+from hypercompress.storage.inspection import inspect as inspect_artifact
 from hypercompress.errors import UserError
 from hypercompress.layers import QuantLinear
 from hypercompress.sources.models import load_model
@@ -41,7 +41,7 @@ def test_bits_accounting_matches_the_file_on_disk(saved):
     header = 8 + int.from_bytes(raw[:8], "little")
     assert artifact.storage_bits(model) == (len(raw) - header) * 8
     on_disk = len(raw) * 8
-    summary = artifact_summary(path)
+    summary = inspect_artifact(path)
     assert summary["params"] == params
     assert summary["bits_per_weight"] * params / 8 == pytest.approx(on_disk / 8, rel=0.01)
     assert sum(m["bits"] for m in summary["modules"]) == summary["tensor_bits"]
@@ -121,7 +121,7 @@ def test_untouched_model_round_trips_at_16_bits(model_dirs, tokens, tmp_path):
     params = count_params(loaded.model)
     path = artifact.save(loaded.model, loaded.tokenizer, tmp_path / "plain", recipe=[],
                          original_params=params)
-    summary = artifact_summary(path)
+    summary = inspect_artifact(path)
     assert summary["tensor_bits"] == 16 * params  # + the header: 16.19 bpw on disk at this size
     assert 16 < summary["bits_per_weight"] < 16.5
     reloaded, _ = artifact.load(path)

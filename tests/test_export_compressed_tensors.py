@@ -17,7 +17,7 @@ import hypercompress
 from hypercompress.storage import artifact
 from hypercompress.apply import apply_recipe
 from hypercompress.errors import UserError
-from hypercompress.export import export
+from hypercompress.exporters import export
 from hypercompress.formats.packing import unpack_codes
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe

@@ -21,8 +21,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gem
 
 import hypercompress
 from hypercompress.errors import UserError
-from hypercompress.export import export
-from hypercompress.export.gguf_writer import write
+from hypercompress.exporters import export
+from hypercompress.exporters.gguf_writer import write
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 

@@ -112,7 +112,7 @@ def test_an_option_of_another_format_is_refused_not_ignored(artifacts, tmp_path,
     out = tmp_path / "x"
     assert_one_line_error(run("export", artifacts["llama"], "--format", fmt, *option, "--out", out), needle)
     assert not out.exists()
-    from hypercompress.export import export
+    from hypercompress.exporters import export
     from hypercompress.errors import UserError
 
     with pytest.raises(UserError, match="does not apply to --format hf"):
@@ -124,7 +124,7 @@ def test_every_format_option_is_a_writer_parameter_and_a_cli_option():
     import inspect
 
     from hypercompress.cli.export import export as cli_export
-    from hypercompress.export import FORMATS, flag, writer
+    from hypercompress.exporters import FORMATS, flag, writer
 
     cli_flags = {f for p in inspect.signature(cli_export).parameters.values()
                  for f in getattr(p.default, "param_decls", ()) or ()}
@@ -169,7 +169,7 @@ def test_save_pretrained_of_a_compressed_model_refuses_and_says_how(artifacts, t
 
     from hypercompress.apply import apply_recipe
     from hypercompress.errors import UserError
-    from hypercompress.export.dense import densify
+    from hypercompress.exporters.dense import densify
     from hypercompress.recipe import Recipe
 
     from conftest import make_model
@@ -187,3 +187,13 @@ def test_save_pretrained_of_a_compressed_model_refuses_and_says_how(artifacts, t
     loaded.save_pretrained(tmp_path / "dense")
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert torch.allclose(again(tokens).logits, expected, atol=1e-4 * expected.abs().max().item())
+
+
+def test_every_command_has_its_public_function(artifacts, tmp_path):
+    """hypercompress.inspect is what `inspect --json` writes; hypercompress.export what `export` writes."""
+    result = run("inspect", artifacts["llama"], "--json", tmp_path / "inspect.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "inspect.json").read_text()) == json.loads(json.dumps(hypercompress.inspect(artifacts["llama"])))
+    report = hypercompress.export(artifacts["llama"], "hf", tmp_path / "hf", dtype="float32")
+    assert report["format"] == "hf" and (tmp_path / "hf" / "model.safetensors").is_file()
+    assert {"inspect", "export", "compress", "apply_recipe", "evaluate", "load", "analyze", "edit"} <= set(hypercompress.__all__)

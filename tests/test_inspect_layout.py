@@ -13,8 +13,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hypercompress.storage import artifact
 from hypercompress.apply import apply_recipe
-from hypercompress.cli.module_groups import describe, group_rows, natural_key, ranges, sort_rows
-from hypercompress.cli.tables import branch_table, branch_tensor_bytes, file_note, safetensors_header_bytes
+from hypercompress.cli.module_groups import describe, group_rows, ranges
+from hypercompress.cli.tables import branch_table, branch_tensor_bytes, file_note
+from hypercompress.storage.inspection import natural_key, safetensors_header_bytes, sort_rows
 from hypercompress.modules import count_params
 from hypercompress.recipe import Recipe
 

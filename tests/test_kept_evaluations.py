@@ -13,9 +13,9 @@ import pytest
 
 import hypercompress
 from hypercompress.storage import artifact
-from hypercompress.cli.inspect import artifact_summary
+from hypercompress.storage.inspection import inspect as inspect_artifact
 from hypercompress.errors import UserError
-from hypercompress.eval import kept
+from hypercompress.storage import kept
 
 from test_cli import run
 from conftest import message_lines
@@ -201,7 +201,7 @@ def test_malformed_rows_are_dropped_with_one_warning_and_the_rest_shown(row, art
     document["evaluations"].append(row)
     (art / kept.EVALUATIONS).write_text(json.dumps(document))
     messages = []
-    summary = artifact_summary(art, warn=messages.append)
+    summary = inspect_artifact(art, warn=messages.append)
     assert len(summary["evaluations"]) == 1 and summary["evaluations"][0]["ppl"] > 1
     assert len(messages) == 1 and "1 of 2 evaluations are malformed" in messages[0]
     shown = run("inspect", art)

@@ -10,7 +10,7 @@ import torch
 
 from hypercompress.storage import artifact
 from hypercompress.apply import apply_recipe
-from hypercompress.cli.inspect import artifact_summary
+from hypercompress.storage.inspection import inspect as inspect_artifact
 from hypercompress.errors import UserError
 from hypercompress.formats import lossless
 from hypercompress.sources.models import load_model
@@ -86,7 +86,7 @@ def test_lossless_artifact_is_smaller_and_decodes_to_the_same_bytes(pair):
 
 def test_inspect_counts_the_coded_bytes_and_reports_ratios(pair):
     plain, coded = pair
-    a, b = artifact_summary(plain), artifact_summary(coded)
+    a, b = inspect_artifact(plain), inspect_artifact(coded)
     assert b["bits_per_weight"] < a["bits_per_weight"]
     assert {m["name"]: m["params"] for m in a["modules"]} == {m["name"]: m["params"] for m in b["modules"]}
     assert b["lossless"]["report"] and a["lossless"] is None

@@ -121,7 +121,7 @@ def test_methods_that_cannot_handle_experts_refuse_by_name(stage, needle):
 
 def test_edits_gguf_and_streaming_refuse_a_mixture_by_name(model_dirs, tmp_path):
     from hypercompress.arch import residual_writer_names
-    from hypercompress.export.gguf_writer import gguf_arch
+    from hypercompress.exporters.gguf_writer import gguf_arch
     from hypercompress.sources.streaming import load_streamed
 
     with pytest.raises(UserError, match="olmoe routes each token to its own experts"):

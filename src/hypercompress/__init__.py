@@ -27,12 +27,15 @@ _EXPORTS = {
     "evaluate": ("eval.evaluation", "evaluate"),
     "save": ("storage.artifact", "save"),
     "load": ("storage.artifact", "load"),
+    "inspect": ("storage.inspection", "inspect"),
+    "export": ("exporters", "export"),
     "prepare": ("kernels", "prepare"),
     "list_methods": ("methods", "list_methods"),
 }
 _AUTO_MODELS = "transformers.models.auto.modeling_auto"  # where AutoModelForCausalLM lives
 
-__all__ = ["compress", "CompressResult", "apply_recipe", "analyze", "edit", "evaluate", "save", "load", "prepare", "list_methods"]
+__all__ = ["compress", "CompressResult", "apply_recipe", "analyze", "edit", "evaluate", "save", "load", "inspect", "export",
+           "prepare", "list_methods"]
 __version__ = "0.1.0"
 
 

@@ -95,7 +95,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     # Gemma 2 soft-caps its logits (modules.head_logits) and attention scores, both alternate sliding-
     # window and global layers (kv_lowrank's latent attention reproduces neither); Gemma 3 adds per-head
     # q/k norms; GGUF stores each norm's whole scale (1 + w) and llama.cpp hard-codes the layer pattern
-    # and attention scale (export/gguf_hparams.check_gemma refuses configs that differ)
+    # and attention scale (exporters/gguf_hparams.check_gemma refuses configs that differ)
     "gemma2": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), norm_offset=1.0, gguf_arch="GEMMA2",
                       gguf_permute_qk=False, latent_kv=False),
     "gemma3_text": replace(_LLAMA_LIKE, norm_readers=(), residual_writers=(), norm_offset=1.0, gguf_arch="GEMMA3",
@@ -147,7 +147,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 # over experts. Block linears: the attention's, a dense block's MLP (Qwen3-MoE's mlp_only_layers), and
 # every expert's two (experts.py). Not rotated (the router and every expert read the post-attention
 # norm: not folded here), no MLP channel pruning, no edits (the experts write the residual per token
-# as routed), no GGUF export (no reader here reproduces experts: export/gguf_writer.gguf_arch says so).
+# as routed), no GGUF export (no reader here reproduces experts: exporters/gguf_writer.gguf_arch says so).
 _MOE = replace(_LLAMA_LIKE, mlp_up=(), mlp_down="", residual_writers=(), norm_readers=(), gguf_arch=None,
                gguf_permute_qk=False, experts="mlp.experts")
 ARCHITECTURES.update({

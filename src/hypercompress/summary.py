@@ -23,8 +23,8 @@ from torch import nn
 from .eval import evaluate_windows
 from .layers.base import CompressedModule
 from .modules import represented_weights
+from .storage.reader import SUMMARY_JSON, SUMMARY_MD
 
-SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
 
 
 class BranchMeter:

@@ -40,7 +40,8 @@ from .progress import Progress, Timeline, no_progress
 from .recipe import PlanTarget, Recipe, load_recipe_file
 from .methods import get_method
 from .sources.streaming import is_streamed, load_streamed, materialize_all
-from .summary import SUMMARY_JSON, BranchMeter, branch_rows, dense_weights, documents, module_rows
+from .storage.reader import SUMMARY_JSON
+from .summary import BranchMeter, branch_rows, dense_weights, documents, module_rows
 from .planning.target import planned_recipe
 from .training.engine import recovery_defaults
 from .training.teacher import check_shared_tokenizer, check_teacher_model, check_teacher_stages

@@ -6,7 +6,7 @@ Points come from two kinds of JSON found under the folder (recursively):
 - artifact summaries (`summary.json` written by `hypercompress compress`): each artifact's final
   branch is one point of the series "artifacts", when its quality was measured (--eval);
 - evaluations kept with an artifact (`evaluations.json` beside its manifest, written by
-  `hypercompress evaluate ARTIFACT`; eval/kept.py): one point per artifact (label: its folder's name)
+  `hypercompress evaluate ARTIFACT`; storage/kept.py): one point per artifact (label: its folder's name)
   in a series per evaluation text and window count, "evaluate TEXT (W×L tokens, DTYPE)", so that only
   perplexities measured on the same windows share a series (an artifact's latest evaluation there).
   Kept rows without a perplexity (tasks only) are not plotted.
@@ -125,7 +125,7 @@ def _points(file: Path) -> tuple[str | None, list[tuple[float, float, str]]] | N
 
 
 def _is_kept_evaluations(file: Path) -> bool:
-    from ..eval.kept import EVALUATIONS
+    from ..storage.kept import EVALUATIONS
 
     return file.name == EVALUATIONS and (file.parent / MANIFEST).is_file()
 
@@ -144,8 +144,8 @@ def _artifact_bpw(folder: Path) -> float | None:
 def _kept_points(file: Path, warn: Callable[[str], None]) -> dict[str, list[tuple[float, float, str]]]:
     """Series name -> the one point of the artifact holding `file` (its evaluations.json): for each
     evaluation text and window count, its latest kept perplexity at the artifact's bits per weight.
-    A file or rows that cannot be read are `warn`ed about and left out (eval/kept.py)."""
-    from ..eval.kept import read_kept
+    A file or rows that cannot be read are `warn`ed about and left out (storage/kept.py)."""
+    from ..storage.kept import read_kept
 
     bpw = _artifact_bpw(file.parent)  # before the rows: a refusal here leaves no warning unsaid
     rows = [row for row in read_kept(file.parent, warn, fix=SKIPPED) if row.ppl is not None]

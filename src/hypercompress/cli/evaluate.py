@@ -1,5 +1,5 @@
 """hypercompress evaluate MODEL_OR_ARTIFACT [--data PATH] [--teacher MODEL] [--tasks A,B --task-dir DIR] [--json FILE]
-[--no-keep]: an artifact keeps its result (evaluations.json, eval/kept.py) for inspect and plot."""
+[--no-keep]: an artifact keeps its result (evaluations.json, storage/kept.py) for inspect and plot."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def evaluate(
     if teacher:
         check_hub_model(teacher)
     from ..eval.evaluation import evaluate as evaluate_model
-    from ..eval.kept import is_artifact_dir
+    from ..storage.kept import is_artifact_dir
 
     compute = parse_dtype(dtype)
     check_output_file(json_path)

@@ -32,7 +32,7 @@ def export(
 ) -> None:
     """Write the artifact in another runtime's format (atomically; refuses an existing --out)."""
     quiet_libraries(verbose)
-    from ..export import check_options, export as run_export
+    from ..exporters import check_options, export as run_export
 
     given = {"gguf_type": gguf_type, "force_type": force_type, "dense_fallback": dense_fallback, "dtype": dtype}
     options = {name: value for name, value in given.items() if value not in (None, False)}

@@ -5,82 +5,15 @@ across layers (cli/module_groups.py); sizes as cli/tables.py defines them."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from pydantic import BaseModel, TypeAdapter, ValidationError
 from rich.table import Table
 
 from ..storage.atomic import check_output_file
-from ..errors import UserError
+from ..storage.inspection import inspect as inspect_artifact
 from .common import console, one_line_errors, write_json
-
-_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16,
-               "I8": 8, "U8": 8, "BOOL": 8}  # every dtype the strict reader lets through
-
-
-def artifact_summary(path: Path, warn: Any = None) -> dict[str, Any]:
-    """Per-module and total storage of an artifact, and the evaluations kept with it. The artifact is
-    loaded through the same strict reader as `hypercompress.load` (so inspect refuses exactly what
-    load refuses); the numbers come from its safetensors header. Modules are in model order
-    (module_groups.sort_rows). evaluations.json is not part of the sealed artifact: one that cannot be
-    read is one `warn(message)` (default: warnings.warn) and left out, never an error."""
-    import functools
-    import warnings
-
-    from ..storage import artifact
-    from ..eval.kept import read_kept
-    from ..modules import represented_weights
-    from .module_groups import model_order, sort_rows
-    from .tables import safetensors_header_bytes
-
-    _, _, verified = artifact.load_verified(path, fast=False)
-    path, manifest = verified.path, verified.manifest
-    shapes = {key: shape for key, (_, shape) in verified.header.items()}
-    tensor_bits = {key: math.prod(shape) * _DTYPE_BITS[dtype] for key, (dtype, shape) in verified.header.items()}
-    coding = manifest.get("lossless")
-    if coding:  # blobs: the stored bits are the coded bytes; shapes are the decoded ones
-        shapes = {k: coding["tensors"][k]["shape"] for k in shapes}
-    modules = []
-    owned: set[str] = set()
-    for name, entry in manifest["modules"].items():
-        keys = [k for k in tensor_bits if k.startswith(f"{name}.")]
-        owned.update(keys)
-        layout = entry["layout"]
-        params = represented_weights(layout)
-        bits = sum(tensor_bits[k] for k in keys)
-        modules.append({"name": name, "kind": entry["kind"], "params": params, "bits": bits,
-                        "bits_per_weight": bits / params if params else 0.0, "layout": layout})
-    for key, bits in tensor_bits.items():
-        if key not in owned:
-            params = math.prod(shapes[key])
-            modules.append({"name": key, "kind": "dense", "params": params, "bits": bits,
-                            "bits_per_weight": bits / params if params else 0.0,
-                            "layout": {"shape": shapes[key]}})
-    weights_bytes = (path / artifact.WEIGHTS).stat().st_size
-    params = manifest["original_params"]
-    warn = warn or functools.partial(warnings.warn, stacklevel=2)
-    return {
-        "artifact": str(path),
-        "architecture": manifest["architecture"],
-        "params": params,
-        "safetensors_bytes": weights_bytes,
-        "safetensors_header_bytes": safetensors_header_bytes(path / artifact.WEIGHTS),
-        "bits_per_weight": weights_bytes * 8 / params,
-        "ratio_vs_16bit": 16 / (weights_bytes * 8 / params),
-        "artifact_bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()),
-        "tensor_bits": sum(tensor_bits.values()),
-        "aliases": manifest["aliases"],
-        "recipe": manifest["recipe"],
-        "modules": sort_rows(modules, model_order(verified.model.state_dict(keep_vars=True))),
-        "branches": _branches(path),
-        "protocol": _protocol(path),
-        "evaluations": [row.model_dump(exclude_none=True) for row in read_kept(path, warn)],
-        "lossless": coding and {"codec": coding["codec"], "level": coding["level"], "report": coding["report"]},
-    }
-
 
 @one_line_errors
 def inspect(
@@ -94,7 +27,7 @@ def inspect(
     from .tables import print_branch_table
 
     check_output_file(json_path)  # a folder, or a place nothing can be written: refused before reading
-    summary = artifact_summary(path, warn=lambda message: typer.echo(f"warning: {message}", err=True))
+    summary = inspect_artifact(path, warn=lambda message: typer.echo(f"warning: {message}", err=True))
     _print_overview(summary)
     _print_quality(summary)
     if summary["branches"]:
@@ -206,46 +139,3 @@ def _print_lossless(coding: dict[str, Any]) -> None:
         table.add_row(kind, str(row["tensors"]), f"{row['raw_bytes']:,}", f"{row['coded_bytes']:,}",
                       f"{row['ratio']:.3f}")
     console.print(table)
-
-
-def _summary(path: Path) -> dict[str, Any]:
-    """summary.json if the artifact has one (hashed with it, as every listed file); {} otherwise."""
-    from ..storage.reader import read_document
-    from ..summary import SUMMARY_JSON
-
-    file = path / SUMMARY_JSON
-    if not file.is_file():
-        return {}
-    try:
-        summary = json.loads(read_document(file))
-    except (ValueError, RecursionError):
-        raise UserError(f"{file} is not JSON; re-create the artifact") from None
-    return summary if isinstance(summary, dict) else {}
-
-
-def _protocol(path: Path) -> str | None:
-    protocol = _summary(path).get("protocol")
-    return protocol if isinstance(protocol, str) else None
-
-
-class _BranchRow(BaseModel):
-    """A row of summary.json's branch table as inspect prints it (other fields are ignored)."""
-
-    branch: str
-    weights: int
-    bytes: int
-    bits_per_weight: float
-    ratio_vs_16bit: float
-    ppl: float | None = None
-    kl: float | None = None
-    top1: float | None = None
-
-
-def _branches(path: Path) -> list[dict[str, Any]]:
-    from ..summary import SUMMARY_JSON
-
-    rows = _summary(path).get("branches", [])
-    try:
-        return [row.model_dump() for row in TypeAdapter(list[_BranchRow]).validate_python(rows)]
-    except ValidationError:
-        raise UserError(f"{path / SUMMARY_JSON} has a malformed branch table; re-create the artifact") from None

@@ -17,27 +17,6 @@ from typing import Any, Iterable, Mapping, Sequence
 PER_LAYER_KEYS = {"layer"}  # layout keys that restate the layer (a generated linear's)
 
 
-def natural_key(name: str) -> tuple:
-    """Sort key reading every all-digit part of a dotted name as a number."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
-
-
-def model_order(state_keys: Iterable[str]) -> dict[str, int]:
-    """Every tensor name and every module prefix of `state_keys` -> its first position there."""
-    order: dict[str, int] = {}
-    for index, key in enumerate(state_keys):
-        parts = key.split(".")
-        for end in range(1, len(parts) + 1):
-            order.setdefault(".".join(parts[:end]), index)
-    return order
-
-
-def sort_rows(rows: Sequence[dict[str, Any]], order: Mapping[str, int]) -> list[dict[str, Any]]:
-    """`rows` (each with a "name") in model order; names the model does not hold last, naturally."""
-    last = len(order)
-    return sorted(rows, key=lambda r: (order.get(r["name"], last), natural_key(r["name"])))
-
-
 def describe(kind: str, layout: Mapping[str, Any]) -> str:
     """A module's storage in a few words: 'quant 4-bit g64', 'sparse fp16 50% kept',
     'lora rank 8 on quant 4-bit g64', 'lowrank rank 32'; the kind alone when the layout says no more."""

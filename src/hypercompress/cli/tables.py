@@ -9,23 +9,13 @@ last branch row and the file agree or the gap is named.
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-
-def safetensors_header_bytes(weights: Path) -> int | None:
-    """Bytes of a safetensors file before its first tensor byte: the 8-byte length and the JSON
-    header it announces (None when the file cannot be read)."""
-    try:
-        with open(weights, "rb") as handle:
-            prefix = handle.read(8)
-    except OSError:
-        return None
-    return 8 + struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+from ..storage.inspection import safetensors_header_bytes
 
 
 def file_note(file_bytes: int, header_bytes: int, params: int, counted: int | None = None,

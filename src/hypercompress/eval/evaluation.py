@@ -17,7 +17,7 @@ from ..arch import check_length
 from ..sources.data import read_text, tokenize, windows
 from ..errors import UserError, user_path
 from ..sources.models import load_model
-from .kept import EVALUATIONS, is_artifact_dir, keep_or_warn
+from ..storage.kept import EVALUATIONS, is_artifact_dir, keep_or_warn
 from ..progress import Progress, Timeline, no_progress
 from .perplexity import evaluate_windows, protocol_text
 
@@ -81,7 +81,7 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         the folder is refused, and templates render in Jinja's sandbox, unless `trust_task_code`.
     progress(section, done, total, note): called as models load and batches run (progress.py);
         the result's `timeline` lists the seconds of each step, adding up to `wall_seconds`.
-    keep: also keep the result with the artifact `model` names (its evaluations.json, eval/kept.py;
+    keep: also keep the result with the artifact `model` names (its evaluations.json, storage/kept.py;
         `inspect` and `plot` show it), replacing a kept one of the same protocol; `kept_in` says
         where. Nothing is kept unless asked. A folder that cannot be written is one `warn` (default:
         warnings.warn), not an error: the result is returned all the same.

@@ -42,6 +42,7 @@ from ..layers.build import MAX_LAYOUT_INT, build_stored
 FORMAT_VERSION = 1
 MANIFEST = "hypercompress.json"
 WEIGHTS = "model.safetensors"
+SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"  # written by compress (summary.py), hashed as listed files
 MAX_DOCUMENT_BYTES = 64 << 20  # manifest, config, tokenizer, summary: far above any real one
 MAX_LAYERS = 1024  # decoder layers a config may declare (the largest public models have ~130)
 SAFE_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$"

@@ -9,9 +9,9 @@ convert_hf_to_gguf.py writes for the architecture (LlamaModel / Qwen2Model / GPT
 | llama, mistral | llama | Q, K rows permuted as the converter does (`permute(w, n_head, n_head_kv)`); no sliding window, as there |
 | qwen2 | qwen2 | no permutation (llama.cpp uses NeoX RoPE); q/k/v biases in F32 |
 | gpt2 | gpt2 | Conv1D weights transposed to (out, in); position embeddings in F32 |
-| gemma2, gemma3_text | gemma2, gemma3 | norms stored as 1 + w (Gemma2Model / Gemma3Model there); head_dim, sliding window and Gemma 2's soft-caps as keys; configs llama.cpp would run differently refused (export/gguf_hparams.py) |
+| gemma2, gemma3_text | gemma2, gemma3 | norms stored as 1 + w (Gemma2Model / Gemma3Model there); head_dim, sliding window and Gemma 2's soft-caps as keys; configs llama.cpp would run differently refused (exporters/gguf_hparams.py) |
 
-Tensors (export/gguf_tensors.py): a quant grid that a GGUF block type holds exactly (group size a
+Tensors (exporters/gguf_tensors.py): a quant grid that a GGUF block type holds exactly (group size a
 multiple of 32; 4-bit float zero -> Q4_1, symmetric 2..4-bit -> Q4_0, 5-bit -> Q5_x, 6..7-bit integer
 zero and symmetric 6..8-bit -> Q8_0, and any grid whose GGUF dequantization reproduces the artifact's
 float32 weight value for value) is re-packed code for code. Every other 2-D weight (other grids,
@@ -22,7 +22,7 @@ its relative Frobenius error reported; `force_type` applies `gguf_type` to every
 1-D tensors (norms, biases) are F32. A tied lm_head is not written (llama.cpp and transformers then
 read token_embd.weight).
 
-The tokenizer (export/gguf_vocab.py) must be a byte-level BPE (tokenizer.ggml.model "gpt2", with
+The tokenizer (exporters/gguf_vocab.py) must be a byte-level BPE (tokenizer.ggml.model "gpt2", with
 tokenizer.ggml.pre naming llama.cpp's pre-tokenizer: ByteLevel alone "gpt-2", Digits + ByteLevel
 "smollm", the Qwen2 and Llama-3 split regexes "qwen2", "llama-bpe") or a SentencePiece BPE with byte
 fallback (Llama-2, Mistral, Gemma: "llama", with scores in merge order); tokens, token types, merges,

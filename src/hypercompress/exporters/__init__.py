@@ -2,9 +2,9 @@
 
 | format | writer | who loads it |
 |---|---|---|
-| `hf` | export/hf.py | any tool: dense safetensors + config + tokenizer (transformers, vLLM, llama.cpp's converter) |
-| `compressed-tensors` | export/compressed_tensors.py | transformers (with the `compressed-tensors` package) and vLLM |
-| `gguf` | export/gguf_writer.py | llama.cpp (and transformers' GGUF loader) |
+| `hf` | exporters/hf.py | any tool: dense safetensors + config + tokenizer (transformers, vLLM, llama.cpp's converter) |
+| `compressed-tensors` | exporters/compressed_tensors.py | transformers (with the `compressed-tensors` package) and vLLM |
+| `gguf` | exporters/gguf_writer.py | llama.cpp (and transformers' GGUF loader) |
 
 Each writer is `write(model, tokenizer, manifest, out_dir, **options) -> dict` (a report: what was
 stored how, and any measured re-quantization cost), given the artifact as `artifact.load` returns it

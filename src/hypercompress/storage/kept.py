@@ -25,8 +25,8 @@ from typing import Annotated, Any, Callable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..storage.reader import MANIFEST, read_document
-from ..storage.atomic import replace_file
+from .reader import MANIFEST, read_document
+from .atomic import replace_file
 from ..errors import UserError
 
 EVALUATIONS = "evaluations.json"
