@@ -63,7 +63,7 @@ def run_ours(model, tokenizer, spec, calib, work):
     lossless = None
     if isinstance(spec["ours"], dict):  # a size target: planned as `compress --target-bpw` plans (timed too)
         from hypercompress.planning.target import planned_recipe
-        from hypercompress.recipe import PlanTarget
+        from hypercompress.planning.target import PlanTarget
 
         lossless = 10  # what size targets store
         recipe, allocation = planned_recipe(model, PlanTarget(spec["ours"]["target_bpw"]), calib, 0, lossless)

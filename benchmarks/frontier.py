@@ -45,7 +45,8 @@ from hypercompress.planning.target import planned_recipe  # noqa: E402
 from hypercompress.sources.data import calibration_samples, read_text, tokenize, windows  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.eval.domains import describe, stdlib_docs_text  # noqa: E402
-from hypercompress.recipe import PlanTarget, Recipe  # noqa: E402
+from hypercompress.recipe import Recipe  # noqa: E402
+from hypercompress.planning.target import PlanTarget
 
 FIRST = 64  # the first windows of the test text, the goals are stated on them
 

@@ -34,7 +34,8 @@ from hypercompress.planning.target import planned_recipe  # noqa: E402
 from hypercompress.errors import UserError  # noqa: E402
 from hypercompress.eval import evaluate_windows, protocol_text  # noqa: E402
 from hypercompress.modules import effective_weights  # noqa: E402
-from hypercompress.recipe import PlanTarget, Recipe  # noqa: E402
+from hypercompress.recipe import Recipe  # noqa: E402
+from hypercompress.planning.target import PlanTarget
 
 CPU_THREADS = 2  # CPU tokens/s measured with this many threads (the CI machine's cores)
 

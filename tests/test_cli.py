@@ -213,7 +213,7 @@ def test_a_run_refused_for_its_size_at_the_end_leaves_no_checkpoint(model_dirs, 
     def over(bpw, target, say):
         raise UserError(f"the compressed file stores {bpw:.4f} bpw, over the target")
 
-    monkeypatch.setattr(workflow, "_check_target", over)
+    monkeypatch.setattr(workflow, "check_stored_size", over)
     out = tmp_path / "sized"
     args = ("compress", model_dirs["llama"], "--target-bpw", 6, "--set", "group_size=32", "--calib", calib_file,
             "--calib-samples", 2, "--calib-len", 32, "--out", out)

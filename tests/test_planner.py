@@ -13,7 +13,8 @@ from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.sources.models import load_model
 from hypercompress.planning.mixed_bits import allocate, linear_options, measure_sensitivity, plan_bits, plan_recipe
-from hypercompress.recipe import PlanTarget, Recipe, load_recipe_file
+from hypercompress.recipe import Recipe
+from hypercompress.planning.target import PlanTarget, load_recipe_file
 
 
 def test_allocation_fits_the_budget_and_favours_robust_modules():

@@ -73,7 +73,7 @@ def test_an_untied_model_s_plan_is_also_tried_rotated_at_the_same_size(monkeypat
     from hypercompress.storage.artifact import stored_bytes
     from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
-    from hypercompress.recipe import PlanTarget
+    from hypercompress.planning.target import PlanTarget
 
     model = make_model("llama")  # untied lm_head
     assert planner_choice.rotation_keeps_size(model) and not planner_choice.rotation_keeps_size(tied_llama(256))
@@ -113,7 +113,8 @@ def test_a_distill_plan_leaves_qat_s_codes_room_under_the_target():
     from hypercompress.planning.target import planned_recipe
     from hypercompress.modules import count_params
     from hypercompress.planning.mixed_bits import QAT_CODE_GROWTH
-    from hypercompress.recipe import PlanTarget, Recipe
+    from hypercompress.recipe import Recipe
+    from hypercompress.planning.target import PlanTarget
 
     def stored(distill_steps: int) -> tuple[float, list]:
         recipe, _ = planned_recipe(tied_llama(256), PlanTarget(5.0, group_size=32), samples(), distill_steps, None)

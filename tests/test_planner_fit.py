@@ -127,18 +127,18 @@ def test_pipeline_target_between_plans_is_refused_with_sizes_that_land():
 
 
 def test_the_written_file_may_land_under_the_target_but_not_over_it():
-    from hypercompress.recipe import PlanTarget
-    from hypercompress.workflow import _check_target
+    from hypercompress.planning.target import PlanTarget
+    from hypercompress.planning.target import check_stored_size
 
     notes = []
-    _check_target(3.0 * 0.95, PlanTarget(3.0), notes.append)  # trained codes coding smaller: kept, with a note
+    check_stored_size(3.0 * 0.95, PlanTarget(3.0), notes.append)  # trained codes coding smaller: kept, with a note
     assert len(notes) == 1 and "under the target" in notes[0]
-    _check_target(3.0 * 0.99, PlanTarget(3.0), notes.append)
+    check_stored_size(3.0 * 0.99, PlanTarget(3.0), notes.append)
     assert len(notes) == 1
-    _check_target(3.0 * 1.019, PlanTarget(3.0), notes.append)  # within 2%: kept, and said
+    check_stored_size(3.0 * 1.019, PlanTarget(3.0), notes.append)  # within 2%: kept, and said
     assert len(notes) == 2 and "1.90% over the target" in notes[1]
     with pytest.raises(UserError, match="over the target"):
-        _check_target(3.0 * 1.03, PlanTarget(3.0), notes.append)
+        check_stored_size(3.0 * 1.03, PlanTarget(3.0), notes.append)
 
 
 def test_under_the_tensor_bit_floor_the_lossless_smallest_plan_may_still_fit():

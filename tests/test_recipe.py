@@ -5,7 +5,8 @@ import pytest
 from hypercompress.errors import UserError
 from hypercompress.sources.models import load_model
 from hypercompress.modules import select_linears
-from hypercompress.recipe import PlanTarget, Recipe, load_recipe_file
+from hypercompress.recipe import Recipe
+from hypercompress.planning.target import PlanTarget, load_recipe_file
 
 
 def two_stages():

@@ -14,7 +14,8 @@ from hypercompress.storage.artifact import storage_bits
 from hypercompress.cli import app
 from hypercompress.errors import UserError
 from hypercompress.planning.mixed_bits import plan_bits
-from hypercompress.recipe import PlanTarget, Recipe
+from hypercompress.recipe import Recipe
+from hypercompress.planning.target import PlanTarget
 
 CALIB = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))
 

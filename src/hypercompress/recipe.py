@@ -12,12 +12,12 @@ YAML form (a list of stages, or a mapping with `stages:`)::
 `--set rtn.key=value` (method name) narrows it to some stages.
 
 A planner recipe is a mapping instead: `target_bpw: 3.0` (or `target_ratio: 5.33`) and optionally
-`group_size: 64`; the budget planner (planning/) turns it into stages for the model at hand.
+`group_size: 64`; planning/target.py reads it (`load_recipe_file`: a recipe file of either kind)
+and the budget planner turns it into stages for the model at hand.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,52 +61,6 @@ class Stage:
         return cls(method, config, targets, ignore)
 
 
-@dataclass
-class PlanTarget:
-    """A size target for the budget planner: whole-model bits per weight and the grouped options' size."""
-    bits_per_weight: float
-    group_size: int = 64
-
-    @classmethod
-    def from_values(cls, bpw: float | None, ratio: float | None, group_size: Any = 64,
-                    where: str = "target") -> "PlanTarget":
-        if (bpw is None) == (ratio is None):
-            raise UserError(f"{where}: give exactly one of target_bpw (--target-bpw) or "
-                            "target_ratio (--target-ratio)")
-        try:
-            value, group = float(ratio if bpw is None else bpw), int(group_size)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: target and group_size must be numbers; e.g. target_bpw: 3.0") from None
-        if not math.isfinite(value):
-            raise UserError(f"{where}: target {value} is not a finite number; e.g. --target-bpw 3.0")
-        if ratio is not None:
-            if value <= 1:
-                raise UserError(f"{where}: target ratio {value} must be above 1 (the size ratio vs 16-bit); "
-                                "e.g. --target-ratio 4")
-            value = 16 / value
-        if not 0 < value < 16:
-            raise UserError(f"{where}: target {value} bpw must be above 0 and below 16 (the original's "
-                            "16-bit size); e.g. --target-bpw 3.0")
-        if group < 2:
-            raise UserError(f"{where}: group_size={group} must be at least 2 (a scale per weight costs more "
-                            "than float16); e.g. group_size=64")
-        return cls(value, group)
-
-
-def load_recipe_file(path: str | Path) -> "Recipe | PlanTarget":
-    """A YAML recipe: a list of stages (Recipe) or a planner mapping with target_bpw/target_ratio."""
-    path = Path(path)
-    data = _read_yaml(path)
-    if isinstance(data, dict) and ({"target_bpw", "target_ratio"} & set(data)):
-        unknown = set(data) - {"target_bpw", "target_ratio", "group_size", "name"}
-        if unknown:
-            raise UserError(f"{path.name}: unknown planner key(s) {', '.join(sorted(unknown))}; "
-                            "valid: target_bpw, target_ratio, group_size, name")
-        return PlanTarget.from_values(data.get("target_bpw"), data.get("target_ratio"),
-                                      data.get("group_size", 64), where=path.name)
-    return Recipe.from_list(data, where=path.name)
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml's safe loader, except that a mapping naming one key twice is an error (plain YAML keeps the
     last value silently, so `bits: 4` then `bits: 2` in one stage would compress at 2 bits unnoticed)."""
@@ -129,7 +83,7 @@ class _DuplicateKey(yaml.YAMLError):
         self.key, self.problem_mark = key, mark
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     from .storage.reader import read_document
 
     if not path.exists():
@@ -167,7 +121,7 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
         path = Path(path)
-        return cls.from_list(_read_yaml(path), where=path.name)
+        return cls.from_list(read_yaml(path), where=path.name)
 
     @classmethod
     def single(cls, method: str) -> "Recipe":

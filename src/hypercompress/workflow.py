@@ -26,7 +26,7 @@ from .storage.atomic import check_output_folder, refuse_existing
 from .apply import check_stages, apply_recipe
 from .arch import check_length, position_limit
 from .layerwise import peak_memory_bytes
-from .storage.reader import read_manifest_fields
+from .storage.reader import SUMMARY_JSON, read_manifest_fields
 from .storage.checkpoint import RUN, describe_leftover, discard
 from .sources.data import calibration_samples, read_text, tokenize, windows
 from .errors import UserError
@@ -37,12 +37,11 @@ from .methods.structured.surgery import flops_per_token
 from .sources.models import load_model, source_kind
 from .modules import count_params, effective_weights
 from .progress import Progress, Timeline, no_progress
-from .recipe import PlanTarget, Recipe, load_recipe_file
+from .planning.target import PlanTarget, check_stored_size, load_recipe_file, planned_recipe, target_with_overrides
+from .recipe import Recipe
 from .methods import get_method
 from .sources.streaming import is_streamed, load_streamed, materialize_all
-from .storage.reader import SUMMARY_JSON
 from .summary import BranchMeter, branch_rows, dense_weights, documents, module_rows
-from .planning.target import planned_recipe
 from .training.engine import recovery_defaults
 from .training.teacher import check_shared_tokenizer, check_teacher_model, check_teacher_stages
 
@@ -262,7 +261,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     progress("checking the stored size, KV cache and FLOPs", 0, 1)
     if target is not None:
         try:
-            _check_target(artifact.stored_bytes(net, lossless) * 8 / original_params, target, say)
+            check_stored_size(artifact.stored_bytes(net, lossless) * 8 / original_params, target, say)
         except UserError:
             if checkpoint_dir is not None and checkpoint_dir.exists():  # finished: it would block the next run
                 discard(checkpoint_dir)
@@ -342,7 +341,7 @@ def _target_or_recipe(recipe, method, overrides, bpw, ratio) -> tuple[PlanTarget
             raise UserError("--target-bpw and --target-ratio were both given; pass only one of them")
         if recipe is not None or method is not None:
             raise UserError("--target-bpw/--target-ratio plan their own recipe; drop --recipe/--method")
-        return _with_group(PlanTarget.from_values(bpw, ratio, where="--target-bpw/--target-ratio"), overrides)
+        return target_with_overrides(PlanTarget.from_values(bpw, ratio, where="--target-bpw/--target-ratio"), overrides)
     if (recipe is None) == (method is None):
         raise UserError("give exactly one of --recipe FILE or --method NAME (or a size target instead: "
                         "--target-bpw or --target-ratio); pass one of them")
@@ -355,34 +354,8 @@ def _target_or_recipe(recipe, method, overrides, bpw, ratio) -> tuple[PlanTarget
     else:
         plan = load_recipe_file(recipe)
     if isinstance(plan, PlanTarget):
-        return _with_group(plan, overrides)
+        return target_with_overrides(plan, overrides)
     return None, plan.with_overrides(overrides), []
-
-
-RECOVERY_METHODS = ("qat", "distill")  # the stages --distill appends to a planned recipe
-PLANNED_KEYS = ("bits", "group_size", "symmetric", "zero_point", "embedding_bits", "targets", "ignore")
-
-
-def _with_group(target: PlanTarget, overrides: list[str]) -> tuple[PlanTarget, None, list[str]]:
-    """A target accepts group_size=G (the size of the grouped options) and, for the recovery stage
-    --distill appends, qat.KEY=VALUE / distill.KEY=VALUE (checked here against that method's keys,
-    applied once the plan is made)."""
-    group, recovery = target.group_size, []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        scope = key.rpartition(".")[0]
-        if scope in RECOVERY_METHODS:
-            if key.rpartition(".")[2] in PLANNED_KEYS:
-                raise UserError(f"--set {item}: the plan decides each module's grid and what the recovery "
-                                "trains; set its training keys only (e.g. qat.corpus_tokens), or use --recipe")
-            Recipe.single(scope).with_overrides([item])  # an unknown key or a bad value is refused now
-            recovery.append(item)
-            continue
-        if key != "group_size":
-            raise UserError(f"--set {item}: with a size target only group_size=G and the recovery stage's "
-                            "qat.KEY=VALUE or distill.KEY=VALUE can be set; drop the other --set values or use --recipe")
-        group = value
-    return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size"), None, recovery
 
 
 def _recovery_overrides(plan: Recipe, overrides: list[str], say: Say) -> Recipe:
@@ -474,27 +447,6 @@ def _say_expert_tokens(by_stage: dict[str, dict[str, Any]], say: Say) -> None:
         else:
             say(f"stage {stage}: every one of {len(counts)} experts was routed at least {least} calibration tokens "
                 f"(fewest {fewest}); per expert: summary.json expert_tokens")
-
-
-def _check_target(bpw: float, target: PlanTarget, say: Say) -> None:
-    """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
-    the planner fits its size table's file (RTN codes, with room for GPTQ's per option:
-    planning.size_table.GPTQ_CODE_GROWTH) to [target - 2%, target], and the written codes may code a little differently,
-    so the file is checked again. A file further under the target is kept with
-    a note: a distill plan leaves qat's trained codes room to code larger (planning.mixed_bits.QAT_CODE_GROWTH),
-    and codes that trained less than that room leave it unused."""
-    ratio = bpw / target.bits_per_weight
-    if ratio > 1.02:
-        raise UserError(f"the compressed file stores {bpw:.4f} bpw ({16 / bpw:.2f}x), over the target "
-                        f"{target.bits_per_weight:.4f} bpw ({16 / target.bits_per_weight:.2f}x) by more than 2% "
-                        f"(the written file codes unlike the planner's size trial); ask for a target near "
-                        f"{bpw:.3f} bpw, e.g. --target-bpw {bpw:.3f}")
-    if ratio > 1:
-        say(f"note: the file stores {bpw:.4f} bpw, {ratio - 1:.2%} over the target {target.bits_per_weight:.4f} "
-            f"(its codes coded larger than the planner's allowance; within the 2% compress accepts)")
-    if ratio < 0.98:
-        say(f"note: the file stores {bpw:.4f} bpw, {1 - ratio:.1%} under the target "
-            f"{target.bits_per_weight:.4f} (the codes coded smaller than the planner allowed for)")
 
 
 def _checked_device(device: str) -> str:

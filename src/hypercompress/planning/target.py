@@ -1,18 +1,24 @@
-"""Size targets: the recipe that brings a model to a whole-model bits-per-weight target as stored.
+"""Size targets, from the option to the stored file: `PlanTarget` (--target-bpw / --target-ratio, or
+a planner recipe file: `load_recipe_file`), `target_with_overrides` (its --set values), `planned_recipe`
+(the recipe that brings a model to a whole-model bits-per-weight target as stored) and
+`check_stored_size` (the written file against the target).
 
 The planner route (sensitivity.py, mixed_bits.py, size_table.py, fit.py, choice.py) above the quantization floor, the
-hybrid pipeline (hybrid.py) below it; the CLI's `compress --target-bpw` and the benchmarks call it.
+hybrid pipeline (hybrid.py) below it; `hypercompress.compress` (workflow.py) and the benchmarks call it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..recipe import PlanTarget, Recipe
+from ..recipe import Recipe, read_yaml
 
 from ..progress import Progress, no_progress
 
@@ -22,6 +28,99 @@ JOINT = "planning: whole-model KL of the candidate plans (RTN)"
 SIZE_FIT = "planning: fitting the plan to the file (size table: RTN codes per module and option)"
 TRIALS = "planning: planned vs uniform recipes (GPTQ trials)"
 PIPELINE = "planning: fitting the pipeline to the target (trial compressions)"
+
+
+@dataclass
+class PlanTarget:
+    """A size target for the budget planner: whole-model bits per weight and the grouped options' size."""
+    bits_per_weight: float
+    group_size: int = 64
+
+    @classmethod
+    def from_values(cls, bpw: float | None, ratio: float | None, group_size: Any = 64,
+                    where: str = "target") -> "PlanTarget":
+        if (bpw is None) == (ratio is None):
+            raise UserError(f"{where}: give exactly one of target_bpw (--target-bpw) or "
+                            "target_ratio (--target-ratio)")
+        try:
+            value, group = float(ratio if bpw is None else bpw), int(group_size)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: target and group_size must be numbers; e.g. target_bpw: 3.0") from None
+        if not math.isfinite(value):
+            raise UserError(f"{where}: target {value} is not a finite number; e.g. --target-bpw 3.0")
+        if ratio is not None:
+            if value <= 1:
+                raise UserError(f"{where}: target ratio {value} must be above 1 (the size ratio vs 16-bit); "
+                                "e.g. --target-ratio 4")
+            value = 16 / value
+        if not 0 < value < 16:
+            raise UserError(f"{where}: target {value} bpw must be above 0 and below 16 (the original's "
+                            "16-bit size); e.g. --target-bpw 3.0")
+        if group < 2:
+            raise UserError(f"{where}: group_size={group} must be at least 2 (a scale per weight costs more "
+                            "than float16); e.g. group_size=64")
+        return cls(value, group)
+
+
+def load_recipe_file(path: str | Path) -> "Recipe | PlanTarget":
+    """A YAML recipe: a list of stages (Recipe) or a planner mapping with target_bpw/target_ratio."""
+    path = Path(path)
+    data = read_yaml(path)
+    if isinstance(data, dict) and ({"target_bpw", "target_ratio"} & set(data)):
+        unknown = set(data) - {"target_bpw", "target_ratio", "group_size", "name"}
+        if unknown:
+            raise UserError(f"{path.name}: unknown planner key(s) {', '.join(sorted(unknown))}; "
+                            "valid: target_bpw, target_ratio, group_size, name")
+        return PlanTarget.from_values(data.get("target_bpw"), data.get("target_ratio"),
+                                      data.get("group_size", 64), where=path.name)
+    return Recipe.from_list(data, where=path.name)
+
+
+RECOVERY_METHODS = ("qat", "distill")  # the stages --distill appends to a planned recipe
+PLANNED_KEYS = ("bits", "group_size", "symmetric", "zero_point", "embedding_bits", "targets", "ignore")
+
+
+def target_with_overrides(target: PlanTarget, overrides: list[str]) -> tuple[PlanTarget, None, list[str]]:
+    """A target accepts group_size=G (the size of the grouped options) and, for the recovery stage
+    --distill appends, qat.KEY=VALUE / distill.KEY=VALUE (checked here against that method's keys,
+    applied once the plan is made)."""
+    group, recovery = target.group_size, []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        scope = key.rpartition(".")[0]
+        if scope in RECOVERY_METHODS:
+            if key.rpartition(".")[2] in PLANNED_KEYS:
+                raise UserError(f"--set {item}: the plan decides each module's grid and what the recovery "
+                                "trains; set its training keys only (e.g. qat.corpus_tokens), or use --recipe")
+            Recipe.single(scope).with_overrides([item])  # an unknown key or a bad value is refused now
+            recovery.append(item)
+            continue
+        if key != "group_size":
+            raise UserError(f"--set {item}: with a size target only group_size=G and the recovery stage's "
+                            "qat.KEY=VALUE or distill.KEY=VALUE can be set; drop the other --set values or use --recipe")
+        group = value
+    return PlanTarget.from_values(target.bits_per_weight, None, group, where="--set group_size"), None, recovery
+
+
+def check_stored_size(bpw: float, target: PlanTarget, say: Say) -> None:
+    """A size target is never exceeded by more than 2% (the file's bytes, lossless stage included):
+    the planner fits its size table's file (RTN codes, with room for GPTQ's per option:
+    planning.size_table.GPTQ_CODE_GROWTH) to [target - 2%, target], and the written codes may code a little differently,
+    so the file is checked again. A file further under the target is kept with
+    a note: a distill plan leaves qat's trained codes room to code larger (planning.mixed_bits.QAT_CODE_GROWTH),
+    and codes that trained less than that room leave it unused."""
+    ratio = bpw / target.bits_per_weight
+    if ratio > 1.02:
+        raise UserError(f"the compressed file stores {bpw:.4f} bpw ({16 / bpw:.2f}x), over the target "
+                        f"{target.bits_per_weight:.4f} bpw ({16 / target.bits_per_weight:.2f}x) by more than 2% "
+                        f"(the written file codes unlike the planner's size trial); ask for a target near "
+                        f"{bpw:.3f} bpw, e.g. --target-bpw {bpw:.3f}")
+    if ratio > 1:
+        say(f"note: the file stores {bpw:.4f} bpw, {ratio - 1:.2%} over the target {target.bits_per_weight:.4f} "
+            f"(its codes coded larger than the planner's allowance; within the 2% compress accepts)")
+    if ratio < 0.98:
+        say(f"note: the file stores {bpw:.4f} bpw, {1 - ratio:.1%} under the target "
+            f"{target.bits_per_weight:.4f} (the codes coded smaller than the planner allowed for)")
 
 
 def planned_recipe(model: nn.Module, target: PlanTarget, samples: torch.Tensor, distill_steps: int = 0,
