@@ -49,8 +49,13 @@ def test_the_readme_example_runs_on_a_tiny_model(model_dirs, calib_file, tmp_pat
     assert result.summary["bits_per_weight"] <= 6.0 * 1.02
     assert result.summary["allocation"]["route"] in ("planner", "pipeline")
     assert result.summary["recipe"] == manifest["recipe"]
-    printed = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    printed = captured.out.splitlines()
     assert float(printed[0].split()[0]) == pytest.approx(result.summary["bits_per_weight"])
+    # progress by default, without asking: a bar per step on stderr, each ending full
+    for step in ("loading", "drawing calibration windows", "planning: sensitivity", "writing the artifact"):
+        assert step in captured.err, captured.err[-2000:]
+    assert "1/1" in captured.err.split("writing the artifact")[-1]
     # the model returned is the one the artifact stores: same logits
     loaded, _ = hypercompress.load(tmp_path / "smol")
     ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
@@ -84,6 +89,16 @@ def test_in_memory_on_a_loaded_model():
     assert result.summary["safetensors_bytes"] == artifact.stored_bytes(model)
     assert result.summary["tensor_bits"] == artifact.storage_bits(model)
     assert result.summary["branches"][-1]["bytes"] == result.summary["tensor_bits"] // 8  # tensors, no header
+
+
+def test_progress_false_is_silent_and_a_callable_replaces_the_bars(model_dirs, calib_file, capsys):
+    seen = []
+    hypercompress.compress(str(model_dirs["llama"]), method="rtn", calib=calib_file, calib_samples=2, calib_len=32,
+                           progress=lambda section, done, total: seen.append((section, done, total)))
+    hypercompress.compress(str(model_dirs["llama"]), method="rtn", calib=calib_file, calib_samples=2, calib_len=32,
+                           progress=False)
+    assert capsys.readouterr().err == ""
+    assert ("counting weights, KV cache and FLOPs", 1, 1) in seen
 
 
 def test_an_apply_recipe_step_is_exported():

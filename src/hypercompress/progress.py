@@ -14,6 +14,7 @@ wall time exactly (workflow.compress reports them as summary["timeline"]).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Callable, Protocol
 
 
@@ -22,7 +23,74 @@ class Progress(Protocol):
 
 
 def no_progress(section: str, done: int, total: int, note: str = "") -> None:
-    """The callback used when the caller passes none."""
+    """The callback used when the caller turns progress off (progress=False)."""
+
+
+class Bars:
+    """The Python API's default progress: a tqdm bar per step on stderr (a notebook widget where
+    ipywidgets is installed), labelled with its section, counting its units, the note beside it.
+    A bar closes when its step ends (done == total) or the next step begins, so every step leaves
+    its final line. TQDM_DISABLE=1 silences it, as it does every tqdm bar."""
+
+    def __init__(self) -> None:
+        self._bar = None
+        self._section: str | None = None
+
+    def __call__(self, section: str, done: int, total: int, note: str = "") -> None:
+        if section != self._section or self._bar is None:
+            self.close()
+            self._section, self._bar = section, _tqdm()(total=max(total, 1), desc=section, unit="",
+                                                       dynamic_ncols=True, leave=True)
+        bar = self._bar
+        if total != bar.total:
+            bar.total = max(total, 1)
+        if note:
+            bar.set_postfix_str(note, refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _tqdm():
+    """tqdm's notebook bar where it can draw one (ipywidgets), its text bar elsewhere (no warning)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm
+
+
+@contextmanager
+def library_bars_off(progress: "Progress | bool | None"):
+    """transformers' own bars (weights loading, GGUF dequantization) off while a library call draws
+    its default bars or none (`progress` None, True or False), back as they were afterwards; a
+    caller's own progress function leaves them as the caller set them (the CLI: --verbose)."""
+    if callable(progress) and progress is not True:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
+
+
+def default_progress(progress: "Progress | bool | None") -> "Progress":
+    """What a library call reports to: bars for None or True, nothing for False, else `progress`."""
+    if progress is None or progress is True:
+        return Bars()
+    return no_progress if progress is False else progress
 
 
 class Timeline:

@@ -36,7 +36,7 @@ from .layers.latent_kv import kv_cache_bytes_per_token
 from .methods.structured.surgery import flops_per_token
 from .sources.models import load_model, source_kind
 from .modules import count_params, effective_weights
-from .progress import Progress, Timeline, no_progress
+from .progress import Progress, Timeline, default_progress, library_bars_off
 from .planning.target import PlanTarget, check_stored_size, load_recipe_file, planned_recipe, target_with_overrides
 from .recipe import Recipe
 from .methods import get_method
@@ -87,7 +87,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
              eval_text: str | Path | None = None, eval_windows: int = 16, stream_blocks: bool = False,
              log_dir: str | None = None, wandb_project: str | None = None,
              teacher: str | nn.Module | None = None, teacher_tokenizer: Any = None,
-             say: Say | None = None, progress: Progress | None = None) -> CompressResult:
+             say: Say | None = None, progress: Progress | bool | None = True) -> CompressResult:
     """Compress `model` with a recipe, one method, or a planned recipe for a size target.
 
     model: a source (built-in name such as "smollm2-135m", a .gguf file, a HF model directory, a hub
@@ -124,8 +124,10 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         recovery --distill adds, or a recipe's qat / distill stages (training/teacher.py: KL alone,
         its own written corpus; a larger model of the family: Llama-3 8B -> 1B, Phi-2 -> Phi-1.5).
         Refused before any work when its tokenizer differs or no stage trains.
-    device: "cpu" or "cuda[:i]": where each block is calibrated. `say(line)` receives decisions,
-        `progress(section, done, total, note)` every long step as it runs (progress.py).
+    device: "cpu" or "cuda[:i]": where each block is calibrated. `say(line)` receives decisions.
+    progress: True (default): a bar per long step on stderr, or a notebook widget (progress.Bars);
+        False: nothing; or a function `progress(section, done, total, note)` called at every step as it
+        runs (progress.py).
 
     The summary's "timeline" lists the wall seconds of every step (loading, calibration windows,
     planning's sensitivity / size / GPTQ trials, each stage, measuring, writing); they add up to its
@@ -135,181 +137,182 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
     model or method, a missing calibration text, an unwritable or non-empty `out`, a target no plan
     meets, or a file over the target by more than 2%.
     """
-    timeline = Timeline("checking the options")
-    say = say or (lambda _line: None)
-    progress = timeline.track(progress or no_progress)
-    target, plan, recovery_overrides = _target_or_recipe(recipe, method, overrides, target_bpw, target_ratio)
-    out_path = refuse_existing(out) if out is not None else None
-    if lossless is not None and not 0 <= lossless <= 22:
-        raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off; pass one of them")
-    if out_path is not None:
-        check_output_folder(out_path)  # refused now, not after the compression
-    if distill and target is None:
-        raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
-    if recovery_overrides and not distill:
-        raise UserError(f"--set {recovery_overrides[0]}: sets the recovery stage, which only --distill adds; "
-                        "add --distill or drop it")
-    _check_budgets(distill_steps, train_tokens, max_minutes)
-    if teacher is not None:
-        if target is not None and not distill:
-            raise UserError("--teacher is what --distill's recovery distils from; add --distill or drop --teacher")
-        if isinstance(teacher, str):
-            try:
-                source_kind(teacher)  # a missing path is refused now, not after the student has loaded
-            except UserError as exc:
-                raise UserError(f"--teacher: {exc}") from None
+    with library_bars_off(progress):
+        timeline = Timeline("checking the options")
+        say = say or (lambda _line: None)
+        progress = timeline.track(default_progress(progress))
+        target, plan, recovery_overrides = _target_or_recipe(recipe, method, overrides, target_bpw, target_ratio)
+        out_path = refuse_existing(out) if out is not None else None
+        if lossless is not None and not 0 <= lossless <= 22:
+            raise UserError(f"--lossless {lossless}: zstd levels are 1..22 (10 is a good default), 0 turns it off; pass one of them")
+        if out_path is not None:
+            check_output_folder(out_path)  # refused now, not after the compression
+        if distill and target is None:
+            raise UserError("--distill goes with --target-ratio/--target-bpw; in a recipe add a distill stage")
+        if recovery_overrides and not distill:
+            raise UserError(f"--set {recovery_overrides[0]}: sets the recovery stage, which only --distill adds; "
+                            "add --distill or drop it")
+        _check_budgets(distill_steps, train_tokens, max_minutes)
+        if teacher is not None:
+            if target is not None and not distill:
+                raise UserError("--teacher is what --distill's recovery distils from; add --distill or drop --teacher")
+            if isinstance(teacher, str):
+                try:
+                    source_kind(teacher)  # a missing path is refused now, not after the student has loaded
+                except UserError as exc:
+                    raise UserError(f"--teacher: {exc}") from None
+            if plan is not None:
+                check_teacher_stages(get_method(s.method).method_cls for s in plan.stages)
+        _check_trained(plan, target is not None and distill, train_tokens=train_tokens, max_minutes=max_minutes,
+                       corpus_cache=corpus_cache, distill_steps=distill_steps)
+        if corpus_cache is not None and not str(corpus_cache).endswith(".safetensors") and Path(corpus_cache).is_file():
+            raise UserError(f"--corpus-cache {corpus_cache} is a file; pass a folder or a .safetensors corpus file")
+        if target is not None and lossless is None:
+            lossless = 10
+        lossless = lossless or None
+        checkpoint_dir = out_path.with_name(out_path.name + ".checkpoint") if out_path is not None else None
+        if checkpoint_dir is not None and checkpoint_dir.exists() and not resume:
+            raise UserError(describe_leftover(checkpoint_dir))
+        device = _checked_device(device)
+        if log_dir is not None or wandb_project is not None:
+            from types import SimpleNamespace
+
+            from .tracking import check_tracking
+
+            check_tracking(SimpleNamespace(log_dir=log_dir, wandb_project=wandb_project, wandb_dir=None))
+        if out_path is not None and isinstance(model, nn.Module) and tokenizer is None:
+            raise UserError("an artifact stores the tokenizer too: pass tokenizer= with a loaded model, or out=None")
+        if stream_blocks and not isinstance(model, str):
+            raise UserError("stream_blocks reads a model directory: pass its path, not a loaded model")
+        if stream_blocks and eval_text is not None:
+            raise UserError("--eval after every branch needs the whole original in RAM, which --stream-blocks "
+                            "avoids; drop --eval and run 'hypercompress evaluate OUT --teacher MODEL' afterwards")
+        calibrated = target is not None or any(get_method(s.method).method_cls.needs_calibration for s in plan.stages)
+        if calibrated and calib is None:
+            needing = "a size target plans on it" if target is not None else "stages that learn from it: " + ", ".join(
+                dict.fromkeys(s.method for s in plan.stages if get_method(s.method).method_cls.needs_calibration))
+            raise UserError(f"this run needs calibration text ({needing}): pass --calib FILE "
+                            "(e.g. ../shared/data/wikitext2_valid_tokenized.txt; never the test text)")
+        calib_text = read_text(calib) if calib is not None and not isinstance(calib, torch.Tensor) else None
+        evaluation = read_text(eval_text) if eval_text is not None else None
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        source = model if isinstance(model, str) else type(model).__name__
+        progress(f"loading {source}", 0, 1)
+        net, tokenizer = _loaded(model, tokenizer, stream_blocks)
+        progress(f"loading {source}", 1, 1)
+        distill_teacher = _loaded_teacher(teacher, teacher_tokenizer, net, tokenizer, calib_len, progress)
+        load_seconds = time.perf_counter() - start
         if plan is not None:
-            check_teacher_stages(get_method(s.method).method_cls for s in plan.stages)
-    _check_trained(plan, target is not None and distill, train_tokens=train_tokens, max_minutes=max_minutes,
-                   corpus_cache=corpus_cache, distill_steps=distill_steps)
-    if corpus_cache is not None and not str(corpus_cache).endswith(".safetensors") and Path(corpus_cache).is_file():
-        raise UserError(f"--corpus-cache {corpus_cache} is a file; pass a folder or a .safetensors corpus file")
-    if target is not None and lossless is None:
-        lossless = 10
-    lossless = lossless or None
-    checkpoint_dir = out_path.with_name(out_path.name + ".checkpoint") if out_path is not None else None
-    if checkpoint_dir is not None and checkpoint_dir.exists() and not resume:
-        raise UserError(describe_leftover(checkpoint_dir))
-    device = _checked_device(device)
-    if log_dir is not None or wandb_project is not None:
-        from types import SimpleNamespace
+            check_stages(net, plan)  # a stage that cannot handle this family: refused before calibration
+        if corpus_cache is not None and str(corpus_cache).endswith(".safetensors"):
+            from .training.corpus import check_corpus_file
 
-        from .tracking import check_tracking
-
-        check_tracking(SimpleNamespace(log_dir=log_dir, wandb_project=wandb_project, wandb_dir=None))
-    if out_path is not None and isinstance(model, nn.Module) and tokenizer is None:
-        raise UserError("an artifact stores the tokenizer too: pass tokenizer= with a loaded model, or out=None")
-    if stream_blocks and not isinstance(model, str):
-        raise UserError("stream_blocks reads a model directory: pass its path, not a loaded model")
-    if stream_blocks and eval_text is not None:
-        raise UserError("--eval after every branch needs the whole original in RAM, which --stream-blocks "
-                        "avoids; drop --eval and run 'hypercompress evaluate OUT --teacher MODEL' afterwards")
-    calibrated = target is not None or any(get_method(s.method).method_cls.needs_calibration for s in plan.stages)
-    if calibrated and calib is None:
-        needing = "a size target plans on it" if target is not None else "stages that learn from it: " + ", ".join(
-            dict.fromkeys(s.method for s in plan.stages if get_method(s.method).method_cls.needs_calibration))
-        raise UserError(f"this run needs calibration text ({needing}): pass --calib FILE "
-                        "(e.g. ../shared/data/wikitext2_valid_tokenized.txt; never the test text)")
-    calib_text = read_text(calib) if calib is not None and not isinstance(calib, torch.Tensor) else None
-    evaluation = read_text(eval_text) if eval_text is not None else None
-    torch.manual_seed(seed)
-    start = time.perf_counter()
-    source = model if isinstance(model, str) else type(model).__name__
-    progress(f"loading {source}", 0, 1)
-    net, tokenizer = _loaded(model, tokenizer, stream_blocks)
-    progress(f"loading {source}", 1, 1)
-    distill_teacher = _loaded_teacher(teacher, teacher_tokenizer, net, tokenizer, calib_len, progress)
-    load_seconds = time.perf_counter() - start
-    if plan is not None:
-        check_stages(net, plan)  # a stage that cannot handle this family: refused before calibration
-    if corpus_cache is not None and str(corpus_cache).endswith(".safetensors"):
-        from .training.corpus import check_corpus_file
-
-        check_corpus_file(corpus_cache, distill_teacher or net)  # another model's corpus: refused before any work
-    original_params = count_params(net)
-    history = getattr(net, "hypercompress_source", None)  # compressed before: an artifact, or an earlier call
-    earlier = None
-    if history is not None:
+            check_corpus_file(corpus_cache, distill_teacher or net)  # another model's corpus: refused before any work
+        original_params = count_params(net)
+        history = getattr(net, "hypercompress_source", None)  # compressed before: an artifact, or an earlier call
+        earlier = None
+        if history is not None:
+            if target is not None:
+                raise UserError("a size target plans from the original model's weights, and this model was compressed "
+                                f"before ({' -> '.join(s['method'] for s in history['recipe'])}); pass the original model")
+            original_params = history["original_params"]  # sizes stay counted against the original
+            earlier = {"recipe": [s["method"] for s in history["recipe"]], "weights": effective_weights(net),
+                       "storage_bits": artifact.storage_bits(net)}  # its branch row: the model as loaded
+        samples = None
+        if calibrated:
+            progress("drawing calibration windows", 0, 1)
+            samples = _samples(net, tokenizer, calib, calib_text, calib_samples, calib_len, seed)
+            progress("drawing calibration windows", 1, 1)
+        meter, baseline, protocol = None, None, None
+        if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
+            meter, protocol = _meter(net, tokenizer, evaluation, str(eval_text), eval_windows, device, progress)
+            baseline = meter(net)
+        progress("counting weights, KV cache and FLOPs", 0, 1)
+        weights_before = dense_weights(net)
+        kv_before = kv_cache_bytes_per_token(net) if not is_streamed(net) else _kv_bytes_from_config(net.config)
+        flops_before = flops_per_token(net)
+        progress("counting weights, KV cache and FLOPs", 1, 1)
+        tick = time.perf_counter()
+        allocation = None
         if target is not None:
-            raise UserError("a size target plans from the original model's weights, and this model was compressed "
-                            f"before ({' -> '.join(s['method'] for s in history['recipe'])}); pass the original model")
-        original_params = history["original_params"]  # sizes stay counted against the original
-        earlier = {"recipe": [s["method"] for s in history["recipe"]], "weights": effective_weights(net),
-                   "storage_bits": artifact.storage_bits(net)}  # its branch row: the model as loaded
-    samples = None
-    if calibrated:
-        progress("drawing calibration windows", 0, 1)
-        samples = _samples(net, tokenizer, calib, calib_text, calib_samples, calib_len, seed)
-        progress("drawing calibration windows", 1, 1)
-    meter, baseline, protocol = None, None, None
-    if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
-        meter, protocol = _meter(net, tokenizer, evaluation, str(eval_text), eval_windows, device, progress)
-        baseline = meter(net)
-    progress("counting weights, KV cache and FLOPs", 0, 1)
-    weights_before = dense_weights(net)
-    kv_before = kv_cache_bytes_per_token(net) if not is_streamed(net) else _kv_bytes_from_config(net.config)
-    flops_before = flops_per_token(net)
-    progress("counting weights, KV cache and FLOPs", 1, 1)
-    tick = time.perf_counter()
-    allocation = None
-    if target is not None:
-        if is_streamed(net):
-            say("note: the size target's planner runs the whole original: it is read into RAM now")
-            materialize_all(net)
-        plan, allocation = planned_recipe(net, target, samples, (distill_steps or DISTILL_STEPS) if distill else 0,
-                                          lossless, device, say=say, progress=progress)
-        if distill and distill_steps is None:  # the recovery's defaults for this model and device
-            plan = _with_keys(plan, recovery_defaults(original_params, device), override=True, last_only=True)
-        plan = _recovery_overrides(plan, recovery_overrides, say)
-    plan = _with_keys(plan, {"log_dir": log_dir, "wandb_project": wandb_project})
-    plan = _with_keys(plan, {"train_tokens": train_tokens, "max_minutes": max_minutes, "corpus_cache": corpus_cache},
-                      override=True)
-    train_calib = _training_windows(plan, net, tokenizer, calib_text, calib_len) if calibrated else None
-    try:
-        report = apply_recipe(net, plan, samples, progress=lambda stage, label, done, total, note="":
-                              progress(f"stage {stage}: {label}", done, total, note), device=device,
-                              batch_size=calib_batch, checkpoint_dir=checkpoint_dir if calibrated else None,
-                              resume=resume, keep_checkpoint=True, after_stage=meter, train_calib=train_calib,
-                              distill_teacher=distill_teacher)
-    except UserError:  # a stage refused its input: a checkpoint with nothing in it would only block the next run
-        if checkpoint_dir is not None and checkpoint_dir.is_dir() and {p.name for p in checkpoint_dir.iterdir()} <= {RUN}:
-            discard(checkpoint_dir)
-        raise
-    compress_seconds = time.perf_counter() - tick
-    recorded = (history["recipe"] if history else []) + plan.to_list()  # the whole history from the original
-    net.hypercompress_source = {"original_params": original_params, "recipe": recorded}  # for a next call
-    progress("checking the stored size, KV cache and FLOPs", 0, 1)
-    if target is not None:
+            if is_streamed(net):
+                say("note: the size target's planner runs the whole original: it is read into RAM now")
+                materialize_all(net)
+            plan, allocation = planned_recipe(net, target, samples, (distill_steps or DISTILL_STEPS) if distill else 0,
+                                              lossless, device, say=say, progress=progress)
+            if distill and distill_steps is None:  # the recovery's defaults for this model and device
+                plan = _with_keys(plan, recovery_defaults(original_params, device), override=True, last_only=True)
+            plan = _recovery_overrides(plan, recovery_overrides, say)
+        plan = _with_keys(plan, {"log_dir": log_dir, "wandb_project": wandb_project})
+        plan = _with_keys(plan, {"train_tokens": train_tokens, "max_minutes": max_minutes, "corpus_cache": corpus_cache},
+                          override=True)
+        train_calib = _training_windows(plan, net, tokenizer, calib_text, calib_len) if calibrated else None
         try:
-            check_stored_size(artifact.stored_bytes(net, lossless) * 8 / original_params, target, say)
-        except UserError:
-            if checkpoint_dir is not None and checkpoint_dir.exists():  # finished: it would block the next run
+            report = apply_recipe(net, plan, samples, progress=lambda stage, label, done, total, note="":
+                                  progress(f"stage {stage}: {label}", done, total, note), device=device,
+                                  batch_size=calib_batch, checkpoint_dir=checkpoint_dir if calibrated else None,
+                                  resume=resume, keep_checkpoint=True, after_stage=meter, train_calib=train_calib,
+                                  distill_teacher=distill_teacher)
+        except UserError:  # a stage refused its input: a checkpoint with nothing in it would only block the next run
+            if checkpoint_dir is not None and checkpoint_dir.is_dir() and {p.name for p in checkpoint_dir.iterdir()} <= {RUN}:
                 discard(checkpoint_dir)
             raise
-    del meter
-    expert_tokens = {str(st["stage"]): st["expert_tokens"] for st in report["stages"] if st.get("expert_tokens")}
-    _say_expert_tokens(expert_tokens, say)
-    kv_cache = {"before": kv_before, "after": kv_cache_bytes_per_token(net), "dtype": "float32"}
-    flops = {"before": flops_before, "after": flops_per_token(net), "context": 512}
-    progress("checking the stored size, KV cache and FLOPs", 1, 1)
-    summary = {"model": source, "out": str(out_path) if out_path is not None else None,
-               "recipe": recorded, "stages": report["stages"], "original_params": original_params,
-               "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
-               "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
-               "peak_host_rss_bytes": peak_memory_bytes("cpu"), "streamed": stream_blocks,
-               "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
-               "teacher": None if teacher is None else teacher if isinstance(teacher, str) else type(teacher).__name__,
-               "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops,
-               **({"expert_tokens": expert_tokens} if expert_tokens else {})}
-    documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
-        "model": source, "recipe": recorded, "protocol": protocol,
-        "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),
-        "branches": branch_rows(report["stages"], original_params, baseline, size, lossless, earlier),
-        "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
-        "flops_per_token": flops, **({"expert_tokens": expert_tokens} if expert_tokens else {})})
-    if out_path is None or not parallel.is_main():  # the other processes of a launched run hold the same model
-        size = artifact.stored_bytes(net, lossless)
-        summary.update(_totals(net, size, original_params), allocation=_with_measured_size(allocation, size),
-                       branches=branch_rows(report["stages"], original_params, baseline, size, lossless, earlier))
-        if parallel.is_main():
-            progress("logging the summary", 0, 1)
-            summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
+        compress_seconds = time.perf_counter() - tick
+        recorded = (history["recipe"] if history else []) + plan.to_list()  # the whole history from the original
+        net.hypercompress_source = {"original_params": original_params, "recipe": recorded}  # for a next call
+        progress("checking the stored size, KV cache and FLOPs", 0, 1)
+        if target is not None:
+            try:
+                check_stored_size(artifact.stored_bytes(net, lossless) * 8 / original_params, target, say)
+            except UserError:
+                if checkpoint_dir is not None and checkpoint_dir.exists():  # finished: it would block the next run
+                    discard(checkpoint_dir)
+                raise
+        del meter
+        expert_tokens = {str(st["stage"]): st["expert_tokens"] for st in report["stages"] if st.get("expert_tokens")}
+        _say_expert_tokens(expert_tokens, say)
+        kv_cache = {"before": kv_before, "after": kv_cache_bytes_per_token(net), "dtype": "float32"}
+        flops = {"before": flops_before, "after": flops_per_token(net), "context": 512}
+        progress("checking the stored size, KV cache and FLOPs", 1, 1)
+        summary = {"model": source, "out": str(out_path) if out_path is not None else None,
+                   "recipe": recorded, "stages": report["stages"], "original_params": original_params,
+                   "load_seconds": round(load_seconds, 2), "compress_seconds": round(compress_seconds, 2),
+                   "peak_memory_bytes": max(st["peak_memory_bytes"] for st in report["stages"]),
+                   "peak_host_rss_bytes": peak_memory_bytes("cpu"), "streamed": stream_blocks,
+                   "device": device, "target_bpw": target and target.bits_per_weight, "allocation": allocation,
+                   "teacher": None if teacher is None else teacher if isinstance(teacher, str) else type(teacher).__name__,
+                   "protocol": protocol, "kv_cache_bytes_per_token": kv_cache, "flops_per_token": flops,
+                   **({"expert_tokens": expert_tokens} if expert_tokens else {})}
+        documents_of = lambda size: documents({  # noqa: E731  (the summary, once the weights file's size is known)
+            "model": source, "recipe": recorded, "protocol": protocol,
+            "target_bpw": target and target.bits_per_weight, "allocation": _with_measured_size(allocation, size),
+            "branches": branch_rows(report["stages"], original_params, baseline, size, lossless, earlier),
+            "modules": module_rows(weights_before, net), "kv_cache_bytes_per_token": kv_cache,
+            "flops_per_token": flops, **({"expert_tokens": expert_tokens} if expert_tokens else {})})
+        if out_path is None or not parallel.is_main():  # the other processes of a launched run hold the same model
+            size = artifact.stored_bytes(net, lossless)
+            summary.update(_totals(net, size, original_params), allocation=_with_measured_size(allocation, size),
+                           branches=branch_rows(report["stages"], original_params, baseline, size, lossless, earlier))
+            if parallel.is_main():
+                progress("logging the summary", 0, 1)
+                summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
+            _finish(summary, timeline)
+            return CompressResult(net, tokenizer, None, summary)
+        progress("writing the artifact", 0, 1)
+        path = artifact.save(net, tokenizer, out_path, recipe=recorded, original_params=original_params,
+                             extra={"source_model": source, "seed": seed}, lossless=lossless, documents=documents_of)
+        if checkpoint_dir is not None:
+            discard(checkpoint_dir)  # only once the artifact is complete
+        manifest = read_manifest_fields(path)  # just written: the totals, without verifying it twice
+        summary.update(manifest["totals"], out=str(path),
+                       compression_ratio_vs_16bit=16 / manifest["totals"]["bits_per_weight"],
+                       allocation=_with_measured_size(allocation, manifest["totals"]["safetensors_bytes"]),
+                       branches=json.loads((path / SUMMARY_JSON).read_text())["branches"])
+        progress("writing the artifact", 1, 1)
+        summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
         _finish(summary, timeline)
-        return CompressResult(net, tokenizer, None, summary)
-    progress("writing the artifact", 0, 1)
-    path = artifact.save(net, tokenizer, out_path, recipe=recorded, original_params=original_params,
-                         extra={"source_model": source, "seed": seed}, lossless=lossless, documents=documents_of)
-    if checkpoint_dir is not None:
-        discard(checkpoint_dir)  # only once the artifact is complete
-    manifest = read_manifest_fields(path)  # just written: the totals, without verifying it twice
-    summary.update(manifest["totals"], out=str(path),
-                   compression_ratio_vs_16bit=16 / manifest["totals"]["bits_per_weight"],
-                   allocation=_with_measured_size(allocation, manifest["totals"]["safetensors_bytes"]),
-                   branches=json.loads((path / SUMMARY_JSON).read_text())["branches"])
-    progress("writing the artifact", 1, 1)
-    summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
-    _finish(summary, timeline)
-    return CompressResult(net, tokenizer, path, summary)
+        return CompressResult(net, tokenizer, path, summary)
 
 
 def _with_measured_size(allocation: dict[str, Any] | None, safetensors_bytes: int) -> dict[str, Any] | None:
