@@ -208,3 +208,26 @@ def test_compiling_the_blocks_leaves_dynamo_room_for_a_graph_per_block():
         uncompile_blocks(model)
     finally:
         torch._dynamo.config.recompile_limit = before
+
+
+def test_a_teacher_with_a_stored_head_takes_the_chunked_kl():
+    """A teacher compressed by an earlier stage (its tied embedding quantized: a TiedHead) gives its
+    dense head matrix, so the KL runs in chunks instead of holding (B T, V) float32 logits; the
+    matrix gives the head's own logits. A head with a bias still falls back to full logits."""
+    from hypercompress.apply import apply_recipe
+    from hypercompress.layers.quant_embedding import TiedHead
+    from hypercompress.recipe import Recipe
+    from hypercompress.training.distill import head_matrix
+
+    model = tied_llama(128)
+    apply_recipe(model, Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 16,
+                                           "targets": ["embed_tokens$"]}]), None)
+    head = model.get_output_embeddings()
+    assert isinstance(head, TiedHead)
+    matrix = head_matrix(model)
+    assert matrix is not None and matrix.shape == (128, 64)
+    hidden = torch.randn(3, 64)
+    torch.testing.assert_close(hidden @ matrix.t(), head(hidden), rtol=1e-5, atol=1e-5)
+    biased = make_model("llama")
+    biased.lm_head = torch.nn.Linear(64, 128, bias=True)
+    assert head_matrix(biased) is None

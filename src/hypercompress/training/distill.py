@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import parallel
 from ..errors import UserError
+from ..layers.base import CompressedModule
 from ..modules import head_logits
 from ..tracking import Tracker, learning_rates
 from .corpus import mixed_picks
@@ -87,14 +88,20 @@ def window_block_losses(teacher_hidden, student_hidden) -> tuple[torch.Tensor, t
 def head_matrix(model: nn.Module) -> torch.Tensor | None:
     """The (V, D) matrix the model's output layer multiplies by (differentiable in what it is
     computed from: a fake-quantized head's latent weights and scales), or None for a head that is
-    not a plain matrix product (a bias, soft-capping, a factorized table)."""
+    not a plain matrix product (a bias, soft-capping). A stored head (a teacher compressed by an
+    earlier stage: its tied QuantEmbedding, a quantized or factorized head) gives its dense matrix,
+    (V, D) float32: far smaller than the (B T, V) logits the unchunked KL would hold instead."""
     head = model.get_output_embeddings()
     if getattr(model.config, "final_logit_softcapping", None):
         return None
     if type(head) is nn.Linear and head.bias is None:
         return head.weight
     matrix = getattr(head, "logit_matrix", None)  # training-time heads (fake_quant.py) say how
-    return matrix() if callable(matrix) else None
+    if callable(matrix):
+        return matrix()
+    if isinstance(head, CompressedModule) and getattr(head, "bias", None) is None:
+        return head.dense_weight(torch.float32)
+    return None
 
 
 def _kl_sum(student, teacher, student_out, teacher_out, dtype) -> torch.Tensor:
