@@ -150,7 +150,9 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
     if any(not key[2] for key in schemes):  # what its readers need (the module docstring's "Loading")
         notes.append("asymmetric grids: vLLM reads this folder as written; transformers' plain from_pretrained "
                      "refuses asymmetric pack-quantized files (llm-compressor's own too): pass "
-                     "quantization_config=CompressedTensorsConfig(dequantize=True)"
+                     "quantization_config=CompressedTensorsConfig(dequantize=True), or compress with "
+                     "--set symmetric=true for a folder it loads as written (asymmetric codes have no exact "
+                     "symmetric form: their zero points differ per group)"
                      + ("" if len(schemes) == 1 else f" (checked here with one config group; this file has {len(schemes)})"))
     return {
         "dtype": dtype, "format": FORMAT, "compressed_tensors": compressed_tensors.__version__,
