@@ -81,25 +81,18 @@ def main() -> None:
     parser.add_argument("--kl-budget", type=float, default=0.1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from hypercompress.analysis.edit import edit, example_lines
+    import hypercompress
     from hypercompress.analysis.edit_report import json_safe
-    from hypercompress.sources.data import read_text, tokenize, windows
-    from hypercompress.sources.models import load_model
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_data(Path(tmp), args.pairs)
         for method in args.methods:  # what `hypercompress edit MODEL --concept ... --method M` runs
-            loaded = load_model(args.model)
-            chunks = {name: windows(tokenize(loaded.tokenizer, read_text(str(paths[name]))), 256, 8)
-                      for name in ("unrelated", "heldout")}
-            report = edit(loaded.model.to(args.device), loaded.tokenizer,
-                          example_lines(paths["concept"].read_text(), "concept"),
-                          example_lines(paths["contrast"].read_text(), "contrast"),
-                          unrelated=chunks["unrelated"], heldout=chunks["heldout"], method=method,
-                          max_directions=args.max_directions, kl_budget=args.kl_budget, device=args.device,
-                          progress=lambda section, done, total: print(f"{method}: {section} {done}/{total}",
-                                                                      flush=True))
+            report = hypercompress.edit(args.model, paths["concept"], paths["contrast"], unrelated=paths["unrelated"],
+                                        heldout=paths["heldout"], method=method, max_directions=args.max_directions,
+                                        kl_budget=args.kl_budget, device=args.device,
+                                        progress=lambda section, done, total, note="":
+                                        print(f"{method}: {section} {done}/{total}", flush=True))
             runs.append({"method": method, "report": json_safe(report)})
     shown = f"python benchmarks/edit_demo.py --model {args.model} --pairs {args.pairs} --methods " \
             f"{' '.join(args.methods)} --max-directions {args.max_directions} --kl-budget {args.kl_budget} " \

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from hypercompress.analysis.bounds import gaussian_distortion, gaussian_rate, source_spectrum, water_level
 from hypercompress.analysis.layer_rd import layer_points
-from hypercompress.analysis.report import analyze
+from hypercompress.analysis.report import analyze_windows
 from hypercompress.analysis.weights import code_entropy, spectrum_stats
 from hypercompress.cli import app
 
@@ -86,7 +86,7 @@ def test_code_entropy_of_stored_codes():
 def test_the_report_on_a_tiny_model(tmp_path):
     model = tied_llama(256)
     samples = torch.randint(1, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    result = analyze(model, samples, tmp_path / "report", text_name="random tokens")
+    result = analyze_windows(model, samples, tmp_path / "report", text_name="random tokens")
     files = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"report.md", "analysis.json", "spectra.png", "rate_distortion.png", "flow.png", "importance.png"} <= files
     saved = json.loads((tmp_path / "report" / "analysis.json").read_text())
@@ -173,3 +173,25 @@ def test_persistence_finds_the_loop_of_a_circle():
     circle = circle / torch.cdist(circle, circle).median()
     found = persistence(circle, threshold=0.3)
     assert found["h1_bars"] == 1 and found["h0_bars"] == 1 and found["h1_longest"][0] > 0.5
+
+
+def test_the_python_api_is_what_the_command_runs(model_dirs, calib_file, tmp_path):
+    """hypercompress.analyze takes a source and a text file as the command does, reports its steps to a
+    progress function, and gives the same numbers for the same windows; a loaded model needs its tokenizer."""
+    import hypercompress
+    from hypercompress.errors import UserError
+    from hypercompress.sources.models import load_model
+
+    steps = []
+    options = dict(calib_samples=2, calib_len=32, sensitivity=False, rd_layers=["model.layers.0.mlp.down_proj"])
+    result = hypercompress.analyze(str(model_dirs["llama"]), calib_file, out=tmp_path / "report",
+                                   progress=lambda section, done, total, note="": steps.append((section, done)), **options)
+    assert (tmp_path / "report" / "report.md").is_file() and str(calib_file) in result["protocol"]
+    assert ("loading " + str(model_dirs["llama"]), 1) in steps and ("rate-distortion", 1) in steps
+    loaded = load_model(str(model_dirs["llama"]))
+    with pytest.raises(UserError, match="tokenizer"):
+        hypercompress.analyze(loaded.model, calib_file, progress=False, **options)
+    again = hypercompress.analyze(loaded.model, calib_file, tokenizer=loaded.tokenizer, progress=False, **options)
+    assert [r["lens_nll"] for r in again["flow"]] == [r["lens_nll"] for r in result["flow"]]  # the same windows
+    with pytest.raises(UserError, match="--device"):
+        hypercompress.analyze(loaded.model, calib_file, tokenizer=loaded.tokenizer, device="gpu", progress=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from hypercompress.sources import models
-from hypercompress import workflow
 from hypercompress.eval import evaluation
 
 from test_cli import assert_one_line_error, run
@@ -16,9 +15,8 @@ def no_loading(monkeypatch):
     """Loading a model fails the test: a refused input must be refused before it."""
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
-    monkeypatch.setattr(workflow, "load_model", fail)
     monkeypatch.setattr(evaluation, "load_model", fail)
-    monkeypatch.setattr(models, "load_model", fail)  # analyze and edit import it when they run
+    monkeypatch.setattr(models, "load_model", fail)  # compress, analyze and edit load through it
 
 
 @pytest.mark.parametrize("option, value", [

@@ -17,6 +17,7 @@ import hypercompress
 from hypercompress.analysis.erasure import Erasure, fit_erasure, fold_erasure
 from hypercompress.apply import apply_recipe
 from hypercompress.cli import app
+from hypercompress.errors import UserError
 from hypercompress.recipe import Recipe
 
 from conftest import make_model, make_tokenizer, tied_llama
@@ -50,8 +51,8 @@ def neutral_windows() -> torch.Tensor:
                                                                                 # readable after its final LayerNorm
 def test_after_the_edit_a_fresh_probe_is_at_chance(arch, method):
     model = make_model(arch)
-    report = hypercompress.edit(model, make_tokenizer(), CONCEPT, CONTRAST, unrelated=neutral_windows(),
-                                heldout=neutral_windows(), method=method, kl_budget=1.0)
+    report = hypercompress.edit(model, CONCEPT, CONTRAST, tokenizer=make_tokenizer(), unrelated=neutral_windows(),
+                                heldout=neutral_windows(), method=method, kl_budget=1.0, progress=False)
     assert max(r["probe_before"] for r in report["layers"]) > 0.9  # the concept is there to erase
     assert report["steps"], report["stopped"]
     for row in report["layers"]:
@@ -135,6 +136,21 @@ def test_the_command_writes_an_artifact_with_its_report(tmp_path, model_dirs, te
     report = json.loads((out / "edit.json").read_text())
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.isfinite(edited(input_ids=ids).logits).all() and report["steps"]
+
+
+def test_the_python_api_takes_files_or_lines_and_a_source(tmp_path, model_dirs, text_file):
+    """hypercompress.edit reads example files or takes lists, cuts a text into windows, and checks the
+    examples before the model loads (a missing model is never reached)."""
+    concept, contrast = _write(tmp_path / "c.txt", CONCEPT), _write(tmp_path / "n.txt", CONTRAST)
+    options = dict(unrelated=text_file, eval_len=32, eval_windows=2, kl_budget=1.0, progress=False)
+    from_files = hypercompress.edit(str(model_dirs["llama"]), concept, contrast, **options)
+    from_lists = hypercompress.edit(str(model_dirs["llama"]), CONCEPT, CONTRAST, **options)
+    assert from_files["steps"] and from_files["layers"] == from_lists["layers"]
+    assert "2 windows of 32 tokens" in from_files["protocol"]
+    with pytest.raises(UserError, match="concept"):
+        hypercompress.edit(str(tmp_path / "no-model"), CONCEPT[:2], CONTRAST, **options)
+    with pytest.raises(UserError, match="--method"):
+        hypercompress.edit(str(tmp_path / "no-model"), CONCEPT, CONTRAST, method="erase", **options)
 
 
 def test_an_artifact_keeps_its_recipe_and_kinds(tmp_path, model_dirs, text_file):

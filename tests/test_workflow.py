@@ -129,9 +129,9 @@ def test_saving_a_loaded_model_needs_its_tokenizer(tmp_path):
 
 
 def test_a_non_empty_out_is_refused_before_loading(tmp_path, monkeypatch):
-    from hypercompress import workflow
+    from hypercompress.sources import models
 
-    monkeypatch.setattr(workflow, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(UserError, match="already exists"):
@@ -159,9 +159,9 @@ def test_the_summary_and_trained_stages_log_where_asked(tmp_path, monkeypatch, c
 
 
 def test_a_bad_tracking_destination_is_refused_before_loading(monkeypatch):
-    from hypercompress import workflow
+    from hypercompress.sources import models
 
-    monkeypatch.setattr(workflow, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(UserError, match="W&B project name"):
         hypercompress.compress("smollm2-135m", method="rtn", wandb_project="a/b")
 

@@ -23,10 +23,20 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 def launched() -> bool:
     """Whether a launcher started several processes of this command."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def check_device(device: str) -> None:
+    """UserError (one line, the fix) unless `device` is "cpu", or "cuda" / "cuda:i" with CUDA present."""
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"--device {device}: must be cpu or cuda; pass one of them")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
 
 
 def setup(device: str) -> str:

@@ -28,13 +28,13 @@ from .arch import check_length, position_limit
 from .layerwise import peak_memory_bytes
 from .storage.reader import SUMMARY_JSON, read_manifest_fields
 from .storage.checkpoint import RUN, describe_leftover, discard
-from .sources.data import calibration_samples, read_text, tokenize, windows
+from .sources.data import calibration_windows, read_text, tokenize, windows
 from .errors import UserError
 from .eval import protocol_text
 from .kernels import prepare
 from .layers.latent_kv import kv_cache_bytes_per_token
 from .methods.structured.surgery import flops_per_token
-from .sources.models import load_model, source_kind
+from .sources.models import model_and_tokenizer, source_kind
 from .modules import count_params, effective_weights
 from .progress import Progress, Timeline, default_progress, library_bars_off
 from .planning.target import PlanTarget, check_stored_size, load_recipe_file, planned_recipe, target_with_overrides
@@ -222,7 +222,8 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
         samples = None
         if calibrated:
             progress("drawing calibration windows", 0, 1)
-            samples = _samples(net, tokenizer, calib, calib_text, calib_samples, calib_len, seed)
+            samples = calibration_windows(calib_text if calib_text is not None else calib, tokenizer, net.config,
+                                          calib_samples, calib_len, seed)
             progress("drawing calibration windows", 1, 1)
         meter, baseline, protocol = None, None, None
         if evaluation is not None and parallel.is_main():  # a launched run's other processes write nothing
@@ -453,22 +454,14 @@ def _say_expert_tokens(by_stage: dict[str, dict[str, Any]], say: Say) -> None:
 
 
 def _checked_device(device: str) -> str:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device {device}: must be cpu or cuda; pass one of them")
-    if device != "cpu" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
+    parallel.check_device(device)
     return parallel.setup(device)  # several processes under torchrun / accelerate launch: this one's GPU
 
 
 def _loaded(model: str | nn.Module, tokenizer: Any, stream: bool) -> tuple[nn.Module, Any]:
-    if isinstance(model, nn.Module):
-        return model, tokenizer
-    if stream:
+    if stream and isinstance(model, str):
         return load_streamed(model)
-    if not isinstance(model, str):
-        raise UserError(f"model must be a source name/path or a loaded nn.Module, not {type(model).__name__}")
-    loaded = load_model(model)
-    return loaded.model, loaded.tokenizer
+    return model_and_tokenizer(model, tokenizer)
 
 
 def _loaded_teacher(teacher: str | nn.Module | None, teacher_tokenizer: Any, model: nn.Module, tokenizer: Any,
@@ -488,22 +481,6 @@ def _loaded_teacher(teacher: str | nn.Module | None, teacher_tokenizer: Any, mod
     check_shared_tokenizer(tokenizer, teacher_tokenizer, rows)
     check_length(net.config, calib_len, "--calib-len (the teacher's positions)")
     return net.eval().requires_grad_(False)
-
-
-def _samples(model: nn.Module, tokenizer: Any, calib, text: str | None, count: int, length: int,
-             seed: int) -> torch.Tensor:
-    """(N, L) calibration token windows: given as a tensor, or `count` windows of `length` tokens
-    drawn from `text` with `seed`."""
-    if isinstance(calib, torch.Tensor):
-        if calib.dim() != 2 or calib.dtype not in (torch.int32, torch.int64) or calib.shape[1] < 2:
-            raise UserError(f"calib: token windows must be an (N, L) integer tensor with L >= 2, got "
-                            f"{tuple(calib.shape)} {calib.dtype}; pass a text file or such a tensor")
-        check_length(model.config, calib.shape[1], "--calib-len")
-        return calib.long()
-    if tokenizer is None:
-        raise UserError("calibration text needs the model's tokenizer: pass tokenizer= with a loaded model")
-    check_length(model.config, length, "--calib-len")
-    return calibration_samples(tokenize(tokenizer, text), count, length, seed)
 
 
 def _meter(model: nn.Module, tokenizer: Any, text: str, name: str, count: int, device: str, progress: Progress

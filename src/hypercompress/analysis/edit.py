@@ -1,5 +1,6 @@
-"""`edit(model, tokenizer, concept, contrast, unrelated=...)`: locate a concept, erase it from the
-residual stream (folded into the weights), and prove what that did.
+"""`erase_concept(model, tokenizer, concept, contrast, unrelated=...)`: locate a concept, erase it from
+the residual stream (folded into the weights), and prove what that did (hypercompress.edit,
+analysis/public.py, reads the files and loads the model first).
 
 Protocol (printed with every number):
 1. The concept's and the contrast's lines (one example each, at most `max_tokens` tokens) are split,
@@ -172,11 +173,11 @@ def _quality_of_teacher(log_probs: list[torch.Tensor], chunk: torch.Tensor) -> d
             "seq_len": int(chunk.shape[1]), "tokens": int(chunk.numel()), "predicted_tokens": int(targets.numel())}
 
 
-def edit(model: nn.Module, tokenizer, concept: list[str], contrast: list[str], *, unrelated: torch.Tensor,
-         heldout: torch.Tensor | None = None, method: str = "ablation", max_directions: int = 4,
-         kl_budget: float = 0.05, max_tokens: int = 64, heldout_share: float = 0.3, seed: int = 0,
-         device: str = "cpu", progress: Progress | None = None, out: str | Path | None = None,
-         source: str = "model", source_manifest: dict | None = None) -> dict:
+def erase_concept(model: nn.Module, tokenizer, concept: list[str], contrast: list[str], *,
+                  unrelated: torch.Tensor, heldout: torch.Tensor | None = None, method: str = "ablation",
+                  max_directions: int = 4, kl_budget: float = 0.05, max_tokens: int = 64,
+                  heldout_share: float = 0.3, seed: int = 0, device: str = "cpu", progress: Progress | None = None,
+                  out: str | Path | None = None, source: str = "model", source_manifest: dict | None = None) -> dict:
     """Erase the concept that separates `concept` lines from `contrast` lines from `model`, in place.
 
     concept / contrast: example lines (one example each; example_lines reads a file's text).

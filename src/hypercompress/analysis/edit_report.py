@@ -14,7 +14,7 @@ EDIT_JSON, EDIT_MD = "edit.json", "edit.md"
 
 def save_edited(model: nn.Module, tokenizer: Any, out: str | Path, report: dict, *, source: str,
                 source_manifest: dict | None = None) -> Path:
-    """Write `model` (edited in place by analysis.edit.edit) as an artifact at `out`, atomically.
+    """Write `model` (edited in place by analysis.edit.erase_concept) as an artifact at `out`, atomically.
 
     A compressed source keeps its recipe, original parameter count and lossless level (its stored
     kinds were edited in their form); a dense source becomes an artifact of float16 tensors. The

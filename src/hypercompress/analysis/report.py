@@ -1,4 +1,5 @@
-"""`analyze(model, samples, out=DIR)`: where a model's bits go, written as report.md + PNGs + JSON.
+"""`analyze_windows(model, samples, out=DIR)`: where a model's bits go, written as report.md + PNGs + JSON
+(hypercompress.analyze, analysis/public.py, loads the model and draws the windows first).
 
 Sections: weight statistics (weights.py), the planner's sensitivity and Fisher importance
 (planning.mixed_bits.plan_bits, flow.fisher_importance), per-layer rate-distortion against the Gaussian bound
@@ -39,7 +40,7 @@ def default_rd_layers(model: nn.Module) -> list[str]:
     return [n for i in chosen for n in names[i * per_block:(i + 1) * per_block] if isinstance(modules[n], nn.Linear)]
 
 
-def analyze(model: nn.Module, samples: torch.Tensor, out: str | Path | None = None, *, text_name: str = "calibration text",
+def analyze_windows(model: nn.Module, samples: torch.Tensor, out: str | Path | None = None, *, text_name: str = "calibration text",
             rd_layers: list[str] | None = None, sensitivity: bool = True, device: str = "cpu",
             progress: Progress | None = None) -> dict:
     """The analysis report of `model` (float32) on calibration windows `samples` (N, T) token ids.

@@ -8,7 +8,7 @@ import typer
 
 from ..storage.atomic import check_output_folder, refuse_existing
 from ..sources.hub import check_hub_model
-from .common import console, err_console, one_line_errors, section_progress
+from .common import console, one_line_errors, section_progress
 from .quiet import VERBOSE, quiet_libraries
 
 
@@ -30,21 +30,13 @@ def analyze(
     """Weight statistics, sensitivity, rate-distortion against the Gaussian bound, information flow."""
     quiet_libraries(verbose)
     check_hub_model(model)  # offline or unreachable: one line now, before the library loads
-    from ..analysis.report import analyze as run_analysis
-    from ..arch import check_length
-    from ..sources.data import calibration_samples, read_text, tokenize
-    from ..sources.models import load_model
-
     refuse_existing(out)
-    check_output_folder(out)  # refused now, not after the analysis
-    text = read_text(calib)
-    with err_console.status(f"loading {model}"):
-        loaded = load_model(model, device=None)
-    check_length(loaded.model.config, calib_len, "--calib-len")
-    samples = calibration_samples(tokenize(loaded.tokenizer, text), calib_samples, calib_len, seed)
+    check_output_folder(out)  # refused now, before torch loads
+    from ..analysis.public import analyze as run_analysis
+
     with section_progress() as update:
-        result = run_analysis(loaded.model, samples, out, text_name=calib, rd_layers=rd_layers or None,
-                              sensitivity=sensitivity, device=device, progress=update)
+        result = run_analysis(model, calib, out=out, calib_samples=calib_samples, calib_len=calib_len, seed=seed,
+                              rd_layers=rd_layers or None, sensitivity=sensitivity, device=device, progress=update)
     flow = [r for r in result["flow"] if r["influence"] == r["influence"]]
     low = min(flow, key=lambda r: r["influence"]) if flow else None
     excess = [p["excess_bits"] for d in result["rate_distortion"].values() for p in d["points"] if p["method"] == "GPTQ"]

@@ -8,20 +8,9 @@ from typing import Optional
 import typer
 
 from ..storage.atomic import check_output_folder, refuse_existing
-from ..errors import UserError
 from ..sources.hub import check_hub_model
-from .common import console, err_console, one_line_errors, section_progress
+from .common import console, one_line_errors, section_progress
 from .quiet import VERBOSE, quiet_libraries
-
-
-def _windows(tokenizer, text: str, name: str, length: int, count: int):
-    from ..sources.data import tokenize, windows
-
-    ids = tokenize(tokenizer, text)
-    if ids.numel() < length:
-        raise UserError(f"the --{name} text has {ids.numel()} tokens, fewer than one window of --eval-len {length}; "
-                        "pass a longer text or a smaller --eval-len")
-    return windows(ids, length, count)
 
 
 @one_line_errors
@@ -48,35 +37,15 @@ def edit(
     """Locate a concept (per-layer probes), erase it in the weights, and validate the rest."""
     quiet_libraries(verbose)
     check_hub_model(model)  # offline or unreachable: one line now, before the library loads
-    from ..analysis.edit import check_method, checked_examples, example_lines
-    from ..analysis.edit import edit as run_edit
-    from ..analysis.edit_report import summary_rows
-    from ..arch import check_length
-    from ..storage.artifact import read_manifest
-    from ..sources.data import read_text
-    from ..sources.models import load_model
-
     refuse_existing(out)
-    check_output_folder(out)  # refused now, not after the edit
-    check_method(method)
-    texts = {"--concept": read_text(concept), "--contrast": read_text(contrast)}
-    lines = {option: example_lines(text, option.removeprefix("--") + f" file {path}")
-             for (option, text), path in zip(texts.items(), (concept, contrast))}
-    checked_examples(lines["--concept"], lines["--contrast"])  # before the model loads
-    other = {"unrelated": read_text(unrelated), "heldout": read_text(heldout) if heldout else None}
-    with err_console.status(f"loading {model}"):
-        loaded = load_model(model, device=None)
-    check_length(loaded.model.config, max(eval_len, max_tokens), "--eval-len/--max-tokens")
-    chunks = {name: _windows(loaded.tokenizer, text, name, eval_len, eval_windows) if text else None
-              for name, text in other.items()}
-    manifest = read_manifest(model) if loaded.kind == "artifact" else None
-    if device != "cpu":
-        loaded.model.to(device)
+    check_output_folder(out)  # refused now, before torch loads
+    from ..analysis.edit_report import summary_rows
+    from ..analysis.public import edit as run_edit
+
     with section_progress() as update:
-        report = run_edit(loaded.model, loaded.tokenizer, lines["--concept"], lines["--contrast"],
-                          unrelated=chunks["unrelated"], heldout=chunks["heldout"], method=method,
-                          max_directions=max_directions, kl_budget=kl_budget, max_tokens=max_tokens, seed=seed,
-                          device=device, progress=update, out=out, source=model, source_manifest=manifest)
+        report = run_edit(model, concept, contrast, unrelated=unrelated, heldout=heldout, out=out, method=method,
+                          max_directions=max_directions, kl_budget=kl_budget, max_tokens=max_tokens,
+                          eval_windows=eval_windows, eval_len=eval_len, seed=seed, device=device, progress=update)
     console.print(f"{out}: {len(report['steps'])} direction(s) erased ({report['method']}); {report['stopped']}")
     console.print(f"protocol: {report['protocol']}")
     width = max(len(m) for m, _, _ in summary_rows(report))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..arch import check_length
 from ..errors import UserError, user_path
 
 
@@ -128,3 +129,22 @@ def calibration_samples(ids: torch.Tensor, count: int, length: int, seed: int) -
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - length + 1, (count,), generator=generator)
     return torch.stack([ids[s: s + length] for s in starts.tolist()])
+
+
+def calibration_windows(calib: torch.Tensor | str, tokenizer: Any, config: Any, count: int, length: int,
+                        seed: int) -> torch.Tensor:
+    """(N, L) int64 calibration windows for a model of `config`: `calib` given as an (N, L) integer
+    tensor (checked), or `count` windows of `length` tokens drawn with `seed` from `calib`, the text
+    itself (read_text's result), tokenized by `tokenizer`. UserError for a tensor of another shape or
+    dtype, a text without a tokenizer, a length beyond the model's positions, a text shorter than one
+    window."""
+    if isinstance(calib, torch.Tensor):
+        if calib.dim() != 2 or calib.dtype not in (torch.int32, torch.int64) or calib.shape[1] < 2:
+            raise UserError(f"calib: token windows must be an (N, L) integer tensor with L >= 2, got "
+                            f"{tuple(calib.shape)} {calib.dtype}; pass a text file or such a tensor")
+        check_length(config, calib.shape[1], "--calib-len")
+        return calib.long()
+    if tokenizer is None:
+        raise UserError("calibration text needs the model's tokenizer: pass tokenizer= with a loaded model")
+    check_length(config, length, "--calib-len")
+    return calibration_samples(tokenize(tokenizer, calib), count, length, seed)

@@ -65,6 +65,18 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | None
     return loaded
 
 
+def model_and_tokenizer(model: str | nn.Module, tokenizer: Any = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a library call's `model` argument: a source string loaded by load_model
+    (float32, CPU), or a loaded nn.Module returned as it is with the `tokenizer` given. UserError for
+    anything else."""
+    if isinstance(model, nn.Module):
+        return model, tokenizer
+    if not isinstance(model, str):
+        raise UserError(f"model must be a source name/path or a loaded nn.Module, not {type(model).__name__}")
+    loaded = load_model(model)
+    return loaded.model, loaded.tokenizer
+
+
 def source_kind(spec: str) -> str:
     """What a model source names, checked without reading it: "builtin", "gguf", "artifact",
     "directory" or "hub". UserError (one line, the fix) for a missing file or folder, a folder that
