@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import CALIB_TEXT, machine, write_json  # noqa: E402
 
-from hypercompress.layerwise import capture_block_inputs  # noqa: E402
+from hypercompress.block_calls import capture_block_inputs  # noqa: E402
 from hypercompress.sources.data import calibration_samples, read_text, tokenize  # noqa: E402
 from hypercompress.methods.qat.block_ap import _train_block  # noqa: E402
 from hypercompress.methods.qat.fake_quant import FakeQuantLinear  # noqa: E402

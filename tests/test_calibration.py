@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 from hypercompress.storage import artifact
 from hypercompress.apply import apply_recipe
 from hypercompress.arch import arch_of
-from hypercompress.layerwise import capture_block_inputs, run_layerwise
+from hypercompress.block_calls import capture_block_inputs
+from hypercompress.layerwise import run_layerwise
 from hypercompress.errors import UserError
 from hypercompress.methods.base import LayerwiseMethod
 from hypercompress.sources.models import load_model

@@ -82,11 +82,11 @@ def test_plan_hits_the_target_and_becomes_a_recipe(model_dirs):
 def test_the_probe_moves_its_captured_block_arguments_to_the_samples_device(model_dirs, monkeypatch):
     """The capture keeps block arguments (masks, rotary tables) on the CPU; the probe must move them
     to where its samples and blocks are (on a GPU they stayed behind and the rotary product failed)."""
-    from hypercompress import layerwise as calibration
+    from hypercompress.block_calls import BlockCalls
     from hypercompress.planning.sensitivity import TailRunner
 
-    moved, real_to = [], calibration.BlockCalls.to
-    monkeypatch.setattr(calibration.BlockCalls, "to", lambda self, device: moved.append(device) or real_to(self, device))
+    moved, real_to = [], BlockCalls.to
+    monkeypatch.setattr(BlockCalls, "to", lambda self, device: moved.append(device) or real_to(self, device))
     model = load_model(str(model_dirs["llama"])).model
     samples = torch.randint(1, 121, (2, 16), generator=torch.Generator().manual_seed(0))
     runner = TailRunner(model, samples, 2)

@@ -1,18 +1,28 @@
-"""Base class of per-layer methods (the extension point of docs/DESIGN).
+"""The three kinds of method (the extension points of docs/DESIGN.md).
 
-A per-layer method sees one linear layer at a time: `observe(name, x)` receives the layer's inputs
-on calibration data (only for methods with `needs_calibration`), `compress(name, layer)` returns the
-CompressedModule that replaces it.
+- per layer (LayerwiseMethod): one linear layer at a time: `observe(name, x)` receives the layer's
+  inputs on calibration data (only for methods with `needs_calibration`), `compress(name, layer)`
+  returns the CompressedModule that replaces it; layerwise.run_layerwise drives it block by block.
+- per block (BlockwiseMethod): one transformer block at a time, fitted so that it reproduces the
+  original block's outputs from the inputs the compressed model gives it (Block-AP; the home of
+  AWQ-style scale searches); its `walk` drives it.
+- whole model (WholeModelMethod): trains or changes the whole model at once (distillation,
+  hypernetworks, structural surgery).
 """
 
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from .. import parallel
+from ..arch import arch_of
+from ..block_calls import BlockCalls, capture_block_inputs
 from ..config import MethodConfig
 from ..layers.base import CompressedModule
 
@@ -96,3 +106,83 @@ class WholeModelMethod(abc.ABC):
     def apply(self, model: nn.Module, names: list[str], teacher: nn.Module, calib: torch.Tensor, *,
               device: str = "cpu", progress=None, checkpoint_dir=None, resume: bool = False) -> None:
         """Compress the modules `names` of `model` (in place); progress(done, total, note)."""
+
+
+@dataclass
+class BlockData:
+    """What block `index` is fitted on: per calibration micro-batch, the (b, T, d) hidden states the
+    compressed model feeds it (`inputs`: its earlier blocks already fitted) and the original block's
+    outputs on the original's own inputs (`targets`), both on the CPU; `run(block, batch, hidden)`
+    runs a block with that micro-batch's mask and rotary arguments."""
+
+    index: int
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    calls: BlockCalls
+
+    def run(self, block: nn.Module, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.calls.run(block, self.index, batch, hidden)
+
+
+class BlockwiseMethod(WholeModelMethod):
+    """A method that fits one transformer block at a time against the original (Block-AP,
+    methods/qat/block_ap.py; AWQ-style scale searches belong here too).
+
+    `walk` captures both models' block inputs once, then for each block: the original block's
+    outputs on its own inputs become the targets, `fit_block` changes the compressed block in place
+    (blocks holding none of `names`, and blocks an earlier run finished, are only run), and the
+    fitted block's outputs on its inputs are the next block's inputs, so each block also corrects the
+    error the blocks before it left. Only the block being fitted sits on `device`. A subclass
+    implements `fit_block`, and for resuming `restore` / `save_block`; `micro_batch` is the windows
+    per forward."""
+
+    micro_batch: int = 8
+
+    @abc.abstractmethod
+    def fit_block(self, block: nn.Module, data: BlockData) -> str:
+        """Fit `block` (block data.index, on the run's device) in place; returns a note for the
+        progress line (its output error, say)."""
+
+    def restore(self, directory: Path, model: nn.Module) -> int:
+        """Blocks an earlier run of this stage finished (their fitted tensors put back from
+        `directory`); walk fits the blocks after them. Default: 0, nothing kept."""
+        return 0
+
+    def save_block(self, directory: Path, index: int, block: nn.Module) -> None:
+        """Keep block `index`'s fitted tensors in `directory` (called on the main process after each
+        block, so a killed run resumes at the next). Default: nothing kept."""
+
+    def apply(self, model, names, teacher, calib, *, device="cpu", progress=None, checkpoint_dir=None,
+              resume=False) -> None:
+        self.walk(model, teacher, calib, names, device=device, progress=progress,
+                  checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir), resume=resume)
+
+    @torch.no_grad()
+    def walk(self, student: nn.Module, teacher: nn.Module, windows: torch.Tensor, names: list[str], *,
+             device: str = "cpu", progress: Callable[[int, int, str], None] | None = None,
+             checkpoint_dir: Path | None = None, resume: bool = False) -> None:
+        """Fit every block of `student` holding one of `names` against `teacher` on `windows` (N, T)
+        token ids, in `micro_batch`-window forwards. progress(blocks done, blocks, note)."""
+        blocks = arch_of(student.config.model_type).blocks
+        student_blocks, teacher_blocks = student.get_submodule(blocks), teacher.get_submodule(blocks)
+        windows = windows.to(next(teacher.parameters()).device)  # where the models are (the runner keeps them on CPU)
+        target_in, calls = capture_block_inputs(teacher, windows, self.micro_batch)
+        student_in, _ = capture_block_inputs(student, windows, self.micro_batch)
+        calls = calls.to(device)
+        done = self.restore(checkpoint_dir, student) if resume and checkpoint_dir is not None else 0
+        note = "resumed"
+        for index in range(len(student_blocks)):
+            homes = [next(b.parameters()).device for b in (teacher_blocks[index], student_blocks[index])]
+            teacher_block, student_block = teacher_blocks[index].to(device), student_blocks[index].to(device)
+            target_out = [calls.run(teacher_block, index, b, h.to(device)).cpu() for b, h in enumerate(target_in)]
+            if index >= done and any(n.startswith(f"{blocks}.{index}.") for n in names):
+                with torch.enable_grad():
+                    note = self.fit_block(student_block, BlockData(index, student_in, target_out, calls))
+                if checkpoint_dir is not None and parallel.is_main():
+                    self.save_block(checkpoint_dir, index, student_block)
+            student_in = [calls.run(student_block, index, b, h.to(device)).cpu() for b, h in enumerate(student_in)]
+            target_in = target_out
+            teacher_blocks[index].to(homes[0])  # back where it was (all on the device when the caller moved the model)
+            student_blocks[index].to(homes[1])
+            if progress and parallel.is_main():
+                progress(index + 1, len(student_blocks), note)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch import arch_of
-from ..layerwise import capture_block_inputs
+from ..block_calls import capture_block_inputs
 from ..layers.quant_linear import dequantize, fit_grid, quantize_to_grid, resolve_group_size
 from ..layers.base import Conv1D, linear_weight
 from ..modules import head_logits

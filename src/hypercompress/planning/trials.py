@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..arch import arch_of
-from ..layerwise import capture_block_inputs
+from ..block_calls import capture_block_inputs
 from ..experts import ExpertLinears, routed_calibration
 from ..layers.quant_linear import QuantLinear
 from ..modules import replace_module

@@ -6,8 +6,8 @@ output on the original model's inputs:
     min_{W, s} || f_i^q(h_i^q) - f_i(h_i) ||^2 / mean(f_i(h_i)^2)
 over calibration batches (hidden states (b, T, d)), so each block also corrects the error the
 blocks before it left (as GPTQ's layer-wise pass propagates it). The next block's inputs are then
-the trained block's outputs. Blocks run through the one calibration runner's capture
-(layerwise.capture_block_inputs: each block's own mask and rotary arguments). AdamW, cosine
+the trained block's outputs: the walk of every block-wise method (methods.base.BlockwiseMethod,
+each block's own mask and rotary arguments from block_calls.capture_block_inputs). AdamW, cosine
 decay to 10%, gradient-norm clipping at 1; each step's micro-batches drawn by a generator seeded
 with (seed, block, step). Under a launcher each process takes its share of a step's micro-batches
 and the gradients are summed: with the same micro_batch, one process and several take the same steps.
@@ -34,6 +34,7 @@ from ... import parallel
 from ...arch import arch_of
 from ...errors import UserError
 from ...tracking import Tracker, learning_rates
+from ..base import BlockData, BlockwiseMethod
 from .fake_quant import FakeQuantLinear
 
 PROGRESS = "blocks.json"  # {"done": k, "files": [{"file", "bytes", "sha256"} per finished block]}
@@ -49,41 +50,47 @@ def block_ap(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, fake
     (latent weights at `lr`, scales and zeros at `scale_lr`), each forward under `autocast` (a context
     manager: the engine's bf16 autocast, training/engine.py; None: float32). Returns each block's final relative
     output error. progress(blocks done, blocks, note)."""
-    from ...layerwise import capture_block_inputs  # (calibration imports the methods package)
+    method = BlockAP(fakes, steps=steps, batch=batch, lr=lr, scale_lr=scale_lr, seed=seed, tracker=tracker,
+                     autocast=autocast, micro_batch=micro_batch, blocks=arch_of(student.config.model_type).blocks)
+    method.walk(student, teacher, windows, list(fakes), device=device, progress=progress,
+                checkpoint_dir=checkpoint_dir, resume=resume)
+    return method.errors
 
-    spec = arch_of(student.config.model_type)
-    student_blocks, teacher_blocks = student.get_submodule(spec.blocks), teacher.get_submodule(spec.blocks)
-    processes = parallel.world()
-    micro = micro_batch or batch // processes  # windows per forward: the same micro_batch gives the same steps
-    if batch % micro or (batch // micro) % processes:  # on one process and on several
-        raise UserError(f"qat batch {batch} in micro-batches of {micro} does not split over {processes} processes; "
-                        f"use a batch of a multiple of {micro * processes}")
-    windows = windows.to(next(teacher.parameters()).device)  # where the models are (the runner keeps them on CPU)
-    with torch.no_grad():
-        target_in, calls = capture_block_inputs(teacher, windows, micro)
-        student_in, _ = capture_block_inputs(student, windows, micro)
-    calls = calls.to(device)
-    done = _restore(checkpoint_dir, student_blocks, fakes, spec.blocks) if resume and checkpoint_dir else 0
-    errors: list[float] = []
-    for index in range(len(student_blocks)):
-        homes = [next(b.parameters()).device for b in (teacher_blocks[index], student_blocks[index])]
-        teacher_block, student_block = teacher_blocks[index].to(device), student_blocks[index].to(device)
-        with torch.no_grad():
-            target_out = [calls.run(teacher_block, index, b, h.to(device)).cpu() for b, h in enumerate(target_in)]
-        trained = {n: m for n, m in fakes.items() if n.startswith(f"{spec.blocks}.{index}.")}
-        if trained and index >= done:
-            errors.append(_train_block(student_block, index, calls, student_in, target_out, trained, steps, lr,
-                                       scale_lr, seed, device, tracker, autocast, batch // micro))
-            if checkpoint_dir is not None and parallel.is_main():
-                _save(checkpoint_dir, index, trained)
-        with torch.no_grad():
-            student_in = [calls.run(student_block, index, b, h.to(device)).cpu() for b, h in enumerate(student_in)]
-        target_in = target_out
-        teacher_blocks[index].to(homes[0])  # back where it was (all on the device when qat moved the model)
-        student_blocks[index].to(homes[1])
-        if progress and parallel.is_main():
-            progress(index + 1, len(student_blocks), f"block output error {errors[-1]:.4f}" if errors else "resumed")
-    return errors
+
+class BlockAP(BlockwiseMethod):
+    """Block-AP as a block-wise method (methods.base.BlockwiseMethod walks the blocks): each block's
+    `fakes` trained by _train_block; their tensors checkpointed after each block. A step of `batch`
+    windows runs as forwards of `micro_batch` (default: batch / processes), this process taking its
+    share. UserError for a batch that does not split over the processes."""
+
+    def __init__(self, fakes: dict[str, FakeQuantLinear], *, steps: int, batch: int, lr: float, scale_lr: float,
+                 seed: int, tracker: Tracker | None, autocast, micro_batch: int, blocks: str):
+        super().__init__(config=None)  # trained as part of qat, with qat's settings
+        processes = parallel.world()
+        micro = micro_batch or batch // processes  # windows per forward: the same micro_batch gives the same steps
+        if batch % micro or (batch // micro) % processes:  # on one process and on several
+            raise UserError(f"qat batch {batch} in micro-batches of {micro} does not split over {processes} processes; "
+                            f"use a batch of a multiple of {micro * processes}")
+        self.fakes, self.blocks, self.micro_batch, self.chunks = fakes, blocks, micro, batch // micro
+        self.steps, self.lr, self.scale_lr, self.seed = steps, lr, scale_lr, seed
+        self.tracker, self.autocast = tracker, autocast
+        self.errors: list[float] = []
+
+    def _trained(self, index: int) -> dict[str, FakeQuantLinear]:
+        return {n: m for n, m in self.fakes.items() if n.startswith(f"{self.blocks}.{index}.")}
+
+    def fit_block(self, block: nn.Module, data: BlockData) -> str:
+        error = _train_block(block, data.index, data.calls, data.inputs, data.targets, self._trained(data.index),
+                             self.steps, self.lr, self.scale_lr, self.seed, next(block.parameters()).device,
+                             self.tracker, self.autocast, self.chunks)
+        self.errors.append(error)
+        return f"block output error {error:.4f}"
+
+    def restore(self, directory: Path, model: nn.Module) -> int:
+        return _restore(directory, model.get_submodule(self.blocks), self.fakes, self.blocks)
+
+    def save_block(self, directory: Path, index: int, block: nn.Module) -> None:
+        _save(directory, index, self._trained(index))
 
 
 def _train_block(block, index, calls, inputs, targets, trained, steps, lr, scale_lr, seed, device,
