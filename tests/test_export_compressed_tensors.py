@@ -118,6 +118,37 @@ def test_transformers_decompresses_our_codes(case, tmp_path, tokens, wrong_artif
                    for dt in (torch.float32, torch.float16)), module_name
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_symmetric_writes_the_exact_symmetric_form_or_refuses_by_name(bits, tmp_path, tokens):
+    """--symmetric: 3-bit asymmetric codes minus their zero points always fit the 4-bit field, so the
+    folder is symmetric and plain from_pretrained loads it with the artifact's weights to the bit; random
+    4-bit grids put codes up to 15 from their zero points: refused, nothing written, and the note of
+    the plain export says which way works."""
+    source = make_artifact(tmp_path / "a", [{"method": "rtn", "bits": bits, "group_size": 32, "symmetric": False}])
+    plain = export(source, "compressed-tensors", tmp_path / "plain")
+    (asymmetric_note,) = [n for n in plain["notes"] if n.startswith("asymmetric grids")]
+    assert ("export with --symmetric" in asymmetric_note) is (bits == 3)
+    assert ("compress with --set symmetric=true" in asymmetric_note) is (bits == 4)
+    if bits == 4:
+        with pytest.raises(UserError, match=r"--symmetric: module model\.layers\.0\..*span -?\d+\.\.\d+, outside "
+                                            r"the 4-bit signed field \(-8\.\.7\)"):
+            export(source, "compressed-tensors", tmp_path / "ct", symmetric=True)
+        assert not (tmp_path / "ct").exists()
+        return
+    report = export(source, "compressed-tensors", tmp_path / "ct", symmetric=True)
+    assert report["verified_exact"] == 14 and any(n.startswith("--symmetric: 14 asymmetric") for n in report["notes"])
+    (scheme,) = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"].values()
+    assert scheme["weights"]["symmetric"] is True and scheme["weights"]["num_bits"] == 4
+    with safe_open(str(tmp_path / "ct" / "model.safetensors"), "pt") as file:
+        assert not [k for k in file.keys() if k.endswith("weight_zero_point")]
+    ours, _ = artifact.load(source)
+    theirs = load_exported(tmp_path / "ct")  # no dequantize option: the symmetric folder loads as written
+    assert (logits(theirs, tokens) - logits(ours, tokens)).abs().max() <= ATOL
+    for module_name in report_modules(ours):  # (decompressed by that forward)
+        weight = theirs.get_submodule(module_name).weight.float()
+        assert torch.equal(weight, ours.get_submodule(module_name).dense_weight(torch.float32)), module_name
+
+
 def report_modules(model):
     return [n for n, m in model.named_modules() if getattr(m, "kind", "") == "quant"]
 

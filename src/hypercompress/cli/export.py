@@ -25,6 +25,10 @@ def export(
     dense_fallback: bool = typer.Option(False, "--dense-fallback", help="compressed-tensors: write "
                                         "modules the format cannot hold as dense tensors (ignored by "
                                         "its quantization) instead of refusing"),
+    symmetric: bool = typer.Option(False, "--symmetric", help="compressed-tensors: write asymmetric grids "
+                                   "in their exact symmetric form (codes minus zero points; refused where a "
+                                   "4- or 8-bit code lies too far from its zero point) so plain from_pretrained "
+                                   "loads the folder"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="hf: bfloat16 (default) | float16 | float32; "
                                         "compressed-tensors: float16 (default) | bfloat16 | float32"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write the export report as JSON"),
@@ -34,7 +38,8 @@ def export(
     quiet_libraries(verbose)
     from ..exporters import check_options, export as run_export
 
-    given = {"gguf_type": gguf_type, "force_type": force_type, "dense_fallback": dense_fallback, "dtype": dtype}
+    given = {"gguf_type": gguf_type, "force_type": force_type, "dense_fallback": dense_fallback,
+             "symmetric": symmetric, "dtype": dtype}
     options = {name: value for name, value in given.items() if value not in (None, False)}
     check_options(fmt, options)
     refuse_existing(out)

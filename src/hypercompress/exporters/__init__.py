@@ -40,7 +40,10 @@ FORMATS = {
     "compressed-tensors": Format("compressed_tensors", {
         "dtype": "float16 (default: our scales go in exactly) | bfloat16 | float32",
         "dense_fallback": "write modules the format cannot hold as dense tensors (ignored by its quantization) "
-                          "instead of refusing"}),
+                          "instead of refusing",
+        "symmetric": "write asymmetric grids in their exact symmetric form (codes minus zero points; refused "
+                     "where a 4- or 8-bit code lies too far from its zero point) so plain from_pretrained loads "
+                     "the folder"}),
     "gguf": Format("gguf_writer", {
         "gguf_type": "the GGML type (F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0) of tensors no type holds exactly "
                      "(default: per tensor)",

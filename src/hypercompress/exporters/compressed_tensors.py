@@ -33,6 +33,10 @@ Loading: vLLM reads this layout as llm-compressor's. transformers (5.17 .. 5.24 
 llm-compressor's own included (its meta-device compress leaves the zero points unpacked, so their
 shape differs from the file's); `from_pretrained(DIR,
 quantization_config=CompressedTensorsConfig(dequantize=True))` loads those (one config group only).
+`symmetric=True` writes an asymmetric grid in its symmetric form instead, q' = q - z with no zero
+point: (q - z) s is the same weight to the bit, and q - z always fits the B-bit signed field for
+b = 2, 3 (B = 4) and b = 5..7 (B = 8); for b = 4 and 8 only when every code lies within 2^(B-1) - 1
+of its zero point (else refused by name: nothing is re-quantized).
 
 Refused with a one-line UserError (nothing written): float-zero grids (w = q s + m; `--format gguf`
 holds them), quantized embeddings (compressed-tensors and vLLM do not quantize embeddings), GPT-2's
@@ -59,15 +63,17 @@ FORMAT = "pack-quantized"
 
 
 def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str = "float16",
-          dense_fallback: bool = False) -> dict[str, Any]:
+          dense_fallback: bool = False, symmetric: bool = False) -> dict[str, Any]:
     """Write `model` (an artifact as `artifact.load` returns it) to `out_dir` in compressed-tensors'
     pack-quantized layout: model.safetensors, config.json with `quantization_config`, tokenizer.
 
     dtype: "float16" (default: our scales and 16-bit tensors go in exactly), "bfloat16" or "float32".
     dense_fallback: write modules the format cannot hold dense (in `dtype`, listed in `ignore`)
-    instead of refusing. Returns {dtype, format, config_groups, ignore, dense_fallback, verified_exact,
+    instead of refusing. symmetric: write asymmetric grids in their exact symmetric form (codes minus
+    zero points; the module docstring says when one exists). Returns {dtype, format, config_groups, ignore, dense_fallback, verified_exact,
     safetensors_bytes, notes}. Raises UserError (one line) when compressed-tensors is missing, for a
-    bad dtype, or for a module the format cannot hold (see the module docstring).
+    bad dtype, for a module the format cannot hold (see the module docstring), or with `symmetric`
+    for a module whose codes have no exact symmetric form.
     """
     try:
         import compressed_tensors
@@ -105,13 +111,18 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
         raise UserError(f"{kind} module {name}{more}: {why}; export it with {where}, or pass "
                         "--dense-fallback to write such modules dense (listed in ignore)")
 
+    asymmetric = [n for n, m in packable.items() if not m.symmetric]
+    spans = {n: _span(packable[n]) for n in asymmetric}  # (lowest, highest) q - z of each
+    if symmetric:
+        for name in asymmetric:
+            _check_symmetric_form(name, packable[name], spans[name])
     schemes, groups, verified = {}, {}, 0
     actorder = _actorder(manifest)
     for name, module in packable.items():
-        key = _grid(module)
+        key = _grid(module, symmetric)
         scheme = schemes.get(key) or schemes.setdefault(key, _scheme(key, actorder))
         groups.setdefault(key, []).append(name)
-        tensors = _pack(module)
+        tensors = _pack(module, symmetric)
         verified += _verify(name, module, tensors, scheme)
         linear = _set(model, name, _empty_linear(module))
         replace_direct_state_dict(linear, tensors)
@@ -134,7 +145,7 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
     compressor.update_config(str(out_dir))
     tokenizer.save_pretrained(out_dir)
 
-    notes = [f"{b}-bit codes stored in {_grid(m)[0]}-bit fields: exact, nothing re-quantized"
+    notes = [f"{b}-bit codes stored in {_grid(m, symmetric)[0]}-bit fields: exact, nothing re-quantized"
              for b, m in sorted({m.bits: m for m in packable.values() if m.bits not in (4, 8)}.items())]
     if dtype == "bfloat16" and packable:
         notes.append("bfloat16: our float16 scales are rounded once to bfloat16 (not exact)")
@@ -147,13 +158,21 @@ def write(model, tokenizer, manifest: dict[str, Any], out_dir: Path, dtype: str 
                      f"(e.g. {refused[0][0]}, {refused[0][1]}), not compressed in this file")
     if config is None:
         notes.append("no quantized linear: a dense model, written without quantization_config")
+    if symmetric and asymmetric:
+        notes.append(f"--symmetric: {len(asymmetric)} asymmetric modules written in their symmetric form (codes "
+                     "minus zero points, the same weights to the bit): transformers' plain from_pretrained and vLLM "
+                     "load this folder as written")
     if any(not key[2] for key in schemes):  # what its readers need (the module docstring's "Loading")
+        fits = all(_symmetric_form_problem(packable[n], spans[n]) is None for n in asymmetric)
         notes.append("asymmetric grids: vLLM reads this folder as written; transformers' plain from_pretrained "
                      "refuses asymmetric pack-quantized files (llm-compressor's own too): pass "
-                     "quantization_config=CompressedTensorsConfig(dequantize=True), or compress with "
-                     "--set symmetric=true for a folder it loads as written (asymmetric codes have no exact "
-                     "symmetric form: their zero points differ per group)"
-                     + ("" if len(schemes) == 1 else f" (checked here with one config group; this file has {len(schemes)})"))
+                     "quantization_config=CompressedTensorsConfig(dequantize=True)"
+                     + (" (checked here with one config group; this file has "
+                        f"{len(schemes)})" if len(schemes) > 1 else "") + ", or "
+                     + ("export with --symmetric for a folder it loads as written (these codes have an exact "
+                        "symmetric form)" if fits else
+                        "compress with --set symmetric=true for a folder it loads as written (some 4- or 8-bit "
+                        "codes lie too far from their zero points for an exact symmetric form)"))
     return {
         "dtype": dtype, "format": FORMAT, "compressed_tensors": compressed_tensors.__version__,
         "config_groups": {
@@ -205,11 +224,42 @@ def _split_fused(model: nn.Module) -> list[str]:
     return split
 
 
-def _grid(module) -> tuple[int, int | None, bool]:
-    """(B = stored bits, group size or None for one scale per row, symmetric) of a QuantLinear."""
+def _grid(module, symmetric: bool = False) -> tuple[int, int | None, bool]:
+    """(B = stored bits, group size or None for one scale per row, symmetric) of a QuantLinear as
+    written (`symmetric`: asymmetric grids in their symmetric form)."""
     stored_bits = 4 if module.bits <= 4 else 8
     group = None if module.group_size == module.in_features else module.group_size
-    return stored_bits, group, bool(module.symmetric)
+    return stored_bits, group, bool(module.symmetric or symmetric)
+
+
+def _span(module) -> tuple[int, int]:
+    """(lowest, highest) q - z over an asymmetric module's weights."""
+    codes, zeros = _signed_codes(module)
+    centred = _centred(codes, zeros)
+    return int(centred.min()), int(centred.max())
+
+
+def _centred(codes: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """q - z (int16, (out, in)) from signed codes (out, in) and zero points (out, groups)."""
+    group = codes.shape[1] // zeros.shape[1]
+    return codes.to(torch.int16) - zeros.to(torch.int16).repeat_interleave(group, 1)
+
+
+def _symmetric_form_problem(module, span: tuple[int, int]) -> str | None:
+    """Why an asymmetric module has no exact symmetric form in its B-bit field, or None."""
+    stored_bits = _grid(module)[0]
+    low, high = -(1 << (stored_bits - 1)), (1 << (stored_bits - 1)) - 1
+    if low <= span[0] and span[1] <= high:
+        return None
+    return (f"its {module.bits}-bit codes minus their zero points span {span[0]}..{span[1]}, outside the "
+            f"{stored_bits}-bit signed field ({low}..{high})")
+
+
+def _check_symmetric_form(name: str, module, span: tuple[int, int]) -> None:
+    problem = _symmetric_form_problem(module, span)
+    if problem is not None:
+        raise UserError(f"--symmetric: module {name}: {problem}, so it has no exact symmetric form; compress with "
+                        "--set symmetric=true, or export without --symmetric (vLLM reads the asymmetric folder)")
 
 
 def _actorder(manifest: dict[str, Any]) -> str | None:
@@ -243,12 +293,15 @@ def _signed_codes(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return codes.to(torch.int8), zeros
 
 
-def _pack(module) -> dict[str, torch.Tensor]:
-    """The module's tensors in pack-quantized layout (names as compressed-tensors' compressor uses)."""
+def _pack(module, symmetric: bool = False) -> dict[str, torch.Tensor]:
+    """The module's tensors in pack-quantized layout (names as compressed-tensors' compressor uses);
+    `symmetric`: an asymmetric grid as q - z without zero points (checked to fit beforehand)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     stored_bits = _grid(module)[0]
     codes, zeros = _signed_codes(module)
+    if symmetric and zeros is not None:
+        codes, zeros = _centred(codes, zeros).to(torch.int8), None
     tensors = {"weight_packed": pack_to_int32(codes, stored_bits),
                "weight_scale": module.scales.detach().clone(),
                "weight_shape": torch.tensor([module.out_features, module.in_features])}
