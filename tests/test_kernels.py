@@ -65,10 +65,17 @@ def test_int4_kernel_equals_reference(grid, model_dirs, tokens, tmp_path):
     backends = model.hypercompress_backends
     assert backends and all(b.startswith("int4 tinygemm") for b in backends.values()), backends
     assert _close(fast, reference, torch.bfloat16, _exact_logits(path, tokens))
-    fast32, reference32, model32 = _logits_both_ways(path, tokens)  # float32: dense, exact
-    assert all(b.startswith("dense (dequantized once)") for b in model32.hypercompress_backends.values())
+    # float32: 64 rows dequantize in float32 (exact up to rounding order); 8 rows, decode-sized, take
+    # the kernel in bfloat16: no further from the reference than a bfloat16 caller's reference is
+    fast32, reference32, model32 = _logits_both_ways(path, tokens)
+    assert all("g" in b and "(cpu) in bfloat16" in b for b in model32.hypercompress_backends.values())
     assert _close(fast32, reference32, torch.float32)
     assert not torch.equal(fast, torch.zeros_like(fast))
+    decode = tokens[:1, :8]
+    fast_decode, reference_decode, _ = _logits_both_ways(path, decode)
+    _, bf16_reference, _ = _logits_both_ways(path, decode, torch.bfloat16)
+    assert fast_decode.dtype == torch.float32 and not torch.equal(fast_decode, reference_decode)
+    assert _close(fast_decode, reference_decode, torch.bfloat16, bf16_reference)
 
 
 def test_int4_kernel_bfloat16_and_the_tied_head(model_dirs, tokens, tmp_path):
@@ -138,8 +145,12 @@ def test_fast_path_is_exact_on_every_code():
     path = Int4Linear(layer.code_matrix(), layer.scales, layer.tinygemm_zero(), 32, None, torch.float32)
     eye = torch.eye(64)
     with torch.inference_mode():
-        assert torch.allclose(path(eye[:8]).t(), layer.dense_weight()[:, :8], atol=1e-6, rtol=0)
         assert torch.allclose(path.dense_weight(), layer.dense_weight(), atol=1e-6, rtol=0)
+        assert torch.allclose(path(eye[:9]).t(), layer.dense_weight()[:, :9], atol=1e-6, rtol=0)  # float32 GEMM
+        # 8 rows: the kernel, in bfloat16 for this float32 caller (s and z_t rounded, then the output)
+        kernel = path(eye[:8]).t()
+        assert kernel.dtype == torch.float32 and not torch.equal(kernel, layer.dense_weight()[:, :8])
+        assert torch.allclose(kernel, layer.dense_weight()[:, :8], atol=0.05, rtol=2 ** -7)
 
 
 def test_a_moved_input_falls_back_to_the_reference():
@@ -204,10 +215,12 @@ def test_the_model_compress_returns_runs_the_fast_path(model_dirs, tokens, tmp_p
     backends = model.hypercompress_backends
     loaded, _ = artifact.load(tmp_path / "a")
     assert backends and backends == loaded.hypercompress_backends
-    assert all(isinstance(m._fast, DenseLinear) for m in model.modules() if isinstance(m, QuantLinear))
+    assert all(isinstance(m._fast, Int4Linear) and m._fast.dtype == torch.float32
+               for m in model.modules() if isinstance(m, QuantLinear))
     with torch.inference_mode():
         assert torch.equal(model(tokens).logits, loaded(tokens).logits)
     model.to(torch.bfloat16)
     assert set(hypercompress.prepare(model).values()) == set(artifact.load(tmp_path / "a", dtype=torch.bfloat16)[0]
                                                              .hypercompress_backends.values())
-    assert any(isinstance(getattr(m, "_fast", None), Int4Linear) for m in model.modules())
+    assert all(isinstance(m._fast, Int4Linear) and m._fast.dtype == torch.bfloat16
+               for m in model.modules() if isinstance(m, QuantLinear))

@@ -1,8 +1,11 @@
 """4-bit weight-only GEMM through torch's tinygemm kernels (the int4 layout torchao also uses).
 
 CUDA: `aten._weight_int4pack_mm(x (M, K) bf16, packed, group, scales_and_zeros (K/group, N, 2) bf16)`;
-CPU: `aten._weight_int4pack_mm_for_cpu` (bfloat16 or float16 activations chosen; it takes float32
-too, but measured 5-8x slower than a dense float32 GEMM there, so float32 layers stay dense). Both compute
+CPU: `aten._weight_int4pack_mm_for_cpu` (bfloat16 or float16 activations). It takes float32 too, but
+measured 28x slower than with bfloat16 (a scalar loop), so a float32 caller's decode-sized calls (at
+most F32_KERNEL_ROWS rows) cast x to bfloat16 for the kernel and the result back (bfloat16 rounding
+of x, s and z_t: the same error a bfloat16 caller has), and its longer calls dequantize W in float32
+and run one float32 GEMM (float32 exact up to rounding order). Both compute
 W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g] with g = k // group and 4-bit q, so our grids map
 exactly (kernels/__init__.py). Groups: 32, 64, 128 or 256 input columns; a stored group that is a
 multiple of one (e.g. 192 = 3 x 64, or a whole row) repeats its scale over the kernel's groups.
@@ -41,8 +44,6 @@ def int4_supported(device: torch.device, dtype: torch.dtype, out_features: int, 
             return "needs compute capability 8.0 and out_features divisible by 8"
         return None  # (N % 8, K % (tiles x 16), group: checked above; the CUDA packing's whole contract)
     if device.type == "cpu":
-        if dtype == torch.float32:  # measured (2-core EPYC): 4096 x 11008 at 1 token 38 ms vs 8 ms
-            return "the CPU int4 kernel is 5-8x slower than dense in float32 (use bfloat16)"
         if out_features % 16:  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
             return f"out_features {out_features} is no multiple of 16 (the CPU int4 packing)"
         return None if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") else "torch too old"
@@ -54,6 +55,11 @@ def int4_supported(device: torch.device, dtype: torch.dtype, out_features: int, 
 # 16 tokens, 0.23 ms at 2048, the fused dequantize ~0.16 ms; 2-core EPYC (bfloat16) tinygemm 1.2 ms
 # at 1 token, 8.4 ms at 16 (~0.45 ms a row), dequantize ~110 ms.
 GEMM_ROWS = {"cuda": 32, "cpu": 256}
+# A float32 caller on the CPU: calls of at most this many rows run the kernel in bfloat16, longer ones
+# dequantize in float32. Measured (Xeon, 1 thread, the weights in cache, so dense's best case): cast +
+# kernel 47 us vs float32 dense 120 us at 1 row for 1536 x 576, 164 vs 376 us at 8 rows; a decoding
+# model reads every weight from memory, where the kernel's 8x fewer bytes win more.
+F32_KERNEL_ROWS = 8
 
 
 def _dequantize(pairs: torch.Tensor, group_scale: torch.Tensor, group_zero: torch.Tensor) -> torch.Tensor:
@@ -87,9 +93,10 @@ class Int4Linear(FastPath):
 
     codes: (N, K) integers in [0, 16); scale, zero: (N, K / group_size) float, with
     W[n, k] = (codes[n, k] - 8) * scale[n, k // group_size] + zero[n, k // group_size].
-    Inputs of more than GEMM_ROWS rows (prefill) dequantize W from `pairs` (the codes two to a
-    byte, high nibble first: a 4-bit QuantLinear's own qweight, shared, not copied) and run one
-    dense GEMM; decode runs the tinygemm kernel.
+    Inputs of more than `gemm_rows` rows (GEMM_ROWS; F32_KERNEL_ROWS for a CPU float32 caller:
+    prefill) dequantize W from `pairs` (the codes two to a byte, high nibble first: a 4-bit
+    QuantLinear's own qweight, shared, not copied) and run one dense GEMM in the caller's dtype;
+    decode runs the tinygemm kernel (in bfloat16 for a CPU float32 caller, the result cast back).
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
@@ -97,6 +104,8 @@ class Int4Linear(FastPath):
                  pairs: torch.Tensor | None = None):
         device = codes.device
         super().__init__(device, dtype, bias)
+        # the kernel's activation dtype: a float32 caller's decode-sized calls go through bfloat16
+        self.kernel_dtype = torch.bfloat16 if device.type == "cpu" and dtype == torch.float32 else dtype
         out_features, in_features = codes.shape
         group = kernel_group(group_size, in_features)
         repeat = group_size // group
@@ -105,11 +114,11 @@ class Int4Linear(FastPath):
         scale = scale.float().repeat_interleave(repeat, 1)
         zero = zero.float().repeat_interleave(repeat, 1)
         self.group, self.out_features, self.in_features = group, out_features, in_features
-        self.scales_and_zeros = torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous()
+        self.scales_and_zeros = torch.stack([scale.t(), zero.t()], -1).to(self.kernel_dtype).contiguous()
         codes = codes.to(torch.uint8)
         self.pairs = pairs.view(out_features, in_features // 2) if pairs is not None else \
             (codes[:, ::2] << 4 | codes[:, 1::2]).contiguous()
-        self.gemm_rows = GEMM_ROWS.get(device.type, 64)
+        self.gemm_rows = F32_KERNEL_ROWS if self.kernel_dtype != dtype else GEMM_ROWS.get(device.type, 64)
         tiles = _inner_k_tiles(in_features)
         if device.type == "cuda":
             self.packed = torch.ops.aten._convert_weight_to_int4pack(self.pairs, tiles)
@@ -117,7 +126,8 @@ class Int4Linear(FastPath):
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), tiles)
             self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
-        self.backend = (f"int4 tinygemm g{group} ({device.type}){note}; above {self.gemm_rows} tokens "
+        via = "" if self.kernel_dtype == dtype else " in bfloat16"
+        self.backend = (f"int4 tinygemm g{group} ({device.type}){via}{note}; above {self.gemm_rows} tokens "
                         "a call dequantizes, then one GEMM")
 
     def dense_weight(self) -> torch.Tensor:
@@ -129,7 +139,7 @@ class Int4Linear(FastPath):
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         if flat.shape[0] > self.gemm_rows:
             return F.linear(x, self.dense_weight(), self.bias)
-        y = self.matmul(flat, self.packed, self.group, self.scales_and_zeros)
+        y = self.matmul(flat.to(self.kernel_dtype), self.packed, self.group, self.scales_and_zeros).to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
