@@ -178,3 +178,38 @@ def test_a_piped_evaluate_reports_each_step_and_accounts_for_its_time(model_dirs
     evaluation = json.loads((tmp_path / "e.json").read_text())
     assert sum(r["seconds"] for r in evaluation["timeline"]) == pytest.approx(evaluation["wall_seconds"], abs=0.01)
     assert "where the time went" in result.stdout and "│ total" in result.stdout
+
+
+def test_evaluate_draws_bars_by_default_and_progress_false_is_silent(model_dirs, text_file, capsys, monkeypatch):
+    import hypercompress
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    options = dict(data=str(text_file), seq_len=32, max_windows=2)
+    quiet = hypercompress.evaluate(str(model_dirs["llama"]), progress=False, **options)
+    assert capsys.readouterr().err == ""
+    drawn = hypercompress.evaluate(str(model_dirs["llama"]), **options)
+    assert "loading" in capsys.readouterr().err and drawn.ppl == quiet.ppl
+
+
+def test_the_gguf_dequantization_bar_follows_transformers_switch(capsys):
+    """transformers' GGUF loader draws its bar with tqdm itself: off while transformers' bars are off
+    (the CLI, a library call with its own bars), shown while they are on, its tqdm put back after."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as transformers_logging
+
+    from hypercompress.sources.models import gguf_bar_as_transformers_bars
+
+    original = gguf_utils.tqdm
+    was_on = transformers_logging.is_progress_bar_enabled()
+    try:
+        transformers_logging.enable_progress_bar()
+        with gguf_bar_as_transformers_bars():
+            assert gguf_utils.tqdm is original  # shown as tqdm shows it (--verbose)
+        transformers_logging.disable_progress_bar()
+        with gguf_bar_as_transformers_bars():
+            for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+                pass
+            assert gguf_utils.tqdm is not original
+        assert "de-quantizing" not in capsys.readouterr().err and gguf_utils.tqdm is original
+    finally:
+        (transformers_logging.enable_progress_bar if was_on else transformers_logging.disable_progress_bar)()

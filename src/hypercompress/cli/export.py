@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..storage.atomic import check_output_file, check_output_folder, refuse_existing
-from .common import console, err_console, one_line_errors, write_json
+from .common import console, one_line_errors, section_progress, write_json
 from .quiet import VERBOSE, quiet_libraries
 
 
@@ -45,8 +45,10 @@ def export(
     refuse_existing(out)
     check_output_folder(out)
     check_output_file(json_path)
-    with err_console.status(f"exporting {artifact} as {fmt}"):
+    with section_progress() as update:  # one step; a line every few seconds while it runs (a log too)
+        update(f"exporting {artifact} as {fmt}", 0, 1)
         report = run_export(artifact, fmt, out, **options)
+        update(f"exporting {artifact} as {fmt}", 1, 1)
     size = report.get("safetensors_bytes") or report.get("bytes")
     console.print(f"wrote {report['out']} ({fmt}{f', {size:,} bytes' if size else ''})")
     for line in (report.get("summary"), *report.get("notes", [])):

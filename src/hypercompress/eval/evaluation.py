@@ -18,7 +18,7 @@ from ..sources.data import read_text, tokenize, windows
 from ..errors import UserError, user_path
 from ..sources.models import load_model
 from ..storage.kept import EVALUATIONS, is_artifact_dir, keep_or_warn
-from ..progress import Progress, Timeline, no_progress
+from ..progress import Progress, Timeline, default_progress, library_bars_off
 from .perplexity import evaluate_windows, protocol_text
 
 Warn = Callable[[str], None]
@@ -60,7 +60,7 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
              teacher: nn.Module | str | None = None, batch_size: int = 4, dtype: torch.dtype | None = None,
              device: str | None = None, tasks: str | Sequence[str] | None = None,
              task_dir: str | os.PathLike[str] | None = None, num_fewshot: int | None = None,
-             limit: int | None = None, trust_task_code: bool = False, progress: Progress | None = None,
+             limit: int | None = None, trust_task_code: bool = False, progress: Progress | bool | None = True,
              keep: bool = False, warn: Warn | None = None) -> Evaluation:
     """Measure `model` on a text (perplexity, and KL / top-1 against `teacher`) and on lm-eval tasks.
 
@@ -79,8 +79,10 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
         (a transformers PreTrainedModel, as load_model and hypercompress.load give). A task folder
         is code lm-eval would run: a task naming Python (`!function`) or including a YAML outside
         the folder is refused, and templates render in Jinja's sandbox, unless `trust_task_code`.
-    progress(section, done, total, note): called as models load and batches run (progress.py);
-        the result's `timeline` lists the seconds of each step, adding up to `wall_seconds`.
+    progress: True (default): a bar per step on stderr (a notebook widget where ipywidgets is
+        installed), False: nothing, or a function progress(section, done, total, note) called as
+        models load and batches run (progress.py); the result's `timeline` lists the seconds of each
+        step, adding up to `wall_seconds`.
     keep: also keep the result with the artifact `model` names (its evaluations.json, storage/kept.py;
         `inspect` and `plot` show it), replacing a kept one of the same protocol; `kept_in` says
         where. Nothing is kept unless asked. A folder that cannot be written is one `warn` (default:
@@ -93,8 +95,15 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
     position limit or longer than the text, a model source that cannot load, and keep=True for a
     model that is not an artifact directory.
     """
+    with library_bars_off(progress):
+        return _evaluate(model, text, data, tokenizer, seq_len, max_windows, teacher, batch_size, dtype, device,
+                         tasks, task_dir, num_fewshot, limit, trust_task_code, default_progress(progress), keep, warn)
+
+
+def _evaluate(model, text, data, tokenizer, seq_len, max_windows, teacher, batch_size, dtype, device, tasks,
+              task_dir, num_fewshot, limit, trust_task_code, progress, keep, warn) -> Evaluation:
     timeline = Timeline("checking the options")
-    progress = timeline.track(progress or no_progress)
+    progress = timeline.track(progress)
     if keep and not is_artifact_dir(model):
         raise UserError(f"keep=True keeps the result in an artifact directory ({EVALUATIONS}); "
                         f"{_label(model)} is not one: pass keep=False")

@@ -8,8 +8,10 @@ refused with a one-line error naming the tensor or file.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,29 @@ def model_and_tokenizer(model: str | nn.Module, tokenizer: Any = None) -> tuple[
     return loaded.model, loaded.tokenizer
 
 
+@contextmanager
+def gguf_bar_as_transformers_bars():
+    """transformers' GGUF loader draws its dequantization bar with tqdm itself, past transformers'
+    own progress-bar switch: while that switch is off (the CLI, or a library call drawing its own
+    bars), that bar is off too."""
+    from transformers.utils import logging as transformers_logging
+
+    if transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # another transformers: nothing to switch
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def source_kind(spec: str) -> str:
     """What a model source names, checked without reading it: "builtin", "gguf", "artifact",
     "directory" or "hub". UserError (one line, the fix) for a missing file or folder, a folder that
@@ -142,8 +167,9 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
             check_config_against_headers(spec, config, files)
         # mismatched shapes come back in `info` (refused below, naming the tensor) rather than as
         # transformers' error pointing at a report only its logging shows
-        model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
+        with gguf_bar_as_transformers_bars():
+            model, info = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True, **kwargs)
         _refuse_incomplete(spec, info)
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except UserError:
