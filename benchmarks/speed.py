@@ -3,6 +3,7 @@
     python benchmarks/speed.py run --device cuda --out runs/speed-cuda.json [--gguf SmolLM2.gguf]
     python benchmarks/speed.py run --device cpu --out runs/speed-cpu.json
     python benchmarks/speed.py merge runs/speed-cuda.json runs/speed-cpu.json   # results/speed.json, RESULTS.md
+    python benchmarks/speed.py merge --name speed_cpu --title TITLE runs/a.json   # results/speed_cpu.json
 
 Layers: one 4096 x 11008 and one 11008 x 4096 projection (Llama-2-7B's MLP shapes), random codes,
 each kind built as hypercompress stores it, then `prepare_fast` (the path `hypercompress.load`
@@ -325,7 +326,10 @@ def main() -> None:
     r.add_argument("--new-tokens", type=int, default=128)
     r.add_argument("--test-text", default=None, help="WikiText-2 test text: SmolLM2 perplexity rows")
     r.add_argument("--out", required=True)
-    sub.add_parser("merge").add_argument("files", nargs="+")
+    m = sub.add_parser("merge")
+    m.add_argument("files", nargs="+")
+    m.add_argument("--name", default="speed", help="results/NAME.json (default speed)")
+    m.add_argument("--title", default="Speed: fast paths against dense and the bandwidth bound")
     args = parser.parse_args()
     if args.command == "run":
         NEW_TOKENS[0] = args.new_tokens
@@ -333,7 +337,7 @@ def main() -> None:
     else:
         from speed_report import merge
 
-        merge(args.files)
+        merge(args.files, args.name, args.title)
 
 
 if __name__ == "__main__":

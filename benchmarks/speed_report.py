@@ -21,7 +21,9 @@ PROTOCOL = ("layers: Llama-2-7B MLP shapes (in x out), random codes stored as hy
             "WikiText-2 test tokenized once, first 16 non-overlapping windows of 512 tokens, in the row's dtype")
 
 
-def merge(files: list[str]) -> None:
+def merge(files: list[str], name: str = "speed",
+          title: str = "Speed: fast paths against dense and the bandwidth bound") -> None:
+    """results/NAME.json (a section of RESULTS.md titled `title`) from speed.py run files."""
     rows, machines, commands = [], [], []
     for file in files:
         data = json.loads(Path(file).read_text())
@@ -31,7 +33,7 @@ def merge(files: list[str]) -> None:
             machines.append(machine)
         command = re.sub(r"--(gguf|scratch|out) \S+", r"--\1 PATH", data["command"])
         commands.append(re.sub(r"--test-text \S+", "--test-text ../shared/data/wikitext2_test.txt", command))
-    write_json("speed", {"title": "Speed: fast paths against dense and the bandwidth bound",
+    write_json(name, {"title": title,
                          "model": "layers of Llama-2-7B's shapes; a 7B-shaped model; SmolLM2-135M",
                          "params": 0, "protocol": PROTOCOL, "machine": " | ".join(machines),
                          "script": " && ".join(commands), "rows": rows, "kind": "speed"})

@@ -129,3 +129,20 @@ def test_the_method_names_known_without_torch_are_the_registered_ones():
     from hypercompress.registry import BUILTIN_METHODS
 
     assert sorted(BUILTIN_METHODS) == list_methods()
+
+
+@pytest.mark.parametrize("given, expected", [(None, "30000"), ("5", "5")])
+def test_the_command_sets_openmp_spinning_before_torch_loads_and_keeps_a_users_value(given, expected):
+    """GNU OpenMP's spin count (cli.OMP_SPIN_COUNT: torch's threads on shared cores) is set before
+    torch is imported, unless the user set one."""
+    code = ("import os, sys\n"
+            "sys.argv = ['hypercompress', '--help']\n"
+            "from hypercompress.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"False {expected}"

@@ -101,6 +101,17 @@ def test_progress_false_is_silent_and_a_callable_replaces_the_bars(model_dirs, c
     assert ("counting weights, KV cache and FLOPs", 1, 1) in seen
 
 
+def test_every_step_reports_its_end_in_memory_and_on_disk(model_dirs, calib_file, tmp_path):
+    """Every section a call starts it also finishes (done == total): a bar or line is never left open."""
+    for out in (None, tmp_path / "a"):
+        seen = []
+        hypercompress.compress(str(model_dirs["llama"]), method="gptq", calib=calib_file, calib_samples=2,
+                               calib_len=32, out=out, progress=lambda s, d, t, note="": seen.append((s, d, t)))
+        started = {s for s, d, t in seen}
+        finished = {s for s, d, t in seen if d >= t}
+        assert started == finished, (out, started - finished)
+
+
 def test_an_apply_recipe_step_is_exported():
     model = make_model("llama")
     report = hypercompress.apply_recipe(model, Recipe.single("rtn"))

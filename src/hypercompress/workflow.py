@@ -298,6 +298,7 @@ def compress(model: str | nn.Module, recipe: Recipe | str | Path | list | None =
             if parallel.is_main():
                 progress("logging the summary", 0, 1)
                 summary["logged_to"] = _log_summary(summary, plan, log_dir, wandb_project)
+                progress("logging the summary", 1, 1)
             _finish(summary, timeline)
             return CompressResult(net, tokenizer, None, summary)
         progress("writing the artifact", 0, 1)

@@ -6,7 +6,7 @@ that device has (`CompressedModule.prepare_fast`), and returns which backend eac
 
 | stored kind | CUDA | CPU |
 |---|---|---|
-| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) up to 32 tokens, else dequantize + GEMM | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 256 tokens, else dequantize + GEMM; float32: the same kernel in bfloat16 (x cast, the result cast back) up to 8 tokens, else dequantize + float32 GEMM |
+| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) up to 32 tokens, else dequantize + GEMM | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 256 tokens, else dequantize + GEMM; float32: the same kernel in bfloat16 (x cast, the result cast back) up to 8 tokens, else a float32 GEMM on the weight dequantized once (kept beside the codes) |
 | quant, 8 bits symmetric, one scale per row | dense, dequantized once (the int8 op is 15x slower than dense there) | int8 weight-only (`_weight_int8pack_mm`) up to 64 tokens, else dequantize + GEMM |
 | quant, other (5..8 bits grouped, shapes the kernels refuse) | dense, dequantized once | dense, dequantized once |
 | sparse 2:4 | dense, dequantized once; workload "prefill": semi-structured (`torch.sparse`, cuSPARSELt / CUTLASS) | dense, dequantized once |

@@ -4,8 +4,10 @@ CUDA: `aten._weight_int4pack_mm(x (M, K) bf16, packed, group, scales_and_zeros (
 CPU: `aten._weight_int4pack_mm_for_cpu` (bfloat16 or float16 activations). It takes float32 too, but
 measured 28x slower than with bfloat16 (a scalar loop), so a float32 caller's decode-sized calls (at
 most F32_KERNEL_ROWS rows) cast x to bfloat16 for the kernel and the result back (bfloat16 rounding
-of x, s and z_t: the same error a bfloat16 caller has), and its longer calls dequantize W in float32
-and run one float32 GEMM (float32 exact up to rounding order). Both compute
+of x, s and z_t: the same error a bfloat16 caller has), and its longer calls run one float32 GEMM on
+W dequantized once in float32 at build time (dequantizing a 4096 x 11008 W per call took 165 ms, 10x
+the GEMM it feeds; the float32 weight is what a float32 caller held before, the codes add 1/8).
+Both compute
 W[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g] with g = k // group and 4-bit q, so our grids map
 exactly (kernels/__init__.py). Groups: 32, 64, 128 or 256 input columns; a stored group that is a
 multiple of one (e.g. 192 = 3 x 64, or a whole row) repeats its scale over the kernel's groups.
@@ -93,10 +95,10 @@ class Int4Linear(FastPath):
 
     codes: (N, K) integers in [0, 16); scale, zero: (N, K / group_size) float, with
     W[n, k] = (codes[n, k] - 8) * scale[n, k // group_size] + zero[n, k // group_size].
-    Inputs of more than `gemm_rows` rows (GEMM_ROWS; F32_KERNEL_ROWS for a CPU float32 caller:
-    prefill) dequantize W from `pairs` (the codes two to a byte, high nibble first: a 4-bit
-    QuantLinear's own qweight, shared, not copied) and run one dense GEMM in the caller's dtype;
-    decode runs the tinygemm kernel (in bfloat16 for a CPU float32 caller, the result cast back).
+    Inputs of more than `gemm_rows` rows (GEMM_ROWS: prefill) dequantize W from `pairs` (the codes
+    two to a byte, high nibble first: a 4-bit QuantLinear's own qweight, shared, not copied) and run
+    one dense GEMM; decode runs the tinygemm kernel. A CPU float32 caller: the kernel in bfloat16 (the
+    result cast back) up to F32_KERNEL_ROWS rows, above that one float32 GEMM on W dequantized once.
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
@@ -127,11 +129,15 @@ class Int4Linear(FastPath):
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), tiles)
             self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
         via = "" if self.kernel_dtype == dtype else " in bfloat16"
-        self.backend = (f"int4 tinygemm g{group} ({device.type}){via}{note}; above {self.gemm_rows} tokens "
-                        "a call dequantizes, then one GEMM")
+        # a CPU float32 caller's longer calls: the float32 weight, dequantized once
+        self.dense = None if self.kernel_dtype == dtype else self.dense_weight()
+        above = "the float32 weight dequantized once" if self.dense is not None else "a call dequantizes, then one GEMM"
+        self.backend = f"int4 tinygemm g{group} ({device.type}){via}{note}; above {self.gemm_rows} tokens {above}"
 
     def dense_weight(self) -> torch.Tensor:
-        """W (N, K) in the compute dtype: (q - 8) s + z_t, from the packed pairs."""
+        """W (N, K) in the compute dtype: (q - 8) s + z_t, from the packed pairs (or kept, see `dense`)."""
+        if getattr(self, "dense", None) is not None:
+            return self.dense
         weight = dequantize(self.pairs, self.group_scale, self.group_zero)
         return weight.view(self.out_features, self.in_features)
 
