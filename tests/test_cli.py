@@ -92,7 +92,7 @@ def test_env_prints_versions():
     (["--method", "rtn", "--set", "group_size=48"], ["group_size 48"]),
     (["--method", "rtn", "--recipe", "recipes/rtn-w4g64.yaml"], ["exactly one"]),
     (["--recipe", "missing.yaml"], ["recipe file not found"]),
-    (["--method", "rtn", "--calib", "missing.txt"], ["data file not found"]),
+    (["--method", "rtn", "--calib", "missing.txt"], ["--calib missing.txt: file not found"]),
 ])
 def test_bad_compress_input(args, needles, model_dirs, tmp_path):
     out = tmp_path / "out"
@@ -153,7 +153,7 @@ def test_bad_evaluate_input(artifact_dir, text_file, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("w1 w2 w3 w4\n")
     cases = [
-        (["--data", tmp_path / "missing.txt"], "data file not found"),
+        (["--data", tmp_path / "missing.txt"], "missing.txt: file not found"),
         (["--data", empty], "holds no text"),
         (["--data", short, "--seq-len", 64], "fewer than seq_len 64"),
         (["--data", text_file, "--seq-len", 100000], "position limit of 256"),

@@ -8,6 +8,7 @@ import typer
 
 from ..storage.atomic import check_output_folder, refuse_existing
 from ..sources.hub import check_hub_model
+from ..sources.text_source import check_text_source
 from .common import console, one_line_errors, section_progress
 from .quiet import VERBOSE, quiet_libraries
 
@@ -29,9 +30,10 @@ def analyze(
 ) -> None:
     """Weight statistics, sensitivity, rate-distortion against the Gaussian bound, information flow."""
     quiet_libraries(verbose)
-    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     refuse_existing(out)
     check_output_folder(out)  # refused now, before torch loads
+    check_text_source(calib, "--calib")
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     from ..analysis.public import analyze as run_analysis
 
     with section_progress() as update:

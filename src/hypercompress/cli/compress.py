@@ -13,6 +13,7 @@ import typer
 
 from ..storage.atomic import check_output_file, check_output_folder, refuse_existing
 from ..sources.hub import check_hub_model
+from ..sources.text_source import check_text_source
 from ..registry import check_method_name
 from .clock import STARTED
 from .common import console, one_line_errors, section_progress, write_json
@@ -80,6 +81,9 @@ def compress(
         check_method_name(method)
     check_output_folder(refuse_existing(out))
     check_output_file(report_json)  # refused now, not after the compression
+    for option, text in (("--calib", calib), ("--eval", eval_text)):
+        if text is not None:
+            check_text_source(text, option)  # a missing file answers now, before torch loads
     check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     if teacher is not None:
         check_hub_model(teacher)

@@ -9,6 +9,7 @@ import typer
 
 from ..storage.atomic import check_output_folder, refuse_existing
 from ..sources.hub import check_hub_model
+from ..sources.text_source import check_text_source
 from .common import console, one_line_errors, section_progress
 from .quiet import VERBOSE, quiet_libraries
 
@@ -36,9 +37,13 @@ def edit(
 ) -> None:
     """Locate a concept (per-layer probes), erase it in the weights, and validate the rest."""
     quiet_libraries(verbose)
-    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     refuse_existing(out)
     check_output_folder(out)  # refused now, before torch loads
+    for option, text in (("--concept", concept), ("--contrast", contrast), ("--unrelated", unrelated),
+                         ("--heldout", heldout)):
+        if text is not None:
+            check_text_source(text, option)
+    check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     from ..analysis.edit_report import summary_rows
     from ..analysis.public import edit as run_edit
 

@@ -10,6 +10,7 @@ import typer
 
 from ..storage.atomic import check_output_file
 from ..sources.hub import check_hub_model
+from ..sources.text_source import check_text_source
 from .clock import STARTED
 from .common import console, one_line_errors, parse_dtype, section_progress, write_json
 from .progress import print_time_table, process_seconds
@@ -49,6 +50,8 @@ def evaluate(
     """Perplexity (and KL / top-1 vs a teacher) on non-overlapping windows of a text; task accuracy
     through lm-eval on local task data. An artifact keeps the result (--no-keep: not)."""
     quiet_libraries(verbose)
+    if data is not None:
+        check_text_source(data, "--data")  # a missing file answers now, before torch loads
     check_hub_model(model)  # offline or unreachable: one line now, before the library loads
     if teacher:
         check_hub_model(teacher)

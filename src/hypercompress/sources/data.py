@@ -12,32 +12,20 @@ from typing import Any
 import torch
 
 from ..arch import check_length
-from ..errors import UserError, user_path
-
-
-MAX_TEXT_BYTES = 1 << 30  # calibration and evaluation texts are read into memory whole
+from ..errors import UserError
+from .text_source import check_text_source
 
 
 def read_text(spec: str) -> str:
     """A local text file, or (online) a `datasets` spec NAME:CONFIG:SPLIT, e.g.
-    wikitext:wikitext-2-raw-v1:test (rows of its 'text' column joined by blank lines)."""
-    path = user_path(spec)
-    if path.is_dir():
-        raise UserError(f"{spec} is a directory; pass a text file")
-    if path.exists() and not path.is_file():
-        raise UserError(f"{spec} is not a regular file (a device or FIFO); pass a text file")
-    if path.is_file():
-        size = path.stat().st_size
-        if size > MAX_TEXT_BYTES:
-            raise UserError(f"{spec} is {size:,} bytes; texts are read whole, up to {MAX_TEXT_BYTES:,} bytes: "
-                            "pass a smaller sample of it")
+    wikitext:wikitext-2-raw-v1:test (rows of its 'text' column joined by blank lines); checked first
+    by text_source.check_text_source."""
+    path = check_text_source(spec)
+    if path is not None:
         text = path.read_text(encoding="utf-8", errors="replace")
         _refuse_binary(spec, text)
-    elif spec.count(":") == 2 and "/" not in spec and "\\" not in spec:
-        text = _dataset_text(spec)
     else:
-        raise UserError(f"data file not found: {spec}; pass a text file or a datasets spec "
-                        "NAME:CONFIG:SPLIT (e.g. wikitext:wikitext-2-raw-v1:test)")
+        text = _dataset_text(spec)
     if not text.strip():
         raise UserError(f"{spec} holds no text; pass a non-empty text file")
     return text
