@@ -42,11 +42,11 @@ def merge(files: list[str], name: str = "speed",
     render()
 
 
-def speed_section(data: dict) -> list[str]:
-    """The Markdown of results/speed.json: three tables (layers, 7B-shaped model, SmolLM2)."""
+def speed_section(data: dict, name: str = "speed") -> list[str]:
+    """The Markdown of results/NAME.json (a speed.py merge): tables of layers and of models."""
     rows = data["rows"]
     out = [f"- protocol: {data['protocol']}", f"- machine: {data['machine']}",
-           f"- command: `{data['script']}` -> `benchmarks/results/speed.json`", ""]
+           f"- command: `{data['script']}` -> `benchmarks/results/{name}.json`", ""]
     layer = [r for r in rows if r["section"] == "layer"]
     if layer:
         out += ["| device | shape | tokens | kind | backend | us | vs dense | bound us | vs bound | kernel MB | stored MB |",
@@ -64,7 +64,8 @@ def speed_section(data: dict) -> list[str]:
         for r in models:
             peak = "n/a" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
             name = r.get("model") or ("SmolLM2-135M, real weights (perplexity rows; cuDNN SDPA on)"
-                                      if r["section"] == "smollm2-ppl" else "SmolLM2-135M-shaped, random weights")
+                                      if r["section"] == "smollm2-ppl" else "SmolLM2-135M, real weights"
+                                      if r.get("ppl16") is not None else "SmolLM2-135M-shaped, random weights")
             out.append(f"| {r['device']} | {name} | {r['kind']} | {r.get('path', 'fast')} | {r['batch']} "
                        f"| {'n/a' if r['tokens_per_s'] is None else format(r['tokens_per_s'], '.1f')} | {peak} | {r.get('ppl16') or 'n/a'} | {r['backend']} |")
         out.append("")
