@@ -4,7 +4,12 @@ Run (main venv):  python benchmarks/llamacpp.py [--windows 16] [--threads 2] [--
 Needs llama-cpp-python in its own venv (built from source for this CPU):
     python3 -m venv benchmarks/.venv-llamacpp
     CMAKE_ARGS="-DGGML_NATIVE=ON" benchmarks/.venv-llamacpp/bin/pip install llama-cpp-python
-Writes benchmarks/results/llamacpp.json (it does not render RESULTS.md).
+On a CPU with AMX (Sapphire Rapids) that native build segfaulted in its first decode of this Q4_1 file
+(0.3.36); built with every x86 feature but AMX it runs:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+      -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+      -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" .../pip install llama-cpp-python
+Writes benchmarks/results/llamacpp.json; `python benchmarks/report.py` renders RESULTS.md.
 
 Steps: smollm2-135m -> RTN w4 g32 with a float16 zero (`hypercompress compress smollm2-135m --method
 rtn --set bits=4 --set group_size=32 --set zero_point=float`, the grid GGUF's Q4_1 holds exactly) ->
