@@ -170,7 +170,7 @@ class BlockwiseMethod(WholeModelMethod):
         student_in, _ = capture_block_inputs(student, windows, self.micro_batch)
         calls = calls.to(device)
         done = self.restore(checkpoint_dir, student) if resume and checkpoint_dir is not None else 0
-        note = "resumed"
+        note = "resumed" if done else "run only (nothing to fit)"  # until a block is fitted
         for index in range(len(student_blocks)):
             homes = [next(b.parameters()).device for b in (teacher_blocks[index], student_blocks[index])]
             teacher_block, student_block = teacher_blocks[index].to(device), student_blocks[index].to(device)
