@@ -196,3 +196,13 @@ def test_the_rank_check_sees_an_upward_lazy_import(tmp_path):
     ranks = [{"hypercompress", "cli"}, {"errors"}]
     assert upward_imports(import_graph(package), ranks) == ["extra is in no rank",
                                                             "hypercompress.errors -> hypercompress.cli"]
+
+
+def test_the_runner_s_former_module_name_still_imports_it():
+    """hypercompress.calibration (the layer-wise runner before it became layerwise.py) re-exports the
+    runner and the block capture, so code written against the old name runs on."""
+    from hypercompress import block_calls, calibration, layerwise
+
+    assert calibration.run_layerwise is layerwise.run_layerwise
+    assert calibration.capture_block_inputs is block_calls.capture_block_inputs
+    assert calibration.BlockCalls is block_calls.BlockCalls

@@ -96,49 +96,43 @@ def evaluate(model: nn.Module | str, text: str | None = None, *, data: str | os.
     model that is not an artifact directory.
     """
     with library_bars_off(progress):
-        return _evaluate(model, text, data, tokenizer, seq_len, max_windows, teacher, batch_size, dtype, device,
-                         tasks, task_dir, num_fewshot, limit, trust_task_code, default_progress(progress), keep, warn)
+        timeline = Timeline("checking the options")
+        progress = timeline.track(default_progress(progress))
+        if keep and not is_artifact_dir(model):
+            raise UserError(f"keep=True keeps the result in an artifact directory ({EVALUATIONS}); "
+                            f"{_label(model)} is not one: pass keep=False")
+        label, text = _text(text, data)
+        if text is None and tasks is None and task_dir is None:
+            raise UserError("nothing to measure: pass a text (--data) or tasks (--tasks with --task-dir)")
+        if text is None and teacher is not None:
+            raise UserError("a teacher is compared on the text's windows (KL, top-1); pass a text (--data) too")
+        if num_fewshot is not None and num_fewshot < 0:
+            raise UserError(f"--num-fewshot {num_fewshot} is negative; pass 0 or more")
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit {limit} must be at least 1; pass 1 or more")
+        task_list = _tasks(tasks, task_dir, trust_task_code)
+        student, tokenizer, compute, where = _student(model, tokenizer, dtype, device, progress)
+        result = Evaluation(model=_label(model), data=label, teacher=_label(teacher) if teacher is not None else None,
+                            dtype=str(compute).removeprefix("torch."), device=where,
+                            backends=dict(Counter(getattr(student, "hypercompress_backends", {}).values())))
+        if text is not None:
+            reference = _teacher(teacher, compute, where, progress, tokenizer, student)
+            _perplexity(result, student, tokenizer, text, reference, seq_len, max_windows, batch_size, progress)
+        if task_list is not None:
+            from .harness import task_accuracy, tasks_protocol
 
-
-def _evaluate(model, text, data, tokenizer, seq_len, max_windows, teacher, batch_size, dtype, device, tasks,
-              task_dir, num_fewshot, limit, trust_task_code, progress, keep, warn) -> Evaluation:
-    timeline = Timeline("checking the options")
-    progress = timeline.track(progress)
-    if keep and not is_artifact_dir(model):
-        raise UserError(f"keep=True keeps the result in an artifact directory ({EVALUATIONS}); "
-                        f"{_label(model)} is not one: pass keep=False")
-    label, text = _text(text, data)
-    if text is None and tasks is None and task_dir is None:
-        raise UserError("nothing to measure: pass a text (--data) or tasks (--tasks with --task-dir)")
-    if text is None and teacher is not None:
-        raise UserError("a teacher is compared on the text's windows (KL, top-1); pass a text (--data) too")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise UserError(f"--num-fewshot {num_fewshot} is negative; pass 0 or more")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit} must be at least 1; pass 1 or more")
-    task_list = _tasks(tasks, task_dir, trust_task_code)
-    student, tokenizer, compute, where = _student(model, tokenizer, dtype, device, progress)
-    result = Evaluation(model=_label(model), data=label, teacher=_label(teacher) if teacher is not None else None,
-                        dtype=str(compute).removeprefix("torch."), device=where,
-                        backends=dict(Counter(getattr(student, "hypercompress_backends", {}).values())))
-    if text is not None:
-        reference = _teacher(teacher, compute, where, progress, tokenizer, student)
-        _perplexity(result, student, tokenizer, text, reference, seq_len, max_windows, batch_size, progress)
-    if task_list is not None:
-        from .harness import task_accuracy, tasks_protocol
-
-        progress("lm-eval tasks", 0, 1)
-        result.tasks = task_accuracy(student, tokenizer, task_list, num_fewshot, limit, batch_size, trust_task_code)
-        result.tasks_protocol = tasks_protocol(result.tasks, str(task_dir), limit, batch_size, result.dtype, where)
-        progress("lm-eval tasks", 1, 1)
-    if keep:
-        progress("keeping the result", 0, 1)
-        kept = keep_or_warn(user_path(model), result, warn or functools.partial(warnings.warn, stacklevel=2))
-        result.kept_in = str(kept) if kept else None
-        progress("keeping the result", 1, 1)
-    timeline.finish()
-    result.timeline, result.wall_seconds = timeline.rows(), round(timeline.wall_seconds, 3)
-    return result
+            progress("lm-eval tasks", 0, 1)
+            result.tasks = task_accuracy(student, tokenizer, task_list, num_fewshot, limit, batch_size, trust_task_code)
+            result.tasks_protocol = tasks_protocol(result.tasks, str(task_dir), limit, batch_size, result.dtype, where)
+            progress("lm-eval tasks", 1, 1)
+        if keep:
+            progress("keeping the result", 0, 1)
+            kept = keep_or_warn(user_path(model), result, warn or functools.partial(warnings.warn, stacklevel=2))
+            result.kept_in = str(kept) if kept else None
+            progress("keeping the result", 1, 1)
+        timeline.finish()
+        result.timeline, result.wall_seconds = timeline.rows(), round(timeline.wall_seconds, 3)
+        return result
 
 
 def _text(text: str | None, data: str | os.PathLike[str] | None) -> tuple[str | None, str | None]:

@@ -130,13 +130,15 @@ class Int4Linear(FastPath):
             self.matmul = torch.ops.aten._weight_int4pack_mm_for_cpu
         via = "" if self.kernel_dtype == dtype else " in bfloat16"
         # a CPU float32 caller's longer calls: the float32 weight, dequantized once
-        self.dense = None if self.kernel_dtype == dtype else self.dense_weight()
+        self.dense = None
+        if self.kernel_dtype != dtype:
+            self.dense = self.dense_weight()
         above = "the float32 weight dequantized once" if self.dense is not None else "a call dequantizes, then one GEMM"
         self.backend = f"int4 tinygemm g{group} ({device.type}){via}{note}; above {self.gemm_rows} tokens {above}"
 
     def dense_weight(self) -> torch.Tensor:
         """W (N, K) in the compute dtype: (q - 8) s + z_t, from the packed pairs (or kept, see `dense`)."""
-        if getattr(self, "dense", None) is not None:
+        if self.dense is not None:
             return self.dense
         weight = dequantize(self.pairs, self.group_scale, self.group_zero)
         return weight.view(self.out_features, self.in_features)
