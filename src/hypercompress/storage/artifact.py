@@ -26,6 +26,7 @@ from ..errors import UserError, user_path
 from ..formats import lossless as lossless_codec
 from .hf_config import wrapper_config
 from ..kernels import prepare_model
+from ..kernels.decode import use_static_decode
 from ..layers.base import StoredModule
 from ..modules import guard_plain_saves, replace_module
 
@@ -195,7 +196,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
     compressed; with `fast` each takes the fastest exact kernel `device` has for `dtype` (the
     int4 CUDA kernel wants bfloat16), and `model.hypercompress_backends` says which (kernels/).
     `fast=False` keeps every module on its reference forward (dequantize, then a dense GEMM);
-    `workload` "prefill" prefers kernels for long inputs (kernels.prepare_model).
+    `workload` "prefill" prefers kernels for long inputs (kernels.prepare_model). On CUDA with
+    `fast`, `generate` decodes with a static KV cache and a compiled step (kernels/decode.py).
     Every field is checked before a tensor is read (storage/reader.py); memory: the weights file
     plus the model. Nothing is unpickled and no code from the artifact runs.
     Raises UserError for a missing, corrupt, inconsistent or tampered artifact, or a device torch
@@ -247,6 +249,8 @@ def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: 
                         f"{_first_line(exc)}); re-create the artifact") from None
     model.to(resolve_device(device))
     model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
+    if fast:
+        use_static_decode(model)
     guard_plain_saves(model)
     model.hypercompress_source = {"original_params": manifest["original_params"], "recipe": manifest["recipe"]}
     try:

@@ -1,0 +1,267 @@
+"""Tune our Triton kernels' tiles on this GPU and measure where dequantize + GEMM takes over.
+
+    python benchmarks/kernel_tune.py run --out runs/tune.json [--bits 2,3,4,8] [--jobs 16]
+    python benchmarks/kernel_tune.py merge runs/tune.json   # -> src/hypercompress/kernels/triton_configs.json
+                                                            #    and results/kernel_tune_<GPU>.json
+
+For each width, token bucket (kernels/triton_quant.TOKEN_BUCKETS) and layer size (large: Llama-2-7B's
+MLP, 11008 x 4096 and 4096 x 11008, group 128; small: SmolLM2's MLP, 1536 x 576 and 576 x 1536, group
+64), every candidate tile config and split-K is timed on random codes with integer zeros (CUDA graph of
+20 calls, median of 3 replays), and the one with the least time summed over the size's two shapes is
+kept. Then, per width and size, the kernel (its bucket-256 config) is timed against dequantizing W into
+the workspace plus torch's dense GEMM at 64..2048 tokens; `gemm_rows` is the largest count up to which
+the kernel wins at every measured count. Compiles run first in --jobs processes sharing Triton's cache,
+so the timing process only loads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"large": ([(11008, 4096), (4096, 11008)], 128), "small": ([(1536, 576), (576, 1536)], 64)}
+CROSSOVER_ROWS = (64, 128, 256, 512, 1024, 2048)
+
+
+def candidates(bucket: int) -> list[dict]:
+    """Tile configs (without SPLIT_K) worth timing for a token bucket (buckets 1..16 share the
+    BLOCK_M = 16 compiles: the token count is not specialized)."""
+    configs = []
+    if bucket == 1:  # CUDA cores: a (BLOCK_N, BLOCK_K) float32 accumulator, at most 64 registers a thread
+        for bn, bk, stages in itertools.product((16, 32, 64), (128, 256), (2, 3)):
+            if bn * bk // (4 * 32) <= 64:
+                configs.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False,
+                                "num_warps": 4, "num_stages": stages})
+    if bucket <= 16:
+        for bn, bk, stages in itertools.product((32, 64, 128), (128, 256), (2, 4)):
+            configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
+                            "num_warps": 4, "num_stages": stages})
+    elif bucket == 64:
+        for bm, bn, bk, stages in itertools.product((32, 64), (64, 128), (64, 128), (3, 4)):
+            configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
+                            "num_warps": 4, "num_stages": stages})
+    else:
+        for bm, bn, warps in itertools.product((64, 128), (64, 128), (4, 8)):
+            configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "USE_DOT": True,
+                            "num_warps": warps, "num_stages": 3})
+    return configs
+
+
+def splits(bucket: int) -> tuple[int, ...]:
+    return {1: (1, 2, 4, 8), 4: (1, 2, 4, 8), 16: (1, 2, 4, 8), 64: (1, 2, 4)}.get(bucket, (1, 2))
+
+
+def layer(bits: int, out_features: int, in_features: int, group: int, device="cuda"):
+    """A QuantLinear of random codes with integer zeros, on the GPU."""
+    from hypercompress.layers import QuantLinear
+
+    g = torch.Generator().manual_seed(bits)
+    groups = in_features // group
+    codes = torch.randint(0, 1 << bits, (out_features, groups, group), generator=g).float()
+    scale = torch.rand(out_features, groups, 1, generator=g) * 0.01 + 1e-3
+    zero = torch.randint(0, 1 << bits, (out_features, groups, 1), generator=g).float()
+    return QuantLinear.from_codes(codes, scale, zero, None, bits, False, "int").to(device)
+
+
+def call(module, x, config):
+    from hypercompress.kernels import triton_quant as tq
+
+    zeros, kind = module.triton_zeros()
+    return tq.quant_matmul(x, module.qweight, module.scales, zeros, None, module.bits, kind,
+                           module.group_size, module.out_features, config)
+
+
+def plan(bits_list) -> list[tuple]:
+    """Every (bits, size, shape index, bucket, config, split) the timing will run."""
+    work = []
+    for bits, size, bucket in itertools.product(bits_list, SIZES, (1, 4, 16, 64, 256)):
+        for index in range(2):
+            for config, split in itertools.product(candidates(bucket), splits(bucket)):
+                work.append((bits, size, index, bucket, config, split))
+    return work
+
+
+def compile_part(part: list[tuple]) -> int:
+    """Compile (by running once) every config of `part` into Triton's on-disk cache."""
+    done = 0
+    modules = {}
+    for bits, size, index, bucket, config, split in part:
+        shapes, group = SIZES[size]
+        out_features, in_features = shapes[index]
+        key = (bits, size, index)
+        if key not in modules:
+            modules[key] = layer(bits, out_features, in_features, group)
+        x = torch.randn(bucket, in_features, device="cuda", dtype=torch.bfloat16)
+        try:
+            call(modules[key], x, {**config, "SPLIT_K": split})
+            done += 1
+        except Exception as exc:  # a config this GPU cannot run (shared memory, registers): skipped later
+            print(f"compile failed: {config} split {split}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    torch.cuda.synchronize()
+    return done
+
+
+def time_us(fn, calls: int = 20, repeats: int = 3) -> float:
+    """Median microseconds of one call: CUDA events around a CUDA graph of `calls` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def run(args) -> None:
+    from hypercompress.kernels import triton_quant as tq
+
+    bits_list = [int(b) for b in args.bits.split(",")]
+    work = plan(bits_list)
+    print(f"{len(work)} timings planned; compiling in {args.jobs} processes", flush=True)
+    import multiprocessing
+    import time
+
+    tick = time.perf_counter()
+    parts = [work[i::args.jobs] for i in range(args.jobs)]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiled = sum(pool.map(compile_part, parts))
+    print(f"compiled {compiled} in {time.perf_counter() - tick:.0f} s", flush=True)
+
+    tick = time.perf_counter()
+    timings: dict[tuple, float] = {}
+    modules = {}
+    for bits, size, index, bucket, config, split in work:
+        if args.max_seconds and time.perf_counter() - tick > args.max_seconds:
+            print(f"--max-seconds reached: {len(timings)} of {len(work)} timed", flush=True)
+            break
+        shapes, group = SIZES[size]
+        out_features, in_features = shapes[index]
+        if (bits, size, index) not in modules:
+            if any(key[0] != bits for key in modules):
+                modules.clear()
+            modules[(bits, size, index)] = layer(bits, out_features, in_features, group)
+        module = modules[(bits, size, index)]
+        x = torch.randn(bucket, in_features, device="cuda", dtype=torch.bfloat16)
+        try:
+            us = time_us(lambda: call(module, x, {**config, "SPLIT_K": split}))
+        except Exception:
+            continue
+        timings[(bits, size, index, bucket, json.dumps(config, sort_keys=True), split)] = us
+    print(f"timed {len(timings)} in {time.perf_counter() - tick:.0f} s", flush=True)
+
+    configs, best_rows = {}, []
+    for bits, size, bucket in itertools.product(bits_list, SIZES, tq.TOKEN_BUCKETS):
+        totals = {}
+        for config, split in itertools.product(candidates(bucket), splits(bucket)):
+            key = (json.dumps(config, sort_keys=True), split)
+            both = [timings.get((bits, size, index, bucket, key[0], split)) for index in range(2)]
+            if None not in both:
+                totals[key] = both
+        if not totals:
+            continue
+        (config, split), both = min(totals.items(), key=lambda item: sum(item[1]))
+        configs[f"w{bits}-m{bucket}-{size}"] = {**json.loads(config), "SPLIT_K": split}
+        heuristic = tq.heuristic_config(bucket, *SIZES[size][0][0])
+        best_rows.append({"bits": bits, "size": size, "tokens": bucket, "us": [round(u, 2) for u in both],
+                          "config": configs[f"w{bits}-m{bucket}-{size}"],
+                          "heuristic_us": [round(timings.get((bits, size, i, bucket, json.dumps(
+                              {k: v for k, v in heuristic.items() if k != "SPLIT_K"}, sort_keys=True),
+                              heuristic["SPLIT_K"]), float("nan")), 2) for i in range(2)]})
+        print(json.dumps(best_rows[-1]), flush=True)
+
+    gemm_rows, crossover_rows = {}, []
+    for bits, size in itertools.product(bits_list, SIZES):
+        config = configs.get(f"w{bits}-m256-{size}")
+        if config is None:
+            continue
+        shapes, group = SIZES[size]
+        built = [layer(bits, out_features, in_features, group) for out_features, in_features in shapes]
+        wins = []
+        for rows in CROSSOVER_ROWS:
+            kernel = dense = 0.0
+            for module, (out_features, in_features) in zip(built, shapes):
+                x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+                zeros, kind = module.triton_zeros()
+                buffer = torch.empty(out_features * in_features, device="cuda", dtype=torch.bfloat16)
+
+                def dequantize_gemm():
+                    weight = tq.dequantize_weight(module.qweight, module.scales, zeros, bits, kind, group,
+                                                  out_features, in_features, buffer)
+                    return F.linear(x, weight)
+
+                kernel += time_us(lambda: call(module, x, config))
+                dense += time_us(dequantize_gemm)
+            wins.append(kernel <= dense)
+            crossover_rows.append({"bits": bits, "size": size, "tokens": rows, "kernel_us": round(kernel, 2),
+                                   "dequantize_gemm_us": round(dense, 2)})
+            print(json.dumps(crossover_rows[-1]), flush=True)
+        won = [rows for rows, win in zip(CROSSOVER_ROWS, wins) if win]
+        first_loss = next((rows for rows, win in zip(CROSSOVER_ROWS, wins) if not win), None)
+        gemm_rows[f"w{bits}-{size}"] = max([r for r in won if first_loss is None or r < first_loss], default=32)
+
+    name = torch.cuda.get_device_name()
+    import triton
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "family": tq.gpu_family(torch.device("cuda")), "machine": name, "torch": torch.__version__,
+        "triton": triton.__version__, "command": "python benchmarks/kernel_tune.py " + " ".join(sys.argv[1:]),
+        "configs": configs, "gemm_rows": gemm_rows, "best": best_rows, "crossover": crossover_rows}, indent=1) + "\n")
+
+
+def merge(args) -> None:
+    """Each run's configs and gemm_rows into the shipped table (its family replaced), its timings
+    into results/kernel_tune_<family>.json."""
+    table_path = ROOT / "src/hypercompress/kernels/triton_configs.json"
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    for file in args.files:
+        run_ = json.loads(Path(file).read_text())
+        table[run_["family"]] = {"configs": run_["configs"], "gemm_rows": run_["gemm_rows"],
+                                 "measured_on": f"{run_['machine']}, torch {run_['torch']}, triton {run_['triton']}",
+                                 "command": run_["command"]}
+        out = ROOT / "results" / f"kernel_tune_{run_['family']}.json"
+        out.write_text(json.dumps({k: run_[k] for k in ("machine", "torch", "triton", "command", "best",
+                                                         "crossover", "gemm_rows")}, indent=1) + "\n")
+        print(f"wrote {out}")
+    table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {table_path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--bits", default="2,3,4")
+    r.add_argument("--jobs", type=int, default=16)
+    r.add_argument("--max-seconds", type=float, default=0, help="stop timing after this long (0: no limit)")
+    r.add_argument("--out", required=True)
+    m = sub.add_parser("merge")
+    m.add_argument("files", nargs="+")
+    args = parser.parse_args()
+    run(args) if args.verb == "run" else merge(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""Decode that costs GPU time, not Python: a static KV cache, so that transformers' `generate`
+compiles the one-token step (torch.compile, mode "reduce-overhead": CUDA graphs) and replays it.
+
+HF generate with a dynamic cache is launch-bound on a GPU (about 3 ms of host time per step for a
+7B-shaped model, measured), which hides every kernel's gain. With `cache_implementation = "static"`
+transformers (>= 4.45) auto-compiles the decode step on CUDA (`GenerationConfig.compile_config`,
+default mode "reduce-overhead"); our Triton kernels and torch's ops compile into it. The first
+`generate` of each batch size and length compiles (tens of seconds); later ones replay.
+A user opts out per call (`model.generate(..., cache_implementation="dynamic")`) or for good
+(`model.generation_config.cache_implementation = None`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+STATIC_DECODE = "static KV cache + compiled decode step (torch.compile reduce-overhead: CUDA graphs)"
+
+
+def use_static_decode(model: nn.Module) -> str | None:
+    """Make `model.generate` decode with a static cache and the compiled step when the model sits on
+    CUDA and its class compiles whole (`_can_compile_fullgraph`); returns what was set (also kept as
+    `model.hypercompress_decode`), or None where nothing changed (CPU: compiling recompiles per
+    generation length there and did not pay, measured; classes transformers does not compile)."""
+    config = getattr(model, "generation_config", None)
+    device = next((t.device for t in model.parameters()), None)
+    if config is None or device is None or device.type != "cuda":
+        return None
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return None
+    config.cache_implementation = "static"
+    model.hypercompress_decode = STATIC_DECODE
+    return STATIC_DECODE

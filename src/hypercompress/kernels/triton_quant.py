@@ -1,0 +1,352 @@
+"""Our own Triton kernels: y = x W^T + b with W read as hypercompress stores it (A16 x W1..8).
+
+Why our own: no installable library reads this layout. torch's tinygemm and torchao widen every code
+to 4 bits in their own packing (a second copy of the weight, 2 bytes of GPU memory per stored byte,
+and 2/3-bit codes read as 4-bit); gemlite (Triton, PyPI) repacks along K; Marlin and Machete ship
+only inside vLLM. These kernels read the stored tensors themselves, so they are the only copy of the
+weight on the GPU:
+  - qweight: the codes of W (N, K) row after row, `bits` bits each, most significant bit first
+    (formats/packing.py). 8 codes are `bits` whole bytes, so a row of K codes (K % 8 == 0) is
+    K * bits / 8 bytes and 2/3-bit codes read 1/2 and 3/4 of the 4-bit bytes;
+  - scales (N, G) float16, G = K / group_size;
+  - symmetric grids: W = (q - 2^(bits-1)) s; integer zeros: W = (q - z) s with z packed like the
+    codes (N * G of them); float zeros: W = q s + m with m (N, G) float16.
+Each program unpacks a (BLOCK_N, BLOCK_K) tile in registers (BLOCK_K divides the group, so the tile
+has one scale per row), dequantizes it in float32 (exact: (q - z) s with s from float16, rounded once
+to the compute dtype) and either
+  - feeds the tensor cores (`tl.dot`, x padded to BLOCK_M >= 16 rows): the path for 2..256 tokens, or
+  - (one token, `USE_DOT=False`) multiplies on the CUDA cores into a (BLOCK_N, BLOCK_K) float32
+    accumulator reduced once at the end;
+and with SPLIT_K > 1 (PARTIAL) the K range is cut into SPLIT_K slices (more programs for few tokens; the
+float32 partials are summed by a second kernel that adds the bias and casts, in a fixed order).
+Above the measured crossover (`TritonQuantLinear.gemm_rows`) a call dequantizes W into one buffer
+reused by every layer of the device and dtype, then runs the dense GEMM.
+
+Configs: `triton_configs.json` beside this file holds the best tile shapes per GPU and token count,
+measured by `benchmarks/kernel_tune.py` on the lent H100/H200; other GPUs take the heuristic in
+`config_for`. Requires Triton (it comes with torch's CUDA wheels); without it the tinygemm path
+(kernels/int4.py) serves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .paths import FastPath
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheel of torch: no Triton, the tinygemm / dense paths serve
+    triton = None
+
+ZERO_SYMMETRIC, ZERO_INT, ZERO_FLOAT = 0, 1, 2
+TILE_K = (256, 128, 64, 32)
+CONFIG_FILE = Path(__file__).with_name("triton_configs.json")
+# token counts the tuned table holds rows for; a call takes the row of the next count up
+TOKEN_BUCKETS = (1, 4, 16, 64, 256)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _packed_at(ptr, index, count, BITS: tl.constexpr):
+        """The `index`-th of `count` codes of BITS bits packed MSB first from `ptr` (any shape)."""
+        bit = index.to(tl.int64) * BITS
+        byte = bit >> 3
+        first = tl.load(ptr + byte, mask=index < count, other=0).to(tl.int32)
+        nbytes = (count * BITS + 7) // 8
+        second = tl.load(ptr + byte + 1, mask=(index < count) & (byte + 1 < nbytes), other=0).to(tl.int32)
+        return (((first << 8) | second) >> (16 - BITS - (bit & 7)).to(tl.int32)) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, groups, group_size,
+                     BITS: tl.constexpr, ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W[offs_n, k0:k0 + BLOCK_K] (BLOCK_N, BLOCK_K) float32 from the stored tensors."""
+        UNITS: tl.constexpr = BLOCK_K // 8  # 8 codes = BITS whole bytes
+        unit = tl.arange(0, UNITS)
+        row_bytes = (K // 8) * BITS
+        base = q_ptr + offs_n[:, None].to(tl.int64) * row_bytes + (k0 // 8 + unit[None, :]) * BITS
+        if BITS <= 3:
+            word = tl.zeros((BLOCK_N, UNITS), dtype=tl.int32)
+        else:
+            word = tl.zeros((BLOCK_N, UNITS), dtype=tl.int64)
+        for b in tl.static_range(BITS):  # the unit's bytes, most significant first
+            word = (word << 8) | tl.load(base + b, mask=n_mask[:, None], other=0).to(word.dtype)
+        shifts = (BITS * (7 - tl.arange(0, 8))).to(word.dtype)
+        codes = ((word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
+        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
+        # int -> float without a conversion instruction: 2^23 + q holds q in its mantissa
+        q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        group = offs_n * groups + k0 // group_size
+        scale = tl.load(s_ptr + group, mask=n_mask, other=0).to(tl.float32)
+        if ZERO == 0:
+            return (q - (1 << (BITS - 1))) * scale[:, None]
+        elif ZERO == 1:
+            zero = _packed_at(z_ptr, group, N * groups, BITS).to(tl.float32)
+            return (q - zero[:, None]) * scale[:, None]
+        else:
+            low = tl.load(z_ptr + group, mask=n_mask, other=0).to(tl.float32)
+            return q * scale[:, None] + low[:, None]
+
+    @triton.jit(do_not_specialize=["M"])  # one compile serves every token count
+    def _quant_matmul(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, groups, group_size, k_split,
+                      stride_xm, BITS: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y (M, N) = x (M, K) W^T (+ b); PARTIAL: float32 partials (grid[2] slices of K, M, N) instead."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        k_start = pid_k * k_split
+        if USE_DOT:  # tensor cores: x padded to BLOCK_M (>= 16) rows
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for step in range(0, k_split, BLOCK_K):  # the last slice may end past K: masked
+                k0 = k_start + step
+                w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask & (offs_n * 0 + k0 < K), k0, N, K, groups,
+                                 group_size, BITS, ZERO, BLOCK_N, BLOCK_K)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                            mask=m_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            mask = m_mask[:, None] & n_mask[None, :]
+            out = offs_m[:, None] * N + offs_n[None, :]
+            if PARTIAL:
+                tl.store(y_ptr + pid_k * M * N + out, acc, mask=mask)
+            else:
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        else:  # one row of x per program, on the CUDA cores; one reduction over K at the end
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for step in range(0, k_split, BLOCK_K):
+                k0 = k_start + step
+                w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask & (offs_n * 0 + k0 < K), k0, N, K, groups,
+                                 group_size, BITS, ZERO, BLOCK_N, BLOCK_K)
+                x = tl.load(x_ptr + pid_m * stride_xm + k0 + offs_k, mask=(k0 + offs_k) < K,
+                            other=0.0).to(tl.float32)
+                acc2 += w * x[None, :]
+            acc1 = tl.sum(acc2, axis=1)
+            out = pid_m * N + offs_n
+            if PARTIAL:
+                tl.store(y_ptr + pid_k * M * N + out, acc1, mask=n_mask)
+            else:
+                if HAS_BIAS:
+                    acc1 += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                tl.store(y_ptr + out, acc1.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _sum_splits(p_ptr, b_ptr, y_ptr, M, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """y = sum over the SPLITS float32 partials (in order) + b, cast to y's dtype."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M * N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for split in range(SPLITS):
+            acc += tl.load(p_ptr + split * M * N + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, N, K, groups, group_size, BITS: tl.constexpr,
+                    ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W (N, K) in w's dtype from the stored tensors, one (BLOCK_N, BLOCK_K) tile per program."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        k0 = tl.program_id(1) * BLOCK_K
+        w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, groups, group_size,
+                         BITS, ZERO, BLOCK_N, BLOCK_K)
+        offs = offs_n[:, None].to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)[None, :]
+        tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
+
+
+def tile_k(group_size: int) -> int | None:
+    """The largest K tile (32..256) dividing the group: a tile then has one scale per row."""
+    return next((t for t in TILE_K if group_size % t == 0), None)
+
+
+def triton_supported(device: torch.device, dtype: torch.dtype, bits: int, in_features: int,
+                     group_size: int) -> str | None:
+    """None when the Triton kernels take this layer on this device and dtype, else why not."""
+    if triton is None:
+        return "Triton is not installed"
+    if device.type != "cuda":
+        return "the Triton kernels run on CUDA"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "the Triton kernels compute in bfloat16 or float16"
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return "the Triton kernels need compute capability 8.0"
+    if not 1 <= bits <= 8:
+        return f"{bits}-bit codes"
+    if tile_k(group_size) is None or in_features % group_size:
+        return f"group {group_size} is no multiple of 32"
+    return None
+
+
+def size_class(out_features: int, in_features: int) -> str:
+    """The tuned table's two layer sizes: 'large' (>= 8 M weights, a 7B MLP) or 'small'."""
+    return "large" if out_features * in_features >= 8_000_000 else "small"
+
+
+def token_bucket(rows: int) -> int:
+    return next((b for b in TOKEN_BUCKETS if rows <= b), TOKEN_BUCKETS[-1])
+
+
+def gpu_family(device: torch.device) -> str:
+    """'H100', 'H200', ... from the device name ('NVIDIA H100 80GB HBM3' -> 'H100'), or the name."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return next((word for word in name.replace("-", " ").split() if re.fullmatch(r"[A-Z]{1,2}\d+[A-Z]*", word)), name)
+
+
+@lru_cache(maxsize=None)
+def tuned_table() -> dict:
+    """triton_configs.json: {gpu family: {"configs": {"w4-m16-large": config, ...},
+    "gemm_rows": {"w4-large": rows, ...}}}; {} when the file is missing or unreadable."""
+    try:
+        table = json.loads(CONFIG_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT", "num_warps", "num_stages")
+
+
+def heuristic_config(rows: int, out_features: int, in_features: int) -> dict:
+    """Tile shapes for GPUs the table does not hold: enough programs to fill about 132 SMs 4 times."""
+    if rows == 1:
+        config = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "USE_DOT": False, "num_warps": 4, "num_stages": 2}
+    elif rows <= 64:
+        config = {"BLOCK_M": max(16, 1 << (rows - 1).bit_length()), "BLOCK_N": 64, "BLOCK_K": 128,
+                  "USE_DOT": True, "num_warps": 4, "num_stages": 3}
+    else:
+        config = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "USE_DOT": True, "num_warps": 8, "num_stages": 3}
+    tiles = -(-out_features // config["BLOCK_N"]) * -(-rows // config["BLOCK_M"])
+    split = 1
+    while tiles * split < 512 and in_features // (split * 2) >= 4 * config["BLOCK_K"] and split < 16:
+        split *= 2
+    return {**config, "SPLIT_K": split}
+
+
+def config_for(family: str, bits: int, rows: int, out_features: int, in_features: int) -> dict:
+    """The tuned config for this GPU family, bits, token bucket and layer size, else the heuristic."""
+    key = f"w{bits}-m{token_bucket(rows)}-{size_class(out_features, in_features)}"
+    config = tuned_table().get(family, {}).get("configs", {}).get(key)
+    if isinstance(config, dict) and set(CONFIG_KEYS) <= set(config):
+        if rows > 1 or not config["USE_DOT"] or config["BLOCK_M"] >= 16:
+            return {k: config[k] for k in CONFIG_KEYS}
+    return heuristic_config(rows, out_features, in_features)
+
+
+DEFAULT_GEMM_ROWS = 256
+
+
+def gemm_rows_for(family: str, bits: int, out_features: int, in_features: int) -> int:
+    """Calls of more rows than this dequantize W and run the dense GEMM (measured per GPU family,
+    width and layer size; DEFAULT_GEMM_ROWS where the table has no measurement)."""
+    key = f"w{bits}-{size_class(out_features, in_features)}"
+    rows = tuned_table().get(family, {}).get("gemm_rows", {}).get(key)
+    return int(rows) if isinstance(rows, int) and rows > 0 else DEFAULT_GEMM_ROWS
+
+
+_WORKSPACE: dict = {}
+
+
+def workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """One buffer per device and dtype, grown to the largest W dequantized, reused by every layer."""
+    key = (device, dtype)
+    buffer = _WORKSPACE.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _WORKSPACE[key] = torch.empty(numel, device=device, dtype=dtype)
+    return buffer[:numel]
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None, bits: int, zero_kind: int, group_size: int,
+                 out_features: int, config: dict) -> torch.Tensor:
+    """x (M, K) bfloat16/float16 with unit stride in K -> y (M, out_features) in x's dtype.
+
+    qweight: flat uint8, the stored codes; scales (N, G) float16; zeros: the packed integer zeros
+    (ZERO_INT), float zeros (N, G) (ZERO_FLOAT), or None (ZERO_SYMMETRIC); config: CONFIG_KEYS."""
+    M, K = x.shape
+    N = out_features
+    block_k = min(config["BLOCK_K"], tile_k(group_size))
+    block_m = config["BLOCK_M"] if config["USE_DOT"] else 1
+    per_split = -(-K // config["SPLIT_K"])
+    k_split = -(-per_split // block_k) * block_k
+    splits = -(-K // k_split)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    partial = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, block_m), splits)
+    _quant_matmul[grid](
+        x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, partial,
+        M, N, K, K // group_size, group_size, k_split, x.stride(0),
+        BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None, PARTIAL=splits > 1, USE_DOT=config["USE_DOT"],
+        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if splits > 1:
+        block = 1024
+        _sum_splits[(triton.cdiv(M * N, block),)](partial, y if bias is None else bias, y, M, N, splits,
+                                                 HAS_BIAS=bias is not None, BLOCK=block)
+    return y
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                      zero_kind: int, group_size: int, out_features: int, in_features: int,
+                      out: torch.Tensor) -> torch.Tensor:
+    """W (out_features, in_features) written into `out` (at least N * K elements, the compute dtype)."""
+    N, K = out_features, in_features
+    block_n, block_k = 64, tile_k(group_size)
+    weight = out[: N * K].view(N, K)
+    _dequantize[(triton.cdiv(N, block_n), K // block_k)](
+        qweight, scales, scales if zeros is None else zeros, weight, N, K, K // group_size, group_size,
+        BITS=bits, ZERO=zero_kind, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return weight
+
+
+class TritonQuantLinear(FastPath):
+    """y = x W^T + b from a QuantLinear's stored tensors (shared, not copied) through our Triton
+    kernels: up to `gemm_rows` tokens the fused kernel, above that W dequantized into the shared
+    workspace and one dense GEMM. Configs per token bucket come from the tuned table (config_for)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, zero_kind: int,
+                 bits: int, group_size: int, out_features: int, in_features: int,
+                 bias: torch.Tensor | None, dtype: torch.dtype, note: str = ""):
+        super().__init__(qweight.device, dtype, bias)
+        self.qweight, self.scales, self.zeros = qweight, scales, zeros
+        self.zero_kind, self.bits, self.group_size = zero_kind, bits, group_size
+        self.out_features, self.in_features = out_features, in_features
+        family = gpu_family(qweight.device)
+        self.configs = {bucket: config_for(family, bits, bucket, out_features, in_features)
+                        for bucket in TOKEN_BUCKETS}
+        self.gemm_rows = gemm_rows_for(family, bits, out_features, in_features)
+        tuned = "tuned" if family in tuned_table() else "untuned"
+        self.backend = (f"triton w{bits} g{group_size} as stored ({tuned} for {family}){note}; "
+                        f"above {self.gemm_rows} tokens dequantize + GEMM")
+
+    def dense_weight(self) -> torch.Tensor:
+        """W (N, K) in the compute dtype, in the shared workspace (overwritten by the next layer)."""
+        buffer = workspace(self.device, self.dtype, self.out_features * self.in_features)
+        return dequantize_weight(self.qweight, self.scales, self.zeros, self.bits, self.zero_kind,
+                                 self.group_size, self.out_features, self.in_features, buffer)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        rows = flat.shape[0]
+        if rows > self.gemm_rows:
+            return F.linear(x, self.dense_weight(), self.bias)
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        y = quant_matmul(flat, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.zero_kind,
+                         self.group_size, self.out_features, self.configs[token_bucket(rows)])
+        return y.reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,187 @@
+"""Our Triton kernels (kernels/triton_quant.py): exact to the stored codes in Triton's interpreter
+on the CPU; dispatch, configs and fallbacks; and, marked cuda, on the GPU through `load`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypercompress.kernels import triton_quant as tq
+
+HERE = Path(__file__).resolve().parent
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (run on the lent GPU)")
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """{case: record} from tests/triton_interpret_cases.py run under TRITON_INTERPRET=1."""
+    if tq.triton is None:
+        pytest.skip("Triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    done = subprocess.run([sys.executable, str(HERE / "triton_interpret_cases.py")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {r["case"]: r for r in records}
+
+
+def test_every_width_zero_kind_and_path_matches_the_reference(interpreted):
+    """2, 3, 4, 5 and 8 bits; symmetric, integer and float zeros; groups of 32..128 and 96; the CUDA-core
+    and tensor-core paths, with and without split-K and bias; rows not multiples of any tile."""
+    assert len(interpreted) == 12 * 5
+    for case, record in interpreted.items():
+        if case.startswith("dequantize"):
+            assert record["error"] < 1e-6, case  # float32 out: (q - z) s exactly as the reference
+            continue
+        bound = 1.6e-2 if "bfloat16" in case else 2e-3  # rounding of y (and of W for the dot)
+        assert record["error"] < bound, (case, record["error"])
+        rows = int(case.rsplit("rows", 1)[1])
+        out_features = int(case.split()[3].split("x")[0])
+        assert record["shape"] == [rows, out_features], case
+        assert record["dtype"] == ("torch.bfloat16" if "bfloat16" in case else "torch.float16"), case
+
+
+def test_tiles_and_buckets():
+    assert [tq.tile_k(g) for g in (32, 64, 96, 128, 192, 256, 512, 48)] == [32, 64, 32, 128, 64, 256, 256, None]
+    assert [tq.token_bucket(r) for r in (1, 2, 4, 5, 16, 17, 300)] == [1, 4, 4, 16, 16, 64, 256]
+    assert tq.size_class(11008, 4096) == "large" and tq.size_class(1536, 576) == "small"
+
+
+@pytest.mark.parametrize("name, family", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"),
+                                          ("NVIDIA A100-SXM4-80GB", "A100"), ("Tesla T4", "T4"),
+                                          ("NVIDIA L40S", "L40S"), ("Some GPU", "Some GPU")])
+def test_gpu_family_from_the_device_name(name, family, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert tq.gpu_family(torch.device("cuda")) == family
+
+
+def test_configs_come_from_the_table_else_the_heuristic(tmp_path, monkeypatch):
+    table = {"H100": {"configs": {"w4-m1-large": {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4,
+                                                  "USE_DOT": False, "num_warps": 8, "num_stages": 3},
+                                  "w4-m16-large": {"BLOCK_N": 64}},  # incomplete: ignored
+                      "gemm_rows": {"w4-large": 128, "w4-small": "x"}}}
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setattr(tq, "CONFIG_FILE", path)
+    tq.tuned_table.cache_clear()
+    try:
+        assert tq.config_for("H100", 4, 1, 11008, 4096)["BLOCK_N"] == 64
+        assert tq.config_for("H100", 4, 9, 11008, 4096) == tq.heuristic_config(9, 11008, 4096)
+        assert tq.config_for("H200", 4, 1, 11008, 4096) == tq.heuristic_config(1, 11008, 4096)
+        assert tq.gemm_rows_for("H100", 4, 11008, 4096) == 128
+        assert tq.gemm_rows_for("H100", 4, 576, 576) == tq.DEFAULT_GEMM_ROWS
+        assert tq.gemm_rows_for("H100", 2, 11008, 4096) == tq.DEFAULT_GEMM_ROWS
+        path.write_text("{not json")
+        tq.tuned_table.cache_clear()
+        assert tq.tuned_table() == {} and tq.gemm_rows_for("H100", 4, 11008, 4096) == tq.DEFAULT_GEMM_ROWS
+    finally:
+        tq.tuned_table.cache_clear()
+
+
+def test_the_shipped_table_is_well_formed():
+    table = tq.tuned_table()
+    for family, entry in table.items():
+        for key, config in entry["configs"].items():
+            bits, bucket, size = key.split("-")
+            assert bits[0] == "w" and int(bucket[1:]) in tq.TOKEN_BUCKETS and size in ("large", "small"), key
+            assert set(tq.CONFIG_KEYS) <= set(config), key
+            assert config["USE_DOT"] or config["BLOCK_M"] == 1, key
+            assert tq.config_for(family, int(bits[1:]), int(bucket[1:]), *(
+                (11008, 4096) if size == "large" else (1536, 576))) == {k: config[k] for k in tq.CONFIG_KEYS}
+        assert all(isinstance(v, int) and v > 0 for v in entry["gemm_rows"].values())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 200])
+def test_heuristic_configs_fill_the_gpu_and_fit_the_tiles(rows):
+    config = tq.heuristic_config(rows, 11008, 4096)
+    assert config["USE_DOT"] == (rows > 1) and (config["BLOCK_M"] >= 16 or not config["USE_DOT"])
+    programs = -(-11008 // config["BLOCK_N"]) * -(-rows // config["BLOCK_M"]) * config["SPLIT_K"]
+    assert programs >= 132 and 4096 // config["SPLIT_K"] >= config["BLOCK_K"]
+
+
+def test_the_cpu_and_float32_are_declined_with_a_reason():
+    assert tq.triton_supported(torch.device("cpu"), torch.bfloat16, 4, 128, 128) in (
+        "the Triton kernels run on CUDA", "Triton is not installed")
+
+
+# ---- on the GPU (pytest -m cuda on the lent machine; skipped elsewhere) ----
+
+def _artifact(model_dir, stage, out):
+    from hypercompress.apply import apply_recipe
+    from hypercompress.modules import count_params
+    from hypercompress.recipe import Recipe
+    from hypercompress.sources.models import load_model
+    from hypercompress.storage import artifact
+
+    loaded = load_model(str(model_dir))
+    recipe = Recipe.from_list([{"method": "rtn", **stage}])
+    apply_recipe(loaded.model, recipe)
+    artifact.save(loaded.model, loaded.tokenizer, out, recipe=recipe.to_list(),
+                  original_params=count_params(loaded.model))
+    return out
+
+
+STAGES = [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 64}, {"bits": 2, "group_size": 32, "symmetric": True},
+          {"bits": 4, "group_size": 32, "zero_point": "float"}, {"bits": 8, "group_size": 64, "symmetric": True},
+          {"bits": 4, "group_size": -1}]
+
+
+@cuda
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+@pytest.mark.parametrize("rows", [1, 4, 16, 300])
+def test_cuda_fast_logits_equal_the_reference(stage, rows, model_dirs, tmp_path):
+    """bfloat16 on the GPU: the Triton path (and above gemm_rows, dequantize + GEMM) is no further from
+    the bfloat16 reference than that is from float32, times 3."""
+    from hypercompress.storage import artifact
+
+    path = _artifact(model_dirs["llama"], stage, tmp_path / "a")
+    fast, _ = artifact.load(path, dtype=torch.bfloat16, device="cuda")
+    reference, _ = artifact.load(path, dtype=torch.bfloat16, device="cuda", fast=False)
+    exact, _ = artifact.load(path, dtype=torch.float32, device="cuda", fast=False)
+    assert fast.hypercompress_backends and all(
+        b.startswith("triton") for b in fast.hypercompress_backends.values()), fast.hypercompress_backends
+    ids = torch.randint(1, 121, (1, rows), device="cuda", generator=torch.Generator("cuda").manual_seed(rows))
+    with torch.inference_mode():
+        got, want, true = (m(ids).logits.float() for m in (fast, reference, exact))
+    assert float((got - want).abs().max()) <= 3 * float((want - true).abs().max()) + 1e-3 * float(true.abs().max())
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+@cuda
+def test_cuda_kernel_memory_is_the_stored_bytes(model_dirs, tmp_path):
+    from hypercompress.layers import QuantLinear
+    from hypercompress.storage import artifact
+
+    path = _artifact(model_dirs["llama"], {"bits": 3, "group_size": 32}, tmp_path / "a")
+    model, _ = artifact.load(path, dtype=torch.bfloat16, device="cuda")
+    checked = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and isinstance(module._fast, tq.TritonQuantLinear):
+            assert module._fast.qweight.data_ptr() == module.qweight.data_ptr()  # shared, not copied
+            held = {v.data_ptr(): v for v in vars(module._fast).values() if isinstance(v, torch.Tensor)}
+            assert sum(t.numel() * t.element_size() for t in held.values()) <= module.storage_bits() // 8 + 1
+            checked += 1
+    assert checked
+
+
+@cuda
+def test_cuda_load_decodes_with_a_static_cache_and_the_compiled_step(model_dirs, tmp_path):
+    from hypercompress.storage import artifact
+
+    path = _artifact(model_dirs["llama"], {"bits": 4, "group_size": 32}, tmp_path / "a")
+    model, _ = artifact.load(path, dtype=torch.bfloat16, device="cuda")
+    assert model.generation_config.cache_implementation == "static"
+    assert model.hypercompress_decode.startswith("static KV cache")
+    ids = torch.randint(1, 121, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    static = model.generate(ids, **kwargs)
+    static_again = model.generate(ids, **kwargs)  # replays the recorded step
+    dynamic = model.generate(ids, cache_implementation="dynamic", **kwargs)
+    assert static.shape == (2, 20) and torch.equal(static, static_again)
+    assert torch.equal(static[:, :9], dynamic[:, :9])  # the first new token; bfloat16 may part later
