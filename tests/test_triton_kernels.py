@@ -105,8 +105,9 @@ def test_heuristic_configs_fill_the_gpu_and_fit_the_tiles(rows):
     assert programs >= 132 and 4096 // config["SPLIT_K"] >= config["BLOCK_K"]
 
 
-def test_the_cpu_and_float32_are_declined_with_a_reason():
-    assert tq.triton_supported(torch.device("cpu"), torch.bfloat16, 4, 128, 128) in (
+def test_the_cpu_and_huge_layers_are_declined_with_a_reason():
+    assert "32-bit" in tq.triton_supported(torch.device("cuda"), torch.bfloat16, 4, 1 << 20, 1 << 20, 128)
+    assert tq.triton_supported(torch.device("cpu"), torch.bfloat16, 4, 64, 128, 128) in (
         "the Triton kernels run on CUDA", "Triton is not installed")
 
 

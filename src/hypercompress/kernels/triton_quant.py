@@ -58,7 +58,7 @@ if triton is not None:
     @triton.jit
     def _packed_at(ptr, index, count, BITS: tl.constexpr):
         """The `index`-th of `count` codes of BITS bits packed MSB first from `ptr` (any shape)."""
-        bit = index.to(tl.int64) * BITS
+        bit = index * BITS
         byte = bit >> 3
         first = tl.load(ptr + byte, mask=index < count, other=0).to(tl.int32)
         nbytes = (count * BITS + 7) // 8
@@ -68,20 +68,21 @@ if triton is not None:
     @triton.jit
     def _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, groups, group_size,
                      BITS: tl.constexpr, ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """W[offs_n, k0:k0 + BLOCK_K] (BLOCK_N, BLOCK_K) float32 from the stored tensors."""
-        UNITS: tl.constexpr = BLOCK_K // 8  # 8 codes = BITS whole bytes
-        unit = tl.arange(0, UNITS)
-        row_bytes = (K // 8) * BITS
-        base = q_ptr + offs_n[:, None].to(tl.int64) * row_bytes + (k0 // 8 + unit[None, :]) * BITS
-        if BITS <= 3:
-            word = tl.zeros((BLOCK_N, UNITS), dtype=tl.int32)
+        """W[offs_n, k0:k0 + BLOCK_K] (BLOCK_N, BLOCK_K) float32 from the stored tensors.
+
+        Each element reads the byte holding its code (and, for widths that do not divide 8, the next
+        byte when the code straddles two): repeated addresses within a warp are served once, so the
+        memory traffic is the stored bytes. Offsets are int32: the host refuses tensors of 2^31 bytes."""
+        bit = (k0 + tl.arange(0, BLOCK_K)) * BITS  # within the row
+        row = offs_n[:, None] * ((K // 8) * BITS)
+        first = tl.load(q_ptr + row + (bit >> 3)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
+        if 8 % BITS == 0:
+            codes = (first >> (8 - BITS - (bit & 7))[None, :]) & ((1 << BITS) - 1)
         else:
-            word = tl.zeros((BLOCK_N, UNITS), dtype=tl.int64)
-        for b in tl.static_range(BITS):  # the unit's bytes, most significant first
-            word = (word << 8) | tl.load(base + b, mask=n_mask[:, None], other=0).to(word.dtype)
-        shifts = (BITS * (7 - tl.arange(0, 8))).to(word.dtype)
-        codes = ((word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)).to(tl.int32)
-        codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
+            straddles = (bit & 7) > 8 - BITS
+            second = tl.load(q_ptr + row + (bit >> 3)[None, :] + 1, mask=n_mask[:, None] & straddles[None, :],
+                             other=0).to(tl.int32)
+            codes = (((first << 8) | second) >> (16 - BITS - (bit & 7))[None, :]) & ((1 << BITS) - 1)
         # int -> float without a conversion instruction: 2^23 + q holds q in its mantissa
         q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         group = offs_n * groups + k0 // group_size
@@ -111,21 +112,21 @@ if triton is not None:
         if USE_DOT:  # tensor cores: x padded to BLOCK_M (>= 16) rows
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             m_mask = offs_m < M
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: W is the MMA's A operand
             for step in range(0, k_split, BLOCK_K):  # the last slice may end past K: masked
                 k0 = k_start + step
                 w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask & (offs_n * 0 + k0 < K), k0, N, K, groups,
                                  group_size, BITS, ZERO, BLOCK_N, BLOCK_K)
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
                             mask=m_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-            mask = m_mask[:, None] & n_mask[None, :]
-            out = offs_m[:, None] * N + offs_n[None, :]
+                acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
+            mask = n_mask[:, None] & m_mask[None, :]
+            out = offs_m[None, :] * N + offs_n[:, None]
             if PARTIAL:
                 tl.store(y_ptr + pid_k * M * N + out, acc, mask=mask)
             else:
                 if HAS_BIAS:
-                    acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                    acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
                 tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
         else:  # one row of x per program, on the CUDA cores; one reduction over K at the end
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -166,7 +167,7 @@ if triton is not None:
         k0 = tl.program_id(1) * BLOCK_K
         w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, groups, group_size,
                          BITS, ZERO, BLOCK_N, BLOCK_K)
-        offs = offs_n[:, None].to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)[None, :]
+        offs = offs_n[:, None].to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)[None, :]  # N K may pass 2^31
         tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
@@ -175,9 +176,11 @@ def tile_k(group_size: int) -> int | None:
     return next((t for t in TILE_K if group_size % t == 0), None)
 
 
-def triton_supported(device: torch.device, dtype: torch.dtype, bits: int, in_features: int,
+def triton_supported(device: torch.device, dtype: torch.dtype, bits: int, out_features: int, in_features: int,
                      group_size: int) -> str | None:
     """None when the Triton kernels take this layer on this device and dtype, else why not."""
+    if out_features * in_features * bits >= 8 << 31:
+        return "2 GiB of codes or more (the kernels' offsets are 32-bit)"
     if triton is None:
         return "Triton is not installed"
     if device.type != "cuda":

@@ -194,7 +194,8 @@ class QuantLinear(CompressedModule):
         if device.type == "cuda":  # our Triton kernels read the stored codes themselves, any width
             from ..kernels.triton_quant import TritonQuantLinear, triton_supported
 
-            why = triton_supported(device, dtype, self.bits, self.in_features, self.group_size)
+            why = triton_supported(device, dtype, self.bits, self.out_features, self.in_features,
+                                   self.group_size)
             if why is None:
                 return TritonQuantLinear(self.qweight, self.scales, *self.triton_zeros(), self.bits,
                                          self.group_size, self.out_features, self.in_features,
