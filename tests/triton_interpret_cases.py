@@ -39,6 +39,7 @@ def main() -> None:
     cases = [  # bits, group, out, in, zero kind, bias
         (2, 32, 40, 96, "int", False), (2, 64, 24, 128, "symmetric", True), (2, 128, 17, 128, "float", False),
         (3, 32, 33, 96, "int", True), (3, 64, 24, 128, "symmetric", False), (3, 96, 16, 192, "float", False),
+        (3, 128, 24, 256, "int", False),
         (4, 32, 40, 64, "int", False), (4, 128, 19, 256, "symmetric", False), (4, 64, 24, 128, "float", True),
         (8, 32, 24, 64, "int", False), (8, 64, 16, 128, "symmetric", True), (5, 32, 16, 64, "float", False),
     ]

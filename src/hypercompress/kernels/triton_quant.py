@@ -66,48 +66,66 @@ if triton is not None:
         return (((first << 8) | second) >> (16 - BITS - (bit & 7)).to(tl.int32)) & ((1 << BITS) - 1)
 
     @triton.jit
-    def _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, groups, group_size,
-                     BITS: tl.constexpr, ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """W[offs_n, k0:k0 + BLOCK_K] (BLOCK_N, BLOCK_K) float32 from the stored tensors.
-
-        Each element reads the byte holding its code (and, for widths that do not divide 8, the next
-        byte when the code straddles two): repeated addresses within a warp are served once, so the
-        memory traffic is the stored bytes. Offsets are int32: the host refuses tensors of 2^31 bytes."""
-        bit = (k0 + tl.arange(0, BLOCK_K)) * BITS  # within the row
-        row = offs_n[:, None] * ((K // 8) * BITS)
-        first = tl.load(q_ptr + row + (bit >> 3)[None, :], mask=n_mask[:, None], other=0).to(tl.int32)
-        if 8 % BITS == 0:
-            codes = (first >> (8 - BITS - (bit & 7))[None, :]) & ((1 << BITS) - 1)
-        else:
-            straddles = (bit & 7) > 8 - BITS
-            second = tl.load(q_ptr + row + (bit >> 3)[None, :] + 1, mask=n_mask[:, None] & straddles[None, :],
-                             other=0).to(tl.int32)
-            codes = (((first << 8) | second) >> (16 - BITS - (bit & 7))[None, :]) & ((1 << BITS) - 1)
-        # int -> float without a conversion instruction: 2^23 + q holds q in its mantissa
-        q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    def _scale_offset(s_ptr, z_ptr, offs_n, n_mask, k0, N, groups, group_size, BITS: tl.constexpr,
+                      ZERO: tl.constexpr):
+        """(s, o) per row (BLOCK_N,) float32 for the group holding column k0: W = q s + o, with
+        o = -2^(bits-1) s, -z s or m. q s and z s are exact in float32 (q, z < 2^8, s from float16),
+        so the one FMA rounds (q - z) s once, as the reference does."""
         group = offs_n * groups + k0 // group_size
         scale = tl.load(s_ptr + group, mask=n_mask, other=0).to(tl.float32)
         if ZERO == 0:
-            return (q - (1 << (BITS - 1))) * scale[:, None]
+            offset = -(1 << (BITS - 1)) * scale
         elif ZERO == 1:
-            zero = _packed_at(z_ptr, group, N * groups, BITS).to(tl.float32)
-            return (q - zero[:, None]) * scale[:, None]
+            offset = -_packed_at(z_ptr, group, N * groups, BITS).to(tl.float32) * scale
         else:
-            low = tl.load(z_ptr + group, mask=n_mask, other=0).to(tl.float32)
-            return q * scale[:, None] + low[:, None]
+            offset = tl.load(z_ptr + group, mask=n_mask, other=0).to(tl.float32)
+        return scale, offset
+
+    @triton.jit
+    def _packed_tile(q_ptr, row, mask, k0, BITS: tl.constexpr, SLICE: tl.constexpr):
+        """The stored bits of W[rows, k0 : k0 + BLOCK_K] as a (BLOCK_N, SLICE) int tile: for widths
+        dividing 8 the bytes themselves (contiguous loads, 8 / BITS codes each), else units of 8
+        codes (BITS bytes, most significant first) joined into one integer."""
+        i = tl.arange(0, SLICE)
+        if 8 % BITS == 0:
+            return tl.load(q_ptr + row + (k0 * BITS // 8 + i)[None, :], mask=mask, other=0).to(tl.int32)
+        else:
+            base = q_ptr + row + ((k0 // 8 + i) * BITS)[None, :]
+            if BITS <= 3:
+                word = tl.load(base, mask=mask, other=0).to(tl.int32)
+            else:
+                word = tl.load(base, mask=mask, other=0).to(tl.int64)
+            for t in tl.static_range(1, BITS):
+                word = (word << 8) | tl.load(base + t, mask=mask, other=0).to(word.dtype)
+            return word
+
+    @triton.jit
+    def _position(packed, j: tl.constexpr, BITS: tl.constexpr):
+        """Codes at position j of every byte (or unit) of `packed`, as float32: columns PER i + j."""
+        if 8 % BITS == 0:
+            codes = ((packed >> (8 - BITS * (j + 1))) & ((1 << BITS) - 1)).to(tl.int32)
+        else:
+            codes = ((packed >> (BITS * (7 - j))) & ((1 << BITS) - 1)).to(tl.int32)
+        # int -> float without a conversion instruction: 2^23 + q holds q in its mantissa
+        return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit(do_not_specialize=["M"])  # one compile serves every token count
     def _quant_matmul(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, groups, group_size, k_split,
                       stride_xm, BITS: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                       PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y (M, N) = x (M, K) W^T (+ b); PARTIAL: float32 partials (grid[2] slices of K, M, N) instead."""
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER: tl.constexpr):
+        """y (M, N) = x (M, K) W^T (+ b); PARTIAL: float32 partials (grid[2] slices of K, M, N) instead.
+
+        The codes are taken position by position (PER codes per byte or unit): position j of a tile
+        holds columns k0 + PER i + j, so x is read at those columns instead of W being interleaved."""
+        SLICE: tl.constexpr = BLOCK_K // PER
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
+        row = offs_n[:, None] * ((K // 8) * BITS)
+        cols = tl.arange(0, SLICE) * PER
         k_start = pid_k * k_split
         if USE_DOT:  # tensor cores: x padded to BLOCK_M (>= 16) rows
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,11 +133,15 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: W is the MMA's A operand
             for step in range(0, k_split, BLOCK_K):  # the last slice may end past K: masked
                 k0 = k_start + step
-                w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask & (offs_n * 0 + k0 < K), k0, N, K, groups,
-                                 group_size, BITS, ZERO, BLOCK_N, BLOCK_K)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
-                            mask=m_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
-                acc = tl.dot(w.to(x.dtype), tl.trans(x), acc)
+                live = n_mask & (offs_n * 0 + k0 < K)
+                scale, offset = _scale_offset(s_ptr, z_ptr, offs_n, live, k0, N, groups, group_size, BITS, ZERO)
+                packed = _packed_tile(q_ptr, row, live[:, None], k0, BITS, SLICE)
+                for j in tl.static_range(PER):
+                    w = _position(packed, j, BITS) * scale[:, None] + offset[:, None]
+                    k = k0 + cols + j
+                    x = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
+                                mask=m_mask[None, :] & (k < K)[:, None], other=0.0)  # (SLICE, BLOCK_M)
+                    acc = tl.dot(w.to(x.dtype), x, acc)
             mask = n_mask[:, None] & m_mask[None, :]
             out = offs_m[None, :] * N + offs_n[:, None]
             if PARTIAL:
@@ -129,14 +151,17 @@ if triton is not None:
                     acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
                 tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
         else:  # one row of x per program, on the CUDA cores; one reduction over K at the end
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc2 = tl.zeros((BLOCK_N, SLICE), dtype=tl.float32)
             for step in range(0, k_split, BLOCK_K):
                 k0 = k_start + step
-                w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask & (offs_n * 0 + k0 < K), k0, N, K, groups,
-                                 group_size, BITS, ZERO, BLOCK_N, BLOCK_K)
-                x = tl.load(x_ptr + pid_m * stride_xm + k0 + offs_k, mask=(k0 + offs_k) < K,
-                            other=0.0).to(tl.float32)
-                acc2 += w * x[None, :]
+                live = n_mask & (offs_n * 0 + k0 < K)
+                scale, offset = _scale_offset(s_ptr, z_ptr, offs_n, live, k0, N, groups, group_size, BITS, ZERO)
+                packed = _packed_tile(q_ptr, row, live[:, None], k0, BITS, SLICE)
+                for j in tl.static_range(PER):
+                    w = _position(packed, j, BITS) * scale[:, None] + offset[:, None]
+                    k = k0 + cols + j
+                    x = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+                    acc2 += w * x[None, :]
             acc1 = tl.sum(acc2, axis=1)
             out = pid_m * N + offs_n
             if PARTIAL:
@@ -160,15 +185,23 @@ if triton is not None:
 
     @triton.jit
     def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, N, K, groups, group_size, BITS: tl.constexpr,
-                    ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER: tl.constexpr):
         """W (N, K) in w's dtype from the stored tensors, one (BLOCK_N, BLOCK_K) tile per program."""
+        SLICE: tl.constexpr = BLOCK_K // PER
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         k0 = tl.program_id(1) * BLOCK_K
-        w = _weight_tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, N, K, groups, group_size,
-                         BITS, ZERO, BLOCK_N, BLOCK_K)
-        offs = offs_n[:, None].to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)[None, :]  # N K may pass 2^31
-        tl.store(w_ptr + offs, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
+        scale, offset = _scale_offset(s_ptr, z_ptr, offs_n, n_mask, k0, N, groups, group_size, BITS, ZERO)
+        packed = _packed_tile(q_ptr, offs_n[:, None] * ((K // 8) * BITS), n_mask[:, None], k0, BITS, SLICE)
+        out = w_ptr + offs_n[:, None].to(tl.int64) * K + k0 + (tl.arange(0, SLICE) * PER)[None, :]  # N K may pass 2^31
+        for j in tl.static_range(PER):
+            w = _position(packed, j, BITS) * scale[:, None] + offset[:, None]
+            tl.store(out + j, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
+
+
+def codes_per_load(bits: int) -> int:
+    """Codes per byte for widths dividing 8, else per unit of 8 codes (`bits` bytes)."""
+    return 8 // bits if 8 % bits == 0 else 8
 
 
 def tile_k(group_size: int) -> int | None:
@@ -283,8 +316,13 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     (ZERO_INT), float zeros (N, G) (ZERO_FLOAT), or None (ZERO_SYMMETRIC); config: CONFIG_KEYS."""
     M, K = x.shape
     N = out_features
-    block_k = min(config["BLOCK_K"], tile_k(group_size))
-    block_m = config["BLOCK_M"] if config["USE_DOT"] else 1
+    per = codes_per_load(bits)
+    block_k = max(min(config["BLOCK_K"], tile_k(group_size)), per)
+    use_dot = config["USE_DOT"]
+    if use_dot and block_k // per < 16:  # tl.dot takes K >= 16 a slice: the group's largest tile
+        block_k = tile_k(group_size)
+        use_dot = block_k // per >= 16  # else (3-bit g64, 2-bit g32, ...) the CUDA-core path
+    block_m = config["BLOCK_M"] if use_dot else 1
     per_split = -(-K // config["SPLIT_K"])
     k_split = -(-per_split // block_k) * block_k
     splits = -(-K // k_split)
@@ -294,8 +332,8 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     _quant_matmul[grid](
         x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, partial,
         M, N, K, K // group_size, group_size, k_split, x.stride(0),
-        BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None, PARTIAL=splits > 1, USE_DOT=config["USE_DOT"],
-        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k,
+        BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None, PARTIAL=splits > 1, USE_DOT=use_dot,
+        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, PER=per,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         block = 1024
@@ -313,7 +351,7 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     weight = out[: N * K].view(N, K)
     _dequantize[(triton.cdiv(N, block_n), K // block_k)](
         qweight, scales, scales if zeros is None else zeros, weight, N, K, K // group_size, group_size,
-        BITS=bits, ZERO=zero_kind, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        BITS=bits, ZERO=zero_kind, BLOCK_N=block_n, BLOCK_K=block_k, PER=codes_per_load(bits), num_warps=4)
     return weight
 
 
