@@ -1,4 +1,5 @@
-"""Fast inference paths for stored module kinds, through kernel libraries (torch's own ops).
+"""Fast inference paths for stored module kinds: torch's own kernels, and ours in Triton where no
+library reads our codes (triton_quant.py).
 
 Every compressed module keeps its reference forward (dequantize, obviously right). `prepare_model`
 asks each one, once the model sits on its device in its compute dtype, for the fastest exact path
@@ -6,16 +7,19 @@ that device has (`CompressedModule.prepare_fast`), and returns which backend eac
 
 | stored kind | CUDA | CPU |
 |---|---|---|
-| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | int4 tinygemm (`_weight_int4pack_mm`, bf16) up to 32 tokens, else dequantize + GEMM | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 256 tokens, else dequantize + GEMM; float32: the same kernel in bfloat16 (x cast, the result cast back) up to 8 tokens, else a float32 GEMM on the weight dequantized once (kept beside the codes) |
-| quant, 8 bits symmetric, one scale per row | dense, dequantized once (the int8 op is 15x slower than dense there) | int8 weight-only (`_weight_int8pack_mm`) up to 64 tokens, else dequantize + GEMM |
-| quant, other (5..8 bits grouped, shapes the kernels refuse) | dense, dequantized once | dense, dequantized once |
+| quant, 1..8 bits, groups of 32..256 (or a multiple) / rows, bfloat16/float16 | ours (Triton, `triton_quant.py`) over the stored codes up to the measured crossover, else dequantize into a shared buffer + GEMM; without Triton: int4 tinygemm for 2..4 bits |
+| quant, 2..4 bits, float32 caller | dense, dequantized once | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 256 tokens, else dequantize + GEMM; float32: the same kernel in bfloat16 (x cast, the result cast back) up to 8 tokens, else a float32 GEMM on the weight dequantized once (kept beside the codes) |
+| quant, 8 bits symmetric, one scale per row | as 1..8 bits above (float32: dense) | int8 weight-only (`_weight_int8pack_mm`) up to 64 tokens, else dequantize + GEMM |
+| quant, other (shapes the kernels refuse) | dense, dequantized once | dense, dequantized once |
 | sparse 2:4 | dense, dequantized once; workload "prefill": semi-structured (`torch.sparse`, cuSPARSELt / CUTLASS) | dense, dequantized once |
 | sparse, unstructured | dense, dequantized once | dense, dequantized once |
 | lowrank | two GEMMs (factors cast once), one GEMM when r (in + out) >= in x out | same |
 | tied head over a quantized embedding | as quant | as quant |
 | generated (hypernet), kan | dense: generated once at load, cast once | same |
 
-Codes convert exactly: tinygemm computes W = (q - 8) s + z_t per group, so our grids map as
+On CUDA, `load` also makes `generate` decode with a static KV cache and a compiled step (decode.py).
+
+Codes convert exactly: ours compute (q - z) s in float32 rounded once; tinygemm computes W = (q - 8) s + z_t per group, so our grids map as
 (q - z) s = (q - 8) s + (8 - z) s (int zero), (q - 2^(b-1)) s = (q - 8) s + (8 - 2^(b-1)) s
 (symmetric), q s + m = (q - 8) s + (8 s + m) (float zero); codes of 2 or 3 bits are valid 4-bit
 codes. The only difference from the reference is the rounding of s and z_t to the compute dtype

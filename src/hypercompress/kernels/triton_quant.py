@@ -2,7 +2,7 @@
 
 Why our own: no installable library reads this layout. torch's tinygemm and torchao widen every code
 to 4 bits in their own packing (a second copy of the weight, 2 bytes of GPU memory per stored byte,
-and 2/3-bit codes read as 4-bit); gemlite (Triton, PyPI) repacks along K; Marlin and Machete ship
+and 2/3-bit codes read as 4-bit); gemlite (Triton, PyPI) packs in its own layout; Marlin and Machete ship
 only inside vLLM. These kernels read the stored tensors themselves, so they are the only copy of the
 weight on the GPU:
   - qweight: the codes of W (N, K) row after row, `bits` bits each, most significant bit first
@@ -11,14 +11,18 @@ weight on the GPU:
   - scales (N, G) float16, G = K / group_size;
   - symmetric grids: W = (q - 2^(bits-1)) s; integer zeros: W = (q - z) s with z packed like the
     codes (N * G of them); float zeros: W = q s + m with m (N, G) float16.
-Each program unpacks a (BLOCK_N, BLOCK_K) tile in registers (BLOCK_K divides the group, so the tile
-has one scale per row), dequantizes it in float32 (exact: (q - z) s with s from float16, rounded once
-to the compute dtype) and either
-  - feeds the tensor cores (`tl.dot`, x padded to BLOCK_M >= 16 rows): the path for 2..256 tokens, or
-  - (one token, `USE_DOT=False`) multiplies on the CUDA cores into a (BLOCK_N, BLOCK_K) float32
-    accumulator reduced once at the end;
-and with SPLIT_K > 1 (PARTIAL) the K range is cut into SPLIT_K slices (more programs for few tokens; the
-float32 partials are summed by a second kernel that adds the bias and casts, in a fixed order).
+Each program walks its K range in (BLOCK_N, BLOCK_K) tiles (BLOCK_K divides the group, so a tile
+has one scale per row). It loads the tile's stored bytes contiguously (widths dividing 8) or as units
+of 8 codes (BITS bytes: 3, 5, 6, 7 bits), then takes the codes position by position: position j
+of every byte holds columns k0 + PER i + j (PER codes per byte or unit), so x is read at those
+columns and W is never interleaved back in registers. Each position is dequantized with one FMA in
+float32 (exact: q s - z s with s from float16, rounded once to the compute dtype) and either
+  - feeds the tensor cores (`tl.dot(W, x^T)`: W is the MMA's A operand, x padded to BLOCK_M >= 16
+    tokens), the path for 2..256 tokens, or
+  - (one token, `USE_DOT=False`) multiplies on the CUDA cores into a float32 accumulator reduced
+    once at the end;
+and with SPLIT_K > 1 (PARTIAL) the K range is cut into SPLIT_K slices (more programs for few tokens;
+the float32 partials are summed by a second kernel that adds the bias and casts, in a fixed order).
 Above the measured crossover (`TritonQuantLinear.gemm_rows`) a call dequantizes W into one buffer
 reused by every layer of the device and dtype, then runs the dense GEMM.
 
