@@ -10,7 +10,7 @@ each kind built as hypercompress stores it, then `prepare_fast` (the path `hyper
 takes); x of 1 to 2048 tokens. Time: CUDA events around a CUDA graph of 20 calls (launch
 overhead excluded), or wall time on the CPU; the median of 5 repeats. Bound: the bytes the kernel
 must read (its weight operands) / the measured copy bandwidth (read + write bytes of a large
-device-to-device copy / its time). Models: a Llama-2-7B-shaped model (4 of its 32 layers, random
+device-to-device copy / its time). Models: a Llama-2-7B-shaped model (--llama-layers of its 32 layers, random
 weights) and SmolLM2-135M, HF generate, greedy, 128 new tokens after 16 prompt tokens, each model set
 up as `hypercompress.load` sets it up (on CUDA a static KV cache and the compiled decode step, the dense
 original too), timed on the second generate of the same shape (the first compiles).
