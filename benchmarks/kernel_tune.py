@@ -2,7 +2,7 @@
 
     python benchmarks/kernel_tune.py run --out runs/tune.json [--bits 2,3,4,8] [--jobs 16]
     python benchmarks/kernel_tune.py merge runs/tune.json   # -> src/hypercompress/kernels/triton_configs.json
-                                                            #    and results/kernel_tune_<GPU>.json
+                                                            #    and benchmarks/results/kernel_tune_<GPU>.json
 
 For each width, token bucket (kernels/triton_quant.TOKEN_BUCKETS) and layer size (large: Llama-2-7B's
 MLP, 11008 x 4096 and 4096 x 11008, group 128; small: SmolLM2's MLP, 1536 x 576 and 576 x 1536, group
@@ -233,7 +233,7 @@ def run(args) -> None:
 
 def merge(args) -> None:
     """Each run's configs and gemm_rows into the shipped table (its family replaced), its timings
-    into results/kernel_tune_<family>.json."""
+    into benchmarks/results/kernel_tune_<family>.json."""
     table_path = ROOT / "src/hypercompress/kernels/triton_configs.json"
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
     for file in args.files:
@@ -241,7 +241,7 @@ def merge(args) -> None:
         table[run_["family"]] = {"configs": run_["configs"], "gemm_rows": run_["gemm_rows"],
                                  "measured_on": f"{run_['machine']}, torch {run_['torch']}, triton {run_['triton']}",
                                  "command": run_["command"]}
-        out = ROOT / "results" / f"kernel_tune_{run_['family']}.json"
+        out = ROOT / "benchmarks" / "results" / f"kernel_tune_{run_['family']}.json"
         out.write_text(json.dumps({k: run_[k] for k in ("machine", "torch", "triton", "command", "best",
                                                          "crossover", "gemm_rows")}, indent=1) + "\n")
         print(f"wrote {out}")
