@@ -36,19 +36,18 @@ def candidates(bucket: int) -> list[dict]:
     """Tile configs (without SPLIT_K) worth timing for a token bucket (buckets 1..16 share the
     BLOCK_M = 16 compiles: the token count is not specialized)."""
     configs = []
-    if bucket == 1:  # CUDA cores: a (BLOCK_N, BLOCK_K) float32 accumulator, at most 64 registers a thread
-        for bn, bk, stages in itertools.product((16, 32, 64), (128, 256), (2, 3)):
-            if bn * bk // (4 * 32) <= 64:
-                configs.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False,
-                                "num_warps": 4, "num_stages": stages})
+    if bucket == 1:  # CUDA cores: a (BLOCK_N, BLOCK_K / PER) float32 accumulator
+        for bn, bk, stages in itertools.product((16, 32), (128, 256), (2, 3)):
+            configs.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False,
+                            "num_warps": 4, "num_stages": stages})
     if bucket <= 16:
-        for bn, bk, stages in itertools.product((32, 64, 128), (128, 256), (2, 4)):
+        for bn, bk, stages in itertools.product((64, 128), (128, 256), (2, 3)):
             configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
                             "num_warps": 4, "num_stages": stages})
     elif bucket == 64:
-        for bm, bn, bk, stages in itertools.product((32, 64), (64, 128), (64, 128), (3, 4)):
+        for bm, bn, bk in itertools.product((32, 64), (64, 128), (64, 128)):
             configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
-                            "num_warps": 4, "num_stages": stages})
+                            "num_warps": 4, "num_stages": 3})
     else:
         for bm, bn, warps in itertools.product((64, 128), (64, 128), (4, 8)):
             configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "USE_DOT": True,
