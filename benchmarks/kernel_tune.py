@@ -10,7 +10,9 @@ MLP, 11008 x 4096 and 4096 x 11008, group 128; small: SmolLM2's MLP, 1536 x 576 
 20 calls, median of 3 replays), and the one with the least time summed over the size's two shapes is
 kept. Then, per width and size, the kernel (its bucket-256 config) is timed against dequantizing W into
 the workspace plus torch's dense GEMM at 64..2048 tokens; `gemm_rows` is the largest count up to which
-the kernel wins at every measured count. Compiles run first in --jobs processes sharing Triton's cache,
+the kernel wins at every measured count. Last, one token through our kernel against the path it
+replaces (int4 tinygemm for <= 4 bits, the dense weight above): `prefer` says which is the default
+(kernels/triton_quant.triton_preferred). Compiles run first in --jobs processes sharing Triton's cache,
 so the timing process only loads them.
 """
 
@@ -220,6 +222,34 @@ def run(args) -> None:
         first_loss = next((rows for rows, win in zip(CROSSOVER_ROWS, wins) if not win), None)
         gemm_rows[f"w{bits}-{size}"] = max([r for r in won if first_loss is None or r < first_loss], default=32)
 
+    # the default path of each width and size: ours where one token runs at least as fast as the
+    # path it replaces (int4 tinygemm for <= 4 bits, dense above), summed over the size's shapes
+    from hypercompress.kernels.int4 import Int4Linear
+
+    prefer, baselines = {}, []
+    for bits, size in itertools.product(bits_list, SIZES):
+        config = configs.get(f"w{bits}-m1-{size}")
+        if config is None:
+            continue
+        shapes, group = SIZES[size]
+        ours = other = 0.0
+        for out_features, in_features in shapes:
+            module = layer(bits, out_features, in_features, group)
+            x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
+            ours += time_us(lambda: call(module, x, config))
+            if bits <= 4:
+                codes, zero = module.tinygemm_form()
+                path = Int4Linear(codes, module.scales, zero, group, None, torch.bfloat16,
+                                  pairs=module.qweight if bits == 4 else None)
+            else:
+                weight = module.dense_weight(torch.bfloat16)
+                path = lambda x, weight=weight: F.linear(x, weight)  # noqa: E731
+            other += time_us(lambda: path(x))
+        prefer[f"w{bits}-{size}"] = "triton" if ours <= other else "other"
+        baselines.append({"bits": bits, "size": size, "tokens": 1, "ours_us": round(ours, 2),
+                          "replaced_us": round(other, 2), "replaced": "int4 tinygemm" if bits <= 4 else "dense"})
+        print(json.dumps(baselines[-1]), flush=True)
+
     name = torch.cuda.get_device_name()
     import triton
 
@@ -227,7 +257,8 @@ def run(args) -> None:
     Path(args.out).write_text(json.dumps({
         "family": tq.gpu_family(torch.device("cuda")), "machine": name, "torch": torch.__version__,
         "triton": triton.__version__, "command": "python benchmarks/kernel_tune.py " + " ".join(sys.argv[1:]),
-        "configs": configs, "gemm_rows": gemm_rows, "best": best_rows, "crossover": crossover_rows}, indent=1) + "\n")
+        "configs": configs, "gemm_rows": gemm_rows, "prefer": prefer, "best": best_rows,
+        "crossover": crossover_rows, "baselines": baselines}, indent=1) + "\n")
 
 
 def merge(args) -> None:
@@ -237,12 +268,12 @@ def merge(args) -> None:
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
     for file in args.files:
         run_ = json.loads(Path(file).read_text())
-        table[run_["family"]] = {"configs": run_["configs"], "gemm_rows": run_["gemm_rows"],
+        table[run_["family"]] = {"configs": run_["configs"], "gemm_rows": run_["gemm_rows"], "prefer": run_["prefer"],
                                  "measured_on": f"{run_['machine']}, torch {run_['torch']}, triton {run_['triton']}",
                                  "command": run_["command"]}
         out = ROOT / "benchmarks" / "results" / f"kernel_tune_{run_['family']}.json"
         out.write_text(json.dumps({k: run_[k] for k in ("machine", "torch", "triton", "command", "best",
-                                                         "crossover", "gemm_rows")}, indent=1) + "\n")
+                                                         "crossover", "baselines", "gemm_rows", "prefer")}, indent=1) + "\n")
         print(f"wrote {out}")
     table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {table_path}")

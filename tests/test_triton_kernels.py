@@ -77,6 +77,14 @@ def test_configs_come_from_the_table_else_the_heuristic(tmp_path, monkeypatch):
         assert tq.gemm_rows_for("H100", 4, 11008, 4096) == 128
         assert tq.gemm_rows_for("H100", 4, 576, 576) == tq.DEFAULT_GEMM_ROWS
         assert tq.gemm_rows_for("H100", 2, 11008, 4096) == tq.DEFAULT_GEMM_ROWS
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+        table["H100"]["prefer"] = {"w4-large": "triton", "w2-large": "other"}
+        path.write_text(json.dumps(table))
+        tq.tuned_table.cache_clear()
+        cuda = torch.device("cuda")
+        assert tq.triton_preferred(cuda, 4, 11008, 4096)
+        assert not tq.triton_preferred(cuda, 2, 11008, 4096)  # measured slower: the old path stays
+        assert not tq.triton_preferred(cuda, 4, 576, 576)  # never measured: the old path stays
         path.write_text("{not json")
         tq.tuned_table.cache_clear()
         assert tq.tuned_table() == {} and tq.gemm_rows_for("H100", 4, 11008, 4096) == tq.DEFAULT_GEMM_ROWS
@@ -136,10 +144,12 @@ STAGES = [{"bits": 4, "group_size": 32}, {"bits": 3, "group_size": 64}, {"bits":
 @cuda
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
 @pytest.mark.parametrize("rows", [1, 4, 16, 300])
-def test_cuda_fast_logits_equal_the_reference(stage, rows, model_dirs, tmp_path):
+def test_cuda_fast_logits_equal_the_reference(stage, rows, model_dirs, tmp_path, monkeypatch):
     """bfloat16 on the GPU: the Triton path (and above gemm_rows, dequantize + GEMM) is no further from
     the bfloat16 reference than that is from float32, times 3."""
     from hypercompress.storage import artifact
+
+    monkeypatch.setattr(tq, "triton_preferred", lambda *args: True)  # whatever the table measured
 
     path = _artifact(model_dirs["llama"], stage, tmp_path / "a")
     fast, _ = artifact.load(path, dtype=torch.bfloat16, device="cuda")
@@ -155,10 +165,11 @@ def test_cuda_fast_logits_equal_the_reference(stage, rows, model_dirs, tmp_path)
 
 
 @cuda
-def test_cuda_kernel_memory_is_the_stored_bytes(model_dirs, tmp_path):
+def test_cuda_kernel_memory_is_the_stored_bytes(model_dirs, tmp_path, monkeypatch):
     from hypercompress.layers import QuantLinear
     from hypercompress.storage import artifact
 
+    monkeypatch.setattr(tq, "triton_preferred", lambda *args: True)
     path = _artifact(model_dirs["llama"], {"bits": 3, "group_size": 32}, tmp_path / "a")
     model, _ = artifact.load(path, dtype=torch.bfloat16, device="cuda")
     checked = 0

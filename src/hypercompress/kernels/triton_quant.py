@@ -251,7 +251,8 @@ def gpu_family(device: torch.device) -> str:
 @lru_cache(maxsize=None)
 def tuned_table() -> dict:
     """triton_configs.json: {gpu family: {"configs": {"w4-m16-large": config, ...},
-    "gemm_rows": {"w4-large": rows, ...}}}; {} when the file is missing or unreadable."""
+    "gemm_rows": {"w4-large": rows, ...}, "prefer": {"w4-large": "triton", ...}}}; {} when the file
+    is missing or unreadable."""
     try:
         table = json.loads(CONFIG_FILE.read_text())
     except (OSError, ValueError):
@@ -286,6 +287,14 @@ def config_for(family: str, bits: int, rows: int, out_features: int, in_features
         if rows > 1 or not config["USE_DOT"] or config["BLOCK_M"] >= 16:
             return {k: config[k] for k in CONFIG_KEYS}
     return heuristic_config(rows, out_features, in_features)
+
+
+def triton_preferred(device: torch.device, bits: int, out_features: int, in_features: int) -> bool:
+    """Whether the tuned table measured our kernel at one token at least as fast as the path it
+    replaces on this GPU family (torch's int4 tinygemm for <= 4 bits, the dense weight above):
+    `prefer` {"w4-large": "triton" | "other"}. A family or width never measured keeps the old path."""
+    key = f"w{bits}-{size_class(out_features, in_features)}"
+    return tuned_table().get(gpu_family(device), {}).get("prefer", {}).get(key) == "triton"
 
 
 DEFAULT_GEMM_ROWS = 256

@@ -185,18 +185,19 @@ class QuantLinear(CompressedModule):
 
     def build_fast(self, dtype: torch.dtype):
         """The fast path of this weight: on CUDA in bfloat16/float16 our Triton kernels over the
-        stored codes (1..8 bits); else int4 tinygemm for 2..4-bit codes, int8 weight-only for
-        symmetric 8-bit rows, else the dense weight dequantized once (kernels/__init__.py)."""
+        stored codes (1..8 bits) where the tuned table measured them faster on this GPU family
+        (triton_preferred); else int4 tinygemm for 2..4-bit codes, int8 weight-only for symmetric
+        8-bit rows, else the dense weight dequantized once (kernels/__init__.py)."""
         from ..kernels.int4 import Int4Linear, Int8RowLinear, int4_supported, int8_supported
         from ..kernels.paths import DenseLinear
 
         device = self.device()
         if device.type == "cuda":  # our Triton kernels read the stored codes themselves, any width
-            from ..kernels.triton_quant import TritonQuantLinear, triton_supported
+            from ..kernels.triton_quant import TritonQuantLinear, triton_preferred, triton_supported
 
             why = triton_supported(device, dtype, self.bits, self.out_features, self.in_features,
                                    self.group_size)
-            if why is None:
+            if why is None and triton_preferred(device, self.bits, self.out_features, self.in_features):
                 return TritonQuantLinear(self.qweight, self.scales, *self.triton_zeros(), self.bits,
                                          self.group_size, self.out_features, self.in_features,
                                          self.bias, dtype)
