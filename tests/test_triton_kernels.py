@@ -197,3 +197,14 @@ def test_cuda_load_decodes_with_a_static_cache_and_the_compiled_step(model_dirs,
     dynamic = model.generate(ids, cache_implementation="dynamic", **kwargs)
     assert static.shape == (2, 20) and torch.equal(static, static_again)
     assert torch.equal(static[:, :9], dynamic[:, :9])  # the first new token; bfloat16 may part later
+
+
+def test_static_decode_is_set_on_cuda_only(model_dirs, tmp_path):
+    """On the CPU `load` leaves generate as transformers sets it (compiling did not pay there)."""
+    from hypercompress.kernels.decode import use_static_decode
+    from hypercompress.storage import artifact
+
+    path = _artifact(model_dirs["llama"], {"bits": 4, "group_size": 32}, tmp_path / "a")
+    model, _ = artifact.load(path)
+    assert use_static_decode(model) is None
+    assert model.generation_config.cache_implementation is None and not hasattr(model, "hypercompress_decode")

@@ -21,12 +21,17 @@ def use_static_decode(model: nn.Module) -> str | None:
     """Make `model.generate` decode with a static cache and the compiled step when the model sits on
     CUDA and its class compiles whole (`_can_compile_fullgraph`); returns what was set (also kept as
     `model.hypercompress_decode`), or None where nothing changed (CPU: compiling recompiles per
-    generation length there and did not pay, measured; classes transformers does not compile)."""
+    generation length there and did not pay, measured; classes transformers does not compile;
+    no working Triton, which inductor needs for the CUDA step)."""
     config = getattr(model, "generation_config", None)
     device = next((t.device for t in model.parameters()), None)
     if config is None or device is None or device.type != "cuda":
         return None
     if not getattr(model, "_can_compile_fullgraph", False):
+        return None
+    from torch.utils._triton import has_triton
+
+    if not has_triton():  # inductor compiles the CUDA step through Triton: without it, stay eager
         return None
     config.cache_implementation = "static"
     model.hypercompress_decode = STATIC_DECODE
