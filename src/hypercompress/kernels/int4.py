@@ -144,13 +144,19 @@ class Int4Linear(FastPath):
         return weight.view(self.out_features, self.in_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        # a decode step calls this ~200 times (SmolLM2): no torch call that does nothing (each
+        # dispatch costs ~1 us on a CPU; trimming them took 49 to 41 us a call on a 2-core Xeon)
+        shape = x.shape
+        flat = x.view(-1, shape[-1]) if x.is_contiguous() else x.reshape(-1, shape[-1]).contiguous()
         if flat.shape[0] > self.gemm_rows:
             return F.linear(x, self.dense_weight(), self.bias)
-        y = self.matmul(flat.to(self.kernel_dtype), self.packed, self.group, self.scales_and_zeros).to(self.dtype)
+        if self.kernel_dtype is not self.dtype:
+            y = self.matmul(flat.to(self.kernel_dtype), self.packed, self.group, self.scales_and_zeros).to(self.dtype)
+        else:
+            y = self.matmul(flat, self.packed, self.group, self.scales_and_zeros)
         if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y += self.bias
+        return y.view(*shape[:-1], self.out_features)
 
 
 INT8_GEMM_ROWS = 64  # 2-core EPYC, 4096 x 11008: 2.1 ms at 1 token (dense 4.5), 11 at 16 (6.5)
