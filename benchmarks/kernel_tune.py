@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"large": ([(11008, 4096), (4096, 11008)], 128), "small": ([(1536, 576), (576, 1536)], 64)}
 CROSSOVER_ROWS = (64, 128, 256, 512, 1024, 2048)
@@ -111,50 +111,23 @@ def compile_part(part: list[tuple]) -> int:
     return done
 
 
-def time_us(fn, calls: int = 20, repeats: int = 3) -> float:
-    """Median microseconds of one call: CUDA events around a CUDA graph of `calls` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(samples)
+def time_us(fn) -> float:
+    """Median microseconds of one call (speed.py's timer: CUDA events around a CUDA graph)."""
+    from speed import time_call
+
+    return time_call(fn, torch.device("cuda"), repeats=3, calls=20)
 
 
-@torch.inference_mode()
-def run(args) -> None:
-    from hypercompress.kernels import triton_quant as tq
-
-    bits_list = [int(b) for b in args.bits.split(",")]
-    work = plan(bits_list)
-    print(f"{len(work)} timings planned; compiling in {args.jobs} processes", flush=True)
-    import multiprocessing
+def time_all(work: list[tuple], max_seconds: float) -> dict[tuple, float]:
+    """{(bits, size, index, bucket, config json, split): us} for every work item that runs, in order,
+    until `max_seconds` (0: no limit)."""
     import time
-
-    tick = time.perf_counter()
-    parts = [work[i::args.jobs] for i in range(args.jobs)]
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        compiled = sum(pool.map(compile_part, parts))
-    print(f"compiled {compiled} in {time.perf_counter() - tick:.0f} s", flush=True)
 
     tick = time.perf_counter()
     timings: dict[tuple, float] = {}
     modules = {}
     for bits, size, index, bucket, config, split in work:
-        if args.max_seconds and time.perf_counter() - tick > args.max_seconds:
+        if max_seconds and time.perf_counter() - tick > max_seconds:
             print(f"--max-seconds reached: {len(timings)} of {len(work)} timed", flush=True)
             break
         shapes, group = SIZES[size]
@@ -167,96 +140,131 @@ def run(args) -> None:
         x = torch.randn(bucket, in_features, device="cuda", dtype=torch.bfloat16)
         try:
             us = time_us(lambda: call(module, x, {**config, "SPLIT_K": split}))
-        except Exception:
+        except Exception:  # a config this GPU cannot run
             continue
         timings[(bits, size, index, bucket, json.dumps(config, sort_keys=True), split)] = us
     print(f"timed {len(timings)} in {time.perf_counter() - tick:.0f} s", flush=True)
+    return timings
+
+
+def pick_configs(timings: dict, bits_list) -> tuple[dict, list[dict]]:
+    """The config with the least time summed over each size's two shapes, per width and bucket."""
+    from hypercompress.kernels import triton_quant as tq
 
     configs, best_rows = {}, []
     for bits, size, bucket in itertools.product(bits_list, SIZES, tq.TOKEN_BUCKETS):
         totals = {}
         for config, split in itertools.product(candidates(bucket), splits(bucket)):
-            key = (json.dumps(config, sort_keys=True), split)
-            both = [timings.get((bits, size, index, bucket, key[0], split)) for index in range(2)]
+            key = json.dumps(config, sort_keys=True)
+            both = [timings.get((bits, size, index, bucket, key, split)) for index in range(2)]
             if None not in both:
-                totals[key] = both
+                totals[(key, split)] = both
         if not totals:
             continue
         (config, split), both = min(totals.items(), key=lambda item: sum(item[1]))
         configs[f"w{bits}-m{bucket}-{size}"] = {**json.loads(config), "SPLIT_K": split}
         heuristic = tq.heuristic_config(bucket, *SIZES[size][0][0])
+        key = json.dumps({k: v for k, v in heuristic.items() if k != "SPLIT_K"}, sort_keys=True)
         best_rows.append({"bits": bits, "size": size, "tokens": bucket, "us": [round(u, 2) for u in both],
                           "config": configs[f"w{bits}-m{bucket}-{size}"],
-                          "heuristic_us": [round(timings.get((bits, size, i, bucket, json.dumps(
-                              {k: v for k, v in heuristic.items() if k != "SPLIT_K"}, sort_keys=True),
-                              heuristic["SPLIT_K"]), float("nan")), 2) for i in range(2)]})
+                          "heuristic_us": [round(timings.get((bits, size, i, bucket, key, heuristic["SPLIT_K"]),
+                                                             float("nan")), 2) for i in range(2)]})
         print(json.dumps(best_rows[-1]), flush=True)
+    return configs, best_rows
 
-    gemm_rows, crossover_rows = {}, []
+
+def per_size(bits_list, configs: dict, bucket: int):
+    """(bits, size, config of `bucket`, [(module, (out, in)) for the size's shapes]) with a config."""
     for bits, size in itertools.product(bits_list, SIZES):
-        config = configs.get(f"w{bits}-m256-{size}")
-        if config is None:
-            continue
-        shapes, group = SIZES[size]
-        built = [layer(bits, out_features, in_features, group) for out_features, in_features in shapes]
+        config = configs.get(f"w{bits}-m{bucket}-{size}")
+        if config is not None:
+            shapes, group = SIZES[size]
+            yield bits, size, config, [(layer(bits, *shape, group), shape) for shape in shapes]
+
+
+def crossover(bits_list, configs: dict) -> tuple[dict, list[dict]]:
+    """gemm_rows per width and size: the largest token count up to which our kernel (its bucket-256
+    config) beats dequantize + dense GEMM at every measured count."""
+    from hypercompress.kernels import triton_quant as tq
+
+    gemm_rows, rows_out = {}, []
+    for bits, size, config, built in per_size(bits_list, configs, 256):
         wins = []
         for rows in CROSSOVER_ROWS:
             kernel = dense = 0.0
-            for module, (out_features, in_features) in zip(built, shapes):
+            for module, (out_features, in_features) in built:
                 x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
                 zeros, kind = module.triton_zeros()
                 buffer = torch.empty(out_features * in_features, device="cuda", dtype=torch.bfloat16)
 
                 def dequantize_gemm():
-                    weight = tq.dequantize_weight(module.qweight, module.scales, zeros, bits, kind, group,
-                                                  out_features, in_features, buffer)
+                    weight = tq.dequantize_weight(module.qweight, module.scales, zeros, bits, kind,
+                                                  module.group_size, out_features, in_features, buffer)
                     return F.linear(x, weight)
 
                 kernel += time_us(lambda: call(module, x, config))
                 dense += time_us(dequantize_gemm)
             wins.append(kernel <= dense)
-            crossover_rows.append({"bits": bits, "size": size, "tokens": rows, "kernel_us": round(kernel, 2),
-                                   "dequantize_gemm_us": round(dense, 2)})
-            print(json.dumps(crossover_rows[-1]), flush=True)
-        won = [rows for rows, win in zip(CROSSOVER_ROWS, wins) if win]
+            rows_out.append({"bits": bits, "size": size, "tokens": rows, "kernel_us": round(kernel, 2),
+                             "dequantize_gemm_us": round(dense, 2)})
+            print(json.dumps(rows_out[-1]), flush=True)
         first_loss = next((rows for rows, win in zip(CROSSOVER_ROWS, wins) if not win), None)
-        gemm_rows[f"w{bits}-{size}"] = max([r for r in won if first_loss is None or r < first_loss], default=32)
+        won = [rows for rows, win in zip(CROSSOVER_ROWS, wins) if win and (first_loss is None or rows < first_loss)]
+        gemm_rows[f"w{bits}-{size}"] = max(won, default=32)
+    return gemm_rows, rows_out
 
-    # the default path of each width and size: ours where one token runs at least as fast as the
-    # path it replaces (int4 tinygemm for <= 4 bits, dense above), summed over the size's shapes
+
+def preference(bits_list, configs: dict) -> tuple[dict, list[dict]]:
+    """The default path of each width and size: ours where one token runs at least as fast as the
+    path it replaces (int4 tinygemm for <= 4 bits, the dense weight above), summed over the shapes."""
     from hypercompress.kernels.int4 import Int4Linear
 
-    prefer, baselines = {}, []
-    for bits, size in itertools.product(bits_list, SIZES):
-        config = configs.get(f"w{bits}-m1-{size}")
-        if config is None:
-            continue
-        shapes, group = SIZES[size]
+    prefer, rows_out = {}, []
+    for bits, size, config, built in per_size(bits_list, configs, 1):
         ours = other = 0.0
-        for out_features, in_features in shapes:
-            module = layer(bits, out_features, in_features, group)
+        for module, (out_features, in_features) in built:
             x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
             ours += time_us(lambda: call(module, x, config))
             if bits <= 4:
                 codes, zero = module.tinygemm_form()
-                path = Int4Linear(codes, module.scales, zero, group, None, torch.bfloat16,
+                path = Int4Linear(codes, module.scales, zero, module.group_size, None, torch.bfloat16,
                                   pairs=module.qweight if bits == 4 else None)
             else:
                 weight = module.dense_weight(torch.bfloat16)
                 path = lambda x, weight=weight: F.linear(x, weight)  # noqa: E731
             other += time_us(lambda: path(x))
         prefer[f"w{bits}-{size}"] = "triton" if ours <= other else "other"
-        baselines.append({"bits": bits, "size": size, "tokens": 1, "ours_us": round(ours, 2),
-                          "replaced_us": round(other, 2), "replaced": "int4 tinygemm" if bits <= 4 else "dense"})
-        print(json.dumps(baselines[-1]), flush=True)
+        rows_out.append({"bits": bits, "size": size, "tokens": 1, "ours_us": round(ours, 2),
+                         "replaced_us": round(other, 2), "replaced": "int4 tinygemm" if bits <= 4 else "dense"})
+        print(json.dumps(rows_out[-1]), flush=True)
+    return prefer, rows_out
 
-    name = torch.cuda.get_device_name()
+
+@torch.inference_mode()
+def run(args) -> None:
+    import multiprocessing
+    import time
+
     import triton
 
+    from hypercompress.kernels import triton_quant as tq
+
+    bits_list = [int(b) for b in args.bits.split(",")]
+    work = plan(bits_list)
+    print(f"{len(work)} timings planned; compiling in {args.jobs} processes", flush=True)
+    tick = time.perf_counter()
+    parts = [work[i::args.jobs] for i in range(args.jobs)]
+    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        compiled = sum(pool.map(compile_part, parts))
+    print(f"compiled {compiled} in {time.perf_counter() - tick:.0f} s", flush=True)
+    configs, best_rows = pick_configs(time_all(work, args.max_seconds), bits_list)
+    gemm_rows, crossover_rows = crossover(bits_list, configs)
+    prefer, baselines = preference(bits_list, configs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "family": tq.gpu_family(torch.device("cuda")), "machine": name, "torch": torch.__version__,
-        "triton": triton.__version__, "command": "python benchmarks/kernel_tune.py " + " ".join(sys.argv[1:]),
+        "family": tq.gpu_family(torch.device("cuda")), "machine": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "command": "python benchmarks/kernel_tune.py " + " ".join(sys.argv[1:]),
         "configs": configs, "gemm_rows": gemm_rows, "prefer": prefer, "best": best_rows,
         "crossover": crossover_rows, "baselines": baselines}, indent=1) + "\n")
 
@@ -290,6 +298,10 @@ def main() -> None:
     m = sub.add_parser("merge")
     m.add_argument("files", nargs="+")
     args = parser.parse_args()
+    if args.verb == "run" and not torch.cuda.is_available():
+        print("kernel_tune.py run times kernels on an NVIDIA GPU and none is visible; run it on one "
+              "(the tuned table it writes is read on GPUs of the same family)", file=sys.stderr)
+        sys.exit(2)
     run(args) if args.verb == "run" else merge(args)
 
 

@@ -113,6 +113,20 @@ if triton is not None:
         # int -> float without a conversion instruction: 2^23 + q holds q in its mantissa
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
+    @triton.jit
+    def _weights(packed, j: tl.constexpr, scale, offset, BITS: tl.constexpr):
+        """W at position j of the tile, float32: q s + o, one FMA."""
+        return _position(packed, j, BITS) * scale[:, None] + offset[:, None]
+
+    @triton.jit
+    def _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, row, k0, N, K, groups, group_size, BITS: tl.constexpr,
+              ZERO: tl.constexpr, SLICE: tl.constexpr):
+        """(scale, offset, packed bits) of the tile at column k0 (rows past N, or k0 past K, read
+        nothing: a split's last slice may end past K)."""
+        live = n_mask & (offs_n * 0 + k0 < K)
+        scale, offset = _scale_offset(s_ptr, z_ptr, offs_n, live, k0, N, groups, group_size, BITS, ZERO)
+        return scale, offset, _packed_tile(q_ptr, row, live[:, None], k0, BITS, SLICE)
+
     @triton.jit(do_not_specialize=["M"])  # one compile serves every token count
     def _quant_matmul(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, groups, group_size, k_split,
                       stride_xm, BITS: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -137,11 +151,10 @@ if triton is not None:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: W is the MMA's A operand
             for step in range(0, k_split, BLOCK_K):  # the last slice may end past K: masked
                 k0 = k_start + step
-                live = n_mask & (offs_n * 0 + k0 < K)
-                scale, offset = _scale_offset(s_ptr, z_ptr, offs_n, live, k0, N, groups, group_size, BITS, ZERO)
-                packed = _packed_tile(q_ptr, row, live[:, None], k0, BITS, SLICE)
+                scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, row, k0, N, K, groups,
+                                              group_size, BITS, ZERO, SLICE)
                 for j in tl.static_range(PER):
-                    w = _position(packed, j, BITS) * scale[:, None] + offset[:, None]
+                    w = _weights(packed, j, scale, offset, BITS)
                     k = k0 + cols + j
                     x = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
                                 mask=m_mask[None, :] & (k < K)[:, None], other=0.0)  # (SLICE, BLOCK_M)
@@ -158,11 +171,10 @@ if triton is not None:
             acc2 = tl.zeros((BLOCK_N, SLICE), dtype=tl.float32)
             for step in range(0, k_split, BLOCK_K):
                 k0 = k_start + step
-                live = n_mask & (offs_n * 0 + k0 < K)
-                scale, offset = _scale_offset(s_ptr, z_ptr, offs_n, live, k0, N, groups, group_size, BITS, ZERO)
-                packed = _packed_tile(q_ptr, row, live[:, None], k0, BITS, SLICE)
+                scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, row, k0, N, K, groups,
+                                              group_size, BITS, ZERO, SLICE)
                 for j in tl.static_range(PER):
-                    w = _position(packed, j, BITS) * scale[:, None] + offset[:, None]
+                    w = _weights(packed, j, scale, offset, BITS)
                     k = k0 + cols + j
                     x = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
                     acc2 += w * x[None, :]
@@ -195,11 +207,11 @@ if triton is not None:
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         k0 = tl.program_id(1) * BLOCK_K
-        scale, offset = _scale_offset(s_ptr, z_ptr, offs_n, n_mask, k0, N, groups, group_size, BITS, ZERO)
-        packed = _packed_tile(q_ptr, offs_n[:, None] * ((K // 8) * BITS), n_mask[:, None], k0, BITS, SLICE)
+        scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_n[:, None] * ((K // 8) * BITS),
+                                      k0, N, K, groups, group_size, BITS, ZERO, SLICE)
         out = w_ptr + offs_n[:, None].to(tl.int64) * K + k0 + (tl.arange(0, SLICE) * PER)[None, :]  # N K may pass 2^31
         for j in tl.static_range(PER):
-            w = _position(packed, j, BITS) * scale[:, None] + offset[:, None]
+            w = _weights(packed, j, scale, offset, BITS)
             tl.store(out + j, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
 
 
