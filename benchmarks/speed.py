@@ -222,8 +222,9 @@ def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2"
                          num_key_value_heads=32, num_hidden_layers=layers, vocab_size=32000,
                          max_position_embeddings=4096)
     rows = []
-    for label, stage in [("dense bf16", None), ("rtn w4 g128", {"bits": 4}), ("rtn w2 g128", {"bits": 2})]:
-        if label.split()[-2 if stage else 0] not in kinds:
+    for name, label, stage in [("dense", "dense bf16", None), ("w4", "rtn w4 g128", {"bits": 4}),
+                               ("w2", "rtn w2 g128", {"bits": 2})]:
+        if name not in kinds:
             continue
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(dtype).eval()
