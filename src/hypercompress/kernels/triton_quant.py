@@ -275,6 +275,24 @@ def tuned_table() -> dict:
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT", "num_warps", "num_stages")
 
 
+def _table_field(family: str, field: str) -> dict:
+    """tuned_table()[family][field] where both are mappings, else {} (a damaged file serves nothing)."""
+    entry = tuned_table().get(family)
+    value = entry.get(field) if isinstance(entry, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _valid_config(config) -> bool:
+    """Every key present with a value the kernels compile: tiles powers of two up to 256, ..."""
+    if not isinstance(config, dict) or not set(CONFIG_KEYS) <= set(config):
+        return False
+    power = lambda v, top: type(v) is int and 1 <= v <= top and v & (v - 1) == 0  # noqa: E731
+    return (all(power(config[k], 256) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) and config["BLOCK_K"] >= 32
+            and power(config["SPLIT_K"], 64) and power(config["num_warps"], 16)
+            and type(config["num_stages"]) is int and 1 <= config["num_stages"] <= 8
+            and type(config["USE_DOT"]) is bool and (config["BLOCK_M"] >= 16 if config["USE_DOT"] else config["BLOCK_M"] == 1))
+
+
 def heuristic_config(rows: int, out_features: int, in_features: int) -> dict:
     """Tile shapes for GPUs the table does not hold: enough programs to fill about 132 SMs 4 times."""
     if rows == 1:
@@ -294,10 +312,9 @@ def heuristic_config(rows: int, out_features: int, in_features: int) -> dict:
 def config_for(family: str, bits: int, rows: int, out_features: int, in_features: int) -> dict:
     """The tuned config for this GPU family, bits, token bucket and layer size, else the heuristic."""
     key = f"w{bits}-m{token_bucket(rows)}-{size_class(out_features, in_features)}"
-    config = tuned_table().get(family, {}).get("configs", {}).get(key)
-    if isinstance(config, dict) and set(CONFIG_KEYS) <= set(config):
-        if rows > 1 or not config["USE_DOT"] or config["BLOCK_M"] >= 16:
-            return {k: config[k] for k in CONFIG_KEYS}
+    config = _table_field(family, "configs").get(key)
+    if _valid_config(config):
+        return {k: config[k] for k in CONFIG_KEYS}
     return heuristic_config(rows, out_features, in_features)
 
 
@@ -306,7 +323,7 @@ def triton_preferred(device: torch.device, bits: int, out_features: int, in_feat
     replaces on this GPU family (torch's int4 tinygemm for <= 4 bits, the dense weight above):
     `prefer` {"w4-large": "triton" | "other"}. A family or width never measured keeps the old path."""
     key = f"w{bits}-{size_class(out_features, in_features)}"
-    return tuned_table().get(gpu_family(device), {}).get("prefer", {}).get(key) == "triton"
+    return _table_field(gpu_family(device), "prefer").get(key) == "triton"
 
 
 DEFAULT_GEMM_ROWS = 256
@@ -316,8 +333,8 @@ def gemm_rows_for(family: str, bits: int, out_features: int, in_features: int) -
     """Calls of more rows than this dequantize W and run the dense GEMM (measured per GPU family,
     width and layer size; DEFAULT_GEMM_ROWS where the table has no measurement)."""
     key = f"w{bits}-{size_class(out_features, in_features)}"
-    rows = tuned_table().get(family, {}).get("gemm_rows", {}).get(key)
-    return int(rows) if isinstance(rows, int) and rows > 0 else DEFAULT_GEMM_ROWS
+    rows = _table_field(family, "gemm_rows").get(key)
+    return rows if type(rows) is int and 0 < rows <= 1 << 20 else DEFAULT_GEMM_ROWS
 
 
 _WORKSPACE: dict = {}
