@@ -1,6 +1,7 @@
 """Tune our Triton kernels' tiles on this GPU and measure where dequantize + GEMM takes over.
 
-    python benchmarks/kernel_tune.py run --out runs/tune.json [--bits 2,3,4,8] [--jobs 16]
+    python benchmarks/kernel_tune.py probe                  # each path once: error, time, registers, spills
+    python benchmarks/kernel_tune.py run --out runs/tune.json [--bits 2,3,4] [--jobs 16]
     python benchmarks/kernel_tune.py merge runs/tune.json   # -> src/hypercompress/kernels/triton_configs.json
                                                             #    and benchmarks/results/kernel_tune_<GPU>.json
 
@@ -269,6 +270,57 @@ def run(args) -> None:
         "crossover": crossover_rows, "baselines": baselines}, indent=1) + "\n")
 
 
+PROBE_CONFIGS = [  # (tokens, config): one of each path, to read before tuning
+    (1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "USE_DOT": False, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}),
+    (1, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "USE_DOT": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}),
+    (16, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "USE_DOT": True, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}),
+    (200, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "USE_DOT": True, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}),
+]
+
+
+@torch.inference_mode()
+def probe(args) -> None:
+    """Before tuning: each path's error against x W^T in float32, its time next to dense and int4
+    tinygemm on an 11008 x 4096 layer, and the compiled kernels' registers, spills and instruction
+    counts (what to read first when a kernel is slower than its bandwidth floor)."""
+    from hypercompress.kernels import triton_quant as tq
+    from hypercompress.kernels.int4 import Int4Linear
+
+    for bits in [int(b) for b in args.bits.split(",")]:
+        module = layer(bits, 11008, 4096, 128)
+        weight = module.dense_weight(torch.float32)
+        dense = weight.to(torch.bfloat16)
+        for tokens, config in PROBE_CONFIGS:
+            x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
+            error = float((call(module, x, config).float() - x.float() @ weight.t()).abs().max()
+                          / (x.float() @ weight.t()).abs().max())
+            line = {"bits": bits, "tokens": tokens, "config": config, "relative_error": f"{error:.1e}",
+                    "us": round(time_us(lambda: call(module, x, config)), 1),
+                    "dense_us": round(time_us(lambda: F.linear(x, dense)), 1)}
+            if bits <= 4:
+                codes, zero = module.tinygemm_form()
+                path = Int4Linear(codes, module.scales, zero, 128, None, torch.bfloat16)
+                line["tinygemm_us"] = round(time_us(lambda: path(x)), 1)
+            print(json.dumps(line), flush=True)
+        buffer = torch.empty(11008 * 4096, device="cuda", dtype=torch.bfloat16)
+        zeros, kind = module.triton_zeros()
+        us = time_us(lambda: tq.dequantize_weight(module.qweight, module.scales, zeros, bits, kind, 128,
+                                                  11008, 4096, buffer))
+        print(json.dumps({"bits": bits, "dequantize_us": round(us, 1)}), flush=True)
+    for kernel in (tq._quant_matmul, tq._dequantize):
+        try:  # Triton's compile cache: {device: (kernels, ...)} in 3.x
+            compiled_kernels = list(kernel.device_caches[torch.cuda.current_device()][0].values())
+        except (AttributeError, KeyError, IndexError, TypeError) as exc:
+            print(f"no compiled kernels to read ({type(exc).__name__}: {exc})")
+            continue
+        for compiled in compiled_kernels:
+            ptx = compiled.asm.get("ptx", "")
+            print(json.dumps({"kernel": getattr(compiled, "name", "?"), "registers": getattr(compiled, "n_regs", None),
+                              "spills": getattr(compiled, "n_spills", None),
+                              **{op: ptx.count(op) for op in ("ld.global", "ld.shared", "st.shared", "ld.local",
+                                                              "bar.sync", "mma", "wgmma", "cvt")}}), flush=True)
+
+
 def merge(args) -> None:
     """Each run's configs and gemm_rows into the shipped table (its family replaced), its timings
     into benchmarks/results/kernel_tune_<family>.json."""
@@ -295,14 +347,16 @@ def main() -> None:
     r.add_argument("--jobs", type=int, default=16)
     r.add_argument("--max-seconds", type=float, default=0, help="stop timing after this long (0: no limit)")
     r.add_argument("--out", required=True)
+    p = sub.add_parser("probe", help="correctness, time and compiled resources of one config per path")
+    p.add_argument("--bits", default="4,2,3")
     m = sub.add_parser("merge")
     m.add_argument("files", nargs="+")
     args = parser.parse_args()
-    if args.verb == "run" and not torch.cuda.is_available():
-        print("kernel_tune.py run times kernels on an NVIDIA GPU and none is visible; run it on one "
+    if args.verb in ("run", "probe") and not torch.cuda.is_available():
+        print(f"kernel_tune.py {args.verb} times kernels on an NVIDIA GPU and none is visible; run it on one "
               "(the tuned table it writes is read on GPUs of the same family)", file=sys.stderr)
         sys.exit(2)
-    run(args) if args.verb == "run" else merge(args)
+    {"run": run, "probe": probe, "merge": merge}[args.verb](args)
 
 
 if __name__ == "__main__":
