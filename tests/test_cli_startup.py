@@ -59,13 +59,14 @@ def test_help_imports_neither_torch_nor_transformers(args):
     (["nonsense"], "No such command"),
     (["compress", "some/model", "--method", "rnt", "--out", "new-out"], "unknown method 'rnt'; available methods: asvd"),
     (["compress", "some/model", "--method", "rtn", "--out", "."], "already exists and is not empty"),
+    (["compress", "some/model", "--method", "rtn", "--out", __file__], "already exists and is not a folder"),
     (["compress", "some/model", "--method", "gptq", "--calib", "nope.txt", "--out", "new-out"],
      "--calib nope.txt: file not found"),
     (["evaluate", "art", "--data", "nope.txt"], "--data nope.txt: file not found"),
     (["analyze", "some/model", "--calib", "nope.txt", "--out", "new-out"], "--calib nope.txt: file not found"),
     (["edit", "some/model", "--concept", "c.txt", "--contrast", "k.txt", "--unrelated", "u.txt", "--out", "new-out"],
      "--concept c.txt: file not found"),
-], ids=["missing option", "out of range", "unknown command", "misspelt method", "existing --out",
+], ids=["missing option", "out of range", "unknown command", "misspelt method", "existing --out", "a file as --out",
         "missing --calib", "missing --data", "missing analyze --calib", "missing edit files"])
 def test_a_bad_option_is_one_line_before_any_import(args, needle):
     code, out, err, imported = run_app(args)

@@ -42,6 +42,7 @@ def main() -> None:
         (3, 128, 24, 256, "int", False),
         (4, 32, 40, 64, "int", False), (4, 128, 19, 256, "symmetric", False), (4, 64, 24, 128, "float", True),
         (8, 32, 24, 64, "int", False), (8, 64, 16, 128, "symmetric", True), (5, 32, 16, 64, "float", False),
+        (1, 128, 16, 256, "symmetric", False), (6, 32, 16, 64, "int", True), (7, 128, 16, 128, "float", False),
     ]
     for bits, group, out_features, in_features, zero, bias in cases:
         module = layer(bits, group, out_features, in_features, zero, bias)

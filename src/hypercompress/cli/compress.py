@@ -25,7 +25,7 @@ from .tables import print_branch_table
 @one_line_errors
 def compress(
     model: str = typer.Argument(..., help="smollm2-135m, a .gguf file, a HF model directory or a hub id"),
-    out: Path = typer.Option(..., "--out", help="artifact directory to create (must not exist)"),
+    out: Path = typer.Option(..., "--out", help="artifact directory to create (must not exist, or be an empty folder)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe file"),
     method: Optional[str] = typer.Option(None, "--method", help="one method with its defaults"),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw",

@@ -7,10 +7,9 @@ that device has (`CompressedModule.prepare_fast`), and returns which backend eac
 
 | stored kind | CUDA | CPU |
 |---|---|---|
-| quant, 1..8 bits, groups of 32..256 (or a multiple) / rows, bfloat16/float16 | ours (Triton, `triton_quant.py`) over the stored codes up to the measured crossover, else dequantize into a shared buffer + GEMM; without Triton: int4 tinygemm for 2..4 bits |
-| quant, 2..4 bits, float32 caller | dense, dequantized once | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 256 tokens, else dequantize + GEMM; float32: the same kernel in bfloat16 (x cast, the result cast back) up to 8 tokens, else a float32 GEMM on the weight dequantized once (kept beside the codes) |
-| quant, 8 bits symmetric, one scale per row | as 1..8 bits above (float32: dense) | int8 weight-only (`_weight_int8pack_mm`) up to 64 tokens, else dequantize + GEMM |
-| quant, other (shapes the kernels refuse) | dense, dequantized once | dense, dequantized once |
+| quant, 2..4 bits, groups of 32..256 (or a multiple) / rows | bfloat16: int4 tinygemm (`_weight_int4pack_mm`) up to 32 tokens, else dequantize + GEMM; ours (Triton, `triton_quant.py`, 1..8 bits over the stored codes) instead where the GPU family's tuned table measured ours faster at one token (`triton_preferred`; no family is tuned yet); float32: dense, dequantized once | bfloat16/float16: int4 (`_weight_int4pack_mm_for_cpu`) up to 256 tokens, else dequantize + GEMM; float32: the same kernel in bfloat16 (x cast, the result cast back) up to 8 tokens, else a float32 GEMM on the weight dequantized once (kept beside the codes) |
+| quant, 8 bits symmetric, one scale per row | dense, dequantized once (the int8 op is 15x slower than dense there); ours where tuned and faster | int8 weight-only (`_weight_int8pack_mm`) up to 64 tokens, else dequantize + GEMM |
+| quant, other (5..8 bits grouped, shapes the kernels refuse) | dense, dequantized once; ours where tuned and faster | dense, dequantized once |
 | sparse 2:4 | dense, dequantized once; workload "prefill": semi-structured (`torch.sparse`, cuSPARSELt / CUTLASS) | dense, dequantized once |
 | sparse, unstructured | dense, dequantized once | dense, dequantized once |
 | lowrank | two GEMMs (factors cast once), one GEMM when r (in + out) >= in x out | same |

@@ -5,7 +5,8 @@ HF generate with a dynamic cache is launch-bound on a GPU (about 3 ms of host ti
 layers of a 7B-shaped model on an H200, measured), which hides every kernel's gain. With `cache_implementation = "static"`
 transformers (>= 4.45) auto-compiles the decode step on CUDA (`GenerationConfig.compile_config`,
 default mode "reduce-overhead"); our Triton kernels and torch's ops compile into it. The first
-`generate` of each batch size and length compiles (tens of seconds); later ones replay.
+`generate` of each batch size and length compiles (its cost and the step's speed-up are not yet
+measured here); later ones replay.
 A user opts out per call (`model.generate(..., cache_implementation="dynamic")`) or for good
 (`model.generation_config.cache_implementation = None`).
 """
@@ -20,8 +21,9 @@ STATIC_DECODE = "static KV cache + compiled decode step (torch.compile reduce-ov
 def use_static_decode(model: nn.Module) -> str | None:
     """Make `model.generate` decode with a static cache and the compiled step when the model sits on
     CUDA and its class compiles whole (`_can_compile_fullgraph`); returns what was set (also kept as
-    `model.hypercompress_decode`), or None where nothing changed (CPU: compiling recompiles per
-    generation length there and did not pay, measured; classes transformers does not compile;
+    `model.hypercompress_decode`), or None where nothing changed (CPU: the compiled step took 40 s to
+    compile and recompiled per generation length for a 20% faster step, SmolLM2 on a busy 2-core
+    CPU, stop 42; classes transformers does not compile;
     no working Triton, which inductor needs for the CUDA step)."""
     config = getattr(model, "generation_config", None)
     device = next((t.device for t in model.parameters()), None)

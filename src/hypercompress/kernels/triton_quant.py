@@ -18,7 +18,8 @@ of every byte holds columns k0 + PER i + j (PER codes per byte or unit), so x is
 columns and W is never interleaved back in registers. Each position is dequantized with one FMA in
 float32 (exact: q s - z s with s from float16, rounded once to the compute dtype) and either
   - feeds the tensor cores (`tl.dot(W, x^T)`: W is the MMA's A operand, x padded to BLOCK_M >= 16
-    tokens), the path for 2..256 tokens, or
+    tokens), the path for more than one token where a position's slice holds >= 16 columns (else,
+    e.g. 3-bit codes in groups of 64 or 2-bit in groups of 32, the CUDA-core path serves), or
   - (one token, `USE_DOT=False`) multiplies on the CUDA cores into a float32 accumulator reduced
     once at the end;
 and with SPLIT_K > 1 (PARTIAL) the K range is cut into SPLIT_K slices (more programs for few tokens;
@@ -26,10 +27,12 @@ the float32 partials are summed by a second kernel that adds the bias and casts,
 Above the measured crossover (`TritonQuantLinear.gemm_rows`) a call dequantizes W into one buffer
 reused by every layer of the device and dtype, then runs the dense GEMM.
 
-Configs: `triton_configs.json` beside this file holds the best tile shapes per GPU and token count,
-measured by `benchmarks/kernel_tune.py` on the lent H100/H200; other GPUs take the heuristic in
-`config_for`. Requires Triton (it comes with torch's CUDA wheels); without it the tinygemm path
-(kernels/int4.py) serves.
+Configs: `triton_configs.json` beside this file (written by `benchmarks/kernel_tune.py merge` from a
+tuning run on a GPU; not shipped yet, as no GPU family has been tuned) holds per GPU family the best
+tile shapes per width, token bucket and layer size, the crossover, and `prefer`: whether ours beat the
+path it replaces at one token. `QuantLinear.build_fast` takes these kernels only where `prefer` says
+so (`triton_preferred`); elsewhere tinygemm (kernels/int4.py) or the dense weight serves as before.
+Untuned shapes take the heuristic in `config_for`. Requires Triton (it comes with torch's CUDA wheels).
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ PARTIAL = ".partial-"  # hidden temporary directories: .{out.name}.partial-{host
 def refuse_existing(out_dir: str | Path) -> Path:
     """`out_dir` as a Path, or a UserError when it exists and is not an empty directory."""
     out = user_path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} already exists and is not a folder; pass a new --out path")
+    if out.exists() and any(out.iterdir()):
         raise UserError(f"output {out} already exists and is not empty; pass a new --out path")
     return out
 
