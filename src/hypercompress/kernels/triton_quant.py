@@ -148,47 +148,36 @@ if triton is not None:
         row = offs_n[:, None] * ((K // 8) * BITS)
         cols = tl.arange(0, SLICE) * PER
         k_start = pid_k * k_split
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # BLOCK_M == 1 without USE_DOT: row pid_m
+        m_mask = offs_m < M
         if USE_DOT:  # tensor cores: x padded to BLOCK_M (>= 16) rows
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_mask = offs_m < M
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: W is the MMA's A operand
-            for step in range(0, k_split, BLOCK_K):  # the last slice may end past K: masked
-                k0 = k_start + step
-                scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, row, k0, N, K, groups,
-                                              group_size, BITS, ZERO, SLICE)
-                for j in tl.static_range(PER):
-                    w = _weights(packed, j, scale, offset, BITS)
-                    k = k0 + cols + j
+        else:  # one row of x on the CUDA cores; one reduction over K at the end
+            acc = tl.zeros((BLOCK_N, SLICE), dtype=tl.float32)
+        for step in range(0, k_split, BLOCK_K):  # the last slice may end past K: masked
+            k0 = k_start + step
+            scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, row, k0, N, K, groups,
+                                          group_size, BITS, ZERO, SLICE)
+            for j in tl.static_range(PER):
+                w = _weights(packed, j, scale, offset, BITS)
+                k = k0 + cols + j
+                if USE_DOT:
                     x = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
                                 mask=m_mask[None, :] & (k < K)[:, None], other=0.0)  # (SLICE, BLOCK_M)
                     acc = tl.dot(w.to(x.dtype), x, acc)
-            mask = n_mask[:, None] & m_mask[None, :]
-            out = offs_m[None, :] * N + offs_n[:, None]
-            if PARTIAL:
-                tl.store(y_ptr + pid_k * M * N + out, acc, mask=mask)
-            else:
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-                tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:  # one row of x per program, on the CUDA cores; one reduction over K at the end
-            acc2 = tl.zeros((BLOCK_N, SLICE), dtype=tl.float32)
-            for step in range(0, k_split, BLOCK_K):
-                k0 = k_start + step
-                scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, row, k0, N, K, groups,
-                                              group_size, BITS, ZERO, SLICE)
-                for j in tl.static_range(PER):
-                    w = _weights(packed, j, scale, offset, BITS)
-                    k = k0 + cols + j
+                else:
                     x = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-                    acc2 += w * x[None, :]
-            acc1 = tl.sum(acc2, axis=1)
-            out = pid_m * N + offs_n
-            if PARTIAL:
-                tl.store(y_ptr + pid_k * M * N + out, acc1, mask=n_mask)
-            else:
-                if HAS_BIAS:
-                    acc1 += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-                tl.store(y_ptr + out, acc1.to(y_ptr.dtype.element_ty), mask=n_mask)
+                    acc += w * x[None, :]
+        if not USE_DOT:
+            acc = tl.sum(acc, axis=1)[:, None]  # (BLOCK_N, 1): the row's y^T
+        mask = n_mask[:, None] & m_mask[None, :]
+        out = offs_m[None, :] * N + offs_n[:, None]
+        if PARTIAL:
+            tl.store(y_ptr + pid_k * M * N + out, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _sum_splits(p_ptr, b_ptr, y_ptr, M, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
