@@ -11,9 +11,9 @@ MLP, 11008 x 4096 and 4096 x 11008, group 128; small: SmolLM2's MLP, 1536 x 576 
 20 calls, median of 3 replays), and the one with the least time summed over the size's two shapes is
 kept. Then, per width and size, the kernel (its bucket-256 config) is timed against dequantizing W into
 the workspace plus torch's dense GEMM at 64..2048 tokens; `gemm_rows` is the largest count up to which
-the kernel wins at every measured count. Last, one token through our kernel against the path it
+the kernel wins at every measured count. Last, 1, 4 and 16 tokens through our kernel against the path it
 replaces (int4 tinygemm for <= 4 bits, the dense weight above): `prefer` says which is the default
-(kernels/triton_quant.triton_preferred). Compiles run first in --jobs processes sharing Triton's cache,
+(kernels/triton_quant.triton_preferred): ours where its summed time is at most the other's. Compiles run first in --jobs processes sharing Triton's cache,
 so the timing process only loads them.
 """
 
@@ -35,25 +35,32 @@ SIZES = {"large": ([(11008, 4096), (4096, 11008)], 128), "small": ([(1536, 576),
 CROSSOVER_ROWS = (64, 128, 256, 512, 1024, 2048)
 
 
-def candidates(bucket: int) -> list[dict]:
-    """Tile configs (without SPLIT_K) worth timing for a token bucket (buckets 1..16 share the
-    BLOCK_M = 16 compiles: the token count is not specialized)."""
+def candidates(bucket: int, bits: int) -> list[dict]:
+    """Tile configs (without SPLIT_K) worth timing for a token bucket and width (buckets 1..16
+    share the BLOCK_M = 16 compiles: the token count is not specialized). Codes are walked position
+    by position or interleaved back into column order (widths dividing 8 only)."""
+    walks = (False, True) if 8 % bits == 0 else (False,)
+    dot = {"USE_DOT": True, "GROUPSUM": False}
     configs = []
-    if bucket == 1:  # CUDA cores: a (BLOCK_N, BLOCK_K / PER) float32 accumulator
-        for bn, bk, stages in itertools.product((16, 32), (128, 256), (2, 3)):
-            configs.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": False,
+    if bucket == 1:  # CUDA cores: a float32 accumulator per tile, or the tile's group sum
+        for (il, gs), bn, warps in itertools.product([(il, gs) for il in walks for gs in (False, True) if il or not gs],
+                                                     (16, 32, 64), (4, 8)):
+            configs.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 128, "USE_DOT": False, "INTERLEAVE": il,
+                            "GROUPSUM": gs, "num_warps": warps, "num_stages": 2})
+        for bn, il, stages in itertools.product((64, 128), walks, (2, 3)):
+            configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, **dot, "INTERLEAVE": il,
                             "num_warps": 4, "num_stages": stages})
-    if bucket <= 16:
-        for bn, bk, stages in itertools.product((64, 128), (128, 256), (2, 3)):
-            configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
+    elif bucket <= 16:
+        for bn, bk, stages, il in itertools.product((64, 128), (64, 128), (2, 3), walks):
+            configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, **dot, "INTERLEAVE": il,
                             "num_warps": 4, "num_stages": stages})
     elif bucket == 64:
-        for bm, bn, bk in itertools.product((32, 64), (64, 128), (64, 128)):
-            configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": True,
+        for bm, bn, bk, il in itertools.product((32, 64), (64, 128), (64, 128), walks):
+            configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **dot, "INTERLEAVE": il,
                             "num_warps": 4, "num_stages": 3})
     else:
-        for bm, bn, warps in itertools.product((64, 128), (64, 128), (4, 8)):
-            configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "USE_DOT": True,
+        for bm, bn, warps, il in itertools.product((64, 128), (64, 128), (4, 8), walks):
+            configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, **dot, "INTERLEAVE": il,
                             "num_warps": warps, "num_stages": 3})
     return configs
 
@@ -87,7 +94,7 @@ def plan(bits_list) -> list[tuple]:
     work = []
     for bits, size, bucket in itertools.product(bits_list, SIZES, (1, 4, 16, 64, 256)):
         for index in range(2):
-            for config, split in itertools.product(candidates(bucket), splits(bucket)):
+            for config, split in itertools.product(candidates(bucket, bits), splits(bucket)):
                 work.append((bits, size, index, bucket, config, split))
     return work
 
@@ -155,7 +162,7 @@ def pick_configs(timings: dict, bits_list) -> tuple[dict, list[dict]]:
     configs, best_rows = {}, []
     for bits, size, bucket in itertools.product(bits_list, SIZES, tq.TOKEN_BUCKETS):
         totals = {}
-        for config, split in itertools.product(candidates(bucket), splits(bucket)):
+        for config, split in itertools.product(candidates(bucket, bits), splits(bucket)):
             key = json.dumps(config, sort_keys=True)
             both = [timings.get((bits, size, index, bucket, key, split)) for index in range(2)]
             if None not in both:
@@ -215,17 +222,20 @@ def crossover(bits_list, configs: dict) -> tuple[dict, list[dict]]:
     return gemm_rows, rows_out
 
 
+PREFER_BUCKETS = (1, 4, 16)  # decode at batch 1, 4 and 16: the calls a server makes most
+
+
 def preference(bits_list, configs: dict) -> tuple[dict, list[dict]]:
-    """The default path of each width and size: ours where one token runs at least as fast as the
-    path it replaces (int4 tinygemm for <= 4 bits, the dense weight above), summed over the shapes."""
+    """The default path of each width and size: ours where its time summed over PREFER_BUCKETS
+    (and the size's two shapes) is at most that of the path it replaces (int4 tinygemm for <= 4
+    bits, the dense weight above)."""
     from hypercompress.kernels.int4 import Int4Linear
 
     prefer, rows_out = {}, []
-    for bits, size, config, built in per_size(bits_list, configs, 1):
-        ours = other = 0.0
+    for bits, size, _, built in per_size(bits_list, configs, 1):
+        ours = {bucket: 0.0 for bucket in PREFER_BUCKETS}
+        other = dict(ours)
         for module, (out_features, in_features) in built:
-            x = torch.randn(1, in_features, device="cuda", dtype=torch.bfloat16)
-            ours += time_us(lambda: call(module, x, config))
             if bits <= 4:
                 codes, zero = module.tinygemm_form()
                 path = Int4Linear(codes, module.scales, zero, module.group_size, None, torch.bfloat16,
@@ -233,11 +243,17 @@ def preference(bits_list, configs: dict) -> tuple[dict, list[dict]]:
             else:
                 weight = module.dense_weight(torch.bfloat16)
                 path = lambda x, weight=weight: F.linear(x, weight)  # noqa: E731
-            other += time_us(lambda: path(x))
-        prefer[f"w{bits}-{size}"] = "triton" if ours <= other else "other"
-        rows_out.append({"bits": bits, "size": size, "tokens": 1, "ours_us": round(ours, 2),
-                         "replaced_us": round(other, 2), "replaced": "int4 tinygemm" if bits <= 4 else "dense"})
-        print(json.dumps(rows_out[-1]), flush=True)
+            for bucket in PREFER_BUCKETS:
+                x = torch.randn(bucket, in_features, device="cuda", dtype=torch.bfloat16)
+                config = configs[f"w{bits}-m{bucket}-{size}"]
+                ours[bucket] += time_us(lambda: call(module, x, config))
+                other[bucket] += time_us(lambda: path(x))
+        prefer[f"w{bits}-{size}"] = "triton" if sum(ours.values()) <= sum(other.values()) else "other"
+        for bucket in PREFER_BUCKETS:
+            rows_out.append({"bits": bits, "size": size, "tokens": bucket, "ours_us": round(ours[bucket], 2),
+                             "replaced_us": round(other[bucket], 2),
+                             "replaced": "int4 tinygemm" if bits <= 4 else "dense"})
+            print(json.dumps(rows_out[-1]), flush=True)
     return prefer, rows_out
 
 
@@ -270,11 +286,15 @@ def run(args) -> None:
         "crossover": crossover_rows, "baselines": baselines}, indent=1) + "\n")
 
 
+_FMA = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "USE_DOT": False, "GROUPSUM": False, "num_warps": 4,
+        "num_stages": 2, "SPLIT_K": 4}
+_DOT = {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "USE_DOT": True, "GROUPSUM": False, "num_warps": 4,
+        "num_stages": 3, "SPLIT_K": 2}
 PROBE_CONFIGS = [  # (tokens, config): one of each path, to read before tuning
-    (1, {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 128, "USE_DOT": False, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}),
-    (1, {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "USE_DOT": True, "num_warps": 4, "num_stages": 2, "SPLIT_K": 4}),
-    (16, {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "USE_DOT": True, "num_warps": 4, "num_stages": 3, "SPLIT_K": 2}),
-    (200, {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "USE_DOT": True, "num_warps": 4, "num_stages": 3, "SPLIT_K": 1}),
+    (1, {**_FMA, "INTERLEAVE": False}), (1, {**_FMA, "INTERLEAVE": True}),
+    (1, {**_FMA, "INTERLEAVE": True, "GROUPSUM": True}),
+    (16, {**_DOT, "INTERLEAVE": False}), (16, {**_DOT, "INTERLEAVE": True}),
+    (200, {**_DOT, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 1, "INTERLEAVE": True}),
 ]
 
 

@@ -33,8 +33,9 @@ def interpreted():
 
 def test_every_width_zero_kind_and_path_matches_the_reference(interpreted):
     """1..8 bits; symmetric, integer and float zeros; groups of 32..128 and 96; the CUDA-core
-    and tensor-core paths, with and without split-K and bias; rows not multiples of any tile."""
-    assert len(interpreted) == 16 * 5
+    and tensor-core paths, position-wise and interleaved (and the group sum), with and without
+    split-K and bias; rows not multiples of any tile."""
+    assert len(interpreted) == 16 * 8
     for case, record in interpreted.items():
         if case.startswith("dequantize"):
             assert record["error"] < 1e-6, case  # float32 out: (q - z) s exactly as the reference
@@ -63,7 +64,8 @@ def test_gpu_family_from_the_device_name(name, family, monkeypatch):
 
 def test_configs_come_from_the_table_else_the_heuristic(tmp_path, monkeypatch):
     table = {"H100": {"configs": {"w4-m1-large": {"BLOCK_M": 1, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4,
-                                                  "USE_DOT": False, "num_warps": 8, "num_stages": 3},
+                                                  "USE_DOT": False, "INTERLEAVE": True, "GROUPSUM": True,
+                                                  "num_warps": 8, "num_stages": 3},
                                   "w4-m16-large": {"BLOCK_N": 64}},  # incomplete: ignored
                       "gemm_rows": {"w4-large": 128, "w4-small": "x"}}}
     path = tmp_path / "configs.json"

@@ -18,8 +18,21 @@ import torch  # noqa: E402
 from hypercompress.kernels import triton_quant as tq  # noqa: E402
 from hypercompress.layers import QuantLinear  # noqa: E402
 
-FMA = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "USE_DOT": False, "num_warps": 4, "num_stages": 1}
-DOT = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "USE_DOT": True, "num_warps": 4, "num_stages": 1}
+FMA = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "USE_DOT": False, "INTERLEAVE": False, "GROUPSUM": False,
+       "num_warps": 4, "num_stages": 1}
+DOT = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "USE_DOT": True, "INTERLEAVE": False, "GROUPSUM": False,
+       "num_warps": 4, "num_stages": 1}
+FMA_IL, DOT_IL = {**FMA, "INTERLEAVE": True}, {**DOT, "INTERLEAVE": True}  # widths not dividing 8: position-wise
+FMA_SUM = {**FMA_IL, "GROUPSUM": True}
+# (dtype, config, split-K, rows): every path
+PATHS = [(torch.bfloat16, FMA, 1, 1), (torch.bfloat16, FMA, 3, 2), (torch.bfloat16, FMA_IL, 2, 1),
+         (torch.bfloat16, FMA_SUM, 3, 2), (torch.float16, DOT, 2, 5), (torch.float16, DOT, 1, 17),
+         (torch.float16, DOT_IL, 2, 17)]
+
+
+def path_name(config: dict) -> str:
+    name = "dot" if config["USE_DOT"] else "fma"
+    return name + ("-interleave" if config["INTERLEAVE"] else "") + ("-groupsum" if config["GROUPSUM"] else "")
 
 
 def layer(bits: int, group: int, out_features: int, in_features: int, zero: str, bias: bool) -> QuantLinear:
@@ -48,8 +61,7 @@ def main() -> None:
         module = layer(bits, group, out_features, in_features, zero, bias)
         weight = module.dense_weight(torch.float32)
         zeros, kind = module.triton_zeros()
-        for dtype, config, split, rows in [(torch.bfloat16, FMA, 1, 1), (torch.bfloat16, FMA, 3, 2),
-                                           (torch.float16, DOT, 2, 5), (torch.float16, DOT, 1, 17)]:
+        for dtype, config, split, rows in PATHS:
             x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).to(dtype)
             reference = x.float() @ weight.t() + (module.bias.float() if bias else 0)
             b = module.bias.to(dtype) if bias else None
@@ -57,7 +69,7 @@ def main() -> None:
                                 {**config, "SPLIT_K": split})
             error = float((y.float() - reference).abs().max() / reference.abs().max())
             print(json.dumps({"case": f"w{bits} g{group} {zero} {out_features}x{in_features} {str(dtype)[6:]} "
-                              f"{'dot' if config['USE_DOT'] else 'fma'} split{split} rows{rows}",
+                              f"{path_name(config)} split{split} rows{rows}",
                               "error": error, "shape": list(y.shape), "dtype": str(y.dtype)}), flush=True)
         out = torch.empty(out_features * in_features + 7)
         dense = tq.dequantize_weight(module.qweight, module.scales, zeros, bits, kind, group,

@@ -94,8 +94,9 @@ if triton is not None:
         dividing 8 the bytes themselves (contiguous loads, 8 / BITS codes each), else units of 8
         codes (BITS bytes, most significant first) joined into one integer."""
         i = tl.arange(0, SLICE)
-        if 8 % BITS == 0:
-            return tl.load(q_ptr + row + (k0 * BITS // 8 + i)[None, :], mask=mask, other=0).to(tl.int32)
+        if 8 % BITS == 0:  # k0 is a multiple of the tile: its bytes start SLICE-aligned (vector loads)
+            first = tl.multiple_of(k0 * BITS // 8, SLICE)
+            return tl.load(q_ptr + row + (first + i)[None, :], mask=mask, other=0).to(tl.int32)
         else:
             base = q_ptr + row + ((k0 // 8 + i) * BITS)[None, :]
             if BITS <= 3:
@@ -117,6 +118,27 @@ if triton is not None:
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _interleaved(packed, BITS: tl.constexpr):
+        """Every code of a (BLOCK_N, S) tile of bytes (BITS dividing 8) as (BLOCK_N, S * 8 / BITS)
+        float32 in column order: a byte's codes, most significant first, are interleaved by
+        `tl.interleave` (each thread keeps its own bytes' codes: no data moves between threads), so x
+        is read contiguously."""
+        if BITS == 8:
+            codes = packed
+        elif BITS == 4:
+            codes = tl.interleave(packed >> 4, packed & 15)
+        elif BITS == 2:  # positions (0, 2) and (1, 3), then the pairs: 0 1 2 3
+            codes = tl.interleave(tl.interleave(packed >> 6, (packed >> 2) & 3),
+                                  tl.interleave((packed >> 4) & 3, packed & 3))
+        else:  # 1 bit: positions (0, 4), (2, 6), (1, 5), (3, 7) by the same rule
+            codes = tl.interleave(
+                tl.interleave(tl.interleave(packed >> 7, (packed >> 3) & 1),
+                              tl.interleave((packed >> 5) & 1, (packed >> 1) & 1)),
+                tl.interleave(tl.interleave((packed >> 6) & 1, (packed >> 2) & 1),
+                              tl.interleave((packed >> 4) & 1, packed & 1)))
+        return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
     def _weights(packed, j: tl.constexpr, scale, offset, BITS: tl.constexpr):
         """W at position j of the tile, float32: q s + o, one FMA."""
         return _position(packed, j, BITS) * scale[:, None] + offset[:, None]
@@ -131,45 +153,69 @@ if triton is not None:
         return scale, offset, _packed_tile(q_ptr, row, live[:, None], k0, BITS, SLICE)
 
     @triton.jit(do_not_specialize=["M"])  # one compile serves every token count
-    def _quant_matmul(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, groups, group_size, k_split,
+    def _quant_matmul(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, row_bytes, groups, group_size, k_split,
                       stride_xm, BITS: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER: tl.constexpr):
+                      PARTIAL: tl.constexpr, USE_DOT: tl.constexpr, INTERLEAVE: tl.constexpr,
+                      GROUPSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, PER: tl.constexpr):
         """y (M, N) = x (M, K) W^T (+ b); PARTIAL: float32 partials (grid[2] slices of K, M, N) instead.
 
-        The codes are taken position by position (PER codes per byte or unit): position j of a tile
-        holds columns k0 + PER i + j, so x is read at those columns instead of W being interleaved."""
+        INTERLEAVE (widths dividing 8): a tile's codes are interleaved back into column order and x
+        is read contiguously. Otherwise they are taken position by position (PER codes per byte or
+        unit): position j of a tile holds columns k0 + PER i + j, so x is read at those columns.
+        GROUPSUM (one token, INTERLEAVE): sum_k (q s + o) x_k = s sum_k q x_k + o sum_k x_k over the
+        tile's group, one FMA per code instead of two."""
         SLICE: tl.constexpr = BLOCK_K // PER
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        row = offs_n[:, None] * ((K // 8) * BITS)
+        row = offs_n[:, None] * row_bytes  # an argument: Triton specializes it when divisible by 16
         cols = tl.arange(0, SLICE) * PER
         k_start = pid_k * k_split
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # BLOCK_M == 1 without USE_DOT: row pid_m
         m_mask = offs_m < M
         if USE_DOT:  # tensor cores: x padded to BLOCK_M (>= 16) rows
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T: W is the MMA's A operand
-        else:  # one row of x on the CUDA cores; one reduction over K at the end
+        elif GROUPSUM:  # one row of x on the CUDA cores, reduced per tile
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        elif INTERLEAVE:  # one row of x on the CUDA cores; one reduction over K at the end
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
             acc = tl.zeros((BLOCK_N, SLICE), dtype=tl.float32)
         for step in range(0, k_split, BLOCK_K):  # the last slice may end past K: masked
             k0 = k_start + step
             scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, row, k0, N, K, groups,
                                           group_size, BITS, ZERO, SLICE)
-            for j in tl.static_range(PER):
-                w = _weights(packed, j, scale, offset, BITS)
-                k = k0 + cols + j
+            if INTERLEAVE:
+                q = _interleaved(packed, BITS)  # (BLOCK_N, BLOCK_K)
+                k = k0 + tl.arange(0, BLOCK_K)
                 if USE_DOT:
                     x = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
-                                mask=m_mask[None, :] & (k < K)[:, None], other=0.0)  # (SLICE, BLOCK_M)
-                    acc = tl.dot(w.to(x.dtype), x, acc)
+                                mask=m_mask[None, :] & (k < K)[:, None], other=0.0)  # (BLOCK_K, BLOCK_M)
+                    acc = tl.dot((q * scale[:, None] + offset[:, None]).to(x.dtype), x, acc)
                 else:
                     x = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-                    acc += w * x[None, :]
-        if not USE_DOT:
-            acc = tl.sum(acc, axis=1)[:, None]  # (BLOCK_N, 1): the row's y^T
+                    if GROUPSUM:
+                        acc += tl.sum(q * x[None, :], axis=1) * scale + offset * tl.sum(x, axis=0)
+                    else:
+                        acc += (q * scale[:, None] + offset[:, None]) * x[None, :]
+            else:
+                for j in tl.static_range(PER):
+                    w = _weights(packed, j, scale, offset, BITS)
+                    k = k0 + cols + j
+                    if USE_DOT:
+                        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + k[:, None],
+                                    mask=m_mask[None, :] & (k < K)[:, None], other=0.0)  # (SLICE, BLOCK_M)
+                        acc = tl.dot(w.to(x.dtype), x, acc)
+                    else:
+                        x = tl.load(x_ptr + pid_m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+                        acc += w * x[None, :]
+        if GROUPSUM:
+            acc = acc[:, None]  # (BLOCK_N, 1): the row's y^T
+        elif not USE_DOT:
+            acc = tl.sum(acc, axis=1)[:, None]
         mask = n_mask[:, None] & m_mask[None, :]
         out = offs_m[None, :] * N + offs_n[:, None]
         if PARTIAL:
@@ -192,19 +238,24 @@ if triton is not None:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, N, K, groups, group_size, BITS: tl.constexpr,
+    def _dequantize(q_ptr, s_ptr, z_ptr, w_ptr, N, K, row_bytes, groups, group_size, BITS: tl.constexpr,
                     ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PER: tl.constexpr):
         """W (N, K) in w's dtype from the stored tensors, one (BLOCK_N, BLOCK_K) tile per program."""
         SLICE: tl.constexpr = BLOCK_K // PER
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         k0 = tl.program_id(1) * BLOCK_K
-        scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_n[:, None] * ((K // 8) * BITS),
+        scale, offset, packed = _tile(q_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_n[:, None] * row_bytes,
                                       k0, N, K, groups, group_size, BITS, ZERO, SLICE)
-        out = w_ptr + offs_n[:, None].to(tl.int64) * K + k0 + (tl.arange(0, SLICE) * PER)[None, :]  # N K may pass 2^31
-        for j in tl.static_range(PER):
-            w = _weights(packed, j, scale, offset, BITS)
-            tl.store(out + j, w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
+        first = w_ptr + offs_n[:, None].to(tl.int64) * K + k0  # N K may pass 2^31
+        if 8 % BITS == 0:  # the tile in column order: contiguous stores
+            w = _interleaved(packed, BITS) * scale[:, None] + offset[:, None]
+            tl.store(first + tl.arange(0, BLOCK_K)[None, :], w.to(w_ptr.dtype.element_ty), mask=n_mask[:, None])
+        else:
+            for j in tl.static_range(PER):
+                w = _weights(packed, j, scale, offset, BITS)
+                tl.store(first + (tl.arange(0, SLICE) * PER + j)[None, :], w.to(w_ptr.dtype.element_ty),
+                         mask=n_mask[:, None])
 
 
 def codes_per_load(bits: int) -> int:
@@ -264,7 +315,8 @@ def tuned_table() -> dict:
     return table if isinstance(table, dict) else {}
 
 
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT", "num_warps", "num_stages")
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "USE_DOT", "INTERLEAVE", "GROUPSUM", "num_warps",
+               "num_stages")
 
 
 def _table_field(family: str, field: str) -> dict:
@@ -282,18 +334,23 @@ def _valid_config(config) -> bool:
     return (all(power(config[k], 256) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) and config["BLOCK_K"] >= 32
             and power(config["SPLIT_K"], 64) and power(config["num_warps"], 16)
             and type(config["num_stages"]) is int and 1 <= config["num_stages"] <= 8
-            and type(config["USE_DOT"]) is bool and (config["BLOCK_M"] >= 16 if config["USE_DOT"] else config["BLOCK_M"] == 1))
+            and type(config["USE_DOT"]) is bool and (config["BLOCK_M"] >= 16 if config["USE_DOT"] else config["BLOCK_M"] == 1)
+            and type(config["INTERLEAVE"]) is bool and type(config["GROUPSUM"]) is bool
+            and not (config["GROUPSUM"] and (config["USE_DOT"] or not config["INTERLEAVE"])))
 
 
 def heuristic_config(rows: int, out_features: int, in_features: int) -> dict:
     """Tile shapes for GPUs the table does not hold: enough programs to fill about 132 SMs 4 times."""
     if rows == 1:
-        config = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "USE_DOT": False, "num_warps": 4, "num_stages": 2}
+        config = {"BLOCK_M": 1, "BLOCK_N": 32, "BLOCK_K": 128, "USE_DOT": False, "GROUPSUM": True,
+                  "num_warps": 4, "num_stages": 2}
     elif rows <= 64:
         config = {"BLOCK_M": max(16, 1 << (rows - 1).bit_length()), "BLOCK_N": 64, "BLOCK_K": 128,
-                  "USE_DOT": True, "num_warps": 4, "num_stages": 3}
+                  "USE_DOT": True, "GROUPSUM": False, "num_warps": 4, "num_stages": 3}
     else:
-        config = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "USE_DOT": True, "num_warps": 8, "num_stages": 3}
+        config = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "USE_DOT": True, "GROUPSUM": False,
+                  "num_warps": 8, "num_stages": 3}
+    config["INTERLEAVE"] = True  # widths not dividing 8 fall back to the position-wise walk
     tiles = -(-out_features // config["BLOCK_N"]) * -(-rows // config["BLOCK_M"])
     split = 1
     while tiles * split < 512 and in_features // (split * 2) >= 4 * config["BLOCK_K"] and split < 16:
@@ -353,7 +410,8 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     per = codes_per_load(bits)
     block_k = max(min(config["BLOCK_K"], tile_k(group_size)), per)
     use_dot = config["USE_DOT"]
-    if use_dot and block_k // per < 16:  # tl.dot takes K >= 16 a slice: the group's largest tile
+    interleave = config["INTERLEAVE"] and 8 % bits == 0
+    if use_dot and not interleave and block_k // per < 16:  # tl.dot takes K >= 16 a slice: the group's largest tile
         block_k = tile_k(group_size)
         use_dot = block_k // per >= 16  # else (3-bit g64, 2-bit g32, ...) the CUDA-core path
     block_m = config["BLOCK_M"] if use_dot else 1
@@ -365,9 +423,9 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     grid = (triton.cdiv(N, config["BLOCK_N"]), triton.cdiv(M, block_m), splits)
     _quant_matmul[grid](
         x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, partial,
-        M, N, K, K // group_size, group_size, k_split, x.stride(0),
+        M, N, K, K // 8 * bits, K // group_size, group_size, k_split, x.stride(0),
         BITS=bits, ZERO=zero_kind, HAS_BIAS=bias is not None, PARTIAL=splits > 1, USE_DOT=use_dot,
-        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, PER=per,
+        INTERLEAVE=interleave, GROUPSUM=config["GROUPSUM"] and interleave and not use_dot, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, PER=per,
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if splits > 1:
         block = 1024
@@ -384,7 +442,7 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
     block_n, block_k = 64, tile_k(group_size)
     weight = out[: N * K].view(N, K)
     _dequantize[(triton.cdiv(N, block_n), K // block_k)](
-        qweight, scales, scales if zeros is None else zeros, weight, N, K, K // group_size, group_size,
+        qweight, scales, scales if zeros is None else zeros, weight, N, K, K // 8 * bits, K // group_size, group_size,
         BITS=bits, ZERO=zero_kind, BLOCK_N=block_n, BLOCK_K=block_k, PER=codes_per_load(bits), num_warps=4)
     return weight
 
