@@ -34,7 +34,7 @@ from hypercompress.kernels.paths import DenseLinear, SemiStructuredLinear  # noq
 from hypercompress.layers import LowRankLinear, QuantLinear, SparseLinear  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096)]  # (in_features, out_features)
-KINDS = ["dense", "w4g128", "w4g128-tinygemm", "w4g128-reference", "w3g128", "w2g128", "w8-rows", "w8g128",
+KINDS = ["dense", "w4g128", "w4g128-tinygemm", "w4g128-triton", "w3g128-triton", "w2g128-triton", "w4g128-reference", "w3g128", "w2g128", "w8-rows", "w8g128",
          "sparse-2:4", "sparse-2:4-prefill", "sparse-50%", "lowrank-r1024"]
 
 
@@ -73,6 +73,12 @@ def build(kind: str, in_features: int, out_features: int, device, dtype):
         codes, zero = layer.tinygemm_form()
         layer._fast = Int4Linear(codes, layer.scales, zero, layer.group_size, layer.bias, dtype,
                                  pairs=layer.qweight if layer.bits == 4 else None)
+    elif kind.endswith("triton"):  # our Triton kernels whether or not the tuned table prefers them
+        from hypercompress.kernels.triton_quant import TritonQuantLinear
+
+        layer._fast = TritonQuantLinear(layer.qweight, layer.scales, *layer.triton_zeros(), layer.bits,
+                                        layer.group_size, layer.out_features, layer.in_features, layer.bias,
+                                        dtype)
     elif not kind.endswith("reference"):
         layer.prepare_fast(dtype, "prefill" if kind.endswith("prefill") else "decode")
     return layer, stored
