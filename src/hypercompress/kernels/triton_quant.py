@@ -30,7 +30,7 @@ reused by every layer of the device and dtype, then runs the dense GEMM.
 Configs: `triton_configs.json` beside this file (written by `benchmarks/kernel_tune.py merge` from a
 tuning run on a GPU; not shipped yet, as no GPU family has been tuned) holds per GPU family the best
 tile shapes per width, token bucket and layer size, the crossover, and `prefer`: whether ours beat the
-path it replaces at one token. `QuantLinear.build_fast` takes these kernels only where `prefer` says
+path it replaces, summed over 1, 4 and 16 tokens. `QuantLinear.build_fast` takes these kernels only where `prefer` says
 so (`triton_preferred`); elsewhere tinygemm (kernels/int4.py) or the dense weight serves as before.
 Untuned shapes take the heuristic in `config_for`. Requires Triton (it comes with torch's CUDA wheels).
 """
@@ -368,7 +368,7 @@ def config_for(family: str, bits: int, rows: int, out_features: int, in_features
 
 
 def triton_preferred(device: torch.device, bits: int, out_features: int, in_features: int) -> bool:
-    """Whether the tuned table measured our kernel at one token at least as fast as the path it
+    """Whether the tuned table measured our kernel, summed over 1, 4 and 16 tokens, at least as fast as the path it
     replaces on this GPU family (torch's int4 tinygemm for <= 4 bits, the dense weight above):
     `prefer` {"w4-large": "triton" | "other"}. A family or width never measured keeps the old path."""
     key = f"w{bits}-{size_class(out_features, in_features)}"
