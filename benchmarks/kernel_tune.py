@@ -99,22 +99,36 @@ def plan(bits_list) -> list[tuple]:
     return work
 
 
+def compile_work(work: list[tuple]) -> list[tuple]:
+    """(bits, config, split) once per compiled kernel: the shapes do not change the compile (their
+    sizes are not constexpr), split-K only by whether it is 1."""
+    seen, keys = set(), []
+    for bits, _, _, bucket, config, split in work:
+        key = (bits, json.dumps(config, sort_keys=True), split > 1)
+        if key not in seen:
+            seen.add(key)
+            keys.append((bits, bucket, config, split))
+    return keys
+
+
 def compile_part(part: list[tuple]) -> int:
-    """Compile (by running once) every config of `part` into Triton's on-disk cache."""
+    """Compile (by running once, on every layer shape) each (bits, bucket, config, split) of `part`
+    into Triton's on-disk cache."""
     done = 0
     modules = {}
-    for bits, size, index, bucket, config, split in part:
-        shapes, group = SIZES[size]
-        out_features, in_features = shapes[index]
-        key = (bits, size, index)
-        if key not in modules:
-            modules[key] = layer(bits, out_features, in_features, group)
-        x = torch.randn(bucket, in_features, device="cuda", dtype=torch.bfloat16)
-        try:
-            call(modules[key], x, {**config, "SPLIT_K": split})
-            done += 1
-        except Exception as exc:  # a config this GPU cannot run (shared memory, registers): skipped later
-            print(f"compile failed: {config} split {split}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+    for bits, bucket, config, split in part:
+        for size, index in itertools.product(SIZES, range(2)):
+            shapes, group = SIZES[size]
+            out_features, in_features = shapes[index]
+            key = (bits, size, index)
+            if key not in modules:
+                modules[key] = layer(bits, out_features, in_features, group)
+            x = torch.randn(bucket, in_features, device="cuda", dtype=torch.bfloat16)
+            try:
+                call(modules[key], x, {**config, "SPLIT_K": split})
+                done += 1
+            except Exception as exc:  # a config this GPU cannot run (shared memory, registers): skipped later
+                print(f"compile failed: {config} split {split}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
     torch.cuda.synchronize()
     return done
 
@@ -270,10 +284,11 @@ def run(args) -> None:
     work = plan(bits_list)
     print(f"{len(work)} timings planned; compiling in {args.jobs} processes", flush=True)
     tick = time.perf_counter()
-    parts = [work[i::args.jobs] for i in range(args.jobs)]
+    keys = compile_work(work)
+    parts = [keys[i::args.jobs] for i in range(args.jobs)]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         compiled = sum(pool.map(compile_part, parts))
-    print(f"compiled {compiled} in {time.perf_counter() - tick:.0f} s", flush=True)
+    print(f"compiled {len(keys)} kernels ({compiled} runs) in {time.perf_counter() - tick:.0f} s", flush=True)
     configs, best_rows = pick_configs(time_all(work, args.max_seconds), bits_list)
     gemm_rows, crossover_rows = crossover(bits_list, configs)
     prefer, baselines = preference(bits_list, configs)
