@@ -243,3 +243,21 @@ def test_a_trusted_task_folder_runs_its_code(task_dir, tmp_path):
     result = hypercompress.evaluate(make_model("llama"), tokenizer=make_tokenizer(), tasks="fn_task",
                                     task_dir=folder, limit=2, trust_task_code=True)
     assert marker.exists() and result.tasks["fn_task"]["docs"] == 2
+
+
+def test_tasks_run_with_the_dynamic_cache_and_the_static_setting_returns(task_dir, monkeypatch):
+    """A model `load` set up for static decode (CUDA) is evaluated with the dynamic cache: lm-eval's
+    generate_until would recompile a static step at every longer batch."""
+    import lm_eval
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    model.generation_config.cache_implementation = "static"
+    seen, original = [], lm_eval.simple_evaluate
+
+    def recording(*args, **kwargs):
+        seen.append(model.generation_config.cache_implementation)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", recording)
+    hypercompress.evaluate(model, tokenizer=tokenizer, tasks="tiny_mc", task_dir=task_dir, limit=2)
+    assert seen == [None] and model.generation_config.cache_implementation == "static"

@@ -217,3 +217,23 @@ def test_static_decode_is_set_on_cuda_only(model_dirs, tmp_path):
     model, _ = artifact.load(path)
     assert use_static_decode(model) is None
     assert model.generation_config.cache_implementation is None and not hasattr(model, "hypercompress_decode")
+
+
+def test_lm_eval_generation_decodes_with_the_dynamic_cache_then_the_setting_returns(model_dirs, tmp_path):
+    """lm-eval's generate_until makes one generate per new length: a static cache would recompile the
+    step each time, so task_accuracy decodes dynamically inside and restores the setting after,
+    also when the block raises."""
+    from hypercompress.kernels.decode import dynamic_decode
+    from hypercompress.storage import artifact
+
+    model, _ = artifact.load(_artifact(model_dirs["llama"], {"bits": 4, "group_size": 32}, tmp_path / "a"))
+    model.generation_config.cache_implementation = "static"  # as `load` sets it on CUDA
+    seen = []
+    with pytest.raises(RuntimeError):
+        with dynamic_decode(model):
+            seen.append(model.generation_config.cache_implementation)
+            raise RuntimeError("a task failed")
+    assert seen == [None] and model.generation_config.cache_implementation == "static"
+    model.generation_config.cache_implementation = "offloaded"  # a user's own choice is left alone
+    with dynamic_decode(model):
+        assert model.generation_config.cache_implementation == "offloaded"

@@ -307,6 +307,8 @@ def task_accuracy(model: nn.Module, tokenizer: Any, tasks: dict[str, Any], num_f
     is a UserError naming the task folder's code."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
+
+    from ..kernels.decode import dynamic_decode
     from lm_eval.tasks import TaskManager
 
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -314,7 +316,7 @@ def task_accuracy(model: nn.Module, tokenizer: Any, tasks: dict[str, Any], num_f
     from jinja2.exceptions import SecurityError
 
     try:
-        with offline(), _without_git_complaint(), sandboxed_templates(trust_code):
+        with offline(), _without_git_complaint(), sandboxed_templates(trust_code), dynamic_decode(model):
             out = lm_eval.simple_evaluate(model=harness_model, tasks=list(tasks.values()), num_fewshot=num_fewshot,
                                           limit=limit, log_samples=False, task_manager=nothing_more)
     except SecurityError as exc:

@@ -7,11 +7,15 @@ transformers (>= 4.45) auto-compiles the decode step on CUDA (`GenerationConfig.
 default mode "reduce-overhead"); our Triton kernels and torch's ops compile into it. The first
 `generate` of each batch size and length compiles (its cost and the step's speed-up are not yet
 measured here); later ones replay.
+`evaluate`'s lm-eval tasks decode with the dynamic cache (`dynamic_decode`): they generate once
+per new length, and each longer batch would recompile the static step.
 A user opts out per call (`model.generate(..., cache_implementation="dynamic")`) or for good
 (`model.generation_config.cache_implementation = None`).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -38,3 +42,20 @@ def use_static_decode(model: nn.Module) -> str | None:
     config.cache_implementation = "static"
     model.hypercompress_decode = STATIC_DECODE
     return STATIC_DECODE
+
+
+@contextmanager
+def dynamic_decode(model: nn.Module):
+    """Within the block `model.generate` decodes with the dynamic cache (eager), then the setting
+    comes back. For callers that generate once per new length, such as lm-eval's generate_until:
+    there a static cache would recompile the step at every longer batch (torch.compile's shapes are
+    static), for tokens that are each decoded once."""
+    config = getattr(model, "generation_config", None)
+    saved = getattr(config, "cache_implementation", None)
+    if config is not None and saved == "static":
+        config.cache_implementation = None
+    try:
+        yield model
+    finally:
+        if config is not None and saved == "static":
+            config.cache_implementation = saved
