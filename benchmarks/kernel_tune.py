@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -236,6 +237,54 @@ def crossover(bits_list, configs: dict) -> tuple[dict, list[dict]]:
     return gemm_rows, rows_out
 
 
+ERROR_BOUND = 1.6e-2  # bfloat16 output: the interpreter tests' bound for a rounded y
+
+
+def check(bits_list, configs: dict) -> dict[str, float]:
+    """{config key: the largest |y - x W^T| / max |x W^T| over the size's two shapes}: every picked
+    config (and the crossover's dequantize + GEMM) against the float32 reference on the GPU, at its
+    bucket's token count and at one token past the previous bucket."""
+    from hypercompress.kernels import triton_quant as tq
+
+    errors = {}
+    for bits, size in itertools.product(bits_list, SIZES):
+        shapes, group = SIZES[size]
+        for index, shape in enumerate(shapes):
+            module = layer(bits, *shape, group)
+            weight = module.dense_weight(torch.float32)
+            zeros, kind = module.triton_zeros()
+            for previous, bucket in zip((0,) + tq.TOKEN_BUCKETS, tq.TOKEN_BUCKETS):
+                key = f"w{bits}-m{bucket}-{size}"
+                if key not in configs:
+                    continue
+                for rows in sorted({bucket, previous + 1}):
+                    x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16)
+                    reference = x.float() @ weight.t()
+                    y = call(module, x, configs[key]).float()
+                    error = float((y - reference).abs().max() / reference.abs().max())
+                    errors[key] = max(errors.get(key, 0.0), error)
+            buffer = torch.empty(shape[0] * shape[1], device="cuda", dtype=torch.bfloat16)
+            dense = tq.dequantize_weight(module.qweight, module.scales, zeros, bits, kind, group, *shape, buffer)
+            key = f"w{bits}-dequantize-{size}"
+            errors[key] = max(errors.get(key, 0.0), float((dense.float() - weight).abs().max() / weight.abs().max()))
+    for key, error in errors.items():
+        print(json.dumps({"checked": key, "relative_error": f"{error:.1e}", "ok": error < ERROR_BOUND}), flush=True)
+    return errors
+
+
+def verified(run_: dict, key: str) -> bool:
+    """Whether a run checked every config of `key` ("w4-large") and the dequantize path on the GPU
+    within ERROR_BOUND (runs before the check existed verified nothing)."""
+    from hypercompress.kernels import triton_quant as tq
+
+    bits, size = key.split("-")
+    errors = run_.get("errors")
+    if not isinstance(errors, dict):
+        return False
+    needed = [f"{bits}-m{bucket}-{size}" for bucket in tq.TOKEN_BUCKETS] + [f"{bits}-dequantize-{size}"]
+    return all(isinstance(errors.get(k), (int, float)) and errors[k] < ERROR_BOUND for k in needed)
+
+
 PREFER_BUCKETS = (1, 4, 16)  # decode at batch 1, 4 and 16: the calls a server makes most
 
 
@@ -292,12 +341,13 @@ def run(args) -> None:
     configs, best_rows = pick_configs(time_all(work, args.max_seconds), bits_list)
     gemm_rows, crossover_rows = crossover(bits_list, configs)
     prefer, baselines = preference(bits_list, configs)
+    errors = check(bits_list, configs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "family": tq.gpu_family(torch.device("cuda")), "machine": torch.cuda.get_device_name(),
         "torch": torch.__version__, "triton": triton.__version__,
         "command": "python benchmarks/kernel_tune.py " + " ".join(sys.argv[1:]),
-        "configs": configs, "gemm_rows": gemm_rows, "prefer": prefer, "best": best_rows,
+        "configs": configs, "gemm_rows": gemm_rows, "prefer": prefer, "errors": errors, "best": best_rows,
         "crossover": crossover_rows, "baselines": baselines}, indent=1) + "\n")
 
 
@@ -356,19 +406,51 @@ def probe(args) -> None:
                                                               "bar.sync", "mma", "wgmma", "cvt")}}), flush=True)
 
 
+RUN_FIELDS = ("family", "machine", "torch", "triton", "command", "configs", "gemm_rows", "prefer", "best",
+              "crossover", "baselines")
+
+
+def refuse(message: str) -> None:
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def read_run(file: str) -> dict:
+    """A `run` output file, checked: one line naming what is wrong and exit 2 otherwise."""
+    try:
+        run_ = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as exc:
+        refuse(f"kernel_tune.py merge: {file}: not a readable JSON file ({type(exc).__name__}); "
+               "pass the --out file of `kernel_tune.py run`")
+    missing = [k for k in RUN_FIELDS if not isinstance(run_, dict) or k not in run_]
+    if missing:
+        refuse(f"kernel_tune.py merge: {file}: no {', '.join(missing)}; pass the --out file of "
+               "`kernel_tune.py run`")
+    return run_
+
+
 def merge(args) -> None:
     """Each run's configs and gemm_rows into the shipped table (its family replaced), its timings
-    into benchmarks/results/kernel_tune_<family>.json."""
+    into benchmarks/results/kernel_tune_<family>.json. `prefer` reaches the table only where the run
+    also checked those configs' output on the GPU (`verified`): users get our kernels only where they
+    were measured faster AND correct there."""
+    runs = [read_run(file) for file in args.files]  # every file checked before anything is written
+    for run_ in runs:  # no machine's paths in the repository
+        run_["command"] = re.sub(r"--out \S+", "--out FILE", run_["command"])
     table_path = ROOT / "src/hypercompress/kernels/triton_configs.json"
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
-    for file in args.files:
-        run_ = json.loads(Path(file).read_text())
-        table[run_["family"]] = {"configs": run_["configs"], "gemm_rows": run_["gemm_rows"], "prefer": run_["prefer"],
+    for run_ in runs:
+        prefer = {k: v for k, v in run_["prefer"].items() if verified(run_, k)}
+        table[run_["family"]] = {"configs": run_["configs"], "gemm_rows": run_["gemm_rows"], "prefer": prefer,
                                  "measured_on": f"{run_['machine']}, torch {run_['torch']}, triton {run_['triton']}",
                                  "command": run_["command"]}
+        unchecked = sorted(set(run_["prefer"]) - set(prefer))
+        if unchecked:
+            print(f"{run_['family']}: {', '.join(unchecked)} not checked on the GPU (or off the bound): "
+                  "the path they would replace stays the default")
         out = ROOT / "benchmarks" / "results" / f"kernel_tune_{run_['family']}.json"
-        out.write_text(json.dumps({k: run_[k] for k in ("machine", "torch", "triton", "command", "best",
-                                                         "crossover", "baselines", "gemm_rows", "prefer")}, indent=1) + "\n")
+        out.write_text(json.dumps({**{k: run_[k] for k in RUN_FIELDS[1:]}, "errors": run_.get("errors"),
+                                   "prefer_verified": prefer}, indent=1) + "\n")
         print(f"wrote {out}")
     table_path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print(f"wrote {table_path}")
@@ -388,9 +470,8 @@ def main() -> None:
     m.add_argument("files", nargs="+")
     args = parser.parse_args()
     if args.verb in ("run", "probe") and not torch.cuda.is_available():
-        print(f"kernel_tune.py {args.verb} times kernels on an NVIDIA GPU and none is visible; run it on one "
-              "(the tuned table it writes is read on GPUs of the same family)", file=sys.stderr)
-        sys.exit(2)
+        refuse(f"kernel_tune.py {args.verb} times kernels on an NVIDIA GPU and none is visible; run it on one "
+               "(the tuned table is read on GPUs of the same family)")
     {"run": run, "probe": probe, "merge": merge}[args.verb](args)
 
 

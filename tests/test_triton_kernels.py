@@ -23,7 +23,8 @@ def interpreted():
     """{case: record} from tests/triton_interpret_cases.py run under TRITON_INTERPRET=1."""
     if tq.triton is None:
         pytest.skip("Triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    path = os.pathsep.join(p for p in (str(HERE.parent / "src"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}  # keep the caller's packages
     done = subprocess.run([sys.executable, str(HERE / "triton_interpret_cases.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -237,3 +238,37 @@ def test_lm_eval_generation_decodes_with_the_dynamic_cache_then_the_setting_retu
     model.generation_config.cache_implementation = "offloaded"  # a user's own choice is left alone
     with dynamic_decode(model):
         assert model.generation_config.cache_implementation == "offloaded"
+
+
+def _kernel_tune():
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    try:
+        import kernel_tune
+    finally:
+        sys.path.pop(0)
+    return kernel_tune
+
+
+def test_the_tuner_ships_a_preference_only_where_the_gpu_checked_every_config():
+    kt = _kernel_tune()
+    errors = {f"w4-m{b}-large": 4e-3 for b in tq.TOKEN_BUCKETS} | {"w4-dequantize-large": 0.0}
+    assert kt.verified({"errors": errors}, "w4-large")
+    assert not kt.verified({}, "w4-large")  # a run from before the check: nothing verified
+    assert not kt.verified({"errors": errors}, "w2-large")
+    assert not kt.verified({"errors": {**errors, "w4-m16-large": 0.2}}, "w4-large")  # wrong on the GPU
+    assert not kt.verified({"errors": {k: v for k, v in errors.items() if "m256" not in k}}, "w4-large")
+    assert not kt.verified({"errors": {**errors, "w4-m1-large": "0"}}, "w4-large")
+
+
+@pytest.mark.parametrize("content, needle", [(None, "not a readable JSON file"), ("{not json", "not a readable"),
+                                             ("{}", "no family"), ('{"family": "H100"}', "no machine")])
+def test_the_tuners_merge_refuses_a_bad_run_file_in_one_line(content, needle, tmp_path):
+    table = tq.CONFIG_FILE.read_bytes() if tq.CONFIG_FILE.exists() else None
+    file = tmp_path / "run.json"
+    if content is not None:
+        file.write_text(content)
+    done = subprocess.run([sys.executable, str(HERE.parent / "benchmarks" / "kernel_tune.py"), "merge", str(file)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert (tq.CONFIG_FILE.read_bytes() if tq.CONFIG_FILE.exists() else None) == table  # nothing written
