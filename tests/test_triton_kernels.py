@@ -192,8 +192,22 @@ def test_cuda_kernel_memory_is_the_stored_bytes(model_dirs, tmp_path, monkeypatc
     assert checked
 
 
+def test_fast_path_tensors_are_marked_static_for_cuda_graphs_on_cuda_only():
+    """A compiled step with CUDA graphs copies every tensor it takes as an input at each replay
+    unless marked static: fast paths hold their tensors on plain objects, not as parameters."""
+    from hypercompress.kernels.paths import DenseLinear
+
+    path = DenseLinear(torch.randn(8, 4), torch.randn(8), torch.bfloat16)
+    path.mark_static()  # on the CPU nothing records graphs: nothing marked
+    assert not hasattr(path.weight, "_dynamo_static_input_type")
+    path.device = torch.device("cuda")
+    path.mark_static()
+    assert path.weight._dynamo_static_input_type and path.bias._dynamo_static_input_type
+
+
 @cuda
 def test_cuda_load_decodes_with_a_static_cache_and_the_compiled_step(model_dirs, tmp_path):
+    from hypercompress.layers.base import CompressedModule
     from hypercompress.storage import artifact
 
     path = _artifact(model_dirs["llama"], {"bits": 4, "group_size": 32}, tmp_path / "a")
@@ -202,6 +216,9 @@ def test_cuda_load_decodes_with_a_static_cache_and_the_compiled_step(model_dirs,
     assert model.hypercompress_decode.startswith("static KV cache")
     ids = torch.randint(1, 121, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
+    held = [v for m in model.modules() if isinstance(m, CompressedModule) and m._fast is not None
+            for v in vars(m._fast).values() if isinstance(v, torch.Tensor)]
+    assert held and all(hasattr(t, "_dynamo_static_input_type") for t in held)  # not copied per replay
     static = model.generate(ids, **kwargs)
     static_again = model.generate(ids, **kwargs)  # replays the recorded step
     dynamic = model.generate(ids, cache_implementation="dynamic", **kwargs)

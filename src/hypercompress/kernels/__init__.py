@@ -48,8 +48,13 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, workload: str = "decode"
 
     if workload not in WORKLOADS:
         raise ValueError(f"workload {workload!r}: one of {WORKLOADS}")
-    return {name: module.prepare_fast(dtype, workload) for name, module in model.named_modules()
-            if isinstance(module, CompressedModule)}
+    backends = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CompressedModule):
+            backends[name] = module.prepare_fast(dtype, workload)
+            if module._fast is not None:
+                module._fast.mark_static()
+    return backends
 
 
 def prepare(model: nn.Module, dtype: torch.dtype | None = None, workload: str = "decode") -> dict[str, str]:

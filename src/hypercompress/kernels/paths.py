@@ -26,6 +26,18 @@ class FastPath(abc.ABC):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in the path's dtype."""
 
+    def mark_static(self) -> None:
+        """Tell torch.compile that this path's tensors keep their addresses. They live on a plain
+        Python object, not as a module's parameters, so a compiled step with CUDA graphs (static
+        decode, decode.py) would otherwise treat them as inputs and copy every one of them into
+        the graph's own buffers at each replay: a second copy of the weight in GPU memory, and its
+        bytes moved once per decoded token. (CUDA only: elsewhere nothing records graphs.)"""
+        if self.device.type != "cuda":
+            return
+        for value in vars(self).values():
+            if isinstance(value, torch.Tensor):
+                torch._dynamo.mark_static_address(value)
+
 
 class DenseLinear(FastPath):
     """W materialized once in the compute dtype: as fast as an uncompressed layer, as large too."""
