@@ -339,6 +339,39 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
+def _kernel_tune(data: dict, family: str) -> list[str]:
+    """benchmarks/kernel_tune.py run + merge: the picked tiles, the crossover and the preference."""
+    out = [f"## Triton kernel tuning: {family}", "",
+           f"- machine: {data['machine']}, torch {data['torch']}, triton {data['triton']}",
+           f"- command: `{data['command']}` then `python benchmarks/kernel_tune.py merge FILE` -> "
+           f"`src/hypercompress/kernels/triton_configs.json`, `benchmarks/results/kernel_tune_{family}.json`",
+           "- protocol: random codes with integer zeros, group 128 (large: 11008 x 4096 and 4096 x 11008) or 64 "
+           "(small: 1536 x 576 and 576 x 1536), bfloat16 x; CUDA graph of 20 calls, median of 3 replays; us is "
+           "per shape (the two shapes of a size)",
+           f"- crossover (tokens up to which the fused kernel runs; above: dequantize + GEMM): "
+           + ", ".join(f"{k} {v}" for k, v in data["gemm_rows"].items()),
+           "- preference measured (our summed time over 1, 4 and 16 tokens at most the replaced path's): "
+           + ", ".join(f"{k} {v}" for k, v in data["prefer"].items()),
+           "- preference shipped (also checked against the float32 reference on the GPU): "
+           + (", ".join(f"{k} {v}" for k, v in (data.get("prefer_verified") or {}).items())
+              or "none (this run predates the check: every layer keeps the path it had)"), "",
+           "| bits | size | tokens | us (two shapes) | config |", "|---|---|---|---|---|"]
+    for r in data["best"]:
+        c = r["config"]
+        tile = (f"{'tensor cores' if c['USE_DOT'] else 'CUDA cores'}, "
+                f"{'interleaved' if c['INTERLEAVE'] else 'position-wise'}{', group sum' if c['GROUPSUM'] else ''}, "
+                f"M {c['BLOCK_M']} N {c['BLOCK_N']} K {c['BLOCK_K']}, split {c['SPLIT_K']}, "
+                f"{c['num_warps']} warps, {c['num_stages']} stages")
+        out.append(f"| {r['bits']} | {r['size']} | {r['tokens']} | {' / '.join(f'{u:.1f}' for u in r['us'])} | {tile} |")
+    out += ["", "| bits | size | tokens | fused kernel us | dequantize + GEMM us |", "|---|---|---|---|---|"]
+    out += [f"| {r['bits']} | {r['size']} | {r['tokens']} | {r['kernel_us']:.1f} | {r['dequantize_gemm_us']:.1f} |"
+            for r in data["crossover"]]
+    out += ["", "| bits | size | tokens | ours us (both shapes) | replaced us | replaced |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['bits']} | {r['size']} | {r['tokens']} | {r['ours_us']:.1f} | {r['replaced_us']:.1f} | {r['replaced']} |"
+            for r in data["baselines"]]
+    return out + [""]
+
+
 def render_text() -> str:
     """RESULTS.md's text from every results/*.json (a section's renderer raising is a bug: tests run this)."""
     parts = ["# Benchmark results", "",
@@ -348,6 +381,9 @@ def render_text() -> str:
         data = json.loads(path.read_text())
         if path.stem in SECTIONS:  # a result of its own shape, rendered by its script's module
             parts += SECTIONS[path.stem](data)
+            continue
+        if path.stem.startswith("kernel_tune_"):  # benchmarks/kernel_tune.py merge, one per GPU family
+            parts += _kernel_tune(data, path.stem[len("kernel_tune_"):])
             continue
         if data.get("kind") == "speed":  # its own tables (benchmarks/speed_report.py)
             from speed_report import speed_section

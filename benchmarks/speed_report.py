@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 PROTOCOL = ("layers: Llama-2-7B MLP shapes (in x out), random codes stored as hypercompress stores "
-            "them, the fast path `hypercompress.load` takes (prepare_fast); x of 1 / 16 / 2048 tokens; "
+            "them, the fast path `hypercompress.load` takes (prepare_fast) or the one a kind names (-tinygemm, -triton); x of the listed token counts; "
             "GPU: CUDA events around a CUDA graph of 20 calls, median of 5; CPU: wall time, median of "
             "5; vs dense = time / dense GEMM time at the same dtype and tokens; bound = weight-operand "
             "bytes / measured copy bandwidth (read + write of a large copy); models: HF generate, "
