@@ -348,7 +348,7 @@ def _kernel_tune(data: dict, family: str) -> list[str]:
            "- protocol: random codes with integer zeros, group 128 (large: 11008 x 4096 and 4096 x 11008) or 64 "
            "(small: 1536 x 576 and 576 x 1536), bfloat16 x; CUDA graph of 20 calls, median of 3 replays; us is "
            "per shape (the two shapes of a size)",
-           f"- crossover (tokens up to which the fused kernel runs; above: dequantize + GEMM): "
+           "- crossover (tokens up to which the fused kernel runs; above: dequantize + GEMM): "
            + ", ".join(f"{k} {v}" for k, v in data["gemm_rows"].items()),
            "- preference measured (our summed time over 1, 4 and 16 tokens at most the replaced path's): "
            + ", ".join(f"{k} {v}" for k, v in data["prefer"].items()),
