@@ -307,9 +307,9 @@ def task_accuracy(model: nn.Module, tokenizer: Any, tasks: dict[str, Any], num_f
     is a UserError naming the task folder's code."""
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     from ..kernels.decode import dynamic_decode
-    from lm_eval.tasks import TaskManager
 
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     nothing_more = TaskManager(include_defaults=False)  # the tasks are built: no catalogue to index (14k YAMLs)

@@ -13,25 +13,28 @@ weight on the GPU:
     codes (N * G of them); float zeros: W = q s + m with m (N, G) float16.
 Each program walks its K range in (BLOCK_N, BLOCK_K) tiles (BLOCK_K divides the group, so a tile
 has one scale per row). It loads the tile's stored bytes contiguously (widths dividing 8) or as units
-of 8 codes (BITS bytes: 3, 5, 6, 7 bits), then takes the codes position by position: position j
-of every byte holds columns k0 + PER i + j (PER codes per byte or unit), so x is read at those
-columns and W is never interleaved back in registers. Each position is dequantized with one FMA in
-float32 (exact: q s - z s with s from float16, rounded once to the compute dtype) and either
+of 8 codes (BITS bytes: 3, 5, 6, 7 bits), then either (INTERLEAVE, widths dividing 8; the tuned
+choice on the H100) interleaves each byte's codes back into column order with `tl.interleave`, so x
+is read contiguously, or takes the codes position by position: position j of every byte holds
+columns k0 + PER i + j (PER codes per byte or unit), so x is read at those columns. Codes are
+dequantized with one FMA in float32 (exact: q s - z s with s from float16, rounded once to the
+compute dtype) and either
   - feeds the tensor cores (`tl.dot(W, x^T)`: W is the MMA's A operand, x padded to BLOCK_M >= 16
     tokens), the path for more than one token where a position's slice holds >= 16 columns (else,
     e.g. 3-bit codes in groups of 64 or 2-bit in groups of 32, the CUDA-core path serves), or
   - (one token, `USE_DOT=False`) multiplies on the CUDA cores into a float32 accumulator reduced
-    once at the end;
+    once at the end, or (GROUPSUM) sums q x per tile and applies s and o once per row and tile;
 and with SPLIT_K > 1 (PARTIAL) the K range is cut into SPLIT_K slices (more programs for few tokens;
 the float32 partials are summed by a second kernel that adds the bias and casts, in a fixed order).
 Above the measured crossover (`TritonQuantLinear.gemm_rows`) a call dequantizes W into one buffer
 reused by every layer of the device and dtype, then runs the dense GEMM.
 
 Configs: `triton_configs.json` beside this file (written by `benchmarks/kernel_tune.py merge` from a
-tuning run on a GPU; not shipped yet, as no GPU family has been tuned) holds per GPU family the best
-tile shapes per width, token bucket and layer size, the crossover, and `prefer`: whether ours beat the
-path it replaces, summed over 1, 4 and 16 tokens. `QuantLinear.build_fast` takes these kernels only where `prefer` says
-so (`triton_preferred`); elsewhere tinygemm (kernels/int4.py) or the dense weight serves as before.
+tuning run on a GPU; the H100 so far) holds per GPU family the best tile shapes per width, token
+bucket and layer size, the crossover, and `prefer`: whether ours beat the path it replaces, summed
+over 1, 4 and 16 tokens, in a run that also checked their output on that GPU (none yet).
+`QuantLinear.build_fast` takes these kernels only where `prefer` says so (`triton_preferred`);
+elsewhere tinygemm (kernels/int4.py) or the dense weight serves as before.
 Untuned shapes take the heuristic in `config_for`. Requires Triton (it comes with torch's CUDA wheels).
 """
 
