@@ -153,3 +153,16 @@ def test_a_config_json_that_is_not_a_json_file_is_named(model_dirs, tmp_path, ki
     result = run("compress", source, "--method", "rtn", "--out", tmp_path / "out")
     assert_one_line_error(result, needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_without_a_tokenizer_is_named_before_any_weight_is_read(model_dirs, tmp_path):
+    """transformers' own error names no file and suggests re-downloading."""
+    from hypercompress.sources.models import TOKENIZER_FILES
+
+    source = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], source)
+    for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt"):
+        (source / name).unlink(missing_ok=True)
+    result = run("compress", source, "--method", "rtn", "--out", tmp_path / "out")
+    assert_one_line_error(result, "has no tokenizer", "tokenizer.save_pretrained")
+    assert not (tmp_path / "out").exists()

@@ -159,6 +159,8 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
         arch_of(config.model_type)
+        if kind == "directory":
+            _refuse_without_tokenizer(spec, Path(location))
         if kind == "directory" and getattr(config, "quantization_config", None) is None:
             from .streaming import check_config_against_headers, check_float_weights
 
@@ -191,6 +193,18 @@ def _from_pretrained(source: Path | str, spec: str, kind: str, dtype: torch.dtyp
     if has_unfused_experts(model):  # a plain save_pretrained then writes transformers' fused layout
         guard_plain_saves(model)
     return LoadedModel(model, tokenizer, spec, kind)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt", "sentencepiece.bpe.model")
+
+
+def _refuse_without_tokenizer(spec: str, folder: Path) -> None:
+    """UserError, before any weight is read, for a model folder with none of a tokenizer's files
+    (transformers' own error names no file and blames the download)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"model folder '{spec}' has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); "
+                        "save the model's tokenizer beside its weights: tokenizer.save_pretrained(folder)")
 
 
 def _refuse_incomplete(spec: str, info: dict[str, Any]) -> None:
