@@ -39,8 +39,8 @@ CROSSOVER_ROWS = (64, 128, 256, 512, 1024, 2048)
 def candidates(bucket: int, bits: int) -> list[dict]:
     """Tile configs (without SPLIT_K) worth timing for a token bucket and width (buckets 1..16
     share the BLOCK_M = 16 compiles: the token count is not specialized). Codes are walked position
-    by position or interleaved back into column order (widths dividing 8 only)."""
-    walks = (False, True) if 8 % bits == 0 else (False,)
+    by position or interleaved back into column order."""
+    walks = (False, True)
     dot = {"USE_DOT": True, "GROUPSUM": False}
     configs = []
     if bucket == 1:  # CUDA cores: a float32 accumulator per tile, or the tile's group sum

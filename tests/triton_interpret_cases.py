@@ -22,7 +22,7 @@ FMA = {"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K": 64, "USE_DOT": False, "INTERLEAVE
        "num_warps": 4, "num_stages": 1}
 DOT = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "USE_DOT": True, "INTERLEAVE": False, "GROUPSUM": False,
        "num_warps": 4, "num_stages": 1}
-FMA_IL, DOT_IL = {**FMA, "INTERLEAVE": True}, {**DOT, "INTERLEAVE": True}  # widths not dividing 8: position-wise
+FMA_IL, DOT_IL = {**FMA, "INTERLEAVE": True}, {**DOT, "INTERLEAVE": True}
 FMA_SUM = {**FMA_IL, "GROUPSUM": True}
 # (dtype, config, split-K, rows): every path
 PATHS = [(torch.bfloat16, FMA, 1, 1), (torch.bfloat16, FMA, 3, 2), (torch.bfloat16, FMA_IL, 2, 1),

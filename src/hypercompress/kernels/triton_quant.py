@@ -13,9 +13,9 @@ weight on the GPU:
     codes (N * G of them); float zeros: W = q s + m with m (N, G) float16.
 Each program walks its K range in (BLOCK_N, BLOCK_K) tiles (BLOCK_K divides the group, so a tile
 has one scale per row). It loads the tile's stored bytes contiguously (widths dividing 8) or as units
-of 8 codes (BITS bytes: 3, 5, 6, 7 bits), then either (INTERLEAVE, widths dividing 8; the tuned
-choice on the H100) interleaves each byte's codes back into column order with `tl.interleave`, so x
-is read contiguously, or takes the codes position by position: position j of every byte holds
+of 8 codes (BITS bytes: 3, 5, 6, 7 bits), then either (INTERLEAVE; the tuned choice for 2 and 4
+bits on the H100, not yet timed for units) interleaves each byte's or unit's codes back into column
+order with `tl.interleave`, so x is read contiguously, or takes the codes position by position: position j of every byte holds
 columns k0 + PER i + j (PER codes per byte or unit), so x is read at those columns. Codes are
 dequantized with one FMA in float32 (exact: q s - z s with s from float16, rounded once to the
 compute dtype) and either
@@ -122,10 +122,10 @@ if triton is not None:
 
     @triton.jit
     def _interleaved(packed, BITS: tl.constexpr):
-        """Every code of a (BLOCK_N, S) tile of bytes (BITS dividing 8) as (BLOCK_N, S * 8 / BITS)
-        float32 in column order: a byte's codes, most significant first, are interleaved by
-        `tl.interleave` (each thread keeps its own bytes' codes: no data moves between threads), so x
-        is read contiguously."""
+        """Every code of a (BLOCK_N, S) tile of bytes (BITS dividing 8) or of units of 8 codes (3, 5,
+        6, 7 bits) as (BLOCK_N, S * PER) float32 in column order: the codes of a byte or unit, most
+        significant first, are interleaved by `tl.interleave` (each thread keeps its own codes: no
+        data moves between threads), so x is read contiguously."""
         if BITS == 8:
             codes = packed
         elif BITS == 4:
@@ -133,12 +133,18 @@ if triton is not None:
         elif BITS == 2:  # positions (0, 2) and (1, 3), then the pairs: 0 1 2 3
             codes = tl.interleave(tl.interleave(packed >> 6, (packed >> 2) & 3),
                                   tl.interleave((packed >> 4) & 3, packed & 3))
-        else:  # 1 bit: positions (0, 4), (2, 6), (1, 5), (3, 7) by the same rule
-            codes = tl.interleave(
-                tl.interleave(tl.interleave(packed >> 7, (packed >> 3) & 1),
-                              tl.interleave((packed >> 5) & 1, (packed >> 1) & 1)),
-                tl.interleave(tl.interleave((packed >> 6) & 1, (packed >> 2) & 1),
-                              tl.interleave((packed >> 4) & 1, packed & 1)))
+        else:  # 8 codes a byte (1 bit) or a unit: positions (0, 4), (2, 6), (1, 5), (3, 7) by the same rule
+            mask: tl.constexpr = (1 << BITS) - 1
+            c0 = ((packed >> (BITS * 7)) & mask).to(tl.int32)
+            c1 = ((packed >> (BITS * 6)) & mask).to(tl.int32)
+            c2 = ((packed >> (BITS * 5)) & mask).to(tl.int32)
+            c3 = ((packed >> (BITS * 4)) & mask).to(tl.int32)
+            c4 = ((packed >> (BITS * 3)) & mask).to(tl.int32)
+            c5 = ((packed >> (BITS * 2)) & mask).to(tl.int32)
+            c6 = ((packed >> BITS) & mask).to(tl.int32)
+            c7 = (packed & mask).to(tl.int32)
+            codes = tl.interleave(tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6)),
+                                  tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7)))
         return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
@@ -163,8 +169,8 @@ if triton is not None:
                       BLOCK_K: tl.constexpr, PER: tl.constexpr):
         """y (M, N) = x (M, K) W^T (+ b); PARTIAL: float32 partials (grid[2] slices of K, M, N) instead.
 
-        INTERLEAVE (widths dividing 8): a tile's codes are interleaved back into column order and x
-        is read contiguously. Otherwise they are taken position by position (PER codes per byte or
+        INTERLEAVE: a tile's codes are interleaved back into column order and x is read
+        contiguously. Otherwise they are taken position by position (PER codes per byte or
         unit): position j of a tile holds columns k0 + PER i + j, so x is read at those columns.
         GROUPSUM (one token, INTERLEAVE): sum_k (q s + o) x_k = s sum_k q x_k + o sum_k x_k over the
         tile's group, one FMA per code instead of two."""
@@ -353,7 +359,7 @@ def heuristic_config(rows: int, out_features: int, in_features: int) -> dict:
     else:
         config = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "USE_DOT": True, "GROUPSUM": False,
                   "num_warps": 8, "num_stages": 3}
-    config["INTERLEAVE"] = True  # widths not dividing 8 fall back to the position-wise walk
+    config["INTERLEAVE"] = True
     tiles = -(-out_features // config["BLOCK_N"]) * -(-rows // config["BLOCK_M"])
     split = 1
     while tiles * split < 512 and in_features // (split * 2) >= 4 * config["BLOCK_K"] and split < 16:
@@ -413,7 +419,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     per = codes_per_load(bits)
     block_k = max(min(config["BLOCK_K"], tile_k(group_size)), per)
     use_dot = config["USE_DOT"]
-    interleave = config["INTERLEAVE"] and 8 % bits == 0
+    interleave = config["INTERLEAVE"]
     if use_dot and not interleave and block_k // per < 16:  # tl.dot takes K >= 16 a slice: the group's largest tile
         block_k = tile_k(group_size)
         use_dot = block_k // per >= 16  # else (3-bit g64, 2-bit g32, ...) the CUDA-core path
