@@ -34,33 +34,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"large": ([(11008, 4096), (4096, 11008)], 128), "small": ([(1536, 576), (576, 1536)], 64)}
 CROSSOVER_ROWS = (64, 128, 256, 512, 1024, 2048)
+WALKS = (False, True)  # INTERLEAVE: codes taken position by position, or interleaved into column order
 
 
 def candidates(bucket: int, bits: int) -> list[dict]:
     """Tile configs (without SPLIT_K) worth timing for a token bucket and width (buckets 1..16
     share the BLOCK_M = 16 compiles: the token count is not specialized). Codes are walked position
-    by position or interleaved back into column order."""
-    walks = (False, True)
+    by position or interleaved back into column order (WALKS)."""
     dot = {"USE_DOT": True, "GROUPSUM": False}
     configs = []
     if bucket == 1:  # CUDA cores: a float32 accumulator per tile, or the tile's group sum
-        for (il, gs), bn, warps in itertools.product([(il, gs) for il in walks for gs in (False, True) if il or not gs],
+        for (il, gs), bn, warps in itertools.product([(il, gs) for il in WALKS for gs in (False, True) if il or not gs],
                                                      (16, 32, 64), (4, 8)):
             configs.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 128, "USE_DOT": False, "INTERLEAVE": il,
                             "GROUPSUM": gs, "num_warps": warps, "num_stages": 2})
-        for bn, il, stages in itertools.product((64, 128), walks, (2, 3)):
+        for bn, il, stages in itertools.product((64, 128), WALKS, (2, 3)):
             configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, **dot, "INTERLEAVE": il,
                             "num_warps": 4, "num_stages": stages})
     elif bucket <= 16:
-        for bn, bk, stages, il in itertools.product((64, 128), (64, 128), (2, 3), walks):
+        for bn, bk, stages, il in itertools.product((64, 128), (64, 128), (2, 3), WALKS):
             configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, **dot, "INTERLEAVE": il,
                             "num_warps": 4, "num_stages": stages})
     elif bucket == 64:
-        for bm, bn, bk, il in itertools.product((32, 64), (64, 128), (64, 128), walks):
+        for bm, bn, bk, il in itertools.product((32, 64), (64, 128), (64, 128), WALKS):
             configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **dot, "INTERLEAVE": il,
                             "num_warps": 4, "num_stages": 3})
     else:
-        for bm, bn, warps, il in itertools.product((64, 128), (64, 128), (4, 8), walks):
+        for bm, bn, warps, il in itertools.product((64, 128), (64, 128), (4, 8), WALKS):
             configs.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, **dot, "INTERLEAVE": il,
                             "num_warps": warps, "num_stages": 3})
     return configs
