@@ -44,10 +44,10 @@ def candidates(bucket: int, bits: int) -> list[dict]:
     dot = {"USE_DOT": True, "GROUPSUM": False}
     configs = []
     if bucket == 1:  # CUDA cores: a float32 accumulator per tile, or the tile's group sum
-        for (il, gs), bn, warps in itertools.product([(il, gs) for il in WALKS for gs in (False, True) if il or not gs],
-                                                     (16, 32, 64), (4, 8)):
+        for (il, gs), bn, warps, stages in itertools.product(
+                [(il, gs) for il in WALKS for gs in (False, True) if il or not gs], (16, 32, 64), (4, 8), (2, 4)):
             configs.append({"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 128, "USE_DOT": False, "INTERLEAVE": il,
-                            "GROUPSUM": gs, "num_warps": warps, "num_stages": 2})
+                            "GROUPSUM": gs, "num_warps": warps, "num_stages": stages})
         for bn, il, stages in itertools.product((64, 128), WALKS, (2, 3)):
             configs.append({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, **dot, "INTERLEAVE": il,
                             "num_warps": 4, "num_stages": stages})
