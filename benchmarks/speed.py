@@ -11,9 +11,11 @@ takes); x of 1 to 2048 tokens. Time: CUDA events around a CUDA graph of 20 calls
 overhead excluded), or wall time on the CPU; the median of 5 repeats. Bound: the bytes the kernel
 must read (its weight operands) / the measured copy bandwidth (read + write bytes of a large
 device-to-device copy / its time). Models: a Llama-2-7B-shaped model (--llama-layers of its 32 layers, random
-weights) and SmolLM2-135M, HF generate, greedy, 128 new tokens after 16 prompt tokens, each model set
-up as `hypercompress.load` sets it up (on CUDA a static KV cache and the compiled decode step, the dense
-original too), timed on the second generate of the same shape (the first compiles).
+weights) and SmolLM2-135M, `generate`, greedy, 128 new tokens after 16 prompt tokens, each model set
+up as `hypercompress.load` sets it up (greedy calls through our loop, kernels/greedy.py: a static KV
+cache, on CUDA one CUDA graph replay a step; the dense original too), and for comparison through
+transformers' own generate (on CUDA its static cache and compiled step), timed on the second generate
+of the same shape (the first compiles or records).
 """
 
 from __future__ import annotations
@@ -195,23 +197,33 @@ def layer_rows(device, dtype, tokens_list, kinds) -> list[dict]:
 NEW_TOKENS = [128]  # set by --new-tokens
 
 
-def generate_rate(model, device, batch: int) -> tuple[float, float]:
-    """(tokens/s of a timed generate, seconds of the untimed first one of the same shape: compiling
-    the decode step and recording its CUDA graphs where the model decodes statically)."""
+def generate_rate(model, device, batch: int, transformers: bool = False) -> tuple[float, float, str]:
+    """(tokens/s of a timed generate, seconds of the untimed first one of the same shape, how it
+    decoded). `model.generate` as `load` sets it up (greedy calls: our loop, kernels/greedy.py), or
+    with `transformers` its own generate (on CUDA the static cache and compiled step; the first call
+    compiles and records the CUDA graphs)."""
     new_tokens = NEW_TOKENS[0]
     ids = torch.randint(100, 1000, (batch, 16), device=device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=0)
+    generate = (lambda *a, **k: type(model).generate(model, *a, **k)) if transformers else model.generate
     tick = time.perf_counter()
-    model.generate(ids, **kwargs)  # the same lengths as the timed call: a static cache recompiles otherwise
+    generate(ids, **kwargs)  # the same lengths as the timed call: a static cache recompiles otherwise
     if device.type == "cuda":
         torch.cuda.synchronize()
     warm = time.perf_counter() - tick
     tick = time.perf_counter()
-    model.generate(ids, **kwargs)
+    generate(ids, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * new_tokens / (time.perf_counter() - tick), warm
+    rate = batch * new_tokens / (time.perf_counter() - tick)
+    greedy = getattr(model, "hypercompress_greedy", None)
+    if transformers or greedy is None:
+        how = "transformers generate, " + ("static cache + compiled step" if
+                                           model.generation_config.cache_implementation == "static" else "dynamic cache")
+    else:
+        how = f"our greedy loop ({greedy.last_path})"
+    return rate, warm, how
 
 
 def peak(device) -> float | None:
@@ -219,11 +231,12 @@ def peak(device) -> float | None:
 
 
 @torch.inference_mode()
-def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2")) -> list[dict]:
+def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2"), hf_batches=(1,)) -> list[dict]:
     """A Llama-2-7B-shaped model with `layers` of its 32 blocks, random weights: dense vs RTN w4 g128
     and w2 g128, decode tokens/s and peak memory. Every model, the dense one too, decodes as `load`
-    sets it up (kernels/decode.py: on CUDA a static cache and the compiled step)."""
-    from hypercompress.kernels.decode import use_static_decode
+    sets it up (kernels/decode.py: greedy calls through our loop, on CUDA one graph replay a step); at
+    `hf_batches` also through transformers' own generate (on CUDA its static cache and compiled step)."""
+    from hypercompress.kernels.decode import use_fast_decode
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -249,12 +262,12 @@ def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2"
         backends = prepare_model(model, dtype) if stage else {}
         if name.endswith("triton"):  # whether or not the tuned table prefers them
             backends = {n: force_triton(m, dtype) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        decode = use_static_decode(model) or "dynamic cache, eager"
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        for batch in batches:
-            rate, warm = generate_rate(model, device, batch)
+        use_fast_decode(model)
+        for batch, transformers in [(b, False) for b in batches] + [(b, True) for b in hf_batches]:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            rate, warm, decode = generate_rate(model, device, batch, transformers)
             rows.append({"section": "model", "device": device.type, "model": f"Llama-2-7B-shaped, {layers} layers",
                          "kind": label, "batch": batch, "tokens_per_s": round(rate, 1),
                          "peak_gib": round(peak(device), 2) if peak(device) else None,
@@ -270,7 +283,7 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
     """SmolLM2-135M end to end: original vs RTN artifacts (fast and reference paths), batch 1."""
     import hypercompress
     from hypercompress.apply import apply_recipe
-    from hypercompress.kernels.decode import use_static_decode
+    from hypercompress.kernels.decode import use_fast_decode
     from hypercompress.sources.models import load_model
     from hypercompress.modules import count_params
     from hypercompress.recipe import Recipe
@@ -290,12 +303,14 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
 
     rows = []
     original = load_model(source, dtype=dtype, device=str(device)).model
-    decode = use_static_decode(original) or "dynamic cache, eager"
-    rate, warm = generate_rate(original, device, 1)
-    rows.append({"section": "smollm2", "device": device.type, "dtype": str(dtype)[6:], "kind": "original",
-                 "batch": 1, "tokens_per_s": round(rate, 1), "backend": "torch dense GEMM",
-                 "ppl16": ppl(original), "decode": decode, "first_generate_s": round(warm, 1)})
-    print(json.dumps(rows[-1]), flush=True)
+    use_fast_decode(original)
+    quality = ppl(original)
+    for transformers in (False, True):
+        rate, warm, decode = generate_rate(original, device, 1, transformers)
+        rows.append({"section": "smollm2", "device": device.type, "dtype": str(dtype)[6:], "kind": "original",
+                     "batch": 1, "tokens_per_s": round(rate, 1), "backend": "torch dense GEMM",
+                     "ppl16": quality, "decode": decode, "first_generate_s": round(warm, 1)})
+        print(json.dumps(rows[-1]), flush=True)
     del original
     for label, stage in [("rtn w4 g64", {"bits": 4, "group_size": 64}),
                          ("rtn w4 g32 float zero (Q4_1 grid)", {"bits": 4, "group_size": 32, "zero_point": "float"})]:
@@ -305,13 +320,12 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
                                   recipe=[{"method": "rtn", **stage}], original_params=params)
         for fast in (True, False):
             model, _ = hypercompress.load(path, dtype=dtype, device=str(device), fast=fast)
-            rate, warm = generate_rate(model, device, 1)
+            rate, warm, decode = generate_rate(model, device, 1)
             backends = sorted(set(model.hypercompress_backends.values())) or ["reference: dequantize every forward"]
             rows.append({"section": "smollm2", "device": device.type, "dtype": str(dtype)[6:], "kind": label,
                          "batch": 1, "tokens_per_s": round(rate, 1), "backend": backends[0],
                          "path": "fast" if fast else "reference", "ppl16": ppl(model),
-                         "decode": getattr(model, "hypercompress_decode", "dynamic cache, eager"),
-                         "first_generate_s": round(warm, 1)})
+                         "decode": decode, "first_generate_s": round(warm, 1)})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -338,7 +352,7 @@ def run(args) -> None:
     rows = layer_rows(device, dtype, tokens, args.kinds.split(","))
     if args.llama_layers:
         rows += llama7b_rows(device, dtype, args.llama_layers, [int(b) for b in args.batches.split(",")],
-                             args.model_kinds.split(","))
+                             args.model_kinds.split(","), [int(b) for b in args.hf_batches.split(",") if b])
     if args.smollm2:
         import tempfile
 
@@ -361,6 +375,8 @@ def main() -> None:
     r.add_argument("--kinds", default=",".join(KINDS))
     r.add_argument("--llama-layers", type=int, default=0, help="Llama-2-7B-shaped model rows (0: none)")
     r.add_argument("--batches", default="1,4,16")
+    r.add_argument("--hf-batches", default="1",
+                   help="batches also timed through transformers' own generate (comma list; empty: none)")
     r.add_argument("--model-kinds", default="dense,w4,w2",
                    help="Llama-2-7B-shaped rows: dense, w4, w2 (RTN g128, the path `load` takes), w4-triton, w2-triton")
     r.add_argument("--smollm2", action="store_true", help="SmolLM2-135M end-to-end rows")

@@ -206,35 +206,63 @@ def test_fast_path_tensors_are_marked_static_for_cuda_graphs_on_cuda_only():
 
 
 @cuda
-def test_cuda_load_decodes_with_a_static_cache_and_the_compiled_step(model_dirs, tmp_path):
+def test_cuda_load_decodes_greedy_calls_as_graph_replays(model_dirs, tmp_path):
     from hypercompress.layers.base import CompressedModule
     from hypercompress.storage import artifact
 
     path = _artifact(model_dirs["llama"], {"bits": 4, "group_size": 32}, tmp_path / "a")
     model, _ = artifact.load(path, dtype=torch.bfloat16, device="cuda")
-    assert model.generation_config.cache_implementation == "static"
-    assert model.hypercompress_decode.startswith("static KV cache")
+    assert model.generation_config.cache_implementation == "static"  # transformers' path for other calls
+    assert model.hypercompress_decode.startswith("greedy: our loop over a static KV cache, each step one CUDA graph")
     ids = torch.randint(1, 121, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=0)
     held = [v for m in model.modules() if isinstance(m, CompressedModule) and m._fast is not None
             for v in vars(m._fast).values() if isinstance(v, torch.Tensor)]
     assert held and all(hasattr(t, "_dynamo_static_input_type") for t in held)  # not copied per replay
-    static = model.generate(ids, **kwargs)
-    static_again = model.generate(ids, **kwargs)  # replays the recorded step
+    ours = model.generate(ids, **kwargs)
+    assert model.hypercompress_greedy.last_path == "cuda graph"
+    graphs = [step.graph for step in model.hypercompress_greedy._steps.values()]
+    again = model.generate(ids, **kwargs)  # replays the recorded step
+    assert [step.graph for step in model.hypercompress_greedy._steps.values()] == graphs
+    static = type(model).generate(model, ids, **kwargs)  # transformers' compiled step
     dynamic = model.generate(ids, cache_implementation="dynamic", **kwargs)
-    assert static.shape == (2, 20) and torch.equal(static, static_again)
-    assert torch.equal(static[:, :9], dynamic[:, :9])  # the first new token; bfloat16 may part later
+    assert model.hypercompress_greedy.last_path.startswith("transformers (")
+    assert ours.shape == (2, 20) and torch.equal(ours, again)
+    assert torch.equal(ours[:, :9], static[:, :9]) and torch.equal(ours[:, :9], dynamic[:, :9])  # bf16 may part later
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "olmo2", "mixtral"])
+def test_cuda_graph_greedy_equals_transformers_in_float32(arch):
+    """The recorded step (static cache, our mask, positions advanced inside the graph) gives
+    transformers' greedy tokens, left padding and end ids included."""
+    from conftest import make_model
+    from hypercompress.kernels.decode import use_fast_decode
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model(arch).cuda()
+    use_fast_decode(model)
+    ids = torch.randint(4, 120, (3, 9), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2], ids[2, :5], mask[2, :5] = 0, 0, 0, 0
+    for kwargs in (dict(max_new_tokens=40, pad_token_id=0), dict(max_new_tokens=40, pad_token_id=0, eos_token_id=[5, 9])):
+        ours = model.generate(ids, attention_mask=mask, **kwargs)
+        assert model.hypercompress_greedy.last_path == "cuda graph"
+        reference = model.generate(ids, attention_mask=mask, cache_implementation="dynamic", **kwargs)
+        assert torch.equal(ours, reference), arch
 
 
 def test_static_decode_is_set_on_cuda_only(model_dirs, tmp_path):
-    """On the CPU `load` leaves generate as transformers sets it (compiling did not pay there)."""
+    """On the CPU `load` leaves transformers' generate dynamic (compiling did not pay there); greedy
+    calls go through our loop, eagerly."""
     from hypercompress.kernels.decode import use_static_decode
     from hypercompress.storage import artifact
 
     path = _artifact(model_dirs["llama"], {"bits": 4, "group_size": 32}, tmp_path / "a")
     model, _ = artifact.load(path)
     assert use_static_decode(model) is None
-    assert model.generation_config.cache_implementation is None and not hasattr(model, "hypercompress_decode")
+    assert model.generation_config.cache_implementation is None
+    assert model.hypercompress_decode.startswith("greedy: our loop over a static KV cache (kernels")
 
 
 def test_lm_eval_generation_decodes_with_the_dynamic_cache_then_the_setting_returns(model_dirs, tmp_path):

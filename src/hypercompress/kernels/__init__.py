@@ -16,7 +16,8 @@ that device has (`CompressedModule.prepare_fast`), and returns which backend eac
 | tied head over a quantized embedding | as quant | as quant |
 | generated (hypernet), kan | dense: generated once at load, cast once | same |
 
-On CUDA, `load` also makes `generate` decode with a static KV cache and a compiled step (decode.py).
+`load` and `prepare` also route plain greedy `generate` calls through our loop (greedy.py: a static KV cache,
+on CUDA each step one CUDA graph replay) and the rest, on CUDA, through transformers' compiled static step (decode.py).
 
 Codes convert exactly: ours compute (q - z) s in float32 rounded once; tinygemm computes W = (q - 8) s + z_t per group, so our grids map as
 (q - z) s = (q - 8) s + (8 - z) s (int zero), (q - 2^(b-1)) s = (q - 8) s + (8 - 2^(b-1)) s
@@ -61,8 +62,12 @@ def prepare(model: nn.Module, dtype: torch.dtype | None = None, workload: str = 
     """Give every compressed module of `model` (as it now sits: call after `model.to(device)`) the
     fastest exact kernel its device has for activations of `dtype` (default: the dtype of the
     model's first floating-point parameter); `workload` "decode" or "prefill" (kernels.prepare_model).
-    Returns {module name: backend}, also kept as `model.hypercompress_backends`."""
+    `generate` then decodes as `load` sets it up (decode.use_fast_decode). Returns {module name:
+    backend}, also kept as `model.hypercompress_backends`."""
+    from .decode import use_fast_decode
+
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     model.hypercompress_backends = prepare_model(model, dtype, workload)
+    use_fast_decode(model)
     return model.hypercompress_backends

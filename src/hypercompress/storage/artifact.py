@@ -26,7 +26,7 @@ from ..errors import UserError, user_path
 from ..formats import lossless as lossless_codec
 from .hf_config import wrapper_config
 from ..kernels import prepare_model
-from ..kernels.decode import use_static_decode
+from ..kernels.decode import use_fast_decode
 from ..layers.base import StoredModule
 from ..modules import guard_plain_saves, replace_module
 
@@ -250,7 +250,7 @@ def load_verified(path: str | Path, dtype: torch.dtype = torch.float32, device: 
     model.to(resolve_device(device))
     model.hypercompress_backends = prepare_model(model, dtype, workload) if fast else {}
     if fast:
-        use_static_decode(model)
+        use_fast_decode(model)
     guard_plain_saves(model)
     model.hypercompress_source = {"original_params": manifest["original_params"], "recipe": manifest["recipe"]}
     try:
