@@ -47,6 +47,22 @@ def test_plain_greedy_calls_equal_transformers_on_every_architecture(arch):
             assert torch.equal(ours, _hf(model, **inputs, **kwargs)), (arch, kwargs)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "olmo2", "mixtral"])
+def test_the_static_step_cuda_records_equals_transformers(arch):
+    """The step CUDA records (static cache, our 4D mask, positions and cache slot advanced in
+    place), run eagerly on the CPU: transformers' greedy tokens, padding and end ids included."""
+    from hypercompress.kernels.greedy import GreedyDecoder
+
+    model, _ = _served(arch)
+    model.hypercompress_greedy = GreedyDecoder(model, static=True)
+    ids, mask = _prompts()
+    for kwargs in (dict(max_new_tokens=40, pad_token_id=0), dict(max_new_tokens=40, pad_token_id=0, eos_token_id=[5, 9]),
+                   dict(max_new_tokens=12, min_new_tokens=12, pad_token_id=0, eos_token_id=[5, 9])):
+        ours = model.generate(ids, attention_mask=mask, **kwargs)
+        assert model.hypercompress_greedy.last_path == "static, eager"
+        assert torch.equal(ours, _hf(model, ids, attention_mask=mask, **kwargs)), (arch, kwargs)
+
+
 def test_sequences_stop_where_transformers_stops_them():
     """End ids picked from transformers' own output: a sequence ends there and emits the pad id after,
     and the call stops at the step where the last sequence ended."""

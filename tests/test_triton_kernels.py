@@ -247,7 +247,11 @@ def test_cuda_graph_greedy_equals_transformers_in_float32(arch):
     ids[1, :2], mask[1, :2], ids[2, :5], mask[2, :5] = 0, 0, 0, 0
     for kwargs in (dict(max_new_tokens=40, pad_token_id=0), dict(max_new_tokens=40, pad_token_id=0, eos_token_id=[5, 9])):
         ours = model.generate(ids, attention_mask=mask, **kwargs)
-        assert model.hypercompress_greedy.last_path == "cuda graph"
+        decoder = model.hypercompress_greedy
+        if arch == "mixtral":  # experts gathered by data-dependent shapes may sync: then eager, said so
+            assert decoder.last_path == "cuda graph" or decoder.graph_problem.startswith("its forward synchronizes")
+        else:
+            assert decoder.last_path == "cuda graph", decoder.graph_problem
         reference = model.generate(ids, attention_mask=mask, cache_implementation="dynamic", **kwargs)
         assert torch.equal(ours, reference), arch
 

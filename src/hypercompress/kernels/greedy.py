@@ -22,6 +22,7 @@ positions, end-of-sequence handling and padding as transformers do it. decode.py
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -55,14 +56,16 @@ class _Step:
 class GreedyDecoder:
     """`decode(input_ids, attention_mask, ...)` -> the sequences `generate` returns for greedy search.
 
-    One per model (decode.py keeps it as `model.hypercompress_greedy`). `graphs`: record the step
-    as a CUDA graph on CUDA (default); False runs the same step eagerly (the CPU always does).
-    `last_path` says how the last call decoded ("cuda graph" / "eager")."""
+    One per model (decode.py keeps it as `model.hypercompress_greedy`). `static`: decode over a
+    static cache with the step recorded as a CUDA graph (default: on CUDA; True also elsewhere, the
+    same step run eagerly); else transformers' dynamic cache, eagerly. `last_path` says how the
+    last call decoded ("cuda graph" / "static, eager" / "eager")."""
 
-    def __init__(self, model: nn.Module, graphs: bool = True):
+    def __init__(self, model: nn.Module, static: bool | None = None):
         self.model = model
-        self.graphs = graphs
+        self.static = static
         self.last_path = ""
+        self.graph_problem: str | None = None  # why the step is not recorded on CUDA (None: it is)
         self._steps: OrderedDict = OrderedDict()
         names = set(inspect.signature(model.forward).parameters)
         self._cache_name = "cache" if "cache" in names else "past_key_values"
@@ -109,20 +112,21 @@ class GreedyDecoder:
         return step
 
     @staticmethod
-    def _pick(logits: torch.Tensor, step: _Step) -> torch.Tensor:
+    def _pick(logits: torch.Tensor, done: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor,
+              suppress: torch.Tensor) -> torch.Tensor:
         """Greedy token (B,) as transformers picks it: suppressed ids at -inf, argmax (first of ties),
-        finished sequences emit the pad id; marks sequences that emitted an end-of-sequence id."""
+        finished sequences emit the pad id; marks (in `done`) sequences that emitted an end id."""
         logits = logits.float()
-        hit = (torch.arange(logits.shape[-1], device=logits.device)[:, None] == step.suppress[None, :]).any(-1)
+        hit = (torch.arange(logits.shape[-1], device=logits.device)[:, None] == suppress[None, :]).any(-1)
         token = logits.masked_fill(hit, float("-inf")).argmax(-1)
-        token = torch.where(step.done, step.pad, token)
-        step.done |= (token[:, None] == step.eos[None, :]).any(-1)
+        token = torch.where(done, pad, token)
+        done |= (token[:, None] == eos[None, :]).any(-1)
         return token
 
     def _advance(self, step: _Step) -> None:
         """One token: forward the current token, pick the next, and move every input one position on."""
         logits = self._forward(step.token, step.mask, step.position, step.cache, step.cache_position)
-        token = self._pick(logits, step)
+        token = self._pick(logits, step.done, step.eos, step.pad, step.suppress)
         step.out.index_copy_(1, step.index, token[:, None])
         step.index += 1
         step.token.copy_(token[:, None])
@@ -131,15 +135,36 @@ class GreedyDecoder:
         step.mask.index_fill_(3, step.cache_position, 0.0)
 
     def _run_step(self, step: _Step) -> None:
+        """One token: a graph replay once recorded; else eagerly. The first eager step on CUDA runs
+        with torch's sync debugging on: a forward that synchronizes with the host (data-dependent
+        shapes, e.g. a mixture of experts that gathers its tokens) cannot be recorded, and the
+        model then decodes eagerly (`graph_problem` says why). The third step is recorded."""
         if step.graph is not None:
             step.graph.replay()
             return
-        self._advance(step)
+        cuda = step.token.device.type == "cuda"
+        if cuda and step.eager_steps == 0 and self.graph_problem is None:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    self._advance(step)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = [w for w in seen if "synchroniz" in str(w.message)]
+            if syncs:
+                self.graph_problem = f"its forward synchronizes with the host ({str(syncs[0].message)[:80]})"
+        else:
+            self._advance(step)
         step.eager_steps += 1
-        if self.graphs and step.token.device.type == "cuda" and step.eager_steps >= 2:
+        if cuda and step.eager_steps >= 2 and self.graph_problem is None:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._advance(step)  # recorded, not run: the inputs keep their values
+            try:
+                with torch.cuda.graph(graph):
+                    self._advance(step)  # recorded, not run: the inputs keep their values
+            except RuntimeError as exc:  # nothing ran: decode on eagerly
+                self.graph_problem = f"recording failed ({str(exc).splitlines()[0][:80]})"
+                return
             step.graph = graph
             graph.replay()
 
@@ -150,19 +175,59 @@ class GreedyDecoder:
         T <= new_tokens: T is new_tokens unless every sequence emitted an `eos` id before (then the
         step where the last one did). `suppress`: ids never picked (transformers' min_new_tokens with
         min >= new_tokens). Finished sequences continue with `pad`."""
+        mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+        position = mask.cumsum(-1) - 1  # as transformers numbers positions: padding skipped
+        position.masked_fill_(mask == 0, 1)
+        if self.static or (self.static is None and input_ids.device.type == "cuda"):
+            out = self._decode_graphs(input_ids, mask, position, new_tokens, eos, pad, suppress)
+        else:
+            out = self._decode_eager(input_ids, mask, position, new_tokens, eos, pad, suppress)
+        if eos and not suppress:
+            ended = (out[:, :, None] == torch.tensor(eos, device=out.device)[None, None, :]).any(-1)
+            if bool(ended.any(-1).all()):  # every sequence ended: transformers stops at the last end
+                out = out[:, : int(ended.float().argmax(-1).max()) + 1]
+        return torch.cat([input_ids, out.to(input_ids.dtype)], dim=-1)
+
+    def _decode_eager(self, input_ids, mask, position, new_tokens, eos, pad, suppress) -> torch.Tensor:
+        """The CPU's loop (and CUDA's with `static` False): transformers' dynamic cache, no mask where
+        nothing is padded (a static cache's masked attention cost the CPU ~20% a token, SmolLM2)."""
+        from transformers import DynamicCache
+
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers 4.57
+            cache = DynamicCache()
+        device, (batch, prompt) = input_ids.device, input_ids.shape
+        ids = lambda values: torch.tensor(values or [-1], device=device, dtype=torch.long)  # noqa: E731
+        eos_t, pad_t, suppress_t = ids(eos), torch.tensor(pad, device=device), ids(suppress)
+        done = torch.zeros(batch, device=device, dtype=torch.bool)
+        full = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(batch, new_tokens)], dim=-1)
+        logits = self._forward(input_ids, mask, position, cache, torch.arange(prompt, device=device))
+        tokens = [self._pick(logits, done, eos_t, pad_t, suppress_t)]
+        position = mask.sum(-1, keepdim=True)
+        for made in range(1, new_tokens):
+            if eos and not suppress and bool(done.all()):
+                break
+            slot = prompt + made - 1
+            logits = self._forward(tokens[-1][:, None], None if full is None else full[:, : slot + 1], position,
+                                   cache, torch.tensor([slot], device=device))
+            tokens.append(self._pick(logits, done, eos_t, pad_t, suppress_t))
+            position = position + 1
+        self.last_path = "eager"
+        return torch.stack(tokens, dim=1)
+
+    def _decode_graphs(self, input_ids, mask, position, new_tokens, eos, pad, suppress) -> torch.Tensor:
+        """CUDA: a static cache and the step replayed as one CUDA graph; the host syncs only to look
+        for the end every CHECK_EVERY tokens."""
         batch, prompt = input_ids.shape
         device = input_ids.device
         length = -(-(prompt + new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
         dtype = self.model.get_input_embeddings()(input_ids[:1, :1]).dtype
         step = self._state(batch, length, device, dtype, eos, pad, suppress)
         step.cache.reset()
-        mask = attention_mask.to(device=device, dtype=torch.long)
-        position = mask.cumsum(-1) - 1
-        position.masked_fill_(mask == 0, 1)
-        logits = self._forward(input_ids, mask, position, step.cache,
-                               torch.arange(prompt, device=device))
+        logits = self._forward(input_ids, mask, position, step.cache, torch.arange(prompt, device=device))
         step.done.zero_()
-        first = self._pick(logits, step)
+        first = self._pick(logits, step.done, step.eos, step.pad, step.suppress)
         step.out[:, 0] = first
         step.index.fill_(1)
         step.token.copy_(first[:, None])
@@ -173,17 +238,10 @@ class GreedyDecoder:
         step.mask[:, 0, 0, :prompt] = torch.where(mask.bool(), 0.0, minimum)
         step.mask[:, 0, 0, prompt] = 0.0
         made = 1
-        stop_early = eos and not suppress
         while made < new_tokens:
-            if stop_early and made % CHECK_EVERY == 0 and bool(step.done.all()):
+            if eos and not suppress and made % CHECK_EVERY == 0 and bool(step.done.all()):
                 break
             self._run_step(step)
             made += 1
-        self.last_path = "cuda graph" if step.graph is not None else "eager"
-        out = step.out[:, :made]
-        if stop_early:
-            hit = (out[:, :, None] == step.eos[None, None, :]).any(-1)
-            if bool(hit.any(-1).all()):  # every sequence ended: transformers stops at the last end
-                made = int(hit.float().argmax(-1).max()) + 1
-                out = out[:, :made]
-        return torch.cat([input_ids, out.to(input_ids.dtype)], dim=-1)
+        self.last_path = "cuda graph" if step.graph is not None else "static, eager"
+        return step.out[:, :made].clone()
