@@ -67,8 +67,10 @@ class GreedyDecoder:
         self.last_path = ""
         self.graph_problem: str | None = None  # why the step is not recorded on CUDA (None: it is)
         self._steps: OrderedDict = OrderedDict()
+        from ..layers.latent_kv import cache_keyword
+
         names = set(inspect.signature(model.forward).parameters)
-        self._cache_name = "cache" if "cache" in names else "past_key_values"
+        self._cache_name = cache_keyword(model)
         self._has_cache_position = "cache_position" in names
         self._has_logits_to_keep = "logits_to_keep" in names
 
