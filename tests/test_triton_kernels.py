@@ -27,6 +27,12 @@ def interpreted():
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}  # keep the caller's packages
     done = subprocess.run([sys.executable, str(HERE / "triton_interpret_cases.py")], env=env,
                           capture_output=True, text=True, timeout=600)
+    old = tuple(int(part) for part in tq.triton.__version__.split(".")[:2]) < (3, 9)
+    if done.returncode and old and "only 0-dimensional arrays can be converted" in done.stderr:
+        # Triton 3.6's interpreter (torch 2.11's CUDA wheels) turns a runtime loop bound into a
+        # 1-element array, which NumPy 2 refuses as an index; 3.9 runs these cases. The CUDA tests
+        # below check the compiled kernels on the GPU.
+        pytest.skip(f"Triton {tq.triton.__version__}'s interpreter cannot run a runtime loop bound under NumPy 2")
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     return {r["case"]: r for r in records}

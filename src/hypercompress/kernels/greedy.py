@@ -153,7 +153,9 @@ class GreedyDecoder:
                     self._advance(step)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            syncs = [w for w in seen if "synchroniz" in str(w.message)]
+            # torch's words for an op that synced ("called a synchronizing CUDA operation"), not its
+            # notice that the debug mode is a prototype (also "synchroniz...", once per process)
+            syncs = [w for w in seen if "called a synchronizing" in str(w.message)]
             if syncs:
                 self.graph_problem = f"its forward synchronizes with the host ({str(syncs[0].message)[:80]})"
         else:
