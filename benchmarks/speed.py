@@ -21,6 +21,7 @@ of the same shape (the first compiles or records).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -275,6 +276,7 @@ def llama7b_rows(device, dtype, layers: int, batches, kinds=("dense", "w4", "w2"
                          "decode": decode, "first_generate_s": round(warm, 1)})
             print(json.dumps(rows[-1]), flush=True)
         del model
+        gc.collect()  # `generate` holds the model: a cycle, freed by the collector
     return rows
 
 
@@ -312,6 +314,7 @@ def smollm2_rows(device, dtype, gguf: str | None, out_dir: Path, test_text: str 
                      "ppl16": quality, "decode": decode, "first_generate_s": round(warm, 1)})
         print(json.dumps(rows[-1]), flush=True)
     del original
+    gc.collect()
     for label, stage in [("rtn w4 g64", {"bits": 4, "group_size": 64}),
                          ("rtn w4 g32 float zero (Q4_1 grid)", {"bits": 4, "group_size": 32, "zero_point": "float"})]:
         student = load_model(source, dtype=torch.float32).model

@@ -169,3 +169,15 @@ def test_load_serves_generate_through_the_loop(model_dirs, tmp_path):
     assert torch.equal(ours, _hf(model, ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0))
     del model.generate  # the documented opt-out: transformers' generate again
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0), ours)
+
+
+def test_a_deep_copy_decodes_with_its_own_loop():
+    import copy
+
+    model, _ = _served("llama")
+    ids, mask = _prompts()
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0)
+    twin = copy.deepcopy(model)
+    assert twin.hypercompress_greedy.model is twin and not twin.hypercompress_greedy._steps
+    assert torch.equal(twin.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0), first)
+    assert twin.hypercompress_greedy.last_path == "eager"

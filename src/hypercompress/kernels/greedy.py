@@ -74,6 +74,11 @@ class GreedyDecoder:
         self._has_cache_position = "cache_position" in names
         self._has_logits_to_keep = "logits_to_keep" in names
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles keep the settings, not the recorded steps (graphs and caches of this
+        process's GPU memory): a copy records its own."""
+        return {**self.__dict__, "_steps": OrderedDict(), "last_path": "", "graph_problem": None}
+
     def _forward(self, ids, mask, position, cache, cache_position) -> torch.Tensor:
         """Logits (B, vocab) of the last position."""
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position, self._cache_name: cache,
