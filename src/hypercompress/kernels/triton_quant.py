@@ -14,7 +14,7 @@ weight on the GPU:
 Each program walks its K range in (BLOCK_N, BLOCK_K) tiles (BLOCK_K divides the group, so a tile
 has one scale per row). It loads the tile's stored bytes contiguously (widths dividing 8) or as units
 of 8 codes (BITS bytes: 3, 5, 6, 7 bits), then either (INTERLEAVE; the tuned choice for 2 and 4
-bits on the H100, not yet timed for units) interleaves each byte's or unit's codes back into column
+bits on the H100, and for 3-bit units too) interleaves each byte's or unit's codes back into column
 order with `tl.interleave`, so x is read contiguously, or takes the codes position by position: position j of every byte holds
 columns k0 + PER i + j (PER codes per byte or unit), so x is read at those columns. Codes are
 dequantized with one FMA in float32 (exact: q s - z s with s from float16, rounded once to the
@@ -32,7 +32,8 @@ reused by every layer of the device and dtype, then runs the dense GEMM.
 Configs: `triton_configs.json` beside this file (written by `benchmarks/kernel_tune.py merge` from a
 tuning run on a GPU; the H100 so far) holds per GPU family the best tile shapes per width, token
 bucket and layer size, the crossover, and `prefer`: whether ours beat the path it replaces, summed
-over 1, 4 and 16 tokens, in a run that also checked their output on that GPU (none yet).
+over 1, 4 and 16 tokens, in a run that also checked their output on that GPU (the H100: w4 and w2
+on 7B-sized layers).
 `QuantLinear.build_fast` takes these kernels only where `prefer` says so (`triton_preferred`);
 elsewhere tinygemm (kernels/int4.py) or the dense weight serves as before.
 Untuned shapes take the heuristic in `config_for`. Requires Triton (it comes with torch's CUDA wheels).
