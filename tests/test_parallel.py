@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+import hypercompress
 from hypercompress.storage import artifact
 
 from test_cli import run
@@ -70,3 +72,80 @@ def test_qat_under_two_processes_writes_the_one_process_artifact(model_dirs, cal
             assert torch.allclose(ddp[key].float(), one[key].float(), atol=1e-3), key
     model, _ = artifact.load(tmp_path / "ddp")
     assert torch.isfinite(model(torch.randint(1, 121, (1, 16))).logits).all()
+
+
+GPTQ = "- method: gptq\n  bits: 4\n  group_size: 32\n"
+# under torchrun: process 0 (the one that writes) SIGKILLs itself at its K-th checkpoint file rename;
+# the launcher then stops the other process
+KILL_AT_RENAME = """
+import os, signal, sys
+from hypercompress.storage import atomic
+from hypercompress.cli import app
+k, calls, real_replace = int(sys.argv[1]), [], os.replace
+def replace(src, dst):
+    if ".tmp-" in str(src):
+        calls.append(dst)
+        if len(calls) == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+atomic.os.replace = replace
+app(sys.argv[2:], prog_name="hypercompress")
+"""
+
+
+def _gptq_args(model_dirs, calib_file, tmp_path, out):
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(GPTQ)
+    return ["compress", str(model_dirs["llama"]), "--recipe", str(recipe), "--calib", str(calib_file),
+            "--calib-samples", "6", "--calib-len", "32", "--calib-batch", "1", "--out", str(out)]
+
+
+def _launch(arguments, env=None, script=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    target = [script] if script else ["-m", "hypercompress"]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *target, *arguments], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _close(a: dict, b: dict) -> None:
+    """The same artifact up to the order of the float64 additions of the processes' Hessians: codes
+    equal but for rounding ties, scales to float16 rounding."""
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].dtype in (torch.uint8, torch.int8, torch.int32):
+            assert (a[key] != b[key]).float().mean() < 1e-2, key
+        else:
+            assert torch.allclose(a[key].float(), b[key].float(), atol=1e-3), key
+
+
+def test_gptq_splits_its_calibration_batches_between_two_processes(model_dirs, calib_file, tmp_path):
+    """Each process observes half of the batches; the Hessian sums are added before every solve, so
+    both compress alike and process 0 writes the one-process artifact."""
+    launched = _launch([*_gptq_args(model_dirs, calib_file, tmp_path, tmp_path / "two"),
+                        "--json", str(tmp_path / "two.json")])
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    single = run(*_gptq_args(model_dirs, calib_file, tmp_path, tmp_path / "one"), "--json", tmp_path / "one.json")
+    assert single.exit_code == 0, single.output
+    two, one = (load_file(str(tmp_path / d / artifact.WEIGHTS)) for d in ("two", "one"))
+    _close(two, one)
+    rows = {name: json.loads((tmp_path / f"{name}.json").read_text())["stages"][0] for name in ("two", "one")}
+    assert rows["two"]["calibration_processes"] == 2 and "calibration_processes" not in rows["one"]
+
+
+def test_a_two_process_gptq_run_killed_mid_way_resumes_on_one_process(model_dirs, calib_file, tmp_path):
+    """The checkpoint holds every calibration batch (gathered to process 0), so a run killed under
+    torchrun resumes with another number of processes and writes the same artifact."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILL_AT_RENAME)
+    out = tmp_path / "art"
+    source = str(Path(hypercompress.__file__).parents[1])
+    killed = _launch(["6", *_gptq_args(model_dirs, calib_file, tmp_path, out)], script=str(script),
+                     env={"PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])})
+    assert killed.returncode != 0 and not out.exists()
+    state = json.loads((tmp_path / "art.checkpoint" / "state.json").read_text())
+    assert 0 <= state["block"] < 1  # killed after block 0 of the 2, before the end
+    resumed = run(*_gptq_args(model_dirs, calib_file, tmp_path, out), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    reference = run(*_gptq_args(model_dirs, calib_file, tmp_path, tmp_path / "one"))
+    assert reference.exit_code == 0, reference.output
+    _close(*(load_file(str(p / artifact.WEIGHTS)) for p in (out, tmp_path / "one")))

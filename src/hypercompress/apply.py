@@ -124,7 +124,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = 
         methods = [get_method(s.method).method_cls(s.config) for s in stages]
         label = pass_label(stages)
         routes = _routes(model, group, stages, methods, resumed=restored is not None and first == restored[0])
-        start, block_seconds, expert_tokens = time.perf_counter(), None, None
+        start, block_seconds, expert_tokens, processes = time.perf_counter(), None, None, 1
         if progress and not isinstance(methods[0], WholeModelMethod):  # (_whole_model says it itself)
             progress(first, label, 0, 1, "starting")  # the pass's time starts now, not at its first module
         if isinstance(methods[0], WholeModelMethod):
@@ -146,6 +146,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = 
                 progress=(lambda done, total: progress(first, label, done, total, "")) if progress else None)
             peak, block_seconds = run["peak_memory_bytes"], run["block_seconds"]
             expert_tokens = run.get("expert_tokens")
+            processes = run["processes"]
         else:
             methods[0].run_device = str(device)
             made = methods[0].compress_many(list(routes), lambda name: uncompressed(model, name, first))
@@ -158,6 +159,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None = 
                "seconds": round(time.perf_counter() - start, 3), "peak_memory_bytes": peak,
                **({"block_seconds": block_seconds} if block_seconds is not None else {}),
                **({"expert_tokens": expert_tokens} if expert_tokens is not None else {}),
+               **({"calibration_processes": processes} if processes > 1 else {}),
                **_training_report(methods[0]),
                "storage_bits": storage_bits(model), "weights": effective_weights(model),
                **(after_stage(model) if after_stage else {})}
@@ -253,6 +255,12 @@ class StageRouter(LayerwiseMethod):
 
     def observed_bytes(self, name: str, layer: nn.Module) -> int:
         return self.routes[name].observed_bytes(name, layer)
+
+    def statistics(self) -> list[dict] | None:
+        """Every routed method's accumulators, or None when one of them cannot add sums."""
+        methods = list({id(m): m for m in self.routes.values()}.values())
+        tables = [m.statistics() for m in methods]
+        return None if any(t is None for t in tables) else [table for t in tables for table in t]
 
     def compress(self, name: str, layer: nn.Module):
         return self.routes[name].compress(name, layer)

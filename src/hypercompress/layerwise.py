@@ -7,7 +7,9 @@ sliding window; rotary embeddings); then for each block: run it with hooks feedi
 inputs, so that quantization errors propagate as they will at inference. Only the block being
 processed sits on the compute device; the rest of the model stays on CPU. After each block a
 checkpoint (compressed tensors + next-block inputs, safetensors only) lets `resume` continue a
-killed run to the byte-identical result.
+killed run to the byte-identical result. Under a launcher (torchrun; parallel.py) the processes
+split the calibration batches (`data_parallel`) and add their statistics before each compression;
+a checkpoint holds every batch, so a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import parallel
 from .arch import arch_of
 from .storage.checkpoint import Checkpoint, unreadable
 from .errors import UserError
@@ -50,6 +53,18 @@ def observed_groups(targets: dict[str, nn.Module], method: LayerwiseMethod) -> l
         groups[-1][name] = layer
         size += need
     return groups
+
+
+def data_parallel(model: nn.Module, method: LayerwiseMethod, batches: int) -> bool:
+    """Whether a launched run's processes split the calibration batches: each observes and
+    re-runs its share, the methods' sums (LayerwiseMethod.statistics) are added over the processes
+    before compressing, so every process compresses every layer alike (the one-process result up to
+    the order of float64 additions). Not for methods that cannot add sums, mixtures of experts
+    (the top-up of rarely routed experts counts each process's own tokens) or fewer batches than
+    processes; those runs have every process observe every batch, as one process would."""
+    if parallel.world() < 2 or batches < parallel.world() or method.statistics() is None:
+        return False
+    return not any(isinstance(m, ExpertLinears) for m in model.modules())
 
 
 def peak_memory_bytes(device: str) -> int:
@@ -88,6 +103,10 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
         _check_resumed(checkpoint, resume_from, hiddens, len(blocks))
         first, hiddens = resume_from[0] + 1, resume_from[1]
     calls = calls.to(device)  # each block's own arguments (the mask of its layer type)
+    count = len(hiddens)
+    split = data_parallel(model, method, count)
+    mine = parallel.shares(count) if split else list(range(count))
+    hiddens = {batch: hiddens[batch] for batch in mine}  # this process's batches
     block_seconds = []
     expert_tokens: dict[str, list[tuple[int, int]]] = {}
     for index in range(first, len(blocks)):
@@ -104,24 +123,28 @@ def run_layerwise(model: nn.Module, method: LayerwiseMethod, names: list[str], s
                        and any(t.startswith(f"{prefix}{n}.") for t in group)}
             try:
                 with routed_calibration(experts) as counts:  # experts routed too few tokens get more
-                    for batch, hidden in enumerate(hiddens):
+                    for batch, hidden in hiddens.items():
                         calls.run(block, index, batch, hidden.to(device))
                 expert_tokens.update(counts)
             finally:
                 for handle in handles:
                     handle.remove()
+            if split:  # the processes' sums over their batches: every process compresses alike
+                parallel.sum_statistics(method.statistics(), list(group))
             # the method may solve several at once (GPTQ: linears fed one input share one pass)
             for name, module in method.compress_many(list(group), lambda n: uncompressed(model, n, stage)):
                 replace_module(model, name, module.to(device))
-        hiddens = [calls.run(block, index, batch, h.to(device)).cpu() for batch, h in enumerate(hiddens)]
+        hiddens = {batch: calls.run(block, index, batch, h.to(device)).cpu() for batch, h in hiddens.items()}
         blocks[index].to("cpu")
-        if checkpoint is not None:
-            checkpoint.save(model, stage, index, hiddens)
+        if checkpoint is not None:  # all batches (process 0 writes): a resume may run on any number
+            checkpoint.save(model, stage, index, parallel.gather_batches(hiddens, count) if split
+                            else [hiddens[batch] for batch in range(count)])
         block_seconds.append(round(time.perf_counter() - tick, 3))
         if progress:
             progress(index + 1, len(blocks))
     report = {"seconds": time.perf_counter() - start, "peak_memory_bytes": peak_memory_bytes(device),
-              "blocks": len(blocks), "block_seconds": block_seconds}
+              "blocks": len(blocks), "block_seconds": block_seconds,
+              "processes": parallel.world() if split else 1}
     if expert_tokens:
         report["expert_tokens"] = routing_report(expert_tokens)
     return report

@@ -107,3 +107,45 @@ def total(values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values
+
+
+def _collective_device(like: torch.Tensor) -> torch.device:
+    """Where a collective's tensors must sit: the current GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def sum_statistics(statistics: list[dict], names: list[str]) -> None:
+    """Replace each process's calibration sums for `names` (LayerwiseMethod.statistics: tensors
+    and int counts; a table holds the names of its own method) by their sums over the processes,
+    in place. Every process must hold the same names (each observed at least one batch)."""
+    for table in statistics:
+        for name in sorted(n for n in names if n in table):
+            value = table[name]
+            if isinstance(value, torch.Tensor):
+                moved = value.to(_collective_device(value))
+                dist.all_reduce(moved)
+                table[name] = moved.to(value.device)
+            else:
+                count = torch.tensor([int(value)], dtype=torch.int64,
+                                     device=_collective_device(torch.empty(0)))
+                dist.all_reduce(count)
+                table[name] = int(count.item())
+
+
+def shares(count: int) -> list[int]:
+    """The batch indices (of `count`) this process takes: every world()-th from its rank."""
+    return list(range(rank(), count, world()))
+
+
+def gather_batches(mine: dict[int, torch.Tensor], count: int) -> list[torch.Tensor] | None:
+    """Process 0: all `count` batches, each from the process that holds it (`mine`: batch index ->
+    tensor on the CPU); the other processes: None."""
+    parts: list = [None] * world() if is_main() else None
+    dist.gather_object(mine, parts, dst=0)
+    if not is_main():
+        return None
+    merged = {index: tensor for part in parts for index, tensor in part.items()}
+    return [merged[index] for index in range(count)]

@@ -71,6 +71,9 @@ class ActivationAwareSVD(HessianMethod):
     def check_modules(self, modules: dict[str, nn.Module]) -> None:
         check_rank("asvd", self.config, modules)
 
+    def statistics(self) -> list[dict]:
+        return [*super().statistics(), self.abs_sum]
+
     def observe(self, name: str, x: torch.Tensor) -> None:
         super().observe(name, x)
         flat = x.reshape(-1, x.shape[-1]).double().abs()

@@ -51,6 +51,14 @@ class LayerwiseMethod(abc.ABC):
         layer-wise runner observes a block's linears in groups that fit a budget). Default 0."""
         return 0
 
+    def statistics(self) -> list[dict] | None:
+        """The accumulators `observe` fills: dicts {layer name: float64 tensor sum or int count},
+        sums over the calibration tokens (not means), so that a data-parallel layer-wise run
+        (layerwise.py under a launcher) can split the calibration batches between processes and
+        add the processes' sums before compressing. None (the default): the method cannot split
+        its batches, and every process observes all of them."""
+        return None
+
     @abc.abstractmethod
     def compress(self, name: str, layer: nn.Module) -> CompressedModule:
         """Return the compressed replacement of `layer` (an nn.Linear or GPT-2 Conv1D)."""

@@ -64,6 +64,10 @@ class HessianMethod(LayerwiseMethod):
         """The float64 (in, in) sum of X^T X."""
         return linear_weight_shape(layer)[1] ** 2 * 8
 
+    def statistics(self) -> list[dict]:
+        """sum X^T X (float64) and the token count per layer."""
+        return [self._sums, self._counts]
+
     def hessian(self, name: str) -> torch.Tensor:
         """(in, in) float64; frees the accumulator."""
         self._last = None

@@ -22,6 +22,10 @@ class Wanda(LayerwiseMethod):
         super().__init__(config)
         self.sq_norm: dict[str, torch.Tensor] = {}
 
+    def statistics(self) -> list[dict]:
+        """Sum of squared inputs per column (float64) per layer."""
+        return [self.sq_norm]
+
     def observe(self, name: str, x: torch.Tensor) -> None:
         sq = x.reshape(-1, x.shape[-1]).float().pow(2).sum(0).double()
         self.sq_norm[name] = self.sq_norm.get(name, 0) + sq
