@@ -205,6 +205,18 @@ def _qat_lr(data: dict) -> list[str]:
     return qat_lr_section(data)
 
 
+def _parallel_calibration(data: dict) -> list[str]:
+    """benchmarks/parallel_calibration.py: one process against several, the same command."""
+    lines = [f"## {data['title']}", "", f"- protocol: {data['protocol']}", f"- machine: {data['machine']}",
+             f"- command: `{data['script']}` -> `benchmarks/results/parallel_calibration.json`", "",
+             "| run | wall s | GPTQ stage s | processes that split the batches | notes | command |",
+             "|---|---|---|---|---|---|"]
+    for row in data["rows"]:
+        lines.append(f"| {row['label']} | {row['wall_seconds']:.1f} | {row['stage_seconds']:.1f} | "
+                     f"{row['calibration_processes']} | {row.get('notes', '')} | `{row['command']}` |")
+    return [*lines, ""]
+
+
 def _analysis(data: dict) -> list[str]:
     """The analyze headline (benchmarks/analyze_demo.py)."""
     lines = [f"## {data['title']}", "", f"- protocol: {data['protocol']}", f"- machine: {data['machine']}",
@@ -329,7 +341,7 @@ def _training_engine(data: dict) -> list[str]:
 
 SECTIONS = {"code_growth": _code_growth, "llamacpp_families": _llamacpp_families, "frontier_cli": _frontier_cli, "recovery_data": _recovery_data, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
-            "lm_eval_tasks": _lm_eval_tasks}
+            "lm_eval_tasks": _lm_eval_tasks, "parallel_calibration": _parallel_calibration}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
