@@ -16,6 +16,7 @@ import hypercompress
 from hypercompress.storage import artifact
 
 from test_cli import run
+from test_interrupted_writes import KILLER
 
 # KL only: the per-block matching normalizes by each process's share of the batch, so it is
 # equal to the single-process loss in expectation, not bit for bit
@@ -75,24 +76,6 @@ def test_qat_under_two_processes_writes_the_one_process_artifact(model_dirs, cal
 
 
 GPTQ = "- method: gptq\n  bits: 4\n  group_size: 32\n"
-# under torchrun: process 0 (the one that writes) SIGKILLs itself at its K-th checkpoint file rename;
-# the launcher then stops the other process
-KILL_AT_RENAME = """
-import os, signal, sys
-from hypercompress.storage import atomic
-from hypercompress.cli import app
-k, calls, real_replace = int(sys.argv[1]), [], os.replace
-def replace(src, dst):
-    if ".tmp-" in str(src):
-        calls.append(dst)
-        if len(calls) == k:
-            os.kill(os.getpid(), signal.SIGKILL)
-    real_replace(src, dst)
-atomic.os.replace = replace
-app(sys.argv[2:], prog_name="hypercompress")
-"""
-
-
 def _gptq_args(model_dirs, calib_file, tmp_path, out):
     recipe = tmp_path / "gptq.yaml"
     recipe.write_text(GPTQ)
@@ -136,10 +119,10 @@ def test_a_two_process_gptq_run_killed_mid_way_resumes_on_one_process(model_dirs
     """The checkpoint holds every calibration batch (gathered to process 0), so a run killed under
     torchrun resumes with another number of processes and writes the same artifact."""
     script = tmp_path / "killer.py"
-    script.write_text(KILL_AT_RENAME)
+    script.write_text(KILLER)  # under torchrun process 0 writes: it kills itself, the launcher stops the other
     out = tmp_path / "art"
     source = str(Path(hypercompress.__file__).parents[1])
-    killed = _launch(["6", *_gptq_args(model_dirs, calib_file, tmp_path, out)], script=str(script),
+    killed = _launch(["checkpoint", "6", *_gptq_args(model_dirs, calib_file, tmp_path, out)], script=str(script),
                      env={"PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])})
     assert killed.returncode != 0 and not out.exists()
     state = json.loads((tmp_path / "art.checkpoint" / "state.json").read_text())
