@@ -120,6 +120,8 @@ def test_bfloat16_and_repeated_calls():
     (dict(max_new_tokens=5, streamer=object()), "streamer given"),
     (dict(max_new_tokens=5, stopping_criteria=[]), "stopping_criteria given"),
     (dict(max_new_tokens=5, token_type_ids=torch.zeros(2, 9, dtype=torch.long)), "model inputs ['token_type_ids']"),
+    (dict(max_new_tokens=3.0), "max_new_tokens=3.0"),
+    (dict(max_new_tokens=5, attention_mask=torch.tensor([[1] * 7 + [0] * 2] * 2)), "right-padded attention_mask"),
 ])
 def test_other_calls_are_left_to_transformers(kwargs, reason):
     model, _ = _served("llama")
@@ -181,3 +183,12 @@ def test_a_deep_copy_decodes_with_its_own_loop():
     assert twin.hypercompress_greedy.model is twin and not twin.hypercompress_greedy._steps
     assert torch.equal(twin.generate(ids, attention_mask=mask, max_new_tokens=8, pad_token_id=0), first)
     assert twin.hypercompress_greedy.last_path == "eager"
+
+
+def test_an_int32_prompt_comes_back_as_int64_as_from_transformers():
+    model, _ = _served("llama")
+    ids = _prompts(1)[0].int()
+    ours = model.generate(ids, max_new_tokens=4)
+    assert model.hypercompress_greedy.last_path == "eager"
+    reference = _hf(model, ids, max_new_tokens=4)
+    assert ours.dtype == reference.dtype == torch.int64 and torch.equal(ours, reference)

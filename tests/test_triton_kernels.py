@@ -264,7 +264,7 @@ def test_cuda_graph_greedy_equals_transformers_in_float32(arch):
 
 def test_static_decode_is_set_on_cuda_only(model_dirs, tmp_path):
     """On the CPU `load` leaves transformers' generate dynamic (compiling did not pay there); greedy
-    calls go through our loop, eagerly."""
+    calls go through our loop, eagerly over a dynamic cache."""
     from hypercompress.kernels.decode import use_static_decode
     from hypercompress.storage import artifact
 
@@ -272,7 +272,7 @@ def test_static_decode_is_set_on_cuda_only(model_dirs, tmp_path):
     model, _ = artifact.load(path)
     assert use_static_decode(model) is None
     assert model.generation_config.cache_implementation is None
-    assert model.hypercompress_decode.startswith("greedy: our loop over a static KV cache (kernels")
+    assert model.hypercompress_decode.startswith("greedy: our loop over transformers' dynamic KV cache, eager")
 
 
 def test_lm_eval_generation_decodes_with_the_dynamic_cache_then_the_setting_returns(model_dirs, tmp_path):

@@ -69,7 +69,7 @@ def dynamic_decode(model: nn.Module):
 
 
 GREEDY_GRAPH = "greedy: our loop over a static KV cache, each step one CUDA graph replay (kernels/greedy.py)"
-GREEDY_EAGER = "greedy: our loop over a static KV cache (kernels/greedy.py)"
+GREEDY_EAGER = "greedy: our loop over transformers' dynamic KV cache, eager (kernels/greedy.py)"
 # generate's arguments that are no generation setting; any of them given sends the call to transformers
 _HF_ONLY = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus", "assistant_model",
             "streamer", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate", "tokenizer",
@@ -139,17 +139,22 @@ def plain_greedy(model: nn.Module, args: tuple, kwargs: dict) -> dict | str:
         if getattr(config, "stop_strings", None) is not None or getattr(config, "max_time", None) is not None:
             return "stop_strings or max_time"
         new = config.max_new_tokens
-        if new is None or new < 1:
-            return "no max_new_tokens"
+        if type(new) is not int or new < 1:  # None, a float, a bool, ...: as transformers makes of it
+            return "no max_new_tokens" if new is None else f"max_new_tokens={new!r}"
         batch, prompt = inputs.shape
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != inputs.shape):
             return "attention_mask is not (batch, length)"
-        model._prepare_special_tokens(config, mask is not None, device=inputs.device)
+        try:  # transformers 5.2x: the batch size decides whether a missing mask is warned about
+            model._prepare_special_tokens(config, mask is not None, device=inputs.device, batch_size=batch)
+        except TypeError:
+            model._prepare_special_tokens(config, mask is not None, device=inputs.device)
         eos = [] if config._eos_token_tensor is None else [int(t) for t in config._eos_token_tensor.flatten()]
         pad = None if config._pad_token_tensor is None else int(config._pad_token_tensor)
         if mask is None:  # as transformers infers it: padding where the pad id (not an end id) appears
             mask = inputs.ne(pad) if pad is not None and pad not in eos and bool((inputs == pad).any()) \
                 else torch.ones_like(inputs)
+        if not bool(mask[:, -1].all()):  # right padding: transformers versions number what follows differently
+            return "right-padded attention_mask"
         config.max_length = prompt + new  # as transformers' _prepare_generated_length sets them
         if config.min_new_tokens is not None:
             config.min_length = prompt + config.min_new_tokens

@@ -195,7 +195,7 @@ class GreedyDecoder:
             ended = (out[:, :, None] == torch.tensor(eos, device=out.device)[None, None, :]).any(-1)
             if bool(ended.any(-1).all()):  # every sequence ended: transformers stops at the last end
                 out = out[:, : int(ended.float().argmax(-1).max()) + 1]
-        return torch.cat([input_ids, out.to(input_ids.dtype)], dim=-1)
+        return torch.cat([input_ids, out], dim=-1)  # int64, as transformers returns (an int32 prompt promoted)
 
     def _decode_eager(self, input_ids, mask, position, new_tokens, eos, pad, suppress) -> torch.Tensor:
         """The CPU's loop (and CUDA's with `static` False): transformers' dynamic cache, no mask where
