@@ -109,7 +109,7 @@ def total(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _collective_device(like: torch.Tensor) -> torch.device:
+def _collective_device() -> torch.device:
     """Where a collective's tensors must sit: the current GPU under NCCL, the CPU under gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -125,12 +125,12 @@ def sum_statistics(statistics: list[dict], names: list[str]) -> None:
         for name in sorted(n for n in names if n in table):
             value = table[name]
             if isinstance(value, torch.Tensor):
-                moved = value.to(_collective_device(value))
+                moved = value.to(_collective_device())
                 dist.all_reduce(moved)
                 table[name] = moved.to(value.device)
             else:
                 count = torch.tensor([int(value)], dtype=torch.int64,
-                                     device=_collective_device(torch.empty(0)))
+                                     device=_collective_device())
                 dist.all_reduce(count)
                 table[name] = int(count.item())
 

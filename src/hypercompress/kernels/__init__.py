@@ -16,8 +16,8 @@ that device has (`CompressedModule.prepare_fast`), and returns which backend eac
 | tied head over a quantized embedding | as quant | as quant |
 | generated (hypernet), kan | dense: generated once at load, cast once | same |
 
-`load` and `prepare` also route plain greedy `generate` calls through our loop (greedy.py: a static KV cache,
-on CUDA each step one CUDA graph replay) and the rest, on CUDA, through transformers' compiled static step (decode.py).
+`load` and `prepare` also route plain greedy `generate` calls through our loop (greedy.py: on CUDA a static KV
+cache and each step one CUDA graph replay) and the rest, on CUDA, through transformers' compiled static step (decode.py).
 
 Codes convert exactly: ours compute (q - z) s in float32 rounded once; tinygemm computes W = (q - 8) s + z_t per group, so our grids map as
 (q - z) s = (q - 8) s + (8 - z) s (int zero), (q - 2^(b-1)) s = (q - 8) s + (8 - 2^(b-1)) s

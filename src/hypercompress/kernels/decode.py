@@ -1,8 +1,9 @@
 """Decode that costs GPU time, not Python.
 
 Plain greedy `generate` calls (no sampling, beams, logits processors, streamers or extra outputs;
-`max_new_tokens` given) go to our own loop (greedy.py): a static KV cache and, on CUDA, the step
-recorded once as a CUDA graph and replayed, so a token costs its kernels and no host time. Its
+`max_new_tokens` given, no right padding) go to our own loop (greedy.py): on CUDA a static KV cache
+and the step recorded once as a CUDA graph and replayed, so a token costs its kernels and no host
+time; on the CPU one eager forward a token over the dynamic cache. Its
 outputs equal transformers' greedy search (tests). Every other call goes to transformers' `generate`:
 on CUDA with `cache_implementation = "static"`, so that transformers (>= 4.45) compiles its decode
 step (torch.compile "reduce-overhead", 20-45 s at the first call of each shape for SmolLM2 and an
