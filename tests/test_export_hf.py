@@ -166,6 +166,7 @@ def test_save_pretrained_of_a_compressed_model_refuses_and_says_how(artifacts, t
     save_pretrained / push_to_hub in one line instead of writing a plain config over compressed
     tensors (transformers would reload that as a random model); densified, it saves as usual."""
     import copy
+    import pickle
 
     from hypercompress.apply import apply_recipe
     from hypercompress.errors import UserError
@@ -177,7 +178,9 @@ def test_save_pretrained_of_a_compressed_model_refuses_and_says_how(artifacts, t
     loaded = transformers.AutoModelForCausalLM.from_pretrained(artifacts["llama"])
     compressed = make_model("llama")
     apply_recipe(compressed, Recipe.from_list([{"method": "rtn", "bits": 4, "group_size": 32}]))
-    for model in (loaded, compressed, copy.deepcopy(loaded)):
+    pickled = pickle.loads(pickle.dumps(loaded))  # torch.save of the whole model: its fast paths left out
+    assert torch.equal(pickled(tokens).logits, loaded(tokens).logits)
+    for model in (loaded, compressed, copy.deepcopy(loaded), pickled):
         for call in (model.save_pretrained, model.push_to_hub):
             with pytest.raises(UserError, match=r"would write a plain config over compressed tensors.*hypercompress"):
                 call(str(tmp_path / "plain"))

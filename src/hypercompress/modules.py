@@ -96,11 +96,11 @@ def guard_plain_saves(model: nn.Module) -> None:
     UserError naming the way that keeps it (SAVE_ADVICE) instead of writing a plain config over
     compressed tensors, which transformers reloads as a randomly initialised model. Once no
     compressed module is left (the hf export densifies first) they work as the class's own."""
-    import types
+    from functools import partial
 
     for method, guard in (("save_pretrained", _guarded_save_pretrained), ("push_to_hub", _guarded_push_to_hub)):
-        if hasattr(type(model), method):  # bound methods: a deepcopy or pickle of the model keeps its own
-            setattr(model, method, types.MethodType(guard, model))
+        if hasattr(type(model), method):  # partials of module functions: a deepcopy or pickle keeps its own
+            setattr(model, method, partial(guard, model))
 
 
 def _refuse_while_compressed(model: nn.Module, method: str) -> None:

@@ -72,6 +72,14 @@ class CompressedModule(StoredModule):
     _fast = None  # a kernels.paths.FastPath once `prepare_fast` built one
     own_path: ClassVar[str | None] = None  # set by kinds whose forward is already their fast path
 
+    def __getstate__(self) -> dict:
+        """A pickle (torch.save of the whole model) keeps the stored tensors, not the fast path
+        (torch's kernel handles do not pickle): the copy runs its reference forward until
+        `hypercompress.prepare` builds one again."""
+        state = super().__getstate__()
+        state.pop("_fast", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features): the prepared fast path when x can take it, else
         the reference (the dense weight in x's dtype, then one GEMM). Kinds with a cheaper reference
