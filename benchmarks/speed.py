@@ -12,8 +12,8 @@ overhead excluded), or wall time on the CPU; the median of 5 repeats. Bound: the
 must read (its weight operands) / the measured copy bandwidth (read + write bytes of a large
 device-to-device copy / its time). Models: a Llama-2-7B-shaped model (--llama-layers of its 32 layers, random
 weights) and SmolLM2-135M, `generate`, greedy, 128 new tokens after 16 prompt tokens, each model set
-up as `hypercompress.load` sets it up (greedy calls through our loop, kernels/greedy.py: a static KV
-cache, on CUDA one CUDA graph replay a step; the dense original too), and for comparison through
+up as `hypercompress.load` sets it up (greedy calls through our loop, kernels/greedy.py: on CUDA a
+static KV cache and one CUDA graph replay a step; the dense original too), and for comparison through
 transformers' own generate (on CUDA its static cache and compiled step), timed on the second generate
 of the same shape (the first compiles or records).
 """
