@@ -198,15 +198,14 @@ def use_fast_decode(model: nn.Module) -> str:
     also kept as `model.hypercompress_decode`."""
     from .greedy import GreedyDecoder
 
-    static = use_static_decode(model)
-    hf = f"other calls: transformers' generate, {static or 'dynamic cache, eager'}"
+    hf = f"transformers' generate, {use_static_decode(model) or 'dynamic cache, eager'}"
     reason = greedy_unsupported(model)
     if reason is not None:
-        description = f"transformers' generate, {static or 'dynamic cache, eager'} (our loop: {reason})"
+        description = f"{hf} (our loop: {reason})"
     else:
         model.hypercompress_greedy = GreedyDecoder(model)
         model.generate = partial(greedy_generate, model)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        description = f"{GREEDY_GRAPH if device.type == 'cuda' else GREEDY_EAGER}; {hf}"
+        description = f"{GREEDY_GRAPH if device.type == 'cuda' else GREEDY_EAGER}; other calls: {hf}"
     model.hypercompress_decode = description
     return description

@@ -36,6 +36,20 @@ CHECK_EVERY = 16  # tokens between end-of-sequence checks (host syncs)
 KEPT_STEPS = 2  # captured steps (with their caches) kept per model, least recently used dropped
 
 
+def _ids(values: list[int], device) -> torch.Tensor:
+    """(E,) int64 token ids; [-1] (matching no token) for none."""
+    return torch.tensor(values or [-1], device=device, dtype=torch.long)
+
+
+def _banned(ids: list[int], vocab: int, device) -> torch.Tensor | None:
+    """(vocab,) bool, True at `ids`; None for no ids."""
+    if not ids:
+        return None
+    banned = torch.zeros(vocab, dtype=torch.bool, device=device)
+    banned[[i for i in ids if 0 <= i < vocab]] = True
+    return banned
+
+
 @dataclass
 class _Step:
     """The tensors one decode step reads and advances in place (shapes for batch B, cache length L)."""
@@ -50,7 +64,7 @@ class _Step:
     index: torch.Tensor  # (1,) int64: the column the next token goes to
     eos: torch.Tensor  # (E,) int64 end-of-sequence ids (E >= 1; -1 where there are none)
     pad: torch.Tensor  # () int64: what finished sequences emit
-    suppress: torch.Tensor  # (E,) int64 ids whose logits are -inf (min_new_tokens), -1 for none
+    banned: torch.Tensor | None  # (vocab,) bool: ids never picked (min_new_tokens), set at the prefill; None: none
     graph: torch.cuda.CUDAGraph | None = None
     eager_steps: int = 0
 
@@ -107,7 +121,6 @@ class GreedyDecoder:
         if step is None:
             while len(self._steps) >= KEPT_STEPS:
                 self._steps.popitem(last=False)
-            ids = lambda values: torch.tensor(values or [-1], device=device, dtype=torch.long)  # noqa: E731
             step = _Step(cache=self._new_cache(batch, length, device, dtype),
                          token=torch.zeros(batch, 1, device=device, dtype=torch.long),
                          position=torch.zeros(batch, 1, device=device, dtype=torch.long),
@@ -116,18 +129,19 @@ class GreedyDecoder:
                          done=torch.zeros(batch, device=device, dtype=torch.bool),
                          out=torch.zeros(batch, length, device=device, dtype=torch.long),
                          index=torch.zeros(1, device=device, dtype=torch.long),
-                         eos=ids(eos), pad=torch.tensor(pad, device=device), suppress=ids(suppress))
+                         eos=_ids(eos, device), pad=torch.tensor(pad, device=device), banned=None)
         self._steps[key] = step
         return step
 
     @staticmethod
     def _pick(logits: torch.Tensor, done: torch.Tensor, eos: torch.Tensor, pad: torch.Tensor,
-              suppress: torch.Tensor) -> torch.Tensor:
-        """Greedy token (B,) as transformers picks it: suppressed ids at -inf, argmax (first of ties),
+              banned: torch.Tensor | None) -> torch.Tensor:
+        """Greedy token (B,) as transformers picks it: `banned` ids at -inf, argmax (first of ties),
         finished sequences emit the pad id; marks (in `done`) sequences that emitted an end id."""
         logits = logits.float()
-        hit = (torch.arange(logits.shape[-1], device=logits.device)[:, None] == suppress[None, :]).any(-1)
-        token = logits.masked_fill(hit, float("-inf")).argmax(-1)
+        if banned is not None:
+            logits = logits.masked_fill(banned, float("-inf"))
+        token = logits.argmax(-1)
         token = torch.where(done, pad, token)
         done |= (token[:, None] == eos[None, :]).any(-1)
         return token
@@ -135,7 +149,7 @@ class GreedyDecoder:
     def _advance(self, step: _Step) -> None:
         """One token: forward the current token, pick the next, and move every input one position on."""
         logits = self._forward(step.token, step.mask, step.position, step.cache, step.cache_position)
-        token = self._pick(logits, step.done, step.eos, step.pad, step.suppress)
+        token = self._pick(logits, step.done, step.eos, step.pad, step.banned)
         step.out.index_copy_(1, step.index, token[:, None])
         step.index += 1
         step.token.copy_(token[:, None])
@@ -209,12 +223,12 @@ class GreedyDecoder:
         except TypeError:  # transformers 4.57
             cache = DynamicCache()
         device, (batch, prompt) = input_ids.device, input_ids.shape
-        ids = lambda values: torch.tensor(values or [-1], device=device, dtype=torch.long)  # noqa: E731
-        eos_t, pad_t, suppress_t = ids(eos), torch.tensor(pad, device=device), ids(suppress)
+        eos_t, pad_t = _ids(eos, device), torch.tensor(pad, device=device)
         done = torch.zeros(batch, device=device, dtype=torch.bool)
         full = None if bool(mask.all()) else torch.cat([mask, mask.new_ones(batch, new_tokens)], dim=-1)
         logits = self._forward(input_ids, mask, position, cache, torch.arange(prompt, device=device))
-        tokens = [self._pick(logits, done, eos_t, pad_t, suppress_t)]
+        banned = _banned(suppress, logits.shape[-1], device)
+        tokens = [self._pick(logits, done, eos_t, pad_t, banned)]
         position = mask.sum(-1, keepdim=True)
         for made in range(1, new_tokens):
             if eos and not suppress and bool(done.all()):
@@ -222,7 +236,7 @@ class GreedyDecoder:
             slot = prompt + made - 1
             logits = self._forward(tokens[-1][:, None], None if full is None else full[:, : slot + 1], position,
                                    cache, torch.tensor([slot], device=device))
-            tokens.append(self._pick(logits, done, eos_t, pad_t, suppress_t))
+            tokens.append(self._pick(logits, done, eos_t, pad_t, banned))
             position = position + 1
         self.last_path = "eager"
         return torch.stack(tokens, dim=1)
@@ -238,7 +252,9 @@ class GreedyDecoder:
         step.cache.reset()
         logits = self._forward(input_ids, mask, position, step.cache, torch.arange(prompt, device=device))
         step.done.zero_()
-        first = self._pick(logits, step.done, step.eos, step.pad, step.suppress)
+        if step.banned is None and suppress:  # once per state: the recorded step reads this tensor
+            step.banned = _banned(suppress, logits.shape[-1], device)
+        first = self._pick(logits, step.done, step.eos, step.pad, step.banned)
         step.out[:, 0] = first
         step.index.fill_(1)
         step.token.copy_(first[:, None])
