@@ -318,10 +318,12 @@ def _routes(model: nn.Module, group: list[int], stages, methods, resumed: bool =
 def _fingerprint(model: nn.Module, recipe: Recipe, calib: torch.Tensor | None,
                  distill_teacher: nn.Module | None = None) -> str:
     """Identifies (model config, recipe, calibration tokens, another teacher's weights) so a
-    checkpoint resumes only its run."""
+    checkpoint resumes only its run. A stage's `sharding` is left out: it says how processes split
+    the work, not what they compute, so a run resumes sharded or replicated (training/checkpoint.py)."""
     digest = hashlib.sha256()
     digest.update(model.config.to_json_string(use_diff=False).encode())
-    digest.update(json.dumps(recipe.to_list(), sort_keys=True).encode())
+    stages = [{k: v for k, v in stage.items() if k != "sharding"} for stage in recipe.to_list()]
+    digest.update(json.dumps(stages, sort_keys=True).encode())
     if calib is not None:
         digest.update(calib.numpy().tobytes())
     if distill_teacher is not None:

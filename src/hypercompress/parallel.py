@@ -109,7 +109,18 @@ def total(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def _collective_device() -> torch.device:
+@torch.no_grad()
+def agree(flag: bool) -> bool:
+    """Process 0's `flag` in every process (a decision each would take at its own time, such as
+    a checkpoint every few minutes, that collectives inside it need all to take together)."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)], device=collective_device())
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def collective_device() -> torch.device:
     """Where a collective's tensors must sit: the current GPU under NCCL, the CPU under gloo."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -125,12 +136,12 @@ def sum_statistics(statistics: list[dict], names: list[str]) -> None:
         for name in sorted(n for n in names if n in table):
             value = table[name]
             if isinstance(value, torch.Tensor):
-                moved = value.to(_collective_device())
+                moved = value.to(collective_device())
                 dist.all_reduce(moved)
                 table[name] = moved.to(value.device)
             else:
                 count = torch.tensor([int(value)], dtype=torch.int64,
-                                     device=_collective_device())
+                                     device=collective_device())
                 dist.all_reduce(count)
                 table[name] = int(count.item())
 

@@ -117,6 +117,8 @@ def _print(summary: dict) -> None:
             console.print(f"{stage['method']} trained {run['steps']} steps: {run['tokens']:,} tokens seen at "
                           f"{run['tokens_per_second']:,.0f} tok/s in {run['seconds']:.0f} s"
                           + (" (stopped by --max-minutes)" if run.get("stopped_by_time") else "")
+                          + (f" on {run['processes']} processes, " + ("sharded (FSDP2)" if run.get("sharding") == "fsdp"
+                                                                       else "replicated") if run.get("processes", 1) > 1 else "")
                           + f"; corpus {stage['training'].get('corpus_windows', 0):,} windows written by "
                           f"{'the teacher' if summary.get('teacher') else 'the original'}, drawn at share "
                           f"{stage['training'].get('corpus_share', 0):g}")

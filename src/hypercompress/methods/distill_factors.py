@@ -71,6 +71,11 @@ class DistillConfig(TrainingConfig, MethodConfig):
         check(self.relora_every == 0 or self.lora_rank > 0, "relora_every needs lora_rank > 0")
         check(self.optimizer in ("adamw", "adafactor"), f"optimizer={self.optimizer!r}: adamw or adafactor")
         check(self.data in ("calib", "teacher"), f"data={self.data!r}: calib or teacher")
+        if self.sharding == "fsdp":  # the limits training/sharding.py states
+            check(self.optimizer == "adamw", "sharding=fsdp cannot shard this run: optimizer adafactor is not "
+                                             "sharded; use optimizer: adamw, or sharding: ddp")
+            check(self.relora_every == 0, "sharding=fsdp cannot shard this run: relora_every merges adapters "
+                                          "between steps; set relora_every=0, or sharding: ddp")
         self.check_engine(self.batch)
         check_tracking(self)
 
@@ -163,7 +168,7 @@ class Distill(WholeModelMethod):
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
                                    optimizer=c.optimizer, engine=c.engine(), match_blocks=not external)
         with Tracker.of("distill", c) as tracker:
-            distill(model, teacher, windows, params, lambda: None, settings, device,
+            distill(model, teacher, windows, params, None, settings, device,
                     saved, resume, progress,
                     after_step=self._relora(adapters, generator) if c.relora_every else None, tracker=tracker)
         model.to("cpu")

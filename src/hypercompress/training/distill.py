@@ -35,6 +35,7 @@ from ..layers.base import CompressedModule
 from ..modules import head_logits
 from ..tracking import Tracker, learning_rates
 from .corpus import mixed_picks
+from . import checkpoint, sharding
 from .engine import Clock, Engine, compile_blocks, cosine, frozen_teacher, uncompile_blocks
 from .kl import chunked_kl, kl_to_teacher
 
@@ -123,13 +124,15 @@ def _kl_sum(student, teacher, student_out, teacher_out, dtype) -> torch.Tensor:
 
 
 def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, params: dict[str, nn.Parameter],
-            refresh: Callable[[], None], settings: DistillSettings, device: str = "cpu",
+            refresh: Callable[[], None] | None, settings: DistillSettings, device: str = "cpu",
             checkpoint_dir: Path | None = None, resume: bool = False,
             progress: TrainProgress | None = None,
             after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
             lr_factor: Callable[[str], float] | None = None,
             tracker: Tracker | None = None, mix: tuple[int, float] | None = None) -> list[dict[str, float]]:
     """Train `params` (by name) so that `student` matches `teacher` on `windows` (N, T) token ids.
+    `refresh()`, when given, makes the student's weights from `params` before every forward (a
+    hypernetwork); without it `params` are the student modules' own parameters.
     `mix` = (n, share): the first n windows are calibration text, the rest teacher-written, and each
     window of a step is a written one with probability `share` (corpus.mixed_picks); else all
     windows are drawn alike.
@@ -139,35 +142,38 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
     to `tracker` when given. The run's length: settings.steps, or settings.engine's token budget,
     cut short by its time budget (engine.py). `after_step(step, optimizer)` runs after every update
     (ReLoRA merges); `lr_factor(name)` scales the learning rate of one trained tensor (default 1).
+    Under a launcher the run is sharded (FSDP2, sharding.py) or replicated as settings.engine's
+    `sharding` decides; either way `params` hold the trained values when it returns.
     """
     engine = settings.engine
     engine.validate(settings.batch)
     length = windows.shape[1]
     steps = engine.steps(settings.steps, settings.batch * length)
-    factors: dict[float, list[nn.Parameter]] = {}
-    for name, param in params.items():
-        factors.setdefault(lr_factor(name) if lr_factor else 1.0, []).append(param)
-    groups = [{"params": group, "lr": settings.lr * factor, "base_lr": settings.lr * factor}
-              for factor, group in factors.items()]
-    if settings.optimizer == "adafactor":
-        optimizer = torch.optim.Adafactor(groups, lr=settings.lr, weight_decay=0.0)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0,
-                                      fused=str(device).startswith("cuda"))
     processes, rank = parallel.world(), parallel.rank()
     micro = engine.micro_batch or max(settings.batch // processes, 1)  # the same micro_batch: the same steps
     if settings.batch % micro or (settings.batch // micro) % processes:  # on one process and on several
         raise UserError(f"batch {settings.batch} in micro-batches of {micro} does not split over {processes} "
                         f"processes; use a batch of a multiple of {micro * processes}")
+    sharded = sharding.decide(engine, student, teacher, params, device=device, optimizer=settings.optimizer,
+                              generated=refresh is not None, after_step=after_step is not None)
+    dtype = engine.dtype(device)
+    if str(device).startswith("cuda"):  # the peak the run reports is this loop's (sharded setup included)
+        torch.cuda.reset_peak_memory_stats(device)
+    if sharded:
+        shards = sharding.ShardedPair(DistillPair(student, teacher, settings, dtype, engine, device), params,
+                                      engine, device)
+        pair, trained = shards.module, shards.params
+    else:
+        pair, trained = DistillPair(student, frozen_teacher(teacher, engine, device), settings, dtype, engine,
+                                    device), params
+    optimizer = _optimizer(trained, settings, lr_factor, fused=str(device).startswith("cuda") and not sharded)
     start, seconds_before = 0, 0.0
     if checkpoint_dir is not None and resume:
-        start, seconds_before = _restore(checkpoint_dir, params, optimizer)
+        start, seconds_before = checkpoint.restore(checkpoint_dir, trained, optimizer)
     history: list[dict[str, float]] = []
-    dtype = engine.dtype(device)
-    frozen = frozen_teacher(teacher, engine, device)
-    compile_blocks(student, engine, device)
-    if frozen is not teacher:
-        compile_blocks(frozen, engine, device)
+    compile_blocks(pair.student, engine, device)
+    if pair.teacher is not teacher:
+        compile_blocks(pair.teacher, engine, device)
     clock = Clock(steps, engine.max_minutes, start)
     seen = start * settings.batch * length
     saved = time.perf_counter()
@@ -184,14 +190,17 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             optimizer.zero_grad(set_to_none=True)
             sums = torch.zeros(4, device=device)
             for chunk in list(picks.split(micro))[rank::processes]:  # this process's micro-batches
-                sums += _accumulate(student, frozen, windows[chunk].to(device), refresh, settings, dtype, engine,
-                                    device)
+                if refresh is not None:
+                    refresh()
+                loss_sums = pair(windows[chunk].to(device))
+                (loss_sums[0] / settings.batch).backward()  # the micro-batches' gradients add up to the step's
+                sums += loss_sums.detach()
             losses = (parallel.total(sums) / settings.batch).tolist()  # means over the step's windows
             if not math.isfinite(losses[0]):  # every process sees the same value, so all stop together
                 raise UserError(f"distillation diverged at step {step} (loss {losses[0]}); lower lr")
-            if processes > 1:
-                parallel.sum_gradients(params.values())
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            if processes > 1 and not sharded:  # FSDP reduce-scatters the sums itself in the backward
+                parallel.sum_gradients(trained.values())
+            torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
             optimizer.step()
             step += 1
             if after_step is not None:
@@ -212,20 +221,69 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
                                       f"{seen:,} tokens | {record['tokens_per_second']:,.0f} tok/s")
             due = (step % settings.checkpoint_every == 0 if settings.checkpoint_every
                    else time.perf_counter() - saved >= CHECKPOINT_SECONDS)
-            if checkpoint_dir is not None and due and parallel.is_main():
-                _save(checkpoint_dir, params, optimizer, step, seconds_before + clock.elapsed())
+            if sharded:  # every process writes its shard, so all must take process 0's decision
+                due = parallel.agree(due)
+            if checkpoint_dir is not None and due and (sharded or parallel.is_main()):
+                checkpoint.save(checkpoint_dir, trained, optimizer, step, seconds_before + clock.elapsed())
                 saved = time.perf_counter()
     finally:
         uncompile_blocks(student)
+    if sharded:
+        shards.gather()
     if history:
-        history[-1]["stopped_by_time"] = float(clock.shortened)
+        history[-1].update(stopped_by_time=float(clock.shortened), processes=float(processes), sharded=float(sharded))
+        if str(device).startswith("cuda"):  # this process's peak (the others' are alike)
+            history[-1]["peak_gpu_bytes"] = float(torch.cuda.max_memory_allocated(device))
     return history
+
+
+def _optimizer(params: dict[str, nn.Parameter], settings: DistillSettings, lr_factor, fused: bool):
+    """AdamW (fused on CUDA unless sharded: its DTensors take the foreach path) or Adafactor, one
+    parameter group per learning-rate factor."""
+    factors: dict[float, list[nn.Parameter]] = {}
+    for name, param in params.items():
+        factors.setdefault(lr_factor(name) if lr_factor else 1.0, []).append(param)
+    groups = [{"params": group, "lr": settings.lr * factor, "base_lr": settings.lr * factor}
+              for factor, group in factors.items()]
+    if settings.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=settings.lr, weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0, fused=fused)
+
+
+class DistillPair(nn.Module):
+    """The student and the frozen teacher as one module whose forward is a micro-batch's loss: the
+    sums over its windows of (loss, kl, local, stability), (4,) float32, the first differentiable.
+    One module, so that a sharded run (sharding.py) computes the loss inside its root unit's
+    forward, where the output matrices are whole."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, settings: DistillSettings, dtype: torch.dtype,
+                 engine: Engine, device: str):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.settings, self.dtype, self.engine, self.device = settings, dtype, engine, device
+
+    def with_models(self, student: nn.Module, teacher: nn.Module) -> "DistillPair":
+        return DistillPair(student, teacher, self.settings, self.dtype, self.engine, self.device)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.engine.autocast(self.device):
+            target = self.teacher.base_model(input_ids=batch, output_hidden_states=True, use_cache=False)
+        with self.engine.autocast(self.device):
+            out = self.student.base_model(input_ids=batch, output_hidden_states=True, use_cache=False)
+        kl = _kl_sum(self.student, self.teacher, out, target, self.dtype)
+        if self.settings.match_blocks:
+            local, stability = (loss.sum() for loss in window_block_losses(target.hidden_states, out.hidden_states))
+        else:  # KL alone (another teacher's blocks do not compare with the student's: training/teacher.py)
+            local = stability = torch.zeros((), device=kl.device)
+        loss = kl + self.settings.local_weight * local + self.settings.stability_weight * stability
+        return torch.stack([loss, kl, local, stability])
 
 
 def run_summary(history: list[dict[str, float]], steps_asked: int | None = None) -> dict[str, float]:
     """What a training run did, for the compress summary: steps, tokens seen, seconds, mean tokens/s
-    over the steps (the first, which compiles, left out when there are more), final loss and KL, and
-    whether the time budget stopped it."""
+    over the steps (the first, which compiles, left out when there are more), final loss and KL,
+    whether the time budget stopped it, the processes and how they split the work ("fsdp": sharded,
+    "ddp": replicated, "none": one process), and on CUDA this process's peak GPU memory."""
     if not history:
         return {"steps": 0, "tokens": 0}
     timed = history[1:] or history
@@ -234,91 +292,7 @@ def run_summary(history: list[dict[str, float]], steps_asked: int | None = None)
             "tokens": int(history[-1]["tokens"]), "seconds": round(sum(h["seconds"] for h in history), 2),
             "tokens_per_second": round(tokens / max(sum(h["seconds"] for h in timed), 1e-9), 1),
             "final_loss": round(history[-1]["loss"], 5), "final_kl": round(history[-1]["kl"], 5),
-            "stopped_by_time": bool(history[-1].get("stopped_by_time", 0.0))}
-
-
-def _accumulate(student, teacher, batch, refresh, settings: DistillSettings, dtype, engine, device) -> torch.Tensor:
-    """Forward and backward of one micro-batch (b, T); its loss is summed over its windows and divided
-    by the step's batch, so the micro-batches' gradients add up to the step's. Returns the detached
-    sums of (loss, kl, local, stability) over its windows."""
-    with torch.no_grad(), engine.autocast(device):
-        target = teacher.base_model(input_ids=batch, output_hidden_states=True, use_cache=False)
-    refresh()
-    with engine.autocast(device):
-        out = student.base_model(input_ids=batch, output_hidden_states=True, use_cache=False)
-    kl = _kl_sum(student, teacher, out, target, dtype)
-    if settings.match_blocks:
-        local, stability = (loss.sum() for loss in window_block_losses(target.hidden_states, out.hidden_states))
-    else:  # KL alone (another teacher's blocks do not compare with the student's: training/teacher.py)
-        local = stability = torch.zeros((), device=kl.device)
-    loss = kl + settings.local_weight * local + settings.stability_weight * stability
-    (loss / settings.batch).backward()
-    return torch.stack([loss, kl, local, stability]).detach()
-
-
-def _save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int,
-          seconds: float = 0.0) -> None:
-    """Trainable tensors and every tensor of the optimizer's state (AdamW moments, Adafactor's
-    factored ones), with the step in the header, as a new safetensors file; then state.json, naming
-    it with its size, sha256 and the training seconds so far, replaces the old one (one atomic rename: at every instant it
-    describes a complete file); then the older file is deleted."""
-    import secrets
-
-    from ..storage.reader import file_sha256
-    from ..storage.checkpoint import remove_stale, save_json, save_tensors
-
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{n}": p.detach().cpu() for n, p in params.items()}
-    for name, p in params.items():
-        for key, value in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value) and key != "step":
-                tensors[f"state.{key}.{name}"] = value.detach().cpu()
-    file = f"distill-{step}-{secrets.token_hex(4)}.safetensors"
-    save_tensors(directory / file, tensors, {"step": str(step)})
-    save_json(directory / STATE, {"file": file, "bytes": (directory / file).stat().st_size,
-                                  "sha256": file_sha256(directory / file), "step": step,
-                                  "seconds": round(float(seconds), 3)})
-    remove_stale(directory, "distill*.safetensors", file)
-
-
-STATE = "state.json"  # {"file", "bytes", "sha256", "step", "seconds"}: the checkpoint's tensors file, verified
-LEGACY = "distill.safetensors"  # what earlier versions wrote, with no digest: refused
-
-
-def _restore(directory: Path, params, optimizer) -> tuple[int, float]:
-    """(the step of the checkpoint in `directory`, its training seconds) ((0, 0) without one), its
-    tensors restored. Raises
-    UserError when the file cannot be read, does not hash to the recorded sha256 or does not fit
-    `params`."""
-    from ..storage.checkpoint import _is_index, check_sha256, read_json, read_tensors, tensor_index, unreadable, valid_file_name
-
-    if not (directory / STATE).exists():
-        if (directory / LEGACY).exists():  # an earlier version's checkpoint: no digest to verify
-            check_sha256(directory / LEGACY, directory, None)
-        return 0, 0.0  # none saved yet (a tensors file without a state.json is a killed save's orphan)
-    state = read_json(directory / STATE, directory)
-    file, size, step = state.get("file"), state.get("bytes"), state.get("step")
-    if not (valid_file_name(file) and _is_index(size) and _is_index(step)):
-        raise unreadable(directory, f"{STATE} lacks a valid file, bytes or step entry")
-    path = directory / file
-    index = tensor_index(path, directory, size)
-    for name, p in params.items():
-        if index.get(f"param.{name}") != (tuple(p.shape), p.dtype):
-            raise unreadable(directory, f"it does not hold the trained tensor '{name}' of this shape")
-    for key, (shape, _) in index.items():
-        kind, _, rest = key.partition(".")
-        name = rest.partition(".")[2] if kind == "state" else rest
-        if kind not in ("param", "state") or name not in params or (
-                isinstance(optimizer, torch.optim.AdamW) and shape != tuple(params[name].shape)):
-            raise unreadable(directory, f"it holds a tensor '{key}' this run does not train")
-    check_sha256(path, directory, state.get("sha256"))  # before any tensor is read
-    tensors = read_tensors(path, directory, sorted(index))
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"])
-            state = {k.split(".", 2)[1]: v.to(p.device) for k, v in tensors.items()
-                     if k.startswith("state.") and k.split(".", 2)[2] == name}
-            if state:
-                optimizer.state[p] = {"step": torch.tensor(float(step)), **state}
-    seconds = state.get("seconds", 0.0)
-    return step, float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
+            "stopped_by_time": bool(history[-1].get("stopped_by_time", 0.0)),
+            "processes": int(history[-1].get("processes", 1)),
+            "sharding": "fsdp" if history[-1].get("sharded") else "ddp" if history[-1].get("processes", 1) > 1 else "none",
+            **({"peak_gpu_bytes": int(history[-1]["peak_gpu_bytes"])} if "peak_gpu_bytes" in history[-1] else {})}

@@ -17,6 +17,10 @@ wall time of the training loop (qat's end-to-end phase; its corpus and Block-AP 
 its report): once the measured speed says the steps will not fit, the schedule is shortened to the
 steps that do (the cosine decay still ends at its floor) and training stops there. A run whose
 token budget fits its time budget is deterministic; one stopped by time says so in its history.
+Sharding (under a launcher, parallel.py): "ddp" keeps a whole student and teacher in every process
+and sums the gradients; "fsdp" shards the trained tensors, their gradients and AdamW's moments and
+the teacher over the processes (training/sharding.py); "auto" shards on CUDA when the replicated
+state would not fit in SHARD_ABOVE of a GPU's memory.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch import nn
 from ..errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+SHARDINGS = ("auto", "fsdp", "ddp")
 WARMUP_STEPS = 5  # steps (compilation included) before the time budget's speed estimate is trusted
 
 
@@ -43,6 +48,7 @@ class Engine:
     micro_batch: int = 0          # windows per forward / backward; 0: the whole step's batch
     train_tokens: int = 0         # 0: the caller's step count
     max_minutes: float = 0.0      # 0: no time limit
+    sharding: str = "auto"        # under a launcher: "fsdp", "ddp", or "auto" (fsdp when ddp would not fit)
 
     def validate(self, batch: int) -> None:
         if self.precision not in PRECISIONS:
@@ -53,6 +59,8 @@ class Engine:
             raise UserError(f"train_tokens={self.train_tokens}: must be > 0 (or 0: the step count decides)")
         if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
             raise UserError(f"max_minutes={self.max_minutes}: must be > 0 (or 0: no time limit)")
+        if self.sharding not in SHARDINGS:
+            raise UserError(f"sharding={self.sharding!r}: must be one of {', '.join(SHARDINGS)}")
 
     def dtype(self, device: str | torch.device) -> torch.dtype:
         """The compute dtype: bfloat16 or float32."""
@@ -172,9 +180,11 @@ class TrainingConfig:
     micro_batch: int = 0           # windows per forward / backward, gradients accumulated (0: the batch)
     train_tokens: int = 0          # end-to-end token budget (0: `steps` decides)
     max_minutes: float = 0.0       # wall-time budget of the training loop (qat: end to end; 0: none)
+    sharding: str = "auto"         # under torchrun: fsdp, ddp, or auto (fsdp on CUDA when ddp would not fit)
 
     def engine(self) -> Engine:
-        return Engine(self.precision, self.compile, self.micro_batch, self.train_tokens, self.max_minutes)
+        return Engine(self.precision, self.compile, self.micro_batch, self.train_tokens, self.max_minutes,
+                      self.sharding)
 
     def check_engine(self, batch: int) -> None:
         self.engine().validate(batch)

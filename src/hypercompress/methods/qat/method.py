@@ -253,7 +253,7 @@ class Qat(WholeModelMethod):
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, 0.0, c.seed, engine=engine,
                                    match_blocks=match_blocks)
         grid = lambda name: c.scale_lr_factor if name.endswith((".scales", ".zeros")) else 1.0  # noqa: E731
-        self.history = distill(model, teacher, windows, params, lambda: None, settings, device,
+        self.history = distill(model, teacher, windows, params, None, settings, device,
                 None if saved is None else saved / "e2e", resume,
                 (lambda d, t, note: progress(d, t, f"end-to-end | {note}")) if progress else None, lr_factor=grid,
                 tracker=tracker, mix=mix)
