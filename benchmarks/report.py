@@ -219,6 +219,24 @@ def _parallel_calibration(data: dict) -> list[str]:
     return [*lines, ""]
 
 
+def _sharded_training(data: dict) -> list[str]:
+    """benchmarks/sharded_training.py: recovery training replicated against sharded (FSDP2)."""
+    lines = ["## Recovery training across processes: replicated (ddp) and sharded (FSDP2)", "",
+             f"- machine: {data['machine']}",
+             f"- command: `{data['command']}` (each row adds `--set qat.sharding=MODE`, under torchrun for "
+             "several processes) -> `benchmarks/results/sharded_training.json`",
+             "- end-to-end tokens/s and peak GPU memory are the qat end-to-end loop's (per process); "
+             "perplexity: the summary's (--eval, its windows); artifact gap: against the one-process row", "",
+             "| run | wall s | corpus s | Block-AP s | end-to-end s | tokens | tok/s | peak GPU GiB | ppl | "
+             "codes differing | max float gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['row']} | {r['wall_seconds']:.0f} | {r['corpus_seconds']:.1f} | {r['block_ap_seconds']:.1f} | "
+                     f"{r['end_to_end_seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_second']:,.0f} | "
+                     f"{_cell(r, 'peak_gpu_gib', '{:.2f}')} | {_cell(r, 'perplexity', '{:.3f}')} | "
+                     f"{r['codes_differing']:.2%} | {r['max_float_difference']:.2g} |")
+    return [*lines, ""]
+
+
 def _analysis(data: dict) -> list[str]:
     """The analyze headline (benchmarks/analyze_demo.py)."""
     lines = [f"## {data['title']}", "", f"- protocol: {data['protocol']}", f"- machine: {data['machine']}",
@@ -343,7 +361,8 @@ def _training_engine(data: dict) -> list[str]:
 
 SECTIONS = {"code_growth": _code_growth, "llamacpp_families": _llamacpp_families, "frontier_cli": _frontier_cli, "recovery_data": _recovery_data, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
-            "lm_eval_tasks": _lm_eval_tasks, "parallel_calibration": _parallel_calibration}
+            "lm_eval_tasks": _lm_eval_tasks, "parallel_calibration": _parallel_calibration,
+            "sharded_training": _sharded_training}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

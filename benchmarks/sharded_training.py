@@ -97,6 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model-name", help="how the results name the model (default: --model); e.g. "
+                                             "smollm2-135m for the built-in's GGUF carried to a GPU host")
     parser.add_argument("--calib", required=True, help="calibration text (never the evaluation text)")
     parser.add_argument("--eval", required=True, help="evaluation text (perplexity of each artifact)")
     parser.add_argument("--device", default="cuda")
@@ -124,8 +126,12 @@ def main() -> None:
         rows.append({**row(label, processes, mode, seconds, summary), **artifact_gap(out, scratch / "one")})
         print(json.dumps(rows[-1]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "command": " ".join(arguments), "rows": rows}, indent=2)
-                        + "\n")
+    shown = [args.model_name or args.model if a == args.model else
+             f"../shared/data/{Path(a).name}" if a in (args.calib, args.eval) else a for a in arguments]
+    import transformers
+
+    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
+    args.out.write_text(json.dumps({"machine": f"{gpu}{machine()}, transformers {transformers.__version__}", "command": " ".join(shown), "rows": rows}, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
 
 

@@ -180,3 +180,19 @@ def test_shard_rows_match_torch_chunk(rows, shards):
     spans = [shard_rows(rows, shards, i) for i in range(shards)]
     assert [b - a for a, b in spans] == [len(p) for p in pieces] + [0] * (shards - len(pieces))
     assert spans[0][0] == 0 and spans[-1][1] == rows
+
+
+def test_replicated_bytes_counts_the_training_state_and_the_teacher():
+    """16 bytes per float32 trained weight (itself, its gradient, two moments), the student's other
+    tensors as they are, the teacher at 2 bytes under bf16; one process never shards."""
+    from conftest import make_model
+    from hypercompress.training.engine import Engine
+    from hypercompress.training.sharding import decide, replicated_bytes
+
+    student, teacher = make_model("llama"), make_model("llama")
+    params = {"w": student.model.layers[0].mlp.up_proj.weight}
+    n, total = params["w"].numel(), sum(p.numel() for p in student.parameters())
+    assert replicated_bytes(student, teacher, params, Engine(precision="fp32"), "cpu") == 16 * n + 4 * (total - n) + 4 * total
+    assert replicated_bytes(student, teacher, params, Engine(precision="bf16"), "cpu") == 16 * n + 4 * (total - n) + 2 * total
+    assert not decide(Engine(sharding="fsdp"), student, teacher, params, device="cpu", optimizer="adamw",
+                      generated=False, after_step=False)  # no process group: nothing to shard over

@@ -6,13 +6,14 @@
 Every process runs the same command: it loads the model, calibrates the same way (the seed is
 shared, so every process holds the same compressed student) and joins the launcher's process group
 through accelerate's PartialState (NCCL on GPUs, gloo on CPUs), on the GPU numbered by its
-LOCAL_RANK. Distillation then splits each step's batch of windows between the processes, and after
-the backward pass the gradients of the trained tensors are averaged with one all-reduce (what
-torch DDP does for a module's parameters; here the trained tensors are stored buffers turned into
-parameters, or a generator's, so they are reduced directly), so every process takes the same
-optimizer step and the result is the single-process result with the same total batch (exactly
-for every loss term: each is a mean over windows, training/distill.py). Process 0 alone writes checkpoints and the
-artifact. Nothing here starts processes: that is the launcher's job.
+LOCAL_RANK. Distillation then splits each step's batch of windows between the processes. Replicated
+(sharding "ddp"), after the backward pass the gradients of the trained tensors are summed with one
+all-reduce (what torch DDP does for a module's parameters; here the trained tensors are stored
+buffers turned into parameters, or a generator's, so they are reduced directly), so every process
+takes the same optimizer step and the result is the single-process result with the same total
+batch (exactly for every loss term: each is a mean over windows, training/distill.py); sharded
+("fsdp", training/sharding.py), FSDP2 reduce-scatters them. Process 0 alone writes the artifact
+(and a replicated run's checkpoints). Nothing here starts processes: that is the launcher's job.
 """
 
 from __future__ import annotations
