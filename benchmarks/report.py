@@ -226,7 +226,9 @@ def _sharded_training(data: dict) -> list[str]:
              f"- command: `{data['command']}` (each row adds `--set qat.sharding=MODE`, under torchrun for "
              "several processes) -> `benchmarks/results/sharded_training.json`",
              "- end-to-end tokens/s and peak GPU memory are the qat end-to-end loop's (per process); "
-             "perplexity: the summary's (--eval, its windows); artifact gap: against the one-process row", "",
+             "perplexity: the summary's (--eval, its windows); artifact gap: against the one-process row; the "
+             "first row writes the teacher's corpus, the later rows read it from the cache; a one-process "
+             "group runs the sharded code path with nothing to shard (what the path costs on its own)", "",
              "| run | wall s | corpus s | Block-AP s | end-to-end s | tokens | tok/s | peak GPU GiB | ppl | "
              "codes differing | max float gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -234,6 +236,22 @@ def _sharded_training(data: dict) -> list[str]:
                      f"{r['end_to_end_seconds']:.1f} | {r['tokens']:,} | {r['tokens_per_second']:,.0f} | "
                      f"{_cell(r, 'peak_gpu_gib', '{:.2f}')} | {_cell(r, 'perplexity', '{:.3f}')} | "
                      f"{r['codes_differing']:.2%} | {r['max_float_difference']:.2g} |")
+    return [*lines, ""]
+
+
+def _sharded_training_step(data: dict) -> list[str]:
+    """benchmarks/sharded_training.py step: qat's end-to-end step replicated and sharded."""
+    lines = ["## qat's end-to-end step, replicated and sharded (FSDP2) on one process", "",
+             f"- machine: {data['machine']}", f"- command: `{data['command']}` -> "
+             "`benchmarks/results/sharded_training_step.json`",
+             "- protocol: SmolLM2-135M-shaped random Llama, every linear fake-quantized at 3 bits group 64, norms "
+             "trained, windows of 512 tokens, the engine's defaults (bf16 autocast and compiled blocks on CUDA); "
+             "tokens/s over the steps after the first (which compiles); the sharded row runs the FSDP2 path in a "
+             "one-process group, where there is nothing to shard: what the path itself costs", "",
+             "| run | steps | first step s | step s | tok/s | peak GPU GiB |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['row']} | {r['steps']} | {r['first_step_seconds']:.2f} | {r['step_seconds']:.3f} | "
+                     f"{r['tokens_per_second']:,.0f} | {_cell(r, 'peak_gpu_gib', '{:.2f}')} |")
     return [*lines, ""]
 
 
@@ -362,7 +380,7 @@ def _training_engine(data: dict) -> list[str]:
 SECTIONS = {"code_growth": _code_growth, "llamacpp_families": _llamacpp_families, "frontier_cli": _frontier_cli, "recovery_data": _recovery_data, "corpus_speed": _corpus_speed, "training_engine": _training_engine, "scale": _scale, "analysis": _analysis, "edit": _edit, "ct_layout": _ct_layout, "fuzz": _fuzz,
             "frontier": _frontier, "grids": _grids, "qat_lr": _qat_lr, "hypernet_depth": _hypernet_depth,
             "lm_eval_tasks": _lm_eval_tasks, "parallel_calibration": _parallel_calibration,
-            "sharded_training": _sharded_training}
+            "sharded_training": _sharded_training, "sharded_training_step": _sharded_training_step}
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

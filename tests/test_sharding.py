@@ -106,10 +106,10 @@ def test_sharded_training_writes_the_one_process_artifact(arch, stages, model_di
     launched = _torchrun([*common, "--recipe", str(recipes["fsdp"]), "--out", str(tmp_path / "fsdp"),
                           "--json", str(tmp_path / "fsdp.json")])
     assert launched.returncode == 0, launched.stderr[-3000:]
-    if stages[-1]["method"] == "qat":
-        assert "on 2 processes, sharded (FSDP2)" in launched.stdout
-        report = _run_report(tmp_path / "fsdp")
-        assert report["sharding"] == "fsdp" and report["processes"] == 2 and report["steps"] == 3
+    assert f"{stages[-1]['method']} trained 3 steps" in launched.stdout
+    assert "on 2 processes, sharded (FSDP2)" in launched.stdout
+    report = json.loads((tmp_path / "fsdp.json").read_text())["stages"][-1]["training"]["end_to_end"]
+    assert report["sharding"] == "fsdp" and report["processes"] == 2 and report["steps"] == 3
     _same(tmp_path / "fsdp", tmp_path / "one")
     model, _ = artifact.load(tmp_path / "fsdp")
     assert torch.isfinite(model(torch.randint(1, 121, (1, 16))).logits).all()
@@ -128,7 +128,8 @@ def test_a_sharded_run_killed_mid_way_resumes_on_one_process_and_back(one_proces
     assert all((e2e / s["file"]).is_file() for s in state["shards"])
     resumed = run(*_args(model_dirs, calib_file, tmp_path, out, sharding="fsdp"), "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert _run_report(out)["steps"] == 1  # steps 3 only: 1 and 2 came from the checkpoint
+    assert _run_report(out)["steps"] == 3 and _run_report(out)["resumed_at_step"] == 2  # 1, 2: from the checkpoint
+    assert "qat trained 3 steps" in resumed.output and "(resumed at step 2;" in resumed.output
     _same(out, one_process)
 
     back = tmp_path / "back"
@@ -138,7 +139,7 @@ def test_a_sharded_run_killed_mid_way_resumes_on_one_process_and_back(one_proces
         (tmp_path / "back.checkpoint" / "stage0" / "e2e" / "state.json").read_text())
     resumed = _torchrun([*_args(model_dirs, calib_file, tmp_path, back, sharding="fsdp"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _run_report(back)["steps"] == 1 and _run_report(back)["sharding"] == "fsdp"
+    assert _run_report(back)["resumed_at_step"] == 2 and _run_report(back)["sharding"] == "fsdp"
     _same(back, one_process)
 
 

@@ -114,14 +114,18 @@ def _print(summary: dict) -> None:
     for stage in summary["stages"]:
         run = (stage.get("training") or {}).get("end_to_end")
         if run:
-            console.print(f"{stage['method']} trained {run['steps']} steps: {run['tokens']:,} tokens seen at "
-                          f"{run['tokens_per_second']:,.0f} tok/s in {run['seconds']:.0f} s"
+            resumed = run.get("resumed_at_step")
+            corpus = stage["training"].get("corpus_windows")
+            console.print(f"{stage['method']} trained {run['steps']} steps: {run['tokens']:,} tokens seen"
+                          + (f" (resumed at step {resumed}; this run's steps" if resumed else "")
+                          + f" at {run['tokens_per_second']:,.0f} tok/s in {run['seconds']:.0f} s"
+                          + (")" if resumed else "")
                           + (" (stopped by --max-minutes)" if run.get("stopped_by_time") else "")
                           + (f" on {run['processes']} processes, " + ("sharded (FSDP2)" if run.get("sharding") == "fsdp"
                                                                        else "replicated") if run.get("processes", 1) > 1 else "")
-                          + f"; corpus {stage['training'].get('corpus_windows', 0):,} windows written by "
-                          f"{'the teacher' if summary.get('teacher') else 'the original'}, drawn at share "
-                          f"{stage['training'].get('corpus_share', 0):g}")
+                          + (f"; corpus {corpus:,} windows written by "
+                             f"{'the teacher' if summary.get('teacher') else 'the original'}, drawn at share "
+                             f"{stage['training'].get('corpus_share', 0):g}" if corpus is not None else ""))
     kv = summary["kv_cache_bytes_per_token"]
     flops = summary["flops_per_token"]
     console.print(f"KV cache per token ({kv['dtype']} cache, measured): {kv['before']:,.0f} -> {kv['after']:,.0f} bytes"

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import MethodConfig, check
-from ..training.distill import DistillSettings, distill, train_norms
+from ..training.distill import DistillSettings, distill, run_summary, train_norms
 from ..training.engine import TrainingConfig
 from ..training.teacher import written_vocabulary
 from ..errors import UserError
@@ -168,7 +168,7 @@ class Distill(WholeModelMethod):
         settings = DistillSettings(c.steps, c.batch, c.lr, c.local_weight, c.stability_weight, c.seed,
                                    optimizer=c.optimizer, engine=c.engine(), match_blocks=not external)
         with Tracker.of("distill", c) as tracker:
-            distill(model, teacher, windows, params, None, settings, device,
+            history = distill(model, teacher, windows, params, None, settings, device,
                     saved, resume, progress,
                     after_step=self._relora(adapters, generator) if c.relora_every else None, tracker=tracker)
         model.to("cpu")
@@ -181,6 +181,7 @@ class Distill(WholeModelMethod):
                 if isinstance(module, LowRankEmbedding):
                     module._table = None  # decoded again from the trained tensors
         model.requires_grad_(False)
+        self.training_report = {"end_to_end": run_summary(history, c.engine().steps(c.steps, c.batch * windows.shape[1]))}
 
     def _relora(self, adapters: list[LoRALinear], generator: torch.Generator):
         """Every relora_every steps: fold each adapter into its base, re-draw A, zero B, forget the

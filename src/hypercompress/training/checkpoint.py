@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,31 +43,36 @@ def shard_rows(rows: int, shards: int, index: int) -> tuple[int, int]:
     return min(index * size, rows), min((index + 1) * size, rows)
 
 
-def _position(tensor: torch.Tensor) -> tuple[int, int]:
-    """(shards, this process's index) of a trained tensor: a DTensor sharded on dim 0, or (1, 0)."""
-    from torch.distributed.tensor import DTensor
+@dataclass(frozen=True)
+class Layout:
+    """How the trained tensors a process holds sit in the whole ones: row shard `index` of `shards`
+    (sharding.py) of each tensor of whole shape `shapes[name]`; `whole` for unsplit tensors."""
+    shards: int
+    index: int
+    shapes: dict[str, tuple]
 
-    if isinstance(tensor, DTensor):
-        return tensor.device_mesh.size(), tensor.device_mesh.get_local_rank()
-    return 1, 0
+    @classmethod
+    def whole(cls, params: dict[str, torch.Tensor]) -> "Layout":
+        return cls(1, 0, {name: tuple(p.shape) for name, p in params.items()})
 
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """This process's rows of `tensor` (its local shard for a DTensor, else the tensor)."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    def rows(self, name: str) -> tuple[int, int]:
+        shape = self.shapes[name]
+        return shard_rows(shape[0], self.shards, self.index) if shape else (0, 0)
 
 
 def save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, step: int,
-         seconds: float = 0.0) -> None:
-    """Write this step's checkpoint. Not sharded: process 0 alone calls it. Sharded: every process
-    calls it (it holds collectives) and writes its own rows; process 0 then writes state.json."""
-    shards, index = _position(next(iter(params.values())))
+         seconds: float = 0.0, layout: Layout | None = None) -> None:
+    """Write this step's checkpoint of `params` (this process's rows of the tensors `layout` says,
+    default whole) and their optimizer state. Not sharded: process 0 alone calls it. Sharded: every
+    process calls it (it holds collectives) and writes its own rows; process 0 then writes state.json."""
+    layout = layout or Layout.whole(params)
+    shards, index = layout.shards, layout.index
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{n}": _local(p).detach().cpu() for n, p in params.items()}
+    tensors = {f"param.{n}": p.detach().cpu() for n, p in params.items()}
     for name, p in params.items():
         for key, value in optimizer.state.get(p, {}).items():
             if torch.is_tensor(value) and key != "step":
-                tensors[f"state.{key}.{name}"] = _local(value).detach().cpu()
+                tensors[f"state.{key}.{name}"] = value.detach().cpu()
     prefix = f"distill-{step}-{_agreed_token() if shards > 1 else secrets.token_hex(4)}"
     file = f"{prefix}.safetensors" if shards == 1 else _shard_name(prefix, index, shards)
     save_tensors(directory / file, tensors, {"step": str(step)})
@@ -80,10 +86,13 @@ def save(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.opti
         dist.barrier()  # nobody trains on (and may be killed) before state.json names every shard
 
 
-def restore(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+def restore(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+            layout: Layout | None = None) -> tuple[int, float]:
     """(the step of the checkpoint in `directory`, its training seconds) ((0, 0) without one), the
-    trained tensors and optimizer state restored into this process's rows. Raises UserError when a
-    file cannot be read, does not hash to its recorded sha256 or does not fit `params`."""
+    trained tensors and optimizer state restored into `params`, this process's rows of the tensors
+    `layout` says (default whole). Raises UserError when a file cannot be read, does not hash to its
+    recorded sha256 or does not fit `params`."""
+    layout = layout or Layout.whole(params)
     if not (directory / STATE).exists():
         if (directory / LEGACY).exists():  # an earlier version's checkpoint: no digest to verify
             check_sha256(directory / LEGACY, directory, None)
@@ -96,39 +105,37 @@ def restore(directory: Path, params: dict[str, nn.Parameter], optimizer: torch.o
                     for e in entries)):
         raise unreadable(directory, f"{STATE} lacks a valid file, bytes or step entry")
     files = [_ShardFile(directory, e, len(entries), i) for i, e in enumerate(entries)]
-    expected = _expected_keys(files[0].index, params, optimizer, directory)
+    expected = _expected_keys(files[0].index, layout.shapes, optimizer, directory)
     for file in files:
-        file.check(expected, params)
+        file.check(expected, layout.shapes)
     with torch.no_grad():
         for name, p in params.items():
-            _local(p).copy_(_rows_of(files, f"param.{name}", p))
+            p.copy_(_rows_of(files, f"param.{name}", name, layout))
             moments = {key.split(".", 2)[1]: key for key in expected if key.startswith("state.")
                        and key.split(".", 2)[2] == name}
             if moments:
                 optimizer.state[p] = {"step": torch.tensor(float(step))}
                 for moment, key in moments.items():
-                    value = torch.zeros_like(p) if expected[key] == tuple(p.shape) else \
-                        torch.zeros(expected[key], dtype=torch.float32, device=p.device)
-                    _local(value).copy_(_rows_of(files, key, p) if expected[key] == tuple(p.shape)
-                                        else files[0].read(key, 0, expected[key][0] if expected[key] else 0))
-                    optimizer.state[p][moment] = value
+                    rows = expected[key] == layout.shapes[name]  # a moment shaped like its tensor
+                    optimizer.state[p][moment] = _rows_of(files, key, name, layout).to(p.device) if rows else \
+                        files[0].read(key, 0, expected[key][0] if expected[key] else 0).to(p.device)
     seconds = state.get("seconds", 0.0)
     return step, float(seconds) if isinstance(seconds, (int, float)) and math.isfinite(seconds) else 0.0
 
 
-def _expected_keys(index, params, optimizer, directory) -> dict[str, tuple]:
-    """{key: whole shape} of every tensor the checkpoint must hold for `params`: each trained tensor,
-    and its optimizer state as the first file lists it (AdamW's moments have the tensor's shape)."""
-    expected = {f"param.{n}": tuple(p.shape) for n, p in params.items()}
+def _expected_keys(index, shapes: dict[str, tuple], optimizer, directory) -> dict[str, tuple]:
+    """{key: whole shape} of every tensor the checkpoint must hold for the trained tensors of whole
+    `shapes`: each one, and its optimizer state as the first file lists it (AdamW's moments have
+    the tensor's shape)."""
+    expected = {f"param.{n}": shape for n, shape in shapes.items()}
     for key, (shape, _) in index.items():
         kind, _, rest = key.partition(".")
         name = rest.partition(".")[2] if kind == "state" else rest
-        if kind not in ("param", "state") or name not in params or (
-                isinstance(optimizer, torch.optim.AdamW) and kind == "state"
-                and shape[1:] != tuple(params[name].shape)[1:]):
+        if kind not in ("param", "state") or name not in shapes or (
+                isinstance(optimizer, torch.optim.AdamW) and kind == "state" and shape[1:] != shapes[name][1:]):
             raise unreadable(directory, f"it holds a tensor '{key}' this run does not train")
         if kind == "state":  # a row shard's rows are checked per file; other shapes are whole tensors
-            whole = tuple(params[name].shape)
+            whole = shapes[name]
             expected[key] = whole if shape[1:] == whole[1:] and len(shape) == len(whole) else tuple(shape)
     return expected
 
@@ -144,7 +151,7 @@ class _ShardFile:
     def rows(self, whole: tuple) -> tuple[int, int]:
         return shard_rows(whole[0], self.shards, self.position) if whole else (0, 0)
 
-    def check(self, expected: dict[str, tuple], params) -> None:
+    def check(self, expected: dict[str, tuple], shapes: dict[str, tuple]) -> None:
         """Every expected tensor present, holding this file's rows of it; nothing else."""
         if set(self.index) != set(expected):
             missing = sorted(set(expected) - set(self.index)) or sorted(set(self.index) - set(expected))
@@ -154,7 +161,7 @@ class _ShardFile:
                              if missing[0] in expected else f"it holds a tensor '{missing[0]}' this run does not train")
         for key, whole in expected.items():
             shape, dtype = self.index[key]
-            sharded = key.startswith("param.") or whole == tuple(params[key.split(".", 2)[2]].shape)
+            sharded = key.startswith("param.") or whole == shapes[key.split(".", 2)[2]]
             start, stop = self.rows(whole) if sharded else (0, whole[0] if whole else 0)
             want = ((stop - start, *whole[1:]) if whole else ()) if sharded or self.shards == 1 else None
             if want is None or shape != want or dtype is None or not dtype.is_floating_point:
@@ -176,14 +183,13 @@ class _ShardFile:
             raise unreadable(self.directory, f"{self.path.name} cannot be read ({type(exc).__name__})") from None
 
 
-def _rows_of(files: list[_ShardFile], key: str, param: torch.Tensor) -> torch.Tensor:
-    """This process's rows of the whole tensor `key` (the shape of `param`), assembled from the
-    files that hold them."""
-    shards, index = _position(param)
-    whole = tuple(param.shape)
+def _rows_of(files: list[_ShardFile], key: str, name: str, layout: Layout) -> torch.Tensor:
+    """This process's rows (`layout`) of the whole tensor `key`, shaped like the trained tensor
+    `name`, assembled from the files that hold them."""
+    whole = layout.shapes[name]
     if not whole:
         return files[0].read(key, 0, 0)
-    start, stop = shard_rows(whole[0], shards, index)
+    start, stop = layout.rows(name)
     pieces = []
     for file in files:
         first, last = file.rows(whole)

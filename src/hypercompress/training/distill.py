@@ -159,17 +159,18 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
     dtype = engine.dtype(device)
     if str(device).startswith("cuda"):  # the peak the run reports is this loop's (sharded setup included)
         torch.cuda.reset_peak_memory_stats(device)
-    if sharded:
+    layout = None
+    if sharded:  # the optimizer steps plain views of this process's rows (sharding.py)
         shards = sharding.ShardedPair(DistillPair(student, teacher, settings, dtype, engine, device), params,
                                       engine, device)
-        pair, trained = shards.module, shards.params
+        pair, trained, layout = shards.module, shards.views, shards.layout
     else:
         pair, trained = DistillPair(student, frozen_teacher(teacher, engine, device), settings, dtype, engine,
                                     device), params
-    optimizer = _optimizer(trained, settings, lr_factor, fused=str(device).startswith("cuda") and not sharded)
+    optimizer = _optimizer(trained, settings, lr_factor, fused=str(device).startswith("cuda"))
     start, seconds_before = 0, 0.0
     if checkpoint_dir is not None and resume:
-        start, seconds_before = checkpoint.restore(checkpoint_dir, trained, optimizer)
+        start, seconds_before = checkpoint.restore(checkpoint_dir, trained, optimizer, layout)
     history: list[dict[str, float]] = []
     compile_blocks(pair.student, engine, device)
     if pair.teacher is not teacher:
@@ -188,6 +189,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             picks = torch.randint(0, windows.shape[0], (settings.batch,), generator=generator) if mix is None \
                 else mixed_picks(settings.batch, mix[0], windows.shape[0] - mix[0], mix[1], generator)
             optimizer.zero_grad(set_to_none=True)
+            if sharded:
+                shards.zero_grad()
             sums = torch.zeros(4, device=device)
             for chunk in list(picks.split(micro))[rank::processes]:  # this process's micro-batches
                 if refresh is not None:
@@ -198,9 +201,13 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             losses = (parallel.total(sums) / settings.batch).tolist()  # means over the step's windows
             if not math.isfinite(losses[0]):  # every process sees the same value, so all stop together
                 raise UserError(f"distillation diverged at step {step} (loss {losses[0]}); lower lr")
-            if processes > 1 and not sharded:  # FSDP reduce-scatters the sums itself in the backward
-                parallel.sum_gradients(trained.values())
-            torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
+            if sharded:  # FSDP reduce-scattered the sums in the backward
+                shards.point_views()
+                sharding.clip_grad_norm(list(trained.values()), 1.0)
+            else:
+                if processes > 1:
+                    parallel.sum_gradients(trained.values())
+                torch.nn.utils.clip_grad_norm_(list(trained.values()), 1.0)
             optimizer.step()
             step += 1
             if after_step is not None:
@@ -224,7 +231,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             if sharded:  # every process writes its shard, so all must take process 0's decision
                 due = parallel.agree(due)
             if checkpoint_dir is not None and due and (sharded or parallel.is_main()):
-                checkpoint.save(checkpoint_dir, trained, optimizer, step, seconds_before + clock.elapsed())
+                checkpoint.save(checkpoint_dir, trained, optimizer, step, seconds_before + clock.elapsed(), layout)
                 saved = time.perf_counter()
     finally:
         uncompile_blocks(student)
@@ -238,8 +245,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
 
 
 def _optimizer(params: dict[str, nn.Parameter], settings: DistillSettings, lr_factor, fused: bool):
-    """AdamW (fused on CUDA unless sharded: its DTensors take the foreach path) or Adafactor, one
-    parameter group per learning-rate factor."""
+    """AdamW (fused on CUDA) or Adafactor, one parameter group per learning-rate factor."""
     factors: dict[float, list[nn.Parameter]] = {}
     for name, param in params.items():
         factors.setdefault(lr_factor(name) if lr_factor else 1.0, []).append(param)
@@ -280,15 +286,19 @@ class DistillPair(nn.Module):
 
 
 def run_summary(history: list[dict[str, float]], steps_asked: int | None = None) -> dict[str, float]:
-    """What a training run did, for the compress summary: steps, tokens seen, seconds, mean tokens/s
-    over the steps (the first, which compiles, left out when there are more), final loss and KL,
-    whether the time budget stopped it, the processes and how they split the work ("fsdp": sharded,
-    "ddp": replicated, "none": one process), and on CUDA this process's peak GPU memory."""
+    """What a training run did, for the compress summary: the step it ended at and the tokens seen
+    by then (a resumed run counts the steps its checkpoint held, and says at which step it
+    resumed), this process's seconds and mean tokens/s (the first step, which compiles, left out
+    when there are more), final loss and KL, whether the time budget stopped it, the processes and
+    how they split the work ("fsdp": sharded, "ddp": replicated, "none": one process), and on CUDA
+    this process's peak GPU memory."""
     if not history:
         return {"steps": 0, "tokens": 0}
     timed = history[1:] or history
     tokens = sum(h["tokens_per_second"] * h["seconds"] for h in timed)
-    return {"steps": len(history), **({"steps_asked": steps_asked} if steps_asked else {}),
+    resumed = int(history[0]["step"]) - 1
+    return {"steps": int(history[-1]["step"]), **({"steps_asked": steps_asked} if steps_asked else {}),
+            **({"resumed_at_step": resumed} if resumed > 0 else {}),
             "tokens": int(history[-1]["tokens"]), "seconds": round(sum(h["seconds"] for h in history), 2),
             "tokens_per_second": round(tokens / max(sum(h["seconds"] for h in timed), 1e-9), 1),
             "final_loss": round(history[-1]["loss"], 5), "final_kl": round(history[-1]["kl"], 5),
