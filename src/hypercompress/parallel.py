@@ -32,6 +32,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (RANK), before any process group is joined; 0
+    outside a launcher or when RANK is not a number."""
+    value = os.environ.get("RANK", "0")
+    return int(value) if value.isdigit() else 0
+
+
 def check_device(device: str) -> None:
     """UserError (one line, the fix) unless `device` is "cpu", or "cuda" / "cuda:i" with CUDA present."""
     if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):

@@ -128,7 +128,13 @@ def heartbeat(lines: LineProgress) -> Iterator[None]:
 @contextmanager
 def show_progress(stream: TextIO | None = None) -> Iterator[Callable[..., None]]:
     """Yields progress(section, done, total, note=""): rich bars when `stream` (stderr) is a
-    terminal, LineProgress lines with a heartbeat otherwise."""
+    terminal, LineProgress lines with a heartbeat otherwise; nothing in a launcher's processes
+    other than the first (process 0's lines say where the run is)."""
+    from ..parallel import launched_rank
+
+    if launched_rank() > 0:
+        yield lambda *args, **kwargs: None
+        return
     stream = stream or sys.stderr
     if not stream.isatty():
         lines = LineProgress(stream)
