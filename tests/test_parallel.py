@@ -90,13 +90,13 @@ def _launch(arguments, env=None, script=None):
                            *target, *arguments], capture_output=True, text=True, env=env, timeout=600)
 
 
-def _close(a: dict, b: dict) -> None:
-    """The same artifact up to the order of the float64 additions of the processes' Hessians: codes
-    equal but for rounding ties, scales to float16 rounding."""
+def _close(a: dict, b: dict, codes: float = 1e-2) -> None:
+    """The same artifact up to the order of float additions (the processes' Hessians, gradients):
+    codes equal but for rounding ties (at most the share `codes` differs), scales to float16 rounding."""
     assert a.keys() == b.keys()
     for key in a:
         if a[key].dtype in (torch.uint8, torch.int8, torch.int32):
-            assert (a[key] != b[key]).float().mean() < 1e-2, key
+            assert (a[key] != b[key]).float().mean() < codes, key
         else:
             assert torch.allclose(a[key].float(), b[key].float(), atol=1e-3), key
 

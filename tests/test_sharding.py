@@ -19,6 +19,7 @@ from hypercompress.storage import artifact
 from hypercompress.training.checkpoint import shard_rows
 
 from test_cli import run
+from test_parallel import _close
 
 QAT = {"method": "qat", "bits": 4, "group_size": 32, "block_steps": 2, "steps": 3, "batch": 2, "micro_batch": 1,
        "lr": 1e-3, "teacher_fraction": 0, "embedding_bits": 4}
@@ -68,13 +69,7 @@ def _killer(tmp_path) -> Path:
 
 def _same(a: Path, b: Path) -> None:
     """The same artifact up to the order of float additions: codes equal but for rounding ties."""
-    x, y = (load_file(str(p / artifact.WEIGHTS)) for p in (a, b))
-    assert x.keys() == y.keys()
-    for key in x:
-        if x[key].dtype in (torch.uint8, torch.int8, torch.int32):
-            assert (x[key] != y[key]).float().mean() < 1e-3, key
-        else:
-            assert torch.allclose(x[key].float(), y[key].float(), atol=1e-3), key
+    _close(*(load_file(str(p / artifact.WEIGHTS)) for p in (a, b)), codes=1e-3)
 
 
 def _run_report(out: Path) -> dict:
@@ -198,3 +193,16 @@ def test_replicated_bytes_counts_the_training_state_and_the_teacher():
     assert replicated_bytes(student, teacher, params, Engine(precision="bf16"), "cpu") == 16 * n + 4 * (total - n) + 2 * total
     assert not decide(Engine(sharding="fsdp"), student, teacher, params, device="cpu", optimizer="adamw",
                       generated=False, after_step=False)  # no process group: nothing to shard over
+
+
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_a_time_budget_stops_every_process_at_the_same_step(sharding, model_dirs, calib_file, tmp_path):
+    """Each process's clock would shorten the run at its own moment; process 0's count is taken by
+    all, so none waits in a collective the others never reach."""
+    out = tmp_path / "timed"
+    launched = _torchrun(_args(model_dirs, calib_file, tmp_path, out, steps=100000, max_minutes=0.1,
+                               block_steps=1, sharding=sharding))
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    report = _run_report(out)
+    assert report["stopped_by_time"] and report["steps"] < 100000 and report["sharding"] == sharding
+    assert "(stopped by --max-minutes)" in launched.stdout

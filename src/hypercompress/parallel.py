@@ -118,14 +118,15 @@ def total(values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def agree(flag: bool) -> bool:
-    """Process 0's `flag` in every process (a decision each would take at its own time, such as
-    a checkpoint every few minutes, that collectives inside it need all to take together)."""
+def agree(value: int) -> int:
+    """Process 0's `value` (an int or bool) in every process: a decision each would take by its own
+    clock (a checkpoint every few minutes, the steps a time budget leaves) that the processes
+    must take together, or one waits in a collective the others never reach."""
     if not active():
-        return flag
-    value = torch.tensor([int(flag)], device=collective_device())
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+        return value
+    shared = torch.tensor([int(value)], dtype=torch.int64, device=collective_device())
+    dist.broadcast(shared, src=0)
+    return type(value)(shared.item())
 
 
 def collective_device() -> torch.device:

@@ -177,8 +177,7 @@ class _ShardFile:
             self.verified = True
         try:
             with safe_open(str(self.path), framework="pt") as handle:
-                piece = handle.get_slice(key)
-                return piece[start:stop] if self.index[key][0] else piece[...]
+                return handle.get_slice(key)[start:stop] if self.index[key][0] else handle.get_tensor(key)
         except Exception as exc:
             raise unreadable(self.directory, f"{self.path.name} cannot be read ({type(exc).__name__})") from None
 

@@ -180,7 +180,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
     saved = time.perf_counter()
     try:
         step = start
-        while step < clock.planned(step):
+        while step < _planned(clock, step):
             tick = time.perf_counter()
             for group in optimizer.param_groups:  # this step's rate: cosine over the (possibly shortened) run
                 group["lr"] = group["base_lr"] * cosine(step / clock.steps)
@@ -222,7 +222,7 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
             if engine.max_minutes and step == start + 1 and clock.elapsed() > engine.max_minutes * 60:
                 raise UserError(f"max_minutes={engine.max_minutes:g} is shorter than one training step "
                                 f"({clock.elapsed():.1f} s here); give at least {clock.elapsed() / 60 * 3:.2f}")
-            total = clock.planned(step)
+            total = _planned(clock, step)
             if progress and parallel.is_main():
                 progress(step, total, f"loss {record['loss']:.3f} | kl {record['kl']:.3f} | "
                                       f"{seen:,} tokens | {record['tokens_per_second']:,.0f} tok/s")
@@ -242,6 +242,14 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
         if str(device).startswith("cuda"):  # this process's peak (the others' are alike)
             history[-1]["peak_gpu_bytes"] = float(torch.cuda.max_memory_allocated(device))
     return history
+
+
+def _planned(clock: Clock, step: int) -> int:
+    """The steps the schedule runs to, process 0's under a launcher: each process's clock would
+    shorten the run at its own moment, and a process that stops early leaves the others waiting
+    in a collective (and a different count would give them different learning rates)."""
+    clock.steps = parallel.agree(clock.planned(step))
+    return clock.steps
 
 
 def _optimizer(params: dict[str, nn.Parameter], settings: DistillSettings, lr_factor, fused: bool):

@@ -31,7 +31,8 @@ block that runs. The caller's models stay whole on the host (every process loade
 Limits (a UserError under sharding: fsdp, a replicated run under auto): every trained tensor must be
 used inside the forward (a hypernetwork's weights are generated outside it, and its generator is
 small enough to replicate), all of one dtype (FSDP2 reduces one dtype per unit), trained by AdamW,
-with no after-step hook (ReLoRA's merges); one host (every process reads every checkpoint file).
+with no after-step hook (ReLoRA's merges); checkpoint files where every process can read them
+(one host, or a shared file system).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import parallel
@@ -70,8 +72,6 @@ def decide(engine: Engine, student: nn.Module, teacher: nn.Module, params: dict[
     sharding "fsdp", or "auto" with several CUDA processes when replicated_bytes exceeds SHARD_ABOVE
     of the GPU's memory. Raises UserError when "fsdp" is asked for a run it cannot shard (the
     module docstring's limits)."""
-    import torch.distributed as dist
-
     if engine.sharding == "ddp" or not (dist.is_available() and dist.is_initialized()):
         return False
     blockers = [why for why, present in (
@@ -128,14 +128,12 @@ class ShardedPair:
         teacher_dtype = torch.bfloat16 if engine.dtype(device) == torch.bfloat16 else None
         module = pair.with_models(_meta_copy(pair.student, None, False), _meta_copy(pair.teacher, teacher_dtype, True))
         module.teacher.eval()
-        import torch.distributed as dist
-
         mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
         for unit in _units(module.student) + _units(module.teacher):
             fully_shard(unit, mesh=mesh)
         fully_shard(module, mesh=mesh)
         module.to_empty(device=device)
-        self._fill(module, pair, device)
+        self._fill(module, pair)
         for unit in module.modules():
             if isinstance(unit, FSDPModule):  # sums, not means: each process's loss is already / batch
                 unit.set_gradient_divide_factor(1.0)
@@ -160,7 +158,7 @@ class ShardedPair:
 
     @staticmethod
     @torch.no_grad()
-    def _fill(module: nn.Module, pair: nn.Module, device: str) -> None:
+    def _fill(module: nn.Module, pair: nn.Module) -> None:
         """Every parameter's shard (this process's rows) and every buffer from the caller's pair."""
         whole = dict(pair.named_parameters(remove_duplicate=False))
         for name, p in module.named_parameters():
@@ -181,14 +179,11 @@ class ShardedPair:
             self.caller[name].copy_(p.full_tensor())
 
 
-
 @torch.no_grad()
 def clip_grad_norm(views: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over tensors split by rows between the processes: the 2-norm
     of the whole gradient from the all-reduced squares of the local ones, every local gradient
     scaled by min(1, max_norm / (norm + 1e-6)). Returns the norm."""
-    import torch.distributed as dist
-
     grads = [v.grad for v in views if v.grad is not None]
     squared = torch.nn.utils.get_total_norm(grads).float() ** 2
     dist.all_reduce(squared)
