@@ -225,7 +225,8 @@ def _sharded_training(data: dict) -> list[str]:
              f"- machine: {data['machine']}",
              f"- command: `{data['command']}` (each row adds `--set qat.sharding=MODE`, under torchrun for "
              "several processes) -> `benchmarks/results/sharded_training.json`",
-             "- end-to-end tokens/s and peak GPU memory are the qat end-to-end loop's (per process); "
+             "- end-to-end tokens/s: the qat end-to-end loop's; peak GPU memory: each process's by the end of that loop "
+             "(every phase before it included); "
              "perplexity: the summary's (--eval, its windows); artifact gap: against the one-process row; the "
              "first row writes the teacher's corpus, the later rows read it from the cache; a one-process "
              "group runs the sharded code path with nothing to shard (what the path costs on its own)", "",

@@ -44,7 +44,8 @@ STEP_RESULTS = Path(__file__).resolve().parent / "results" / "sharded_training_s
 def step_rows(device: str, steps: int, batch: int, length: int) -> list[dict]:
     """qat's end-to-end step (every linear fake-quantized at 3 bits, group 64, norms trained, the
     engine's defaults) on a SmolLM2-135M-shaped random Llama: replicated, then sharded in a
-    one-process group; tokens/s after the first (compiling) step, peak GPU memory of the loop."""
+    one-process group; tokens/s after the first (compiling) step, peak GPU memory of the loop (CUDA's
+    peak is reset before each row)."""
     import copy
 
     import torch.distributed as dist
@@ -72,6 +73,8 @@ def step_rows(device: str, steps: int, batch: int, length: int) -> list[dict]:
         params = {f"{n}.{k}": p for n, f in fakes.items() for k, p in f.named_parameters()}
         train_norms(student, params)
         student.to(device), teacher.to(device)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
         history = distill(student, teacher, windows, params, None,
                           DistillSettings(steps, batch, 1.5e-4, 0.1, 0.0, 0, engine=Engine(sharding=sharding)),
                           device=device)

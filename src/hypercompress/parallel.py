@@ -75,36 +75,18 @@ def is_main() -> bool:
 
 
 @torch.no_grad()
-def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Replace each parameter's gradient by its mean over the processes (one flat all-reduce; a
-    parameter without a gradient counts as zeros, so every process reduces the same layout)."""
-    _reduce_gradients(params, mean=True)
-
-
-@torch.no_grad()
 def sum_gradients(params: Iterable[torch.nn.Parameter]) -> None:
-    """Replace each parameter's gradient by its sum over the processes: each process's loss was
-    already divided by the whole step's batch (training/distill.py)."""
-    _reduce_gradients(params, mean=False)
-
-
-def _reduce_gradients(params: Iterable[torch.nn.Parameter], mean: bool) -> None:
+    """Replace each parameter's gradient by its sum over the processes (one flat all-reduce; a
+    parameter without a gradient counts as zeros, so every process reduces the same layout): each
+    process's loss was already divided by the whole step's batch (training/distill.py)."""
     params = list(params)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    if mean:
-        flat /= world()
     offset = 0
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(p).clone()
         offset += g.numel()
-
-
-@torch.no_grad()
-def mean(values: torch.Tensor) -> torch.Tensor:
-    """values (k,) averaged over the processes (for the training log)."""
-    return total(values) / world() if active() else values
 
 
 @torch.no_grad()

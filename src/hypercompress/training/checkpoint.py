@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import parallel
+from ..errors import UserError
 from ..storage.checkpoint import (_is_index, check_sha256, read_json, remove_stale, save_json, save_tensors,
                                   tensor_index, unreadable, valid_file_name)
 from ..storage.reader import file_sha256
@@ -146,7 +147,7 @@ class _ShardFile:
     def __init__(self, directory: Path, entry: dict, shards: int, index: int):
         self.directory, self.path, self.shards, self.position = directory, directory / entry["file"], shards, index
         self.index = tensor_index(self.path, directory, entry["bytes"])
-        self.sha256, self.verified = entry.get("sha256"), False
+        self.sha256, self.handle = entry.get("sha256"), None  # opened once, after the sha256 check
 
     def rows(self, whole: tuple) -> tuple[int, int]:
         return shard_rows(whole[0], self.shards, self.position) if whole else (0, 0)
@@ -172,12 +173,13 @@ class _ShardFile:
         """Rows [start, stop) of the file's piece of `key` (row indices within the piece)."""
         from safetensors import safe_open
 
-        if not self.verified:
-            check_sha256(self.path, self.directory, self.sha256)
-            self.verified = True
         try:
-            with safe_open(str(self.path), framework="pt") as handle:
-                return handle.get_slice(key)[start:stop] if self.index[key][0] else handle.get_tensor(key)
+            if self.handle is None:
+                check_sha256(self.path, self.directory, self.sha256)
+                self.handle = safe_open(str(self.path), framework="pt")
+            return self.handle.get_slice(key)[start:stop] if self.index[key][0] else self.handle.get_tensor(key)
+        except UserError:
+            raise
         except Exception as exc:
             raise unreadable(self.directory, f"{self.path.name} cannot be read ({type(exc).__name__})") from None
 

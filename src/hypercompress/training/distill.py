@@ -157,8 +157,6 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
     sharded = sharding.decide(engine, student, teacher, params, device=device, optimizer=settings.optimizer,
                               generated=refresh is not None, after_step=after_step is not None)
     dtype = engine.dtype(device)
-    if str(device).startswith("cuda"):  # the peak the run reports is this loop's (sharded setup included)
-        torch.cuda.reset_peak_memory_stats(device)
     layout = None
     if sharded:  # the optimizer steps plain views of this process's rows (sharding.py)
         shards = sharding.ShardedPair(DistillPair(student, teacher, settings, dtype, engine, device), params,
@@ -239,7 +237,8 @@ def distill(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, param
         shards.gather()
     if history:
         history[-1].update(stopped_by_time=float(clock.shortened), processes=float(processes), sharded=float(sharded))
-        if str(device).startswith("cuda"):  # this process's peak (the others' are alike)
+        if str(device).startswith("cuda"):  # this process's peak so far (not reset here: the callers' stage
+            # and benchmark peaks span every phase), the others' alike
             history[-1]["peak_gpu_bytes"] = float(torch.cuda.max_memory_allocated(device))
     return history
 
@@ -299,7 +298,7 @@ def run_summary(history: list[dict[str, float]], steps_asked: int | None = None)
     resumed), this process's seconds and mean tokens/s (the first step, which compiles, left out
     when there are more), final loss and KL, whether the time budget stopped it, the processes and
     how they split the work ("fsdp": sharded, "ddp": replicated, "none": one process), and on CUDA
-    this process's peak GPU memory."""
+    this process's peak GPU memory by the loop's end (since whoever last reset CUDA's peak)."""
     if not history:
         return {"steps": 0, "tokens": 0}
     timed = history[1:] or history
